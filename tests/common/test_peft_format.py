@@ -1,0 +1,79 @@
+"""PEFT adapter folders: export loads in PEFT with equal logits; PEFT-saved adapters import."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from fedprefix.common.attention import forward_with_prefixes, stack_prefixes
+from fedprefix.common.base_model import load_base
+from fedprefix.common.errors import ConfigError, FingerprintMismatchError, ShapeError
+from fedprefix.common.peft_format import export_peft, import_peft
+
+from tests.conftest import random_prefix
+
+peft = pytest.importorskip("peft")
+
+IDS = torch.tensor([[5, 17, 99, 120, 33, 7]])
+
+
+def _our_logits(base, prefix):
+    batch = stack_prefixes([prefix.key_values().detach()], base.dtype, "cpu")
+    with torch.no_grad():
+        return forward_with_prefixes(base.model, IDS, torch.ones_like(IDS), batch).logits
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_export_loads_in_peft_with_equal_logits(tiny_base, tmp_path, projection):
+    prefix = random_prefix(tiny_base, 5, seed=11, projection=projection)
+    export_peft(prefix, tmp_path, base_model_name_or_path=tiny_base.name)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PREFIX_TUNING" and config["num_attention_heads"] == prefix.spec.num_kv_heads
+    model = peft.PeftModel.from_pretrained(load_base(tiny_base.name).model, tmp_path)
+    with torch.no_grad():
+        theirs = model(input_ids=IDS).logits
+    assert (theirs - _our_logits(tiny_base, prefix)).abs().max() < 1e-5
+
+
+def test_import_of_peft_saved_adapter(tiny_base, tmp_path):
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True)
+    model = peft.get_peft_model(load_base(tiny_base.name).model, config)
+    torch.nn.init.normal_(model.prompt_encoder["default"].transform[2].bias, std=1.0)
+    model.eval()
+    with torch.no_grad():
+        theirs = model(input_ids=IDS).logits
+    model.save_pretrained(tmp_path)
+    prefix = import_peft(tmp_path, tiny_base)
+    assert (theirs - _our_logits(tiny_base, prefix)).abs().max() < 1e-5
+
+
+def test_round_trip_is_exact(tiny_llama, tmp_path):
+    prefix = random_prefix(tiny_llama, 4, seed=12)
+    again = import_peft(export_peft(prefix, tmp_path), tiny_llama)
+    assert torch.equal(again.flat(), prefix.flat())
+
+
+def test_import_refuses_other_base(tiny_llama, tmp_path):
+    export_peft(random_prefix(tiny_llama, 4), tmp_path)
+    other = load_base("tiny-llama", seed=3)
+    with pytest.raises(FingerprintMismatchError):
+        import_peft(tmp_path, other)
+    with pytest.raises(ShapeError, match="num_layers is 7"):
+        spec_mismatch = load_base("tiny-gpt2")
+        (tmp_path / "fedprefix.json").unlink()
+        cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+        (tmp_path / "adapter_config.json").write_text(json.dumps(dict(cfg, num_layers=7, token_dim=999)))
+        import_peft(tmp_path, spec_mismatch)
+
+
+def test_import_errors_name_the_problem(tiny_llama, tmp_path):
+    with pytest.raises(ConfigError, match="adapter_config.json is missing"):
+        import_peft(tmp_path, tiny_llama)
+    export_peft(random_prefix(tiny_llama, 4), tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        import_peft(tmp_path, tiny_llama)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(ConfigError, match="expected 'PREFIX_TUNING'"):
+        import_peft(tmp_path, tiny_llama)

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny in-process base models of every supported architecture."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from fedprefix.common.base_model import load_base
+from fedprefix.common.prefix import Prefix, PrefixConfig
+
+TINY_BASES = ("tiny-gpt2", "tiny-llama", "tiny-qwen2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Fingerprints and conversions of tests go to a temp cache, never the user's."""
+    if "FEDPREFIX_CACHE" not in os.environ:
+        os.environ["FEDPREFIX_CACHE"] = str(tmp_path_factory.mktemp("fedprefix-cache"))
+
+
+@pytest.fixture(scope="session", params=TINY_BASES)
+def tiny_base(request):
+    """A frozen tiny base model, one per architecture."""
+    return load_base(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return load_base("tiny-llama")
+
+
+def random_prefix(base, tokens: int, seed: int = 0, scale: float = 1.0, projection: bool = False) -> Prefix:
+    """A seeded random prefix for `base`, large enough to change the logits visibly."""
+    generator = torch.Generator().manual_seed(seed)
+    config = PrefixConfig(
+        spec=base.prefix_spec(tokens), prefix_projection=projection, base_fingerprint=base.fingerprint
+    )
+    prefix = Prefix(config, init="random", generator=generator)
+    if scale != 1.0:
+        with torch.no_grad():
+            prefix.embedding.weight.mul_(scale)
+    return prefix
