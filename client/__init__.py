@@ -1,1 +1,5 @@
 """fedprefix.client: the on-device SDK and the Flower ClientApp."""
+
+from .personalizer import Personalizer
+
+__all__ = ["Personalizer"]

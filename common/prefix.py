@@ -258,8 +258,12 @@ class Prefix(nn.Module):
         prefix_projection: bool = False,
         encoder_hidden_size: int | None = None,
         generator: torch.Generator | None = None,
+        skip: int = 0,
     ) -> Prefix:
-        """A prefix equal to the base's own keys/values for the first P tokens of `text`.
+        """A prefix equal to the base's own keys/values for tokens [skip, skip + P) of `text`.
+
+        `skip` lets a shared part take the first tokens and a personal part the next
+        ones, so that [shared ; personal] equals the text's KV as a whole.
 
         Starting from real activations trains faster and more stably than random
         vectors (Li & Liang 2021, section 7.2). With ``prefix_projection`` the MLP's
@@ -269,12 +273,13 @@ class Prefix(nn.Module):
         from .attention import text_key_values  # attention is the only module that reads caches
 
         ids = base.tokenizer(text, return_tensors="pt").input_ids
-        if ids.shape[1] < num_virtual_tokens:
+        needed = skip + num_virtual_tokens
+        if ids.shape[1] < needed:
             raise ConfigError(
-                f"init text has {ids.shape[1]} tokens but the prefix needs {num_virtual_tokens}; "
+                f"init text has {ids.shape[1]} tokens but the prefix needs {needed}; "
                 "give a longer text or a shorter prefix"
             )
-        kv = text_key_values(base.model, ids[:, :num_virtual_tokens])  # (L, 2, H, P, D)
+        kv = text_key_values(base.model, ids[:, :needed].to(base.device))[:, :, :, skip:]  # (L, 2, H, P, D)
         spec = base.prefix_spec(num_virtual_tokens)
         config = PrefixConfig(
             spec=spec,

@@ -1,0 +1,235 @@
+"""Personalizer: the on-device SDK. Fit a private prefix on local data, generate, save encrypted.
+
+Example:
+    >>> from fedprefix.client import Personalizer
+    >>> p = Personalizer(base_model="tiny-llama", user_id="alice", num_virtual_tokens=8, progress=False)
+    >>> report = p.fit([{"prompt": "Hi", "completion": "Hello there!"}] * 8, max_steps=2)
+    >>> isinstance(p.generate("Hi", max_new_tokens=4), str)
+    True
+
+A row's prefix is [shared part ; personal part]: the shared part (optional,
+``shared_virtual_tokens``) is what a federation aggregates, the personal part never
+leaves the device. Both are trained by ``fit`` unless ``train_shared=False``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from fedprefix.common.base_model import DEFAULT_BASE, BaseModelHandle, load_base
+from fedprefix.common.config import EvalReport, FitReport, TrainConfig
+from fedprefix.common.errors import ConfigError
+from fedprefix.common.generation import SamplingParams, generate
+from fedprefix.common.peft_format import export_peft
+from fedprefix.common.prefix import Prefix, PrefixConfig, concat_key_values
+from fedprefix.common.store import PrefixStore
+
+from .data import format_prompt, read_rows, tokenize_rows
+from .training import Callback, evaluate_examples, split_examples, train
+
+# Neutral text whose keys/values start the prefix: the model begins by behaving as if
+# this had been read before the conversation, i.e. close to the base, and follows prompts.
+DEFAULT_INIT_TEXT = (
+    "Answer the request below helpfully and accurately, in the writing style this user prefers. "
+    "Keep every fact, name and number from the request."
+)
+SHARED_SUFFIX = "@shared"  # the shared prefix is stored beside the personal one under this id
+
+
+class Personalizer:
+    """A user's personal prefix on a frozen base model, trained and kept on the device."""
+
+    def __init__(
+        self,
+        base_model: str | os.PathLike | BaseModelHandle = DEFAULT_BASE,
+        user_id: str = "local",
+        store: str | os.PathLike | PrefixStore | None = None,
+        key: bytes | str | None = None,
+        num_virtual_tokens: int = 16,
+        shared_virtual_tokens: int = 0,
+        prefix_projection: bool = False,
+        encoder_hidden_size: int | None = None,
+        init: str = "text",
+        init_text: str = DEFAULT_INIT_TEXT,
+        use_chat_template: bool | None = None,
+        train_shared: bool = True,
+        progress: bool = True,
+        **train_settings,
+    ) -> None:
+        self.base = base_model if isinstance(base_model, BaseModelHandle) else load_base(base_model)
+        self.user_id = user_id
+        self.store = PrefixStore(store) if isinstance(store, (str, os.PathLike)) else store
+        self.key = key
+        self.train_config = TrainConfig(**train_settings)
+        self.train_shared = train_shared
+        self.progress = progress
+        has_template = bool(getattr(self.base.tokenizer, "chat_template", None))
+        self.use_chat_template = has_template if use_chat_template is None else use_chat_template
+        if self.use_chat_template and not has_template:
+            raise ConfigError(f"use_chat_template=True but base {self.base.name} has no chat template")
+        generator = torch.Generator().manual_seed(self.train_config.seed)
+        if init_text is DEFAULT_INIT_TEXT:  # long enough for any prefix length
+            needed = shared_virtual_tokens + num_virtual_tokens
+            init_text = " ".join([init_text] * (1 + needed // max(1, len(self.base.tokenizer(init_text).input_ids))))
+
+        def make(tokens: int, skip: int) -> Prefix:
+            return self._new_prefix(tokens, init, init_text, prefix_projection, encoder_hidden_size, generator, skip)
+
+        # [shared ; personal] starts as the init text's KV as a whole; the shared part is
+        # then the same on every device without any communication.
+        self.shared = make(shared_virtual_tokens, 0) if shared_virtual_tokens > 0 else None
+        self.personal = make(num_virtual_tokens, shared_virtual_tokens)
+
+    def _new_prefix(self, tokens, init, text, projection, hidden, generator, skip) -> Prefix:
+        if init == "text":
+            return Prefix.from_text(self.base, text, tokens, projection, hidden, generator=generator, skip=skip)
+        config = PrefixConfig(
+            spec=self.base.prefix_spec(tokens),
+            prefix_projection=projection,
+            encoder_hidden_size=hidden,
+            base_fingerprint=self.base.fingerprint,
+        )
+        return Prefix(config, init=init, generator=generator)
+
+    # ------------------------------------------------------------------ prefix
+
+    def key_values(self, parts: str = "all") -> torch.Tensor | None:
+        """The row prefix (L, 2, H, P, D): 'all' = shared + personal, 'shared', or 'none' (None)."""
+        if parts == "none":
+            return None
+        chosen = {"all": [self.shared, self.personal], "shared": [self.shared], "personal": [self.personal]}
+        if parts not in chosen:
+            raise ConfigError(f"parts must be 'all', 'shared', 'personal' or 'none', got {parts!r}")
+        present = [p.key_values() for p in chosen[parts] if p is not None]
+        return concat_key_values(*present) if present else None
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters `fit` optimizes: the personal part, and the shared part if train_shared."""
+        params = list(self.personal.parameters())
+        if self.shared is not None and self.train_shared:
+            params += list(self.shared.parameters())
+        return params
+
+    # ------------------------------------------------------------------ training
+
+    def prepare(self, local_data, max_length: int | None = None) -> list:
+        """Validate and tokenize `local_data` (rows or a .jsonl path) into examples."""
+        rows = read_rows(local_data)
+        return tokenize_rows(
+            rows, self.base.tokenizer, max_length or self.train_config.max_length, self.use_chat_template
+        )
+
+    def fit(
+        self,
+        local_data,
+        *,
+        progress: bool | None = None,
+        callback: Callback | None = None,
+        **train_settings,
+    ) -> FitReport:
+        """Train the prefix on `local_data`; settings override the constructor's for this call.
+
+        Calling fit again continues from the current prefix (after `load`, the stored one).
+        """
+        config = self.train_config.model_copy(update=train_settings)
+        TrainConfig.model_validate(config.model_dump())  # validates the overrides
+        examples = self.prepare(local_data, config.max_length)
+        train_set, eval_set = split_examples(examples, config.eval_fraction, config.seed)
+        return train(
+            self.base,
+            lambda: self.key_values("all"),
+            self.trainable_parameters(),
+            train_set,
+            eval_set,
+            config,
+            progress=self.progress if progress is None else progress,
+            callback=callback,
+            description=f"personalizing {self.user_id}",
+        )
+
+    def evaluate(self, data, parts: str = "all", batch_size: int = 16) -> EvalReport:
+        """Loss and perplexity per completion token on `data` (fp32, no autocast)."""
+        examples = self.prepare(data)
+        kv = self.key_values(parts)
+        return evaluate_examples(self.base, None if kv is None else kv.detach(), examples, batch_size)
+
+    # ------------------------------------------------------------------ inference
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+        parts: str = "all",
+    ) -> str | list[str]:
+        """Continue `prompt` (or each of a list, batched) behind this user's prefix."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ConfigError("generate needs at least one prompt")
+        tok = self.base.tokenizer
+        texts = [format_prompt(tok, p) if self.use_chat_template else p for p in prompts]
+        ids = [tok(t, add_special_tokens=not self.use_chat_template).input_ids for t in texts]
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=list(stop or [])
+        )
+        with torch.no_grad():
+            kv = self.key_values(parts)
+        outputs = generate(self.base.model, tok, ids, [kv] * len(ids), params)
+        return outputs[0] if isinstance(prompt, str) else outputs
+
+    # ------------------------------------------------------------------ storage
+
+    def _require_store(self) -> PrefixStore:
+        if self.store is None or self.key is None:
+            raise ConfigError("this Personalizer has no store and key; pass store=... and key=... to save or load")
+        return self.store
+
+    def save(self):
+        """Encrypt and store the personal prefix (and the shared one beside it, if any)."""
+        store = self._require_store()
+        info = store.save(self.user_id, self.personal, self.key)
+        if self.shared is not None:
+            store.save(self.user_id + SHARED_SUFFIX, self.shared, self.key)
+        return info
+
+    @classmethod
+    def load(
+        cls,
+        user_id: str,
+        store: str | os.PathLike | PrefixStore,
+        key: bytes | str,
+        base_model: str | os.PathLike | BaseModelHandle = DEFAULT_BASE,
+        **settings,
+    ) -> Personalizer:
+        """A Personalizer holding `user_id`'s stored prefix, decrypted with `key`, on `base_model`."""
+        store = PrefixStore(store) if isinstance(store, (str, os.PathLike)) else store
+        base = base_model if isinstance(base_model, BaseModelHandle) else load_base(base_model)
+        personal = store.load(user_id, key, base.fingerprint)
+        shared_id = user_id + SHARED_SUFFIX
+        shared = store.load(shared_id, key, base.fingerprint) if store.exists(shared_id) else None
+        self = cls(
+            base_model=base,
+            user_id=user_id,
+            store=store,
+            key=key,
+            num_virtual_tokens=personal.spec.num_virtual_tokens,
+            init="zero",
+            **settings,
+        )
+        self.personal, self.shared = personal, shared
+        return self
+
+    def export_peft(self, folder: str | os.PathLike, parts: str = "all") -> Path:
+        """Write the prefix (shared + personal by default) as a PEFT adapter folder."""
+        with torch.no_grad():
+            kv = self.key_values(parts)
+        if kv is None:
+            raise ConfigError("there is no prefix to export for parts='none'")
+        prefix = Prefix.from_key_values(kv.detach(), self.base.fingerprint)
+        return export_peft(prefix, folder, base_model_name_or_path=self.base.name)

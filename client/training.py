@@ -1,0 +1,184 @@
+"""The one training loop for prefixes, used by Personalizer.fit and the Flower ClientApp.
+
+Loss: cross-entropy per completion token. Only the completion positions go through
+the LM head (the vocabulary projection is the largest matrix of a small model, and
+prompt positions need no logits), and only prefix parameters get gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from fedprefix.common.attention import hidden_with_prefixes, stack_prefixes
+from fedprefix.common.config import EvalPoint, EvalReport, FitReport, TrainConfig
+from fedprefix.common.generation import left_pad
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .data import Example
+
+
+@dataclass
+class StepInfo:
+    """What a training callback sees after each optimizer step."""
+
+    step: int
+    max_steps: int
+    loss: float
+    learning_rate: float
+    eval_loss: float | None  # set on evaluation steps
+
+
+Callback = Callable[[StepInfo], bool | None]  # return False to stop training
+
+
+def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded (train, held-out) split; held-out is empty with fewer than 5 examples."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = int(round(len(examples) * eval_fraction)) if len(examples) >= 5 else 0
+    return [examples[i] for i in order[held:]], [examples[i] for i in order[:held]]
+
+
+def completion_loss(base, kv: torch.Tensor | None, batch: Sequence[Example]) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy over completion tokens, number of those tokens) for one batch behind `kv`."""
+    rows = [ex.prompt + ex.completion for ex in batch]
+    ids, mask = left_pad(rows, base.tokenizer.pad_token_id)
+    labels = torch.zeros_like(mask, dtype=torch.bool)  # (B, T): True at completion tokens
+    width = ids.shape[1]
+    for i, ex in enumerate(batch):
+        labels[i, width - len(ex.completion) :] = True
+    ids, mask, labels = ids.to(base.device), mask.to(base.device), labels.to(base.device)
+    prefixes = stack_prefixes([kv] * len(batch), dtype=base.dtype, device=base.device)
+    hidden = hidden_with_prefixes(base.model, ids, mask, prefixes)  # (B, T, hidden)
+    predict = labels[:, 1:]  # position t predicts token t + 1
+    selected = hidden[:, :-1][predict]  # (N, hidden), N completion tokens
+    logits = base.model.get_output_embeddings()(selected).float()  # (N, V)
+    loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:][predict], reduction="sum")
+    return loss, int(predict.sum())
+
+
+@torch.no_grad()
+def evaluate_examples(base, kv: torch.Tensor | None, examples: Sequence[Example], batch_size: int = 16) -> EvalReport:
+    """Mean loss per completion token over `examples` behind `kv` (None = the base alone)."""
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        loss, count = completion_loss(base, kv, examples[start : start + batch_size])
+        total, tokens = total + float(loss), tokens + count
+    mean = total / max(tokens, 1)
+    return EvalReport(loss=mean, perplexity=math.exp(min(mean, 50.0)), tokens=tokens, examples=len(examples))
+
+
+def train(
+    base,
+    kv_of: Callable[[], torch.Tensor],
+    parameters: Sequence[torch.nn.Parameter],
+    train_set: Sequence[Example],
+    eval_set: Sequence[Example],
+    config: TrainConfig,
+    progress: bool = True,
+    callback: Callback | None = None,
+    description: str = "training prefix",
+) -> FitReport:
+    """Optimize `parameters` so that `kv_of()` (the full row prefix) fits `train_set`.
+
+    AdamW, linear warm-up then cosine decay, gradient clipping, early stopping on
+    `eval_set` (the best parameters are restored), and the device budget of `config`.
+    """
+    parameters = list(parameters)
+    generator = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    warmup = max(1, int(config.max_steps * config.warmup_fraction))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress_ = (step - warmup) / max(1, config.max_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    autocast = torch.autocast(device_type=base.device.type, dtype=torch.bfloat16, enabled=config.bf16)
+
+    def held_out() -> float | None:
+        if not eval_set:
+            return None
+        with autocast:
+            return evaluate_examples(base, kv_of().detach(), eval_set, config.batch_size).loss
+
+    eval_points = []
+    best = held_out()
+    if best is not None:
+        eval_points.append(EvalPoint(step=0, loss=best))
+    best_state = [p.detach().clone() for p in parameters]
+    stale, losses, seen, stop_reason = 0, [], 0, "max_steps"
+    order: list[int] = []
+    started = time.perf_counter()
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        disable=not progress,
+        transient=False,
+    )
+    with bar:
+        task = bar.add_task(description, total=config.max_steps, loss="-")
+        for step in range(1, config.max_steps + 1):
+            if len(order) < config.batch_size:  # refill with a fresh seeded shuffle (epochs)
+                fresh = list(range(len(train_set)))
+                generator.shuffle(fresh)
+                order.extend(fresh)
+            batch = [train_set[i] for i in order[: config.batch_size]]
+            del order[: config.batch_size]
+            with autocast:
+                loss_sum, tokens = completion_loss(base, kv_of(), batch)
+            loss = loss_sum / max(tokens, 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            seen += len(batch)
+            eval_loss = None
+            if eval_set and (step % config.eval_every == 0 or step == config.max_steps):
+                eval_loss = held_out()
+                eval_points.append(EvalPoint(step=step, loss=eval_loss))
+                if eval_loss < best - 1e-4:
+                    best, stale = eval_loss, 0
+                    best_state = [p.detach().clone() for p in parameters]
+                else:
+                    stale += 1
+            bar.update(task, advance=1, loss=f"{losses[-1]:.3f}")
+            info = StepInfo(step, config.max_steps, losses[-1], scheduler.get_last_lr()[0], eval_loss)
+            if callback is not None and callback(info) is False:
+                stop_reason = "callback"
+                break
+            if stale >= config.patience:
+                stop_reason = "early_stopping"
+                break
+            if config.max_seconds is not None and time.perf_counter() - started >= config.max_seconds:
+                stop_reason = "max_seconds"
+                break
+    if eval_set:  # keep the parameters that did best on held-out data
+        with torch.no_grad():
+            for param, value in zip(parameters, best_state, strict=True):
+                param.copy_(value)
+    seconds = time.perf_counter() - started
+    return FitReport(
+        steps=len(losses),
+        seconds=seconds,
+        examples_per_second=seen / max(seconds, 1e-9),
+        num_train_examples=len(train_set),
+        num_eval_examples=len(eval_set),
+        train_loss=losses,
+        eval_loss=eval_points,
+        best_eval_loss=best,
+        stop_reason=stop_reason,
+    )

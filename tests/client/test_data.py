@@ -1,0 +1,74 @@
+"""local_data validation and tokenization: every bad row names its index (or line) and field."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from fedprefix.client.data import read_rows, tokenize_rows
+from fedprefix.common.errors import DataError
+
+
+def test_accepts_all_row_forms(tmp_path):
+    rows = [
+        {"prompt": "p", "completion": "c"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        "plain text",
+    ]
+    assert len(read_rows(rows)) == 3
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert len(read_rows(path)) == 3 and len(read_rows(str(path))) == 3
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([], "local_data is empty"),
+        ([{"prompt": "only a prompt"}], "row 0: field 'completion': Field required"),
+        ([{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": ""}], "row 1: field 'completion'"),
+        ([{"prompt": "p", "completion": "c", "extra": 1}], "row 0: field 'extra'"),
+        ([{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}], "assistant's reply"),
+        ([{"messages": [{"role": "robot", "content": "a"}, {"role": "user", "content": "b"}]}], "messages.0.role"),
+        ([3], "row 0: expected an object or a string, got int"),
+        (["  "], "row 0: empty text"),
+    ],
+)
+def test_bad_rows_name_index_and_field(rows, message):
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_rows(rows)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_rows(tmp_path / "missing.jsonl")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"prompt": "caf\xe9", "completion": "x"}'.encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_rows(latin)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "completion": "b"}\n{oops\n')
+    with pytest.raises(DataError, match="line 2: not valid JSON"):
+        read_rows(broken)
+    with pytest.raises(DataError, match="single string"):
+        read_rows("not a path")
+
+
+def test_completion_only_labels_and_left_truncation(tiny_llama, caplog):
+    tok = tiny_llama.tokenizer
+    rows = read_rows([{"prompt": "x" * 50, "completion": "abc"}, {"prompt": "short", "completion": "de"}])
+    with caplog.at_level(logging.WARNING):
+        examples = tokenize_rows(rows, tok, max_length=20, use_chat_template=False)
+    assert "1 of 2 rows were longer than 20 tokens" in caplog.text
+    first = examples[0]
+    assert len(first.prompt) + len(first.completion) == 20
+    assert tok.decode(first.completion) == "abc<|im_end|>"  # completion kept whole, EOS appended
+    assert tok.decode(examples[1].prompt) == "short"
+
+
+def test_chat_rows_use_the_template(tiny_llama):
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    (example,) = tokenize_rows(read_rows([row]), tiny_llama.tokenizer, 128, use_chat_template=True)
+    prompt = tiny_llama.tokenizer.decode(example.prompt)
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

@@ -1,0 +1,141 @@
+"""Personalizer: fit / evaluate / generate / save / load / export on tiny models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from fedprefix.client import Personalizer
+from fedprefix.client.personalizer import SHARED_SUFFIX
+from fedprefix.common.base_model import load_base
+from fedprefix.common.errors import ConfigError, DataError, FingerprintMismatchError
+from fedprefix.common.peft_format import import_peft
+from fedprefix.common.store import PrefixStore, StoreError
+from fedprefix.simulations.personas import training_rows, user_dataset
+
+KEY = bytes(range(32))
+ROWS = training_rows(user_dataset(1, 24)["train"])
+FAST = dict(progress=False, max_steps=6, batch_size=4, max_length=128, learning_rate=3e-2)
+
+
+def personalizer(base, **kw) -> Personalizer:
+    return Personalizer(base_model=base, user_id="alice", num_virtual_tokens=4, **{**FAST, **kw})
+
+
+@pytest.fixture
+def store(tmp_path):
+    return PrefixStore(tmp_path / "store", scrypt_n=2**12)
+
+
+def test_fit_lowers_loss_and_reports(tiny_llama):
+    p = personalizer(tiny_llama, max_steps=20, eval_fraction=0.2)
+    before = p.evaluate(ROWS).loss
+    report = p.fit(ROWS)
+    assert report.steps == 20 and report.stop_reason == "max_steps"
+    assert len(report.train_loss) == 20 and report.eval_loss[0].step == 0
+    assert report.num_train_examples + report.num_eval_examples == len(ROWS)
+    assert report.examples_per_second > 0
+    after = p.evaluate(ROWS)
+    assert after.loss < before and after.perplexity == pytest.approx(torch.tensor(after.loss).exp().item())
+
+
+def test_same_seed_same_prefix(tiny_base):
+    a, b = personalizer(tiny_base, seed=3), personalizer(tiny_base, seed=3)
+    a.fit(ROWS)
+    b.fit(ROWS)
+    assert torch.equal(a.key_values(), b.key_values())
+
+
+def test_base_weights_unchanged_by_fit(tiny_llama):
+    before = {k: v.clone() for k, v in tiny_llama.model.state_dict().items()}
+    personalizer(tiny_llama, shared_virtual_tokens=2).fit(ROWS)
+    assert all(torch.equal(before[k], v) for k, v in tiny_llama.model.state_dict().items())
+
+
+def test_budget_callback_and_early_stopping(tiny_llama):
+    seen = []
+    report = personalizer(tiny_llama, max_steps=50).fit(ROWS, callback=lambda info: seen.append(info.step) or None)
+    assert seen == list(range(1, 51))
+    report = personalizer(tiny_llama, max_steps=50).fit(ROWS, callback=lambda info: info.step < 3)
+    assert report.steps == 3 and report.stop_reason == "callback"
+    report = personalizer(tiny_llama, max_steps=500).fit(ROWS, max_seconds=0.2)
+    assert report.stop_reason == "max_seconds" and report.steps < 500
+    # lr 0 never improves the held-out loss: patience 1 stops at the first evaluation
+    report = personalizer(tiny_llama, max_steps=50).fit(
+        ROWS, learning_rate=1e-12, eval_every=2, patience=1, eval_fraction=0.25
+    )
+    assert report.stop_reason == "early_stopping" and report.steps == 2
+
+
+def test_shared_part_can_be_frozen(tiny_llama):
+    p = personalizer(tiny_llama, shared_virtual_tokens=3, train_shared=False)
+    shared_before = p.shared.key_values().detach().clone()
+    p.fit(ROWS)
+    assert torch.equal(p.shared.key_values(), shared_before)
+    assert p.key_values().shape[3] == 7
+
+
+def test_generate_single_and_batched(tiny_base):
+    p = personalizer(tiny_base)
+    single = p.generate("Describe", max_new_tokens=5)
+    batch = p.generate(["Describe", "another prompt"], max_new_tokens=5)
+    assert isinstance(single, str) and batch[0] == single and len(batch) == 2
+    sampled = p.generate("Describe", max_new_tokens=5, temperature=1.0, top_p=0.9, seed=1)
+    assert sampled == p.generate("Describe", max_new_tokens=5, temperature=1.0, top_p=0.9, seed=1)
+    with pytest.raises(ConfigError, match="at least one prompt"):
+        p.generate([])
+
+
+def test_save_load_resume(tiny_llama, store):
+    p = personalizer(tiny_llama, store=store, key=KEY, shared_virtual_tokens=2)
+    p.fit(ROWS)
+    p.save()
+    assert store.exists("alice") and store.exists("alice" + SHARED_SUFFIX)
+    loaded = Personalizer.load(user_id="alice", store=store, key=KEY, base_model=tiny_llama, **FAST)
+    assert torch.equal(loaded.key_values(), p.key_values())
+    assert loaded.generate("Describe", max_new_tokens=6) == p.generate("Describe", max_new_tokens=6)
+    before = loaded.evaluate(ROWS).loss
+    loaded.fit(ROWS, max_steps=10)  # resumes from the stored prefix
+    assert loaded.evaluate(ROWS).loss < before
+
+
+def test_wrong_key_and_other_base_are_refused(tiny_llama, store):
+    p = personalizer(tiny_llama, store=store, key=KEY)
+    p.save()
+    stored = store.path_for("alice").read_bytes()
+    with pytest.raises(StoreError, match="wrong key"):
+        Personalizer.load(user_id="alice", store=store, key=bytes(32), base_model=tiny_llama)
+    with pytest.raises(FingerprintMismatchError):
+        Personalizer.load(user_id="alice", store=store, key=KEY, base_model=load_base("tiny-llama", seed=9))
+    assert store.path_for("alice").read_bytes() == stored, "a refused load must not touch the file"
+
+
+def test_bad_keys_and_missing_store(tiny_llama, store):
+    with pytest.raises(StoreError, match="32"):
+        personalizer(tiny_llama, store=store, key=b"short").save()
+    with pytest.raises(ConfigError, match="no store and key"):
+        personalizer(tiny_llama).save()
+
+
+def test_bad_data_leaves_the_prefix_alone(tiny_llama):
+    p = personalizer(tiny_llama)
+    before = p.key_values().detach().clone()
+    for bad in ([], [{"prompt": "only a prompt"}]):
+        with pytest.raises(DataError):
+            p.fit(bad)
+    assert torch.equal(p.key_values(), before)
+
+
+def test_export_peft_round_trip(tiny_llama, tmp_path):
+    p = personalizer(tiny_llama, shared_virtual_tokens=2)
+    folder = p.export_peft(tmp_path / "adapter")
+    assert torch.equal(import_peft(folder, tiny_llama).key_values(), p.key_values())
+
+
+def test_jsonl_path_and_chat_rows(tiny_llama, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(os.linesep.join(['{"prompt": "a", "completion": "b"}'] * 4))
+    assert personalizer(tiny_llama).fit(path).steps == 6
+    chat = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 4
+    assert personalizer(tiny_llama).fit(chat).steps == 6
