@@ -533,7 +533,12 @@ def _seal(
     if reuse is None:
         ciphertext = AESGCM(dek).encrypt(nonce, plaintext, _payload_aad(fields))
     fields["header_mac"] = _header_mac(dek, fields)
-    header = FileHeader.model_validate(fields)
+    try:
+        header = FileHeader.model_validate(fields)
+    except ValidationError as exc:  # e.g. an overlong base fingerprint in the prefix's config
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"prefix of user {user_id!r}: cannot store it ({where}: {first['msg']})") from None
     dump = header.model_dump(mode="json")
     if dump != fields:  # load recomputes the AAD and the MAC from the parsed header
         raise AssertionError("header does not round-trip")
@@ -605,6 +610,30 @@ def _dtype_name(dtype: torch.dtype) -> str:
     raise ConfigError(f"storage dtype must be one of torch.float32, torch.float16, torch.bfloat16; got {dtype}")
 
 
+def _prefix_from_state(config: PrefixConfig, tensors: dict[str, torch.Tensor]) -> Prefix:
+    """``Prefix.from_state`` without its throwaway initialization.
+
+    from_state builds the module with real (random, then zeroed) parameters and copies the
+    tensors in; for a 30-layer prefix that costs milliseconds, most of a load. Here the
+    module is built on the meta device and the decrypted tensors are assigned as they are.
+    Anything unexpected falls back to from_state, which stays the reference.
+    """
+    try:
+        with torch.device("meta"):
+            prefix = Prefix(config, init="zero")
+        if "anchor" in tensors:
+            prefix.anchor = torch.empty_like(tensors["anchor"], device="meta")
+        expected = {name: tuple(t.shape) for name, t in prefix.state_dict().items()}
+        if expected != {name: tuple(t.shape) for name, t in tensors.items()}:
+            raise ShapeError("shape mismatch")  # from_state words the error
+        prefix.load_state_dict(tensors, strict=True, assign=True)
+        if any(t.is_meta for t in prefix.state_dict().values()):
+            raise ShapeError("tensor left on the meta device")
+        return prefix
+    except Exception:  # the reference path raises the proper error
+        return Prefix.from_state(config, tensors)
+
+
 class PrefixStore:
     """Encrypted prefixes, one file per user, in folder `path`.
 
@@ -614,14 +643,25 @@ class PrefixStore:
         >>> store.load("alice", "correct horse battery staple", base.fingerprint)  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike, scrypt_n: int = DEFAULT_SCRYPT_N, lock_timeout: float = 60.0) -> None:
-        """Open (and create) the store folder; `scrypt_n` is the cost for newly set passphrases."""
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        scrypt_n: int = DEFAULT_SCRYPT_N,
+        lock_timeout: float = 60.0,
+        durable: bool = True,
+    ) -> None:
+        """Open (and create) the store folder; `scrypt_n` is the cost for newly set passphrases.
+
+        ``durable=False`` skips the fsyncs: writes stay atomic against a killed process
+        but a power loss may lose them (for scratch stores on tmpfs and benchmarks).
+        """
         if type(scrypt_n) is not int or scrypt_n & (scrypt_n - 1) or not MIN_SCRYPT_N <= scrypt_n <= MAX_SCRYPT_N:
             raise ConfigError(f"scrypt_n must be a power of two in {MIN_SCRYPT_N}..{MAX_SCRYPT_N}, got {scrypt_n!r}")
         self.root = Path(path)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.scrypt_n = scrypt_n
         self.lock_timeout = lock_timeout
+        self.durable = durable
         # Derived KEKs, keyed by an HMAC under a per-instance secret of (user, kdf params,
         # passphrase): the passphrase itself is never stored, and the scrypt cost is paid
         # once per unlock rather than on every save/load.
@@ -663,6 +703,7 @@ class PrefixStore:
                 header, _ = self._read_header(path, user_id)
                 self._check_owner(user_id, header)
                 dek = self._unwrap(user_id, header, self._kek(user_id, header.kdf, key))
+                self._check_header_mac(user_id, header, dek)  # the counter we continue from is genuine
                 kdf, wrapped, key_id = header.kdf, header.wrapped_dek, header.key_id
                 counter = max(header.counter, known) + 1
             else:
@@ -670,7 +711,7 @@ class PrefixStore:
                 dek, key_id, counter = os.urandom(KEY_BYTES), secrets.token_hex(8), known + 1
                 wrapped = _wrap(user_id, key_id, kek, dek)
             header, data = _seal(user_id, prefix.config, dtype_name, counter, key_id, kdf, wrapped, dek, plaintext)
-            atomic_write_bytes(path, data)
+            atomic_write_bytes(path, data, durable=self.durable)
             self._record_counter(user_id, counter)
         return _info(path, header, path.stat())
 
@@ -738,7 +779,8 @@ class PrefixStore:
             except FileNotFoundError:
                 raise UnknownUserError(_about(user_id, "no prefix is stored for this user"), user_id) from None
             self._remove_temp_files(f"{user_id}{FILE_SUFFIX}")
-            fsync_dir(self.root)
+            if self.durable:
+                fsync_dir(self.root)
 
     def change_passphrase(self, user_id: str, old_key: Key, new_key: Key) -> StoredPrefixInfo:
         """Re-wrap the data key under `new_key` (passphrase or raw); the payload ciphertext is kept."""
@@ -763,7 +805,7 @@ class PrefixStore:
                 dek,
                 reuse=(nonce, ciphertext),
             )
-            atomic_write_bytes(path, data)
+            atomic_write_bytes(path, data, durable=self.durable)
             self._record_counter(user_id, counter)
         return _info(path, header, path.stat())
 
@@ -780,7 +822,7 @@ class PrefixStore:
             header, data = _seal(
                 user_id, header.prefix_config, header.dtype, counter, key_id, header.kdf, wrapped, dek, plaintext
             )
-            atomic_write_bytes(path, data)
+            atomic_write_bytes(path, data, durable=self.durable)
             self._record_counter(user_id, counter)
         return _info(path, header, path.stat())
 
@@ -877,6 +919,15 @@ class PrefixStore:
             )
         return header, stat
 
+    def _check_header_mac(self, user_id: str, header: FileHeader, dek: bytes) -> dict[str, Any]:
+        """Raise TamperedError unless header_mac matches; returns the header's JSON dump."""
+        dump = header.model_dump(mode="json")
+        if not hmac.compare_digest(_header_mac(dek, dump), header.header_mac):
+            raise TamperedError(
+                _about(user_id, "the key is right but the header fails authentication (tampered or damaged)"), user_id
+            )
+        return dump
+
     def _check_owner(self, user_id: str, header: FileHeader) -> None:
         if header.user_id != user_id:
             raise WrongUserError(
@@ -897,11 +948,7 @@ class PrefixStore:
         self._check_owner(user_id, header)
         kek = self._kek(user_id, header.kdf, key)
         dek = self._unwrap(user_id, header, kek)
-        dump = header.model_dump(mode="json")
-        if not hmac.compare_digest(_header_mac(dek, dump), header.header_mac):
-            raise TamperedError(
-                _about(user_id, "the key is right but the header fails authentication (tampered or damaged)"), user_id
-            )
+        dump = self._check_header_mac(user_id, header, dek)
         try:
             plaintext = AESGCM(dek).decrypt(_unb64(header.payload_nonce), ciphertext, _payload_aad(dump))
         except InvalidTag:
@@ -946,7 +993,7 @@ class PrefixStore:
                 raise ShapeError(f"tensors are not all {header.dtype}")
             if dtype is not None:
                 tensors = {name: t.to(dtype) for name, t in tensors.items()}
-            prefix = Prefix.from_state(header.prefix_config, tensors)
+            prefix = _prefix_from_state(header.prefix_config, tensors)
         except (SafetensorError, ShapeError, RuntimeError, ValueError, KeyError) as exc:
             # Authenticated, so written by this code with the key: a bug or a format clash.
             raise CorruptError(_about(user_id, f"stored tensors do not form the prefix ({exc})"), user_id) from None
@@ -1000,10 +1047,16 @@ class PrefixStore:
             if counters.get(user_id, 0) >= counter:
                 return
             counters[user_id] = counter
-            atomic_write_bytes(self.root / COUNTERS_FILE, _canonical({"format_version": 1, "counters": counters}))
+            atomic_write_bytes(
+                self.root / COUNTERS_FILE,
+                _canonical({"format_version": 1, "counters": counters}),
+                durable=self.durable,
+            )
 
     def _remove_temp_files(self, target: str) -> None:
         """Remove temp files a killed writer of `target` left (atomic_write_bytes names them
         ``.<target>.*.tmp``); callers hold the lock of `target`, so no live writer owns one."""
-        for tmp in self.root.glob(f".{target}.*.tmp"):
+        # mkstemp adds exactly 8 random characters; the fixed length keeps the pattern from
+        # matching another user's temp file (user "a" vs user "a.fpx.b").
+        for tmp in self.root.glob(f".{target}.????????.tmp"):
             tmp.unlink(missing_ok=True)

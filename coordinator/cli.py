@@ -116,3 +116,13 @@ def base_info(
         return
     for key, value in info.items():
         console.print(f"[bold]{key}[/bold]: {value}")
+
+
+def _mount_subcommands() -> None:
+    """Sub-command groups that live in their own modules."""
+    from fedprefix.coordinator.store_cli import store_app
+
+    app.add_typer(store_app, name="store")
+
+
+_mount_subcommands()

@@ -1,0 +1,192 @@
+"""``fedprefix store``: inspect, check, re-key and export encrypted prefixes.
+
+Secrets never come as plain command-line arguments (they would land in shell history
+and ``ps``): a raw key comes from ``--key-file``, a passphrase from the environment
+variable named by ``--passphrase-env``, else from a hidden prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from fedprefix.common.errors import FedPrefixError
+from fedprefix.common.store import KEY_BYTES, BadKeyError, PrefixStore, StoredPrefixInfo, StoreError
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+store_app = typer.Typer(
+    name="store",
+    help="Encrypted per-user prefix store: list, verify, rotate keys, export to PEFT.",
+    no_args_is_help=True,
+)
+
+StoreOpt = Annotated[Path, typer.Option("--store", help="Store folder.", file_okay=False)]
+KeyFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--key-file",
+        help=f"File holding the raw key: {KEY_BYTES} bytes, or {2 * KEY_BYTES} hex digits.",
+        dir_okay=False,
+    ),
+]
+PassEnvOpt = Annotated[
+    str | None, typer.Option("--passphrase-env", help="Name of the environment variable holding the passphrase.")
+]
+UserArg = Annotated[str, typer.Argument(help="User id.")]
+
+
+def _stdout() -> Console:
+    return Console()
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    """Print one red line to stderr; the caller raises the returned Exit(1)."""
+    Console(stderr=True, soft_wrap=True, highlight=False).print(Text(f"error: {exc}", style="red"))
+    return typer.Exit(1)
+
+
+def _read_key(user_id: str, key_file: Path | None, passphrase_env: str | None) -> str | bytes:
+    """The key from --key-file, --passphrase-env or a hidden prompt."""
+    if key_file is not None and passphrase_env is not None:
+        raise BadKeyError(f"give --key-file or --passphrase-env, not both (user {user_id!r})")
+    if key_file is not None:
+        try:
+            data = key_file.read_bytes()
+        except OSError as exc:
+            raise BadKeyError(f"cannot read key file {key_file}: {exc.strerror}") from None
+        if len(data) == KEY_BYTES:
+            return data
+        text = data.strip()
+        if len(text) == 2 * KEY_BYTES:
+            try:
+                return bytes.fromhex(text.decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                pass
+        raise BadKeyError(f"key file {key_file} must hold {KEY_BYTES} raw bytes or {2 * KEY_BYTES} hex digits")
+    if passphrase_env is not None:
+        value = os.environ.get(passphrase_env)
+        if not value:
+            raise BadKeyError(f"environment variable {passphrase_env} is not set or empty")
+        return value
+    return typer.prompt(f"Passphrase for {user_id}", hide_input=True)
+
+
+def _open_store(path: Path) -> PrefixStore:
+    """An existing store folder (a typo must not silently create an empty store)."""
+    if not path.is_dir():
+        raise StoreError(f"prefix store: no store folder at {path}")
+    return PrefixStore(path)
+
+
+def _info_dict(info: StoredPrefixInfo) -> dict:
+    return info.model_dump(mode="json")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MiB"
+
+
+def _info_table(infos: list[StoredPrefixInfo], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("user", "base", "L×H×D", "P", "proj", "dtype", "counter", "key id", "kdf", "size", "modified"):
+        table.add_column(column)
+    for info in infos:
+        if info.problem is not None:
+            table.add_row(info.user_id, Text(info.problem, style="red"), *[""] * 8, f"{info.modified:%Y-%m-%d %H:%M}")
+            continue
+        spec = info.spec
+        table.add_row(
+            info.user_id,
+            f"{info.base_fingerprint[:12]}…",
+            f"{spec.num_layers}×{spec.num_kv_heads}×{spec.head_dim}",
+            str(spec.num_virtual_tokens),
+            "yes" if info.prefix_projection else "no",
+            info.dtype,
+            str(info.counter),
+            info.key_id,
+            info.kdf,
+            _size(info.size_bytes),
+            f"{info.modified:%Y-%m-%d %H:%M:%S}",
+        )
+    return table
+
+
+@store_app.command("list")
+def list_cmd(
+    store: StoreOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List stored prefixes from their headers (no key needed).
+
+    Example: fedprefix store list --store ./prefixes --json
+    """
+    try:
+        infos = _open_store(store).list()
+    except (FedPrefixError, OSError) as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps([_info_dict(i) for i in infos], indent=2))
+    else:
+        _stdout().print(_info_table(infos, f"prefixes in {store}"))
+
+
+@store_app.command("verify")
+def verify_cmd(
+    user_id: UserArg, store: StoreOpt, key_file: KeyFileOpt = None, passphrase_env: PassEnvOpt = None
+) -> None:
+    """Decrypt and check one user's prefix (key, integrity, owner, rollback).
+
+    Example: FP_PASS=... fedprefix store verify alice --store ./prefixes --passphrase-env FP_PASS
+    """
+    try:
+        key = _read_key(user_id, key_file, passphrase_env)
+        info = _open_store(store).verify(user_id, key)
+    except (FedPrefixError, OSError) as exc:
+        raise _fail(exc) from None
+    _stdout().print(_info_table([info], f"verified: prefix of {user_id} is intact"))
+
+
+@store_app.command("rotate-key")
+def rotate_key_cmd(
+    user_id: UserArg, store: StoreOpt, key_file: KeyFileOpt = None, passphrase_env: PassEnvOpt = None
+) -> None:
+    """Re-encrypt one user's prefix under a new data key (same passphrase or key unlocks it).
+
+    Example: fedprefix store rotate-key alice --store ./prefixes --key-file alice.key
+    """
+    try:
+        key = _read_key(user_id, key_file, passphrase_env)
+        prefixes = _open_store(store)
+        before = prefixes.info(user_id).key_id
+        info = prefixes.rotate_data_key(user_id, key)
+    except (FedPrefixError, OSError) as exc:
+        raise _fail(exc) from None
+    _stdout().print(_info_table([info], f"data key of {user_id}: {before} -> {info.key_id}"))
+
+
+@store_app.command("export-peft")
+def export_peft_cmd(
+    user_id: UserArg,
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the PEFT adapter to.", file_okay=False)],
+    store: StoreOpt,
+    key_file: KeyFileOpt = None,
+    passphrase_env: PassEnvOpt = None,
+) -> None:
+    """Decrypt one user's prefix and write it as a PEFT prefix-tuning adapter folder (unencrypted!).
+
+    Example: fedprefix store export-peft alice ./alice-adapter --store ./prefixes --passphrase-env FP_PASS
+    """
+    from fedprefix.common.peft_format import export_peft  # imports transformers; only this command needs it
+
+    try:
+        key = _read_key(user_id, key_file, passphrase_env)
+        prefix = _open_store(store).load(user_id, key)
+        folder = export_peft(prefix, out_dir)
+    except (FedPrefixError, OSError) as exc:
+        raise _fail(exc) from None
+    _stdout().print(f"wrote PEFT adapter of {user_id} to {folder} (plaintext: protect this folder)")

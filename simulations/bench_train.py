@@ -1,0 +1,154 @@
+"""Training step time: fedprefix vs PEFT prefix tuning, side by side in one process.
+
+Same base, same data, same batches, same initial prefix, same optimizer (AdamW,
+constant learning rate). Timing rounds alternate between the two so that machine
+noise hits both alike; the ratio of medians is the figure to read.
+
+    python -m fedprefix.simulations.bench_train --base smollm2-135m-instruct --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import threading
+import time
+
+import psutil
+import torch
+
+from fedprefix.client.data import read_rows, tokenize_rows
+from fedprefix.client.training import completion_loss
+from fedprefix.common.base_model import load_base
+from fedprefix.common.generation import left_pad
+from fedprefix.common.prefix import Prefix
+from fedprefix.simulations.personas import training_rows, user_dataset
+
+
+class PeakRss:
+    """Peak resident memory above the starting level while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self):
+        self.proc = psutil.Process()
+        self.start = self.peak = self.proc.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def _peft_batch(base, batch):
+    rows = [ex.prompt + ex.completion for ex in batch]
+    ids, mask = left_pad(rows, base.tokenizer.pad_token_id)
+    labels = torch.full_like(ids, -100)
+    width = ids.shape[1]
+    for i, ex in enumerate(batch):
+        labels[i, width - len(ex.completion) :] = ids[i, width - len(ex.completion) :]
+    return ids, mask, labels
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="smollm2-135m-instruct")
+    parser.add_argument("--tokens", type=int, default=16, help="prefix length P")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per variant (after 2 warm-up steps)")
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--json", help="write results here")
+    args = parser.parse_args(argv)
+    import peft  # the reference; a dev extra
+
+    torch.manual_seed(0)
+    ours_base = load_base(args.base)
+    peft_base = load_base(args.base)  # PEFT wraps its own copy
+    rows = training_rows(user_dataset(1, args.batch_size * (args.steps + 2))["train"])
+    use_chat = bool(ours_base.tokenizer.chat_template)
+    examples = tokenize_rows(read_rows(rows), ours_base.tokenizer, 256, use_chat)
+    batches = [examples[i : i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
+    batches = [b for b in batches if len(b) == args.batch_size][: args.steps + 2]
+
+    init = Prefix.from_text(ours_base, "Answer the request below helpfully and accurately. " * 4, args.tokens)
+    ours = Prefix.from_flat(init.flat().detach().clone(), init.spec, init.base_fingerprint)
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.tokens)
+    peft_model = peft.get_peft_model(peft_base.model, config)
+    peft_model.prompt_encoder["default"].embedding.weight.data.copy_(init.flat().detach())
+    peft_model.train()
+    peft_params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=args.lr)
+    opt_peft = torch.optim.AdamW(peft_params, lr=args.lr)
+
+    def step_ours(batch, bf16: bool) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss_sum, n = completion_loss(ours_base, ours.key_values(), batch)
+        loss = loss_sum / n
+        opt_ours.zero_grad()
+        loss.backward()
+        opt_ours.step()
+        return float(loss.detach())
+
+    def step_peft(batch) -> float:
+        ids, mask, labels = _peft_batch(peft_base, batch)
+        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt_peft.zero_grad()
+        loss.backward()
+        opt_peft.step()
+        return float(loss.detach())
+
+    variants = {
+        "fedprefix (bf16 autocast)": lambda b: step_ours(b, True),
+        "PEFT get_peft_model (fp32)": step_peft,
+    }
+    times = {name: [] for name in variants}
+    losses = {name: [] for name in variants}
+    memory = {}
+    for index, batch in enumerate(batches):
+        for name, step in variants.items():
+            with PeakRss() as rss:
+                started = time.perf_counter()
+                losses[name].append(step(batch))
+                elapsed = time.perf_counter() - started
+            memory[name] = max(memory.get(name, 0.0), rss.mib)
+            if index >= 2:  # warm-up steps are not timed
+                times[name].append(elapsed)
+    ours_name, peft_name = list(variants)
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, torch threads "
+        f"{torch.get_num_threads()}",
+        "versions": {"torch": torch.__version__, "peft": peft.__version__},
+        "base": args.base,
+        "batch_size": args.batch_size,
+        "tokens_per_row": round(statistics.mean(len(e.prompt) + len(e.completion) for e in examples), 1),
+        "prefix_tokens": args.tokens,
+        "steps_timed": len(times[ours_name]),
+        "median_step_s": {n: round(statistics.median(t), 4) for n, t in times.items()},
+        "final_loss": {n: round(v[-1], 4) for n, v in losses.items()},
+        "mean_loss_last3": {n: round(statistics.mean(v[-3:]), 4) for n, v in losses.items()},
+        "peak_extra_rss_mib": {n: round(v, 1) for n, v in memory.items()},
+    }
+    result["time_ratio_fedprefix_over_peft"] = round(
+        result["median_step_s"][ours_name] / result["median_step_s"][peft_name], 3
+    )
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
