@@ -32,7 +32,7 @@ install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed $(VENV)/.installed-model
 	$(VENV)/bin/fedprefix base fetch smollm2-135m-instruct
-	$(PY) simulations/demo.py
+	$(PY) -m fedprefix.simulations.demo
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: $(VENV)/.installed-dev

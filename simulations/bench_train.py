@@ -18,7 +18,6 @@ import time
 
 import psutil
 import torch
-
 from fedprefix.client.data import read_rows, tokenize_rows
 from fedprefix.client.training import completion_loss
 from fedprefix.common.base_model import load_base
