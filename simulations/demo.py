@@ -13,12 +13,11 @@ import os
 import secrets
 import tempfile
 
-from rich.console import Console
-from rich.table import Table
-
 from fedprefix.client import Personalizer
 from fedprefix.common.base_model import DEFAULT_BASE
 from fedprefix.simulations.personas import slot_realization, style_ok, training_rows, user_dataset
+from rich.console import Console
+from rich.table import Table
 
 console = Console()
 
