@@ -15,6 +15,7 @@ prefix records: a prefix only works with the exact base it was trained on.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import json
@@ -27,7 +28,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,6 +66,16 @@ class BaseModelHandle:
     model: torch.nn.Module  # a transformers causal LM in eval mode, requires_grad False
     tokenizer: PreTrainedTokenizerFast
     fingerprint: str  # sha256 hex over config + weights
+    _copies: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def with_dtype(self, dtype: torch.dtype) -> BaseModelHandle:
+        """The same base with weights in `dtype` (a copy, made once and kept; self if already)."""
+        if dtype == self.dtype:
+            return self
+        if dtype not in self._copies:
+            model = copy.deepcopy(self.model).to(dtype)
+            self._copies[dtype] = BaseModelHandle(self.name, model, self.tokenizer, self.fingerprint)
+        return self._copies[dtype]
 
     def prefix_spec(self, num_virtual_tokens: int) -> PrefixSpec:
         """The prefix shape this base takes for `num_virtual_tokens` tokens."""

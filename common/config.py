@@ -21,7 +21,7 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(10, ge=1)  # steps between held-out evaluations
     patience: int = Field(3, ge=1)  # evaluations without improvement before stopping early
     max_length: int = Field(256, ge=8)  # tokens per example; longer prompts lose their left part
-    bf16: bool = True  # bfloat16 autocast on CPU: faster steps, loss within noise (README)
+    bf16: bool = True  # train against a bfloat16 copy of the base: faster steps, loss within noise (README)
     seed: int = 0  # fixes data order, split and init: same data + seed = same prefix
 
 

@@ -48,9 +48,12 @@ def test_same_seed_same_prefix(tiny_base):
 
 
 def test_base_weights_unchanged_by_fit(tiny_llama):
-    before = {k: v.clone() for k, v in tiny_llama.model.state_dict().items()}
+    twin = tiny_llama.with_dtype(torch.bfloat16)  # what bf16 training runs against
+    before = [{k: v.clone() for k, v in m.model.state_dict().items()} for m in (tiny_llama, twin)]
     personalizer(tiny_llama, shared_virtual_tokens=2).fit(ROWS)
-    assert all(torch.equal(before[k], v) for k, v in tiny_llama.model.state_dict().items())
+    for handle, state in zip((tiny_llama, twin), before, strict=True):
+        assert all(torch.equal(state[k], v) for k, v in handle.model.state_dict().items())
+    assert twin is tiny_llama.with_dtype(torch.bfloat16), "the bf16 copy is made once"
 
 
 def test_budget_callback_and_early_stopping(tiny_llama):
