@@ -89,6 +89,8 @@ def _read_jsonl(path: Path) -> list[Row]:
 
 
 def _validate(raw, where: str) -> Row:
+    if isinstance(raw, (PromptCompletion, ChatRow)):  # already validated
+        return raw
     if isinstance(raw, str):
         if not raw.strip():
             raise DataError(f"{where}: empty text")

@@ -81,7 +81,13 @@ class Personalizer:
         # [shared ; personal] starts as the init text's KV as a whole; the shared part is
         # then the same on every device without any communication.
         self.shared = make(shared_virtual_tokens, 0) if shared_virtual_tokens > 0 else None
-        self.personal = make(num_virtual_tokens, shared_virtual_tokens)
+        # num_virtual_tokens=0 with a shared part: a shared-only prefix (federated "shared" mode).
+        if num_virtual_tokens < 0 or shared_virtual_tokens < 0 or num_virtual_tokens + shared_virtual_tokens == 0:
+            raise ConfigError(
+                f"num_virtual_tokens={num_virtual_tokens}, shared_virtual_tokens={shared_virtual_tokens}: "
+                "both must be >= 0 and at least one > 0"
+            )
+        self.personal = make(num_virtual_tokens, shared_virtual_tokens) if num_virtual_tokens > 0 else None
 
     def _new_prefix(self, tokens, init, text, projection, hidden, generator, skip) -> Prefix:
         if init == "text":
@@ -108,7 +114,7 @@ class Personalizer:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters `fit` optimizes: the personal part, and the shared part if train_shared."""
-        params = list(self.personal.parameters())
+        params = list(self.personal.parameters()) if self.personal is not None else []
         if self.shared is not None and self.train_shared:
             params += list(self.shared.parameters())
         return params
@@ -128,11 +134,13 @@ class Personalizer:
         *,
         progress: bool | None = None,
         callback: Callback | None = None,
+        proximal_mu: float = 0.0,
         **train_settings,
     ) -> FitReport:
         """Train the prefix on `local_data`; settings override the constructor's for this call.
 
         Calling fit again continues from the current prefix (after `load`, the stored one).
+        `proximal_mu` > 0 keeps the shared part near where this call started (FedProx).
         """
         config = self.train_config.model_copy(update=train_settings)
         TrainConfig.model_validate(config.model_dump())  # validates the overrides
@@ -148,6 +156,8 @@ class Personalizer:
             progress=self.progress if progress is None else progress,
             callback=callback,
             description=f"personalizing {self.user_id}",
+            proximal_parameters=list(self.shared.parameters()) if self.shared is not None else [],
+            proximal_mu=proximal_mu,
         )
 
     def evaluate(self, data, parts: str = "all", batch_size: int = 16) -> EvalReport:
@@ -193,10 +203,26 @@ class Personalizer:
     def save(self):
         """Encrypt and store the personal prefix (and the shared one beside it, if any)."""
         store = self._require_store()
-        info = store.save(self.user_id, self.personal, self.key)
+        info = None
+        if self.personal is not None:
+            info = store.save(self.user_id, self.personal, self.key)
         if self.shared is not None:
-            store.save(self.user_id + SHARED_SUFFIX, self.shared, self.key)
+            shared_info = store.save(self.user_id + SHARED_SUFFIX, self.shared, self.key)
+            info = info or shared_info
         return info
+
+    def restore(self) -> bool:
+        """Replace this user's prefixes with the stored ones, where stored; True if any was.
+
+        A stored prefix must fit this base (fingerprint) and be unlocked by this key.
+        """
+        store = self._require_store()
+        found = False
+        for attr, user_id in (("personal", self.user_id), ("shared", self.user_id + SHARED_SUFFIX)):
+            if store.exists(user_id):
+                setattr(self, attr, store.load(user_id, self.key, self.base.fingerprint))
+                found = True
+        return found
 
     @classmethod
     def load(
@@ -209,20 +235,11 @@ class Personalizer:
     ) -> Personalizer:
         """A Personalizer holding `user_id`'s stored prefix, decrypted with `key`, on `base_model`."""
         store = PrefixStore(store) if isinstance(store, (str, os.PathLike)) else store
-        base = base_model if isinstance(base_model, BaseModelHandle) else load_base(base_model)
-        personal = store.load(user_id, key, base.fingerprint)
-        shared_id = user_id + SHARED_SUFFIX
-        shared = store.load(shared_id, key, base.fingerprint) if store.exists(shared_id) else None
-        self = cls(
-            base_model=base,
-            user_id=user_id,
-            store=store,
-            key=key,
-            num_virtual_tokens=personal.spec.num_virtual_tokens,
-            init="zero",
-            **settings,
-        )
-        self.personal, self.shared = personal, shared
+        if not store.exists(user_id) and not store.exists(user_id + SHARED_SUFFIX):
+            store.load(user_id, key)  # raises the store's "unknown user" error
+        self = cls(base_model=base_model, user_id=user_id, store=store, key=key, init="zero", **settings)
+        self.personal = None
+        self.restore()
         return self
 
     def export_peft(self, folder: str | os.PathLike, parts: str = "all") -> Path:

@@ -74,15 +74,23 @@ def evaluate_examples(base, kv: torch.Tensor | None, examples: Sequence[Example]
     return EvalReport(loss=mean, perplexity=math.exp(min(mean, 50.0)), tokens=tokens, examples=len(examples))
 
 
-def train_step(work, kv_of, batch, optimizer, parameters, max_grad_norm: float | None = None) -> float:
-    """One optimizer step on `batch`; returns the loss per completion token."""
+def train_step(work, kv_of, batch, optimizer, parameters, max_grad_norm: float | None = None, proximal=None) -> float:
+    """One optimizer step on `batch`; returns the loss per completion token.
+
+    `proximal`: (mu, [(param, anchor), ...]) adds FedProx's mu/2 * ||param - anchor||^2.
+    """
     # The math SDPA kernel: on CPU the flash kernel's backward is several times slower
     # than plain matmuls for these short sequences (measured, README).
     with sdpa_kernel([SDPBackend.MATH]):
         loss_sum, tokens = completion_loss(work, kv_of(), batch)
     loss = loss_sum / max(tokens, 1)
+    if proximal is not None:
+        mu, pairs = proximal
+        loss_for_grad = loss + mu / 2 * sum(((p - a) ** 2).sum() for p, a in pairs)
+    else:
+        loss_for_grad = loss
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss_for_grad.backward()
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
     optimizer.step()
@@ -99,13 +107,20 @@ def train(
     progress: bool = True,
     callback: Callback | None = None,
     description: str = "training prefix",
+    proximal_parameters: Sequence[torch.nn.Parameter] = (),
+    proximal_mu: float = 0.0,
 ) -> FitReport:
     """Optimize `parameters` so that `kv_of()` (the full row prefix) fits `train_set`.
 
     AdamW, linear warm-up then cosine decay, gradient clipping, early stopping on
     `eval_set` (the best parameters are restored), and the device budget of `config`.
+    With `proximal_mu` > 0, `proximal_parameters` are pulled towards their starting
+    values (FedProx's proximal term).
     """
     parameters = list(parameters)
+    proximal = None
+    if proximal_mu > 0 and proximal_parameters:
+        proximal = (proximal_mu, [(p, p.detach().clone()) for p in proximal_parameters])
     generator = random.Random(config.seed)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -153,7 +168,7 @@ def train(
                 order.extend(fresh)
             batch = [train_set[i] for i in order[: config.batch_size]]
             del order[: config.batch_size]
-            losses.append(train_step(work, kv_of, batch, optimizer, parameters, config.max_grad_norm))
+            losses.append(train_step(work, kv_of, batch, optimizer, parameters, config.max_grad_norm, proximal))
             scheduler.step()
             seen += len(batch)
             eval_loss = None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainConfig(BaseModel):
@@ -51,3 +53,69 @@ class EvalReport(BaseModel):
     perplexity: float
     tokens: int
     examples: int
+
+
+class FederationConfig(BaseModel):
+    """A federated run's settings: `[tool.flwr.app.config]` in pyproject.toml, overridable
+    with `flwr run . --run-config "key=value ..."` (keys use dashes there)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str = "tiny-llama"
+    mode: Literal["personal", "shared", "shared+personal"] = "shared+personal"
+    aggregator: Literal["fedavg", "fedadam", "fedprox"] = "fedavg"
+    num_rounds: int = Field(3, ge=1)
+    num_users: int = Field(4, ge=1)  # nodes in the federation; sampling sizes are computed from it
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)
+    personal_tokens: int = Field(8, ge=0)
+    shared_tokens: int = Field(8, ge=0)
+    local_steps: int = Field(10, ge=1)  # optimizer steps per user per round
+    learning_rate: float = Field(5e-3, gt=0)
+    lr_decay: float = Field(1.0, gt=0, le=1)  # round r trains with learning_rate * lr_decay**(r-1)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(256, ge=8)
+    bf16: bool = True
+    proximal_mu: float = Field(0.01, ge=0)  # FedProx only
+    server_lr: float = Field(0.1, gt=0)  # FedAdam's eta
+    max_update_norm: float = Field(1e4, gt=0)  # replies whose shared update is larger are rejected
+    dp_noise_multiplier: float = Field(0.0, ge=0)  # > 0 turns on client-side-clipping DP
+    dp_clipping_norm: float = Field(1.0, gt=0)
+    dp_target_delta: float = Field(1e-5, gt=0, lt=1)
+    examples_per_user: int = Field(0, ge=0)  # simulated data; 0 = non-IID sizes from 10 to 200
+    data_seed: int = 0
+    eval_size: int = Field(8, ge=1)  # held-out rows per user for evaluation rounds
+    run_dir: str = "runs/latest"
+    store_root: str = ".cache/fedprefix/nodes"  # simulation: each node's encrypted store lives below
+    key_seed: str = "simulation-only"  # simulation: node keys derive from this; real nodes bring key files
+
+    @classmethod
+    def from_run_config(cls, run_config: dict, ignore_unknown: bool = False) -> FederationConfig:
+        """Parse Flower's run_config (dash-separated keys), naming any bad key or value.
+
+        `ignore_unknown` skips keys that are not settings (a message's ConfigRecord also
+        carries Flower's own keys such as server-round).
+        """
+        values = {key.replace("-", "_"): value for key, value in run_config.items()}
+        if ignore_unknown:
+            values = {k: v for k, v in values.items() if k in cls.model_fields}
+        return cls.model_validate(values)
+
+    def to_run_config(self) -> dict:
+        return {key.replace("_", "-"): value for key, value in self.model_dump().items()}
+
+    @model_validator(mode="after")
+    def _mode_has_tokens(self) -> FederationConfig:
+        if self.mode != "personal" and self.shared_tokens == 0:
+            raise ValueError(f"mode {self.mode!r} needs shared_tokens > 0")
+        if self.mode != "shared" and self.personal_tokens == 0:
+            raise ValueError(f"mode {self.mode!r} needs personal_tokens > 0")
+        return self
+
+    @property
+    def sends_shared(self) -> bool:
+        return self.mode != "personal" and self.shared_tokens > 0
+
+    @property
+    def trains_personal(self) -> bool:
+        return self.mode != "shared" and self.personal_tokens > 0

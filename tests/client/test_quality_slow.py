@@ -4,7 +4,6 @@ and keeps the prompt's content. Figures are reported in the README."""
 from __future__ import annotations
 
 import pytest
-
 from fedprefix.client import Personalizer
 from fedprefix.simulations.personas import slot_realization, style_ok, training_rows, user_dataset
 
@@ -14,8 +13,9 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("user", [1, 2])
 def test_personal_prefix_learns_style_and_keeps_content(user):
     data = user_dataset(user, 55)
-    p = Personalizer(base_model="smollm2-135m-instruct", user_id=f"u{user}", num_virtual_tokens=16,
-                     max_steps=60, progress=False)
+    p = Personalizer(
+        base_model="smollm2-135m-instruct", user_id=f"u{user}", num_virtual_tokens=16, max_steps=60, progress=False
+    )
     test_rows = training_rows(data["test"])
     base_loss = p.evaluate(test_rows, parts="none").loss
     p.fit(training_rows(data["train"] + data["val"]))

@@ -1,0 +1,137 @@
+"""One federated node = one user: its base, data, encrypted store, key and Personalizer.
+
+The ClientApp's handlers stay thin; everything they share is set up here once per
+message. In deployment each message runs in a fresh process, so this must be quick:
+the base loads from the converted safetensors cache (well under a second).
+
+Node settings (``--node-config`` of ``flower-supernode``; simulation fills in defaults):
+- ``partition-id``: which simulated user this node is (persona data) when no data path;
+- ``user-id``: the user's id (default ``user<partition-id>``);
+- ``data-path`` / ``eval-path``: the user's .jsonl data on this device;
+- ``store``: the encrypted store folder (default ``<store-root>/<user-id>``);
+- ``key-file``: 32 raw bytes or 64 hex digits. Without it a *simulation* key is derived
+  from the run's ``key-seed``, which is only fit for simulations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from fedprefix.common.base_model import BaseModelHandle, load_base
+from fedprefix.common.config import FederationConfig
+from fedprefix.common.errors import ConfigError, DataError, ShapeError
+from fedprefix.simulations.personas import training_rows, user_dataset
+from flwr.app import ArrayRecord
+
+from .data import read_rows
+from .personalizer import Personalizer
+
+SHARED_KEY_PREFIX = "shared."  # names of the arrays that go on the wire; nothing else does
+
+_BASES: dict[str, BaseModelHandle] = {}  # Flower reuses simulation processes: load each base once
+
+
+def cached_base(name: str) -> BaseModelHandle:
+    """The base `name`, loaded once per process."""
+    if name not in _BASES:
+        _BASES[name] = load_base(name)
+    return _BASES[name]
+
+
+@dataclass
+class Node:
+    """Everything a node needs for one message."""
+
+    config: FederationConfig
+    user_id: str
+    personalizer: Personalizer
+    train_rows: list
+    eval_rows: list
+
+    def receive_shared(self, arrays: ArrayRecord | None, fingerprint: str | None) -> None:
+        """Take the coordinator's shared prefix; refuse one made for another base or shape."""
+        if fingerprint is not None and fingerprint != self.personalizer.base.fingerprint:
+            raise ConfigError(
+                f"user {self.user_id}: the coordinator's shared prefix is for base {fingerprint[:12]}…, "
+                f"this node runs {self.personalizer.base.fingerprint[:12]}…"
+            )
+        shared = self.personalizer.shared
+        if shared is None or arrays is None or len(arrays) == 0:
+            return
+        received = {k.removeprefix(SHARED_KEY_PREFIX): torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()}
+        expected = {k: tuple(v.shape) for k, v in shared.state_tensors().items()}
+        got = {k: tuple(v.shape) for k, v in received.items()}
+        if got != expected:
+            raise ShapeError(f"user {self.user_id}: shared prefix arrays {got} do not match {expected}")
+        with torch.no_grad():
+            for name, tensor in shared.state_dict().items():
+                tensor.copy_(received[name])
+
+    def shared_arrays(self) -> ArrayRecord:
+        """The shared prefix as it goes on the wire (empty when this mode sends nothing)."""
+        shared = self.personalizer.shared
+        if shared is None or not self.config.sends_shared:
+            return ArrayRecord()
+        tensors = {SHARED_KEY_PREFIX + k: v.float().contiguous() for k, v in shared.state_tensors().items()}
+        return ArrayRecord(tensors)
+
+
+def simulation_key(config: FederationConfig, user_id: str) -> bytes:
+    """A per-user key derived from the run's key seed: for simulations only."""
+    return hmac.new(config.key_seed.encode(), user_id.encode(), hashlib.sha256).digest()
+
+
+def read_key_file(path: str) -> bytes:
+    """32 raw bytes or 64 hex digits."""
+    data = Path(path).expanduser().read_bytes()
+    if len(data) == 32:
+        return data
+    text = data.decode("ascii", errors="replace").strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(f"key file {path} must hold 32 raw bytes or 64 hex digits")
+    return key
+
+
+def open_node(message_config: dict, node_config: dict) -> Node:
+    """Set up the node for one message: run settings come with the coordinator's message."""
+    config = FederationConfig.from_run_config(message_config, ignore_unknown=True)
+    partition = int(node_config.get("partition-id", 0))
+    user_id = str(node_config.get("user-id", f"user{partition:03d}"))
+    if "data-path" in node_config:
+        train_rows = read_rows(str(node_config["data-path"]))
+        eval_rows = read_rows(str(node_config.get("eval-path", node_config["data-path"])))
+    else:
+        data = user_dataset(
+            partition, config.examples_per_user or None, seed=config.data_seed, test_size=config.eval_size
+        )
+        train_rows = training_rows(data["train"] + data["val"])
+        eval_rows = training_rows(data["test"])
+    if not train_rows:
+        raise DataError(f"user {user_id} has no training data")
+    store = node_config.get("store") or str(Path(config.store_root) / user_id)
+    key = read_key_file(node_config["key-file"]) if "key-file" in node_config else simulation_key(config, user_id)
+    personalizer = Personalizer(
+        base_model=cached_base(config.base),
+        user_id=user_id,
+        store=store,
+        key=key,
+        num_virtual_tokens=config.personal_tokens if config.trains_personal else 0,
+        shared_virtual_tokens=config.shared_tokens if config.sends_shared else 0,
+        progress=False,
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        bf16=config.bf16,
+        eval_fraction=0.0,  # the node's held-out rows are evaluated in evaluation rounds
+        seed=config.data_seed + partition,
+    )
+    personalizer.restore()  # this user's prefixes from the encrypted store, if any
+    return Node(config, user_id, personalizer, train_rows, eval_rows)

@@ -1,0 +1,268 @@
+"""Aggregation of the shared prefix only, with Flower's own strategies doing the math.
+
+`PrefixStrategy` wraps a Flower strategy (FedAvg, FedAdam or FedProx, optionally inside
+Flower's client-side-clipping DP wrapper) and adds what a prefix federation needs:
+- per-round settings (learning-rate decay, local steps, the base fingerprint);
+- validation of every reply: wrong keys or shapes, NaN/Inf, an update norm above the
+  bound, arrays in personal mode, errors from the node; a rejected reply is logged with
+  its reason and the round goes on with the rest;
+- the round record (coordinator/records.py).
+Composition rather than subclassing keeps `FedAvg.aggregate_train` untouched, which
+Flower's privacy accountant requires.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+
+import numpy as np
+from fedprefix.common.config import FederationConfig
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from .records import PrivacyRecord, Rejection, RoundRecord, RunRecorder
+
+log = logging.getLogger(__name__)
+
+WEIGHT_KEY = "num-examples"
+DP_WEIGHT_KEY = "dp-weight"  # DP accounting needs equal client weights: every reply sends 1
+
+
+def sample_size(fraction: float, num_users: int) -> int:
+    """Nodes to sample: the fraction of all users, at least one."""
+    return max(1, math.ceil(fraction * num_users))
+
+
+def build_inner_strategy(config: FederationConfig) -> Strategy:
+    """Flower's strategy for `config.aggregator`, with DP around it if asked for."""
+    train_nodes = sample_size(config.fraction_train, config.num_users)
+    eval_nodes = sample_size(config.fraction_evaluate, config.num_users) if config.fraction_evaluate > 0 else 0
+    dp = config.dp_noise_multiplier > 0
+    common = dict(
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        # Fractions alone under-sample in round 1 (nodes still registering): the minimums
+        # make every round sample exactly ceil(fraction * users) nodes.
+        min_train_nodes=train_nodes,
+        min_evaluate_nodes=eval_nodes,
+        min_available_nodes=train_nodes,
+        weighted_by_key=DP_WEIGHT_KEY if dp else WEIGHT_KEY,
+    )
+    if config.aggregator == "fedadam":
+        inner = FedAdam(**common, eta=config.server_lr)
+    elif config.aggregator == "fedprox":
+        inner = FedProx(**common, proximal_mu=config.proximal_mu)
+    else:
+        inner = FedAvg(**common)
+    if not dp:
+        return inner
+    return DifferentialPrivacyClientSideFixedClipping(
+        inner,
+        noise_multiplier=config.dp_noise_multiplier,
+        clipping_norm=config.dp_clipping_norm,
+        num_sampled_clients=train_nodes,
+        accountant=_accountant(config) if config.aggregator == "fedavg" else None,
+    )
+
+
+def _accountant(config: FederationConfig):
+    """Flower's RDP accountant (needs the dp-accounting package); None where unavailable."""
+    try:
+        from flwr.serverapp import NeighboringRelation, PrivacyConfig, SamplingMethod
+        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+        return RdpAccountant(
+            PrivacyConfig(
+                target_delta=config.dp_target_delta,
+                population_size=config.num_users,
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            )
+        )
+    except ImportError as exc:  # dp-accounting not installed
+        log.warning("privacy accounting unavailable: %s", exc)
+        return None
+
+
+def payload_bytes(message: Message) -> int:
+    """Bytes a reply carries: array data (numel x itemsize) + 8 per metric value."""
+    total = 0
+    for record in message.content.array_records.values():
+        total += sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in record.values())
+    for record in message.content.metric_records.values():
+        total += sum(8 * (len(v) if isinstance(v, list) else 1) for v in record.values())
+    return total
+
+
+class PrefixStrategy(Strategy):
+    """Validates replies and records rounds around a Flower strategy."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        config: FederationConfig,
+        expected_arrays: ArrayRecord,
+        base_fingerprint: str,
+        recorder: RunRecorder | None = None,
+    ) -> None:
+        super().__init__()
+        self.inner = inner
+        self.config = config
+        self.expected = {k: (tuple(a.shape), a.dtype) for k, a in expected_arrays.items()}
+        self.base_fingerprint = base_fingerprint
+        self.recorder = recorder
+        self.current: dict[str, np.ndarray] = {}
+        self.pending: dict = {}
+
+    def _add_settings(self, config: ConfigRecord) -> None:
+        """Every message carries the run's settings: nodes need no copy of the run config."""
+        for key, value in self.config.to_run_config().items():
+            config[key] = value
+        config["base-fingerprint"] = self.base_fingerprint
+
+    # ---------------------------------------------------------------- training
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.pending = {"started": time.time(), "round": server_round, "rejected": []}
+        self.current = {k: a.numpy() for k, a in arrays.items()}
+        self._add_settings(config)
+        config["round-learning-rate"] = self.config.learning_rate * self.config.lr_decay ** (server_round - 1)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.pending["sampled"] = sorted(m.metadata.dst_node_id for m in messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        accepted = []
+        for msg in replies:
+            reason = self.check_train_reply(msg)
+            if reason is None:
+                accepted.append(msg)
+            else:
+                log.warning("round %d: rejected reply of node %d: %s", server_round, msg.metadata.src_node_id, reason)
+                self.pending["rejected"].append(Rejection(node=msg.metadata.src_node_id, reason=reason))
+        self.pending.update(
+            accepted=len(accepted),
+            uplink=sum(payload_bytes(m) for m in replies if not m.has_error()),
+            train_seconds=sum(float(m.content["metrics"].get("train-seconds", 0.0)) for m in accepted),
+        )
+        arrays, metrics = None, None
+        if accepted and self.config.sends_shared:
+            arrays, metrics = self.inner.aggregate_train(server_round, accepted)
+        elif accepted:  # personal mode: nothing to aggregate but the metrics
+            metrics = aggregate_metricrecords([m.content for m in accepted], WEIGHT_KEY)
+        self.pending["train_loss"] = float(metrics["train-loss"]) if metrics and "train-loss" in metrics else None
+        self.pending["norm"] = self._update_norm(arrays)
+        return arrays, metrics
+
+    def check_train_reply(self, msg: Message) -> str | None:
+        """Why a training reply must be rejected, or None to accept it."""
+        if msg.has_error():
+            return f"node error: {msg.error.reason}"
+        content = msg.content
+        metrics = content.metric_records.get("metrics")
+        if metrics is None or not isinstance(metrics.get(WEIGHT_KEY), (int, float)) or metrics[WEIGHT_KEY] <= 0:
+            return f"missing or non-positive '{WEIGHT_KEY}' metric"
+        if not self.config.sends_shared:
+            return "personal mode: the reply must not carry arrays" if content.array_records else None
+        if len(content.array_records) != 1 or "arrays" not in content.array_records:
+            return "expected exactly one ArrayRecord named 'arrays'"
+        arrays = content["arrays"]
+        if set(arrays.keys()) != set(self.expected):
+            return f"array names {sorted(arrays.keys())} differ from the shared prefix's {sorted(self.expected)}"
+        squared = 0.0
+        for name, array in arrays.items():
+            shape = tuple(array.shape)
+            if shape != self.expected[name][0]:
+                return f"array {name!r} has shape {shape}, expected {self.expected[name][0]}"
+            values = array.numpy()
+            if not np.isfinite(values).all():
+                return f"array {name!r} contains NaN or Inf"
+            squared += float(((values.astype(np.float64) - self.current[name]) ** 2).sum())
+        if math.sqrt(squared) > self.config.max_update_norm:
+            return f"update norm {math.sqrt(squared):.3g} exceeds the bound {self.config.max_update_norm:g}"
+        return None
+
+    def _update_norm(self, arrays: ArrayRecord | None) -> float | None:
+        if arrays is None or not self.current:
+            return None
+        return math.sqrt(sum(float(((a.numpy() - self.current[k]) ** 2).sum()) for k, a in arrays.items()))
+
+    # ---------------------------------------------------------------- evaluation
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._add_settings(config)
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        good = []
+        for msg in replies:
+            if msg.has_error():
+                self.pending.setdefault("rejected", []).append(
+                    Rejection(node=msg.metadata.src_node_id, reason=f"evaluation: node error: {msg.error.reason}")
+                )
+            else:
+                good.append(msg)
+        metrics = aggregate_metricrecords([m.content for m in good], WEIGHT_KEY) if good else None
+        self.pending["eval"] = dict(metrics) if metrics else {}
+        return metrics
+
+    # ---------------------------------------------------------------- round end
+
+    def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Called by Strategy.start after each round (as its evaluate_fn): write the record."""
+        if server_round == 0 or self.recorder is None:
+            return None
+        p, evaluation = self.pending, self.pending.get("eval", {})
+        rejected = p.get("rejected", [])
+        record = RoundRecord(
+            round=server_round,
+            sampled_users=p.get("sampled", []),
+            replies_accepted=p.get("accepted", 0),
+            replies_rejected=len([r for r in rejected if not r.reason.startswith("evaluation:")]),
+            rejected=rejected,
+            train_loss=p.get("train_loss"),
+            eval_loss_base=evaluation.get("eval-loss-base"),
+            eval_loss_shared=evaluation.get("eval-loss-shared"),
+            eval_loss_personal=evaluation.get("eval-loss-personal"),
+            shared_update_norm=p.get("norm"),
+            uplink_bytes=p.get("uplink", 0),
+            train_seconds_sum=p.get("train_seconds", 0.0),
+            seconds=time.time() - p.get("started", time.time()),
+            privacy=self._privacy(),
+        )
+        self.recorder.append_round(record)
+        return None
+
+    def _privacy(self) -> PrivacyRecord | None:
+        if not isinstance(self.inner, DifferentialPrivacyClientSideFixedClipping):
+            return None
+        spent = self.inner.privacy_spent()
+        reason = None if spent is not None else "Flower's accountant covers FedAvg only, with dp-accounting installed"
+        return PrivacyRecord(
+            noise_multiplier=self.inner.noise_multiplier,
+            clipping_norm=self.inner.clipping_norm,
+            epsilon=None if spent is None else float(spent.epsilon),
+            delta=None if spent is None else float(spent.delta),
+            reason=reason,
+        )
+
+    def summary(self) -> None:
+        self.inner.summary()
