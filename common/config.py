@@ -110,6 +110,8 @@ class FederationConfig(BaseModel):
             raise ValueError(f"mode {self.mode!r} needs shared_tokens > 0")
         if self.mode != "shared" and self.personal_tokens == 0:
             raise ValueError(f"mode {self.mode!r} needs personal_tokens > 0")
+        if self.dp_noise_multiplier > 0 and self.mode == "personal":
+            raise ValueError("differential privacy protects the shared prefix; mode 'personal' sends none")
         return self
 
     @property

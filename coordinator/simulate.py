@@ -12,6 +12,7 @@ import os
 from fedprefix.client.app import app as client_app
 from fedprefix.common.config import FederationConfig
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
@@ -30,7 +31,12 @@ def make_server_app(config: FederationConfig) -> ServerApp:
     return server_app
 
 
-def simulate(config: FederationConfig, cpus_per_client: float = 1.0, verbose: bool = False) -> list[RoundRecord]:
+def simulate(
+    config: FederationConfig,
+    cpus_per_client: float = 1.0,
+    verbose: bool = False,
+    client_app: ClientApp = client_app,
+) -> list[RoundRecord]:
     """Run `config` with `config.num_users` virtual nodes; returns the rounds recorded."""
     os.makedirs(config.run_dir, exist_ok=True)
     # Each virtual node trains with one thread: two cores, two nodes at a time, no oversubscription.
@@ -39,6 +45,8 @@ def simulate(config: FederationConfig, cpus_per_client: float = 1.0, verbose: bo
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
         "init_args": {"logging_level": logging.INFO if verbose else logging.ERROR, "log_to_driver": verbose},
     }
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(
         server_app=make_server_app(config),
         client_app=client_app,

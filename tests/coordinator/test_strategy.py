@@ -1,0 +1,105 @@
+"""PrefixStrategy: malformed replies are rejected with a reason; sampling really samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fedprefix.common.config import FederationConfig
+from fedprefix.coordinator.strategy import PrefixStrategy, build_inner_strategy, payload_bytes, sample_size
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedProx
+from flwr.supercore.task_identity import TaskIdentity
+
+SHAPE = (4, 64)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Messages need a task identity outside a running Flower process."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _strategy(**settings) -> PrefixStrategy:
+    config = FederationConfig(num_users=4, **settings)
+    initial = ArrayRecord({"shared.embedding.weight": Array(np.zeros(SHAPE, dtype=np.float32))})
+    strategy = PrefixStrategy(build_inner_strategy(config), config, initial, "f" * 64)
+    strategy.current = {k: a.numpy() for k, a in initial.items()}
+    strategy.pending = {"rejected": []}
+    return strategy
+
+
+def _reply(arrays: dict | None, examples: int = 5, node: int = 7) -> Message:
+    instruction = Message(content=RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
+    content = RecordDict({"metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0})})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    return Message(content=content, reply_to=instruction)
+
+
+def _good() -> dict:
+    return {"shared.embedding.weight": np.full(SHAPE, 0.01, dtype=np.float32)}
+
+
+def test_good_reply_is_accepted_and_sized():
+    msg = _reply(_good())
+    assert _strategy().check_train_reply(msg) is None
+    assert payload_bytes(msg) == 4 * 64 * 4 + 2 * 8
+
+
+@pytest.mark.parametrize(
+    ("arrays", "examples", "reason"),
+    [
+        ({"shared.other": np.zeros(SHAPE, np.float32)}, 5, "array names"),
+        ({"shared.embedding.weight": np.zeros((3, 64), np.float32)}, 5, "has shape (3, 64), expected (4, 64)"),
+        ({"shared.embedding.weight": np.full(SHAPE, np.nan, np.float32)}, 5, "NaN or Inf"),
+        ({"shared.embedding.weight": np.full(SHAPE, np.inf, np.float32)}, 5, "NaN or Inf"),
+        ({"shared.embedding.weight": np.full(SHAPE, 1e4, np.float32)}, 5, "exceeds the bound"),
+        (None, 5, "exactly one ArrayRecord"),
+        (_good(), 0, "non-positive 'num-examples'"),
+    ],
+)
+def test_malformed_replies_are_rejected_with_reason(arrays, examples, reason):
+    assert reason in _strategy().check_train_reply(_reply(arrays, examples))
+
+
+def test_personal_mode_refuses_arrays_and_node_errors_are_reasons():
+    strategy = _strategy(mode="personal")
+    assert "must not carry arrays" in strategy.check_train_reply(_reply(_good()))
+    assert strategy.check_train_reply(_reply(None)) is None
+    instruction = Message(content=RecordDict({"config": ConfigRecord()}), dst_node_id=3, message_type="train")
+    failed = Message(Error(code=0, reason="user003: wrong key"), reply_to=instruction)
+    assert strategy.check_train_reply(failed) == "node error: user003: wrong key"
+
+
+def test_round_goes_on_with_the_good_replies():
+    strategy = _strategy()
+    replies = [_reply(_good(), node=1), _reply({"shared.embedding.weight": np.full(SHAPE, np.nan, np.float32)}, node=2)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert np.allclose(arrays["shared.embedding.weight"].numpy(), 0.01)
+    assert strategy.pending["accepted"] == 1
+    assert [r.node for r in strategy.pending["rejected"]] == [2]
+    assert strategy.pending["norm"] == pytest.approx(0.01 * (4 * 64) ** 0.5, rel=1e-4)
+
+
+def test_sampling_sizes_and_aggregators():
+    assert sample_size(0.5, 5) == 3 and sample_size(0.01, 5) == 1
+    inner = build_inner_strategy(FederationConfig(num_users=10, fraction_train=0.3))
+    assert isinstance(inner, FedAvg) and inner.min_train_nodes == 3 and inner.min_available_nodes == 3
+    assert isinstance(build_inner_strategy(FederationConfig(aggregator="fedadam")), FedAdam)
+    assert isinstance(build_inner_strategy(FederationConfig(aggregator="fedprox")), FedProx)
+    dp = build_inner_strategy(FederationConfig(dp_noise_multiplier=1.0))
+    assert isinstance(dp, DifferentialPrivacyClientSideFixedClipping) and dp.strategy.weighted_by_key == "dp-weight"
+
+
+def test_bad_run_config_names_the_key():
+    with pytest.raises(ValueError, match="num_rounds"):
+        FederationConfig.from_run_config({"num-rounds": 0})
+    with pytest.raises(ValueError, match="no_such_setting"):
+        FederationConfig.from_run_config({"no-such-setting": 1})
+    with pytest.raises(ValueError, match="needs shared_tokens > 0"):
+        FederationConfig(mode="shared", shared_tokens=0)
+    with pytest.raises(ValueError, match="mode 'personal' sends none"):
+        FederationConfig(mode="personal", dp_noise_multiplier=1.0)
