@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from .audit import audit_mod
 from .node import Node, open_node
 
 
@@ -28,7 +29,8 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[dp_clipping_mod])
+# The audit log records replies after DP clipping: exactly what leaves the device.
+app = ClientApp(mods=[audit_mod, dp_clipping_mod])
 
 
 def _setup(msg: Message, context: Context) -> tuple[Node, ConfigRecord]:

@@ -101,11 +101,16 @@ def read_key_file(path: str) -> bytes:
     return key
 
 
+def node_user_id(node_config: dict) -> str:
+    """The node's user: `user-id` from its node config, else user<partition-id>."""
+    return str(node_config.get("user-id", f"user{int(node_config.get('partition-id', 0)):03d}"))
+
+
 def open_node(message_config: dict, node_config: dict) -> Node:
     """Set up the node for one message: run settings come with the coordinator's message."""
     config = FederationConfig.from_run_config(message_config, ignore_unknown=True)
     partition = int(node_config.get("partition-id", 0))
-    user_id = str(node_config.get("user-id", f"user{partition:03d}"))
+    user_id = node_user_id(node_config)
     if "data-path" in node_config:
         train_rows = read_rows(str(node_config["data-path"]))
         eval_rows = read_rows(str(node_config.get("eval-path", node_config["data-path"])))

@@ -88,6 +88,7 @@ class FederationConfig(BaseModel):
     run_dir: str = "runs/latest"
     store_root: str = ".cache/fedprefix/nodes"  # simulation: each node's encrypted store lives below
     key_seed: str = "simulation-only"  # simulation: node keys derive from this; real nodes bring key files
+    audit_dir: str = ""  # non-empty: each node logs every reply it sends there (client/audit.py)
 
     @classmethod
     def from_run_config(cls, run_config: dict, ignore_unknown: bool = False) -> FederationConfig:

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from fedprefix.common.base_model import load_base
+from fedprefix.common.config import FederationConfig
 from fedprefix.common.prefix import Prefix, PrefixConfig
 
 TINY_BASES = ("tiny-gpt2", "tiny-llama", "tiny-qwen2")
@@ -41,3 +42,23 @@ def random_prefix(base, tokens: int, seed: int = 0, scale: float = 1.0, projecti
         with torch.no_grad():
             prefix.embedding.weight.mul_(scale)
     return prefix
+
+
+def federation_config(tmp_path, **settings) -> FederationConfig:
+    """Settings for a small, fast federation of tiny-llama users under tmp_path."""
+    defaults = dict(
+        base="tiny-llama",
+        num_users=3,
+        num_rounds=2,
+        local_steps=2,
+        examples_per_user=10,
+        max_length=96,
+        batch_size=4,
+        personal_tokens=4,
+        shared_tokens=4,
+        eval_size=4,
+        run_dir=str(tmp_path / "run"),
+        store_root=str(tmp_path / "stores"),
+        audit_dir=str(tmp_path / "audit"),
+    )
+    return FederationConfig(**{**defaults, **settings})

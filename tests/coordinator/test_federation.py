@@ -1,13 +1,14 @@
-"""Federated runs in Flower's simulation runtime on tiny models: what crosses the wire,
-round records, modes, DP, and nodes that fail."""
+"""Federated runs through `flwr run` on a local SuperLink, tiny models: what crosses the
+wire (from the nodes' audit logs), round records, modes, DP, and nodes that fail."""
 
 from __future__ import annotations
 
-import pickle
-import uuid
+import base64
+import json
+from pathlib import Path
 
 import numpy as np
-from fedprefix.client import app as client_module
+import psutil
 from fedprefix.client.node import simulation_key
 from fedprefix.common.base_model import load_base
 from fedprefix.common.config import FederationConfig
@@ -15,65 +16,35 @@ from fedprefix.common.prefix import Prefix, PrefixConfig
 from fedprefix.common.store import PrefixStore
 from fedprefix.coordinator.records import read_run
 from fedprefix.coordinator.simulate import simulate
-from flwr.clientapp import ClientApp
+
+from tests.conftest import federation_config
+
+METRICS_PER_REPLY = 5  # num-examples, train-loss, train-seconds, steps, dp-weight
 
 
-def recording_client_app(record_dir) -> ClientApp:
-    """The real ClientApp plus a mod that keeps a copy of every reply a node sends."""
-
-    def record(msg, context, call_next):
-        reply = call_next(msg, context)
-        if not reply.has_error():
-            arrays = {
-                name: array.numpy().tobytes()
-                for record in reply.content.array_records.values()
-                for name, array in record.items()
-            }
-            metrics = {k: v for r in reply.content.metric_records.values() for k, v in r.items()}
-            (record_dir / f"{uuid.uuid4().hex}.pkl").write_bytes(
-                pickle.dumps((msg.metadata.message_type, arrays, metrics))
-            )
-        return reply
-
-    wrapped = ClientApp(mods=[record, client_module.dp_clipping_mod])
-    wrapped.train()(client_module.train)
-    wrapped.evaluate()(client_module.evaluate)
-    return wrapped
+def _sent(config: FederationConfig) -> list[dict]:
+    """Every reply any node sent, from the nodes' audit logs."""
+    lines = []
+    for path in sorted(Path(config.audit_dir).glob("*.jsonl")):
+        lines += [json.loads(line) for line in path.read_text().splitlines()]
+    return lines
 
 
-def _config(tmp_path, **settings) -> FederationConfig:
-    defaults = dict(
-        base="tiny-llama",
-        num_users=3,
-        num_rounds=2,
-        local_steps=2,
-        examples_per_user=10,
-        max_length=96,
-        batch_size=4,
-        personal_tokens=4,
-        shared_tokens=4,
-        eval_size=4,
-        run_dir=str(tmp_path / "run"),
-        store_root=str(tmp_path / "stores"),
-    )
-    return FederationConfig(**{**defaults, **settings})
-
-
-def _sent(record_dir):
-    return [pickle.loads(p.read_bytes()) for p in record_dir.glob("*.pkl")]
+def _superlinks() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if "flower-superlink" in " ".join(p.info["cmdline"] or [])}
 
 
 def test_personal_prefixes_never_leave_the_device(tmp_path):
-    record_dir = tmp_path / "wire"
-    record_dir.mkdir()
-    config = _config(tmp_path)
+    config = federation_config(tmp_path)
     # user002 "lost" its key: its store holds a prefix under another key.
     base = load_base("tiny-llama")
     stray = Prefix(PrefixConfig(spec=base.prefix_spec(4), base_fingerprint=base.fingerprint))
     PrefixStore(tmp_path / "stores" / "user002").save("user002", stray, b"\x01" * 32)
+    before = _superlinks()
 
-    rounds = simulate(config, client_app=recording_client_app(record_dir))
+    rounds = simulate(config)
 
+    assert _superlinks() == before, "simulate must stop the SuperLink it started"
     info, recorded, problems = read_run(config.run_dir)
     assert info.status == "finished" and not problems and [r.round for r in recorded] == [1, 2]
     for record in rounds:
@@ -81,16 +52,18 @@ def test_personal_prefixes_never_leave_the_device(tmp_path):
         assert any("wrong key" in r.reason for r in record.rejected), record.rejected
         assert record.eval_loss_personal is not None and record.shared_update_norm > 0
     # What crossed the wire: shared arrays and scalar metrics only.
-    sent = _sent(record_dir)
+    sent = _sent(config)
     shared_bytes = 4 * base.prefix_spec(4).flat_dim * 4
-    train_replies = [s for s in sent if s[0] == "train"]
+    train_replies = [s for s in sent if s["type"] == "train"]
     assert len(train_replies) == 4  # 2 healthy users x 2 rounds
-    for _, arrays, metrics in train_replies:
-        assert list(arrays) == ["shared.embedding.weight"]
-        assert sum(len(b) for b in arrays.values()) + 8 * len(metrics) == shared_bytes + 8 * 5
-    assert rounds[0].uplink_bytes == 2 * (shared_bytes + 8 * 5)
-    assert all(not arrays for kind, arrays, _ in sent if kind == "evaluate")
-    blob = b"".join(b for _, arrays, _ in sent for b in arrays.values())
+    for reply in train_replies:
+        assert [a["name"] for a in reply["arrays"]] == ["shared.embedding.weight"]
+        data = sum(len(base64.b64decode(a["data"])) for a in reply["arrays"])
+        assert data + 8 * len(reply["metrics"]) == shared_bytes + 8 * METRICS_PER_REPLY
+        assert not reply["configs"]
+    assert rounds[0].uplink_bytes == 2 * (shared_bytes + 8 * METRICS_PER_REPLY)
+    assert all(not s["arrays"] for s in sent if s["type"] == "evaluate")
+    blob = b"".join(base64.b64decode(a["data"]) for s in sent for a in s["arrays"])
     for user in ("user000", "user001"):
         store = PrefixStore(tmp_path / "stores" / user)
         personal = store.load(user, simulation_key(config, user), base.fingerprint)
@@ -103,18 +76,17 @@ def test_personal_prefixes_never_leave_the_device(tmp_path):
 
 
 def test_personal_mode_sends_no_arrays(tmp_path):
-    record_dir = tmp_path / "wire"
-    record_dir.mkdir()
-    config = _config(tmp_path, mode="personal", num_users=2, num_rounds=1)
-    (record,) = simulate(config, client_app=recording_client_app(record_dir))
-    assert all(not arrays for _, arrays, _ in _sent(record_dir))
+    config = federation_config(tmp_path, mode="personal", num_users=2, num_rounds=1)
+    (record,) = simulate(config)
+    sent = _sent(config)
+    assert len(sent) == 4 and all(not s["arrays"] for s in sent)
     assert record.shared_update_norm is None and record.replies_accepted == 2
     assert record.eval_loss_personal < record.eval_loss_base
-    assert record.uplink_bytes == 2 * 8 * 5
+    assert record.uplink_bytes == 2 * 8 * METRICS_PER_REPLY
 
 
 def test_dp_run_reports_privacy_spent(tmp_path):
-    config = _config(tmp_path, num_users=2, dp_noise_multiplier=0.5, dp_clipping_norm=5.0)
+    config = federation_config(tmp_path, num_users=2, dp_noise_multiplier=0.5, dp_clipping_norm=5.0, audit_dir="")
     rounds = simulate(config)
     epsilons = [r.privacy.epsilon for r in rounds]
     assert all(e is not None and np.isfinite(e) for e in epsilons) and epsilons[1] > epsilons[0]

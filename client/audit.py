@@ -1,0 +1,50 @@
+"""An on-device audit log of every reply a node sends: what left the device, byte for byte.
+
+Turned on by the run setting `audit-dir`: each reply becomes one JSON line in
+`<audit-dir>/<user>.jsonl` with the message type, every array's name, shape, dtype and
+data (base64), and every metric. The log stays on the node; it is how a user (and the
+privacy test) can check that no personal prefix was ever sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message
+
+from .node import node_user_id
+
+
+def audit_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower client mod: pass the message on, log the reply if the run asks for it."""
+    reply = call_next(msg, context)
+    config = msg.content.config_records.get("config", ConfigRecord())
+    folder = str(config.get("audit-dir", ""))
+    if not folder or reply.has_error():
+        return reply
+    arrays = [
+        {
+            "record": rname,
+            "name": name,
+            "shape": list(a.shape),
+            "dtype": a.dtype,
+            "data": base64.b64encode(a.numpy().tobytes()).decode(),
+        }
+        for rname, record in reply.content.array_records.items()
+        for name, a in record.items()
+    ]
+    metrics = {k: v for record in reply.content.metric_records.values() for k, v in record.items()}
+    entry = {
+        "type": msg.metadata.message_type,
+        "round": config.get("server-round"),
+        "arrays": arrays,
+        "metrics": metrics,
+        "configs": [dict(r) for r in reply.content.config_records.values()],
+    }
+    user = node_user_id(dict(context.node_config))
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / f"{user}.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    return reply

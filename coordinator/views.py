@@ -1,0 +1,52 @@
+"""Terminal views of run records: the per-round table and loss sparklines (rich)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.table import Table
+
+from .records import RoundRecord
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float | None]) -> str:
+    """One character per value, scaled between the smallest and largest; gaps for None."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return ""
+    low, high = min(present), max(present)
+    span = (high - low) or 1.0
+    return "".join(" " if v is None else SPARKS[int((v - low) / span * (len(SPARKS) - 1))] for v in values)
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def rounds_table(records: Sequence[RoundRecord], title: str = "rounds") -> Table:
+    """Round, users sampled, replies ok / rejected, train loss, held-out loss with the base, shared
+    and shared+personal prefix, personalization gain (base - personal), update norm, uplink, time."""
+    table = Table(title=title)
+    for column in ("rnd", "users", "ok", "rej", "train", "base", "shared", "pers", "gain", "norm", "up kB", "s"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for r in records:
+        gain = None
+        if r.eval_loss_base is not None and r.eval_loss_personal is not None:
+            gain = r.eval_loss_base - r.eval_loss_personal
+        table.add_row(
+            str(r.round),
+            str(len(r.sampled_users)),
+            str(r.replies_accepted),
+            str(r.replies_rejected),
+            _num(r.train_loss),
+            _num(r.eval_loss_base),
+            _num(r.eval_loss_shared),
+            _num(r.eval_loss_personal),
+            _num(gain),
+            _num(r.shared_update_norm, 2),
+            f"{r.uplink_bytes / 1000:.1f}",
+            f"{r.seconds:.1f}",
+        )
+    return table

@@ -1,0 +1,67 @@
+"""The same apps under Flower's Deployment Engine: a SuperLink and SuperNodes on loopback."""
+
+from __future__ import annotations
+
+import subprocess
+
+from fedprefix.coordinator.records import read_run
+from fedprefix.coordinator.simulate import (
+    SUPERLINK_NAME,
+    flower_bin,
+    flower_env,
+    free_port,
+    local_superlink,
+    stop_process_group,
+    write_app,
+)
+
+from tests.conftest import federation_config
+
+
+def test_two_rounds_with_superlink_and_supernodes(tmp_path):
+    config = federation_config(tmp_path, num_users=2, num_rounds=2, audit_dir="")
+    app = write_app(tmp_path / "app", config)
+    flwr_home, log = tmp_path / "flwr-home", tmp_path / "flower.log"
+    nodes = []
+    with local_superlink(flwr_home, log, simulation=False) as port:
+        try:
+            for user in range(2):
+                node_config = f'partition-id={user} user-id="device{user}"'
+                command = [
+                    flower_bin("flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    node_config,
+                ]
+                with open(log, "ab") as out:
+                    nodes.append(
+                        subprocess.Popen(
+                            command,
+                            stdout=out,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                            env=flower_env(flwr_home),
+                        )
+                    )
+            with open(log, "ab") as out:
+                done = subprocess.run(
+                    [flower_bin("flwr"), "run", str(app), SUPERLINK_NAME, "--stream"],
+                    env=flower_env(flwr_home),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    timeout=240,
+                    check=False,
+                )
+        finally:
+            for node in nodes:
+                stop_process_group(node)
+    assert done.returncode == 0, log.read_text()[-3000:]
+    info, rounds, _ = read_run(config.run_dir)
+    assert info.status == "finished" and [r.round for r in rounds] == [1, 2]
+    assert all(r.replies_accepted == 2 and r.eval_loss_personal is not None for r in rounds)
+    assert sorted(p.name for p in (tmp_path / "stores").iterdir()) == ["device0", "device1"]
+    assert all(node.poll() is not None for node in nodes)
