@@ -13,11 +13,11 @@ import time
 import typer
 from fedprefix.common import base_model
 from fedprefix.common.errors import FedPrefixError
-from rich.console import Console
+from fedprefix.coordinator.views import make_console
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 app = typer.Typer(
     name="fedprefix",

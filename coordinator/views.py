@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
+from rich.console import Console
 from rich.table import Table
 
 from .records import RoundRecord
 
 SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich console; 120 columns when output is not a terminal (logs, pipes), so tables fit."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 120)
 
 
 def sparkline(values: Sequence[float | None]) -> str:

@@ -1,77 +1,119 @@
-"""`make demo`: personalize the built-in base for one simulated user, on this machine.
+"""`make demo`: a small federation of simulated users on the built-in base, on this machine.
 
-Fits a private prefix on ~50 of the user's examples, compares held-out loss and
-greedy outputs before and after, saves the prefix encrypted and loads it back.
+Four users, each writing in their own style, train [shared ; personal] prefixes in
+Flower rounds; only the shared part is aggregated. Then one user's encrypted personal
+prefix is unlocked on "their device" and compared with the base on held-out prompts.
 
-    python -m fedprefix.simulations.demo [--base NAME] [--steps N] [--user I]
+    python -m fedprefix.simulations.demo [--base NAME] [--users N] [--rounds R] [--local]
+
+`--local` skips Flower: one user personalizes on one device with Personalizer.fit.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import tempfile
+from pathlib import Path
 
 from fedprefix.client import Personalizer
-from fedprefix.common.base_model import DEFAULT_BASE
+from fedprefix.client.node import simulation_key
+from fedprefix.common.base_model import DEFAULT_BASE, load_base
+from fedprefix.common.config import FederationConfig
+from fedprefix.coordinator.simulate import simulate
+from fedprefix.coordinator.views import make_console, rounds_table
 from fedprefix.simulations.personas import slot_realization, style_ok, training_rows, user_dataset
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+console = make_console()
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", default=DEFAULT_BASE)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--user", type=int, default=1, help="persona index (style = index mod 6)")
-    parser.add_argument("--examples", type=int, default=55)
-    args = parser.parse_args(argv)
-
-    data = user_dataset(args.user, args.examples)
-    key = secrets.token_bytes(32)  # the user's key; in an app it comes from the device keychain
-    store = os.path.join(tempfile.mkdtemp(prefix="fedprefix-demo-"), "store")
-    console.print(
-        f"[bold]user {args.user}[/bold] writes in style [bold]{data['style']}[/bold]; "
-        f"{len(data['train'])} training rows, {len(data['test'])} held-out prompts"
-    )
-    me = Personalizer(
-        base_model=args.base,
-        user_id=f"user{args.user}",
-        store=store,
-        key=key,
-        num_virtual_tokens=16,
-        max_steps=args.steps,
-    )
+def compare(me: Personalizer, data: dict, title: str) -> None:
+    """Base vs personalized outputs and metrics on held-out prompts."""
     test = data["test"][:4]
     prompts = [row["prompt"] for row in test]
-    before_loss = me.evaluate(training_rows(data["test"]), parts="none").loss
     before = me.generate(prompts, max_new_tokens=60, parts="none")
-
-    report = me.fit(training_rows(data["train"] + data["val"]))
-    after_loss = me.evaluate(training_rows(data["test"])).loss
     after = me.generate(prompts, max_new_tokens=60)
-    me.save()
-    again = Personalizer.load(user_id=me.user_id, store=store, key=key, base_model=me.base)
-    assert again.generate(prompts[0], max_new_tokens=60) == after[0], "stored prefix must give the same output"
-
-    table = Table(title=f"held-out prompts, before (base) and after ({report.steps} steps, {report.seconds:.0f} s)")
+    table = Table(title=title)
     table.add_column("base model")
     table.add_column("personalized")
     for b, a in zip(before, after, strict=True):
         table.add_row(b, a)
     console.print(table)
-    summary = Table(title="metrics on held-out prompts")
+    summary = Table(title=f"held-out metrics (style: {data['style']})")
     for column in ("", "loss / token", "style followed", "slots realized"):
         summary.add_column(column)
-    for name, loss, outs in (("base", before_loss, before), ("personalized", after_loss, after)):
+    for name, parts, outs in (("base", "none", before), ("personalized", "all", after)):
+        loss = me.evaluate(training_rows(data["test"]), parts=parts).loss
         style = sum(style_ok(data["style"], o) for o in outs) / len(outs)
         slots = sum(slot_realization(r["record"], o) for r, o in zip(test, outs, strict=True)) / len(outs)
         summary.add_row(name, f"{loss:.3f}", f"{style:.0%}", f"{slots:.0%}")
     console.print(summary)
-    console.print(f"encrypted prefix stored in {store} (AES-256-GCM); reloaded and checked.")
+
+
+def federated(args) -> None:
+    work = Path(args.out)
+    config = FederationConfig(
+        base=args.base,
+        num_users=args.users,
+        num_rounds=args.rounds,
+        local_steps=args.local_steps,
+        examples_per_user=args.examples,
+        personal_tokens=16,
+        shared_tokens=8,
+        run_dir=str(work / "run"),
+        store_root=str(work / "stores"),
+    )
+    console.print(
+        f"[bold]federation[/bold]: {args.users} users x {args.rounds} rounds on {args.base}, "
+        f"{args.local_steps} local steps per round; run folder {config.run_dir}"
+    )
+    with console.status("training (Flower simulation; the first round also starts the nodes)"):
+        rounds = simulate(config)
+    console.print(rounds_table(rounds, title="rounds: held-out loss with base / shared / shared+personal"))
+    user = "user001"
+    me = Personalizer.load(
+        user_id=user,
+        store=Path(config.store_root) / user,
+        key=simulation_key(config, user),
+        base_model=load_base(args.base),
+    )
+    compare(
+        me,
+        user_dataset(1, args.examples, seed=config.data_seed, test_size=config.eval_size),
+        f"{user}, personal prefix unlocked from its encrypted store",
+    )
+
+
+def local(args) -> None:
+    data = user_dataset(1, args.examples)
+    store = Path(tempfile.mkdtemp(prefix="fedprefix-demo-")) / "store"
+    key = secrets.token_bytes(32)  # the user's key; in an app it comes from the device keychain
+    me = Personalizer(
+        base_model=args.base,
+        user_id="user001",
+        store=store,
+        key=key,
+        num_virtual_tokens=16,
+        max_steps=args.local_steps * args.rounds,
+    )
+    report = me.fit(training_rows(data["train"] + data["val"]))
+    me.save()
+    again = Personalizer.load(user_id=me.user_id, store=store, key=key, base_model=me.base)
+    compare(again, data, f"one device, {report.steps} steps in {report.seconds:.0f} s, reloaded from {store}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default=DEFAULT_BASE)
+    parser.add_argument("--users", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=20)
+    parser.add_argument("--examples", type=int, default=40, help="rows per user")
+    parser.add_argument("--out", default="runs/demo", help="run folder and node stores")
+    parser.add_argument("--local", action="store_true", help="one device, no federation")
+    args = parser.parse_args(argv)
+    local(args) if args.local else federated(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""Node set-up for the ClientApp: data, keys, and refusing another base's shared prefix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fedprefix.client.node import open_node, read_key_file, simulation_key
+from fedprefix.common.errors import ConfigError, DataError, ShapeError
+from flwr.app import Array, ArrayRecord
+
+from tests.conftest import federation_config
+
+
+def _settings(tmp_path, **kw) -> dict:
+    return federation_config(tmp_path, **kw).to_run_config()
+
+
+def test_simulated_node_has_persona_data_and_its_own_key(tmp_path):
+    node = open_node(_settings(tmp_path), {"partition-id": 1})
+    assert node.user_id == "user001" and len(node.train_rows) == 10 and len(node.eval_rows) == 4
+    config = node.config
+    assert node.personalizer.key == simulation_key(config, "user001") != simulation_key(config, "user000")
+    arrays = node.shared_arrays()
+    assert list(arrays.keys()) == ["shared.embedding.weight"]
+
+
+def test_node_with_no_data_or_bad_rows_is_refused_by_name(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="has no rows"):
+        open_node(_settings(tmp_path), {"partition-id": 0, "data-path": str(empty)})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "only"}\n')
+    with pytest.raises(DataError, match="line 1: field 'completion'"):
+        open_node(_settings(tmp_path), {"partition-id": 0, "data-path": str(bad)})
+
+
+def test_shared_prefix_of_another_base_or_shape_is_refused(tmp_path):
+    node = open_node(_settings(tmp_path), {"partition-id": 0})
+    with pytest.raises(ConfigError, match="for base 000000000000"):
+        node.receive_shared(node.shared_arrays(), "0" * 64)
+    wrong = ArrayRecord({"shared.embedding.weight": Array(np.zeros((3, 5), np.float32))})
+    with pytest.raises(ShapeError, match="do not match"):
+        node.receive_shared(wrong, node.personalizer.base.fingerprint)
+    before = node.personalizer.shared.flat().detach().clone()
+    node.receive_shared(node.shared_arrays(), node.personalizer.base.fingerprint)  # round trip is exact
+    assert (node.personalizer.shared.flat() == before).all()
+
+
+def test_key_files(tmp_path):
+    raw, hexed, short = tmp_path / "raw", tmp_path / "hex", tmp_path / "short"
+    raw.write_bytes(bytes(range(32)))
+    hexed.write_text(bytes(range(32)).hex() + "\n")
+    short.write_text("abcd")
+    assert read_key_file(str(raw)) == read_key_file(str(hexed)) == bytes(range(32))
+    with pytest.raises(ConfigError, match="32 raw bytes or 64 hex digits"):
+        read_key_file(str(short))
