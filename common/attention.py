@@ -132,3 +132,53 @@ def text_key_values(model, input_ids: torch.Tensor) -> torch.Tensor:
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # each (2, H, P, D)
     return torch.stack(layers)
+
+
+# ------------------------------------------------------------------ running batches (serving)
+# A running batch keeps, per layer, keys/values (B, H, T, D) where each row is
+# [masked left padding | prefix | prompt | generated] and a mask (B, T) marking real
+# slots. Rows join and leave between decode steps; these helpers keep the cache in that
+# layout so that every row still sees exactly its own keys.
+
+
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values), each (B, H, T, D), of a DynamicCache."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A DynamicCache holding `layers` (per layer (keys, values), each (B, H, T, D))."""
+    return DynamicCache(layers)
+
+
+def left_pad_layers(layers, mask: torch.Tensor, width: int):
+    """Pad a batch's KV and mask (B, T) on the left with masked zero slots up to `width`."""
+    extra = width - mask.shape[1]
+    if extra <= 0:
+        return layers, mask
+    padded = []
+    for keys, values in layers:
+        zeros = keys.new_zeros(keys.shape[0], keys.shape[1], extra, keys.shape[3])
+        padded.append((torch.cat([zeros, keys], dim=2), torch.cat([zeros, values], dim=2)))
+    return padded, torch.cat([mask.new_zeros(mask.shape[0], extra), mask], dim=1)
+
+
+def join_batches(first, first_mask: torch.Tensor, second, second_mask: torch.Tensor):
+    """Rows of two batches in one: left-pad the shorter, then stack rows (first's rows first)."""
+    width = max(first_mask.shape[1], second_mask.shape[1])
+    first, first_mask = left_pad_layers(first, first_mask, width)
+    second, second_mask = left_pad_layers(second, second_mask, width)
+    layers = [
+        (torch.cat([k1, k2], dim=0), torch.cat([v1, v2], dim=0))
+        for (k1, v1), (k2, v2) in zip(first, second, strict=True)
+    ]
+    return layers, torch.cat([first_mask, second_mask], dim=0)
+
+
+def keep_rows(layers, mask: torch.Tensor, rows: torch.Tensor):
+    """Only `rows` (indices) of a batch, dropping left columns that are padding in every kept row."""
+    mask = mask.index_select(0, rows)
+    used = mask.any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else mask.shape[1]
+    layers = [(k.index_select(0, rows)[:, :, start:], v.index_select(0, rows)[:, :, start:]) for k, v in layers]
+    return layers, mask[:, start:]

@@ -95,8 +95,8 @@ def generate_tokens(
         raise ConfigError(f"{len(params)} sampling settings for {batch} prompts")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    generators = [_generator(p, device) for p in params]
-    eos_ids = _eos_ids(model, tokenizer)
+    generators = [make_generator(p, device) for p in params]
+    eos = eos_ids(model, tokenizer)
 
     ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
@@ -114,7 +114,7 @@ def generate_tokens(
             if done[row]:
                 continue
             token = int(tokens[row])
-            if token in eos_ids:
+            if token in eos:
                 done[row] = True
                 continue
             generated[row].append(token)
@@ -138,7 +138,8 @@ def generate_tokens(
     return generated
 
 
-def _generator(params: SamplingParams, device) -> torch.Generator | None:
+def make_generator(params: SamplingParams, device) -> torch.Generator | None:
+    """The row's own random generator (None when greedy), seeded from params.seed if set."""
     if params.temperature == 0.0:
         return None
     generator = torch.Generator(device=device)
@@ -146,7 +147,8 @@ def _generator(params: SamplingParams, device) -> torch.Generator | None:
     return generator
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
+    """Token ids that end a generation: the tokenizer's EOS and the model's configured ones."""
     ids = {tokenizer.eos_token_id}
     configured = getattr(model.generation_config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])

@@ -1,0 +1,408 @@
+"""Continuous batching over one base model, each row behind its own user's prefix.
+
+Iteration-level scheduling (Orca, vLLM): between two decode steps, finished requests
+leave the batch and queued ones join it. A joining group is prefilled in one forward
+(prompt behind prefix, left-padded), then its rows are appended to the running batch's
+KV cache; every row keeps its own mask and position counter, so its tokens equal what
+that user gets alone (greedy: token for token; sampling: same seed, same tokens).
+
+    engine = Engine(load_base("tiny-llama"), store=PrefixStore("store"))
+    with engine:
+        results = engine.generate([GenerationRequest("Hello", user="alice", key=KEY)])
+
+`continuous=False` gives static batching (a batch runs to its end before the next one
+starts), for comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from fedprefix.common.attention import (
+    CACHE_KWARG,
+    cache_from_layers,
+    cache_layers,
+    forward_with_prefixes,
+    join_batches,
+    keep_rows,
+    stack_prefixes,
+)
+from fedprefix.common.errors import FedPrefixError
+from fedprefix.common.generation import SamplingParams, eos_ids, left_pad, make_generator, pick_tokens, stop_index
+from fedprefix.common.store import PrefixStore
+
+from .prefix_cache import PrefixCache
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloaded(FedPrefixError):
+    """The queue is full or a request waited too long for a batch slot: try again later (HTTP 429)."""
+
+
+class EngineStopped(FedPrefixError):
+    """The engine is not running."""
+
+
+@dataclass
+class GenerationRequest:
+    """One completion: a prompt (text as the model should see it, or token ids) for a user."""
+
+    prompt: str | list[int]
+    user: str | None = None  # None: the base with no prefix
+    key: bytes | str | None = None  # the user's key: 32 raw bytes or a passphrase
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    prompt_tokens: int
+
+
+class RequestHandle:
+    """A submitted request: iterate `deltas()` to stream, or `result()` to wait."""
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        prefix: torch.Tensor | None,
+        listener: Callable[[str | None], None] | None = None,
+    ) -> None:
+        self.request = request
+        self.prompt_ids = prompt_ids
+        self.prefix = prefix
+        self.submitted = time.monotonic()
+        self._events: queue.Queue = queue.Queue()
+        # An async server passes a listener (thread-safe hand-off to its event loop)
+        # instead of blocking a thread per request on the queue.
+        self._put = listener or self._events.put
+        self._done = threading.Event()
+        self._result: GenerationResult | None = None
+        self._error: BaseException | None = None
+
+    def _emit(self, delta: str) -> None:
+        if delta:
+            self._put(delta)
+
+    def _finish(self, result: GenerationResult) -> None:
+        self._result = result
+        self._done.set()
+        self._put(None)
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+        self._put(None)
+
+    def deltas(self) -> Iterator[str]:
+        """Text pieces as they are produced; joined, they are exactly `result().text` (no listener)."""
+        while (item := self._events.get()) is not None:
+            yield item
+        if self._error is not None:
+            raise self._error
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        if not self._done.wait(timeout):
+            raise TimeoutError("generation did not finish in time")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def finish_reason(self) -> str | None:
+        """'stop' or 'length' once finished, 'error' if it failed, None while running."""
+        if not self.done:
+            return None
+        return "error" if self._result is None else self._result.finish_reason
+
+
+@dataclass
+class _Row:
+    """A request inside the running batch."""
+
+    handle: RequestHandle
+    params: SamplingParams
+    generator: torch.Generator | None
+    position: int  # position id of the next token fed to the model
+    tokens: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of text already streamed
+
+
+@dataclass
+class EngineStats:
+    """Counters the HTTP server exports as Prometheus metrics."""
+
+    steps: int = 0
+    tokens: int = 0
+    finished: int = 0
+    batch_sizes: list[int] = field(default_factory=list)  # per decode step, drained by the exporter
+    token_times: deque = field(default_factory=lambda: deque(maxlen=2048))  # (time, tokens so far) per step
+
+    def tokens_per_second(self, window_s: float = 10.0) -> float:
+        """Generated tokens per second over the last `window_s` seconds."""
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self.token_times if now - t <= window_s]
+        if len(recent) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = recent[0], recent[-1]
+        return (n1 - n0) / max(t1 - t0, 1e-9)
+
+
+class Engine:
+    """One base, many users' prefixes, continuous batching."""
+
+    def __init__(
+        self,
+        base,
+        store: PrefixStore | None = None,
+        max_batch_size: int = 64,
+        max_queue: int = 256,
+        max_wait_s: float = 30.0,
+        continuous: bool = True,
+        prefix_cache_bytes: int = 1 << 30,
+    ) -> None:
+        self.base = base
+        self.model, self.tokenizer = base.model, base.tokenizer
+        self.store = store
+        self.prefixes = PrefixCache(store, base.fingerprint, prefix_cache_bytes) if store is not None else None
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_wait_s = max_wait_s
+        self.continuous = continuous
+        self.stats = EngineStats()
+        self._eos = eos_ids(self.model, self.tokenizer)
+        self._pending: deque[RequestHandle] = deque()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        # running batch
+        self._rows: list[_Row] = []
+        self._layers: list = []
+        self._mask: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Engine:
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="fedprefix-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        for handle in list(self._pending) + [row.handle for row in self._rows]:
+            handle._fail(EngineStopped("the engine stopped before this request finished"))
+        self._pending.clear()
+        self._rows = []
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._rows)
+
+    # ------------------------------------------------------------------ requests
+
+    def resolve_prefix(self, user: str | None, key: bytes | str | None) -> torch.Tensor | None:
+        """The user's prefix (L, 2, H, P, D), unlocked with `key`; store errors propagate."""
+        if user is None:
+            return None
+        if self.prefixes is None:
+            raise FedPrefixError("this engine has no prefix store; requests must not name a user")
+        return self.prefixes.get(user, key)
+
+    def submit(self, request: GenerationRequest, listener: Callable[[str | None], None] | None = None) -> RequestHandle:
+        """Queue a request; raises the store's errors (wrong key, unknown user) or EngineOverloaded.
+
+        `listener`, if given, receives each text delta and then None at the end.
+        """
+        if self._thread is None or not self._thread.is_alive():
+            raise EngineStopped("the engine is not running; call start() or use it as a context manager")
+        prefix = self.resolve_prefix(request.user, request.key)
+        if isinstance(request.prompt, str):
+            prompt_ids = self.tokenizer(request.prompt, add_special_tokens=False).input_ids
+        else:
+            prompt_ids = list(request.prompt)
+        if not prompt_ids:
+            raise FedPrefixError("the prompt is empty")
+        handle = RequestHandle(request, prompt_ids, prefix, listener)
+        with self._wake:
+            if len(self._pending) >= self.max_queue:
+                raise EngineOverloaded(f"the queue is full ({self.max_queue} requests waiting); retry later")
+            self._pending.append(handle)
+            self._wake.notify()
+        return handle
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Run `requests` (batched with whatever else is running) and wait for all of them."""
+        started_here = self._thread is None or not self._thread.is_alive()
+        if started_here:
+            self.start()
+        try:
+            handles = [self.submit(r) for r in requests]
+            return [h.result() for h in handles]
+        finally:
+            if started_here:
+                self.stop()
+
+    # ------------------------------------------------------------------ scheduler
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._pending and not self._rows:
+                    self._wake.wait(timeout=0.5)
+                if self._stopping:
+                    return
+                joiners = self._take_joiners()
+            try:
+                with torch.no_grad():
+                    if joiners:
+                        self._prefill(joiners)
+                    if self._rows:
+                        self._decode_step()
+            except Exception as exc:  # one bad batch must not kill the server
+                log.exception("engine step failed")
+                for handle in joiners + [row.handle for row in self._rows]:
+                    if not handle.done:
+                        handle._fail(FedPrefixError(f"generation failed: {exc}"))
+                self._rows, self._layers, self._mask = [], [], None
+
+    def _take_joiners(self) -> list[RequestHandle]:
+        """Queued requests that join now: at any step boundary (continuous) or into an empty batch."""
+        now = time.monotonic()
+        while self._pending and now - self._pending[0].submitted > self.max_wait_s:
+            self._pending.popleft()._fail(
+                EngineOverloaded(f"waited more than {self.max_wait_s:g} s for a batch slot; retry later")
+            )
+        if not self.continuous and self._rows:
+            return []
+        room = self.max_batch_size - len(self._rows)
+        return [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+
+    def _prefill(self, handles: list[RequestHandle]) -> None:
+        """Run the joiners' prompts behind their prefixes in one forward and add them to the batch."""
+        model = self.model
+        device, dtype = self.base.device, self.base.dtype
+        ids, mask = left_pad([h.prompt_ids for h in handles], self.tokenizer.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        prefixes = stack_prefixes([h.prefix for h in handles], dtype=dtype, device=device)
+        out = forward_with_prefixes(model, ids, mask, prefixes, use_cache=True, logits_to_keep=1)
+        layers = cache_layers(getattr(out, CACHE_KWARG))
+        new_mask = torch.cat([prefixes.mask, mask], dim=1)  # (B, Pmax + T)
+        positions = (prefixes.lengths + mask.sum(dim=1)).tolist()
+        rows = [
+            _Row(h, h.request.params, make_generator(h.request.params, device), position=int(p))
+            for h, p in zip(handles, positions, strict=True)
+        ]
+        tokens = pick_tokens(out.logits[:, -1, :], [r.params for r in rows], [r.generator for r in rows])
+        if self._rows:
+            self._layers, self._mask = join_batches(self._layers, self._mask, layers, new_mask)
+        else:
+            self._layers, self._mask = layers, new_mask
+        self._rows.extend(rows)
+        self._accept(tokens, rows)
+
+    def _decode_step(self) -> None:
+        """Feed each row's last token; one forward for the whole batch."""
+        batch = len(self._rows)
+        device = self._mask.device
+        last = torch.tensor([[row.tokens[-1]] for row in self._rows], device=device)  # (B, 1)
+        positions = torch.tensor([[row.position] for row in self._rows], device=device)  # (B, 1)
+        mask = torch.cat([self._mask, torch.ones(batch, 1, dtype=self._mask.dtype, device=device)], dim=1)
+        out = self.model(
+            input_ids=last,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{CACHE_KWARG: cache_from_layers(self._layers)},
+        )
+        self._layers, self._mask = cache_layers(getattr(out, CACHE_KWARG)), mask
+        for row in self._rows:
+            row.position += 1
+        self.stats.steps += 1
+        self.stats.batch_sizes.append(batch)
+        self.stats.token_times.append((time.monotonic(), self.stats.tokens))
+        tokens = pick_tokens(out.logits[:, -1, :], [r.params for r in self._rows], [r.generator for r in self._rows])
+        self._accept(tokens, self._rows)
+
+    def _accept(self, tokens: torch.Tensor, rows: list[_Row]) -> None:
+        """Give each of `rows` its new token; finished rows leave the batch."""
+        for row, token in zip(rows, tokens.tolist(), strict=True):
+            self._take_token(row, token)
+        keep = [i for i, row in enumerate(self._rows) if not row.handle.done]
+        if len(keep) < len(self._rows):
+            index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
+            self._layers, self._mask = keep_rows(self._layers, self._mask, index)
+            self._rows = [self._rows[i] for i in keep]
+
+    def _take_token(self, row: _Row, token: int) -> None:
+        params, handle = row.params, row.handle
+        if token in self._eos:
+            return self._finish(row, "stop")
+        row.tokens.append(token)
+        self.stats.tokens += 1
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        cut = stop_index(text, params.stop)
+        if cut is not None:
+            return self._finish(row, "stop", text[:cut])
+        if len(row.tokens) >= params.max_new_tokens:
+            return self._finish(row, "length", text)
+        # Stream only text that cannot still turn into a stop string or an unfinished
+        # multi-byte character, so streamed and non-streamed outputs are identical.
+        safe = len(text) - _holdback(text, params.stop)
+        if safe > row.emitted:
+            handle._emit(text[row.emitted : safe])
+            row.emitted = safe
+
+    def _finish(self, row: _Row, reason: str, text: str | None = None) -> None:
+        if text is None:
+            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        row.handle._emit(text[row.emitted :])
+        row.emitted = len(text)
+        self.stats.finished += 1
+        row.handle._finish(
+            GenerationResult(
+                text=text, tokens=list(row.tokens), finish_reason=reason, prompt_tokens=len(row.handle.prompt_ids)
+            )
+        )
+
+
+def _holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters to hold back: a possible stop-string start or a partial character."""
+    hold = 1 if text.endswith("\ufffd") else 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                hold = max(hold, size)
+                break
+    return hold

@@ -1,0 +1,97 @@
+"""Decrypted prefixes kept in memory: an LRU bounded in bytes, each entry bound to its key.
+
+The store holds ciphertext only; a request unlocks its own user's prefix with that
+user's key (like customer-provided keys in object stores). An entry is found again only
+with a digest of the same key (salted per process, the key itself is never kept), so one
+user's key never reaches another user's prefix, also not through this cache. An entry
+whose files changed on disk (the user trained again) is reloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from fedprefix.client.personalizer import SHARED_SUFFIX
+from fedprefix.common.prefix import concat_key_values
+from fedprefix.common.store import PrefixStore, UnknownUserError
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes: int = 0
+    entries: int = 0
+
+
+class PrefixCache:
+    """user + key -> the user's row prefix (L, 2, H, P, D): [shared ; personal] as stored."""
+
+    def __init__(self, store: PrefixStore, base_fingerprint: str, max_bytes: int = 1 << 30) -> None:
+        self.store = store
+        self.base_fingerprint = base_fingerprint
+        self.max_bytes = max_bytes
+        self._salt = secrets.token_bytes(32)
+        self._entries: OrderedDict[tuple[str, bytes], tuple[tuple, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = CacheStats()
+
+    def _digest(self, key: bytes | str) -> bytes:
+        material = key.encode() if isinstance(key, str) else bytes(key)
+        return hashlib.sha256(self._salt + material).digest()
+
+    def _version(self, user_id: str) -> tuple:
+        """What identifies the stored files' current contents (size and mtime of each)."""
+        stamps = []
+        for name in (user_id, user_id + SHARED_SUFFIX):
+            try:
+                st = os.stat(self.store.path_for(name))
+                stamps.append((st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:
+                stamps.append(None)
+        return tuple(stamps)
+
+    def get(self, user_id: str, key: bytes | str) -> torch.Tensor:
+        """The user's prefix, decrypting on a miss; raises the store's errors (wrong key, unknown user)."""
+        entry_key = (user_id, self._digest(key))
+        version = self._version(user_id)
+        with self._lock:
+            found = self._entries.get(entry_key)
+            if found is not None and found[0] == version:
+                self._entries.move_to_end(entry_key)
+                self.stats.hits += 1
+                return found[1]
+        self.stats.misses += 1
+        kv = self._load(user_id, key)
+        size = kv.numel() * kv.element_size()
+        if size > self.max_bytes:  # larger than the whole cache: serve it, keep nothing
+            return kv
+        with self._lock:
+            old = self._entries.pop(entry_key, None)
+            if old is not None:
+                self.stats.bytes -= old[1].numel() * old[1].element_size()
+            self._entries[entry_key] = (version, kv)
+            self.stats.bytes += size
+            while self.stats.bytes > self.max_bytes:
+                _, (_, evicted) = self._entries.popitem(last=False)
+                self.stats.bytes -= evicted.numel() * evicted.element_size()
+                self.stats.evictions += 1
+            self.stats.entries = len(self._entries)
+        return kv
+
+    def _load(self, user_id: str, key: bytes | str) -> torch.Tensor:
+        parts = []
+        for name in (user_id + SHARED_SUFFIX, user_id):
+            if self.store.exists(name):
+                with torch.no_grad():
+                    parts.append(self.store.load(name, key, self.base_fingerprint).key_values().detach())
+        if not parts:
+            raise UnknownUserError(f"no stored prefix for user {user_id!r}", user_id=user_id)
+        return concat_key_values(*parts).contiguous()

@@ -1,0 +1,293 @@
+"""OpenAI-compatible HTTP API over the batching engine (FastAPI).
+
+    POST /v1/completions        POST /v1/chat/completions     (stream: true -> server-sent events)
+    GET  /v1/models             GET  /health                  GET /metrics (Prometheus text)
+
+The body's `user` names whose prefix to use; that user's key comes in the header
+`X-Prefix-Key`: base64 of 32 raw bytes, or else the passphrase itself. Without `user`
+the base runs with no prefix. Errors have OpenAI's shape, `{"error": {"message", "type",
+"code"}}`: missing key 401, wrong key 403, unknown user 404, malformed body 422 (with
+field errors), overload 429 (with Retry-After). A failed request never affects its
+batch mates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+import uuid
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fedprefix.common.errors import FedPrefixError
+from fedprefix.common.generation import SamplingParams
+from fedprefix.common.store import BadUserIdError, StoreError, UnknownUserError, WrongKeyError
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from .engine import Engine, EngineOverloaded, GenerationRequest, GenerationResult
+
+KEY_HEADER = "X-Prefix-Key"
+
+
+class CompletionBody(BaseModel):
+    """POST /v1/completions (the OpenAI fields this server honours; others are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1, le=4096)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    user: str | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatBody(BaseModel):
+    """POST /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    user: str | None = None
+
+
+class ApiError(Exception):
+    """An error answered with an HTTP status and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, code: str, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
+
+
+def parse_key(header: str | None) -> bytes | str | None:
+    """The X-Prefix-Key header: base64 of exactly 32 bytes is a raw key, anything else a passphrase."""
+    if header is None or header == "":
+        return None
+    try:
+        raw = base64.b64decode(header, validate=True)
+        if len(raw) == 32:
+            return raw
+    except (binascii.Error, ValueError):
+        pass
+    return header
+
+
+def _store_error(exc: StoreError) -> ApiError:
+    if isinstance(exc, WrongKeyError):
+        return ApiError(403, str(exc), "wrong_key")
+    if isinstance(exc, UnknownUserError):
+        return ApiError(404, str(exc), "unknown_user")
+    if isinstance(exc, BadUserIdError):
+        return ApiError(422, str(exc), "bad_user_id")
+    return ApiError(500, str(exc), getattr(exc, "reason", "store_error"))
+
+
+class Metrics:
+    """Prometheus metrics of one server (its own registry, so tests can run several)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "fedprefix_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.batch = Histogram(
+            "fedprefix_batch_size", "Rows per decode step", buckets=[1, 2, 4, 8, 16, 32, 64, 128], registry=r
+        )
+        self.tokens = Gauge("fedprefix_generated_tokens", "Tokens generated since start", registry=r)
+        self.rate = Gauge("fedprefix_tokens_per_second", "Generated tokens per second, last 10 s", registry=r)
+        self.queue = Gauge("fedprefix_queue_depth", "Requests waiting for a batch slot", registry=r)
+        self.running = Gauge("fedprefix_running_requests", "Requests in the running batch", registry=r)
+        self.cache = Gauge("fedprefix_prefix_cache", "Decrypted-prefix cache", ["stat"], registry=r)
+
+    def render(self) -> bytes:
+        stats = self.engine.stats
+        while stats.batch_sizes:
+            self.batch.observe(stats.batch_sizes.pop(0))
+        self.tokens.set(stats.tokens)
+        self.rate.set(stats.tokens_per_second())
+        self.queue.set(self.engine.queue_depth)
+        self.running.set(self.engine.batch_size)
+        if self.engine.prefixes is not None:
+            cache = self.engine.prefixes.stats
+            for stat in ("hits", "misses", "evictions", "bytes", "entries"):
+                self.cache.labels(stat).set(getattr(cache, stat))
+        return generate_latest(self.registry)
+
+
+def create_app(engine: Engine, model_name: str) -> FastAPI:
+    """The HTTP app around a started engine."""
+    app = FastAPI(title="fedprefix serving", description=__doc__)
+    metrics = Metrics(engine)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        metrics.requests.labels(request.url.path, str(exc.status)).inc()
+        body = {"error": {"message": exc.message, "type": "invalid_request_error", "code": exc.code}}
+        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        metrics.requests.labels(request.url.path, "422").inc()
+        fields = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        message = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+        body = {
+            "error": {"message": message, "type": "invalid_request_error", "code": "invalid_body", "fields": fields}
+        }
+        return JSONResponse(body, status_code=422)
+
+    async def submit(request: Request, prompt: str, params: SamplingParams, user: str | None):
+        key = parse_key(request.headers.get(KEY_HEADER))
+        if user is not None and key is None:
+            raise ApiError(
+                401, f"user {user!r} needs the {KEY_HEADER} header (base64 of 32 bytes, or a passphrase)", "missing_key"
+            )
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def listener(item):  # called on the engine thread
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+        generation = GenerationRequest(prompt=prompt, user=user, key=key, params=params)
+        try:  # a passphrase may cost a key derivation: keep it off the event loop
+            handle = await run_in_threadpool(engine.submit, generation, listener)
+        except StoreError as exc:
+            raise _store_error(exc) from exc
+        except EngineOverloaded as exc:
+            raise ApiError(429, str(exc), "overloaded", {"Retry-After": "1"}) from exc
+        except FedPrefixError as exc:
+            raise ApiError(400, str(exc), "bad_request") from exc
+        return handle, events
+
+    async def collect(handle, events) -> GenerationResult:
+        while await events.get() is not None:
+            pass
+        try:
+            return handle.result(timeout=0)
+        except EngineOverloaded as exc:
+            raise ApiError(429, str(exc), "overloaded", {"Retry-After": "1"}) from exc
+        except FedPrefixError as exc:
+            raise ApiError(500, str(exc), "generation_failed") from exc
+
+    def params_of(body, max_tokens: int) -> SamplingParams:
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        return SamplingParams(
+            max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop
+        )
+
+    def usage(results: list[GenerationResult]) -> dict:
+        prompt = sum(r.prompt_tokens for r in results)
+        completion = sum(len(r.tokens) for r in results)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def sse(chunks) -> StreamingResponse:
+        async def body():
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise ApiError(422, "prompt: give at least one prompt", "invalid_body")
+        params = params_of(body, body.max_tokens)
+        submitted = [await submit(request, p, params, body.user) for p in prompts]
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
+        if body.stream:
+            if len(submitted) != 1:
+                raise ApiError(422, "stream: streaming takes a single prompt", "invalid_body")
+            handle, events = submitted[0]
+
+            async def chunks():
+                while (delta := await events.get()) is not None:
+                    yield {**head, "choices": [{"text": delta, "index": 0, "logprobs": None, "finish_reason": None}]}
+                yield {
+                    **head,
+                    "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": handle.finish_reason}],
+                }
+
+            metrics.requests.labels(request.url.path, "200").inc()
+            return sse(chunks())
+        results = [await collect(h, e) for h, e in submitted]
+        metrics.requests.labels(request.url.path, "200").inc()
+        choices = [
+            {"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason}
+            for i, r in enumerate(results)
+        ]
+        return {**head, "choices": choices, "usage": usage(results)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, request: Request):
+        messages = [m.model_dump() for m in body.messages]
+        prompt = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        params = params_of(body, body.max_completion_tokens or body.max_tokens or 256)
+        handle, events = await submit(request, prompt, params, body.user)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": rid, "created": created, "model": model_name}
+        if body.stream:
+
+            async def chunks():
+                chunk = {**head, "object": "chat.completion.chunk"}
+                yield {
+                    **chunk,
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                }
+                while (delta := await events.get()) is not None:
+                    yield {**chunk, "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]}
+                yield {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": handle.finish_reason}]}
+
+            metrics.requests.labels(request.url.path, "200").inc()
+            return sse(chunks())
+        result = await collect(handle, events)
+        metrics.requests.labels(request.url.path, "200").inc()
+        message = {"role": "assistant", "content": result.text}
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
+            "usage": usage([result]),
+        }
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "fedprefix"}],
+        }
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "queue_depth": engine.queue_depth, "running": engine.batch_size}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

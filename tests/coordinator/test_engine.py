@@ -1,0 +1,132 @@
+"""The batching engine: every row equals the user alone, joins mid-generation, keys, streaming."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from fedprefix.common.base_model import load_base
+from fedprefix.common.generation import SamplingParams, generate_tokens
+from fedprefix.common.store import PrefixStore, WrongKeyError
+from fedprefix.coordinator.serving import Engine, GenerationRequest
+from fedprefix.coordinator.serving.engine import EngineOverloaded
+
+from tests.conftest import random_prefix
+
+USERS = {"alice": 2, "bob": 5, "carol": 9}  # prefix lengths differ on purpose
+
+
+def key_of(user: str) -> bytes:
+    return user.encode().ljust(32, b"k")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """tiny-llama and a store with three users' prefixes."""
+    base = load_base("tiny-llama")
+    store = PrefixStore(tmp_path_factory.mktemp("store"), scrypt_n=2**12)
+    for seed, (user, tokens) in enumerate(USERS.items()):
+        store.save(user, random_prefix(base, tokens, seed=seed, scale=3.0), key_of(user))
+    return base, store
+
+
+def reference(base, store, prompt: str, user: str | None, params: SamplingParams) -> list[int]:
+    """What the user gets alone, from the plain generation loop."""
+    kv = None if user is None else store.load(user, key_of(user)).key_values().detach()
+    ids = base.tokenizer(prompt, add_special_tokens=False).input_ids
+    return generate_tokens(base.model, base.tokenizer, [ids], [kv], params)[0]
+
+
+def request(user, prompt, **params):
+    return GenerationRequest(
+        prompt, user=user, key=None if user is None else key_of(user), params=SamplingParams(**params)
+    )
+
+
+def test_mixed_batch_equals_each_user_alone(served):
+    base, store = served
+    cases = [("alice", "hi"), ("bob", "a much longer prompt here"), (None, "base"), ("carol", "x"), ("alice", "yo")]
+    with Engine(base, store=store) as engine:
+        results = engine.generate([request(u, p, max_new_tokens=12) for u, p in cases])
+    for (user, prompt), result in zip(cases, results, strict=True):
+        assert result.tokens == reference(base, store, prompt, user, SamplingParams(max_new_tokens=12))
+    assert results[0].tokens != results[4].tokens or results[0].text != results[1].text
+
+
+def test_joining_mid_generation_changes_no_row(served):
+    base, store = served
+    with Engine(base, store=store) as engine:
+        first = [engine.submit(request(u, f"long run for {u}", max_new_tokens=40)) for u in ("alice", "bob")]
+        while engine.stats.steps < 5:
+            time.sleep(0.001)
+        late = engine.submit(request("carol", "late joiner", max_new_tokens=10))
+        results = [h.result(timeout=60) for h in (*first, late)]
+    assert engine.stats.batch_sizes and max(engine.stats.batch_sizes) == 3
+    for (user, prompt, n), result in zip(
+        [("alice", "long run for alice", 40), ("bob", "long run for bob", 40), ("carol", "late joiner", 10)],
+        results,
+        strict=True,
+    ):
+        assert result.tokens == reference(base, store, prompt, user, SamplingParams(max_new_tokens=n))
+
+
+def test_one_users_key_never_opens_another_users_prefix(served):
+    base, store = served
+    with Engine(base, store=store) as engine:
+        bob = engine.generate([request("bob", "secret", max_new_tokens=6)])[0]  # bob's prefix now cached
+        stolen = GenerationRequest("secret", user="bob", key=key_of("alice"), params=SamplingParams(max_new_tokens=6))
+        with pytest.raises(WrongKeyError):
+            engine.submit(stolen)
+        with pytest.raises(WrongKeyError):  # also straight after, through the cache
+            engine.submit(stolen)
+        alice = engine.generate([request("alice", "secret", max_new_tokens=6)])[0]
+    assert alice.tokens != bob.tokens
+    assert engine.prefixes.stats.hits == 0 and engine.prefixes.stats.misses >= 3
+
+
+def test_stream_equals_result_with_stops_and_seeds(served):
+    base, store = served
+    with Engine(base, store=store) as engine:
+        params = dict(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=7)
+        plain = engine.generate([request("bob", "stream me", **params)])[0]
+        stop = plain.text[5:7]
+        handle = engine.submit(request("bob", "stream me", **params, stop=[stop]))
+        streamed = "".join(handle.deltas())
+        result = handle.result()
+        again = engine.generate([request("bob", "stream me", **params), request("alice", "mate", **params)])[0]
+    assert again.tokens == plain.tokens, "a seed fixes a row's sampling whatever its batch mates"
+    assert streamed == result.text == plain.text[: plain.text.find(stop)]
+    assert result.finish_reason == "stop"
+
+
+def test_overload_and_errors(served):
+    base, store = served
+    with Engine(base, store=store, max_queue=0) as engine:
+        with pytest.raises(EngineOverloaded, match="queue is full"):
+            engine.submit(request(None, "hi"))
+    engine = Engine(base, store=store)
+    with pytest.raises(Exception, match="not running"):
+        engine.submit(request(None, "hi"))
+
+
+def test_prefix_cache_is_bounded_and_follows_the_store(tmp_path):
+    base = load_base("tiny-llama")
+    store = PrefixStore(tmp_path / "store", scrypt_n=2**12)
+    for seed, (user, tokens) in enumerate(USERS.items()):
+        store.save(user, random_prefix(base, tokens, seed=seed), key_of(user))
+    size = {u: store.load(u, key_of(u)).key_values().numel() * 4 for u in USERS}
+    budget = size["alice"] + size["bob"]  # carol alone is larger than that
+    with Engine(base, store=store, prefix_cache_bytes=budget) as engine:
+        cache = engine.prefixes
+        for user in ("alice", "bob", "alice", "carol", "bob"):
+            engine.resolve_prefix(user, key_of(user))
+        assert (cache.stats.hits, cache.stats.misses, cache.stats.entries) == (2, 3, 2)
+        assert cache.stats.bytes == budget
+        engine.resolve_prefix("carol", key_of("carol"))
+        engine.resolve_prefix("alice", key_of("alice"))  # still cached: carol never displaced it
+        assert cache.stats.hits == 3 and cache.stats.bytes <= budget
+        old = engine.resolve_prefix("alice", key_of("alice"))
+        store.save("alice", random_prefix(base, 2, seed=42), key_of("alice"))  # alice trained again
+        fresh = engine.resolve_prefix("alice", key_of("alice"))
+        assert not torch.equal(fresh, old) and cache.stats.misses == 5

@@ -1,0 +1,178 @@
+"""The OpenAI-compatible HTTP API: endpoints, status codes, streaming, the openai client, load."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from fedprefix.common.generation import SamplingParams
+from fedprefix.coordinator.serving import Engine
+from fedprefix.coordinator.serving.server import KEY_HEADER, create_app, parse_key
+from fedprefix.coordinator.simulate import free_port
+
+from tests.coordinator.test_engine import key_of, reference, served  # noqa: F401  (fixture)
+
+
+def header(user: str) -> dict:
+    return {KEY_HEADER: base64.b64encode(key_of(user)).decode()}
+
+
+@pytest.fixture(scope="module")
+def client(served):  # noqa: F811
+    base, store = served
+    with Engine(base, store=store) as engine, TestClient(create_app(engine, "tiny-llama")) as test_client:
+        yield test_client
+
+
+def test_completion_equals_the_user_alone(client, served):  # noqa: F811
+    base, store = served
+    body = {"prompt": "hello", "user": "bob", "max_tokens": 8, "temperature": 0}
+    reply = client.post("/v1/completions", json=body, headers=header("bob"))
+    assert reply.status_code == 200, reply.text
+    data = reply.json()
+    expected = base.tokenizer.decode(reference(base, store, "hello", "bob", SamplingParams(max_new_tokens=8)))
+    assert data["choices"][0]["text"] == expected and data["object"] == "text_completion"
+    assert data["usage"]["completion_tokens"] == 8
+
+
+def test_streaming_gives_the_same_text(client):
+    body = {"prompt": "stream", "user": "alice", "max_tokens": 12, "temperature": 0.8, "seed": 3}
+    whole = client.post("/v1/completions", json=body, headers=header("alice")).json()["choices"][0]["text"]
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}, headers=header("alice")) as reply:
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in reply.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_stream_and_plain(client):
+    body = {"messages": [{"role": "user", "content": "hi"}], "user": "carol", "max_tokens": 6, "temperature": 0}
+    plain = client.post("/v1/chat/completions", json=body, headers=header("carol")).json()
+    assert plain["object"] == "chat.completion" and plain["choices"][0]["message"]["role"] == "assistant"
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}, headers=header("carol")) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == plain["choices"][0]["message"]["content"]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_status_codes(client):
+    ok = {"prompt": "x", "max_tokens": 2}
+    assert client.post("/v1/completions", json=ok).status_code == 200  # no user: the base alone
+    missing = client.post("/v1/completions", json={**ok, "user": "bob"})
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_key"
+    wrong = client.post("/v1/completions", json={**ok, "user": "bob"}, headers=header("alice"))
+    assert wrong.status_code == 403 and "wrong key" in wrong.json()["error"]["message"]
+    unknown = client.post("/v1/completions", json={**ok, "user": "dave"}, headers=header("alice"))
+    assert unknown.status_code == 404
+    bad = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0, "temperature": "hot"})
+    assert bad.status_code == 422
+    fields = {f["field"] for f in bad.json()["error"]["fields"]}
+    assert fields == {"body.max_tokens", "body.temperature"}
+    assert client.post("/v1/chat/completions", json={"messages": []}).status_code == 422
+
+
+def test_overload_is_429(served):  # noqa: F811
+    base, store = served
+    with Engine(base, store=store, max_queue=0) as engine, TestClient(create_app(engine, "m")) as test_client:
+        reply = test_client.post("/v1/completions", json={"prompt": "x"})
+    assert reply.status_code == 429 and reply.headers["retry-after"] == "1"
+
+
+def test_models_health_metrics(client):
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-llama"
+    assert client.get("/health").json()["status"] == "ok"
+    client.post("/v1/completions", json={"prompt": "m", "user": "bob", "max_tokens": 3}, headers=header("bob"))
+    text = client.get("/metrics").text
+    for name in (
+        "fedprefix_requests_total",
+        "fedprefix_batch_size_bucket",
+        "fedprefix_tokens_per_second",
+        "fedprefix_queue_depth",
+        'fedprefix_prefix_cache{stat="hits"}',
+    ):
+        assert name in text
+
+
+def test_key_header_forms():
+    raw = bytes(range(32))
+    assert parse_key(base64.b64encode(raw).decode()) == raw
+    assert parse_key("correct horse battery staple") == "correct horse battery staple"
+    assert parse_key(None) is None
+
+
+class LoopbackServer:
+    """uvicorn on 127.0.0.1 in a thread, stopped on exit."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def test_openai_client_and_concurrent_load(served):  # noqa: F811
+    openai = pytest.importorskip("openai")
+    base, store = served
+    expected = {
+        (user, prompt): base.tokenizer.decode(
+            reference(base, store, prompt, user, SamplingParams(max_new_tokens=6)), skip_special_tokens=True
+        )
+        for user in ("alice", "bob", "carol")
+        for prompt in ("p1", "another p2")
+    }
+    with Engine(base, store=store, max_batch_size=32, max_queue=512) as engine:
+        with LoopbackServer(create_app(engine, "tiny-llama")) as url:
+            api = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", default_headers=header("alice"))
+            done = api.completions.create(model="tiny-llama", prompt="p1", max_tokens=6, temperature=0, user="alice")
+            assert done.choices[0].text == expected[("alice", "p1")]
+            chat = api.chat.completions.create(
+                model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4, user="alice"
+            )
+            assert chat.choices[0].message.role == "assistant"
+            stream = api.completions.create(
+                model="tiny-llama", prompt="p1", max_tokens=6, temperature=0, user="alice", stream=True
+            )
+            assert "".join(c.choices[0].text for c in stream) == expected[("alice", "p1")]
+            with pytest.raises(openai.PermissionDeniedError):
+                api.completions.create(model="tiny-llama", prompt="p1", user="bob", max_tokens=2)
+
+            async def load():
+                cases = [(u, p) for (u, p) in expected for _ in range(50)]  # 300 requests
+                async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+                    replies = await asyncio.gather(
+                        *[
+                            http.post(
+                                "/v1/completions",
+                                headers=header(u),
+                                json={"prompt": p, "user": u, "max_tokens": 6, "temperature": 0},
+                            )
+                            for u, p in cases
+                        ]
+                    )
+                return cases, replies
+
+            cases, replies = asyncio.run(load())
+    assert all(r.status_code == 200 for r in replies)
+    assert all(r.json()["choices"][0]["text"] == expected[case] for case, r in zip(cases, replies, strict=True))
+    assert max(engine.stats.batch_sizes) > 1, "concurrent requests must share batches"
