@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import BaseModel, Field
 
-from .attention import CACHE_KWARG, forward_with_prefixes, stack_prefixes
+from .attention import decode_step, prefill, stack_prefixes
 from .errors import ConfigError
 
 
@@ -25,6 +25,7 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None  # fixes sampling for this row alone, whatever its batch mates
     stop: list[str] = Field(default_factory=list)  # output is cut before the first stop string
+    ignore_eos: bool = False  # keep going past EOS up to max_new_tokens (benchmarks, as vLLM's flag)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,20 +102,19 @@ def generate_tokens(
     ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
     prefix_batch = stack_prefixes(prefixes, dtype=dtype, device=device)
-    out = forward_with_prefixes(model, ids, mask, prefix_batch, use_cache=True, logits_to_keep=1)
-    cache = getattr(out, CACHE_KWARG)
+    logits, cache = prefill(model, ids, mask, prefix_batch)  # (B, V)
     full_mask = torch.cat([prefix_batch.mask, mask], dim=1)  # (B, Pmax + T), grows by one per step
     next_position = prefix_batch.lengths + mask.sum(dim=1)  # (B,)
 
     generated: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     for _ in range(max(p.max_new_tokens for p in params)):
-        tokens = pick_tokens(out.logits[:, -1, :], params, generators)  # (B,)
+        tokens = pick_tokens(logits, params, generators)  # (B,)
         for row in range(batch):
             if done[row]:
                 continue
             token = int(tokens[row])
-            if token in eos:
+            if token in eos and not params[row].ignore_eos:
                 done[row] = True
                 continue
             generated[row].append(token)
@@ -125,15 +125,8 @@ def generate_tokens(
         if all(done):
             break
         full_mask = torch.cat([full_mask, torch.ones(batch, 1, dtype=full_mask.dtype, device=device)], dim=1)
-        out = model(
-            input_ids=tokens.unsqueeze(1),  # (B, 1); finished rows run on but are ignored
-            attention_mask=full_mask,
-            position_ids=next_position.unsqueeze(1),  # (B, 1)
-            use_cache=True,
-            logits_to_keep=1,
-            **{CACHE_KWARG: cache},
-        )
-        cache = getattr(out, CACHE_KWARG)
+        # finished rows run on but are ignored
+        logits, cache = decode_step(model, tokens.unsqueeze(1), full_mask, next_position.unsqueeze(1), cache)
         next_position = next_position + 1
     return generated
 

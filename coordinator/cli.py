@@ -189,6 +189,7 @@ def serve(
     max_wait: float = typer.Option(30.0, "--max-wait", help="Seconds a request may wait for a batch slot."),
     cache_mib: int = typer.Option(1024, "--prefix-cache-mib", help="Memory for decrypted prefixes (LRU)."),
     static: bool = typer.Option(False, "--static-batching", help="Static instead of continuous batching."),
+    bf16: bool = typer.Option(False, "--bf16", help="Serve a bfloat16 copy of the base (~2x tokens/s on CPU)."),
 ) -> None:
     """Serve many users' prefixes over one base: an OpenAI-compatible HTTP API.
 
@@ -203,6 +204,10 @@ def serve(
 
     try:
         loaded = base_model.load_base(base)
+        if bf16:
+            import torch
+
+            loaded = loaded.with_dtype(torch.bfloat16)
         prefix_store = PrefixStore(store)
     except FedPrefixError as exc:
         fail(exc)

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 import torch
 from fedprefix.common.attention import (
-    CACHE_KWARG,
     cache_from_layers,
     cache_layers,
-    forward_with_prefixes,
+    decode_step,
     join_batches,
     keep_rows,
+    prefill,
     stack_prefixes,
 )
 from fedprefix.common.errors import FedPrefixError
@@ -190,9 +190,9 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        # running batch
+        # running batch: rows, their KV cache (grows in place) and mask (B, T)
         self._rows: list[_Row] = []
-        self._layers: list = []
+        self._cache = None
         self._mask: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -294,7 +294,7 @@ class Engine:
                 for handle in joiners + [row.handle for row in self._rows]:
                     if not handle.done:
                         handle._fail(FedPrefixError(f"generation failed: {exc}"))
-                self._rows, self._layers, self._mask = [], [], None
+                self._rows, self._cache, self._mask = [], None, None
 
     def _take_joiners(self) -> list[RequestHandle]:
         """Queued requests that join now: at any step boundary (continuous) or into an empty batch."""
@@ -315,19 +315,18 @@ class Engine:
         ids, mask = left_pad([h.prompt_ids for h in handles], self.tokenizer.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         prefixes = stack_prefixes([h.prefix for h in handles], dtype=dtype, device=device)
-        out = forward_with_prefixes(model, ids, mask, prefixes, use_cache=True, logits_to_keep=1)
-        layers = cache_layers(getattr(out, CACHE_KWARG))
-        new_mask = torch.cat([prefixes.mask, mask], dim=1)  # (B, Pmax + T)
+        logits, cache = prefill(model, ids, mask, prefixes)  # (B_new, V)
+        layers = cache_layers(cache)  # per layer (B_new, H, Pmax + T, D)
+        new_mask = torch.cat([prefixes.mask, mask], dim=1)  # (B_new, Pmax + T)
         positions = (prefixes.lengths + mask.sum(dim=1)).tolist()
         rows = [
             _Row(h, h.request.params, make_generator(h.request.params, device), position=int(p))
             for h, p in zip(handles, positions, strict=True)
         ]
-        tokens = pick_tokens(out.logits[:, -1, :], [r.params for r in rows], [r.generator for r in rows])
+        tokens = pick_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
         if self._rows:
-            self._layers, self._mask = join_batches(self._layers, self._mask, layers, new_mask)
-        else:
-            self._layers, self._mask = layers, new_mask
+            layers, new_mask = join_batches(cache_layers(self._cache), self._mask, layers, new_mask)
+        self._cache, self._mask = cache_from_layers(layers), new_mask
         self._rows.extend(rows)
         self._accept(tokens, rows)
 
@@ -338,21 +337,14 @@ class Engine:
         last = torch.tensor([[row.tokens[-1]] for row in self._rows], device=device)  # (B, 1)
         positions = torch.tensor([[row.position] for row in self._rows], device=device)  # (B, 1)
         mask = torch.cat([self._mask, torch.ones(batch, 1, dtype=self._mask.dtype, device=device)], dim=1)
-        out = self.model(
-            input_ids=last,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{CACHE_KWARG: cache_from_layers(self._layers)},
-        )
-        self._layers, self._mask = cache_layers(getattr(out, CACHE_KWARG)), mask
+        logits, _ = decode_step(self.model, last, mask, positions, self._cache)  # cache appended in place
+        self._mask = mask
         for row in self._rows:
             row.position += 1
         self.stats.steps += 1
         self.stats.batch_sizes.append(batch)
         self.stats.token_times.append((time.monotonic(), self.stats.tokens))
-        tokens = pick_tokens(out.logits[:, -1, :], [r.params for r in self._rows], [r.generator for r in self._rows])
+        tokens = pick_tokens(logits, [r.params for r in self._rows], [r.generator for r in self._rows])
         self._accept(tokens, self._rows)
 
     def _accept(self, tokens: torch.Tensor, rows: list[_Row]) -> None:
@@ -361,13 +353,17 @@ class Engine:
             self._take_token(row, token)
         keep = [i for i, row in enumerate(self._rows) if not row.handle.done]
         if len(keep) < len(self._rows):
-            index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
-            self._layers, self._mask = keep_rows(self._layers, self._mask, index)
             self._rows = [self._rows[i] for i in keep]
+            if self._rows:
+                index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
+                layers, self._mask = keep_rows(cache_layers(self._cache), self._mask, index)
+                self._cache = cache_from_layers(layers)
+            else:
+                self._cache, self._mask = None, None
 
     def _take_token(self, row: _Row, token: int) -> None:
         params, handle = row.params, row.handle
-        if token in self._eos:
+        if token in self._eos and not params.ignore_eos:
             return self._finish(row, "stop")
         row.tokens.append(token)
         self.stats.tokens += 1

@@ -1,0 +1,271 @@
+"""Serving benchmarks, each a ratio measured side by side in one process:
+
+1. one batch of N users with N different prefixes vs the same batch all on one prefix;
+2. the engine vs PEFT's way (per user: load the adapter, `generate`), with PEFT 0.21.2's
+   generate first made to really use the prefix (checked token for token);
+3. open-loop Poisson arrivals over HTTP: latency p50/p99 and throughput, continuous vs
+   static batching;
+4. memory per cached user prefix and users per GiB.
+
+    python -m fedprefix.simulations.bench_serving --base tiny-llama
+    python -m fedprefix.simulations.bench_serving --base smollm2-135m-instruct --users 64 --peft-users 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import torch
+from fedprefix.common.base_model import load_base
+from fedprefix.common.generation import SamplingParams, generate_tokens
+from fedprefix.common.prefix import Prefix
+from fedprefix.common.store import PrefixStore
+from fedprefix.coordinator.serving import Engine, GenerationRequest
+from fedprefix.coordinator.serving.server import KEY_HEADER, create_app
+from fedprefix.simulations.personas import make_record, record_prompt
+
+
+def key_of(user: str) -> bytes:
+    return user.encode().ljust(32, b"#")[:32]
+
+
+def make_users(base, store: PrefixStore, count: int, tokens: int) -> list[str]:
+    """`count` users, each with a distinct prefix (the base's KV of a different text)."""
+    users = []
+    for i in range(count):
+        user = f"u{i:03d}"
+        text = f"User {i} writes {'briefly' if i % 2 else 'at length'} about restaurants, topic {i}. " * 4
+        store.save(user, Prefix.from_text(base, text, tokens), key_of(user))
+        users.append(user)
+    return users
+
+
+def prompts_for(base, count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [
+        base.tokenizer.apply_chat_template(
+            [{"role": "user", "content": record_prompt(make_record(rng))}], tokenize=False, add_generation_prompt=True
+        )
+        for _ in range(count)
+    ]
+
+
+def tokens_per_second(engine: Engine, requests: list[GenerationRequest]) -> float:
+    started = time.perf_counter()
+    results = engine.generate(requests)
+    return sum(len(r.tokens) for r in results) / (time.perf_counter() - started)
+
+
+def mixed_vs_single(engine, users, prompts, params, repeats: int) -> dict:
+    mixed = [GenerationRequest(p, user=u, key=key_of(u), params=params) for u, p in zip(users, prompts, strict=True)]
+    single = [GenerationRequest(p, user=users[0], key=key_of(users[0]), params=params) for p in prompts]
+    engine.generate(mixed[:2])  # warm-up
+    rates = {"mixed": [], "single": []}
+    for _ in range(repeats):  # alternate so that machine noise hits both
+        rates["mixed"].append(tokens_per_second(engine, mixed))
+        rates["single"].append(tokens_per_second(engine, single))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {
+        "mixed_tokens_per_s": round(med["mixed"], 1),
+        "single_prefix_tokens_per_s": round(med["single"], 1),
+        "ratio_mixed_over_single": round(med["mixed"] / med["single"], 3),
+    }
+
+
+def peft_generate_fixed(peft_model) -> None:
+    """Make PEFT 0.21.2's generate use the prefix with transformers 5.24.
+
+    transformers now returns the cache as `cache` from prepare_inputs_for_generation,
+    while PEFT looks for `past_key_values`, finds none, and injects a prompt the model
+    then ignores. Renaming it back lets PEFT's own logic run as designed.
+    """
+    original = peft_model.base_model_prepare_inputs_for_generation
+
+    def renamed(*args, **kwargs):
+        if "cache" in kwargs:
+            kwargs["past_key_values"] = kwargs.pop("cache")
+        out = original(*args, **kwargs)
+        if "cache" in out:
+            out["past_key_values"] = out.pop("cache")
+        return out
+
+    peft_model.base_model_prepare_inputs_for_generation = renamed
+
+
+def engine_vs_peft(base_name, engine, store, users, prompts, params, peft_users: int) -> dict:
+    import peft
+
+    peft_base = load_base(base_name)
+    spec_tokens = store.load(users[0], key_of(users[0])).spec.num_virtual_tokens
+    model = peft.get_peft_model(
+        peft_base.model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec_tokens)
+    )
+    model.eval()
+    peft_generate_fixed(model)
+    embedding = model.prompt_encoder["default"].embedding.weight
+    tok = peft_base.tokenizer
+    peft_tokens, started = 0, time.perf_counter()
+    outputs = []
+    for user, prompt in zip(users[:peft_users], prompts[:peft_users], strict=True):
+        with torch.no_grad():
+            embedding.copy_(store.load(user, key_of(user)).flat())  # "set adapter"
+            ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=params.max_new_tokens,
+                min_new_tokens=params.max_new_tokens,
+                do_sample=False,
+            )
+        new = out[0, ids.shape[1] :].tolist()
+        outputs.append(new)
+        peft_tokens += len(new)
+    peft_rate = peft_tokens / (time.perf_counter() - started)
+    # the baseline must compute the right thing: equal to ours for the first user
+    ours_first = generate_tokens(
+        engine.model,
+        tok,
+        [tok(prompts[0], add_special_tokens=False).input_ids],
+        [store.load(users[0], key_of(users[0])).key_values().detach()],
+        params,
+    )[0]
+    requests = [GenerationRequest(p, user=u, key=key_of(u), params=params) for u, p in zip(users, prompts, strict=True)]
+    engine_rate = tokens_per_second(engine, requests)
+    return {
+        "peft_users_timed": peft_users,
+        "peft_tokens_per_s": round(peft_rate, 1),
+        "engine_tokens_per_s": round(engine_rate, 1),
+        "ratio_engine_over_peft": round(engine_rate / peft_rate, 1),
+        "peft_baseline_matches_ours": outputs[0][: len(ours_first)] == ours_first,
+    }
+
+
+def open_loop(base, store, users, prompts, params, rate: float, seconds: float, continuous: bool) -> dict:
+    """Poisson arrivals at `rate` requests/s for `seconds` against a live HTTP server."""
+    import threading
+
+    import uvicorn
+    from fedprefix.coordinator.simulate import free_port
+
+    engine = Engine(base, store=store, max_batch_size=64, max_queue=4096, max_wait_s=600, continuous=continuous)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    rng = random.Random(1)
+
+    async def run():
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+
+            async def one(i):
+                user = users[i % len(users)]
+                body = {
+                    "prompt": prompts[i % len(prompts)],
+                    "user": user,
+                    "max_tokens": params.max_new_tokens,
+                    "temperature": 0,
+                }
+                started = time.perf_counter()
+                reply = await client.post(
+                    "/v1/completions", json=body, headers={KEY_HEADER: base64.b64encode(key_of(user)).decode()}
+                )
+                reply.raise_for_status()
+                return time.perf_counter() - started, reply.json()["usage"]["completion_tokens"]
+
+            tasks, t, i = [], 0.0, 0
+            began = time.perf_counter()
+            while t < seconds:
+                await asyncio.sleep(max(0.0, began + t - time.perf_counter()))
+                tasks.append(asyncio.create_task(one(i)))
+                i += 1
+                t += rng.expovariate(rate)
+            results = await asyncio.gather(*tasks)
+            return results, time.perf_counter() - began
+
+    with engine:
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        try:
+            results, wall = asyncio.run(run())
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+    latencies = sorted(r[0] for r in results)
+    return {
+        "requests": len(results),
+        "p50_latency_s": round(statistics.median(latencies), 3),
+        "p99_latency_s": round(latencies[int(0.99 * (len(latencies) - 1))], 3),
+        "throughput_tokens_per_s": round(sum(r[1] for r in results) / wall, 1),
+        "mean_batch": round(statistics.mean(engine.stats.batch_sizes or [0]), 1),
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="tiny-llama")
+    parser.add_argument("--users", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=16, help="prefix length P of every user")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peft-users", type=int, default=16, help="users timed for the PEFT loop (it is slow)")
+    parser.add_argument("--rate", type=float, default=20.0, help="open-loop arrivals per second")
+    parser.add_argument("--seconds", type=float, default=10.0, help="open-loop duration")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["mixed", "peft", "http", "memory"])
+    parser.add_argument("--json", help="write results here")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    base = load_base(args.base)
+    params = SamplingParams(max_new_tokens=args.max_tokens, ignore_eos=True)
+    result = {
+        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        "torch": torch.__version__,
+        "base": args.base,
+        "users": args.users,
+        "prefix_tokens": args.tokens,
+        "max_tokens": args.max_tokens,
+    }
+    with tempfile.TemporaryDirectory(prefix="fedprefix-bench-") as tmp:
+        store = PrefixStore(Path(tmp) / "store")
+        users = make_users(base, store, args.users, args.tokens)
+        prompts = prompts_for(base, args.users)
+        with Engine(base, store=store, max_batch_size=args.users) as engine:
+            if "mixed" not in args.skip:
+                result["mixed_vs_single"] = mixed_vs_single(engine, users, prompts, params, args.repeats)
+                print(json.dumps(result["mixed_vs_single"]), flush=True)
+            if "peft" not in args.skip:
+                result["engine_vs_peft"] = engine_vs_peft(
+                    args.base, engine, store, users, prompts, params, min(args.peft_users, args.users)
+                )
+                print(json.dumps(result["engine_vs_peft"]), flush=True)
+            if "memory" not in args.skip:
+                for user in users:
+                    engine.resolve_prefix(user, key_of(user))
+                per_user = engine.prefixes.stats.bytes / len(users)
+                result["memory"] = {"bytes_per_cached_prefix": int(per_user), "users_per_GiB": int(2**30 // per_user)}
+        if "http" not in args.skip:
+            result["open_loop_http"] = {
+                mode: open_loop(base, store, users, prompts, params, args.rate, args.seconds, mode == "continuous")
+                for mode in ("continuous", "static")
+            }
+            print(json.dumps(result["open_loop_http"]), flush=True)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
