@@ -225,6 +225,120 @@ def serve(
         uvicorn.run(create_app(engine, base), host=host, port=port, log_level="warning")
 
 
+@app.command("runs")
+def runs_command(
+    runs: str = typer.Option("runs", "--runs", help="Folder holding run folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """List federated runs: id, mode, base, users, rounds done, last losses, status.
+
+    Example: fedprefix runs --runs runs
+    """
+    from fedprefix.coordinator.runs import list_runs
+
+    try:
+        summaries = list_runs(runs)
+    except FedPrefixError as exc:
+        fail(exc)
+    if as_json:
+        typer.echo(json.dumps([s.model_dump() for s in summaries], indent=2))
+        return
+    table = Table(title=f"runs in {runs}")
+    for column in ("id", "status", "mode", "base", "users", "rounds", "base loss", "shared", "personal"):
+        table.add_column(column)
+    for s in summaries:
+        table.add_row(
+            s.id,
+            s.status,
+            s.mode,
+            s.base,
+            str(s.users),
+            f"{s.rounds_done}/{s.rounds_planned}",
+            _fmt(s.last_eval_loss_base),
+            _fmt(s.last_eval_loss_shared),
+            _fmt(s.last_eval_loss_personal),
+        )
+    console.print(table)
+    for s in summaries:
+        for problem in s.problems:
+            err_console.print(f"[yellow]warning:[/yellow] {s.id}: {problem}", highlight=False)
+
+
+@app.command("show")
+def show_command(
+    run: str = typer.Argument(..., help="Run id (folder name under --runs) or a path to a run folder."),
+    runs: str = typer.Option("runs", "--runs", help="Folder holding run folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """One run: the per-round table, the personalization gain and a sparkline of the losses.
+
+    Example: fedprefix show demo --runs runs
+    """
+    from pathlib import Path
+
+    from fedprefix.coordinator.records import read_run
+    from fedprefix.coordinator.runs import load_run
+    from fedprefix.coordinator.views import rounds_table, sparkline
+
+    try:
+        info, records, problems = read_run(run) if Path(run).is_dir() else load_run(runs, run)
+    except FedPrefixError as exc:
+        fail(exc)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {"run": info.model_dump(), "rounds": [r.model_dump() for r in records], "problems": problems}, indent=2
+            )
+        )
+        return
+    for problem in problems:
+        err_console.print(f"[yellow]warning:[/yellow] {problem}", highlight=False)
+    console.print(
+        f"[bold]{run}[/bold]: {info.status}, mode {info.config.get('mode')}, base {info.base}, "
+        f"{info.config.get('num_users')} users, {len(records)}/{info.config.get('num_rounds')} rounds"
+    )
+    console.print(rounds_table(records))
+    for name in ("eval_loss_base", "eval_loss_shared", "eval_loss_personal", "train_loss"):
+        values = [getattr(r, name) for r in records]
+        console.print(
+            f"{name:20s} {sparkline(values)}  {_fmt(values[0] if values else None)} -> "
+            f"{_fmt(values[-1] if values else None)}"
+        )
+    if records and records[-1].eval_loss_base is not None and records[-1].eval_loss_personal is not None:
+        last = records[-1]
+        gain = last.eval_loss_base - last.eval_loss_personal
+        shared_gain = last.eval_loss_base - (last.eval_loss_shared or last.eval_loss_base)
+        console.print(
+            f"personalization gain (base - personal loss): {gain:.3f} "
+            f"({gain / last.eval_loss_base:.0%}); from the shared prefix alone: {shared_gain:.3f}"
+        )
+
+
+@app.command("dashboard")
+def dashboard_command(
+    runs: str = typer.Option("runs", "--runs", help="Folder holding run folders."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8050, "--port", help="Port to listen on."),
+) -> None:
+    """A read-only web dashboard of the runs (works offline; updates while a run goes on).
+
+    Example: fedprefix dashboard --runs runs --port 8050, then open http://127.0.0.1:8050
+    """
+    from pathlib import Path
+
+    import uvicorn
+    from fedprefix.coordinator.dashboard.app import create_dashboard
+
+    if not Path(runs).is_dir():
+        fail(FedPrefixError(f"runs folder {runs} does not exist"))
+    console.print(f"dashboard of {runs} on http://{host}:{port}")
+    uvicorn.run(create_dashboard(runs), host=host, port=port, log_level="warning")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _mount_subcommands() -> None:
     """Sub-command groups that live in their own modules."""
     from fedprefix.coordinator.store_cli import store_app

@@ -142,11 +142,16 @@ def engine_vs_peft(base_name, engine, store, users, prompts, params, peft_users:
     )[0]
     requests = [GenerationRequest(p, user=u, key=key_of(u), params=params) for u, p in zip(users, prompts, strict=True)]
     engine_rate = tokens_per_second(engine, requests)
+    with Engine(engine.base.with_dtype(torch.bfloat16), store=store, max_batch_size=len(users)) as bf16:
+        tokens_per_second(bf16, requests[:2])  # warm-up
+        bf16_rate = tokens_per_second(bf16, requests)
     return {
         "peft_users_timed": peft_users,
         "peft_tokens_per_s": round(peft_rate, 1),
         "engine_tokens_per_s": round(engine_rate, 1),
         "ratio_engine_over_peft": round(engine_rate / peft_rate, 1),
+        "engine_bf16_tokens_per_s": round(bf16_rate, 1),
+        "ratio_engine_bf16_over_peft_fp32": round(bf16_rate / peft_rate, 1),
         "peft_baseline_matches_ours": outputs[0][: len(ours_first)] == ours_first,
     }
 

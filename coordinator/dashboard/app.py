@@ -1,0 +1,183 @@
+"""The dashboard: runs list and run pages (HTML) with JSON endpoints behind every page.
+
+    GET /                         runs list            GET /api/runs
+    GET /runs/{id}                a run's page         GET /api/runs/{id}, /api/runs/{id}/rounds
+    GET /runs/{id}/panel          the page's live part (the page re-fetches it while the run goes on)
+
+Read-only; it shows run records only: never a prefix, a key or a data row (the run record
+holds none; the simulation key seed is left out of run.json). Pages are rendered with
+Jinja2 (autoescaped: rejection reasons come from nodes) and charts are inline SVG, so it
+works offline, without a CDN or external fonts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import HTMLResponse
+from fedprefix.coordinator.records import RunFolderError
+from fedprefix.coordinator.runs import list_runs, load_run, summarize
+from jinja2 import Environment, select_autoescape
+
+from .charts import line_chart
+
+POLL_MS = 2000
+
+_env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
+_env.filters["num"] = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"
+_env.filters["when"] = lambda t: "-" if not t else datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px; color: #222; }
+table { border-collapse: collapse; margin: 12px 0; font-size: 14px; }
+th, td { border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.charts { display: flex; flex-wrap: wrap; gap: 16px; }
+svg.chart { border: 1px solid #eee; background: #fff; }
+svg .grid { stroke: #eee; } svg .tick, svg .legend { font-size: 11px; fill: #555; } svg .title { font-size: 13px; }
+.status-running { color: #b58900; } .status-finished { color: #2aa198; } .status-failed { color: #dc322f; }
+.muted { color: #777; font-size: 13px; }
+"""
+
+LAYOUT = _env.from_string("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }} · fedprefix</title>
+<style>{{ style }}</style></head><body>
+<p class="muted"><a href="/">runs</a> · fedprefix dashboard (read-only)</p>
+{{ body | safe }}
+</body></html>""")
+
+RUNS_PAGE = _env.from_string("""<h1>Runs</h1>
+{% if not runs %}<p>No runs in {{ folder }} yet. Start one: <code>fedprefix simulate --out {{ folder }}/demo</code></p>
+{% else %}<table id="runs"><tr><th>run</th><th>status</th><th>mode</th><th>base</th><th>users</th><th>rounds</th>
+<th>base loss</th><th>shared</th><th>personal</th><th>started</th></tr>
+{% for r in runs %}<tr><td><a href="/runs/{{ r.id }}">{{ r.id }}</a></td>
+<td class="status-{{ r.status }}">{{ r.status }}</td><td>{{ r.mode }}</td><td>{{ r.base }}</td><td>{{ r.users }}</td>
+<td>{{ r.rounds_done }}/{{ r.rounds_planned }}</td><td>{{ r.last_eval_loss_base | num }}</td>
+<td>{{ r.last_eval_loss_shared | num }}</td><td>{{ r.last_eval_loss_personal | num }}</td>
+<td>{{ r.started | when }}</td></tr>{% endfor %}</table>{% endif %}""")
+
+RUN_PAGE = _env.from_string("""<h1>Run {{ run_id }}</h1>
+<div id="panel" data-status="{{ status }}">{{ panel | safe }}</div>
+<script>
+// Re-fetch the live part while the run goes on; no page reload, no external script.
+(function poll() {
+  const panel = document.getElementById("panel");
+  if (panel.dataset.status !== "running") return;
+  setTimeout(async () => {
+    try {
+      const reply = await fetch("/runs/{{ run_id }}/panel");
+      if (reply.ok) {
+        panel.innerHTML = await reply.text();
+        panel.dataset.status = reply.headers.get("X-Run-Status") || "running";
+      }
+    } finally { poll(); }
+  }, {{ poll_ms }});
+})();
+</script>""")
+
+PANEL = _env.from_string("""<p><span class="status-{{ info.status }}">{{ info.status }}</span> · mode {{ info.config.mode }}
+· base {{ info.base }} <span class="muted">({{ info.base_fingerprint[:12] }}…)</span> · {{ info.config.num_users }} users
+· {{ rounds | length }}/{{ info.config.num_rounds }} rounds · aggregator {{ info.config.aggregator }}
+· started {{ info.started | when }}{% if info.ended %} · ended {{ info.ended | when }}{% endif %}</p>
+{% if info.error %}<p class="status-failed">error: {{ info.error }}</p>{% endif %}
+{% for p in problems %}<p class="status-failed">{{ p }}</p>{% endfor %}
+<div class="charts">{{ loss_chart | safe }}{{ norm_chart | safe }}{{ uplink_chart | safe }}</div>
+<h2>Rounds</h2>
+<table id="rounds"><tr><th>round</th><th>users</th><th>accepted</th><th>rejected</th><th>train loss</th>
+<th>base</th><th>shared</th><th>personal</th><th>gain</th><th>update norm</th><th>uplink bytes</th><th>seconds</th>
+{% if dp %}<th>ε (δ)</th>{% endif %}</tr>
+{% for r in rounds %}<tr class="round"><td>{{ r.round }}</td><td>{{ r.sampled_users | length }}</td>
+<td>{{ r.replies_accepted }}</td><td>{{ r.replies_rejected }}</td><td>{{ r.train_loss | num }}</td>
+<td>{{ r.eval_loss_base | num }}</td><td>{{ r.eval_loss_shared | num }}</td><td>{{ r.eval_loss_personal | num }}</td>
+<td>{% if r.eval_loss_base is not none and r.eval_loss_personal is not none %}{{ (r.eval_loss_base - r.eval_loss_personal) | num }}{% else %}-{% endif %}</td>
+<td>{{ r.shared_update_norm | num }}</td><td>{{ "{:,}".format(r.uplink_bytes) }}</td><td>{{ r.seconds | num(1) }}</td>
+{% if dp %}<td>{% if r.privacy and r.privacy.epsilon is not none %}{{ r.privacy.epsilon | num(2) }} ({{ r.privacy.delta }}){% else %}{{ r.privacy.reason if r.privacy else "-" }}{% endif %}</td>{% endif %}
+</tr>{% endfor %}</table>
+{% if rejections %}<h2>Rejected replies</h2><table id="rejections"><tr><th>round</th><th>node</th><th>reason</th></tr>
+{% for round, rej in rejections %}<tr><td>{{ round }}</td><td>{{ rej.node }}</td><td style="text-align:left">{{ rej.reason }}</td></tr>{% endfor %}
+</table>{% endif %}
+{% if dp %}<p>Differential privacy: noise multiplier {{ dp.noise_multiplier }}, clipping norm {{ dp.clipping_norm }}.</p>{% endif %}
+<p class="muted">JSON: <a href="/api/runs/{{ run_id }}">/api/runs/{{ run_id }}</a>,
+<a href="/api/runs/{{ run_id }}/rounds">/api/runs/{{ run_id }}/rounds</a></p>""")
+
+
+def create_dashboard(runs_dir: str | os.PathLike) -> FastAPI:
+    """The dashboard app over the run folders in `runs_dir`."""
+    app = FastAPI(title="fedprefix dashboard", description=__doc__)
+
+    def page(title: str, body: str) -> HTMLResponse:
+        return HTMLResponse(LAYOUT.render(title=title, style=STYLE, body=body))
+
+    def load(run_id: str):
+        try:
+            return load_run(runs_dir, run_id)
+        except RunFolderError as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from exc
+
+    def panel_html(run_id: str) -> tuple[str, str]:
+        info, rounds, problems = load(run_id)
+        numbers = [r.round for r in rounds]
+        loss = line_chart(
+            "held-out loss per token",
+            numbers,
+            {
+                "base": [r.eval_loss_base for r in rounds],
+                "shared": [r.eval_loss_shared for r in rounds],
+                "personal": [r.eval_loss_personal for r in rounds],
+            },
+        )
+        norm = line_chart("shared update norm", numbers, {"norm": [r.shared_update_norm for r in rounds]})
+        uplink = line_chart("uplink bytes", numbers, {"bytes": [float(r.uplink_bytes) for r in rounds]})
+        rejections = [(r.round, rej) for r in rounds for rej in r.rejected]
+        dp = next((r.privacy for r in reversed(rounds) if r.privacy is not None), None)
+        html = PANEL.render(
+            info=info,
+            rounds=rounds,
+            problems=problems,
+            loss_chart=loss,
+            norm_chart=norm,
+            uplink_chart=uplink,
+            rejections=rejections,
+            dp=dp,
+            run_id=run_id,
+        )
+        return html, info.status
+
+    @app.get("/", response_class=HTMLResponse)
+    def runs_page():
+        try:
+            runs = list_runs(runs_dir)
+        except RunFolderError as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from exc
+        return page("runs", RUNS_PAGE.render(runs=runs, folder=str(runs_dir)))
+
+    @app.get("/runs/{run_id}", response_class=HTMLResponse)
+    def run_page(run_id: str):
+        html, status = panel_html(run_id)
+        return page(f"run {run_id}", RUN_PAGE.render(run_id=run_id, panel=html, status=status, poll_ms=POLL_MS))
+
+    @app.get("/runs/{run_id}/panel", response_class=HTMLResponse)
+    def run_panel(run_id: str):
+        html, status = panel_html(run_id)
+        return HTMLResponse(html, headers={"X-Run-Status": status})
+
+    @app.get("/api/runs")
+    def api_runs():
+        try:
+            return [s.model_dump() for s in list_runs(runs_dir)]
+        except RunFolderError as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from exc
+
+    @app.get("/api/runs/{run_id}")
+    def api_run(run_id: str):
+        info, rounds, problems = load(run_id)
+        return {"summary": summarize(run_id, info, rounds, problems).model_dump(), "run": info.model_dump()}
+
+    @app.get("/api/runs/{run_id}/rounds")
+    def api_rounds(run_id: str):
+        _, rounds, problems = load(run_id)
+        return {"rounds": [r.model_dump() for r in rounds], "problems": problems}
+
+    return app

@@ -1,0 +1,82 @@
+"""Inline SVG line charts rendered on the server: no JavaScript library, no CDN, works offline."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from html import escape
+
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
+
+
+def line_chart(
+    title: str,
+    rounds: Sequence[int],
+    series: dict[str, Sequence[float | None]],
+    width: int = 460,
+    height: int = 220,
+    y_label: str = "",
+) -> str:
+    """An SVG chart with one polyline (and a dot per round) for each named series."""
+    left, right, top, bottom = 56, 12, 44, 34
+    values = [v for vs in series.values() for v in vs if v is not None]
+    parts = [
+        f'<svg class="chart" role="img" aria-label="{escape(title)}" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
+        f'<text x="{width / 2}" y="16" text-anchor="middle" class="title">{escape(title)}</text>',
+    ]
+    if not values or not rounds:
+        parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data yet</text></svg>')
+        return "".join(parts)
+    low, high = min(values), max(values)
+    if high == low:  # a flat series: give it a visible band around its value
+        pad = max(abs(low) * 0.05, 0.5)
+        low, high = low - pad, high + pad
+    first, last = min(rounds), max(rounds)
+    span_x = max(last - first, 1)
+
+    def x(r: int) -> float:
+        return left + (r - first) / span_x * (width - left - right)
+
+    def y(v: float) -> float:
+        return top + (high - v) / (high - low) * (height - top - bottom)
+
+    for i in range(5):  # horizontal grid with value labels
+        value = low + (high - low) * i / 4
+        parts.append(
+            f'<line x1="{left}" x2="{width - right}" y1="{y(value):.1f}" y2="{y(value):.1f}" class="grid"/>'
+            f'<text x="{left - 4}" y="{y(value) + 4:.1f}" text-anchor="end" class="tick">{_short(value)}</text>'
+        )
+    for r in rounds:
+        parts.append(f'<text x="{x(r):.1f}" y="{height - bottom + 14}" text-anchor="middle" class="tick">{r}</text>')
+    parts.append(
+        f'<text x="{(left + width - right) / 2}" y="{height - 4}" text-anchor="middle" class="tick">round'
+        f"{' — ' + escape(y_label) if y_label else ''}</text>"
+    )
+    for index, (name, vs) in enumerate(series.items()):
+        color = COLORS[index % len(COLORS)]
+        points = [(x(r), y(v)) for r, v in zip(rounds, vs, strict=True) if v is not None]
+        if not points:
+            continue
+        path = " ".join(f"{px:.1f},{py:.1f}" for px, py in points)
+        parts.append(
+            f'<polyline class="series" data-series="{escape(name)}" fill="none" stroke="{color}" '
+            f'stroke-width="2" points="{path}"/>'
+        )
+        parts.extend(
+            f'<circle class="point" data-series="{escape(name)}" cx="{px:.1f}" cy="{py:.1f}" r="3" fill="{color}"/>'
+            for px, py in points
+        )
+        parts.append(
+            f'<rect x="{left + index * 100}" y="24" width="10" height="10" fill="{color}"/>'
+            f'<text x="{left + 14 + index * 100}" y="33" class="legend">{escape(name)}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _short(value: float) -> str:
+    """Tick label: 3 significant digits, k / M for large numbers."""
+    for size, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{suffix}"
+    return f"{value:.3g}"

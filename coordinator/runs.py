@@ -1,0 +1,91 @@
+"""Finding and summarizing run folders (for `fedprefix runs|show` and the dashboard)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from .records import RUN_FILE, RoundRecord, RunFolderError, RunInfo, read_run
+
+RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class RunSummary(BaseModel):
+    """One line of the runs table."""
+
+    id: str  # the run folder's name
+    status: str
+    mode: str
+    base: str
+    users: int
+    rounds_planned: int
+    rounds_done: int
+    last_eval_loss_base: float | None
+    last_eval_loss_shared: float | None
+    last_eval_loss_personal: float | None
+    started: float
+    problems: list[str]
+
+
+def run_folder(runs_dir: str | os.PathLike, run_id: str) -> Path:
+    """The folder of `run_id` under `runs_dir`; refuses ids that could leave the folder."""
+    if not RUN_ID.match(run_id) or run_id in (".", ".."):
+        raise RunFolderError(f"invalid run id {run_id!r}")
+    folder = Path(runs_dir) / run_id
+    if not (folder / RUN_FILE).is_file():
+        raise RunFolderError(f"no run {run_id!r} in {runs_dir}")
+    return folder
+
+
+def load_run(runs_dir: str | os.PathLike, run_id: str) -> tuple[RunInfo, list[RoundRecord], list[str]]:
+    return read_run(run_folder(runs_dir, run_id))
+
+
+def summarize(run_id: str, info: RunInfo, rounds: list[RoundRecord], problems: list[str]) -> RunSummary:
+    last = rounds[-1] if rounds else None
+    return RunSummary(
+        id=run_id,
+        status=info.status,
+        mode=str(info.config.get("mode", "?")),
+        base=info.base,
+        users=int(info.config.get("num_users", 0)),
+        rounds_planned=int(info.config.get("num_rounds", 0)),
+        rounds_done=len(rounds),
+        last_eval_loss_base=last.eval_loss_base if last else None,
+        last_eval_loss_shared=last.eval_loss_shared if last else None,
+        last_eval_loss_personal=last.eval_loss_personal if last else None,
+        started=info.started,
+        problems=problems,
+    )
+
+
+def list_runs(runs_dir: str | os.PathLike) -> list[RunSummary]:
+    """Every run folder under `runs_dir`, newest first; unreadable ones are listed with their problem."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise RunFolderError(f"runs folder {root} does not exist")
+    summaries = []
+    for folder in sorted(p for p in root.iterdir() if (p / RUN_FILE).is_file()):
+        try:
+            summaries.append(summarize(folder.name, *read_run(folder)))
+        except RunFolderError as exc:
+            summaries.append(
+                RunSummary(
+                    id=folder.name,
+                    status="unreadable",
+                    mode="?",
+                    base="?",
+                    users=0,
+                    rounds_planned=0,
+                    rounds_done=0,
+                    last_eval_loss_base=None,
+                    last_eval_loss_shared=None,
+                    last_eval_loss_personal=None,
+                    started=0.0,
+                    problems=[str(exc)],
+                )
+            )
+    return sorted(summaries, key=lambda s: s.started, reverse=True)

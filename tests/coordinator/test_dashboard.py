@@ -1,0 +1,130 @@
+"""CLI `runs` / `show` and the dashboard, on a run folder written by a real tiny simulation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from fastapi.testclient import TestClient
+from fedprefix.coordinator.cli import app
+from fedprefix.coordinator.dashboard.app import create_dashboard
+from fedprefix.coordinator.simulate import simulate
+from typer.testing import CliRunner
+
+from tests.conftest import federation_config
+
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """runs/ with one finished 3-round run ('tiny') and a copy with a corrupt line ('broken')."""
+    root = tmp_path_factory.mktemp("runs")
+    config = federation_config(root, num_users=2, num_rounds=ROUNDS, run_dir=str(root / "runs" / "tiny"), audit_dir="")
+    simulate(config)
+    broken = root / "runs" / "broken"
+    shutil.copytree(root / "runs" / "tiny", broken)
+    lines = (broken / "rounds.jsonl").read_text().splitlines()
+    lines.insert(1, '{"round": 2, "oops"')
+    (broken / "rounds.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "runs"
+
+
+runner = CliRunner()
+
+
+def test_cli_runs_and_show(runs):
+    listed = runner.invoke(app, ["runs", "--runs", str(runs), "--json"])
+    assert listed.exit_code == 0, listed.output
+    ids = {r["id"]: r for r in json.loads(listed.output)}
+    assert ids["tiny"]["rounds_done"] == ROUNDS and ids["tiny"]["status"] == "finished"
+    shown = runner.invoke(app, ["show", "tiny", "--runs", str(runs)])
+    assert shown.exit_code == 0, shown.output
+    assert "personalization gain" in shown.output and "eval_loss_personal" in shown.output
+    as_json = json.loads(runner.invoke(app, ["show", "tiny", "--runs", str(runs), "--json"]).output)
+    assert [r["round"] for r in as_json["rounds"]] == [1, 2, 3]
+
+
+def test_cli_errors_are_one_line(runs, tmp_path):
+    missing = runner.invoke(app, ["runs", "--runs", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "does not exist" in missing.output and "Traceback" not in missing.output
+    unknown = runner.invoke(app, ["show", "nope", "--runs", str(runs)])
+    assert unknown.exit_code == 1 and "no run 'nope'" in unknown.output
+    corrupt = runner.invoke(app, ["show", "broken", "--runs", str(runs)])
+    assert corrupt.exit_code == 0
+    assert "rounds.jsonl line 2: unreadable round record" in corrupt.output
+    assert corrupt.output.count("│") > 0 and "3/3 rounds" in corrupt.output  # the other rounds still shown
+
+
+def test_every_page_and_endpoint(runs):
+    client = TestClient(create_dashboard(runs))
+    index = client.get("/")
+    assert index.status_code == 200 and 'href="/runs/tiny"' in index.text
+    page = client.get("/runs/tiny")
+    assert page.status_code == 200
+    assert page.text.count('<tr class="round">') == ROUNDS and page.text.count("<svg") == 3
+    assert page.text.count('class="point" data-series="personal"') == ROUNDS
+    assert "http://" not in page.text.replace('xmlns="http://www.w3.org/2000/svg"', ""), "offline: no external URL"
+    assert "key_seed" not in page.text and "simulation-only" not in page.text
+    panel = client.get("/runs/tiny/panel")
+    assert panel.headers["x-run-status"] == "finished" and "<table" in panel.text
+    assert len(client.get("/api/runs").json()) == 2
+    assert len(client.get("/api/runs/tiny/rounds").json()["rounds"]) == ROUNDS
+    assert client.get("/api/runs/tiny").json()["summary"]["rounds_done"] == ROUNDS
+    assert "line 2" in client.get("/api/runs/broken/rounds").json()["problems"][0]
+    assert client.get("/runs/nope").status_code == 404
+    assert client.get("/runs/..%2F..%2Fetc").status_code == 404
+
+
+def test_live_page_in_a_real_browser(runs, tmp_path):
+    """Headless Chromium: charts and table render, and a new round appears without a reload."""
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        pytest.skip("Chromium or ChromeDriver missing (Debian: apt-get install chromium chromium-driver); CI has them")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.coordinator.test_server import LoopbackServer
+
+    live = runs.parent / "live-runs" / "live"  # a run in progress: 2 of 3 rounds, status running
+    shutil.copytree(runs / "tiny", live)
+    rounds = (live / "rounds.jsonl").read_text().splitlines()
+    (live / "rounds.jsonl").write_text("\n".join(rounds[:2]) + "\n")
+    info = json.loads((live / "run.json").read_text())
+    (live / "run.json").write_text(json.dumps({**info, "status": "running", "ended": None}))
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1280,1200",
+    ):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    try:
+        with LoopbackServer(create_dashboard(live.parent)) as url:
+            browser.get(f"{url}/runs/live")
+            browser.execute_script("window.loadedOnce = true;")
+            WebDriverWait(browser, 20).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "svg.chart")) == 3)
+            assert len(browser.find_elements(By.CSS_SELECTOR, "tr.round")) == 2
+            (live / "rounds.jsonl").write_text("\n".join(rounds) + "\n")  # round 3 ends
+            (live / "run.json").write_text(json.dumps(info))
+            WebDriverWait(browser, 20).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "tr.round")) == ROUNDS)
+            assert browser.execute_script("return window.loadedOnce === true;"), "the page must not reload"
+            points = browser.find_elements(By.CSS_SELECTOR, 'circle.point[data-series="personal"]')
+            assert len(points) == ROUNDS
+            shot = tmp_path / "run-page.png"
+            browser.save_screenshot(str(shot))
+    finally:
+        browser.quit()
+    assert shot.stat().st_size > 10_000
