@@ -11,15 +11,18 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from pathlib import Path
 
 import torch
 from fedprefix.common.base_model import load_base
 from fedprefix.common.config import FederationConfig
+from fedprefix.common.files import atomic_write_bytes
 from fedprefix.common.prefix import Prefix
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import load_file, save
 
-from .records import RunInfo, RunRecorder
+from .records import SHARED_PREFIX_FILE, RunInfo, RunRecorder
 from .strategy import PrefixStrategy, build_inner_strategy
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,7 @@ def run_federation(grid: Grid, config: FederationConfig) -> None:
     recorder = RunRecorder(config.run_dir, info)
     strategy = PrefixStrategy(build_inner_strategy(config), config, arrays, base.fingerprint, recorder)
     try:
-        strategy.start(
+        result = strategy.start(
             grid=grid,
             initial_arrays=arrays,
             num_rounds=config.num_rounds,
@@ -65,7 +68,20 @@ def run_federation(grid: Grid, config: FederationConfig) -> None:
     except BaseException as exc:
         recorder.finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise
+    if config.sends_shared and result.arrays is not None:
+        save_shared_prefix(result.arrays, recorder.dir / SHARED_PREFIX_FILE)
     recorder.finish("finished")
+
+
+def save_shared_prefix(arrays: ArrayRecord, path) -> None:
+    """The final aggregated shared prefix (never a personal one) into the run folder."""
+    tensors = {name: torch.from_numpy(array.numpy().copy()) for name, array in arrays.items()}
+    atomic_write_bytes(path, save(tensors))
+
+
+def load_shared_prefix(run_dir) -> dict[str, torch.Tensor]:
+    """The final shared prefix of a run, as `shared.*` tensors."""
+    return load_file(str(Path(run_dir) / SHARED_PREFIX_FILE))
 
 
 @app.main()

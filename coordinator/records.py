@@ -2,6 +2,7 @@
 
     RUN_DIR/run.json      RunInfo: config, base fingerprint, start/end, status
     RUN_DIR/rounds.jsonl  one RoundRecord per line, appended as each round ends
+    RUN_DIR/shared_prefix.safetensors  the final aggregated shared prefix (shared modes)
 
 Readers tolerate a run in progress (status "running", a partial last line) and report
 a corrupt line by its number while still returning the others.
@@ -20,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 RUN_FILE = "run.json"
 ROUNDS_FILE = "rounds.jsonl"
+SHARED_PREFIX_FILE = "shared_prefix.safetensors"  # the final aggregated shared prefix (shared.* tensors)
 
 
 class RunFolderError(FedPrefixError):
