@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Converted models, fingerprints and run output stay inside the repo, git-ignored.
 export FEDPREFIX_CACHE ?= $(CURDIR)/.cache/fedprefix
 
-.PHONY: demo test test-slow lint install install-dev clean
+.PHONY: demo test test-slow lint bench report install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,15 @@ test: $(VENV)/.installed-dev
 
 test-slow: $(VENV)/.installed-dev $(VENV)/.installed-model
 	$(VENV)/bin/pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# Performance benchmarks (ratios measured side by side), results/bench/bench.{json,md}.
+bench: $(VENV)/.installed-dev $(VENV)/.installed-model
+	$(PY) -m fedprefix.simulations.bench_all $(if $(QUICK),--quick,)
+
+# The personalization benchmark report; QUICK=1: tiny model, about a minute.
+report: $(VENV)/.installed-dev $(VENV)/.installed-model
+	$(PY) -m pip install -q -e '.[report]'
+	$(PY) -m fedprefix.simulations.report $(if $(QUICK),--quick --out results/quick,--out results/report)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

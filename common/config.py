@@ -70,6 +70,7 @@ class FederationConfig(BaseModel):
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     personal_tokens: int = Field(8, ge=0)
     shared_tokens: int = Field(8, ge=0)
+    personal_projection: bool = True  # MLP-reparameterized personal prefix (never sent); the shared one is direct
     local_steps: int = Field(10, ge=1)  # optimizer steps per user per round
     learning_rate: float = Field(5e-3, gt=0)
     lr_decay: float = Field(1.0, gt=0, le=1)  # round r trains with learning_rate * lr_decay**(r-1)

@@ -10,7 +10,8 @@ optimizer steps per user, compared on each user's held-out prompts:
 - shared + personal (the default federation);
 - for one user: full fine-tuning of a copy of the base, and a local LoRA (PEFT) adapter of
   about the personal prefix's parameter count (the paper's low-data comparison);
-- for one user: prefix length 4 / 8 / 16 / 32 and MLP reparameterization on / off.
+- for one user: prefix length 4 / 8 / 16 / 32 (MLP-reparameterized, the default) and a
+  direct (no MLP) prefix.
 
 Metrics: held-out loss per completion token; style adherence (does the greedy output
 follow the user's style, per a per-style checker); slot realization (share of the record's
@@ -68,9 +69,21 @@ class Settings:
     max_length: int = 256
 
 
-QUICK = Settings(base="tiny-llama", users=[0, 1], examples=12, steps=4, rounds=2, personal_tokens=4,
-                 shared_tokens=4, prefix_lengths=[2, 4], generations=2, max_new_tokens=8, eval_size=4,
-                 learning_rate=3e-2, max_length=96)
+QUICK = Settings(
+    base="tiny-llama",
+    users=[0, 1],
+    examples=12,
+    steps=4,
+    rounds=2,
+    personal_tokens=4,
+    shared_tokens=4,
+    prefix_lengths=[2, 4],
+    generations=2,
+    max_new_tokens=8,
+    eval_size=4,
+    learning_rate=3e-2,
+    max_length=96,
+)
 FULL = Settings(base="smollm2-135m-instruct", users=[0, 1, 2, 3], examples=None, steps=45, rounds=3)
 
 
@@ -104,8 +117,9 @@ def score(base: BaseModelHandle, kv, data: dict, settings: Settings, model=None)
     rows = data["test"][: settings.generations]
     prompts = [tok(_prompt(tok, r["prompt"]), add_special_tokens=False).input_ids for r in rows]
     with torch.no_grad():
-        outputs = generate(use.model, tok, prompts, [kv] * len(prompts),
-                           SamplingParams(max_new_tokens=settings.max_new_tokens))
+        outputs = generate(
+            use.model, tok, prompts, [kv] * len(prompts), SamplingParams(max_new_tokens=settings.max_new_tokens)
+        )
     return Scores(
         loss=loss,
         style=sum(style_ok(data["style"], o) for o in outputs) / len(outputs),
@@ -113,12 +127,19 @@ def score(base: BaseModelHandle, kv, data: dict, settings: Settings, model=None)
     )
 
 
-def local_prefix(base, data, settings: Settings, tokens: int, projection: bool = False) -> tuple[Scores, Personalizer]:
+def local_prefix(base, data, settings: Settings, tokens: int, projection: bool = True) -> tuple[Scores, Personalizer]:
     """Personal prefix only, trained on the device."""
     started = time.perf_counter()
-    me = Personalizer(base_model=base, num_virtual_tokens=tokens, prefix_projection=projection, progress=False,
-                      max_steps=settings.steps, learning_rate=settings.learning_rate, max_length=settings.max_length,
-                      eval_fraction=0.0)
+    me = Personalizer(
+        base_model=base,
+        num_virtual_tokens=tokens,
+        prefix_projection=projection,
+        progress=False,
+        max_steps=settings.steps,
+        learning_rate=settings.learning_rate,
+        max_length=settings.max_length,
+        eval_fraction=0.0,
+    )
     me.fit(training_rows(data["train"] + data["val"]))
     seconds = time.perf_counter() - started
     trained = sum(p.numel() for p in me.trainable_parameters())  # before folding the MLP away
@@ -131,11 +152,18 @@ def local_prefix(base, data, settings: Settings, tokens: int, projection: bool =
 def federated(base, datasets, settings: Settings, mode: str, out: Path) -> tuple[dict, list]:
     """A Flower federation of all users in `mode`; scores per user with the final prefixes."""
     config = FederationConfig(
-        base=settings.base, mode=mode, num_users=len(settings.users), num_rounds=settings.rounds,
-        local_steps=max(1, settings.steps // settings.rounds), learning_rate=settings.learning_rate,
-        personal_tokens=settings.personal_tokens, shared_tokens=settings.shared_tokens if mode != "shared"
-        else settings.personal_tokens + settings.shared_tokens, examples_per_user=settings.examples or 0,
-        eval_size=settings.eval_size, max_length=settings.max_length, run_dir=str(out / f"run-{mode}"),
+        base=settings.base,
+        mode=mode,
+        num_users=len(settings.users),
+        num_rounds=settings.rounds,
+        local_steps=max(1, settings.steps // settings.rounds),
+        learning_rate=settings.learning_rate,
+        personal_tokens=settings.personal_tokens,
+        shared_tokens=settings.shared_tokens if mode != "shared" else settings.personal_tokens + settings.shared_tokens,
+        examples_per_user=settings.examples or 0,
+        eval_size=settings.eval_size,
+        max_length=settings.max_length,
+        run_dir=str(out / f"run-{mode}"),
         store_root=str(out / f"stores-{mode}"),
     )
     # Node i is persona user i: map the report's users onto partitions 0..n-1.
@@ -151,13 +179,18 @@ def federated(base, datasets, settings: Settings, mode: str, out: Path) -> tuple
     for index, user in enumerate(settings.users):
         kv = shared.key_values().detach()
         if mode == "shared+personal":
-            me = Personalizer.load(user_id=f"user{index:03d}", store=Path(config.store_root) / f"user{index:03d}",
-                                   key=simulation_key(config, f"user{index:03d}"), base_model=base)
+            me = Personalizer.load(
+                user_id=f"user{index:03d}",
+                store=Path(config.store_root) / f"user{index:03d}",
+                key=simulation_key(config, f"user{index:03d}"),
+                base_model=base,
+            )
             kv = torch.cat([kv, me.personal.key_values().detach()], dim=3)
         result = score(base, kv, datasets[user], settings)
         result.seconds = seconds / len(settings.users)
         result.trainable_parameters = spec.num_virtual_tokens * spec.flat_dim + (
-            settings.personal_tokens * spec.flat_dim if mode == "shared+personal" else 0)
+            settings.personal_tokens * spec.flat_dim if mode == "shared+personal" else 0
+        )
         scores[user] = result
     return scores, [r.model_dump() for r in rounds]
 
@@ -179,8 +212,9 @@ def lora(base, data, settings: Settings) -> Scores:
     probe = peft.get_peft_model(copy.deepcopy(base.model), peft.LoraConfig(r=1, target_modules=target))
     per_rank = sum(p.numel() for p in probe.parameters() if p.requires_grad)
     rank = max(1, round(prefix_params / per_rank))
-    wrapped = peft.get_peft_model(copy.deepcopy(base.model), peft.LoraConfig(r=rank, lora_alpha=2 * rank,
-                                                                             target_modules=target))
+    wrapped = peft.get_peft_model(
+        copy.deepcopy(base.model), peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=target)
+    )
     model = wrapped.get_base_model()  # LoRA layers injected in place; same interface as the base
     params = [p for p in model.parameters() if p.requires_grad]
     result = _train_model(base, model, params, data, settings, lr=settings.learning_rate * 2)
@@ -214,15 +248,20 @@ def run(settings: Settings, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     base = load_base(settings.base)
     datasets = {u: user_dataset(u, settings.examples, test_size=settings.eval_size) for u in settings.users}
-    results: dict = {"settings": asdict(settings), "machine": f"{platform.machine()}, torch {torch.__version__}",
-                     "users": {u: {"style": d["style"], "train_rows": len(d["train"]) + len(d["val"])}
-                               for u, d in datasets.items()},
-                     "approaches": {}, "ablation": {}, "rounds": {}}
+    results: dict = {
+        "settings": asdict(settings),
+        "machine": f"{platform.machine()}, torch {torch.__version__}",
+        "users": {u: {"style": d["style"], "train_rows": len(d["train"]) + len(d["val"])} for u, d in datasets.items()},
+        "approaches": {},
+        "ablation": {},
+        "rounds": {},
+    }
     started = time.perf_counter()
     approaches = results["approaches"]
     approaches["base"] = {u: asdict(score(base, None, d, settings)) for u, d in datasets.items()}
-    approaches["personal"] = {u: asdict(local_prefix(base, d, settings, settings.personal_tokens)[0])
-                              for u, d in datasets.items()}
+    approaches["personal"] = {
+        u: asdict(local_prefix(base, d, settings, settings.personal_tokens)[0]) for u, d in datasets.items()
+    }
     for mode in ("shared", "shared+personal"):
         scores, rounds = federated(base, datasets, settings, mode, out)
         approaches[mode] = {u: asdict(s) for u, s in scores.items()}
@@ -231,9 +270,10 @@ def run(settings: Settings, out: Path) -> dict:
     approaches["full fine-tuning"] = {one: asdict(full_finetune(base, datasets[one], settings))}
     approaches["LoRA"] = {one: asdict(lora(base, datasets[one], settings))}
     for tokens in settings.prefix_lengths:
-        results["ablation"][f"P={tokens}"] = asdict(local_prefix(base, datasets[one], settings, tokens)[0])
-    results["ablation"][f"P={settings.personal_tokens}, MLP"] = asdict(
-        local_prefix(base, datasets[one], settings, settings.personal_tokens, projection=True)[0])
+        results["ablation"][f"P={tokens}, MLP"] = asdict(local_prefix(base, datasets[one], settings, tokens)[0])
+    results["ablation"][f"P={settings.personal_tokens}, direct"] = asdict(
+        local_prefix(base, datasets[one], settings, settings.personal_tokens, projection=False)[0]
+    )
     results["seconds"] = round(time.perf_counter() - started, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
@@ -247,38 +287,58 @@ def write_report(results: dict, out: Path) -> str:
     """report.md (tables) and the plots; returns the markdown."""
     s = results["settings"]
     lines = [
-        "# fedprefix personalization benchmark", "",
+        "# fedprefix personalization benchmark",
+        "",
         f"Base `{s['base']}`; users {s['users']} ("
         + ", ".join(f"{u}: {v['style']}, {v['train_rows']} rows" for u, v in results["users"].items())
         + f"); {s['steps']} optimizer steps per user for every approach ({s['rounds']} federated rounds); "
         f"personal prefix P={s['personal_tokens']}, shared P={s['shared_tokens']}. "
         f"Held-out: {s['eval_size']} prompts per user, {s['generations']} generated greedily. "
-        f"Total {results['seconds']:.0f} s on {results['machine']}.", "",
-        "## All users (mean over users)", "",
+        f"Total {results['seconds']:.0f} s on {results['machine']}.",
+        "",
+        "## All users (mean over users)",
+        "",
         "| approach | held-out loss / token | style followed | slots realized | trainable parameters |",
         "|---|---|---|---|---|",
     ]
     for name in ("base", "shared", "personal", "shared+personal"):
         scores = results["approaches"][name]
         params = max(v["trainable_parameters"] for v in scores.values())
-        lines.append(f"| {name} | {_mean(scores, 'loss'):.3f} | {_mean(scores, 'style'):.0%} | "
-                     f"{_mean(scores, 'slots'):.0%} | {params:,} |")
+        lines.append(
+            f"| {name} | {_mean(scores, 'loss'):.3f} | {_mean(scores, 'style'):.0%} | "
+            f"{_mean(scores, 'slots'):.0%} | {params:,} |"
+        )
     one = str(s["ablation_user"])  # results went through JSON: user keys are strings
-    lines += ["", f"## One user ({one}, {results['users'][one]['style']}): low-data comparison", "",
-              "| approach | held-out loss / token | style followed | slots realized | trainable parameters |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## One user ({one}, {results['users'][one]['style']}): low-data comparison",
+        "",
+        "| approach | held-out loss / token | style followed | slots realized | trainable parameters |",
+        "|---|---|---|---|---|",
+    ]
     for name in ("base", "personal", "shared+personal", "LoRA", "full fine-tuning"):
         v = results["approaches"][name][one]
-        lines.append(f"| {name} | {v['loss']:.3f} | {v['style']:.0%} | {v['slots']:.0%} | "
-                     f"{v['trainable_parameters']:,} |")
-    lines += ["", "## Prefix length and reparameterization (same user, personal prefix only)", "",
-              "| prefix | held-out loss / token | style followed | slots realized | trainable parameters |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {v['loss']:.3f} | {v['style']:.0%} | {v['slots']:.0%} | {v['trainable_parameters']:,} |"
+        )
+    lines += [
+        "",
+        "## Prefix length and reparameterization (same user, personal prefix only)",
+        "",
+        "| prefix | held-out loss / token | style followed | slots realized | trainable parameters |",
+        "|---|---|---|---|---|",
+    ]
     for name, v in results["ablation"].items():
-        lines.append(f"| {name} | {v['loss']:.3f} | {v['style']:.0%} | {v['slots']:.0%} | "
-                     f"{v['trainable_parameters']:,} |")
-    lines += ["", "## Per user (held-out loss / token)", "",
-              "| user | style | base | shared | personal | shared+personal |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {v['loss']:.3f} | {v['style']:.0%} | {v['slots']:.0%} | {v['trainable_parameters']:,} |"
+        )
+    lines += [
+        "",
+        "## Per user (held-out loss / token)",
+        "",
+        "| user | style | base | shared | personal | shared+personal |",
+        "|---|---|---|---|---|---|",
+    ]
     for u, info in results["users"].items():
         row = [f"{results['approaches'][a][u]['loss']:.3f}" for a in ("base", "shared", "personal", "shared+personal")]
         lines.append(f"| {u} | {info['style']} | " + " | ".join(row) + " |")
@@ -299,8 +359,11 @@ def plot(results: dict, out: Path) -> None:
     rounds = results["rounds"]["shared+personal"]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     xs = [r["round"] for r in rounds]
-    for key, label in (("eval_loss_base", "base"), ("eval_loss_shared", "shared prefix"),
-                       ("eval_loss_personal", "shared + personal")):
+    for key, label in (
+        ("eval_loss_base", "base"),
+        ("eval_loss_shared", "shared prefix"),
+        ("eval_loss_personal", "shared + personal"),
+    ):
         ax.plot(xs, [r[key] for r in rounds], marker="o", label=label)
     ax.set_xlabel("round")
     ax.set_ylabel("held-out loss per token")

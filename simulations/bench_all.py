@@ -1,0 +1,127 @@
+"""`make bench`: every performance benchmark, each a ratio measured side by side in one run.
+
+    python -m fedprefix.simulations.bench_all [--base NAME] [--quick] [--out results/bench]
+
+Runs, in this order (each prints its own figures too):
+- training step, fedprefix vs PEFT prefix tuning (bench_train);
+- serving: mixed vs single-prefix batch, engine vs PEFT's per-user loop, open-loop HTTP
+  latency continuous vs static, memory per cached prefix (bench_serving);
+- encrypted store save / load and the KDF (bench_store);
+- federation round overhead and memory per simulated client (bench_federation).
+Writes OUT/bench.json and OUT/bench.md (machine, versions, figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import psutil
+import torch
+
+from . import bench_federation, bench_serving, bench_store, bench_train
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="smollm2-135m-instruct")
+    parser.add_argument("--quick", action="store_true", help="tiny model and short runs (a few minutes)")
+    parser.add_argument("--out", default="results/bench")
+    args = parser.parse_args(argv)
+    base = "tiny-llama" if args.quick else args.base
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import flwr
+    import transformers
+
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "flwr": flwr.__version__,
+        },
+        "base": base,
+    }
+    results["train"] = bench_train.main(["--base", base, "--steps", "4" if args.quick else "8"])
+    results["serving"] = bench_serving.main(
+        [
+            "--base",
+            base,
+            "--users",
+            "64",
+            "--peft-users",
+            "16" if args.quick else "8",
+            "--rate",
+            "20" if args.quick else "1.5",
+            "--seconds",
+            "8" if args.quick else "30",
+            "--repeats",
+            "3",
+        ]
+    )
+    results["store"] = bench_store.main(["--repeats", "20" if args.quick else "50"])
+    results["federation"] = bench_federation.main(
+        ["--base", base, "--users", "4", "--rounds", "2" if args.quick else "3", "--local-steps", "5"]
+    )
+    (out / "bench.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / "bench.md").write_text(markdown(results))
+    print(markdown(results))
+    return results
+
+
+def markdown(r: dict) -> str:
+    """The headline figures as a table."""
+    t, s, f = r["train"], r["serving"], r["federation"]
+    peft, http = s["engine_vs_peft"], s["open_loop_http"]
+    rows = [
+        (
+            "training step vs PEFT (time ratio, lower is better)",
+            f"{t['time_ratio_fedprefix_over_peft']}x ({t['median_step_s']})",
+        ),
+        (
+            "mixed-prefix batch vs one shared prefix (tokens/s ratio)",
+            f"{s['mixed_vs_single']['ratio_mixed_over_single']}",
+        ),
+        (
+            "engine vs PEFT per-user loop (tokens/s ratio, fp32 / bf16 engine)",
+            f"{peft['ratio_engine_over_peft']}x / {peft['ratio_engine_bf16_over_peft_fp32']}x",
+        ),
+        (
+            "HTTP open loop p50 / p99, continuous",
+            f"{http['continuous']['p50_latency_s']} s / {http['continuous']['p99_latency_s']} s",
+        ),
+        (
+            "HTTP open loop p50 / p99, static",
+            f"{http['static']['p50_latency_s']} s / {http['static']['p99_latency_s']} s",
+        ),
+        (
+            "memory per cached prefix; users per GiB",
+            f"{s['memory']['bytes_per_cached_prefix']:,} B; {s['memory']['users_per_GiB']:,}",
+        ),
+        (
+            "store save + load, raw key, durable / no fsync (ms)",
+            f"{r['store']['cases']['raw key']['save_plus_load_ms']:.2f} / "
+            f"{r['store']['cases']['raw key, durable=False']['save_plus_load_ms']:.2f}",
+        ),
+        ("store: scrypt unlock, once per session (ms)", f"{r['store']['kdf']['derive_ms']:.0f}"),
+        ("federation round wall / local training sum (after round 1)", f"{f['wall_over_training_sum_after_round1']}"),
+        ("peak memory per simulated client", f"{f['peak_rss_per_client_mib']} MiB"),
+    ]
+    head = [
+        f"# fedprefix benchmarks ({r['base']})",
+        "",
+        f"{r['machine']}; {r['versions']}",
+        "",
+        "| benchmark | figure |",
+        "|---|---|",
+    ]
+    return "\n".join(head + [f"| {a} | {b} |" for a, b in rows]) + "\n"
+
+
+if __name__ == "__main__":
+    main()
