@@ -10,38 +10,18 @@ import argparse
 import json
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
 from fedprefix.common.config import FederationConfig
 from fedprefix.coordinator.simulate import simulate
+from fedprefix.simulations.memory import PeakMemory
 
 
-class ClientMemory:
-    """Peak RSS per ClientApp process seen while the block runs."""
-
-    def __enter__(self):
-        self.peaks: dict[int, int] = {}
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            for proc in psutil.process_iter(["cmdline"]):
-                try:
-                    if "clientapp" in " ".join(proc.info["cmdline"] or []).lower():
-                        self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), proc.memory_info().rss)
-                except psutil.Error:
-                    continue
-            time.sleep(0.05)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
+def _is_client(proc) -> bool:
+    """A ClientApp process (a Ray actor in simulation)."""
+    return "clientapp" in " ".join(proc.info["cmdline"] or []).lower()
 
 
 def main(argv=None) -> dict:
@@ -64,7 +44,7 @@ def main(argv=None) -> dict:
             store_root=str(Path(tmp) / "stores"),
         )
         started = time.perf_counter()
-        with ClientMemory() as memory:
+        with PeakMemory(select=_is_client, interval=0.05) as memory:
             rounds = simulate(config)
         total = time.perf_counter() - started
     later = rounds[1:] or rounds  # round 1 also starts the node processes

@@ -13,7 +13,6 @@ import argparse
 import json
 import platform
 import statistics
-import threading
 import time
 
 import psutil
@@ -23,32 +22,8 @@ from fedprefix.client.training import train_step
 from fedprefix.common.base_model import load_base
 from fedprefix.common.generation import left_pad
 from fedprefix.common.prefix import Prefix
+from fedprefix.simulations.memory import PeakMemory
 from fedprefix.simulations.personas import training_rows, user_dataset
-
-
-class PeakRss:
-    """Peak resident memory above the starting level while the block runs (sampled every 5 ms)."""
-
-    def __enter__(self):
-        self.proc = psutil.Process()
-        self.start = self.peak = self.proc.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-
-    @property
-    def mib(self) -> float:
-        return (self.peak - self.start) / 2**20
 
 
 def _peft_batch(base, batch):
@@ -113,11 +88,11 @@ def main(argv=None) -> dict:
     memory = {}
     for index, batch in enumerate(batches):
         for name, step in variants.items():
-            with PeakRss() as rss:
+            with PeakMemory() as rss:
                 started = time.perf_counter()
                 losses[name].append(step(batch))
                 elapsed = time.perf_counter() - started
-            memory[name] = max(memory.get(name, 0.0), rss.mib)
+            memory[name] = max(memory.get(name, 0.0), rss.extra_mib)
             if index >= 2:  # warm-up steps are not timed
                 times[name].append(elapsed)
     ours_name, peft_name = list(variants)

@@ -36,19 +36,24 @@ from .engine import Engine, EngineOverloaded, GenerationRequest, GenerationResul
 KEY_HEADER = "X-Prefix-Key"
 
 
-class CompletionBody(BaseModel):
-    """POST /v1/completions (the OpenAI fields this server honours; others are ignored)."""
+class SamplingBody(BaseModel):
+    """Fields both endpoints share (the OpenAI ones this server honours; others are ignored)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
-    user: str | None = None
+    user: str | None = None  # whose prefix to use; None: the base alone
+
+
+class CompletionBody(SamplingBody):
+    """POST /v1/completions."""
+
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1, le=4096)
 
 
 class ChatMessage(BaseModel):
@@ -56,20 +61,12 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatBody(BaseModel):
+class ChatBody(SamplingBody):
     """POST /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    user: str | None = None
 
 
 class ApiError(Exception):
