@@ -13,7 +13,7 @@ import time
 import typer
 from fedprefix.common import base_model
 from fedprefix.common.errors import FedPrefixError
-from fedprefix.coordinator.views import make_console
+from fedprefix.coordinator.views import fmt_num, make_console
 from rich.table import Table
 
 console = make_console()
@@ -254,9 +254,9 @@ def runs_command(
             s.base,
             str(s.users),
             f"{s.rounds_done}/{s.rounds_planned}",
-            _fmt(s.last_eval_loss_base),
-            _fmt(s.last_eval_loss_shared),
-            _fmt(s.last_eval_loss_personal),
+            fmt_num(s.last_eval_loss_base),
+            fmt_num(s.last_eval_loss_shared),
+            fmt_num(s.last_eval_loss_personal),
         )
     console.print(table)
     for s in summaries:
@@ -301,8 +301,8 @@ def show_command(
     for name in ("eval_loss_base", "eval_loss_shared", "eval_loss_personal", "train_loss"):
         values = [getattr(r, name) for r in records]
         console.print(
-            f"{name:20s} {sparkline(values)}  {_fmt(values[0] if values else None)} -> "
-            f"{_fmt(values[-1] if values else None)}"
+            f"{name:20s} {sparkline(values)}  {fmt_num(values[0] if values else None)} -> "
+            f"{fmt_num(values[-1] if values else None)}"
         )
     if records and records[-1].eval_loss_base is not None and records[-1].eval_loss_personal is not None:
         last = records[-1]
@@ -333,10 +333,6 @@ def dashboard_command(
         fail(FedPrefixError(f"runs folder {runs} does not exist"))
     console.print(f"dashboard of {runs} on http://{host}:{port}")
     uvicorn.run(create_dashboard(runs), host=host, port=port, log_level="warning")
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 def _mount_subcommands() -> None:

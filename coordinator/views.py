@@ -29,7 +29,8 @@ def sparkline(values: Sequence[float | None]) -> str:
     return "".join(" " if v is None else SPARKS[int((v - low) / span * (len(SPARKS) - 1))] for v in values)
 
 
-def _num(value: float | None, digits: int = 3) -> str:
+def fmt_num(value: float | None, digits: int = 3) -> str:
+    """A number for tables, "-" when missing."""
     return "-" if value is None else f"{value:.{digits}f}"
 
 
@@ -48,12 +49,12 @@ def rounds_table(records: Sequence[RoundRecord], title: str = "rounds") -> Table
             str(len(r.sampled_users)),
             str(r.replies_accepted),
             str(r.replies_rejected),
-            _num(r.train_loss),
-            _num(r.eval_loss_base),
-            _num(r.eval_loss_shared),
-            _num(r.eval_loss_personal),
-            _num(gain),
-            _num(r.shared_update_norm, 2),
+            fmt_num(r.train_loss),
+            fmt_num(r.eval_loss_base),
+            fmt_num(r.eval_loss_shared),
+            fmt_num(r.eval_loss_personal),
+            fmt_num(gain),
+            fmt_num(r.shared_update_norm, 2),
             f"{r.uplink_bytes / 1000:.1f}",
             f"{r.seconds:.1f}",
         )

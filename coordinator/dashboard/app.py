@@ -19,6 +19,7 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import HTMLResponse
 from fedprefix.coordinator.records import RunFolderError
 from fedprefix.coordinator.runs import list_runs, load_run, summarize
+from fedprefix.coordinator.views import fmt_num
 from jinja2 import Environment, select_autoescape
 
 from .charts import line_chart
@@ -26,7 +27,7 @@ from .charts import line_chart
 POLL_MS = 2000
 
 _env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
-_env.filters["num"] = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"
+_env.filters["num"] = fmt_num
 _env.filters["when"] = lambda t: "-" if not t else datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
 
 STYLE = """

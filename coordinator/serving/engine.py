@@ -150,7 +150,8 @@ class EngineStats:
     steps: int = 0
     tokens: int = 0
     finished: int = 0
-    batch_sizes: list[int] = field(default_factory=list)  # per decode step, drained by the exporter
+    # per decode step, drained by the metrics exporter; bounded so a server nobody scrapes does not grow
+    batch_sizes: deque = field(default_factory=lambda: deque(maxlen=100_000))
     token_times: deque = field(default_factory=lambda: deque(maxlen=2048))  # (time, tokens so far) per step
 
     def tokens_per_second(self, window_s: float = 10.0) -> float:

@@ -122,7 +122,7 @@ class Metrics:
     def render(self) -> bytes:
         stats = self.engine.stats
         while stats.batch_sizes:
-            self.batch.observe(stats.batch_sizes.pop(0))
+            self.batch.observe(stats.batch_sizes.popleft())
         self.tokens.set(stats.tokens)
         self.rate.set(stats.tokens_per_second())
         self.queue.set(self.engine.queue_depth)
