@@ -94,7 +94,8 @@ class Scores:
     loss: float
     style: float
     slots: float
-    trainable_parameters: int = 0
+    trainable_parameters: int = 0  # trained on the device (an MLP reparameterization counts in full)
+    user_parameters: int = 0  # kept and served per user (the MLP folded away; the shared prefix is common)
     seconds: float = 0.0
 
 
@@ -146,6 +147,7 @@ def local_prefix(base, data, settings: Settings, tokens: int, projection: bool =
     me.personal = me.personal.folded() if projection else me.personal
     result = score(base, me.key_values().detach(), data, settings)
     result.trainable_parameters, result.seconds = trained, seconds
+    result.user_parameters = me.personal.num_trainable()  # folded: P x flat
     return result, me
 
 
@@ -178,6 +180,7 @@ def federated(base, datasets, settings: Settings, mode: str, out: Path) -> tuple
     scores = {}
     for index, user in enumerate(settings.users):
         kv = shared.key_values().detach()
+        personal_counts = 0, 0  # (trained, kept per user)
         if mode == "shared+personal":
             me = Personalizer.load(
                 user_id=f"user{index:03d}",
@@ -186,11 +189,11 @@ def federated(base, datasets, settings: Settings, mode: str, out: Path) -> tuple
                 base_model=base,
             )
             kv = torch.cat([kv, me.personal.key_values().detach()], dim=3)
+            personal_counts = me.personal.num_trainable(), me.personal.folded().num_trainable()
         result = score(base, kv, datasets[user], settings)
         result.seconds = seconds / len(settings.users)
-        result.trainable_parameters = spec.num_virtual_tokens * spec.flat_dim + (
-            settings.personal_tokens * spec.flat_dim if mode == "shared+personal" else 0
-        )
+        result.trainable_parameters = shared.num_trainable() + personal_counts[0]
+        result.user_parameters = personal_counts[1]
         scores[user] = result
     return scores, [r.model_dump() for r in rounds]
 
@@ -217,9 +220,7 @@ def lora(base, data, settings: Settings) -> Scores:
     )
     model = wrapped.get_base_model()  # LoRA layers injected in place; same interface as the base
     params = [p for p in model.parameters() if p.requires_grad]
-    result = _train_model(base, model, params, data, settings, lr=settings.learning_rate * 2)
-    result.trainable_parameters = sum(p.numel() for p in params)
-    return result
+    return _train_model(base, model, params, data, settings, lr=settings.learning_rate * 2)
 
 
 def _train_model(base, model, params, data, settings: Settings, lr: float) -> Scores:
@@ -239,7 +240,8 @@ def _train_model(base, model, params, data, settings: Settings, lr: float) -> Sc
     model.eval()
     model.requires_grad_(False)
     result = score(base, None, data, settings, model=model)
-    result.trainable_parameters, result.seconds = sum(p.numel() for p in params), seconds
+    result.trainable_parameters = result.user_parameters = sum(p.numel() for p in params)
+    result.seconds = seconds
     return result
 
 
@@ -279,6 +281,19 @@ def run(settings: Settings, out: Path) -> dict:
     return results
 
 
+TABLE_HEAD = (
+    "| approach | held-out loss / token | style followed | slots realized | parameters trained "
+    "| parameters kept per user |"
+)
+
+
+def _row(name: str, v: dict) -> str:
+    return (
+        f"| {name} | {v['loss']:.3f} | {v['style']:.0%} | {v['slots']:.0%} | {v['trainable_parameters']:,} "
+        f"| {v.get('user_parameters', 0):,} |"
+    )
+
+
 def _mean(scores: dict, metric: str) -> float:
     return statistics.mean(s[metric] for s in scores.values())
 
@@ -298,40 +313,36 @@ def write_report(results: dict, out: Path) -> str:
         "",
         "## All users (mean over users)",
         "",
-        "| approach | held-out loss / token | style followed | slots realized | trainable parameters |",
-        "|---|---|---|---|---|",
+        TABLE_HEAD,
+        "|---|---|---|---|---|---|",
     ]
     for name in ("base", "shared", "personal", "shared+personal"):
         scores = results["approaches"][name]
-        params = max(v["trainable_parameters"] for v in scores.values())
+        trained = max(v["trainable_parameters"] for v in scores.values())
+        kept = max(v.get("user_parameters", 0) for v in scores.values())
         lines.append(
             f"| {name} | {_mean(scores, 'loss'):.3f} | {_mean(scores, 'style'):.0%} | "
-            f"{_mean(scores, 'slots'):.0%} | {params:,} |"
+            f"{_mean(scores, 'slots'):.0%} | {trained:,} | {kept:,} |"
         )
     one = str(s["ablation_user"])  # results went through JSON: user keys are strings
     lines += [
         "",
         f"## One user ({one}, {results['users'][one]['style']}): low-data comparison",
         "",
-        "| approach | held-out loss / token | style followed | slots realized | trainable parameters |",
-        "|---|---|---|---|---|",
+        TABLE_HEAD,
+        "|---|---|---|---|---|---|",
     ]
     for name in ("base", "personal", "shared+personal", "LoRA", "full fine-tuning"):
-        v = results["approaches"][name][one]
-        lines.append(
-            f"| {name} | {v['loss']:.3f} | {v['style']:.0%} | {v['slots']:.0%} | {v['trainable_parameters']:,} |"
-        )
+        lines.append(_row(name, results["approaches"][name][one]))
     lines += [
         "",
         "## Prefix length and reparameterization (same user, personal prefix only)",
         "",
-        "| prefix | held-out loss / token | style followed | slots realized | trainable parameters |",
-        "|---|---|---|---|---|",
+        TABLE_HEAD.replace("approach", "prefix"),
+        "|---|---|---|---|---|---|",
     ]
     for name, v in results["ablation"].items():
-        lines.append(
-            f"| {name} | {v['loss']:.3f} | {v['style']:.0%} | {v['slots']:.0%} | {v['trainable_parameters']:,} |"
-        )
+        lines.append(_row(name, v))
     lines += [
         "",
         "## Per user (held-out loss / token)",

@@ -180,7 +180,11 @@ class Engine:
         self.base = base
         self.model, self.tokenizer = base.model, base.tokenizer
         self.store = store
-        self.prefixes = PrefixCache(store, base.fingerprint, prefix_cache_bytes) if store is not None else None
+        self.prefixes = (
+            PrefixCache(store, base.fingerprint, prefix_cache_bytes, dtype=base.dtype, device=base.device)
+            if store is not None
+            else None
+        )
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_wait_s = max_wait_s

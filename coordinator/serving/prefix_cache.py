@@ -32,12 +32,24 @@ class CacheStats:
 
 
 class PrefixCache:
-    """user + key -> the user's row prefix (L, 2, H, P, D): [shared ; personal] as stored."""
+    """user + key -> the user's row prefix (L, 2, H, P, D): [shared ; personal], in the serving dtype.
 
-    def __init__(self, store: PrefixStore, base_fingerprint: str, max_bytes: int = 1 << 30) -> None:
+    Entries are kept in the dtype and on the device the engine computes in, so a bfloat16
+    server holds twice as many users in the same bytes and converts nothing per request.
+    """
+
+    def __init__(
+        self,
+        store: PrefixStore,
+        base_fingerprint: str,
+        max_bytes: int = 1 << 30,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.store = store
         self.base_fingerprint = base_fingerprint
         self.max_bytes = max_bytes
+        self.dtype, self.device = dtype, torch.device(device)
         self._salt = secrets.token_bytes(32)
         self._entries: OrderedDict[tuple[str, bytes], tuple[tuple, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
@@ -94,4 +106,4 @@ class PrefixCache:
                     parts.append(self.store.load(name, key, self.base_fingerprint).key_values().detach())
         if not parts:
             raise UnknownUserError(f"no stored prefix for user {user_id!r}", user_id=user_id)
-        return concat_key_values(*parts).contiguous()
+        return concat_key_values(*parts).to(dtype=self.dtype, device=self.device).contiguous()

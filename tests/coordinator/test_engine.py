@@ -130,3 +130,19 @@ def test_prefix_cache_is_bounded_and_follows_the_store(tmp_path):
         store.save("alice", random_prefix(base, 2, seed=42), key_of("alice"))  # alice trained again
         fresh = engine.resolve_prefix("alice", key_of("alice"))
         assert not torch.equal(fresh, old) and cache.stats.misses == 5
+
+
+def test_bfloat16_engine_keeps_prefixes_in_bfloat16_and_rows_equal_alone(served):
+    base, store = served
+    half = base.with_dtype(torch.bfloat16)
+    cases = [("alice", "hi"), ("bob", "a much longer prompt here"), (None, "base")]
+    params = SamplingParams(max_new_tokens=10)
+    with Engine(half, store=store) as engine:
+        results = engine.generate([request(u, p, max_new_tokens=10) for u, p in cases])
+        cached = engine.resolve_prefix("bob", key_of("bob"))
+        assert cached.dtype == torch.bfloat16
+        assert engine.prefixes.stats.bytes == sum(
+            store.load(u, key_of(u)).key_values().numel() * 2 for u in ("alice", "bob")
+        )
+    for (user, prompt), result in zip(cases, results, strict=True):
+        assert result.tokens == reference(half, store, prompt, user, params)

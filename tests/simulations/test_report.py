@@ -14,6 +14,11 @@ def test_quick_report(tmp_path):
     for name in ("shared", "personal", "shared+personal"):
         for user, scores in results["approaches"][name].items():
             assert scores["loss"] < results["approaches"]["base"][user]["loss"], (name, user)
+    personal, both = results["approaches"]["personal"], results["approaches"]["shared+personal"]
+    for user in both:  # the MLP is trained but only the folded prefix is kept; the shared part is common
+        assert both[user]["user_parameters"] == personal[user]["user_parameters"] > 0
+        assert personal[user]["trainable_parameters"] > personal[user]["user_parameters"]
+        assert both[user]["trainable_parameters"] > personal[user]["trainable_parameters"]
     assert set(results["ablation"]) == {"P=2, MLP", "P=4, MLP", "P=4, direct"}
     report = (tmp_path / "report.md").read_text()
     assert "| shared+personal |" in report and "low-data comparison" in report
