@@ -141,8 +141,13 @@ def engine_vs_peft(base_name, base, store, users, prompts, params, peft_users: i
     first = [tok(prompts[0], add_special_tokens=False).input_ids]
     first_prefix = [store.load(users[0], key_of(users[0])).key_values().detach()]
     peft_rate, peft_out = peft_loop(base_name, store, users[:peft_users], prompts[:peft_users], params, torch.float32)
-    # the baseline must compute the right thing: equal to ours for the first user
-    matches = peft_out[0] == generate_tokens(base.model, tok, first, first_prefix, params)[0]
+    # The baseline must compute the right thing: the same greedy tokens as ours for the first user.
+    # Over a long generation float32 rounding of two different kernels may flip a near-tie, so
+    # the check asks for the first 16 tokens and reports how far the two agree.
+    ours = generate_tokens(base.model, tok, first, first_prefix, params)[0]
+    agree = next((i for i, (a, b) in enumerate(zip(peft_out[0], ours, strict=True)) if a != b), len(ours))
+    if agree < min(16, len(ours)):
+        raise RuntimeError(f"PEFT's generate disagrees with the reference at token {agree}: the baseline is wrong")
     bf16_users = max(2, peft_users // 4)  # only to show it is not the faster choice; it is slow
     peft_bf16_rate, _ = peft_loop(base_name, store, users[:bf16_users], prompts[:bf16_users], params, torch.bfloat16)
     requests = [GenerationRequest(p, user=u, key=key_of(u), params=params) for u, p in zip(users, prompts, strict=True)]
@@ -161,7 +166,7 @@ def engine_vs_peft(base_name, base, store, users, prompts, params, peft_users: i
         "engine_serving_dtype_tokens_per_s": round(rates[serving], 1),
         "ratio_engine_over_peft_fp32": round(rates[torch.float32] / peft_rate, 1),
         "ratio_best_engine_over_best_peft": round(best_engine / best_peft, 1),
-        "peft_baseline_matches_ours": matches,
+        "peft_tokens_equal_to_ours": f"{agree}/{len(ours)}",
     }
 
 
@@ -235,6 +240,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peft-users", type=int, default=16, help="users timed for the PEFT loop (it is slow)")
+    parser.add_argument(
+        "--peft-lengths", type=int, nargs="+", default=[32, 128], help="new tokens per request, engine vs PEFT"
+    )
     parser.add_argument("--rate", type=float, default=20.0, help="open-loop arrivals per second")
     parser.add_argument("--seconds", type=float, default=10.0, help="open-loop duration")
     parser.add_argument("--skip", nargs="*", default=[], choices=["mixed", "peft", "http", "memory"])
@@ -257,11 +265,19 @@ def main(argv=None) -> dict:
         store = PrefixStore(Path(tmp) / "store")
         users = make_users(base, store, args.users, args.tokens)
         prompts = prompts_for(base, args.users)
-        if "peft" not in args.skip:
-            result["engine_vs_peft"] = engine_vs_peft(
-                args.base, base, store, users, prompts, params, min(args.peft_users, args.users)
-            )
-            print(json.dumps(result["engine_vs_peft"]), flush=True)
+        if "peft" not in args.skip:  # per generation length: prefill weighs less in longer ones
+            result["engine_vs_peft"] = {}
+            for length in args.peft_lengths:
+                result["engine_vs_peft"][str(length)] = engine_vs_peft(
+                    args.base,
+                    base,
+                    store,
+                    users,
+                    prompts,
+                    SamplingParams(max_new_tokens=length, ignore_eos=True),
+                    min(args.peft_users, args.users),
+                )
+                print(json.dumps({length: result["engine_vs_peft"][str(length)]}), flush=True)
         with Engine(served, store=store, max_batch_size=args.users) as engine:
             if "mixed" not in args.skip:
                 result["mixed_vs_single"] = mixed_vs_single(engine, users, prompts, params, args.repeats)

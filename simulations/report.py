@@ -367,20 +367,22 @@ def plot(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = results["rounds"]["shared+personal"]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    xs = [r["round"] for r in rounds]
-    for key, label in (
-        ("eval_loss_base", "base"),
-        ("eval_loss_shared", "shared prefix"),
-        ("eval_loss_personal", "shared + personal"),
+    both, shared_only = results["rounds"]["shared+personal"], results["rounds"]["shared"]
+    tokens = results["settings"]["shared_tokens"], results["settings"]["personal_tokens"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    xs = [r["round"] for r in both]
+    for rounds, key, label, style in (
+        (both, "eval_loss_base", "base, zero-shot", "-"),
+        (shared_only, "eval_loss_shared", f"shared-only run (P={sum(tokens)})", "-"),
+        (both, "eval_loss_shared", f"shared+personal run: its shared part alone (P={tokens[0]})", "--"),
+        (both, "eval_loss_personal", f"shared+personal run: shared + personal (P={tokens[0]}+{tokens[1]})", "-"),
     ):
-        ax.plot(xs, [r[key] for r in rounds], marker="o", label=label)
+        ax.plot([r["round"] for r in rounds], [r[key] for r in rounds], style, marker="o", label=label)
     ax.set_xlabel("round")
     ax.set_ylabel("held-out loss per token")
     ax.set_title(f"Federated personalization, {results['settings']['base']}")
     ax.set_xticks(xs)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "loss_per_round.png", dpi=110)
     plt.close(fig)

@@ -146,3 +146,15 @@ def test_bfloat16_engine_keeps_prefixes_in_bfloat16_and_rows_equal_alone(served)
         )
     for (user, prompt), result in zip(cases, results, strict=True):
         assert result.tokens == reference(half, store, prompt, user, params)
+
+
+def test_requests_submitted_together_share_the_first_step_or_none_is_queued(served):
+    base, store = served
+    batch = [request(u, "hi", max_new_tokens=3) for u in ("alice", "bob", "carol", None)]
+    with Engine(base, store=store) as engine:
+        engine.generate(batch)
+        assert engine.stats.batch_sizes[0] == len(batch)
+    with Engine(base, store=store, max_queue=3) as engine:
+        with pytest.raises(EngineOverloaded, match=r"queue is full \(0 of 3"):
+            engine.submit_many(batch)
+        assert engine.queue_depth == 0

@@ -176,3 +176,12 @@ def test_openai_client_and_concurrent_load(served):  # noqa: F811
     assert all(r.status_code == 200 for r in replies)
     assert all(r.json()["choices"][0]["text"] == expected[case] for case, r in zip(cases, replies, strict=True))
     assert max(engine.stats.batch_sizes) > 1, "concurrent requests must share batches"
+
+
+def test_serve_refuses_an_unknown_dtype_before_binding(tmp_path):
+    from fedprefix.coordinator.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["serve", "--base", "tiny-llama", "--store", str(tmp_path), "--dtype", "fp8"])
+    assert result.exit_code == 1
+    assert "unknown dtype 'fp8'" in result.output and "bfloat16" in result.output
