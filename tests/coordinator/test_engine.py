@@ -158,3 +158,7 @@ def test_requests_submitted_together_share_the_first_step_or_none_is_queued(serv
         with pytest.raises(EngineOverloaded, match=r"queue is full \(0 of 3"):
             engine.submit_many(batch)
         assert engine.queue_depth == 0
+        wrong = GenerationRequest("hi", user="bob", key=key_of("alice"))
+        with pytest.raises(WrongKeyError):
+            engine.submit_many([batch[0], wrong])
+        assert engine.queue_depth == 0
