@@ -252,9 +252,14 @@ class Engine:
         """
         return self._enqueue([self._prepare(request, listener)])[0]
 
-    def submit_many(self, requests: Sequence[GenerationRequest]) -> list[RequestHandle]:
+    def submit_many(
+        self,
+        requests: Sequence[GenerationRequest],
+        listeners: Sequence[Callable[[str | None], None] | None] | None = None,
+    ) -> list[RequestHandle]:
         """Queue requests together, so that they join the same step (all or none are queued)."""
-        return self._enqueue([self._prepare(r) for r in requests])
+        listeners = [None] * len(requests) if listeners is None else listeners
+        return self._enqueue([self._prepare(r, lis) for r, lis in zip(requests, listeners, strict=True)])
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Run `requests` (batched with whatever else is running) and wait for all of them."""

@@ -156,28 +156,29 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         }
         return JSONResponse(body, status_code=422)
 
-    async def submit(request: Request, prompt: str, params: SamplingParams, user: str | None):
+    async def submit(request: Request, prompts: list[str], params: SamplingParams, user: str | None):
+        """Queue all prompts of one HTTP request together (all or none); (handle, events) per prompt."""
         key = parse_key(request.headers.get(KEY_HEADER))
         if user is not None and key is None:
             raise ApiError(
                 401, f"user {user!r} needs the {KEY_HEADER} header (base64 of 32 bytes, or a passphrase)", "missing_key"
             )
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        queues = [asyncio.Queue() for _ in prompts]
 
-        def listener(item):  # called on the engine thread
-            loop.call_soon_threadsafe(events.put_nowait, item)
+        def listener(events: asyncio.Queue):
+            return lambda item: loop.call_soon_threadsafe(events.put_nowait, item)  # called on the engine thread
 
-        generation = GenerationRequest(prompt=prompt, user=user, key=key, params=params)
+        generations = [GenerationRequest(prompt=p, user=user, key=key, params=params) for p in prompts]
         try:  # a passphrase may cost a key derivation: keep it off the event loop
-            handle = await run_in_threadpool(engine.submit, generation, listener)
+            handles = await run_in_threadpool(engine.submit_many, generations, [listener(q) for q in queues])
         except StoreError as exc:
             raise _store_error(exc) from exc
         except EngineOverloaded as exc:
             raise ApiError(429, str(exc), "overloaded", {"Retry-After": "1"}) from exc
         except FedPrefixError as exc:
             raise ApiError(400, str(exc), "bad_request") from exc
-        return handle, events
+        return list(zip(handles, queues, strict=True))
 
     async def collect(handle, events) -> GenerationResult:
         while await events.get() is not None:
@@ -213,13 +214,12 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise ApiError(422, "prompt: give at least one prompt", "invalid_body")
-        params = params_of(body, body.max_tokens)
-        submitted = [await submit(request, p, params, body.user) for p in prompts]
+        if body.stream and len(prompts) != 1:  # checked before anything is queued
+            raise ApiError(422, "stream: streaming takes a single prompt", "invalid_body")
+        submitted = await submit(request, prompts, params_of(body, body.max_tokens), body.user)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
         if body.stream:
-            if len(submitted) != 1:
-                raise ApiError(422, "stream: streaming takes a single prompt", "invalid_body")
             handle, events = submitted[0]
 
             async def chunks():
@@ -245,7 +245,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         messages = [m.model_dump() for m in body.messages]
         prompt = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         params = params_of(body, body.max_completion_tokens or body.max_tokens or 256)
-        handle, events = await submit(request, prompt, params, body.user)
+        ((handle, events),) = await submit(request, [prompt], params, body.user)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "created": created, "model": model_name}
         if body.stream:

@@ -88,6 +88,21 @@ def test_overload_is_429(served):  # noqa: F811
     assert reply.status_code == 429 and reply.headers["retry-after"] == "1"
 
 
+def test_a_refused_request_runs_none_of_its_prompts(served):  # noqa: F811
+    base, store = served
+    with Engine(base, store=store, max_queue=1) as engine, TestClient(create_app(engine, "m")) as test_client:
+        two = {"prompt": ["a", "b"], "max_tokens": 2}
+        assert test_client.post("/v1/completions", json=two).status_code == 429  # the queue holds one
+        streamed = test_client.post("/v1/completions", json={"prompt": ["a"], "max_tokens": 2, "stream": True})
+        assert streamed.status_code == 200
+        refused = test_client.post("/v1/completions", json={**two, "stream": True})
+        assert refused.status_code == 422 and "single prompt" in refused.json()["error"]["message"]
+        one_bad_key = {"prompt": ["a", "b"], "user": "bob", "max_tokens": 2}
+        assert test_client.post("/v1/completions", json=one_bad_key, headers=header("alice")).status_code == 403
+        time.sleep(0.2)
+        assert engine.stats.finished == 1 and engine.queue_depth == 0  # only the streamed prompt ran
+
+
 def test_models_health_metrics(client):
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-llama"
     assert client.get("/health").json()["status"] == "ok"
