@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import tomllib
 from fedprefix.common.config import FederationConfig
 from fedprefix.coordinator.strategy import PrefixStrategy, build_inner_strategy, payload_bytes, sample_size
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
@@ -103,3 +106,9 @@ def test_bad_run_config_names_the_key():
         FederationConfig(mode="shared", shared_tokens=0)
     with pytest.raises(ValueError, match="mode 'personal' sends none"):
         FederationConfig(mode="personal", dp_noise_multiplier=1.0)
+
+
+def test_pyproject_lists_every_run_setting_with_its_default():
+    """`flwr run .` takes its settings from pyproject: they must be FederationConfig's, all of them."""
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == FederationConfig().to_run_config()
