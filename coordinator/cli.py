@@ -305,9 +305,8 @@ def show_command(
             f"{name:20s} {sparkline(values)}  {fmt_num(values[0] if values else None)} -> "
             f"{fmt_num(values[-1] if values else None)}"
         )
-    if records and records[-1].eval_loss_base is not None and records[-1].eval_loss_personal is not None:
+    if records and (gain := records[-1].personalization_gain) is not None:
         last = records[-1]
-        gain = last.eval_loss_base - last.eval_loss_personal
         shared_gain = last.eval_loss_base - (last.eval_loss_shared or last.eval_loss_base)
         console.print(
             f"personalization gain (base - personal loss): {gain:.3f} "

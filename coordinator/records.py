@@ -59,6 +59,13 @@ class RoundRecord(BaseModel):
     seconds: float  # wall time of the round at the coordinator
     privacy: PrivacyRecord | None = None
 
+    @property
+    def personalization_gain(self) -> float | None:
+        """Held-out loss of the base minus that with shared + personal prefix; None if either is missing."""
+        if self.eval_loss_base is None or self.eval_loss_personal is None:
+            return None
+        return self.eval_loss_base - self.eval_loss_personal
+
 
 class RunInfo(BaseModel):
     """run.json."""

@@ -29,7 +29,7 @@ import httpx
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.errors import FedPrefixError
 
-from .records import RoundRecord, read_run
+from .records import RUN_FILE, RoundRecord, read_run
 
 SUPERLINK_NAME = "fedprefix-sim"
 STARTUP_TIMEOUT_S = 60.0
@@ -166,7 +166,7 @@ def simulate(config: FederationConfig, cpus_per_client: float = 1.0, verbose: bo
     )
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").unlink(missing_ok=True)
+    (run_dir / RUN_FILE).unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedprefix-sim-") as tmp:
         tmp = Path(tmp)
         app = write_app(tmp / "app", config)
@@ -192,7 +192,7 @@ def simulate(config: FederationConfig, cpus_per_client: float = 1.0, verbose: bo
                     stderr=subprocess.STDOUT,
                     check=False,
                 )
-    if not (run_dir / "run.json").is_file():
+    if not (run_dir / RUN_FILE).is_file():
         raise SimulationError(f"the federation did not start (flwr run exit code {done.returncode}); see {log_file}")
     info, rounds, problems = read_run(run_dir)
     if info.status != "finished":

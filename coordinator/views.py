@@ -41,9 +41,6 @@ def rounds_table(records: Sequence[RoundRecord], title: str = "rounds") -> Table
     for column in ("rnd", "users", "ok", "rej", "train", "base", "shared", "pers", "gain", "norm", "up kB", "s"):
         table.add_column(column, justify="right", no_wrap=True)
     for r in records:
-        gain = None
-        if r.eval_loss_base is not None and r.eval_loss_personal is not None:
-            gain = r.eval_loss_base - r.eval_loss_personal
         table.add_row(
             str(r.round),
             str(len(r.sampled_users)),
@@ -53,7 +50,7 @@ def rounds_table(records: Sequence[RoundRecord], title: str = "rounds") -> Table
             fmt_num(r.eval_loss_base),
             fmt_num(r.eval_loss_shared),
             fmt_num(r.eval_loss_personal),
-            fmt_num(gain),
+            fmt_num(r.personalization_gain),
             fmt_num(r.shared_update_norm, 2),
             f"{r.uplink_bytes / 1000:.1f}",
             f"{r.seconds:.1f}",

@@ -92,7 +92,7 @@ PANEL = _env.from_string("""<p><span class="status-{{ info.status }}">{{ info.st
 {% for r in rounds %}<tr class="round"><td>{{ r.round }}</td><td>{{ r.sampled_users | length }}</td>
 <td>{{ r.replies_accepted }}</td><td>{{ r.replies_rejected }}</td><td>{{ r.train_loss | num }}</td>
 <td>{{ r.eval_loss_base | num }}</td><td>{{ r.eval_loss_shared | num }}</td><td>{{ r.eval_loss_personal | num }}</td>
-<td>{% if r.eval_loss_base is not none and r.eval_loss_personal is not none %}{{ (r.eval_loss_base - r.eval_loss_personal) | num }}{% else %}-{% endif %}</td>
+<td>{{ r.personalization_gain | num }}</td>
 <td>{{ r.shared_update_norm | num }}</td><td>{{ "{:,}".format(r.uplink_bytes) }}</td><td>{{ r.seconds | num(1) }}</td>
 {% if dp %}<td>{% if r.privacy and r.privacy.epsilon is not none %}{{ r.privacy.epsilon | num(2) }} ({{ r.privacy.delta }}){% else %}{{ r.privacy.reason if r.privacy else "-" }}{% endif %}</td>{% endif %}
 </tr>{% endfor %}</table>
@@ -146,13 +146,15 @@ def create_dashboard(runs_dir: str | os.PathLike) -> FastAPI:
         )
         return html, info.status
 
-    @app.get("/", response_class=HTMLResponse)
-    def runs_page():
+    def summaries():
         try:
-            runs = list_runs(runs_dir)
+            return list_runs(runs_dir)
         except RunFolderError as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from exc
-        return page("runs", RUNS_PAGE.render(runs=runs, folder=str(runs_dir)))
+
+    @app.get("/", response_class=HTMLResponse)
+    def runs_page():
+        return page("runs", RUNS_PAGE.render(runs=summaries(), folder=str(runs_dir)))
 
     @app.get("/runs/{run_id}", response_class=HTMLResponse)
     def run_page(run_id: str):
@@ -166,10 +168,7 @@ def create_dashboard(runs_dir: str | os.PathLike) -> FastAPI:
 
     @app.get("/api/runs")
     def api_runs():
-        try:
-            return [s.model_dump() for s in list_runs(runs_dir)]
-        except RunFolderError as exc:
-            raise HTTPException(status_code=404, detail=str(exc)) from exc
+        return [s.model_dump() for s in summaries()]
 
     @app.get("/api/runs/{run_id}")
     def api_run(run_id: str):

@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from fedprefix.coordinator.cli import app
 from fedprefix.coordinator.dashboard.app import create_dashboard
+from fedprefix.coordinator.records import read_run
 from fedprefix.coordinator.simulate import simulate
 from typer.testing import CliRunner
 
@@ -65,6 +66,8 @@ def test_every_page_and_endpoint(runs):
     assert page.status_code == 200
     assert page.text.count('<tr class="round">') == ROUNDS and page.text.count("<svg") == 3
     assert page.text.count('class="point" data-series="personal"') == ROUNDS
+    for r in read_run(runs / "tiny")[1]:  # the gain column: base minus shared+personal loss
+        assert f"<td>{r.eval_loss_base - r.eval_loss_personal:.3f}</td>" in page.text
     assert "http://" not in page.text.replace('xmlns="http://www.w3.org/2000/svg"', ""), "offline: no external URL"
     assert "key_seed" not in page.text and "simulation-only" not in page.text
     panel = client.get("/runs/tiny/panel")
