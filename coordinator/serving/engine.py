@@ -25,19 +25,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from fedprefix.common.attention import (
-    cache_from_layers,
-    cache_layers,
-    decode_step,
-    join_batches,
-    keep_rows,
-    prefill,
-    stack_prefixes,
-)
+from fedprefix.common.attention import cache_from_layers, cache_layers, join_batches, keep_rows, stack_prefixes
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.generation import SamplingParams, eos_ids, left_pad, make_generator, pick_tokens, stop_index
 from fedprefix.common.store import PrefixStore
 
+from .fast_llama import serving_forward
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
@@ -186,6 +179,7 @@ class Engine:
             else None
         )
         self.max_batch_size = max_batch_size
+        self._forward = serving_forward(self.model, max_batch_size)
         self.max_queue = max_queue
         self.max_wait_s = max_wait_s
         self.continuous = continuous
@@ -336,13 +330,11 @@ class Engine:
 
     def _prefill(self, handles: list[RequestHandle]) -> None:
         """Run the joiners' prompts behind their prefixes in one forward and add them to the batch."""
-        model = self.model
         device, dtype = self.base.device, self.base.dtype
         ids, mask = left_pad([h.prompt_ids for h in handles], self.tokenizer.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         prefixes = stack_prefixes([h.prefix for h in handles], dtype=dtype, device=device)
-        logits, cache = prefill(model, ids, mask, prefixes)  # (B_new, V)
-        layers = cache_layers(cache)  # per layer (B_new, H, Pmax + T, D)
+        logits, layers = self._forward.prefill(ids, mask, prefixes)  # (B_new, V), per layer (B_new, H, Pmax + T, D)
         new_mask = torch.cat([prefixes.mask, mask], dim=1)  # (B_new, Pmax + T)
         positions = (prefixes.lengths + mask.sum(dim=1)).tolist()
         rows = [
@@ -363,7 +355,7 @@ class Engine:
         last = torch.tensor([[row.tokens[-1]] for row in self._rows], device=device)  # (B, 1)
         positions = torch.tensor([[row.position] for row in self._rows], device=device)  # (B, 1)
         mask = torch.cat([self._mask, torch.ones(batch, 1, dtype=self._mask.dtype, device=device)], dim=1)
-        logits, _ = decode_step(self.model, last, mask, positions, self._cache)  # cache appended in place
+        logits = self._forward.decode_step(last, mask, positions, self._cache)  # cache appended in place
         self._mask = mask
         for row in self._rows:
             row.position += 1
