@@ -103,25 +103,27 @@ def peft_generate_fixed(peft_model) -> None:
     peft_model.base_model_prepare_inputs_for_generation = renamed
 
 
-def peft_loop(base_name, store, users, prompts, params, dtype: torch.dtype) -> tuple[float, list[list[int]]]:
-    """PEFT's way, per user: put the user's prefix into the adapter, then `generate`; tokens/s and outputs."""
-    import peft
+class PeftLoop:
+    """PEFT's way, per user: put the user's prefix into the adapter, then `generate`."""
 
-    peft_base = load_base(base_name, dtype=dtype)
-    spec_tokens = store.load(users[0], key_of(users[0])).spec.num_virtual_tokens
-    model = peft.get_peft_model(
-        peft_base.model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec_tokens)
-    )
-    model.to(dtype).eval()
-    peft_generate_fixed(model)
-    embedding = model.prompt_encoder["default"].embedding.weight
-    tok = peft_base.tokenizer
+    def __init__(self, base_name: str, store: PrefixStore, users: list[str], dtype: torch.dtype) -> None:
+        import peft
+
+        peft_base = load_base(base_name, dtype=dtype)
+        spec_tokens = store.load(users[0], key_of(users[0])).spec.num_virtual_tokens
+        self.model = peft.get_peft_model(
+            peft_base.model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec_tokens)
+        )
+        self.model.to(dtype).eval()
+        peft_generate_fixed(self.model)
+        self.embedding = self.model.prompt_encoder["default"].embedding.weight
+        self.tokenizer, self.store = peft_base.tokenizer, store
 
     @torch.no_grad()
-    def one_user(user: str, prompt: str) -> list[int]:
-        embedding.copy_(store.load(user, key_of(user)).flat())  # "set adapter"
-        ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-        out = model.generate(
+    def one_user(self, user: str, prompt: str, params: SamplingParams) -> list[int]:
+        self.embedding.copy_(self.store.load(user, key_of(user)).flat())  # "set adapter"
+        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        out = self.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=params.max_new_tokens,
@@ -130,19 +132,34 @@ def peft_loop(base_name, store, users, prompts, params, dtype: torch.dtype) -> t
         )
         return out[0, ids.shape[1] :].tolist()
 
-    one_user(users[0], prompts[0])  # warm-up, untimed, as the engine gets one
-    started = time.perf_counter()
-    outputs = [one_user(u, p) for u, p in zip(users, prompts, strict=True)]
-    return sum(map(len, outputs)) / (time.perf_counter() - started), outputs
+    def run(self, users, prompts, params) -> tuple[float, list[list[int]]]:
+        """Tokens/s over `users` one after the other, and their outputs."""
+        started = time.perf_counter()
+        outputs = [self.one_user(u, p, params) for u, p in zip(users, prompts, strict=True)]
+        return sum(map(len, outputs)) / (time.perf_counter() - started), outputs
 
 
-def engine_vs_peft(base_name, base, store, users, prompts, params, peft_users: int) -> dict:
-    """Both systems in float32, and each in its faster dtype on this machine (PEFT: float32 on CPU,
-    where a one-row bfloat16 matmul is slower than float32; the engine: what `fedprefix serve` picks)."""
+def engine_rate(base, store, requests) -> float:
+    """Tokens/s of a fresh engine (cold prefix cache, as PEFT's loop loads every prefix) on `requests`."""
+    with Engine(base, store=store, max_batch_size=len(requests)) as engine:
+        tokens_per_second(engine, requests[:2])  # warm-up, as PEFT's loop gets one
+        return tokens_per_second(engine, requests)
+
+
+def engine_vs_peft(base_name, base, store, users, prompts, params, peft_users: int, rounds: int) -> dict:
+    """Each system in float32, and each in its faster dtype on this machine (PEFT: float32 on CPU,
+    where a one-row bfloat16 matmul is slower than float32; the engine: what `fedprefix serve` picks).
+
+    The faster pair is timed in `rounds` alternating rounds (PEFT's loop, then the engine) and
+    compared by medians, so that the shared machine's load changes hit both alike.
+    """
     tok = base.tokenizer
     first = [tok(prompts[0], add_special_tokens=False).input_ids]
     first_prefix = [store.load(users[0], key_of(users[0])).key_values().detach()]
-    peft_rate, peft_out = peft_loop(base_name, store, users[:peft_users], prompts[:peft_users], params, torch.float32)
+    peft_fp32 = PeftLoop(base_name, store, users, torch.float32)
+    peft_fp32.run(users[:1], prompts[:1], params)  # warm-up, untimed, as the engine gets one
+    timed_users, timed_prompts = users[:peft_users], prompts[:peft_users]
+    peft_rate, peft_out = peft_fp32.run(timed_users, timed_prompts, params)
     # The baseline must compute the right thing: the same greedy tokens as ours for the first user.
     # Over a long generation float32 rounding of two different kernels may flip a near-tie, so
     # the check asks for the first 16 tokens and reports how far the two agree.
@@ -151,23 +168,30 @@ def engine_vs_peft(base_name, base, store, users, prompts, params, peft_users: i
     if agree < min(16, len(ours)):
         raise RuntimeError(f"PEFT's generate disagrees with the reference at token {agree}: the baseline is wrong")
     bf16_users = max(2, peft_users // 4)  # only to show it is not the faster choice; it is slow
-    peft_bf16_rate, _ = peft_loop(base_name, store, users[:bf16_users], prompts[:bf16_users], params, torch.bfloat16)
+    peft_bf16_rate, _ = PeftLoop(base_name, store, users, torch.bfloat16).run(
+        users[:bf16_users], prompts[:bf16_users], params
+    )
     requests = [GenerationRequest(p, user=u, key=key_of(u), params=params) for u, p in zip(users, prompts, strict=True)]
-    serving, rates = serving_dtype("auto", base.device), {}
-    for dtype in (torch.float32, serving):
-        with Engine(base.with_dtype(dtype), store=store, max_batch_size=len(users)) as engine:
-            tokens_per_second(engine, requests[:2])  # warm-up
-            rates[dtype] = tokens_per_second(engine, requests)
-    best_peft, best_engine = max(peft_rate, peft_bf16_rate), max(rates.values())
+    serving = serving_dtype("auto", base.device)
+    engine_fp32 = engine_rate(base.with_dtype(torch.float32), store, requests)
+    peft_rates, engine_rates = [peft_rate], [engine_rate(base.with_dtype(serving), store, requests)]
+    for _ in range(rounds - 1):
+        peft_rates.append(peft_fp32.run(timed_users, timed_prompts, params)[0])
+        engine_rates.append(engine_rate(base.with_dtype(serving), store, requests))
+    best_peft = max(statistics.median(peft_rates), peft_bf16_rate)
+    best_engine = max(statistics.median(engine_rates), engine_fp32)
+    per_round = [e / p for e, p in zip(engine_rates, peft_rates, strict=True)]
     return {
         "peft_users_timed": peft_users,
-        "peft_fp32_tokens_per_s": round(peft_rate, 1),
+        "rounds": rounds,
+        "peft_fp32_tokens_per_s": round(statistics.median(peft_rates), 1),
         "peft_bf16_tokens_per_s": round(peft_bf16_rate, 1),
-        "engine_fp32_tokens_per_s": round(rates[torch.float32], 1),
+        "engine_fp32_tokens_per_s": round(engine_fp32, 1),
         "engine_serving_dtype": str(serving).removeprefix("torch."),
-        "engine_serving_dtype_tokens_per_s": round(rates[serving], 1),
-        "ratio_engine_over_peft_fp32": round(rates[torch.float32] / peft_rate, 1),
+        "engine_serving_dtype_tokens_per_s": round(statistics.median(engine_rates), 1),
+        "ratio_engine_over_peft_fp32": round(engine_fp32 / peft_rates[0], 1),
         "ratio_best_engine_over_best_peft": round(best_engine / best_peft, 1),
+        "ratio_per_round": f"{min(per_round):.1f}-{max(per_round):.1f}",
         "peft_tokens_equal_to_ours": f"{agree}/{len(ours)}",
     }
 
@@ -240,7 +264,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--users", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=16, help="prefix length P of every user")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of each side-by-side ratio")
     parser.add_argument("--peft-users", type=int, default=16, help="users timed for the PEFT loop (it is slow)")
     parser.add_argument(
         "--peft-lengths", type=int, nargs="+", default=[32, 128], help="new tokens per request, engine vs PEFT"
@@ -278,6 +302,7 @@ def main(argv=None) -> dict:
                     prompts,
                     SamplingParams(max_new_tokens=length, ignore_eos=True),
                     min(args.peft_users, args.users),
+                    args.repeats,
                 )
                 print(json.dumps({length: result["engine_vs_peft"][str(length)]}), flush=True)
         with Engine(served, store=store, max_batch_size=args.users) as engine:
