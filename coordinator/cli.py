@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
 
 import typer
@@ -221,9 +223,30 @@ def serve(
         continuous=not static,
         prefix_cache_bytes=cache_mib << 20,
     )
-    with engine:
-        console.print(f"serving {base} ({loaded.dtype}) with prefixes from {store} on http://{host}:{port}/v1")
-        uvicorn.run(create_app(engine, base), host=host, port=port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, base), host=host, port=port, log_level="warning"))
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        finally:
+            engine.stop()  # the HTTP side ended, whatever the reason: so does the engine
+
+    # The engine computes on this (main) thread, the HTTP server answers on another: see Engine.run.
+    http = threading.Thread(target=serve_http, name="fedprefix-http", daemon=True)
+    http.start()
+    while not server.started:
+        if not http.is_alive():
+            fail(FedPrefixError(f"could not listen on {host}:{port} (is the port in use?)"))
+        time.sleep(0.05)
+    console.print(f"serving {base} ({loaded.dtype}) with prefixes from {store} on http://{host}:{port}/v1")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the same way on Ctrl-C and SIGTERM
+    try:
+        engine.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(timeout=10)
 
 
 @app.command("runs")

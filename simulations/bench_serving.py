@@ -21,6 +21,7 @@ import platform
 import random
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -141,9 +142,9 @@ class PeftLoop:
 
 def engine_rate(base, store, requests) -> float:
     """Tokens/s of a fresh engine (cold prefix cache, as PEFT's loop loads every prefix) on `requests`."""
-    with Engine(base, store=store, max_batch_size=len(requests)) as engine:
-        tokens_per_second(engine, requests[:2])  # warm-up, as PEFT's loop gets one
-        return tokens_per_second(engine, requests)
+    engine = Engine(base, store=store, max_batch_size=len(requests))  # not started: runs on this thread
+    tokens_per_second(engine, requests[:2])  # warm-up, as PEFT's loop gets one
+    return tokens_per_second(engine, requests)
 
 
 def engine_vs_peft(base_name, base, store, users, prompts, params, peft_users: int, rounds: int) -> dict:
@@ -198,8 +199,6 @@ def engine_vs_peft(base_name, base, store, users, prompts, params, peft_users: i
 
 def open_loop(base, store, users, prompts, params, rate: float, seconds: float, continuous: bool) -> dict:
     """Poisson arrivals at `rate` requests/s for `seconds` against a live HTTP server."""
-    import threading
-
     import uvicorn
     from fedprefix.coordinator.simulate import free_port
 
@@ -239,15 +238,24 @@ def open_loop(base, store, users, prompts, params, rate: float, seconds: float, 
             results = await asyncio.gather(*tasks)
             return results, time.perf_counter() - began
 
-    with engine:
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
+    outcome = {}
+
+    def load() -> None:  # HTTP server and load on other threads, the engine on this one (as `fedprefix serve`)
         try:
-            results, wall = asyncio.run(run())
+            while not (server.started and engine.running):
+                time.sleep(0.05)
+            outcome["results"], outcome["wall"] = asyncio.run(run())
         finally:
             server.should_exit = True
-            thread.join(timeout=10)
+            engine.stop()
+
+    thread.start()
+    loader = threading.Thread(target=load)
+    loader.start()
+    engine.run()
+    loader.join()
+    thread.join(timeout=10)
+    results, wall = outcome["results"], outcome["wall"]
     latencies = sorted(r[0] for r in results)
     return {
         "requests": len(results),

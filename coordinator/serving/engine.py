@@ -187,7 +187,9 @@ class Engine:
         self._eos = eos_ids(self.model, self.tokenizer)
         self._pending: deque[RequestHandle] = deque()
         self._wake = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the background thread of start(), if any
+        self._runner: threading.Thread | None = None  # the thread running the scheduler now
+        self._running = False
         self._stopping = False
         self._threads = torch.get_num_threads()  # the creating thread's setting, applied in the engine thread
         # running batch: rows, their KV cache (grows in place) and mask (B, T)
@@ -198,22 +200,45 @@ class Engine:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Engine:
-        if self._thread is None or not self._thread.is_alive():
-            self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="fedprefix-engine", daemon=True)
-            self._thread.start()
+        """Run the scheduler on a background thread (see `run` for the faster main-thread way)."""
+        with self._wake:
+            if self._running:
+                return self
+            self._running, self._stopping = True, False  # before the thread starts: submit() may follow at once
+        self._thread = threading.Thread(target=self._run, name="fedprefix-engine", daemon=True)
+        self._thread.start()
         return self
 
+    def run(self) -> None:
+        """Run the scheduler on the calling thread until `stop()` is called from elsewhere.
+
+        `fedprefix serve` runs it on the main thread, the one that loaded the base. torch's
+        OpenMP runtime (libgomp) stops spin-waiting once more threads own worker pools than
+        there are cores, so a second computing thread pays a wake-up on every parallel
+        operation: measured on the built-in base (64 rows, bfloat16, 2 cores), prefill and
+        decode 15-25% slower on a background thread than on the main thread.
+        """
+        with self._wake:
+            if self._running:
+                raise FedPrefixError("the engine is already running")
+            self._running, self._stopping = True, False
+        self._run()
+
     def stop(self) -> None:
+        """Stop the scheduler, wherever it runs; requests it had not finished fail with EngineStopped."""
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
-        if self._thread is not None:
+            if self._runner is not threading.current_thread():
+                while self._running:
+                    self._wake.wait(timeout=0.5)
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        for handle in list(self._pending) + [row.handle for row in self._rows]:
-            handle._fail(EngineStopped("the engine stopped before this request finished"))
-        self._pending.clear()
-        self._rows = []
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._running
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -244,6 +269,7 @@ class Engine:
 
         `listener`, if given, receives each text delta and then None at the end.
         """
+        self._check_running()
         return self._enqueue([self._prepare(request, listener)])[0]
 
     def submit_many(
@@ -252,24 +278,27 @@ class Engine:
         listeners: Sequence[Callable[[str | None], None] | None] | None = None,
     ) -> list[RequestHandle]:
         """Queue requests together, so that they join the same step (all or none are queued)."""
+        self._check_running()
         listeners = [None] * len(requests) if listeners is None else listeners
         return self._enqueue([self._prepare(r, lis) for r, lis in zip(requests, listeners, strict=True)])
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Run `requests` (batched with whatever else is running) and wait for all of them."""
-        started_here = self._thread is None or not self._thread.is_alive()
-        if started_here:
-            self.start()
-        try:
+        """Run `requests` and wait for all of them: batched with whatever else is running, or,
+        on an engine that is not running, on the calling thread (offline batch inference)."""
+        if self._running:
             return [h.result() for h in self.submit_many(requests)]
-        finally:
-            if started_here:
-                self.stop()
+        handles = self._enqueue([self._prepare(r) for r in requests])
+        with self._wake:
+            self._running, self._stopping = True, False
+        self._run(until=lambda: all(h.done for h in handles))
+        return [h.result() for h in handles]
+
+    def _check_running(self) -> None:
+        if not self._running or self._stopping:
+            raise EngineStopped("the engine is not running; call start() or run(), or use it as a context manager")
 
     def _prepare(self, request: GenerationRequest, listener=None) -> RequestHandle:
         """Unlock the prefix and tokenize, before taking the queue's lock."""
-        if self._thread is None or not self._thread.is_alive():
-            raise EngineStopped("the engine is not running; call start() or use it as a context manager")
         prefix = self.resolve_prefix(request.user, request.key)
         if isinstance(request.prompt, str):
             prompt_ids = self.tokenizer(request.prompt, add_special_tokens=False).input_ids
@@ -291,30 +320,43 @@ class Engine:
 
     # ------------------------------------------------------------------ scheduler
 
-    def _loop(self) -> None:
-        # Measured: a thread that never called torch.set_num_threads ran every kernel slower
-        # (a 64-row bf16 decode step of the built-in base 174 ms instead of 113 ms), although
-        # torch reports the same thread count in both; so set it explicitly.
+    def _run(self, until: Callable[[], bool] | None = None) -> None:
+        """The scheduler: between decode steps, finished rows leave and queued requests join."""
+        # A thread that never called torch.set_num_threads ran every kernel slower (64-row
+        # bf16 decode 174 ms instead of 113 ms), although torch reports the same count.
         torch.set_num_threads(self._threads)
-        while True:
+        self._runner = threading.current_thread()
+        try:
+            while True:
+                with self._wake:
+                    while not (self._stopping or self._pending or self._rows or (until and until())):
+                        self._wake.wait(timeout=0.5)
+                    if self._stopping or (until is not None and until()):
+                        return
+                    joiners = self._take_joiners()
+                self._step(joiners)
+        finally:
             with self._wake:
-                while not self._stopping and not self._pending and not self._rows:
-                    self._wake.wait(timeout=0.5)
-                if self._stopping:
-                    return
-                joiners = self._take_joiners()
-            try:
-                with torch.no_grad():
-                    if joiners:
-                        self._prefill(joiners)
-                    if self._rows:
-                        self._decode_step()
-            except Exception as exc:  # one bad batch must not kill the server
-                log.exception("engine step failed")
-                for handle in joiners + [row.handle for row in self._rows]:
-                    if not handle.done:
-                        handle._fail(FedPrefixError(f"generation failed: {exc}"))
+                for handle in list(self._pending) + [row.handle for row in self._rows]:
+                    handle._fail(EngineStopped("the engine stopped before this request finished"))
+                self._pending.clear()
                 self._rows, self._cache, self._mask = [], None, None
+                self._running, self._runner = False, None
+                self._wake.notify_all()
+
+    def _step(self, joiners: list[RequestHandle]) -> None:
+        try:
+            with torch.no_grad():
+                if joiners:
+                    self._prefill(joiners)
+                if self._rows:
+                    self._decode_step()
+        except Exception as exc:  # one bad batch must not kill the server
+            log.exception("engine step failed")
+            for handle in joiners + [row.handle for row in self._rows]:
+                if not handle.done:
+                    handle._fail(FedPrefixError(f"generation failed: {exc}"))
+            self._rows, self._cache, self._mask = [], None, None
 
     def _take_joiners(self) -> list[RequestHandle]:
         """Queued requests that join now: at any step boundary (continuous) or into an empty batch."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -10,7 +11,7 @@ from fedprefix.common.base_model import load_base
 from fedprefix.common.generation import SamplingParams, generate_tokens
 from fedprefix.common.store import PrefixStore, WrongKeyError
 from fedprefix.coordinator.serving import Engine, GenerationRequest
-from fedprefix.coordinator.serving.engine import EngineOverloaded
+from fedprefix.coordinator.serving.engine import EngineOverloaded, EngineStopped
 
 from tests.conftest import random_prefix
 
@@ -162,3 +163,45 @@ def test_requests_submitted_together_share_the_first_step_or_none_is_queued(serv
         with pytest.raises(WrongKeyError):
             engine.submit_many([batch[0], wrong])
         assert engine.queue_depth == 0
+
+
+def test_generate_on_an_engine_not_running_computes_on_the_calling_thread(served):
+    base, store = served
+    cases = [("alice", "hi"), (None, "base"), ("carol", "x")]
+    engine = Engine(base, store=store)
+    results = engine.generate([request(u, p, max_new_tokens=6) for u, p in cases])
+    assert engine._thread is None and not engine.running  # no thread was started, nothing left running
+    for (user, prompt), result in zip(cases, results, strict=True):
+        assert result.tokens == reference(base, store, prompt, user, SamplingParams(max_new_tokens=6))
+    with pytest.raises(EngineStopped, match="not running"):
+        engine.submit(request(None, "hi"))
+
+
+def test_run_serves_on_the_calling_thread_until_stopped_elsewhere(served):
+    """What `fedprefix serve` does: the scheduler on the main thread, requests from others."""
+    base, store = served
+    engine = Engine(base, store=store)
+    outcome = {}
+
+    def client():
+        try:
+            while not engine.running:
+                time.sleep(0.001)
+            done = engine.submit(request("bob", "from another thread", max_new_tokens=5))
+            outcome["done"] = done.result(timeout=60)
+            outcome["unfinished"] = engine.submit(request("bob", "never finished", max_new_tokens=400, ignore_eos=True))
+            while engine.stats.steps < 10:
+                time.sleep(0.001)
+        finally:
+            engine.stop()  # also when the client failed, so that run() returns
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    engine.run()  # returns once the client thread calls stop()
+    thread.join()
+    assert engine._thread is None and not engine.running
+    assert outcome["done"].tokens == reference(
+        base, store, "from another thread", "bob", SamplingParams(max_new_tokens=5)
+    )
+    with pytest.raises(EngineStopped):
+        outcome["unfinished"].result(timeout=1)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -200,3 +204,34 @@ def test_serve_refuses_an_unknown_dtype_before_binding(tmp_path):
     result = CliRunner().invoke(app, ["serve", "--base", "tiny-llama", "--store", str(tmp_path), "--dtype", "fp8"])
     assert result.exit_code == 1
     assert "unknown dtype 'fp8'" in result.output and "bfloat16" in result.output
+
+
+def test_fedprefix_serve_answers_refuses_a_taken_port_and_stops_on_ctrl_c(served):  # noqa: F811
+    """The real command: engine on the main thread, HTTP on another; both end on SIGINT."""
+    base, store = served
+    cli = [str(Path(sys.executable).with_name("fedprefix")), "serve", "--base", "tiny-llama", "--store"]
+    port = free_port()
+    server = subprocess.Popen([*cli, str(store.root), "--port", str(port), "--dtype", "float32"], text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        body = {"prompt": "hello", "user": "bob", "max_tokens": 6, "temperature": 0}
+        reply = httpx.post(f"{url}/v1/completions", json=body, headers=header("bob"), timeout=60)
+        expected = reference(base, store, "hello", "bob", SamplingParams(max_new_tokens=6))
+        assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == base.tokenizer.decode(expected)
+
+        taken = subprocess.run(
+            [*cli, str(store.root), "--port", str(port)], capture_output=True, text=True, timeout=120
+        )
+        assert taken.returncode == 1 and f"could not listen on 127.0.0.1:{port}" in taken.stderr
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
