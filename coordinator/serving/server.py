@@ -21,6 +21,7 @@ import time
 import uuid
 from typing import Literal
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -134,6 +135,14 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def _submit_single_threaded(engine: Engine, generations, listeners):
+    """Engine.submit_many on a server worker thread, its torch work (a prefix's dtype
+    conversion) kept to one thread: a live thread owning an OpenMP pool of its own makes
+    every parallel operation of the engine wait for a wake-up (see Engine.run)."""
+    torch.set_num_threads(1)
+    return engine.submit_many(generations, listeners)
+
+
 def create_app(engine: Engine, model_name: str) -> FastAPI:
     """The HTTP app around a started engine."""
     app = FastAPI(title="fedprefix serving", description=__doc__)
@@ -171,7 +180,9 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
         generations = [GenerationRequest(prompt=p, user=user, key=key, params=params) for p in prompts]
         try:  # a passphrase may cost a key derivation: keep it off the event loop
-            handles = await run_in_threadpool(engine.submit_many, generations, [listener(q) for q in queues])
+            handles = await run_in_threadpool(
+                _submit_single_threaded, engine, generations, [listener(q) for q in queues]
+            )
         except StoreError as exc:
             raise _store_error(exc) from exc
         except EngineOverloaded as exc:

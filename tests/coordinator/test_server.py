@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import uvicorn
 from fastapi.testclient import TestClient
 from fedprefix.common.generation import SamplingParams
@@ -44,6 +45,19 @@ def test_completion_equals_the_user_alone(client, served):  # noqa: F811
     expected = base.tokenizer.decode(reference(base, store, "hello", "bob", SamplingParams(max_new_tokens=8)))
     assert data["choices"][0]["text"] == expected and data["object"] == "text_completion"
     assert data["usage"]["completion_tokens"] == 8
+
+
+def test_server_worker_threads_run_torch_on_one_thread(served):  # noqa: F811
+    """They only prepare requests; a live thread with an OpenMP pool of its own slows the engine."""
+    base, store = served
+    seen = []
+    with Engine(base, store=store) as engine:
+        submit_many = engine.submit_many
+        engine.submit_many = lambda *args: seen.append(torch.get_num_threads()) or submit_many(*args)
+        with TestClient(create_app(engine, "tiny-llama")) as test_client:
+            body = {"prompt": "hello", "user": "bob", "max_tokens": 2}
+            assert test_client.post("/v1/completions", json=body, headers=header("bob")).status_code == 200
+    assert seen == [1] and torch.get_num_threads() == engine._threads  # the caller's own setting is untouched
 
 
 def test_streaming_gives_the_same_text(client):
