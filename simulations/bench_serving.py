@@ -313,15 +313,15 @@ def main(argv=None) -> dict:
                     args.repeats,
                 )
                 print(json.dumps({length: result["engine_vs_peft"][str(length)]}), flush=True)
-        with Engine(served, store=store, max_batch_size=args.users) as engine:
-            if "mixed" not in args.skip:
-                result["mixed_vs_single"] = mixed_vs_single(engine, users, prompts, params, args.repeats)
-                print(json.dumps(result["mixed_vs_single"]), flush=True)
-            if "memory" not in args.skip:
-                for user in users:
-                    engine.resolve_prefix(user, key_of(user))
-                per_user = engine.prefixes.stats.bytes / len(users)
-                result["memory"] = {"bytes_per_cached_prefix": int(per_user), "users_per_GiB": int(2**30 // per_user)}
+        engine = Engine(served, store=store, max_batch_size=args.users)  # not started: runs on this thread
+        if "mixed" not in args.skip:
+            result["mixed_vs_single"] = mixed_vs_single(engine, users, prompts, params, args.repeats)
+            print(json.dumps(result["mixed_vs_single"]), flush=True)
+        if "memory" not in args.skip:
+            for user in users:
+                engine.resolve_prefix(user, key_of(user))
+            per_user = engine.prefixes.stats.bytes / len(users)
+            result["memory"] = {"bytes_per_cached_prefix": int(per_user), "users_per_GiB": int(2**30 // per_user)}
         if "http" not in args.skip:
             result["open_loop_http"] = {
                 mode: open_loop(served, store, users, prompts, params, args.rate, args.seconds, mode == "continuous")

@@ -7,8 +7,13 @@ KV cache; every row keeps its own mask and position counter, so its tokens equal
 that user gets alone (greedy: token for token; sampling: same seed, same tokens).
 
     engine = Engine(load_base("tiny-llama"), store=PrefixStore("store"))
-    with engine:
-        results = engine.generate([GenerationRequest("Hello", user="alice", key=KEY)])
+    results = engine.generate([GenerationRequest("Hello", user="alice", key=KEY)])  # on this thread
+
+    with engine:  # a background scheduler: submit() from any thread, stream with deltas()
+        print(engine.submit(GenerationRequest("Hello", user="alice", key=KEY)).result().text)
+
+`run()` schedules on the calling thread instead (what `fedprefix serve` does, with HTTP on
+another thread), which is faster on CPUs: see its docstring.
 
 `continuous=False` gives static batching (a batch runs to its end before the next one
 starts), for comparison.
