@@ -144,7 +144,7 @@ def _submit_single_threaded(engine: Engine, generations, listeners):
 
 
 def create_app(engine: Engine, model_name: str) -> FastAPI:
-    """The HTTP app around a started engine."""
+    """The HTTP app around a running engine (started, or run() on another thread)."""
     app = FastAPI(title="fedprefix serving", description=__doc__)
     metrics = Metrics(engine)
     app.state.engine, app.state.metrics = engine, metrics
