@@ -290,11 +290,19 @@ class Engine:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Run `requests` and wait for all of them: batched with whatever else is running, or,
         on an engine that is not running, on the calling thread (offline batch inference)."""
-        if self._running:
+        with self._wake:  # claim the scheduler atomically: a concurrent start() must not run a second one
+            offline = not self._running
+            if offline:
+                self._running, self._stopping = True, False
+        if not offline:
             return [h.result() for h in self.submit_many(requests)]
-        handles = self._enqueue([self._prepare(r) for r in requests])
-        with self._wake:
-            self._running, self._stopping = True, False
+        try:
+            handles = self._enqueue([self._prepare(r) for r in requests])
+        except BaseException:
+            with self._wake:
+                self._running = False
+                self._wake.notify_all()
+            raise
         self._run(until=lambda: all(h.done for h in handles))
         return [h.result() for h in handles]
 

@@ -175,6 +175,9 @@ def test_generate_on_an_engine_not_running_computes_on_the_calling_thread(served
         assert result.tokens == reference(base, store, prompt, user, SamplingParams(max_new_tokens=6))
     with pytest.raises(EngineStopped, match="not running"):
         engine.submit(request(None, "hi"))
+    with pytest.raises(WrongKeyError):  # a refused request leaves the engine as it was: idle and usable
+        engine.generate([GenerationRequest("hi", user="bob", key=key_of("alice"))])
+    assert not engine.running and engine.generate([request(None, "again", max_new_tokens=2)])[0].tokens
 
 
 def test_run_serves_on_the_calling_thread_until_stopped_elsewhere(served):
