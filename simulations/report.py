@@ -212,18 +212,14 @@ def lora(base, data, settings: Settings) -> Scores:
 
     target = ["c_attn"] if base.model.config.model_type == "gpt2" else ["q_proj", "v_proj"]
     prefix_params = settings.personal_tokens * base.prefix_spec(1).flat_dim
-    # Rank r adds A (r x in) and B (out x r) per target matrix: r * (in + out) parameters; counted
-    # from the weights' shapes rather than from a throw-away PEFT copy of the whole base.
-    targets = [m for name, m in base.model.named_modules() if name.rsplit(".", 1)[-1] in target]
-    per_rank = sum(sum(m.weight.shape) for m in targets)
+    probe = peft.get_peft_model(copy.deepcopy(base.model), peft.LoraConfig(r=1, target_modules=target))
+    per_rank = sum(p.numel() for p in probe.parameters() if p.requires_grad)
     rank = max(1, round(prefix_params / per_rank))
     wrapped = peft.get_peft_model(
         copy.deepcopy(base.model), peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=target)
     )
     model = wrapped.get_base_model()  # LoRA layers injected in place; same interface as the base
     params = [p for p in model.parameters() if p.requires_grad]
-    if sum(p.numel() for p in params) != rank * per_rank:
-        raise RuntimeError("LoRA parameter count differs from rank x (in + out) over the target matrices")
     return _train_model(base, model, params, data, settings, lr=settings.learning_rate * 2)
 
 
