@@ -196,7 +196,7 @@ class Engine:
         self._runner: threading.Thread | None = None  # the thread running the scheduler now
         self._running = False
         self._stopping = False
-        self._threads = torch.get_num_threads()  # the creating thread's setting, applied in the engine thread
+        self._threads = torch.get_num_threads()  # the creating thread's setting, applied where the scheduler runs
         # running batch: rows, their KV cache (grows in place) and mask (B, T)
         self._rows: list[_Row] = []
         self._cache = None
@@ -206,10 +206,8 @@ class Engine:
 
     def start(self) -> Engine:
         """Run the scheduler on a background thread (see `run` for the faster main-thread way)."""
-        with self._wake:
-            if self._running:
-                return self
-            self._running, self._stopping = True, False  # before the thread starts: submit() may follow at once
+        if not self._claim():  # claimed before the thread starts: submit() may follow at once
+            return self
         self._thread = threading.Thread(target=self._run, name="fedprefix-engine", daemon=True)
         self._thread.start()
         return self
@@ -223,11 +221,18 @@ class Engine:
         operation: measured on the built-in base (64 rows, bfloat16, 2 cores), prefill and
         decode 15-25% slower on a background thread than on the main thread.
         """
+        if not self._claim():
+            raise FedPrefixError("the engine is already running")
+        self._run()
+
+    def _claim(self) -> bool:
+        """Mark the scheduler running, unless it already is (then False): one check-and-set, so
+        that start(), run() and an offline generate() never run two schedulers."""
         with self._wake:
             if self._running:
-                raise FedPrefixError("the engine is already running")
+                return False
             self._running, self._stopping = True, False
-        self._run()
+            return True
 
     def stop(self) -> None:
         """Stop the scheduler, wherever it runs; requests it had not finished fail with EngineStopped."""
@@ -290,11 +295,7 @@ class Engine:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Run `requests` and wait for all of them: batched with whatever else is running, or,
         on an engine that is not running, on the calling thread (offline batch inference)."""
-        with self._wake:  # claim the scheduler atomically: a concurrent start() must not run a second one
-            offline = not self._running
-            if offline:
-                self._running, self._stopping = True, False
-        if not offline:
+        if not self._claim():
             return [h.result() for h in self.submit_many(requests)]
         try:
             handles = self._enqueue([self._prepare(r) for r in requests])

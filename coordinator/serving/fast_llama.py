@@ -22,7 +22,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from fedprefix.common.attention import PrefixBatch, decode_step, prefill, token_positions
+from fedprefix.common.attention import PrefixBatch, cache_layers, decode_step, prefill, token_positions
 from transformers.models.llama.modeling_llama import rotate_half
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class TransformersForward:
     def prefill(self, input_ids, attention_mask, prefixes: PrefixBatch):
         """-> (next-token logits (B, V), per layer (keys, values) of prefix + prompt)."""
         logits, cache = prefill(self.model, input_ids, attention_mask, prefixes)
-        return logits, [(layer.keys, layer.values) for layer in cache.layers]
+        return logits, cache_layers(cache)
 
     def decode_step(self, tokens, attention_mask, positions, cache) -> torch.Tensor:
         """-> next-token logits (B, V); `cache` (a transformers Cache) is appended in place."""
@@ -149,7 +149,7 @@ class FastLlama:
 
     def prefill(self, input_ids, attention_mask, prefixes: PrefixBatch):
         """Prompts (B, T) behind their prefixes -> (next-token logits (B, V), per layer (keys, values))."""
-        batch, length = input_ids.shape
+        length = input_ids.shape[1]
         start = prefixes.max_length  # prompt tokens sit after the (left-padded) prefix slots
         seen = torch.cat([prefixes.mask, attention_mask.long()], dim=1).bool()  # (B, S)
         query_at = torch.arange(length, device=input_ids.device).unsqueeze(1) + start  # (T, 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedprefix.common.attention import cache_from_layers, stack_prefixes
+from fedprefix.common.attention import cache_from_layers, cache_layers, stack_prefixes
 from fedprefix.common.base_model import load_base
 from fedprefix.common.generation import SamplingParams, generate_tokens, left_pad
 from fedprefix.coordinator.serving import Engine, GenerationRequest
@@ -33,7 +33,7 @@ def run(forward, ids, mask, prefixes, steps: int = 3):
         logits = forward.decode_step(logits.argmax(-1, keepdim=True), full_mask, positions, cache)
         positions = positions + 1
         seen.append(logits)
-    return seen, [(layer.keys, layer.values) for layer in cache.layers], full_mask
+    return seen, cache_layers(cache), full_mask
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
