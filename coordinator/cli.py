@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import threading
 import time
 
 import typer
@@ -207,7 +206,7 @@ def serve(
     import uvicorn
     from fedprefix.common.store import PrefixStore
     from fedprefix.coordinator.serving import Engine
-    from fedprefix.coordinator.serving.server import create_app
+    from fedprefix.coordinator.serving.server import create_app, start_http
 
     try:
         loaded = base_model.load_base(base, dtype=base_model.serving_dtype(dtype))
@@ -224,20 +223,10 @@ def serve(
         prefix_cache_bytes=cache_mib << 20,
     )
     server = uvicorn.Server(uvicorn.Config(create_app(engine, base), host=host, port=port, log_level="warning"))
-
-    def serve_http() -> None:
-        try:
-            server.run()
-        finally:
-            engine.stop()  # the HTTP side ended, whatever the reason: so does the engine
-
-    # The engine computes on this (main) thread, the HTTP server answers on another: see Engine.run.
-    http = threading.Thread(target=serve_http, name="fedprefix-http", daemon=True)
-    http.start()
-    while not server.started:
-        if not http.is_alive():
-            fail(FedPrefixError(f"could not listen on {host}:{port} (is the port in use?)"))
-        time.sleep(0.05)
+    try:  # the engine computes on this (main) thread, the HTTP server answers on another: see Engine.run
+        http = start_http(engine, server)
+    except FedPrefixError as exc:
+        fail(exc)
     console.print(f"serving {base} ({loaded.dtype}) with prefixes from {store} on http://{host}:{port}/v1")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the same way on Ctrl-C and SIGTERM
     try:

@@ -33,7 +33,7 @@ from fedprefix.common.generation import SamplingParams, generate_tokens
 from fedprefix.common.prefix import Prefix
 from fedprefix.common.store import PrefixStore
 from fedprefix.coordinator.serving import Engine, GenerationRequest
-from fedprefix.coordinator.serving.server import KEY_HEADER, create_app
+from fedprefix.coordinator.serving.server import KEY_HEADER, create_app, start_http
 from fedprefix.simulations.personas import make_record, record_prompt
 
 
@@ -207,7 +207,6 @@ def open_loop(base, store, users, prompts, params, rate: float, seconds: float, 
     server = uvicorn.Server(
         uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=port, log_level="warning")
     )
-    thread = threading.Thread(target=server.run, daemon=True)
     rng = random.Random(1)
 
     async def run():
@@ -240,21 +239,20 @@ def open_loop(base, store, users, prompts, params, rate: float, seconds: float, 
 
     outcome = {}
 
-    def load() -> None:  # HTTP server and load on other threads, the engine on this one (as `fedprefix serve`)
+    def load() -> None:  # the load on another thread, the engine on this one (as `fedprefix serve`)
         try:
-            while not (server.started and engine.running):
+            while not engine.running:
                 time.sleep(0.05)
             outcome["results"], outcome["wall"] = asyncio.run(run())
         finally:
-            server.should_exit = True
-            engine.stop()
+            server.should_exit = True  # the server ends, and with it the engine
 
-    thread.start()
+    http = start_http(engine, server)
     loader = threading.Thread(target=load)
     loader.start()
     engine.run()
     loader.join()
-    thread.join(timeout=10)
+    http.join(timeout=10)
     results, wall = outcome["results"], outcome["wall"]
     latencies = sorted(r[0] for r in results)
     return {

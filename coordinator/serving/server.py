@@ -17,6 +17,7 @@ import asyncio
 import base64
 import binascii
 import json
+import threading
 import time
 import uuid
 from typing import Literal
@@ -133,6 +134,27 @@ class Metrics:
             for stat in ("hits", "misses", "evictions", "bytes", "entries"):
                 self.cache.labels(stat).set(getattr(cache, stat))
         return generate_latest(self.registry)
+
+
+def start_http(engine: Engine, server) -> threading.Thread:
+    """Run a uvicorn `server` on a thread of its own, beside the engine that the caller then
+    run()s on its own thread (faster on CPUs: see Engine.run); the engine stops when the server
+    ends. Returns once the server listens; FedPrefixError if it could not (a port in use)."""
+
+    def serve() -> None:
+        try:
+            server.run()
+        finally:
+            engine.stop()
+
+    thread = threading.Thread(target=serve, name="fedprefix-http", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            config = server.config
+            raise FedPrefixError(f"could not listen on {config.host}:{config.port} (is the port in use?)")
+        time.sleep(0.05)
+    return thread
 
 
 def _submit_single_threaded(engine: Engine, generations, listeners):
