@@ -155,19 +155,8 @@ def engine_vs_peft(base_name, base, store, users, prompts, params, peft_users: i
     compared by medians, so that the shared machine's load changes hit both alike.
     """
     tok = base.tokenizer
-    first = [tok(prompts[0], add_special_tokens=False).input_ids]
-    first_prefix = [store.load(users[0], key_of(users[0])).key_values().detach()]
     peft_fp32 = PeftLoop(base_name, store, users, torch.float32)
     peft_fp32.run(users[:1], prompts[:1], params)  # warm-up, untimed, as the engine gets one
-    timed_users, timed_prompts = users[:peft_users], prompts[:peft_users]
-    peft_rate, peft_out = peft_fp32.run(timed_users, timed_prompts, params)
-    # The baseline must compute the right thing: the same greedy tokens as ours for the first user.
-    # Over a long generation float32 rounding of two different kernels may flip a near-tie, so
-    # the check asks for the first 16 tokens and reports how far the two agree.
-    ours = generate_tokens(base.model, tok, first, first_prefix, params)[0]
-    agree = next((i for i, (a, b) in enumerate(zip(peft_out[0], ours, strict=True)) if a != b), len(ours))
-    if agree < min(16, len(ours)):
-        raise RuntimeError(f"PEFT's generate disagrees with the reference at token {agree}: the baseline is wrong")
     bf16_users = max(2, peft_users // 4)  # only to show it is not the faster choice; it is slow
     peft_bf16_rate, _ = PeftLoop(base_name, store, users, torch.bfloat16).run(
         users[:bf16_users], prompts[:bf16_users], params
@@ -175,10 +164,21 @@ def engine_vs_peft(base_name, base, store, users, prompts, params, peft_users: i
     requests = [GenerationRequest(p, user=u, key=key_of(u), params=params) for u, p in zip(users, prompts, strict=True)]
     serving = serving_dtype("auto", base.device)
     engine_fp32 = engine_rate(base.with_dtype(torch.float32), store, requests)
-    peft_rates, engine_rates = [peft_rate], [engine_rate(base.with_dtype(serving), store, requests)]
-    for _ in range(rounds - 1):
-        peft_rates.append(peft_fp32.run(timed_users, timed_prompts, params)[0])
+    timed_users, timed_prompts = users[:peft_users], prompts[:peft_users]
+    peft_rates, engine_rates = [], []
+    for _ in range(rounds):  # each round: PEFT's loop, then the engine, back to back
+        rate, peft_out = peft_fp32.run(timed_users, timed_prompts, params)
+        peft_rates.append(rate)
         engine_rates.append(engine_rate(base.with_dtype(serving), store, requests))
+    # The baseline must compute the right thing: the same greedy tokens as ours for the first user.
+    # Over a long generation float32 rounding of two different kernels may flip a near-tie, so
+    # the check asks for the first 16 tokens and reports how far the two agree.
+    first = [tok(prompts[0], add_special_tokens=False).input_ids]
+    first_prefix = [store.load(users[0], key_of(users[0])).key_values().detach()]
+    ours = generate_tokens(base.model, tok, first, first_prefix, params)[0]
+    agree = next((i for i, (a, b) in enumerate(zip(peft_out[0], ours, strict=True)) if a != b), len(ours))
+    if agree < min(16, len(ours)):
+        raise RuntimeError(f"PEFT's generate disagrees with the reference at token {agree}: the baseline is wrong")
     best_peft = max(statistics.median(peft_rates), peft_bf16_rate)
     best_engine = max(statistics.median(engine_rates), engine_fp32)
     per_round = [e / p for e, p in zip(engine_rates, peft_rates, strict=True)]
