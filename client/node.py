@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +37,21 @@ SHARED_KEY_PREFIX = "shared."  # names of the arrays that go on the wire; nothin
 _BASES: dict[str, BaseModelHandle] = {}  # Flower reuses simulation processes: load each base once
 
 
+def use_cpu_share() -> int:
+    """Inside a Ray actor (Flower's simulation engine), compute on as many threads as CPUs the
+    actor was given (`client-resources-num-cpus`), so that nodes sharing a machine do not
+    oversubscribe its cores; elsewhere leave torch's setting alone. Returns the thread count."""
+    ray = sys.modules.get("ray")  # imported by the simulation engine, never by a deployed node
+    if ray is not None and ray.is_initialized():
+        share = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if share and torch.get_num_threads() != max(1, int(share)):
+            torch.set_num_threads(max(1, int(share)))
+    return torch.get_num_threads()
+
+
 def cached_base(name: str) -> BaseModelHandle:
     """The base `name`, loaded once per process."""
+    use_cpu_share()
     if name not in _BASES:
         _BASES[name] = load_base(name)
     return _BASES[name]
@@ -135,7 +149,7 @@ def open_node(message_config: dict, node_config: dict) -> Node:
         progress=False,
         batch_size=config.batch_size,
         max_length=config.max_length,
-        bf16=config.bf16,
+        dtype=config.dtype,
         eval_fraction=0.0,  # the node's held-out rows are evaluated in evaluation rounds
         seed=config.data_seed + partition,
     )

@@ -17,6 +17,7 @@ import torch
 from fedprefix.common.attention import hidden_with_prefixes, stack_prefixes
 from fedprefix.common.config import EvalPoint, EvalReport, FitReport, TrainConfig
 from fedprefix.common.generation import left_pad
+from fedprefix.common.precision import dtype_name, resolve_dtype
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -133,9 +134,9 @@ def train(
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    # bf16: a bfloat16 copy of the frozen base (kept on the handle) instead of autocast,
+    # A copy of the frozen base in the compute dtype (kept on the handle) instead of autocast,
     # which re-casts every frozen weight on every use; prefix parameters stay float32.
-    work = base.with_dtype(torch.bfloat16) if config.bf16 else base
+    work = base.with_dtype(resolve_dtype(config.dtype, base.device))
 
     def held_out() -> float | None:
         if not eval_set:
@@ -160,7 +161,7 @@ def train(
         transient=False,
     )
     with bar:
-        task = bar.add_task(description, total=config.max_steps, loss="-")
+        task = bar.add_task(f"{description} ({dtype_name(work.dtype)})", total=config.max_steps, loss="-")
         for step in range(1, config.max_steps + 1):
             if len(order) < config.batch_size:  # refill with a fresh seeded shuffle (epochs)
                 fresh = list(range(len(train_set)))
@@ -206,4 +207,5 @@ def train(
         eval_loss=eval_points,
         best_eval_loss=best,
         stop_reason=stop_reason,
+        dtype=dtype_name(work.dtype),
     )

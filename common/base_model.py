@@ -303,23 +303,6 @@ def _folder_fingerprint(folder: Path) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def serving_dtype(name: str = "auto", device: str | torch.device = "cpu") -> torch.dtype:
-    """The dtype to serve in: 'auto' is bfloat16 where the hardware computes it natively
-    (CUDA with bf16, a CPU with AMX or AVX512-BF16; as vLLM serves bf16 checkpoints), else float32."""
-    if name != "auto":
-        if name not in DTYPES:
-            raise ConfigError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
-        return DTYPES[name]
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return torch.bfloat16 if caps.get("amx_bf16") or caps.get("avx512_bf16") else torch.float32
-
-
 def load_base(
     name_or_path: str | os.PathLike = DEFAULT_BASE,
     *,

@@ -23,7 +23,9 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(10, ge=1)  # steps between held-out evaluations
     patience: int = Field(3, ge=1)  # evaluations without improvement before stopping early
     max_length: int = Field(256, ge=8)  # tokens per example; longer prompts lose their left part
-    bf16: bool = True  # train against a bfloat16 copy of the base: faster steps, loss within noise (README)
+    # Compute dtype of the frozen base while training (common/precision.py): "auto" is bfloat16
+    # only where the hardware computes it natively and faster; prefix parameters stay float32.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     seed: int = 0  # fixes data order, split and init: same data + seed = same prefix
 
 
@@ -44,6 +46,7 @@ class FitReport(BaseModel):
     eval_loss: list[EvalPoint]  # held-out loss at step 0 and every eval_every steps
     best_eval_loss: float | None
     stop_reason: str  # "max_steps", "max_seconds", "early_stopping", "callback"
+    dtype: str  # the compute dtype the base ran in ("float32" or "bfloat16")
 
 
 class EvalReport(BaseModel):
@@ -76,7 +79,7 @@ class FederationConfig(BaseModel):
     lr_decay: float = Field(1.0, gt=0, le=1)  # round r trains with learning_rate * lr_decay**(r-1)
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(256, ge=8)
-    bf16: bool = True
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # each node resolves "auto" for its own hardware
     proximal_mu: float = Field(0.01, ge=0)  # FedProx only
     server_lr: float = Field(0.1, gt=0)  # FedAdam's eta
     max_update_norm: float = Field(1e4, gt=0)  # replies whose shared update is larger are rejected

@@ -17,6 +17,7 @@ import torch
 from fedprefix.common.base_model import load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.files import atomic_write_bytes
+from fedprefix.common.precision import dtype_name, host_info, resolve_dtype
 from fedprefix.common.prefix import Prefix
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -52,6 +53,8 @@ def run_federation(grid: Grid, config: FederationConfig) -> None:
         base=config.base,
         base_fingerprint=base.fingerprint,
         shared_prefix_parameters=sum(int(torch.tensor(a.shape).prod()) for a in arrays.values()),
+        compute_dtype=dtype_name(resolve_dtype(config.dtype, base.device)),
+        host=host_info(base.device).model_dump(),
         started=time.time(),
     )
     recorder = RunRecorder(config.run_dir, info)

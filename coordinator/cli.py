@@ -14,6 +14,7 @@ import time
 import typer
 from fedprefix.common import base_model
 from fedprefix.common.errors import FedPrefixError
+from fedprefix.common.precision import resolve_dtype
 from fedprefix.coordinator.views import fmt_num, make_console
 from rich.table import Table
 
@@ -30,6 +31,9 @@ base_app = typer.Typer(help="Base models: list the registry, fetch the built-in 
 app.add_typer(base_app, name="base")
 
 _state = {"debug": False}
+DTYPE_HELP = (
+    "Compute dtype: auto (bfloat16 only where this hardware computes it natively and faster), float32, bfloat16."
+)
 
 
 @app.callback()
@@ -39,6 +43,21 @@ def main(
     """fedprefix: personal prefixes that never leave the device."""
     _state["debug"] = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def run() -> None:
+    """The console entry point: an error nobody caught is still one line (the traceback with --debug)."""
+    try:
+        app()
+    except Exception as exc:  # errors from dependencies too (a missing package, a refused file)
+        if _state["debug"]:
+            raise
+        message = " ".join(str(exc).split()) or "no message"
+        kind = "" if isinstance(exc, FedPrefixError) else f"{type(exc).__name__}: "
+        err_console.print(
+            f"[red]error:[/red] {kind}{message} (run with --debug for the traceback)", highlight=False, soft_wrap=True
+        )
+        raise SystemExit(1) from None
 
 
 def fail(exc: Exception) -> None:
@@ -129,6 +148,7 @@ def simulate(
     aggregator: str = typer.Option("fedavg", "--aggregator", help="fedavg | fedadam | fedprox"),
     local_steps: int = typer.Option(10, "--local-steps", help="Optimizer steps per user per round."),
     examples: int = typer.Option(0, "--examples", help="Rows per user; 0 = non-IID sizes from 10 to 200."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     dp_noise: float = typer.Option(0.0, "--dp-noise", help="DP noise multiplier (0 = off)."),
     dp_clip: float = typer.Option(1.0, "--dp-clip", help="DP clipping norm of each user's update."),
     setting: list[str] = typer.Option([], "--set", help="Any other run setting, KEY=VALUE (see pyproject)."),
@@ -160,6 +180,7 @@ def simulate(
             examples_per_user=examples,
             dp_noise_multiplier=dp_noise,
             dp_clipping_norm=dp_clip,
+            dtype=dtype,
             **extra,
         )
     except ValidationError as exc:
@@ -190,12 +211,7 @@ def serve(
     max_wait: float = typer.Option(30.0, "--max-wait", help="Seconds a request may wait for a batch slot."),
     cache_mib: int = typer.Option(1024, "--prefix-cache-mib", help="Memory for decrypted prefixes (LRU)."),
     static: bool = typer.Option(False, "--static-batching", help="Static instead of continuous batching."),
-    dtype: str = typer.Option(
-        "auto",
-        "--dtype",
-        help="Weights to serve in: auto (bfloat16 where the hardware computes it natively, else float32), "
-        "float32 or bfloat16.",
-    ),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Serve many users' prefixes over one base: an OpenAI-compatible HTTP API.
 
@@ -209,7 +225,7 @@ def serve(
     from fedprefix.coordinator.serving.server import create_app, start_http
 
     try:
-        loaded = base_model.load_base(base, dtype=base_model.serving_dtype(dtype))
+        loaded = base_model.load_base(base, dtype=resolve_dtype(dtype))
         prefix_store = PrefixStore(store)
     except FedPrefixError as exc:
         fail(exc)

@@ -76,6 +76,8 @@ class RunInfo(BaseModel):
     base: str
     base_fingerprint: str
     shared_prefix_parameters: int
+    compute_dtype: str | None = None  # what config dtype resolved to on the coordinator's host
+    host: dict | None = None  # the coordinator's host (common.precision.HostInfo); simulated nodes share it
     started: float  # unix time
     ended: float | None = None
     error: str | None = None

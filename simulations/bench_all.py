@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from fedprefix.common.precision import describe_host, host_info
 
 from . import bench_federation, bench_serving, bench_store, bench_train
 
@@ -37,8 +38,8 @@ def main(argv=None) -> dict:
     import transformers
 
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "host": host_info().model_dump(),
+        "machine": f"{describe_host()}, {psutil.virtual_memory().total / 2**30:.0f} GiB",
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

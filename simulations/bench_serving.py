@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import base64
 import json
-import platform
 import random
 import statistics
 import tempfile
@@ -26,10 +25,10 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 import torch
-from fedprefix.common.base_model import load_base, serving_dtype
+from fedprefix.common.base_model import load_base
 from fedprefix.common.generation import SamplingParams, generate_tokens
+from fedprefix.common.precision import host_info, resolve_dtype
 from fedprefix.common.prefix import Prefix
 from fedprefix.common.store import PrefixStore
 from fedprefix.coordinator.serving import Engine, GenerationRequest
@@ -162,7 +161,7 @@ def engine_vs_peft(base_name, base, store, users, prompts, params, peft_users: i
         users[:bf16_users], prompts[:bf16_users], params
     )
     requests = [GenerationRequest(p, user=u, key=key_of(u), params=params) for u, p in zip(users, prompts, strict=True)]
-    serving = serving_dtype("auto", base.device)
+    serving = resolve_dtype("auto", base.device)
     engine_fp32 = engine_rate(base.with_dtype(torch.float32), store, requests)
     timed_users, timed_prompts = users[:peft_users], prompts[:peft_users]
     peft_rates, engine_rates = [], []
@@ -282,10 +281,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     base = load_base(args.base)
-    served = base.with_dtype(serving_dtype("auto", base.device))  # what `fedprefix serve` runs
+    served = base.with_dtype(resolve_dtype("auto", base.device))  # what `fedprefix serve` runs
     params = SamplingParams(max_new_tokens=args.max_tokens, ignore_eos=True)
     result = {
-        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        "host": host_info(base.device).model_dump(),
         "torch": torch.__version__,
         "base": args.base,
         "users": args.users,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from fedprefix.common.precision import host_info
 from fedprefix.common.prefix import Prefix, PrefixConfig, PrefixSpec
 from fedprefix.common.store import DEFAULT_SCRYPT_N, SCRYPT_P, SCRYPT_R, PrefixStore
 
@@ -41,16 +42,6 @@ def _median_ms(fn, repeats: int) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _filesystem(path: Path) -> str:
@@ -76,11 +67,12 @@ def machine_info(folder: Path) -> dict:
         except metadata.PackageNotFoundError:
             versions[package] = "missing"
     return {
-        "cpu": _cpu_model(),
+        "cpu": host_info().cpu,
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "filesystem": _filesystem(folder),
+        "host": host_info().model_dump(),
         "versions": versions,
     }
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,6 +41,7 @@ from fedprefix.client.training import completion_loss, evaluate_examples
 from fedprefix.common.base_model import BaseModelHandle, load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.generation import SamplingParams, generate
+from fedprefix.common.precision import describe_host, host_info
 from fedprefix.common.prefix import Prefix, PrefixConfig
 from fedprefix.coordinator.app import load_shared_prefix
 from fedprefix.coordinator.simulate import simulate
@@ -252,7 +252,8 @@ def run(settings: Settings, out: Path) -> dict:
     datasets = {u: user_dataset(u, settings.examples, test_size=settings.eval_size) for u in settings.users}
     results: dict = {
         "settings": asdict(settings),
-        "machine": f"{platform.machine()}, torch {torch.__version__}",
+        "machine": describe_host(),
+        "host": host_info().model_dump(),
         "users": {u: {"style": d["style"], "train_rows": len(d["train"]) + len(d["val"])} for u, d in datasets.items()},
         "approaches": {},
         "ablation": {},

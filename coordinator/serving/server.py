@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.generation import SamplingParams
+from fedprefix.common.precision import dtype_name
 from fedprefix.common.store import BadUserIdError, StoreError, UnknownUserError, WrongKeyError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
@@ -314,7 +315,13 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "queue_depth": engine.queue_depth, "running": engine.batch_size}
+        return {
+            "status": "ok",
+            "model": model_name,
+            "dtype": dtype_name(engine.base.dtype),
+            "queue_depth": engine.queue_depth,
+            "running": engine.batch_size,
+        }
 
     @app.get("/metrics")
     async def prometheus():

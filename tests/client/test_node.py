@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from fedprefix.client.node import open_node, read_key_file, simulation_key
@@ -55,3 +57,21 @@ def test_key_files(tmp_path):
     assert read_key_file(str(raw)) == read_key_file(str(hexed)) == bytes(range(32))
     with pytest.raises(ConfigError, match="32 raw bytes or 64 hex digits"):
         read_key_file(str(short))
+
+
+def test_a_simulated_node_computes_on_its_cpu_share(monkeypatch):
+    import types
+
+    import torch
+    from fedprefix.client.node import use_cpu_share
+
+    context = types.SimpleNamespace(get_assigned_resources=lambda: {"CPU": 1.0})
+    fake_ray = types.SimpleNamespace(is_initialized=lambda: True, get_runtime_context=lambda: context)
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    before = torch.get_num_threads()
+    try:
+        assert use_cpu_share() == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.delitem(sys.modules, "ray")
+    assert use_cpu_share() == before, "outside Ray the setting is left alone"

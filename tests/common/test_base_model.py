@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 from fedprefix.common import base_model
-from fedprefix.common.base_model import REGISTRY, load_base, serving_dtype
+from fedprefix.common.base_model import REGISTRY, load_base
 from fedprefix.common.errors import ConfigError, UnsupportedModelError
 
 
@@ -97,14 +97,3 @@ def test_builtin_smollm2_answers_paris():
     prompt = prompt["input_ids"] if isinstance(prompt, dict) else prompt
     (answer,) = generate(base.model, base.tokenizer, [prompt], [None], SamplingParams(max_new_tokens=12))
     assert "Paris" in answer
-
-
-def test_serving_dtype_names_and_auto(monkeypatch):
-    assert serving_dtype("float32") is torch.float32
-    assert serving_dtype("bfloat16") is torch.bfloat16
-    with pytest.raises(ConfigError, match="unknown dtype 'fp8'.*auto, float32, bfloat16"):
-        serving_dtype("fp8")
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
-    assert serving_dtype("auto") is torch.bfloat16
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
-    assert serving_dtype("auto") is torch.float32

@@ -123,7 +123,8 @@ def test_a_refused_request_runs_none_of_its_prompts(served):  # noqa: F811
 
 def test_models_health_metrics(client):
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-llama"
-    assert client.get("/health").json()["status"] == "ok"
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["dtype"] in ("float32", "bfloat16")
     client.post("/v1/completions", json={"prompt": "m", "user": "bob", "max_tokens": 3}, headers=header("bob"))
     text = client.get("/metrics").text
     for name in (

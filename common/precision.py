@@ -1,0 +1,140 @@
+"""The one rule for compute dtypes (training and serving), and the host it was applied on.
+
+`resolve_dtype("auto", device)` is bfloat16 only where the hardware computes it natively
+*and* it is measurably faster there, else float32:
+
+- CUDA: bfloat16 where the GPU supports it (Ampere and later).
+- CPU: oneDNN must have a native bf16 path (AVX512-BF16 or AMX; this check honours
+  `ONEDNN_MAX_CPU_ISA`). Without one, torch runs bf16 matmuls through a reference GEMM:
+  on an AVX2-only EPYC a training step took 66.5 s in bf16 against 2.76 s in float32
+  (DESIGN.md), so no bf16 by default there. With one, a short matmul forward + backward
+  in both dtypes decides (once per process): bf16 must be at least `BF16_MIN_SPEEDUP`
+  faster, so that a CPU whose bf16 instructions exist but do not pay keeps float32.
+
+Explicit "float32" / "bfloat16" are always obeyed. Every figure the project reports
+carries `host_info()`: CPU model, cores, native bf16, the torch version.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import time
+
+import torch
+from pydantic import BaseModel
+
+from .errors import ConfigError
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+BF16_MIN_SPEEDUP = 1.5  # bf16 must beat float32 by this factor in the probe to be chosen on a CPU
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32, and so on."""
+    return str(dtype).removeprefix("torch.")
+
+
+def cpu_native_bf16() -> bool:
+    """True where oneDNN computes bfloat16 natively on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """True where `device` computes bfloat16 natively."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_native_bf16()
+
+
+def _matmul_seconds(dtype: torch.dtype, rows: int = 512, width: int = 576, out: int = 1536, reps: int = 4) -> float:
+    """Best time of a (rows x width) @ (width x out) linear, forward + input gradient: a training layer's shape."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, width, generator=generator).to(dtype).requires_grad_(True)  # (N, in)
+    weight = torch.randn(out, width, generator=generator).to(dtype)  # (out, in), frozen like the base's
+    best = float("inf")
+    for _ in range(reps + 1):  # the first call packs weights and warms caches
+        started = time.perf_counter()
+        torch.nn.functional.linear(x, weight).sum().backward()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """float32 time / bfloat16 time of a training-shaped matmul on this CPU (measured once per process)."""
+    if not cpu_native_bf16():
+        return 0.0
+    return _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
+
+
+def resolve_dtype(name: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> torch.dtype:
+    """The compute dtype for `name` ('auto', 'float32', 'bfloat16' or a torch dtype) on `device`."""
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise ConfigError(f"unsupported compute dtype {name}; choose {', '.join(DTYPE_CHOICES)}")
+        return name
+    if name != "auto":
+        if name not in DTYPES:
+            raise ConfigError(f"unknown dtype {name!r}; choose {', '.join(DTYPE_CHOICES)}")
+        return DTYPES[name]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if device.type != "cpu" or not cpu_native_bf16():
+        return torch.float32
+    return torch.bfloat16 if cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else torch.float32
+
+
+class HostInfo(BaseModel):
+    """The machine a figure was measured on."""
+
+    cpu: str  # model name as the OS reports it
+    cores: int  # logical CPUs this process may use
+    torch_threads: int
+    native_bf16: bool  # oneDNN's bf16 path (AVX512-BF16 or AMX) or a bf16 GPU
+    isa: str  # torch's vector ISA for its own kernels (AVX2, AVX512, ...)
+    torch: str
+    gpu: str | None = None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_info(device: str | torch.device = "cpu") -> HostInfo:
+    """CPU model, cores, native bf16 and versions: recorded beside every measured figure."""
+    device = torch.device(device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return HostInfo(
+        cpu=_cpu_model(),
+        cores=cores,
+        torch_threads=torch.get_num_threads(),
+        native_bf16=native_bf16(device),
+        isa=torch.backends.cpu.get_cpu_capability(),
+        torch=torch.__version__,
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    )
+
+
+def describe_host(info: HostInfo | None = None) -> str:
+    """One line: 'AMD EPYC, 2 cores, AVX512, native bf16: yes, torch 2.13.0+cpu'."""
+    info = info or host_info()
+    gpu = f", GPU {info.gpu}" if info.gpu else ""
+    return (
+        f"{info.cpu}, {info.cores} cores, {info.isa}, native bf16: {'yes' if info.native_bf16 else 'no'}{gpu}, "
+        f"torch {info.torch}"
+    )

@@ -1,0 +1,48 @@
+"""The CLI's promise: every error is one line on stderr and exit code 1; --debug shows the traceback."""
+
+import sys
+
+import pytest
+from fedprefix.common import base_model
+from fedprefix.coordinator import cli
+
+
+def _run(monkeypatch, *argv: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["fedprefix", *argv])
+    monkeypatch.setitem(cli._state, "debug", False)
+    cli.run()
+
+
+def _refuse(name):  # what transformers raised on a fresh clone without accelerate
+    raise ValueError("accelerate is required when loading a GGUF file `pip install accelerate`.\nsecond line")
+
+
+def test_an_error_from_a_dependency_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(base_model, "fetch", _refuse)
+    with pytest.raises(SystemExit) as exit_:
+        _run(monkeypatch, "base", "fetch", "smollm2-135m-instruct")
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "error: ValueError: accelerate is required" in err and "second line" in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(monkeypatch):
+    monkeypatch.setattr(base_model, "fetch", _refuse)
+    with pytest.raises(ValueError, match="accelerate is required"):
+        _run(monkeypatch, "--debug", "base", "fetch", "smollm2-135m-instruct")
+
+
+def test_a_project_error_is_one_line_without_its_type(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _run(monkeypatch, "base", "info", "no-such-model")
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown base model 'no-such-model'") and err.count("\n") == 1, err
+
+
+def test_an_unknown_dtype_is_refused_before_anything_runs(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _run(monkeypatch, "simulate", "--dtype", "float16", "--out", "unused")
+    assert exit_.value.code == 1
+    assert "dtype" in capsys.readouterr().err
