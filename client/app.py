@@ -12,7 +12,20 @@ an error reply, which the coordinator records with its reason while the round go
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from fedprefix.common.protocol import (
+    ARRAYS,
+    CONFIG,
+    DP_WEIGHT,
+    EVAL_PARTS,
+    METRICS,
+    NUM_EXAMPLES,
+    STEPS,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    RoundSettings,
+    eval_loss_key,
+)
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -23,7 +36,7 @@ from .node import Node, open_node
 
 def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     """Flower's fixedclipping_mod, applied only when the coordinator runs with DP."""
-    config = msg.content.config_records.get("config", ConfigRecord())
+    config = msg.content.config_records.get(CONFIG, ConfigRecord())
     if KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
@@ -33,37 +46,38 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
 app = ClientApp(mods=[audit_mod, dp_clipping_mod])
 
 
-def _setup(msg: Message, context: Context) -> tuple[Node, ConfigRecord]:
-    """What both handlers do first: open the node and take the shared prefix."""
-    config = msg.content.config_records.get("config", ConfigRecord())
-    node = open_node(dict(config), dict(context.node_config))
-    node.receive_shared(msg.content.array_records.get("arrays"), config.get("base-fingerprint"))
-    return node, config
+def _setup(msg: Message, context: Context) -> tuple[Node, RoundSettings]:
+    """What both handlers do first: open the node (run settings from its own context) and take the shared prefix."""
+    round_settings = RoundSettings.model_validate(dict(msg.content.config_records.get(CONFIG, ConfigRecord())))
+    node = open_node(dict(context.run_config), dict(context.node_config))
+    node.receive_shared(msg.content.array_records.get(ARRAYS), round_settings.base_fingerprint)
+    return node, round_settings
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training round."""
-    node, config = _setup(msg, context)
+    node, round_settings = _setup(msg, context)
     report = node.personalizer.fit(
         node.train_rows,
-        max_steps=int(config.get("local-steps", node.config.local_steps)),
-        learning_rate=float(config.get("round-learning-rate", node.config.learning_rate)),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        max_steps=node.config.local_steps,
+        learning_rate=round_settings.learning_rate or node.config.learning_rate,
+        proximal_mu=round_settings.proximal_mu,
     )
     node.personalizer.save()
+    recent = report.train_loss[-5:]
     metrics = MetricRecord(
         {
-            "num-examples": report.num_train_examples,
-            "train-loss": sum(report.train_loss[-5:]) / len(report.train_loss[-5:]),
-            "train-seconds": report.seconds,
-            "steps": report.steps,
-            "dp-weight": 1.0,  # equal weights, which Flower's DP accounting requires
+            NUM_EXAMPLES: report.num_train_examples,
+            TRAIN_LOSS: sum(recent) / len(recent),
+            TRAIN_SECONDS: report.seconds,
+            STEPS: report.steps,
+            DP_WEIGHT: 1.0,
         }
     )
-    content = RecordDict({"metrics": metrics})
+    content = RecordDict({METRICS: metrics})
     if node.config.sends_shared:
-        content["arrays"] = node.shared_arrays()
+        content[ARRAYS] = ArrayRecord(node.shared_arrays())
     return Message(content=content, reply_to=msg)
 
 
@@ -72,8 +86,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Held-out loss for base only, shared only and shared + personal."""
     node, _ = _setup(msg, context)
     losses = {
-        f"eval-loss-{name}": node.personalizer.evaluate(node.eval_rows, parts=parts).loss
-        for name, parts in (("base", "none"), ("shared", "shared"), ("personal", "all"))
+        eval_loss_key(name): node.personalizer.evaluate(node.eval_rows, parts=parts).loss
+        for name, parts in EVAL_PARTS.items()
     }
-    metrics = MetricRecord({"num-examples": len(node.eval_rows), **losses})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    metrics = MetricRecord({NUM_EXAMPLES: len(node.eval_rows), **losses})
+    return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)

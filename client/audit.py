@@ -12,6 +12,7 @@ import base64
 import json
 from pathlib import Path
 
+from fedprefix.common.protocol import CONFIG
 from flwr.app import ConfigRecord, Context, Message
 
 from .node import node_user_id
@@ -20,8 +21,8 @@ from .node import node_user_id
 def audit_mod(msg: Message, context: Context, call_next) -> Message:
     """Flower client mod: pass the message on, log the reply if the run asks for it."""
     reply = call_next(msg, context)
-    config = msg.content.config_records.get("config", ConfigRecord())
-    folder = str(config.get("audit-dir", ""))
+    config = msg.content.config_records.get(CONFIG, ConfigRecord())
+    folder = str(context.run_config.get("audit-dir", ""))  # a run setting, read from the node's own context
     if not folder or reply.has_error():
         return reply
     arrays = [

@@ -21,18 +21,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from fedprefix.common.base_model import BaseModelHandle, load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.errors import ConfigError, DataError, ShapeError
+from fedprefix.common.protocol import pack_shared, unpack_shared
 from fedprefix.simulations.personas import training_rows, user_dataset
 from flwr.app import ArrayRecord
 
 from .data import read_rows
 from .personalizer import Personalizer
-
-SHARED_KEY_PREFIX = "shared."  # names of the arrays that go on the wire; nothing else does
 
 _BASES: dict[str, BaseModelHandle] = {}  # Flower reuses simulation processes: load each base once
 
@@ -68,7 +66,7 @@ class Node:
     eval_rows: list
 
     def receive_shared(self, arrays: ArrayRecord | None, fingerprint: str | None) -> None:
-        """Take the coordinator's shared prefix; refuse one made for another base or shape."""
+        """Take the coordinator's shared prefix; refuse one made for another base, of another shape, or not finite."""
         if fingerprint is not None and fingerprint != self.personalizer.base.fingerprint:
             raise ConfigError(
                 f"user {self.user_id}: the coordinator's shared prefix is for base {fingerprint[:12]}…, "
@@ -77,22 +75,21 @@ class Node:
         shared = self.personalizer.shared
         if shared is None or arrays is None or len(arrays) == 0:
             return
-        received = {k.removeprefix(SHARED_KEY_PREFIX): torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()}
         expected = {k: tuple(v.shape) for k, v in shared.state_tensors().items()}
-        got = {k: tuple(v.shape) for k, v in received.items()}
-        if got != expected:
-            raise ShapeError(f"user {self.user_id}: shared prefix arrays {got} do not match {expected}")
+        try:
+            received = unpack_shared(arrays, expected)
+        except ShapeError as exc:
+            raise ShapeError(f"user {self.user_id}: {exc}") from None
         with torch.no_grad():
             for name, tensor in shared.state_dict().items():
                 tensor.copy_(received[name])
 
-    def shared_arrays(self) -> ArrayRecord:
+    def shared_arrays(self) -> dict[str, torch.Tensor]:
         """The shared prefix as it goes on the wire (empty when this mode sends nothing)."""
         shared = self.personalizer.shared
         if shared is None or not self.config.sends_shared:
-            return ArrayRecord()
-        tensors = {SHARED_KEY_PREFIX + k: v.float().contiguous() for k, v in shared.state_tensors().items()}
-        return ArrayRecord(tensors)
+            return {}
+        return pack_shared(shared.state_tensors())
 
 
 def simulation_key(config: FederationConfig, user_id: str) -> bytes:
@@ -120,9 +117,9 @@ def node_user_id(node_config: dict) -> str:
     return str(node_config.get("user-id", f"user{int(node_config.get('partition-id', 0)):03d}"))
 
 
-def open_node(message_config: dict, node_config: dict) -> Node:
-    """Set up the node for one message: run settings come with the coordinator's message."""
-    config = FederationConfig.from_run_config(message_config, ignore_unknown=True)
+def open_node(run_config: dict, node_config: dict) -> Node:
+    """Set up the node for one message from the run's settings (its `context.run_config`) and its node config."""
+    config = FederationConfig.from_run_config(run_config)
     partition = int(node_config.get("partition-id", 0))
     user_id = node_user_id(node_config)
     if "data-path" in node_config:

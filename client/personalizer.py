@@ -24,19 +24,13 @@ from fedprefix.common.config import EvalReport, FitReport, TrainConfig
 from fedprefix.common.errors import ConfigError
 from fedprefix.common.generation import SamplingParams, generate
 from fedprefix.common.peft_format import export_peft
-from fedprefix.common.prefix import Prefix, PrefixConfig, concat_key_values
+from fedprefix.common.prefix import Prefix, PrefixConfig
+from fedprefix.common.protocol import DEFAULT_INIT_TEXT, row_prefix, shared_store_id
+from fedprefix.common.protocol import init_text as repeated_init_text
 from fedprefix.common.store import PrefixStore
 
 from .data import format_prompt, read_rows, tokenize_rows
 from .training import Callback, evaluate_examples, split_examples, train
-
-# Neutral text whose keys/values start the prefix: the model begins by behaving as if
-# this had been read before the conversation, i.e. close to the base, and follows prompts.
-DEFAULT_INIT_TEXT = (
-    "Answer the request below helpfully and accurately, in the writing style this user prefers. "
-    "Keep every fact, name and number from the request."
-)
-SHARED_SUFFIX = "@shared"  # the shared prefix is stored beside the personal one under this id
 
 
 class Personalizer:
@@ -73,8 +67,7 @@ class Personalizer:
             raise ConfigError(f"use_chat_template=True but base {self.base.name} has no chat template")
         generator = torch.Generator().manual_seed(self.train_config.seed)
         if init_text is DEFAULT_INIT_TEXT:  # long enough for any prefix length
-            needed = shared_virtual_tokens + num_virtual_tokens
-            init_text = " ".join([init_text] * (1 + needed // max(1, len(self.base.tokenizer(init_text).input_ids))))
+            init_text = repeated_init_text(self.base.tokenizer, shared_virtual_tokens + num_virtual_tokens)
 
         def make(tokens: int, skip: int, projection: bool) -> Prefix:
             return self._new_prefix(tokens, init, init_text, projection, encoder_hidden_size, generator, skip)
@@ -112,11 +105,13 @@ class Personalizer:
         """The row prefix (L, 2, H, P, D): 'all' = shared + personal, 'shared', or 'none' (None)."""
         if parts == "none":
             return None
-        chosen = {"all": [self.shared, self.personal], "shared": [self.shared], "personal": [self.personal]}
+        chosen = {"all": (self.shared, self.personal), "shared": (self.shared, None), "personal": (None, self.personal)}
         if parts not in chosen:
             raise ConfigError(f"parts must be 'all', 'shared', 'personal' or 'none', got {parts!r}")
-        present = [p.key_values() for p in chosen[parts] if p is not None]
-        return concat_key_values(*present) if present else None
+        shared, personal = chosen[parts]
+        return row_prefix(
+            shared.key_values() if shared is not None else None, personal.key_values() if personal is not None else None
+        )
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters `fit` optimizes: the personal part, and the shared part if train_shared."""
@@ -213,7 +208,7 @@ class Personalizer:
         if self.personal is not None:
             info = store.save(self.user_id, self.personal, self.key)
         if self.shared is not None:
-            shared_info = store.save(self.user_id + SHARED_SUFFIX, self.shared, self.key)
+            shared_info = store.save(shared_store_id(self.user_id), self.shared, self.key)
             info = info or shared_info
         return info
 
@@ -224,7 +219,7 @@ class Personalizer:
         """
         store = self._require_store()
         found = False
-        for attr, user_id in (("personal", self.user_id), ("shared", self.user_id + SHARED_SUFFIX)):
+        for attr, user_id in (("personal", self.user_id), ("shared", shared_store_id(self.user_id))):
             if store.exists(user_id):
                 setattr(self, attr, store.load(user_id, self.key, self.base.fingerprint))
                 found = True
@@ -241,7 +236,7 @@ class Personalizer:
     ) -> Personalizer:
         """A Personalizer holding `user_id`'s stored prefix, decrypted with `key`, on `base_model`."""
         store = PrefixStore(store) if isinstance(store, (str, os.PathLike)) else store
-        if not store.exists(user_id) and not store.exists(user_id + SHARED_SUFFIX):
+        if not store.exists(user_id) and not store.exists(shared_store_id(user_id)):
             store.load(user_id, key)  # raises the store's "unknown user" error
         self = cls(base_model=base_model, user_id=user_id, store=store, key=key, init="zero", **settings)
         self.personal = None

@@ -11,19 +11,17 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from pathlib import Path
 
 import torch
 from fedprefix.common.base_model import load_base
 from fedprefix.common.config import FederationConfig
-from fedprefix.common.files import atomic_write_bytes
 from fedprefix.common.precision import dtype_name, host_info, resolve_dtype
 from fedprefix.common.prefix import Prefix
+from fedprefix.common.protocol import init_text, pack_shared
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import load_file, save
 
-from .records import SHARED_PREFIX_FILE, RunInfo, RunRecorder
+from .records import RunInfo, RunRecorder, save_shared_prefix
 from .strategy import PrefixStrategy, build_inner_strategy
 
 log = logging.getLogger(__name__)
@@ -34,12 +32,8 @@ def initial_shared_arrays(config: FederationConfig, base) -> ArrayRecord:
     """The round-0 shared prefix: the same text init every node would make, so nodes agree."""
     if not config.sends_shared:
         return ArrayRecord()
-    from fedprefix.client.node import SHARED_KEY_PREFIX
-    from fedprefix.client.personalizer import DEFAULT_INIT_TEXT
-
-    text = " ".join([DEFAULT_INIT_TEXT] * (1 + config.shared_tokens // 16))
-    shared = Prefix.from_text(base, text, config.shared_tokens)
-    return ArrayRecord({SHARED_KEY_PREFIX + k: v.float().contiguous() for k, v in shared.state_tensors().items()})
+    shared = Prefix.from_text(base, init_text(base.tokenizer, config.shared_tokens), config.shared_tokens)
+    return ArrayRecord(pack_shared(shared.state_tensors()))
 
 
 def run_federation(grid: Grid, config: FederationConfig) -> None:
@@ -72,19 +66,8 @@ def run_federation(grid: Grid, config: FederationConfig) -> None:
         recorder.finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     if config.sends_shared and result.arrays is not None:
-        save_shared_prefix(result.arrays, recorder.dir / SHARED_PREFIX_FILE)
+        save_shared_prefix(result.arrays, recorder.dir)
     recorder.finish("finished")
-
-
-def save_shared_prefix(arrays: ArrayRecord, path) -> None:
-    """The final aggregated shared prefix (never a personal one) into the run folder."""
-    tensors = {name: torch.from_numpy(array.numpy().copy()) for name, array in arrays.items()}
-    atomic_write_bytes(path, save(tensors))
-
-
-def load_shared_prefix(run_dir) -> dict[str, torch.Tensor]:
-    """The final shared prefix of a run, as `shared.*` tensors."""
-    return load_file(str(Path(run_dir) / SHARED_PREFIX_FILE))
 
 
 @app.main()

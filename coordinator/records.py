@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.files import atomic_write_bytes
+from fedprefix.common.protocol import SHARED_ARRAY_PREFIX
 from pydantic import BaseModel, Field, ValidationError
 
 RUN_FILE = "run.json"
@@ -129,3 +130,23 @@ def read_run(run_dir: str | os.PathLike) -> tuple[RunInfo, list[RoundRecord], li
             except (json.JSONDecodeError, ValidationError) as exc:
                 problems.append(f"{rounds_path} line {number}: unreadable round record ({str(exc).splitlines()[0]})")
     return info, rounds, problems
+
+
+def save_shared_prefix(arrays, run_dir: str | os.PathLike) -> None:
+    """The final aggregated shared prefix (never a personal one) into the run folder, as wire arrays."""
+    import torch
+    from safetensors.torch import save
+
+    tensors = {name: torch.from_numpy(array.numpy().copy()) for name, array in arrays.items()}
+    atomic_write_bytes(Path(run_dir) / SHARED_PREFIX_FILE, save(tensors))
+
+
+def load_shared_prefix(run_dir: str | os.PathLike) -> dict:
+    """The final shared prefix of a run as the shared Prefix's tensors by name (wire names unpacked)."""
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / SHARED_PREFIX_FILE
+    if not path.is_file():
+        raise RunFolderError(f"run folder {run_dir} has no {SHARED_PREFIX_FILE} (a personal-mode or unfinished run)")
+    wire = load_file(str(path))
+    return {name.removeprefix(SHARED_ARRAY_PREFIX): tensor for name, tensor in wire.items()}

@@ -20,6 +20,18 @@ from collections.abc import Iterable
 
 import numpy as np
 from fedprefix.common.config import FederationConfig
+from fedprefix.common.protocol import (
+    ARRAYS,
+    DP_WEIGHT,
+    METRICS,
+    NUM_EXAMPLES,
+    SHARED_ARRAY_PREFIX,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    RoundSettings,
+    eval_loss_key,
+    unpack_shared,
+)
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -34,9 +46,6 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from .records import PrivacyRecord, Rejection, RoundRecord, RunRecorder
 
 log = logging.getLogger(__name__)
-
-WEIGHT_KEY = "num-examples"
-DP_WEIGHT_KEY = "dp-weight"  # DP accounting needs equal client weights: every reply sends 1
 
 
 def sample_size(fraction: float, num_users: int) -> int:
@@ -57,7 +66,7 @@ def build_inner_strategy(config: FederationConfig) -> Strategy:
         min_train_nodes=train_nodes,
         min_evaluate_nodes=eval_nodes,
         min_available_nodes=train_nodes,
-        weighted_by_key=DP_WEIGHT_KEY if dp else WEIGHT_KEY,
+        weighted_by_key=DP_WEIGHT if dp else NUM_EXAMPLES,
     )
     if config.aggregator == "fedadam":
         inner = FedAdam(**common, eta=config.server_lr)
@@ -119,17 +128,15 @@ class PrefixStrategy(Strategy):
         super().__init__()
         self.inner = inner
         self.config = config
-        self.expected = {k: (tuple(a.shape), a.dtype) for k, a in expected_arrays.items()}
+        self.expected = {k.removeprefix(SHARED_ARRAY_PREFIX): tuple(a.shape) for k, a in expected_arrays.items()}
         self.base_fingerprint = base_fingerprint
         self.recorder = recorder
         self.current: dict[str, np.ndarray] = {}
         self.pending: dict = {}
 
-    def _add_settings(self, config: ConfigRecord) -> None:
-        """Every message carries the run's settings: nodes need no copy of the run config."""
-        for key, value in self.config.to_run_config().items():
-            config[key] = value
-        config["base-fingerprint"] = self.base_fingerprint
+    def _add_round_settings(self, config: ConfigRecord, learning_rate: float | None = None) -> None:
+        """A message carries this round's values only; nodes read the run settings from their own context."""
+        config.update(RoundSettings(base_fingerprint=self.base_fingerprint, learning_rate=learning_rate).to_config())
 
     # ---------------------------------------------------------------- training
 
@@ -137,9 +144,8 @@ class PrefixStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.pending = {"started": time.time(), "round": server_round, "rejected": []}
-        self.current = {k: a.numpy() for k, a in arrays.items()}
-        self._add_settings(config)
-        config["round-learning-rate"] = self.config.learning_rate * self.config.lr_decay ** (server_round - 1)
+        self.current = {k.removeprefix(SHARED_ARRAY_PREFIX): a.numpy() for k, a in arrays.items()}
+        self._add_round_settings(config, self.config.learning_rate * self.config.lr_decay ** (server_round - 1))
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self.pending["sampled"] = sorted(m.metadata.dst_node_id for m in messages)
         return messages
@@ -159,14 +165,14 @@ class PrefixStrategy(Strategy):
         self.pending.update(
             accepted=len(accepted),
             uplink=sum(payload_bytes(m) for m in replies if not m.has_error()),
-            train_seconds=sum(float(m.content["metrics"].get("train-seconds", 0.0)) for m in accepted),
+            train_seconds=sum(float(m.content[METRICS].get(TRAIN_SECONDS, 0.0)) for m in accepted),
         )
         arrays, metrics = None, None
         if accepted and self.config.sends_shared:
             arrays, metrics = self.inner.aggregate_train(server_round, accepted)
         elif accepted:  # personal mode: nothing to aggregate but the metrics
-            metrics = aggregate_metricrecords([m.content for m in accepted], WEIGHT_KEY)
-        self.pending["train_loss"] = float(metrics["train-loss"]) if metrics and "train-loss" in metrics else None
+            metrics = aggregate_metricrecords([m.content for m in accepted], NUM_EXAMPLES)
+        self.pending["train_loss"] = float(metrics[TRAIN_LOSS]) if metrics and TRAIN_LOSS in metrics else None
         self.pending["norm"] = self._update_norm(arrays)
         return arrays, metrics
 
@@ -175,25 +181,20 @@ class PrefixStrategy(Strategy):
         if msg.has_error():
             return f"node error: {msg.error.reason}"
         content = msg.content
-        metrics = content.metric_records.get("metrics")
-        if metrics is None or not isinstance(metrics.get(WEIGHT_KEY), (int, float)) or metrics[WEIGHT_KEY] <= 0:
-            return f"missing or non-positive '{WEIGHT_KEY}' metric"
+        metrics = content.metric_records.get(METRICS)
+        if metrics is None or not isinstance(metrics.get(NUM_EXAMPLES), (int, float)) or metrics[NUM_EXAMPLES] <= 0:
+            return f"missing or non-positive '{NUM_EXAMPLES}' metric"
         if not self.config.sends_shared:
             return "personal mode: the reply must not carry arrays" if content.array_records else None
-        if len(content.array_records) != 1 or "arrays" not in content.array_records:
-            return "expected exactly one ArrayRecord named 'arrays'"
-        arrays = content["arrays"]
-        if set(arrays.keys()) != set(self.expected):
-            return f"array names {sorted(arrays.keys())} differ from the shared prefix's {sorted(self.expected)}"
+        if len(content.array_records) != 1 or ARRAYS not in content.array_records:
+            return f"expected exactly one ArrayRecord named '{ARRAYS}'"
+        try:
+            received = unpack_shared(content[ARRAYS], self.expected)
+        except Exception as exc:  # a reply that cannot even be decoded is rejected, never the run
+            return str(exc)
         squared = 0.0
-        for name, array in arrays.items():
-            shape = tuple(array.shape)
-            if shape != self.expected[name][0]:
-                return f"array {name!r} has shape {shape}, expected {self.expected[name][0]}"
-            values = array.numpy()
-            if not np.isfinite(values).all():
-                return f"array {name!r} contains NaN or Inf"
-            squared += float(((values.astype(np.float64) - self.current[name]) ** 2).sum())
+        for name, tensor in received.items():
+            squared += float(((tensor.numpy().astype(np.float64) - self.current[name]) ** 2).sum())
         if math.sqrt(squared) > self.config.max_update_norm:
             return f"update norm {math.sqrt(squared):.3g} exceeds the bound {self.config.max_update_norm:g}"
         return None
@@ -201,14 +202,19 @@ class PrefixStrategy(Strategy):
     def _update_norm(self, arrays: ArrayRecord | None) -> float | None:
         if arrays is None or not self.current:
             return None
-        return math.sqrt(sum(float(((a.numpy() - self.current[k]) ** 2).sum()) for k, a in arrays.items()))
+        return math.sqrt(
+            sum(
+                float(((a.numpy() - self.current[k.removeprefix(SHARED_ARRAY_PREFIX)]) ** 2).sum())
+                for k, a in arrays.items()
+            )
+        )
 
     # ---------------------------------------------------------------- evaluation
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._add_settings(config)
+        self._add_round_settings(config)
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -220,7 +226,7 @@ class PrefixStrategy(Strategy):
                 )
             else:
                 good.append(msg)
-        metrics = aggregate_metricrecords([m.content for m in good], WEIGHT_KEY) if good else None
+        metrics = aggregate_metricrecords([m.content for m in good], NUM_EXAMPLES) if good else None
         self.pending["eval"] = dict(metrics) if metrics else {}
         return metrics
 
@@ -239,9 +245,9 @@ class PrefixStrategy(Strategy):
             replies_rejected=len([r for r in rejected if not r.reason.startswith("evaluation:")]),
             rejected=rejected,
             train_loss=p.get("train_loss"),
-            eval_loss_base=evaluation.get("eval-loss-base"),
-            eval_loss_shared=evaluation.get("eval-loss-shared"),
-            eval_loss_personal=evaluation.get("eval-loss-personal"),
+            eval_loss_base=evaluation.get(eval_loss_key("base")),
+            eval_loss_shared=evaluation.get(eval_loss_key("shared")),
+            eval_loss_personal=evaluation.get(eval_loss_key("personal")),
             shared_update_norm=p.get("norm"),
             uplink_bytes=p.get("uplink", 0),
             train_seconds_sum=p.get("train_seconds", 0.0),

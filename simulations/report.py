@@ -36,14 +36,15 @@ from pathlib import Path
 import torch
 from fedprefix.client import Personalizer
 from fedprefix.client.data import format_prompt, read_rows, tokenize_rows
-from fedprefix.client.node import SHARED_KEY_PREFIX, simulation_key
+from fedprefix.client.node import simulation_key
 from fedprefix.client.training import completion_loss, evaluate_examples
 from fedprefix.common.base_model import BaseModelHandle, load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.generation import SamplingParams, generate
 from fedprefix.common.precision import describe_host, host_info
 from fedprefix.common.prefix import Prefix, PrefixConfig
-from fedprefix.coordinator.app import load_shared_prefix
+from fedprefix.common.protocol import row_prefix
+from fedprefix.coordinator.records import load_shared_prefix
 from fedprefix.coordinator.simulate import simulate
 
 from .personas import slot_realization, style_ok, training_rows, user_dataset
@@ -174,7 +175,7 @@ def federated(base, datasets, settings: Settings, mode: str, out: Path) -> tuple
     started = time.perf_counter()
     rounds = simulate(config)
     seconds = time.perf_counter() - started
-    shared_state = {k.removeprefix(SHARED_KEY_PREFIX): v for k, v in load_shared_prefix(config.run_dir).items()}
+    shared_state = load_shared_prefix(config.run_dir)
     spec = base.prefix_spec(config.shared_tokens)
     shared = Prefix.from_state(PrefixConfig(spec=spec, base_fingerprint=base.fingerprint), shared_state)
     scores = {}
@@ -188,7 +189,7 @@ def federated(base, datasets, settings: Settings, mode: str, out: Path) -> tuple
                 key=simulation_key(config, f"user{index:03d}"),
                 base_model=base,
             )
-            kv = torch.cat([kv, me.personal.key_values().detach()], dim=3)
+            kv = row_prefix(kv, me.personal.key_values().detach())
             personal_counts = me.personal.num_trainable(), me.personal.folded().num_trainable()
         result = score(base, kv, datasets[user], settings)
         result.seconds = seconds / len(settings.users)

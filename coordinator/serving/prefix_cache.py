@@ -17,8 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from fedprefix.client.personalizer import SHARED_SUFFIX
-from fedprefix.common.prefix import concat_key_values
+from fedprefix.common.protocol import row_prefix, shared_store_id
 from fedprefix.common.store import PrefixStore, UnknownUserError
 
 
@@ -62,7 +61,7 @@ class PrefixCache:
     def _version(self, user_id: str) -> tuple:
         """What identifies the stored files' current contents (size and mtime of each)."""
         stamps = []
-        for name in (user_id, user_id + SHARED_SUFFIX):
+        for name in (user_id, shared_store_id(user_id)):
             try:
                 st = os.stat(self.store.path_for(name))
                 stamps.append((st.st_size, st.st_mtime_ns))
@@ -99,11 +98,15 @@ class PrefixCache:
         return kv
 
     def _load(self, user_id: str, key: bytes | str) -> torch.Tensor:
-        parts = []
-        for name in (user_id + SHARED_SUFFIX, user_id):
-            if self.store.exists(name):
-                with torch.no_grad():
-                    parts.append(self.store.load(name, key, self.base_fingerprint).key_values().detach())
-        if not parts:
+        shared, personal = (self._load_part(name, key) for name in (shared_store_id(user_id), user_id))
+        kv = row_prefix(shared, personal)
+        if kv is None:
             raise UnknownUserError(f"no stored prefix for user {user_id!r}", user_id=user_id)
-        return concat_key_values(*parts).to(dtype=self.dtype, device=self.device).contiguous()
+        return kv.to(dtype=self.dtype, device=self.device).contiguous()
+
+    def _load_part(self, name: str, key: bytes | str) -> torch.Tensor | None:
+        """One stored part's KV (L, 2, H, P, D), or None where that part is not stored."""
+        if not self.store.exists(name):
+            return None
+        with torch.no_grad():
+            return self.store.load(name, key, self.base_fingerprint).key_values().detach()

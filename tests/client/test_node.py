@@ -42,8 +42,16 @@ def test_shared_prefix_of_another_base_or_shape_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="for base 000000000000"):
         node.receive_shared(node.shared_arrays(), "0" * 64)
     wrong = ArrayRecord({"shared.embedding.weight": Array(np.zeros((3, 5), np.float32))})
-    with pytest.raises(ShapeError, match="do not match"):
+    with pytest.raises(ShapeError, match=r"has shape \(3, 5\), expected \(4, 128\)"):
         node.receive_shared(wrong, node.personalizer.base.fingerprint)
+    poisoned = np.full((4, 128), np.nan, np.float32)
+    with pytest.raises(ShapeError, match="NaN or Inf"):  # a node refuses a non-finite shared prefix
+        node.receive_shared(
+            ArrayRecord({"shared.embedding.weight": Array(poisoned)}), node.personalizer.base.fingerprint
+        )
+    as_int = np.zeros((4, 128), np.int64)
+    with pytest.raises(ShapeError, match="dtype int64, expected float32"):
+        node.receive_shared(ArrayRecord({"shared.embedding.weight": Array(as_int)}), node.personalizer.base.fingerprint)
     before = node.personalizer.shared.flat().detach().clone()
     node.receive_shared(node.shared_arrays(), node.personalizer.base.fingerprint)  # round trip is exact
     assert (node.personalizer.shared.flat() == before).all()

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 from fedprefix.client import Personalizer
-from fedprefix.client.personalizer import SHARED_SUFFIX
 from fedprefix.common.base_model import load_base
 from fedprefix.common.errors import ConfigError, DataError, FingerprintMismatchError
 from fedprefix.common.peft_format import import_peft
+from fedprefix.common.protocol import shared_store_id
 from fedprefix.common.store import PrefixStore, StoreError
 from fedprefix.simulations.personas import training_rows, user_dataset
 
@@ -94,7 +94,7 @@ def test_save_load_resume(tiny_llama, store):
     p = personalizer(tiny_llama, store=store, key=KEY, shared_virtual_tokens=2)
     p.fit(ROWS)
     p.save()
-    assert store.exists("alice") and store.exists("alice" + SHARED_SUFFIX)
+    assert store.exists("alice") and store.exists(shared_store_id("alice"))
     loaded = Personalizer.load(user_id="alice", store=store, key=KEY, base_model=tiny_llama, **FAST)
     assert torch.equal(loaded.key_values(), p.key_values())
     assert loaded.generate("Describe", max_new_tokens=6) == p.generate("Describe", max_new_tokens=6)

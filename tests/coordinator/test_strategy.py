@@ -29,7 +29,7 @@ def _strategy(**settings) -> PrefixStrategy:
     config = FederationConfig(num_users=4, **settings)
     initial = ArrayRecord({"shared.embedding.weight": Array(np.zeros(SHAPE, dtype=np.float32))})
     strategy = PrefixStrategy(build_inner_strategy(config), config, initial, "f" * 64)
-    strategy.current = {k: a.numpy() for k, a in initial.items()}
+    strategy.current = {k.removeprefix("shared."): a.numpy() for k, a in initial.items()}
     strategy.pending = {"rejected": []}
     return strategy
 
@@ -55,7 +55,8 @@ def test_good_reply_is_accepted_and_sized():
 @pytest.mark.parametrize(
     ("arrays", "examples", "reason"),
     [
-        ({"shared.other": np.zeros(SHAPE, np.float32)}, 5, "array names"),
+        ({"shared.other": np.zeros(SHAPE, np.float32)}, 5, "do not match the shared prefix's"),
+        ({"shared.embedding.weight": np.zeros(SHAPE, np.int64)}, 5, "dtype int64, expected float32"),
         ({"shared.embedding.weight": np.zeros((3, 64), np.float32)}, 5, "has shape (3, 64), expected (4, 64)"),
         ({"shared.embedding.weight": np.full(SHAPE, np.nan, np.float32)}, 5, "NaN or Inf"),
         ({"shared.embedding.weight": np.full(SHAPE, np.inf, np.float32)}, 5, "NaN or Inf"),
@@ -66,6 +67,15 @@ def test_good_reply_is_accepted_and_sized():
 )
 def test_malformed_replies_are_rejected_with_reason(arrays, examples, reason):
     assert reason in _strategy().check_train_reply(_reply(arrays, examples))
+
+
+def test_an_array_whose_bytes_disagree_with_its_declared_shape_is_rejected():
+    honest = Array(np.zeros((3,), np.float32))  # 3 values on the wire ...
+    forged = Array(dtype=honest.dtype, shape=SHAPE, stype=honest.stype, data=honest.data)  # ... declared (4, 64)
+    msg = _reply(None)
+    msg.content["arrays"] = ArrayRecord({"shared.embedding.weight": forged})
+    reason = _strategy().check_train_reply(msg)
+    assert reason is not None, "a forged shape must be rejected, not aggregated"
 
 
 def test_personal_mode_refuses_arrays_and_node_errors_are_reasons():

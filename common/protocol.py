@@ -1,0 +1,147 @@
+"""The contract between device, coordinator and server: names, wire format, stored parts.
+
+Both sides of a federation and the serving engine import this file; no key written here
+is written anywhere else.
+
+Messages (Flower Message API). A node reads the *run settings* (FederationConfig) from
+its own `context.run_config`, the run's configuration that Flower gives every app; a
+message carries only what changes per round (`RoundSettings`, in the ConfigRecord
+``config``) and the shared prefix (the ArrayRecord ``arrays``). A training reply carries
+``arrays`` (shared modes) and the MetricRecord ``metrics`` with `TRAIN_METRICS`, the
+same keys in every reply; an evaluation reply carries `EVAL_METRICS`.
+
+Shared arrays on the wire are named ``shared.<tensor>`` after the shared Prefix's own
+tensor names, float32. Nothing else ever goes on the wire: a personal prefix has no
+wire name.
+
+Stored parts: a user's personal prefix is stored under the user id, the shared prefix
+beside it under `shared_store_id(user_id)`; a row's prefix is [shared ; personal]
+(`row_prefix`). The init-text rule makes the round-0 shared prefix the same on every
+node and at the coordinator without any communication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ShapeError
+from .prefix import concat_key_values
+
+# ------------------------------------------------------------------ message content names
+ARRAYS = "arrays"  # ArrayRecord: the shared prefix, both directions
+METRICS = "metrics"  # MetricRecord: a node's reply metrics
+CONFIG = "config"  # ConfigRecord: the round's settings, coordinator -> node
+
+# ------------------------------------------------------------------ metric keys
+NUM_EXAMPLES = "num-examples"  # the weight FedAvg reads
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+STEPS = "steps"
+DP_WEIGHT = "dp-weight"  # 1 in every reply: DP accounting needs equal client weights
+TRAIN_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, STEPS, DP_WEIGHT)
+EVAL_PARTS = {"base": "none", "shared": "shared", "personal": "all"}  # reported name -> Personalizer parts
+
+
+def eval_loss_key(name: str) -> str:
+    """The metric key of held-out loss with `name` in EVAL_PARTS ('base', 'shared', 'personal')."""
+    return f"eval-loss-{name}"
+
+
+EVAL_METRICS = (NUM_EXAMPLES, *(eval_loss_key(name) for name in EVAL_PARTS))
+
+# ------------------------------------------------------------------ round settings
+
+
+class RoundSettings(BaseModel):
+    """What a message's ConfigRecord ``config`` carries: the values of this round only."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)  # Flower adds its own keys
+
+    base_fingerprint: str = Field(alias="base-fingerprint")  # the nodes' base must be this one
+    learning_rate: float | None = Field(None, alias="round-learning-rate")  # after the run's lr decay
+    proximal_mu: float = Field(0.0, alias="proximal-mu", ge=0)  # set by Flower's FedProx only
+
+    def to_config(self) -> dict[str, Any]:
+        """The ConfigRecord entries (proximal-mu is left to Flower's FedProx, which sets it)."""
+        values = {"base-fingerprint": self.base_fingerprint}
+        if self.learning_rate is not None:
+            values["round-learning-rate"] = self.learning_rate
+        return values
+
+
+# ------------------------------------------------------------------ shared prefix on the wire
+SHARED_ARRAY_PREFIX = "shared."
+
+
+def pack_shared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A shared Prefix's `state_tensors()` as wire arrays: ``shared.<name>``, float32, contiguous."""
+    return {SHARED_ARRAY_PREFIX + name: t.detach().float().contiguous().cpu() for name, t in tensors.items()}
+
+
+def _decoded(value: Any) -> np.ndarray:
+    """A wire array's data as numpy: a Flower Array is decoded from its bytes, not its declared shape."""
+    return np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+
+
+def unpack_shared(arrays: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Wire arrays -> the shared Prefix's tensors by name, checking names, decoded shapes, dtype, finiteness.
+
+    `expected` maps the Prefix's tensor names to their shapes.
+    """
+    names = {name.removeprefix(SHARED_ARRAY_PREFIX) for name in arrays}
+    if any(not name.startswith(SHARED_ARRAY_PREFIX) for name in arrays) or names != set(expected):
+        raise ShapeError(
+            f"shared arrays {sorted(arrays)} do not match the shared prefix's "
+            f"{sorted(SHARED_ARRAY_PREFIX + n for n in expected)}"
+        )
+    tensors = {}
+    for wire_name, value in arrays.items():
+        name = wire_name.removeprefix(SHARED_ARRAY_PREFIX)
+        data = _decoded(value)
+        if data.dtype != np.float32:
+            raise ShapeError(f"shared array {wire_name!r} has dtype {data.dtype}, expected float32")
+        if tuple(data.shape) != tuple(expected[name]):
+            raise ShapeError(f"shared array {wire_name!r} has shape {tuple(data.shape)}, expected {expected[name]}")
+        if not np.isfinite(data).all():
+            raise ShapeError(f"shared array {wire_name!r} contains NaN or Inf")
+        tensors[name] = torch.from_numpy(data.copy())
+    return tensors
+
+
+# ------------------------------------------------------------------ stored parts and the row prefix
+SHARED_STORE_SUFFIX = "@shared"
+
+
+def shared_store_id(user_id: str) -> str:
+    """The store id of a user's copy of the shared prefix, kept beside the personal one."""
+    return user_id + SHARED_STORE_SUFFIX
+
+
+def row_prefix(shared: torch.Tensor | None, personal: torch.Tensor | None) -> torch.Tensor | None:
+    """A row's prefix: [shared ; personal] along the token axis, (L, 2, H, P_s + P_p, D); None if neither."""
+    present = [kv for kv in (shared, personal) if kv is not None]
+    return concat_key_values(*present) if present else None
+
+
+# ------------------------------------------------------------------ initialization
+# Neutral text whose keys/values start a prefix: the model begins by behaving as if this
+# had been read before the conversation, i.e. close to the base, and follows prompts.
+DEFAULT_INIT_TEXT = (
+    "Answer the request below helpfully and accurately, in the writing style this user prefers. "
+    "Keep every fact, name and number from the request."
+)
+
+
+def init_text(tokenizer, num_tokens: int, text: str = DEFAULT_INIT_TEXT) -> str:
+    """`text` repeated until it has at least `num_tokens` tokens under `tokenizer`.
+
+    [shared ; personal] starts as this text's KV as a whole (shared: its first tokens), so
+    every node and the coordinator make the same round-0 shared prefix.
+    """
+    per_copy = max(1, len(tokenizer(text).input_ids))
+    return " ".join([text] * (1 + num_tokens // per_copy))
