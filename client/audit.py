@@ -15,7 +15,7 @@ from pathlib import Path
 from fedprefix.common.protocol import CONFIG
 from flwr.app import ConfigRecord, Context, Message
 
-from .node import node_user_id
+from .user_data import node_user_id
 
 
 def audit_mod(msg: Message, context: Context, call_next) -> Message:
@@ -44,7 +44,7 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
         "metrics": metrics,
         "configs": [dict(r) for r in reply.content.config_records.values()],
     }
-    user = node_user_id(dict(context.node_config))
+    user = node_user_id(dict(context.node_config), str(context.run_config.get("data", "")))
     Path(folder).mkdir(parents=True, exist_ok=True)
     with open(Path(folder) / f"{user}.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry) + "\n")

@@ -4,10 +4,10 @@ The ClientApp's handlers stay thin; everything they share is set up here once pe
 message. In deployment each message runs in a fresh process, so this must be quick:
 the base loads from the converted safetensors cache (well under a second).
 
-Node settings (``--node-config`` of ``flower-supernode``; simulation fills in defaults):
-- ``partition-id``: which simulated user this node is (persona data) when no data path;
-- ``user-id``: the user's id (default ``user<partition-id>``);
-- ``data-path`` / ``eval-path``: the user's .jsonl data on this device;
+Node settings (``--node-config`` of ``flower-supernode``; simulation sets ``partition-id``):
+- ``partition-id``: which user of the run's data folder this node is (client/user_data.py);
+- ``user-id``: the user's id (default: that user's folder name, else ``user<partition-id>``);
+- ``data-path`` / ``eval-path``: the user's .jsonl data on this device (no data: refused);
 - ``store``: the encrypted store folder (default ``<store-root>/<user-id>``);
 - ``key-file``: 32 raw bytes or 64 hex digits. Without it a *simulation* key is derived
   from the run's ``key-seed``, which is only fit for simulations.
@@ -24,13 +24,12 @@ from pathlib import Path
 import torch
 from fedprefix.common.base_model import BaseModelHandle, load_base
 from fedprefix.common.config import FederationConfig
-from fedprefix.common.errors import ConfigError, DataError, ShapeError
+from fedprefix.common.errors import ConfigError, ShapeError
 from fedprefix.common.protocol import pack_shared, unpack_shared
-from fedprefix.simulations.personas import training_rows, user_dataset
 from flwr.app import ArrayRecord
 
-from .data import read_rows
 from .personalizer import Personalizer
+from .user_data import node_rows, node_user_id
 
 _BASES: dict[str, BaseModelHandle] = {}  # Flower reuses simulation processes: load each base once
 
@@ -112,27 +111,12 @@ def read_key_file(path: str) -> bytes:
     return key
 
 
-def node_user_id(node_config: dict) -> str:
-    """The node's user: `user-id` from its node config, else user<partition-id>."""
-    return str(node_config.get("user-id", f"user{int(node_config.get('partition-id', 0)):03d}"))
-
-
 def open_node(run_config: dict, node_config: dict) -> Node:
     """Set up the node for one message from the run's settings (its `context.run_config`) and its node config."""
     config = FederationConfig.from_run_config(run_config)
     partition = int(node_config.get("partition-id", 0))
-    user_id = node_user_id(node_config)
-    if "data-path" in node_config:
-        train_rows = read_rows(str(node_config["data-path"]))
-        eval_rows = read_rows(str(node_config.get("eval-path", node_config["data-path"])))
-    else:
-        data = user_dataset(
-            partition, config.examples_per_user or None, seed=config.data_seed, test_size=config.eval_size
-        )
-        train_rows = training_rows(data["train"] + data["val"])
-        eval_rows = training_rows(data["test"])
-    if not train_rows:
-        raise DataError(f"user {user_id} has no training data")
+    user_id = node_user_id(node_config, config.data)
+    train_rows, eval_rows = node_rows(node_config, config.data, user_id)
     store = node_config.get("store") or str(Path(config.store_root) / user_id)
     key = read_key_file(node_config["key-file"]) if "key-file" in node_config else simulation_key(config, user_id)
     personalizer = Personalizer(

@@ -86,9 +86,10 @@ class FederationConfig(BaseModel):
     dp_noise_multiplier: float = Field(0.0, ge=0)  # > 0 turns on client-side-clipping DP
     dp_clipping_norm: float = Field(1.0, gt=0)
     dp_target_delta: float = Field(1e-5, gt=0, lt=1)
-    examples_per_user: int = Field(0, ge=0)  # simulated data; 0 = non-IID sizes from 10 to 200
-    data_seed: int = 0
-    eval_size: int = Field(8, ge=1)  # held-out rows per user for evaluation rounds
+    # A federation data folder, one sub-folder per user (client/user_data.py): node partition-id i
+    # is the i-th user in name order. Empty: every node must bring `data-path` in its node config.
+    data: str = ""
+    data_seed: int = 0  # node i trains with seed data_seed + i
     run_dir: str = "runs/latest"
     store_root: str = ".cache/fedprefix/nodes"  # simulation: each node's encrypted store lives below
     key_seed: str = "simulation-only"  # simulation: node keys derive from this; real nodes bring key files

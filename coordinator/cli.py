@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 import time
+from pathlib import Path
 
 import typer
 from fedprefix.common import base_model
@@ -147,7 +148,10 @@ def simulate(
     out: str = typer.Option("runs/latest", "--out", help="Run folder to write (run.json, rounds.jsonl)."),
     aggregator: str = typer.Option("fedavg", "--aggregator", help="fedavg | fedadam | fedprox"),
     local_steps: int = typer.Option(10, "--local-steps", help="Optimizer steps per user per round."),
-    examples: int = typer.Option(0, "--examples", help="Rows per user; 0 = non-IID sizes from 10 to 200."),
+    data: str = typer.Option(
+        "personas", "--data", help="A federation data folder (one sub-folder per user), or 'personas' (simulated)."
+    ),
+    examples: int = typer.Option(0, "--examples", help="personas: rows per user; 0 = non-IID sizes from 10 to 200."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     dp_noise: float = typer.Option(0.0, "--dp-noise", help="DP noise multiplier (0 = off)."),
     dp_clip: float = typer.Option(1.0, "--dp-clip", help="DP clipping norm of each user's update."),
@@ -162,6 +166,10 @@ def simulate(
     from fedprefix.coordinator.simulate import simulate as run_simulation
     from pydantic import ValidationError
 
+    if data == "personas":  # simulated users, written as a data folder beside the run
+        from fedprefix.simulations.personas import write_federation_data
+
+        data = str(write_federation_data(Path(out) / "data", users, examples or None))
     extra = {}
     for item in setting:
         key, sep, value = item.partition("=")
@@ -177,7 +185,7 @@ def simulate(
             run_dir=out,
             aggregator=aggregator,
             local_steps=local_steps,
-            examples_per_user=examples,
+            data=data,
             dp_noise_multiplier=dp_noise,
             dp_clipping_norm=dp_clip,
             dtype=dtype,

@@ -17,6 +17,7 @@ import psutil
 from fedprefix.common.config import FederationConfig
 from fedprefix.coordinator.simulate import simulate
 from fedprefix.simulations.memory import PeakMemory
+from fedprefix.simulations.personas import write_federation_data
 
 
 def _is_client(proc) -> bool:
@@ -39,7 +40,7 @@ def main(argv=None) -> dict:
             num_users=args.users,
             num_rounds=args.rounds,
             local_steps=args.local_steps,
-            examples_per_user=args.examples,
+            data=str(write_federation_data(Path(tmp) / "data", args.users, args.examples)),
             run_dir=str(Path(tmp) / "run"),
             store_root=str(Path(tmp) / "stores"),
         )

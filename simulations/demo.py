@@ -22,10 +22,17 @@ from fedprefix.common.base_model import DEFAULT_BASE, load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.coordinator.simulate import simulate
 from fedprefix.coordinator.views import make_console, rounds_table
-from fedprefix.simulations.personas import slot_realization, style_ok, training_rows, user_dataset
+from fedprefix.simulations.personas import (
+    slot_realization,
+    style_ok,
+    training_rows,
+    user_dataset,
+    write_federation_data,
+)
 from rich.table import Table
 
 console = make_console()
+EVAL_SIZE = 8  # held-out prompts per user
 
 
 def compare(me: Personalizer, data: dict, title: str) -> None:
@@ -58,7 +65,7 @@ def federated(args) -> None:
         num_users=args.users,
         num_rounds=args.rounds,
         local_steps=args.local_steps,
-        examples_per_user=args.examples,
+        data=str(write_federation_data(work / "data", args.users, args.examples, test_size=EVAL_SIZE)),
         personal_tokens=16,
         shared_tokens=8,
         run_dir=str(work / "run"),
@@ -80,7 +87,7 @@ def federated(args) -> None:
     )
     compare(
         me,
-        user_dataset(1, args.examples, seed=config.data_seed, test_size=config.eval_size),
+        user_dataset(1, args.examples, test_size=EVAL_SIZE),
         f"{user}, personal prefix unlocked from its encrypted store",
     )
 

@@ -13,10 +13,15 @@ Metrics for a generated output:
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from fedprefix.client.user_data import EVAL_FILE, TRAIN_FILE
+from fedprefix.common.files import atomic_write_bytes
 
 NAMES = [
     "The Eagle",
@@ -177,3 +182,19 @@ def user_dataset(user_index: int, num_examples: int | None = None, seed: int = 0
 def training_rows(rows: list[dict]) -> list[dict]:
     """Rows without the `record` field, as Personalizer.fit takes them."""
     return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+
+
+def write_federation_data(
+    folder: str | Path, num_users: int, num_examples: int | None = None, seed: int = 0, test_size: int = 8
+) -> Path:
+    """Persona users 0..n-1 as a federation data folder (client/user_data.py): FOLDER/user000/train.jsonl
+    (train + val rows) and eval.jsonl (the held-out test rows). Returns the folder."""
+    folder = Path(folder)
+    for index in range(num_users):
+        data = user_dataset(index, num_examples, seed=seed, test_size=test_size)
+        user = folder / f"user{index:03d}"
+        user.mkdir(parents=True, exist_ok=True)
+        for name, rows in ((TRAIN_FILE, data["train"] + data["val"]), (EVAL_FILE, data["test"])):
+            text = "".join(json.dumps(row) + "\n" for row in training_rows(rows))
+            atomic_write_bytes(user / name, text.encode())
+    return folder

@@ -47,7 +47,7 @@ from fedprefix.common.protocol import row_prefix
 from fedprefix.coordinator.records import load_shared_prefix
 from fedprefix.coordinator.simulate import simulate
 
-from .personas import slot_realization, style_ok, training_rows, user_dataset
+from .personas import slot_realization, style_ok, training_rows, user_dataset, write_federation_data
 
 
 @dataclass
@@ -154,6 +154,9 @@ def local_prefix(base, data, settings: Settings, tokens: int, projection: bool =
 
 def federated(base, datasets, settings: Settings, mode: str, out: Path) -> tuple[dict, list]:
     """A Flower federation of all users in `mode`; scores per user with the final prefixes."""
+    persona_data = write_federation_data(
+        out / "data", len(settings.users), settings.examples, test_size=settings.eval_size
+    )
     config = FederationConfig(
         base=settings.base,
         mode=mode,
@@ -163,8 +166,7 @@ def federated(base, datasets, settings: Settings, mode: str, out: Path) -> tuple
         learning_rate=settings.learning_rate,
         personal_tokens=settings.personal_tokens,
         shared_tokens=settings.shared_tokens if mode != "shared" else settings.personal_tokens + settings.shared_tokens,
-        examples_per_user=settings.examples or 0,
-        eval_size=settings.eval_size,
+        data=str(persona_data),
         max_length=settings.max_length,
         run_dir=str(out / f"run-{mode}"),
         store_root=str(out / f"stores-{mode}"),

@@ -9,6 +9,7 @@ import torch
 from fedprefix.common.base_model import load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.prefix import Prefix, PrefixConfig
+from fedprefix.simulations.personas import write_federation_data
 
 TINY_BASES = ("tiny-gpt2", "tiny-llama", "tiny-qwen2")
 
@@ -51,12 +52,11 @@ def federation_config(tmp_path, **settings) -> FederationConfig:
         num_users=3,
         num_rounds=2,
         local_steps=2,
-        examples_per_user=10,
+        data=str(write_federation_data(tmp_path / "data", settings.get("num_users", 3), 10, test_size=4)),
         max_length=96,
         batch_size=4,
         personal_tokens=4,
         shared_tokens=4,
-        eval_size=4,
         run_dir=str(tmp_path / "run"),
         store_root=str(tmp_path / "stores"),
         audit_dir=str(tmp_path / "audit"),

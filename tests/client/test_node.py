@@ -17,8 +17,8 @@ def _settings(tmp_path, **kw) -> dict:
     return federation_config(tmp_path, **kw).to_run_config()
 
 
-def test_simulated_node_has_persona_data_and_its_own_key(tmp_path):
-    node = open_node(_settings(tmp_path), {"partition-id": 1})
+def test_simulated_node_reads_its_users_folder_and_has_its_own_key(tmp_path):
+    node = open_node(_settings(tmp_path), {"partition-id": 1})  # the 2nd user folder in name order
     assert node.user_id == "user001" and len(node.train_rows) == 10 and len(node.eval_rows) == 4
     config = node.config
     assert node.personalizer.key == simulation_key(config, "user001") != simulation_key(config, "user000")
@@ -35,6 +35,16 @@ def test_node_with_no_data_or_bad_rows_is_refused_by_name(tmp_path):
     bad.write_text('{"prompt": "only"}\n')
     with pytest.raises(DataError, match="line 1: field 'completion'"):
         open_node(_settings(tmp_path), {"partition-id": 0, "data-path": str(bad)})
+
+
+def test_a_node_without_data_refuses_to_train(tmp_path):
+    settings = _settings(tmp_path, data="")
+    with pytest.raises(DataError, match="user user000: this node has no data; give it `data-path`"):
+        open_node(settings, {"partition-id": 0})
+    with pytest.raises(DataError, match="partition-id 7, but the data folder .* has 3 users"):
+        open_node(_settings(tmp_path), {"partition-id": 7})
+    with pytest.raises(DataError, match="does not exist"):
+        open_node(_settings(tmp_path, data=str(tmp_path / "missing")), {"partition-id": 0})
 
 
 def test_shared_prefix_of_another_base_or_shape_is_refused(tmp_path):

@@ -19,14 +19,20 @@ from tests.conftest import federation_config
 
 
 def test_two_rounds_with_superlink_and_supernodes(tmp_path):
-    config = federation_config(tmp_path, num_users=2, num_rounds=2, audit_dir="")
+    # Real devices bring their own files (node config `data-path`); the run names no data folder.
+    config = federation_config(tmp_path, num_users=2, num_rounds=2, audit_dir="", data="")
+    own_files = tmp_path / "data"  # written by federation_config: user000/, user001/
     app = write_app(tmp_path / "app", config)
     flwr_home, log = tmp_path / "flwr-home", tmp_path / "flower.log"
     nodes = []
     with local_superlink(flwr_home, log, simulation=False) as port:
         try:
             for user in range(2):
-                node_config = f'partition-id={user} user-id="device{user}"'
+                folder = own_files / f"user{user:03d}"
+                node_config = (
+                    f'partition-id={user} user-id="device{user}" data-path="{folder / "train.jsonl"}" '
+                    f'eval-path="{folder / "eval.jsonl"}"'
+                )
                 command = [
                     flower_bin("flower-supernode"),
                     "--insecure",
