@@ -15,9 +15,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from fedprefix.common.errors import DataError
+from fedprefix.common.chat import ChatMessage, chat_prompt, format_prompt
+from fedprefix.common.errors import DataError, first_error
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
@@ -29,12 +29,6 @@ class PromptCompletion(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str
     completion: str = Field(min_length=1)
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
 
 
 class ChatRow(BaseModel):
@@ -101,9 +95,8 @@ def _validate(raw, where: str) -> Row:
     try:
         row = model.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "row"
-        raise DataError(f"{where}: field '{field}': {first['msg']}") from exc
+        field, message = first_error(exc, "row")
+        raise DataError(f"{where}: field '{field}': {message}") from exc
     if isinstance(row, ChatRow) and row.messages[-1].role != "assistant":
         raise DataError(f"{where}: field 'messages': the last message must be the assistant's reply")
     return row
@@ -152,12 +145,4 @@ def split_row(row: Row, tokenizer, use_chat_template: bool) -> tuple[str, str]:
         return "", row
     if isinstance(row, PromptCompletion):
         return (format_prompt(tokenizer, row.prompt) if use_chat_template else row.prompt), row.completion
-    history = [m.model_dump() for m in row.messages[:-1]]
-    prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-    return prompt, row.messages[-1].content
-
-
-def format_prompt(tokenizer, text: str) -> str:
-    """`text` as a single user turn in the tokenizer's chat template, ready for the reply."""
-    messages = [{"role": "user", "content": text}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return chat_prompt(tokenizer, row.messages[:-1]), row.messages[-1].content

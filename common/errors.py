@@ -27,3 +27,9 @@ class FingerprintMismatchError(FedPrefixError, ValueError):
 
 class DataError(FedPrefixError, ValueError):
     """Local training data is missing, malformed or unreadable."""
+
+
+def first_error(exc, default_field: str = "value") -> tuple[str, str]:
+    """(dotted field path, message) of a pydantic ValidationError's first error: what our messages name."""
+    first = exc.errors()[0]
+    return ".".join(str(part) for part in first["loc"]) or default_field, first["msg"]

@@ -44,7 +44,7 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence) -> torch.Tensor:
     """Next token per row from `logits` (B, V): argmax where temperature is 0, else top-p sampling."""
     # max(...).indices on float32 is argmax (the first maximal index) at a third of the cost:
-    # torch's CPU argmax is not vectorized, and is slowest on bfloat16 (7 ms for 64 x 49152)
+    # torch's CPU argmax is not vectorized, and is slowest on bfloat16
     chosen = logits.float().max(dim=-1).indices  # (B,)
     for row, p in enumerate(params):
         if p.temperature == 0.0:

@@ -5,9 +5,9 @@
 
 - CUDA: bfloat16 where the GPU supports it (Ampere and later).
 - CPU: oneDNN must have a native bf16 path (AVX512-BF16 or AMX; this check honours
-  `ONEDNN_MAX_CPU_ISA`). Without one, torch runs bf16 matmuls through a reference GEMM:
-  on an AVX2-only EPYC a training step took 66.5 s in bf16 against 2.76 s in float32
-  (DESIGN.md), so no bf16 by default there. With one, a short matmul forward + backward
+  `ONEDNN_MAX_CPU_ISA`). Without one, torch runs bf16 matmuls through a reference GEMM,
+  over 20x slower than float32 (DESIGN.md), so no bf16 by default there. With one, a short
+  matmul forward + backward
   in both dtypes decides (once per process): bf16 must be at least `BF16_MIN_SPEEDUP`
   faster, so that a CPU whose bf16 instructions exist but do not pay keeps float32.
 

@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 # architectures whose attention we test with a prefix cache are listed.
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2")
 
-PrefixInit = Literal["random", "zero", "text"]
-
 
 class PrefixSpec(BaseModel):
     """Shape of a prefix for one base model: L layers x H kv heads x P tokens x D dims."""
@@ -69,10 +67,6 @@ class PrefixSpec(BaseModel):
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim, num_virtual_tokens=num_virtual_tokens)
 
-    def with_tokens(self, num_virtual_tokens: int) -> PrefixSpec:
-        """The same base's spec with another prefix length."""
-        return self.model_copy(update={"num_virtual_tokens": num_virtual_tokens})
-
     @property
     def token_dim(self) -> int:
         """H*D: one layer's key (or value) width, PEFT's ``token_dim``."""
@@ -87,14 +81,6 @@ class PrefixSpec(BaseModel):
     def kv_shape(self) -> tuple[int, int, int, int, int]:
         """(L, 2, H, P, D)."""
         return (self.num_layers, 2, self.num_kv_heads, self.num_virtual_tokens, self.head_dim)
-
-    def same_base_shape(self, other: PrefixSpec) -> bool:
-        """True when both specs fit the same base (prefix length may differ)."""
-        return (self.num_layers, self.num_kv_heads, self.head_dim) == (
-            other.num_layers,
-            other.num_kv_heads,
-            other.head_dim,
-        )
 
 
 def flat_to_kv(flat: torch.Tensor, spec: PrefixSpec) -> torch.Tensor:
@@ -266,9 +252,9 @@ class Prefix(nn.Module):
         ones, so that [shared ; personal] equals the text's KV as a whole.
 
         Starting from real activations trains faster and more stably than random
-        vectors (Li & Liang 2021, section 7.2). With ``prefix_projection`` the MLP's
-        last bias holds the text KV and its last weight starts at zero, so the output
-        equals the text KV exactly and the MLP can still learn.
+        vectors (Li & Liang 2021, section 7.2). With ``prefix_projection`` the text KV
+        becomes a fixed anchor that the MLP's output is added to, and the MLP's last layer
+        starts at zero, so the prefix equals the text KV exactly and the MLP can still learn.
         """
         from .attention import text_key_values  # attention is the only module that reads caches
 

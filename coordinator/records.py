@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from fedprefix.common.errors import FedPrefixError
+from fedprefix.common.errors import FedPrefixError, first_error
 from fedprefix.common.files import atomic_write_bytes
 from fedprefix.common.protocol import SHARED_ARRAY_PREFIX
 from pydantic import BaseModel, Field, ValidationError
@@ -118,7 +118,7 @@ def read_run(run_dir: str | os.PathLike) -> tuple[RunInfo, list[RoundRecord], li
     try:
         info = RunInfo.model_validate_json(info_path.read_text())
     except ValidationError as exc:
-        raise RunFolderError(f"{info_path} is not a valid run record: {exc.errors()[0]['msg']}") from exc
+        raise RunFolderError(f"{info_path} is not a valid run record: {': '.join(first_error(exc, 'run'))}") from exc
     rounds, problems = [], []
     rounds_path = folder / ROUNDS_FILE
     if rounds_path.is_file():

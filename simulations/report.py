@@ -35,10 +35,11 @@ from pathlib import Path
 
 import torch
 from fedprefix.client import Personalizer
-from fedprefix.client.data import format_prompt, read_rows, tokenize_rows
+from fedprefix.client.data import read_rows, tokenize_rows
 from fedprefix.client.node import simulation_key
 from fedprefix.client.training import completion_loss, evaluate_examples
 from fedprefix.common.base_model import BaseModelHandle, load_base
+from fedprefix.common.chat import format_prompt
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.generation import SamplingParams, generate
 from fedprefix.common.precision import describe_host, host_info

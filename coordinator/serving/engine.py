@@ -218,8 +218,8 @@ class Engine:
         `fedprefix serve` runs it on the main thread, the one that loaded the base. torch's
         OpenMP runtime (libgomp) stops spin-waiting once more threads own worker pools than
         there are cores, so a second computing thread pays a wake-up on every parallel
-        operation: measured on the built-in base (64 rows, bfloat16, 2 cores), prefill and
-        decode 15-25% slower on a background thread than on the main thread.
+        operation, which made prefill and decode measurably slower on a background thread
+        than on the main thread (figures: the serving benchmark's notes in the README).
         """
         if not self._claim():
             raise FedPrefixError("the engine is already running")
@@ -336,8 +336,8 @@ class Engine:
 
     def _run(self, until: Callable[[], bool] | None = None) -> None:
         """The scheduler: between decode steps, finished rows leave and queued requests join."""
-        # A thread that never called torch.set_num_threads ran every kernel slower (64-row
-        # bf16 decode 174 ms instead of 113 ms), although torch reports the same count.
+        # A thread that never called torch.set_num_threads ran every kernel slower,
+        # although torch reports the same count.
         torch.set_num_threads(self._threads)
         self._runner = threading.current_thread()
         try:

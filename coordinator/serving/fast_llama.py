@@ -5,10 +5,8 @@ kind); the engine needs one thing from the base: next-token logits for a batch w
 KV cache grows. This forward reads the same weights and does the same arithmetic
 (transformers' own RMSNorm order of operations, rotary embedding and rotation; SDPA
 for attention), with fewer operations per layer and, on a CPU serving bfloat16, the
-linear weights pre-packed once for oneDNN instead of re-packed on every call. Measured
-side by side in one process on the built-in base (64 rows, bfloat16, 2-core CPU with
-AMX): decode step 158-166 ms -> 117-133 ms, the same greedy tokens in all 64 rows
-(before SDPA's enable_gqa took another 15-20% off its attention). Tests hold its logits
+linear weights pre-packed once for oneDNN instead of re-packed on every call (the
+serving benchmark measures the gain). Tests hold its logits
 to the transformers forward and the engine's greedy tokens to the plain generation
 loop, token for token.
 
@@ -74,8 +72,8 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int):
     """x (N, in) -> x @ weight.T + bias; on a CPU in bfloat16 with the weight pre-packed for oneDNN.
 
     torch's bfloat16 CPU matmul re-packs the weight into AMX's blocked layout on every
-    call; packing it once makes a 64-row projection 1.3-2x faster on the built-in base,
-    with equal results (inductor's CPU backend does the same when it freezes weights).
+    call; packing it once makes a batch's projection faster with equal results (inductor's
+    CPU backend does the same when it freezes weights).
     """
     packable = (
         weight.device.type == "cpu"
@@ -176,8 +174,8 @@ class FastLlama:
 
         def attend(i, q, k, v):
             k, v = cache.layers[i].update(k, v)
-            # enable_gqa reads each KV head once for its query group; measured 15-20% faster here
-            # than transformers' folding of the group into query rows (64 rows, bfloat16, CPU)
+            # enable_gqa reads each KV head once for its query group: faster on CPU than
+            # transformers' folding of the group into query rows
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=True)
 
         hidden = self._forward(tokens, positions, attend)

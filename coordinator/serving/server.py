@@ -20,12 +20,12 @@ import json
 import threading
 import time
 import uuid
-from typing import Literal
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fedprefix.common.chat import ChatMessage, chat_prompt
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.generation import SamplingParams
 from fedprefix.common.precision import dtype_name
@@ -59,15 +59,16 @@ class CompletionBody(SamplingBody):
     max_tokens: int = Field(16, ge=1, le=4096)
 
 
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+class ApiChatMessage(ChatMessage):
+    """A chat turn as OpenAI clients send it: fields other than role and content (name, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 class ChatBody(SamplingBody):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ApiChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
 
@@ -276,8 +277,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
-        messages = [m.model_dump() for m in body.messages]
-        prompt = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = chat_prompt(engine.tokenizer, body.messages)
         params = params_of(body, body.max_completion_tokens or body.max_tokens or 256)
         ((handle, events),) = await submit(request, [prompt], params, body.user)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())

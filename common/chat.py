@@ -1,0 +1,32 @@
+"""Chat messages and how they become a prompt: one definition for training rows and the HTTP API.
+
+Training (`client/data.py`) and serving (`coordinator/serving/server.py`) must put a
+conversation through the same chat template, or a prefix trained on one format is
+served behind another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ChatMessage(BaseModel):
+    """One turn of a conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+def chat_prompt(tokenizer, messages: Sequence[ChatMessage | dict]) -> str:
+    """`messages` through the tokenizer's chat template, ending where the assistant's reply begins."""
+    turns = [m.model_dump(include={"role", "content"}) if isinstance(m, BaseModel) else m for m in messages]
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+
+def format_prompt(tokenizer, text: str) -> str:
+    """`text` as a single user turn in the tokenizer's chat template, ready for the reply."""
+    return chat_prompt(tokenizer, [{"role": "user", "content": text}])
