@@ -22,11 +22,10 @@ starts), for comparison.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,96 +36,16 @@ from fedprefix.common.store import PrefixStore
 
 from .fast_llama import serving_forward
 from .prefix_cache import PrefixCache
+from .requests import (  # re-exported: the engine's public names
+    EngineOverloaded,
+    EngineStats,
+    EngineStopped,
+    GenerationRequest,
+    GenerationResult,
+    RequestHandle,
+)
 
 log = logging.getLogger(__name__)
-
-
-class EngineOverloaded(FedPrefixError):
-    """The queue is full or a request waited too long for a batch slot: try again later (HTTP 429)."""
-
-
-class EngineStopped(FedPrefixError):
-    """The engine is not running."""
-
-
-@dataclass
-class GenerationRequest:
-    """One completion: a prompt (text as the model should see it, or token ids) for a user."""
-
-    prompt: str | list[int]
-    user: str | None = None  # None: the base with no prefix
-    key: bytes | str | None = None  # the user's key: 32 raw bytes or a passphrase
-    params: SamplingParams = field(default_factory=SamplingParams)
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    tokens: list[int]
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
-    prompt_tokens: int
-
-
-class RequestHandle:
-    """A submitted request: iterate `deltas()` to stream, or `result()` to wait."""
-
-    def __init__(
-        self,
-        request: GenerationRequest,
-        prompt_ids: list[int],
-        prefix: torch.Tensor | None,
-        listener: Callable[[str | None], None] | None = None,
-    ) -> None:
-        self.request = request
-        self.prompt_ids = prompt_ids
-        self.prefix = prefix
-        self.submitted = time.monotonic()
-        self._events: queue.Queue = queue.Queue()
-        # An async server passes a listener (thread-safe hand-off to its event loop)
-        # instead of blocking a thread per request on the queue.
-        self._put = listener or self._events.put
-        self._done = threading.Event()
-        self._result: GenerationResult | None = None
-        self._error: BaseException | None = None
-
-    def _emit(self, delta: str) -> None:
-        if delta:
-            self._put(delta)
-
-    def _finish(self, result: GenerationResult) -> None:
-        self._result = result
-        self._done.set()
-        self._put(None)
-
-    def _fail(self, error: BaseException) -> None:
-        self._error = error
-        self._done.set()
-        self._put(None)
-
-    def deltas(self) -> Iterator[str]:
-        """Text pieces as they are produced; joined, they are exactly `result().text` (no listener)."""
-        while (item := self._events.get()) is not None:
-            yield item
-        if self._error is not None:
-            raise self._error
-
-    def result(self, timeout: float | None = None) -> GenerationResult:
-        if not self._done.wait(timeout):
-            raise TimeoutError("generation did not finish in time")
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    @property
-    def finish_reason(self) -> str | None:
-        """'stop' or 'length' once finished, 'error' if it failed, None while running."""
-        if not self.done:
-            return None
-        return "error" if self._result is None else self._result.finish_reason
 
 
 @dataclass
@@ -139,27 +58,6 @@ class _Row:
     position: int  # position id of the next token fed to the model
     tokens: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of text already streamed
-
-
-@dataclass
-class EngineStats:
-    """Counters the HTTP server exports as Prometheus metrics."""
-
-    steps: int = 0
-    tokens: int = 0
-    finished: int = 0
-    # per decode step, drained by the metrics exporter; bounded so a server nobody scrapes does not grow
-    batch_sizes: deque = field(default_factory=lambda: deque(maxlen=100_000))
-    token_times: deque = field(default_factory=lambda: deque(maxlen=2048))  # (time, tokens so far) per step
-
-    def tokens_per_second(self, window_s: float = 10.0) -> float:
-        """Generated tokens per second over the last `window_s` seconds."""
-        now = time.monotonic()
-        recent = [(t, n) for t, n in self.token_times if now - t <= window_s]
-        if len(recent) < 2:
-            return 0.0
-        (t0, n0), (t1, n1) = recent[0], recent[-1]
-        return (n1 - n0) / max(t1 - t0, 1e-9)
 
 
 class Engine:
