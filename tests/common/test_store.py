@@ -604,7 +604,7 @@ def cli_store(tmp_path):
 
 
 def test_cli_list(cli_store):
-    from fedprefix.coordinator.store_cli import store_app
+    from fedprefix.coordinator.cli.store import store_app
 
     runner = CliRunner()
     result = runner.invoke(store_app, ["list", "--store", str(cli_store.root)])
@@ -619,7 +619,7 @@ def test_cli_list(cli_store):
 
 
 def test_cli_verify_rotate_and_errors(cli_store, tmp_path):
-    from fedprefix.coordinator.store_cli import store_app
+    from fedprefix.coordinator.cli.store import store_app
 
     runner = CliRunner()
     root = str(cli_store.root)
@@ -645,7 +645,7 @@ def test_cli_verify_rotate_and_errors(cli_store, tmp_path):
 
 
 def test_cli_export_peft(cli_store, tmp_path):
-    from fedprefix.coordinator.store_cli import store_app
+    from fedprefix.coordinator.cli.store import store_app
 
     out = tmp_path / "adapter"
     result = CliRunner().invoke(

@@ -5,11 +5,12 @@ import sys
 import pytest
 from fedprefix.common import base_model
 from fedprefix.coordinator import cli
+from fedprefix.coordinator.cli import main as cli_main
 
 
 def _run(monkeypatch, *argv: str) -> None:
     monkeypatch.setattr(sys, "argv", ["fedprefix", *argv])
-    monkeypatch.setitem(cli._state, "debug", False)
+    monkeypatch.setitem(cli_main._state, "debug", False)
     cli.run()
 
 
@@ -46,3 +47,14 @@ def test_an_unknown_dtype_is_refused_before_anything_runs(monkeypatch, capsys):
         _run(monkeypatch, "simulate", "--dtype", "float16", "--out", "unused")
     assert exit_.value.code == 1
     assert "dtype" in capsys.readouterr().err
+
+
+def test_store_commands_share_the_error_printer_and_debug(monkeypatch, capsys, tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(SystemExit) as exit_:
+        _run(monkeypatch, "store", "list", "--store", missing)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err == f"error: prefix store: no store folder at {missing}\n", err
+    with pytest.raises(Exception, match="no store folder"):
+        _run(monkeypatch, "--debug", "store", "list", "--store", missing)

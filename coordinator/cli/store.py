@@ -1,4 +1,4 @@
-"""``fedprefix store``: inspect, check, re-key and export encrypted prefixes.
+"""`fedprefix store`: inspect, check, re-key and export encrypted prefixes.
 
 Secrets never come as plain command-line arguments (they would land in shell history
 and ``ps``): a raw key comes from ``--key-file``, a passphrase from the environment
@@ -15,15 +15,17 @@ from typing import Annotated
 import typer
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.store import KEY_BYTES, BadKeyError, PrefixStore, StoredPrefixInfo, StoreError
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from .main import app, console, fail
 
 store_app = typer.Typer(
     name="store",
     help="Encrypted per-user prefix store: list, verify, rotate keys, export to PEFT.",
     no_args_is_help=True,
 )
+app.add_typer(store_app, name="store")
 
 StoreOpt = Annotated[Path, typer.Option("--store", help="Store folder.", file_okay=False)]
 KeyFileOpt = Annotated[
@@ -38,16 +40,6 @@ PassEnvOpt = Annotated[
     str | None, typer.Option("--passphrase-env", help="Name of the environment variable holding the passphrase.")
 ]
 UserArg = Annotated[str, typer.Argument(help="User id.")]
-
-
-def _stdout() -> Console:
-    return Console()
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    """Print one red line to stderr; the caller raises the returned Exit(1)."""
-    Console(stderr=True, soft_wrap=True, highlight=False).print(Text(f"error: {exc}", style="red"))
-    return typer.Exit(1)
 
 
 def _read_key(user_id: str, key_file: Path | None, passphrase_env: str | None) -> str | bytes:
@@ -128,11 +120,11 @@ def list_cmd(
     try:
         infos = _open_store(store).list()
     except (FedPrefixError, OSError) as exc:
-        raise _fail(exc) from None
+        fail(exc)
     if as_json:
         typer.echo(json.dumps([_info_dict(i) for i in infos], indent=2))
     else:
-        _stdout().print(_info_table(infos, f"prefixes in {store}"))
+        console.print(_info_table(infos, f"prefixes in {store}"))
 
 
 @store_app.command("verify")
@@ -147,8 +139,8 @@ def verify_cmd(
         key = _read_key(user_id, key_file, passphrase_env)
         info = _open_store(store).verify(user_id, key)
     except (FedPrefixError, OSError) as exc:
-        raise _fail(exc) from None
-    _stdout().print(_info_table([info], f"verified: prefix of {user_id} is intact"))
+        fail(exc)
+    console.print(_info_table([info], f"verified: prefix of {user_id} is intact"))
 
 
 @store_app.command("rotate-key")
@@ -165,8 +157,8 @@ def rotate_key_cmd(
         before = prefixes.info(user_id).key_id
         info = prefixes.rotate_data_key(user_id, key)
     except (FedPrefixError, OSError) as exc:
-        raise _fail(exc) from None
-    _stdout().print(_info_table([info], f"data key of {user_id}: {before} -> {info.key_id}"))
+        fail(exc)
+    console.print(_info_table([info], f"data key of {user_id}: {before} -> {info.key_id}"))
 
 
 @store_app.command("export-peft")
@@ -188,5 +180,5 @@ def export_peft_cmd(
         prefix = _open_store(store).load(user_id, key)
         folder = export_peft(prefix, out_dir)
     except (FedPrefixError, OSError) as exc:
-        raise _fail(exc) from None
-    _stdout().print(f"wrote PEFT adapter of {user_id} to {folder} (plaintext: protect this folder)")
+        fail(exc)
+    console.print(f"wrote PEFT adapter of {user_id} to {folder} (plaintext: protect this folder)")

@@ -1,0 +1,187 @@
+"""`fedprefix simulate`, `runs`, `show` and `dashboard`: federations on this machine and their records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from fedprefix.common.errors import FedPrefixError, first_error
+from fedprefix.coordinator.views import fmt_num
+from rich.table import Table
+
+from .main import DTYPE_HELP, app, console, err_console, fail
+
+
+@app.command()
+def simulate(
+    users: int = typer.Option(4, "--users", "-n", help="Simulated users (one Flower node each)."),
+    rounds: int = typer.Option(3, "--rounds", "-r", help="Federated rounds."),
+    base: str = typer.Option("tiny-llama", "--base", help="Base model: registry name, folder or hub id."),
+    mode: str = typer.Option("shared+personal", "--mode", help="personal | shared | shared+personal"),
+    out: str = typer.Option("runs/latest", "--out", help="Run folder to write (run.json, rounds.jsonl)."),
+    aggregator: str = typer.Option("fedavg", "--aggregator", help="fedavg | fedadam | fedprox"),
+    local_steps: int = typer.Option(10, "--local-steps", help="Optimizer steps per user per round."),
+    data: str = typer.Option(
+        "personas", "--data", help="A federation data folder (one sub-folder per user), or 'personas' (simulated)."
+    ),
+    examples: int = typer.Option(0, "--examples", help="personas: rows per user; 0 = non-IID sizes from 10 to 200."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    dp_noise: float = typer.Option(0.0, "--dp-noise", help="DP noise multiplier (0 = off)."),
+    dp_clip: float = typer.Option(1.0, "--dp-clip", help="DP clipping norm of each user's update."),
+    setting: list[str] = typer.Option([], "--set", help="Any other run setting, KEY=VALUE (see pyproject)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the round records as JSON."),
+) -> None:
+    """Run a federation on this machine (Flower simulation runtime): simulated personas or your data folder.
+
+    Example: fedprefix simulate --users 4 --rounds 3 --base tiny-llama --mode shared+personal --out runs/demo
+    """
+    from fedprefix.common.config import FederationConfig
+    from fedprefix.coordinator.simulate import simulate as run_simulation
+    from pydantic import ValidationError
+
+    if data == "personas":  # simulated users, written as a data folder beside the run
+        from fedprefix.simulations.personas import write_federation_data
+
+        data = str(write_federation_data(Path(out) / "data", users, examples or None))
+    extra = {}
+    for item in setting:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(ValueError(f"--set expects KEY=VALUE, got {item!r}"))
+        extra[key.replace("-", "_")] = value
+    try:
+        config = FederationConfig(
+            base=base,
+            num_users=users,
+            num_rounds=rounds,
+            mode=mode,
+            run_dir=out,
+            aggregator=aggregator,
+            local_steps=local_steps,
+            data=data,
+            dp_noise_multiplier=dp_noise,
+            dp_clipping_norm=dp_clip,
+            dtype=dtype,
+            **extra,
+        )
+    except ValidationError as exc:
+        field, message = first_error(exc, "config")
+        fail(ValueError(f"setting {field}: {message}"))
+    try:
+        with console.status(f"simulating {users} users x {rounds} rounds on {base} ({mode})"):
+            records = run_simulation(config)
+    except (FedPrefixError, RuntimeError) as exc:
+        fail(exc)
+    if as_json:
+        typer.echo(json.dumps([r.model_dump() for r in records], indent=2))
+        return
+    from fedprefix.coordinator.views import rounds_table
+
+    console.print(rounds_table(records))
+    console.print(f"run folder: {out}")
+
+
+@app.command("runs")
+def runs_command(
+    runs: str = typer.Option("runs", "--runs", help="Folder holding run folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """List federated runs: id, mode, base, users, rounds done, last losses, status.
+
+    Example: fedprefix runs --runs runs
+    """
+    from fedprefix.coordinator.runs import list_runs
+
+    try:
+        summaries = list_runs(runs)
+    except FedPrefixError as exc:
+        fail(exc)
+    if as_json:
+        typer.echo(json.dumps([s.model_dump() for s in summaries], indent=2))
+        return
+    table = Table(title=f"runs in {runs}")
+    for column in ("id", "status", "mode", "base", "users", "rounds", "base loss", "shared", "personal"):
+        table.add_column(column)
+    for s in summaries:
+        table.add_row(
+            s.id,
+            s.status,
+            s.mode,
+            s.base,
+            str(s.users),
+            f"{s.rounds_done}/{s.rounds_planned}",
+            fmt_num(s.last_eval_loss_base),
+            fmt_num(s.last_eval_loss_shared),
+            fmt_num(s.last_eval_loss_personal),
+        )
+    console.print(table)
+    for s in summaries:
+        for problem in s.problems:
+            err_console.print(f"[yellow]warning:[/yellow] {s.id}: {problem}", highlight=False)
+
+
+@app.command("show")
+def show_command(
+    run: str = typer.Argument(..., help="Run id (folder name under --runs) or a path to a run folder."),
+    runs: str = typer.Option("runs", "--runs", help="Folder holding run folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """One run: the per-round table, the personalization gain and a sparkline of the losses.
+
+    Example: fedprefix show demo --runs runs
+    """
+    from fedprefix.coordinator.records import read_run
+    from fedprefix.coordinator.runs import load_run
+    from fedprefix.coordinator.views import rounds_table, sparkline
+
+    try:
+        info, records, problems = read_run(run) if Path(run).is_dir() else load_run(runs, run)
+    except FedPrefixError as exc:
+        fail(exc)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {"run": info.model_dump(), "rounds": [r.model_dump() for r in records], "problems": problems}, indent=2
+            )
+        )
+        return
+    for problem in problems:
+        err_console.print(f"[yellow]warning:[/yellow] {problem}", highlight=False)
+    console.print(
+        f"[bold]{run}[/bold]: {info.status}, mode {info.config.get('mode')}, base {info.base}, "
+        f"{info.config.get('num_users')} users, {len(records)}/{info.config.get('num_rounds')} rounds"
+    )
+    console.print(rounds_table(records))
+    for name in ("eval_loss_base", "eval_loss_shared", "eval_loss_personal", "train_loss"):
+        values = [getattr(r, name) for r in records]
+        console.print(
+            f"{name:20s} {sparkline(values)}  {fmt_num(values[0] if values else None)} -> "
+            f"{fmt_num(values[-1] if values else None)}"
+        )
+    if records and (gain := records[-1].personalization_gain) is not None:
+        last = records[-1]
+        shared_gain = last.eval_loss_base - (last.eval_loss_shared or last.eval_loss_base)
+        console.print(
+            f"personalization gain (base - personal loss): {gain:.3f} "
+            f"({gain / last.eval_loss_base:.0%}); from the shared prefix alone: {shared_gain:.3f}"
+        )
+
+
+@app.command("dashboard")
+def dashboard_command(
+    runs: str = typer.Option("runs", "--runs", help="Folder holding run folders."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8050, "--port", help="Port to listen on."),
+) -> None:
+    """A read-only web dashboard of the runs (works offline; updates while a run goes on).
+
+    Example: fedprefix dashboard --runs runs --port 8050, then open http://127.0.0.1:8050
+    """
+    import uvicorn
+    from fedprefix.coordinator.dashboard.app import create_dashboard
+
+    if not Path(runs).is_dir():
+        fail(FedPrefixError(f"runs folder {runs} does not exist"))
+    console.print(f"dashboard of {runs} on http://{host}:{port}")
+    uvicorn.run(create_dashboard(runs), host=host, port=port, log_level="warning")
