@@ -14,128 +14,37 @@ batch mates.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import threading
 import time
 import uuid
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from fedprefix.common.chat import ChatMessage, chat_prompt
+from fedprefix.common.chat import chat_prompt
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.generation import SamplingParams
 from fedprefix.common.precision import dtype_name
-from fedprefix.common.store import BadUserIdError, StoreError, UnknownUserError, WrongKeyError
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from fedprefix.common.store import StoreError
 from starlette.concurrency import run_in_threadpool
 
+from .api import KEY_HEADER, ApiError, ChatBody, CompletionBody, parse_key, store_error
 from .engine import Engine, EngineOverloaded, GenerationRequest, GenerationResult
+from .metrics import Metrics
 
-KEY_HEADER = "X-Prefix-Key"
-
-
-class SamplingBody(BaseModel):
-    """Fields both endpoints share (the OpenAI ones this server honours; others are ignored)."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    user: str | None = None  # whose prefix to use; None: the base alone
+router = APIRouter()
 
 
-class CompletionBody(SamplingBody):
-    """POST /v1/completions."""
-
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1, le=4096)
-
-
-class ApiChatMessage(ChatMessage):
-    """A chat turn as OpenAI clients send it: fields other than role and content (name, ...) are ignored."""
-
-    model_config = ConfigDict(extra="ignore")
-
-
-class ChatBody(SamplingBody):
-    """POST /v1/chat/completions."""
-
-    messages: list[ApiChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, le=4096)
-    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
-
-
-class ApiError(Exception):
-    """An error answered with an HTTP status and OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, code: str, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
-
-
-def parse_key(header: str | None) -> bytes | str | None:
-    """The X-Prefix-Key header: base64 of exactly 32 bytes is a raw key, anything else a passphrase."""
-    if header is None or header == "":
-        return None
-    try:
-        raw = base64.b64decode(header, validate=True)
-        if len(raw) == 32:
-            return raw
-    except (binascii.Error, ValueError):
-        pass
-    return header
-
-
-def _store_error(exc: StoreError) -> ApiError:
-    if isinstance(exc, WrongKeyError):
-        return ApiError(403, str(exc), "wrong_key")
-    if isinstance(exc, UnknownUserError):
-        return ApiError(404, str(exc), "unknown_user")
-    if isinstance(exc, BadUserIdError):
-        return ApiError(422, str(exc), "bad_user_id")
-    return ApiError(500, str(exc), getattr(exc, "reason", "store_error"))
-
-
-class Metrics:
-    """Prometheus metrics of one server (its own registry, so tests can run several)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "fedprefix_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
-        )
-        self.batch = Histogram(
-            "fedprefix_batch_size", "Rows per decode step", buckets=[1, 2, 4, 8, 16, 32, 64, 128], registry=r
-        )
-        self.tokens = Gauge("fedprefix_generated_tokens", "Tokens generated since start", registry=r)
-        self.rate = Gauge("fedprefix_tokens_per_second", "Generated tokens per second, last 10 s", registry=r)
-        self.queue = Gauge("fedprefix_queue_depth", "Requests waiting for a batch slot", registry=r)
-        self.running = Gauge("fedprefix_running_requests", "Requests in the running batch", registry=r)
-        self.cache = Gauge("fedprefix_prefix_cache", "Decrypted-prefix cache", ["stat"], registry=r)
-
-    def render(self) -> bytes:
-        stats = self.engine.stats
-        while stats.batch_sizes:
-            self.batch.observe(stats.batch_sizes.popleft())
-        self.tokens.set(stats.tokens)
-        self.rate.set(stats.tokens_per_second())
-        self.queue.set(self.engine.queue_depth)
-        self.running.set(self.engine.batch_size)
-        if self.engine.prefixes is not None:
-            cache = self.engine.prefixes.stats
-            for stat in ("hits", "misses", "evictions", "bytes", "entries"):
-                self.cache.labels(stat).set(getattr(cache, stat))
-        return generate_latest(self.registry)
+def create_app(engine: Engine, model_name: str) -> FastAPI:
+    """The HTTP app around a running engine (started, or run() on another thread)."""
+    app = FastAPI(title="fedprefix serving", description=__doc__)
+    app.state.engine, app.state.metrics, app.state.model_name = engine, Metrics(engine), model_name
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid_body)
+    app.include_router(router)
+    return app
 
 
 def start_http(engine: Engine, server) -> threading.Thread:
@@ -167,164 +76,173 @@ def _submit_single_threaded(engine: Engine, generations, listeners):
     return engine.submit_many(generations, listeners)
 
 
-def create_app(engine: Engine, model_name: str) -> FastAPI:
-    """The HTTP app around a running engine (started, or run() on another thread)."""
-    app = FastAPI(title="fedprefix serving", description=__doc__)
-    metrics = Metrics(engine)
-    app.state.engine, app.state.metrics = engine, metrics
+# ------------------------------------------------------------------ errors
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        metrics.requests.labels(request.url.path, str(exc.status)).inc()
-        body = {"error": {"message": exc.message, "type": "invalid_request_error", "code": exc.code}}
-        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        metrics.requests.labels(request.url.path, "422").inc()
-        fields = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
-        message = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
-        body = {
-            "error": {"message": message, "type": "invalid_request_error", "code": "invalid_body", "fields": fields}
-        }
-        return JSONResponse(body, status_code=422)
+async def _api_error(request: Request, exc: ApiError):
+    request.app.state.metrics.requests.labels(request.url.path, str(exc.status)).inc()
+    body = {"error": {"message": exc.message, "type": "invalid_request_error", "code": exc.code}}
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
-    async def submit(request: Request, prompts: list[str], params: SamplingParams, user: str | None):
-        """Queue all prompts of one HTTP request together (all or none); (handle, events) per prompt."""
-        key = parse_key(request.headers.get(KEY_HEADER))
-        if user is not None and key is None:
-            raise ApiError(
-                401, f"user {user!r} needs the {KEY_HEADER} header (base64 of 32 bytes, or a passphrase)", "missing_key"
-            )
-        loop = asyncio.get_running_loop()
-        queues = [asyncio.Queue() for _ in prompts]
 
-        def listener(events: asyncio.Queue):
-            return lambda item: loop.call_soon_threadsafe(events.put_nowait, item)  # called on the engine thread
+async def _invalid_body(request: Request, exc: RequestValidationError):
+    request.app.state.metrics.requests.labels(request.url.path, "422").inc()
+    fields = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+    message = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+    body = {"error": {"message": message, "type": "invalid_request_error", "code": "invalid_body", "fields": fields}}
+    return JSONResponse(body, status_code=422)
 
-        generations = [GenerationRequest(prompt=p, user=user, key=key, params=params) for p in prompts]
-        try:  # a passphrase may cost a key derivation: keep it off the event loop
-            handles = await run_in_threadpool(
-                _submit_single_threaded, engine, generations, [listener(q) for q in queues]
-            )
-        except StoreError as exc:
-            raise _store_error(exc) from exc
-        except EngineOverloaded as exc:
-            raise ApiError(429, str(exc), "overloaded", {"Retry-After": "1"}) from exc
-        except FedPrefixError as exc:
-            raise ApiError(400, str(exc), "bad_request") from exc
-        return list(zip(handles, queues, strict=True))
 
-    async def collect(handle, events) -> GenerationResult:
-        while await events.get() is not None:
-            pass
-        try:
-            return handle.result(timeout=0)
-        except EngineOverloaded as exc:
-            raise ApiError(429, str(exc), "overloaded", {"Retry-After": "1"}) from exc
-        except FedPrefixError as exc:
-            raise ApiError(500, str(exc), "generation_failed") from exc
+# ------------------------------------------------------------------ one request through the engine
 
-    def params_of(body, max_tokens: int) -> SamplingParams:
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return SamplingParams(
-            max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop
+
+async def _submit(request: Request, prompts: list[str], params: SamplingParams, user: str | None):
+    """Queue all prompts of one HTTP request together (all or none); (handle, events) per prompt."""
+    engine: Engine = request.app.state.engine
+    key = parse_key(request.headers.get(KEY_HEADER))
+    if user is not None and key is None:
+        raise ApiError(
+            401, f"user {user!r} needs the {KEY_HEADER} header (base64 of 32 bytes, or a passphrase)", "missing_key"
         )
+    loop = asyncio.get_running_loop()
+    queues = [asyncio.Queue() for _ in prompts]
 
-    def usage(results: list[GenerationResult]) -> dict:
-        prompt = sum(r.prompt_tokens for r in results)
-        completion = sum(len(r.tokens) for r in results)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    def listener(events: asyncio.Queue):
+        return lambda item: loop.call_soon_threadsafe(events.put_nowait, item)  # called on the engine thread
 
-    def sse(chunks) -> StreamingResponse:
-        async def body():
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
+    generations = [GenerationRequest(prompt=p, user=user, key=key, params=params) for p in prompts]
+    try:  # a passphrase may cost a key derivation: keep it off the event loop
+        handles = await run_in_threadpool(_submit_single_threaded, engine, generations, [listener(q) for q in queues])
+    except StoreError as exc:
+        raise store_error(exc) from exc
+    except EngineOverloaded as exc:
+        raise ApiError(429, str(exc), "overloaded", {"Retry-After": "1"}) from exc
+    except FedPrefixError as exc:
+        raise ApiError(400, str(exc), "bad_request") from exc
+    return list(zip(handles, queues, strict=True))
 
-        return StreamingResponse(body(), media_type="text/event-stream")
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody, request: Request):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise ApiError(422, "prompt: give at least one prompt", "invalid_body")
-        if body.stream and len(prompts) != 1:  # checked before anything is queued
-            raise ApiError(422, "stream: streaming takes a single prompt", "invalid_body")
-        submitted = await submit(request, prompts, params_of(body, body.max_tokens), body.user)
-        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
-        if body.stream:
-            handle, events = submitted[0]
+async def _collect(handle, events) -> GenerationResult:
+    while await events.get() is not None:
+        pass
+    try:
+        return handle.result(timeout=0)
+    except EngineOverloaded as exc:
+        raise ApiError(429, str(exc), "overloaded", {"Retry-After": "1"}) from exc
+    except FedPrefixError as exc:
+        raise ApiError(500, str(exc), "generation_failed") from exc
 
-            async def chunks():
-                while (delta := await events.get()) is not None:
-                    yield {**head, "choices": [{"text": delta, "index": 0, "logprobs": None, "finish_reason": None}]}
-                yield {
-                    **head,
-                    "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": handle.finish_reason}],
-                }
 
-            metrics.requests.labels(request.url.path, "200").inc()
-            return sse(chunks())
-        results = [await collect(h, e) for h, e in submitted]
-        metrics.requests.labels(request.url.path, "200").inc()
-        choices = [
-            {"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason}
-            for i, r in enumerate(results)
-        ]
-        return {**head, "choices": choices, "usage": usage(results)}
+def _params_of(body, max_tokens: int) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return SamplingParams(
+        max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop
+    )
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody, request: Request):
-        prompt = chat_prompt(engine.tokenizer, body.messages)
-        params = params_of(body, body.max_completion_tokens or body.max_tokens or 256)
-        ((handle, events),) = await submit(request, [prompt], params, body.user)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        head = {"id": rid, "created": created, "model": model_name}
-        if body.stream:
 
-            async def chunks():
-                chunk = {**head, "object": "chat.completion.chunk"}
-                yield {
-                    **chunk,
-                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
-                }
-                while (delta := await events.get()) is not None:
-                    yield {**chunk, "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]}
-                yield {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": handle.finish_reason}]}
+def _usage(results: list[GenerationResult]) -> dict:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(len(r.tokens) for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-            metrics.requests.labels(request.url.path, "200").inc()
-            return sse(chunks())
-        result = await collect(handle, events)
-        metrics.requests.labels(request.url.path, "200").inc()
-        message = {"role": "assistant", "content": result.text}
-        return {
-            **head,
-            "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
-            "usage": usage([result]),
-        }
 
-    @app.get("/v1/models")
-    async def models():
-        return {
-            "object": "list",
-            "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "fedprefix"}],
-        }
+def _sse(chunks) -> StreamingResponse:
+    async def body():
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
 
-    @app.get("/health")
-    async def health():
-        return {
-            "status": "ok",
-            "model": model_name,
-            "dtype": dtype_name(engine.base.dtype),
-            "queue_depth": engine.queue_depth,
-            "running": engine.batch_size,
-        }
+    return StreamingResponse(body(), media_type="text/event-stream")
 
-    @app.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    return app
+def _ok(request: Request) -> None:
+    request.app.state.metrics.requests.labels(request.url.path, "200").inc()
+
+
+# ------------------------------------------------------------------ routes
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionBody, request: Request):
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts:
+        raise ApiError(422, "prompt: give at least one prompt", "invalid_body")
+    if body.stream and len(prompts) != 1:  # checked before anything is queued
+        raise ApiError(422, "stream: streaming takes a single prompt", "invalid_body")
+    submitted = await _submit(request, prompts, _params_of(body, body.max_tokens), body.user)
+    rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    head = {"id": rid, "object": "text_completion", "created": created, "model": request.app.state.model_name}
+    if body.stream:
+        handle, events = submitted[0]
+
+        async def chunks():
+            while (delta := await events.get()) is not None:
+                yield {**head, "choices": [{"text": delta, "index": 0, "logprobs": None, "finish_reason": None}]}
+            yield {
+                **head,
+                "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": handle.finish_reason}],
+            }
+
+        _ok(request)
+        return _sse(chunks())
+    results = [await _collect(h, e) for h, e in submitted]
+    _ok(request)
+    choices = [
+        {"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason} for i, r in enumerate(results)
+    ]
+    return {**head, "choices": choices, "usage": _usage(results)}
+
+
+@router.post("/v1/chat/completions")
+async def chat(body: ChatBody, request: Request):
+    prompt = chat_prompt(request.app.state.engine.tokenizer, body.messages)
+    params = _params_of(body, body.max_completion_tokens or body.max_tokens or 256)
+    ((handle, events),) = await _submit(request, [prompt], params, body.user)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    head = {"id": rid, "created": created, "model": request.app.state.model_name}
+    if body.stream:
+
+        async def chunks():
+            chunk = {**head, "object": "chat.completion.chunk"}
+            yield {
+                **chunk,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+            }
+            while (delta := await events.get()) is not None:
+                yield {**chunk, "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]}
+            yield {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": handle.finish_reason}]}
+
+        _ok(request)
+        return _sse(chunks())
+    result = await _collect(handle, events)
+    _ok(request)
+    message = {"role": "assistant", "content": result.text}
+    return {
+        **head,
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
+        "usage": _usage([result]),
+    }
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    name = request.app.state.model_name
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "fedprefix"}]}
+
+
+@router.get("/health")
+async def health(request: Request):
+    engine: Engine = request.app.state.engine
+    return {
+        "status": "ok",
+        "model": request.app.state.model_name,
+        "dtype": dtype_name(engine.base.dtype),
+        "queue_depth": engine.queue_depth,
+        "running": engine.batch_size,
+    }
+
+
+@router.get("/metrics")
+async def prometheus(request: Request):
+    return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
