@@ -205,6 +205,9 @@ class Personalizer:
     def save(self):
         """Encrypt and store the personal prefix (and the shared one beside it, if any)."""
         store = self._require_store()
+        for name, part in (("personal", self.personal), ("shared", self.shared)):
+            if part is not None and not all(torch.isfinite(t).all() for t in part.state_tensors().values()):
+                raise ConfigError(f"user {self.user_id}: the {name} prefix holds NaN or Inf; nothing was saved")
         info = None
         if self.personal is not None:
             info = store.save(self.user_id, self.personal, self.key)

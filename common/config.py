@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class TrainConfig(BaseModel):
     """How a device trains its prefix. Defaults are tuned on the built-in base (see README)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     learning_rate: float = Field(5e-3, gt=0, le=1.0)
     max_steps: int = Field(60, ge=1)  # optimizer steps; the device budget
@@ -62,7 +62,7 @@ class FederationConfig(BaseModel):
     """A federated run's settings: `[tool.flwr.app.config]` in pyproject.toml, overridable
     with `flwr run . --run-config "key=value ..."` (keys use dashes there)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     base: str = "tiny-llama"
     mode: Literal["personal", "shared", "shared+personal"] = "shared+personal"

@@ -72,3 +72,17 @@ def test_chat_rows_use_the_template(tiny_llama):
     (example,) = tokenize_rows(read_rows([row]), tiny_llama.tokenizer, 128, use_chat_template=True)
     prompt = tiny_llama.tokenizer.decode(example.prompt)
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize(
+    ("local_data", "message"),
+    [
+        ({"prompt": "p", "completion": "c"}, r"a single row \(a dict with keys \['completion', 'prompt'\]\)"),
+        ("just some text", "a single string"),
+        (42, "must be a list of rows or a .jsonl path, not int"),
+        (b"bytes", "not bytes"),
+    ],
+)
+def test_a_single_row_or_a_bare_value_is_refused_before_training(local_data, message):
+    with pytest.raises(DataError, match=message):
+        read_rows(local_data)

@@ -142,3 +142,22 @@ def test_jsonl_path_and_chat_rows(tiny_llama, tmp_path):
     assert personalizer(tiny_llama).fit(path).steps == 6
     chat = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 4
     assert personalizer(tiny_llama).fit(chat).steps == 6
+
+
+@pytest.mark.parametrize("setting", [{"weight_decay": float("inf")}, {"learning_rate": float("nan")}])
+def test_non_finite_settings_are_refused_and_nothing_trains(tiny_llama, setting):
+    p = Personalizer(base_model=tiny_llama, num_virtual_tokens=4, progress=False)
+    before = p.personal.flat().detach().clone()
+    with pytest.raises(ValueError, match="finite number"):
+        p.fit([{"prompt": "a", "completion": "b"}] * 4, eval_fraction=0.0, **setting)
+    assert torch.equal(p.personal.flat(), before)
+
+
+def test_a_non_finite_prefix_is_never_saved(tiny_llama, tmp_path):
+    store = PrefixStore(tmp_path / "store")
+    p = Personalizer(base_model=tiny_llama, user_id="eve", store=store, key=b"\x07" * 32, num_virtual_tokens=4)
+    with torch.no_grad():
+        next(iter(p.personal.parameters())).fill_(float("nan"))
+    with pytest.raises(ConfigError, match="NaN or Inf; nothing was saved"):
+        p.save()
+    assert not store.exists("eve")
