@@ -56,7 +56,9 @@ def read_rows(local_data: Sequence | str | os.PathLike) -> list[Row]:
     if isinstance(local_data, str):
         raise DataError("local_data is a single string; pass a list of rows or a path ending in .jsonl")
     if isinstance(local_data, Mapping):
-        raise DataError(f"local_data is a single row (a dict with keys {sorted(local_data)}); pass a list of rows: [row]")
+        raise DataError(
+            f"local_data is a single row (a dict with keys {sorted(local_data)}); pass a list of rows: [row]"
+        )
     if not isinstance(local_data, Sequence) or isinstance(local_data, (bytes, bytearray)):
         raise DataError(f"local_data must be a list of rows or a .jsonl path, not {type(local_data).__name__}")
     rows = [_validate(raw, f"row {i}") for i, raw in enumerate(local_data)]

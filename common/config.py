@@ -66,7 +66,9 @@ class FederationConfig(BaseModel):
 
     base: str = "tiny-llama"
     mode: Literal["personal", "shared", "shared+personal"] = "shared+personal"
-    aggregator: Literal["fedavg", "fedadam", "fedprox"] = "fedavg"
+    # fedavg/fedadam/fedprox average; krum, multikrum, trimmedavg and median are Flower's robust
+    # aggregators, for federations that may hold malicious nodes
+    aggregator: Literal["fedavg", "fedadam", "fedprox", "krum", "multikrum", "trimmedavg", "median"] = "fedavg"
     num_rounds: int = Field(3, ge=1)
     num_users: int = Field(4, ge=1)  # nodes in the federation; sampling sizes are computed from it
     fraction_train: float = Field(1.0, gt=0, le=1)
@@ -83,6 +85,12 @@ class FederationConfig(BaseModel):
     proximal_mu: float = Field(0.01, ge=0)  # FedProx only
     server_lr: float = Field(0.1, gt=0)  # FedAdam's eta
     max_update_norm: float = Field(1e4, gt=0)  # replies whose shared update is larger are rejected
+    # each accepted update is clipped to this multiple of the round's median update norm (0 = off),
+    # so that no single reply moves the shared prefix further than its weight share of that bound
+    update_clip_factor: float = Field(3.0, ge=0)
+    max_num_examples: int = Field(100_000, ge=1)  # a reply claiming more examples is rejected
+    byzantine_nodes: int = Field(1, ge=0)  # krum / multikrum: malicious nodes to tolerate
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)  # trimmedavg: share cut at each end per value
     dp_noise_multiplier: float = Field(0.0, ge=0)  # > 0 turns on client-side-clipping DP
     dp_clipping_norm: float = Field(1.0, gt=0)
     dp_target_delta: float = Field(1e-5, gt=0, lt=1)

@@ -83,9 +83,16 @@ def pack_shared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {SHARED_ARRAY_PREFIX + name: t.detach().float().contiguous().cpu() for name, t in tensors.items()}
 
 
-def _decoded(value: Any) -> np.ndarray:
-    """A wire array's data as numpy: a Flower Array is decoded from its bytes, not its declared shape."""
-    return np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+def _decoded(name: str, value: Any) -> np.ndarray:
+    """A wire array's data as numpy, decoded from its bytes; a declared shape or dtype that disagrees is refused."""
+    data = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+    declared_shape, declared_dtype = getattr(value, "shape", data.shape), str(getattr(value, "dtype", data.dtype))
+    if tuple(declared_shape) != data.shape or declared_dtype.removeprefix("torch.") != str(data.dtype):
+        raise ShapeError(
+            f"shared array {name!r} declares {declared_dtype} {tuple(declared_shape)} but holds "
+            f"{data.dtype} {data.shape}"
+        )
+    return data
 
 
 def unpack_shared(arrays: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -102,7 +109,7 @@ def unpack_shared(arrays: Mapping[str, Any], expected: Mapping[str, tuple[int, .
     tensors = {}
     for wire_name, value in arrays.items():
         name = wire_name.removeprefix(SHARED_ARRAY_PREFIX)
-        data = _decoded(value)
+        data = _decoded(wire_name, value)
         if data.dtype != np.float32:
             raise ShapeError(f"shared array {wire_name!r} has dtype {data.dtype}, expected float32")
         if tuple(data.shape) != tuple(expected[name]):

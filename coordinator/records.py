@@ -50,6 +50,7 @@ class RoundRecord(BaseModel):
     replies_accepted: int
     replies_rejected: int
     rejected: list[Rejection] = Field(default_factory=list)  # training and evaluation, with reasons
+    clipped: list[int] = Field(default_factory=list)  # nodes whose update was clipped to the round's bound
     train_loss: float | None
     eval_loss_base: float | None
     eval_loss_shared: float | None

@@ -21,7 +21,6 @@ from collections.abc import Iterable
 import numpy as np
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.protocol import (
-    ARRAYS,
     DP_WEIGHT,
     METRICS,
     NUM_EXAMPLES,
@@ -30,7 +29,6 @@ from fedprefix.common.protocol import (
     TRAIN_SECONDS,
     RoundSettings,
     eval_loss_key,
-    unpack_shared,
 )
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -38,12 +36,17 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
     Strategy,
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from .records import PrivacyRecord, Rejection, RoundRecord, RunRecorder
+from .replies import all_finite, bound_updates, evaluate_reply_problem, train_reply_problem, update_norm
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +71,18 @@ def build_inner_strategy(config: FederationConfig) -> Strategy:
         min_available_nodes=train_nodes,
         weighted_by_key=DP_WEIGHT if dp else NUM_EXAMPLES,
     )
+    robust = {
+        "krum": lambda: Krum(**common, num_malicious_nodes=config.byzantine_nodes),
+        "multikrum": lambda: MultiKrum(**common, num_malicious_nodes=config.byzantine_nodes),
+        "trimmedavg": lambda: FedTrimmedAvg(**common, beta=config.trim_fraction),
+        "median": lambda: FedMedian(**common),
+    }
     if config.aggregator == "fedadam":
         inner = FedAdam(**common, eta=config.server_lr)
     elif config.aggregator == "fedprox":
         inner = FedProx(**common, proximal_mu=config.proximal_mu)
+    elif config.aggregator in robust:
+        inner = robust[config.aggregator]()
     else:
         inner = FedAvg(**common)
     if not dp:
@@ -105,10 +116,14 @@ def _accountant(config: FederationConfig):
 
 
 def payload_bytes(message: Message) -> int:
-    """Bytes a reply carries: array data (numel x itemsize) + 8 per metric value."""
+    """Bytes a reply carries: array data (decoded numel x itemsize) + 8 per metric value."""
     total = 0
     for record in message.content.array_records.values():
-        total += sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in record.values())
+        for array in record.values():
+            try:
+                total += array.numpy().nbytes
+            except Exception:  # undecodable (a hostile reply): count its raw bytes
+                total += len(array.data)
     for record in message.content.metric_records.values():
         total += sum(8 * (len(v) if isinstance(v, list) else 1) for v in record.values())
     return total
@@ -143,7 +158,7 @@ class PrefixStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.pending = {"started": time.time(), "round": server_round, "rejected": []}
+        self.pending = {"started": time.time(), "round": server_round, "rejected": [], "clipped": []}
         self.current = {k.removeprefix(SHARED_ARRAY_PREFIX): a.numpy() for k, a in arrays.items()}
         self._add_round_settings(config, self.config.learning_rate * self.config.lr_decay ** (server_round - 1))
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
@@ -154,60 +169,57 @@ class PrefixStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        accepted = []
-        for msg in replies:
-            reason = self.check_train_reply(msg)
-            if reason is None:
-                accepted.append(msg)
-            else:
-                log.warning("round %d: rejected reply of node %d: %s", server_round, msg.metadata.src_node_id, reason)
-                self.pending["rejected"].append(Rejection(node=msg.metadata.src_node_id, reason=reason))
+        accepted = [
+            m for m in replies if self._accept(m, train_reply_problem(m, self.config, self.expected, self.current))
+        ]
+        if self.config.sends_shared:
+            for node, scale in bound_updates(
+                accepted, self.current, SHARED_ARRAY_PREFIX, self.config.update_clip_factor
+            ).items():
+                log.warning("round %d: update of node %d clipped to %.3g of its norm", server_round, node, scale)
+                self.pending.setdefault("clipped", []).append(node)
         self.pending.update(
             accepted=len(accepted),
             uplink=sum(payload_bytes(m) for m in replies if not m.has_error()),
-            train_seconds=sum(float(m.content[METRICS].get(TRAIN_SECONDS, 0.0)) for m in accepted),
+            train_seconds=sum(float(m.content[METRICS][TRAIN_SECONDS]) for m in accepted),
         )
         arrays, metrics = None, None
-        if accepted and self.config.sends_shared:
-            arrays, metrics = self.inner.aggregate_train(server_round, accepted)
-        elif accepted:  # personal mode: nothing to aggregate but the metrics
-            metrics = aggregate_metricrecords([m.content for m in accepted], NUM_EXAMPLES)
+        try:
+            if accepted and self.config.sends_shared:
+                arrays, metrics = self.inner.aggregate_train(server_round, accepted)
+            elif accepted:  # personal mode: nothing to aggregate but the metrics
+                metrics = aggregate_metricrecords([m.content for m in accepted], NUM_EXAMPLES)
+        except Exception as exc:  # the run ends only on its own failure, never on what nodes sent
+            log.error("round %d: aggregation failed, shared prefix kept: %s", server_round, exc)
+            self._reject_round(f"aggregation failed ({type(exc).__name__}: {exc}); shared prefix kept")
+            arrays, metrics = None, None
+        if not all_finite(arrays):
+            self._reject_round("the aggregate was not finite; shared prefix kept")
+            arrays = None
         self.pending["train_loss"] = float(metrics[TRAIN_LOSS]) if metrics and TRAIN_LOSS in metrics else None
         self.pending["norm"] = self._update_norm(arrays)
         return arrays, metrics
 
+    def _accept(self, msg: Message, problem: str | None, stage: str = "") -> bool:
+        """Record a rejected reply with its reason; True when there is none."""
+        if problem is None:
+            return True
+        node = msg.metadata.src_node_id
+        log.warning("round %s: rejected %sreply of node %d: %s", self.pending.get("round"), stage, node, problem)
+        self.pending.setdefault("rejected", []).append(Rejection(node=node, reason=stage + problem))
+        return False
+
+    def _reject_round(self, reason: str) -> None:
+        self.pending.setdefault("rejected", []).append(Rejection(node=0, reason=f"round: {reason}"))
+
     def check_train_reply(self, msg: Message) -> str | None:
-        """Why a training reply must be rejected, or None to accept it."""
-        if msg.has_error():
-            return f"node error: {msg.error.reason}"
-        content = msg.content
-        metrics = content.metric_records.get(METRICS)
-        if metrics is None or not isinstance(metrics.get(NUM_EXAMPLES), (int, float)) or metrics[NUM_EXAMPLES] <= 0:
-            return f"missing or non-positive '{NUM_EXAMPLES}' metric"
-        if not self.config.sends_shared:
-            return "personal mode: the reply must not carry arrays" if content.array_records else None
-        if len(content.array_records) != 1 or ARRAYS not in content.array_records:
-            return f"expected exactly one ArrayRecord named '{ARRAYS}'"
-        try:
-            received = unpack_shared(content[ARRAYS], self.expected)
-        except Exception as exc:  # a reply that cannot even be decoded is rejected, never the run
-            return str(exc)
-        squared = 0.0
-        for name, tensor in received.items():
-            squared += float(((tensor.numpy().astype(np.float64) - self.current[name]) ** 2).sum())
-        if math.sqrt(squared) > self.config.max_update_norm:
-            return f"update norm {math.sqrt(squared):.3g} exceeds the bound {self.config.max_update_norm:g}"
-        return None
+        """Why a training reply must be rejected, or None to accept it (coordinator/replies.py)."""
+        return train_reply_problem(msg, self.config, self.expected, self.current)
 
     def _update_norm(self, arrays: ArrayRecord | None) -> float | None:
         if arrays is None or not self.current:
             return None
-        return math.sqrt(
-            sum(
-                float(((a.numpy() - self.current[k.removeprefix(SHARED_ARRAY_PREFIX)]) ** 2).sum())
-                for k, a in arrays.items()
-            )
-        )
+        return update_norm({k.removeprefix(SHARED_ARRAY_PREFIX): a.numpy() for k, a in arrays.items()}, self.current)
 
     # ---------------------------------------------------------------- evaluation
 
@@ -218,15 +230,12 @@ class PrefixStrategy(Strategy):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        good = []
-        for msg in replies:
-            if msg.has_error():
-                self.pending.setdefault("rejected", []).append(
-                    Rejection(node=msg.metadata.src_node_id, reason=f"evaluation: node error: {msg.error.reason}")
-                )
-            else:
-                good.append(msg)
-        metrics = aggregate_metricrecords([m.content for m in good], NUM_EXAMPLES) if good else None
+        good = [m for m in replies if self._accept(m, evaluate_reply_problem(m, self.config), "evaluation: ")]
+        try:
+            metrics = aggregate_metricrecords([m.content for m in good], NUM_EXAMPLES) if good else None
+        except Exception as exc:  # never end the run on what nodes sent
+            self._reject_round(f"evaluation metrics could not be aggregated ({exc})")
+            metrics = None
         self.pending["eval"] = dict(metrics) if metrics else {}
         return metrics
 
@@ -242,8 +251,9 @@ class PrefixStrategy(Strategy):
             round=server_round,
             sampled_users=p.get("sampled", []),
             replies_accepted=p.get("accepted", 0),
-            replies_rejected=len([r for r in rejected if not r.reason.startswith("evaluation:")]),
+            replies_rejected=len([r for r in rejected if not r.reason.startswith(("evaluation:", "round:"))]),
             rejected=rejected,
+            clipped=p.get("clipped", []),
             train_loss=p.get("train_loss"),
             eval_loss_base=evaluation.get(eval_loss_key("base")),
             eval_loss_shared=evaluation.get(eval_loss_key("shared")),

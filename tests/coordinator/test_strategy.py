@@ -10,7 +10,15 @@ import tomllib
 from fedprefix.common.config import FederationConfig
 from fedprefix.coordinator.strategy import PrefixStrategy, build_inner_strategy, payload_bytes, sample_size
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 SHAPE = (4, 64)
@@ -34,9 +42,15 @@ def _strategy(**settings) -> PrefixStrategy:
     return strategy
 
 
-def _reply(arrays: dict | None, examples: int = 5, node: int = 7) -> Message:
+def _metrics(examples=5, **overrides) -> dict:
+    values = {"num-examples": examples, "train-loss": 1.0, "train-seconds": 1.0, "steps": 2, "dp-weight": 1.0}
+    return {**values, **overrides}
+
+
+def _reply(arrays: dict | None, examples: int = 5, node: int = 7, **metrics) -> Message:
     instruction = Message(content=RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
-    content = RecordDict({"metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0})})
+    values = {k: v for k, v in _metrics(examples, **metrics).items() if v is not None}
+    content = RecordDict({"metrics": MetricRecord(values)})
     if arrays is not None:
         content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
     return Message(content=content, reply_to=instruction)
@@ -49,7 +63,7 @@ def _good() -> dict:
 def test_good_reply_is_accepted_and_sized():
     msg = _reply(_good())
     assert _strategy().check_train_reply(msg) is None
-    assert payload_bytes(msg) == 4 * 64 * 4 + 2 * 8
+    assert payload_bytes(msg) == 4 * 64 * 4 + 5 * 8
 
 
 @pytest.mark.parametrize(
@@ -62,11 +76,62 @@ def test_good_reply_is_accepted_and_sized():
         ({"shared.embedding.weight": np.full(SHAPE, np.inf, np.float32)}, 5, "NaN or Inf"),
         ({"shared.embedding.weight": np.full(SHAPE, 1e4, np.float32)}, 5, "exceeds the bound"),
         (None, 5, "exactly one ArrayRecord"),
-        (_good(), 0, "non-positive 'num-examples'"),
+        (_good(), 0, "'num-examples' = 0 is outside (0, "),
     ],
 )
 def test_malformed_replies_are_rejected_with_reason(arrays, examples, reason):
     assert reason in _strategy().check_train_reply(_reply(arrays, examples))
+
+
+@pytest.mark.parametrize(
+    ("metrics", "reason"),
+    [
+        ({"examples": float("nan")}, "'num-examples' is nan, not a finite number"),
+        ({"examples": float("inf")}, "'num-examples' is inf, not a finite number"),
+        ({"examples": 1e12}, "outside (0, 100000] (run setting max-num-examples)"),
+        ({"train-loss": None}, "missing metrics ['train-loss']"),
+        ({"train-loss": [1.0, 2.0]}, "metric 'train-loss' must be a number, got list"),
+        ({"dp-weight": float("nan")}, "'dp-weight' is nan"),
+        ({"dp-weight": 2.0}, "'dp-weight' must be 1"),
+    ],
+)
+def test_hostile_metrics_are_rejected_not_fatal(metrics, reason):
+    examples = metrics.pop("examples", 5)
+    problem = _strategy().check_train_reply(_reply(_good(), examples, **metrics))
+    assert problem is not None and reason in problem, problem
+
+
+def test_a_bogus_dtype_string_is_rejected_not_fatal():
+    good = Array(np.zeros(SHAPE, np.float32))
+    bogus = Array(dtype="not-a-dtype", shape=SHAPE, stype=good.stype, data=good.data)
+    msg = _reply(None)
+    msg.content["arrays"] = ArrayRecord({"shared.embedding.weight": bogus})
+    assert "declares not-a-dtype" in _strategy().check_train_reply(msg)
+
+
+def test_one_hostile_reply_cannot_end_the_round_or_poison_the_average():
+    strategy = _strategy()
+    hostile = [
+        _reply(_good(), node=2, examples=float("nan")),
+        _reply({"shared.embedding.weight": np.full(SHAPE, 50.0, np.float32)}, node=3),  # well-formed, far away
+        _reply(_good(), node=4, **{"train-loss": [1.0]}),
+    ]
+    arrays, _ = strategy.aggregate_train(1, [_reply(_good(), node=1), _reply(_good(), node=5), *hostile])
+    assert sorted(r.node for r in strategy.pending["rejected"]) == [2, 4]
+    assert strategy.pending["clipped"] == [3]  # clipped to 3x the median update norm, not rejected
+    moved = np.abs(arrays["shared.embedding.weight"].numpy()).max()
+    assert np.isfinite(arrays["shared.embedding.weight"].numpy()).all() and moved <= 3 * 0.01 + 1e-6
+
+
+def test_evaluation_replies_are_checked_too():
+    strategy = _strategy()
+    instruction = Message(content=RecordDict({"config": ConfigRecord()}), dst_node_id=1, message_type="evaluate")
+    losses = {"eval-loss-base": 2.0, "eval-loss-shared": 1.5, "eval-loss-personal": 1.0}
+    good = Message(RecordDict({"metrics": MetricRecord({"num-examples": 4, **losses})}), reply_to=instruction)
+    missing = Message(RecordDict({"metrics": MetricRecord(losses)}), reply_to=instruction)
+    metrics = strategy.aggregate_evaluate(1, [good, missing])
+    assert metrics["eval-loss-personal"] == 1.0
+    assert [r.reason for r in strategy.pending["rejected"]] == ["evaluation: missing metrics ['num-examples']"]
 
 
 def test_an_array_whose_bytes_disagree_with_its_declared_shape_is_rejected():
@@ -103,6 +168,9 @@ def test_sampling_sizes_and_aggregators():
     assert isinstance(inner, FedAvg) and inner.min_train_nodes == 3 and inner.min_available_nodes == 3
     assert isinstance(build_inner_strategy(FederationConfig(aggregator="fedadam")), FedAdam)
     assert isinstance(build_inner_strategy(FederationConfig(aggregator="fedprox")), FedProx)
+    assert isinstance(build_inner_strategy(FederationConfig(aggregator="krum", num_users=4)), Krum)
+    assert isinstance(build_inner_strategy(FederationConfig(aggregator="trimmedavg")), FedTrimmedAvg)
+    assert isinstance(build_inner_strategy(FederationConfig(aggregator="median")), FedMedian)
     dp = build_inner_strategy(FederationConfig(dp_noise_multiplier=1.0))
     assert isinstance(dp, DifferentialPrivacyClientSideFixedClipping) and dp.strategy.weighted_by_key == "dp-weight"
 

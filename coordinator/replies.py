@@ -1,0 +1,134 @@
+"""Every reply a node sends is checked whole and alone before it can touch the shared prefix.
+
+A node may be broken or hostile: its reply may carry an error, lists where scalars
+belong, NaN or inf, an absurd example count, arrays whose bytes disagree with their
+declared shape, other dtypes or names. Each check here returns the reason a reply is
+rejected (None: accepted); anything that raises while checking rejects that reply with
+the exception as its reason. Nothing one node sends can end the run.
+
+What the checks cannot see (a well-formed but poisoned update) is bounded afterwards:
+`bound_updates` clips each accepted update's norm to a multiple of the round's median,
+and robust aggregators (Krum, trimmed mean, median) can replace the average.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+from fedprefix.common.config import FederationConfig
+from fedprefix.common.protocol import (
+    ARRAYS,
+    DP_WEIGHT,
+    EVAL_METRICS,
+    METRICS,
+    NUM_EXAMPLES,
+    TRAIN_METRICS,
+    unpack_shared,
+)
+from flwr.app import Array, ArrayRecord, Message
+
+Arrays = dict[str, np.ndarray]  # the shared prefix's tensors by name, float32
+
+
+def _guarded(check):
+    """Run a check; an exception while checking is itself the reason to reject."""
+
+    def guarded(*args, **kwargs) -> str | None:
+        try:
+            return check(*args, **kwargs)
+        except Exception as exc:  # a reply that breaks a check is malformed, never fatal
+            return f"malformed reply: {type(exc).__name__}: {exc}"
+
+    return guarded
+
+
+def _metrics_problem(msg: Message, required: tuple[str, ...], config: FederationConfig) -> str | None:
+    if msg.has_error():
+        return f"node error: {msg.error.reason}"
+    if set(msg.content.config_records):
+        return "a reply must not carry config records"
+    if set(msg.content.metric_records) != {METRICS}:
+        return f"expected exactly one MetricRecord named '{METRICS}', got {sorted(msg.content.metric_records)}"
+    metrics = msg.content[METRICS]
+    missing = [key for key in required if key not in metrics]
+    if missing:
+        return f"missing metrics {missing}"
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"metric {key!r} must be a number, got {type(value).__name__}"
+        if not math.isfinite(value):
+            return f"metric {key!r} is {value}, not a finite number"
+    examples = metrics[NUM_EXAMPLES]
+    if examples <= 0 or examples > config.max_num_examples:
+        return (
+            f"'{NUM_EXAMPLES}' = {examples:g} is outside (0, {config.max_num_examples}] (run setting max-num-examples)"
+        )
+    return None
+
+
+@_guarded
+def train_reply_problem(
+    msg: Message, config: FederationConfig, expected: Mapping[str, tuple[int, ...]], current: Arrays
+) -> str | None:
+    """Why a training reply must be rejected, or None to accept it."""
+    problem = _metrics_problem(msg, TRAIN_METRICS, config)
+    if problem is not None:
+        return problem
+    if msg.content[METRICS][DP_WEIGHT] != 1.0:
+        return f"'{DP_WEIGHT}' must be 1 (DP accounting needs equal weights), got {msg.content[METRICS][DP_WEIGHT]:g}"
+    records = set(msg.content.array_records)
+    if not config.sends_shared:
+        return "personal mode: the reply must not carry arrays" if records else None
+    if records != {ARRAYS}:
+        return f"expected exactly one ArrayRecord named '{ARRAYS}', got {sorted(records)}"
+    received = unpack_shared(msg.content[ARRAYS], expected)  # names, decoded shapes, dtype, finiteness
+    norm = update_norm({k: t.numpy() for k, t in received.items()}, current)
+    if norm > config.max_update_norm:
+        return f"update norm {norm:.3g} exceeds the bound {config.max_update_norm:g} (run setting max-update-norm)"
+    return None
+
+
+@_guarded
+def evaluate_reply_problem(msg: Message, config: FederationConfig) -> str | None:
+    """Why an evaluation reply must be rejected, or None to accept it."""
+    problem = _metrics_problem(msg, EVAL_METRICS, config)
+    if problem is None and msg.content.array_records:
+        return "an evaluation reply must not carry arrays"
+    return problem
+
+
+def update_norm(arrays: Arrays, current: Arrays) -> float:
+    """L2 norm of `arrays - current` over all tensors, in float64."""
+    return math.sqrt(sum(float(((arrays[k].astype(np.float64) - current[k]) ** 2).sum()) for k in current))
+
+
+def bound_updates(replies: list[Message], current: Arrays, prefix: str, factor: float) -> dict[int, float]:
+    """Clip every accepted update whose norm exceeds `factor` x the round's median update norm (in place).
+
+    No single reply can then move the shared prefix by more than its weight share of that
+    bound. Returns {node id: scale applied} for the clipped replies.
+    """
+    if factor <= 0 or len(replies) < 2:
+        return {}
+    deltas = []
+    for msg in replies:
+        arrays = {name.removeprefix(prefix): a.numpy() for name, a in msg.content[ARRAYS].items()}
+        deltas.append({k: arrays[k].astype(np.float64) - current[k] for k in current})
+    norms = [math.sqrt(sum(float((d**2).sum()) for d in delta.values())) for delta in deltas]
+    bound = factor * float(np.median(norms))
+    clipped = {}
+    for msg, delta, norm in zip(replies, deltas, norms, strict=True):
+        if norm > bound > 0:
+            scale = bound / norm
+            msg.content[ARRAYS] = ArrayRecord(
+                {prefix + k: Array((current[k] + scale * d).astype(np.float32)) for k, d in delta.items()}
+            )
+            clipped[msg.metadata.src_node_id] = scale
+    return clipped
+
+
+def all_finite(arrays: ArrayRecord | None) -> bool:
+    """True when every value of an aggregate is finite (None: nothing to apply)."""
+    return arrays is None or all(np.isfinite(a.numpy()).all() for a in arrays.values())
