@@ -140,6 +140,7 @@ def simulate(
     """
     from fedprefix.common.config import FederationConfig
     from fedprefix.coordinator.simulate import simulate as run_simulation
+    from fedprefix.coordinator.views import round_progress
     from pydantic import ValidationError
 
     extra = {}
@@ -166,8 +167,10 @@ def simulate(
         first = exc.errors()[0]
         fail(ValueError(f"setting {'.'.join(map(str, first['loc'])) or 'config'}: {first['msg']}"))
     try:
-        with console.status(f"simulating {users} users x {rounds} rounds on {base} ({mode})"):
-            records = run_simulation(config)
+        title = f"simulating {users} users x {rounds} rounds on {base} ({mode})"
+        # Rounds as they end; with --json on stderr, so stdout stays JSON.
+        with round_progress(err_console if as_json else console, rounds, title) as on_round:
+            records = run_simulation(config, on_round=on_round)
     except (FedPrefixError, RuntimeError) as exc:
         fail(exc)
     if as_json:
