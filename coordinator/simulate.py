@@ -19,14 +19,13 @@ raylet, dashboard, ClientAppActor workers) at full CPU. So every process started
 carries FEDPREFIX_SIM_TAG=<uuid> in its environment, which all their descendants inherit;
 `OwnedProcesses.stop()` finds them by that tag (and as descendants of what we started,
 also seen while the run went on), sends SIGTERM, waits a few seconds, then SIGKILLs the
-rest. On Linux this process is also a child subreaper meanwhile, so orphans of that tree
-re-parent to it rather than to init, and are reaped here.
+rest. (Not a child subreaper as well: orphans found by tag need no re-parenting, and
+processes a caller starts meanwhile would stay our zombies once their parents die.)
 The same apps run unchanged under the Deployment Engine (README).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -177,52 +176,6 @@ def _describe(processes: Iterable[psutil.Process]) -> str:
     return ", ".join(names)
 
 
-def reap_zombie_children(processes: Iterable[psutil.Process]) -> None:
-    """Collect the exit status of those of `processes` that ended as children of this process.
-
-    Orphans re-parent to a subreaper; unless it waits for them, they stay zombies. Only
-    processes known to be ours are waited for, never an unknown child (someone's Popen owns it).
-    """
-    for process in processes:
-        try:
-            if process.ppid() == os.getpid() and process.status() == psutil.STATUS_ZOMBIE:
-                os.waitpid(process.pid, os.WNOHANG)
-        except (psutil.Error, ChildProcessError, OSError):
-            continue
-
-
-_PR_SET_CHILD_SUBREAPER = 36
-_subreaper_lock = threading.Lock()
-_subreaper_users = 0
-
-
-def _prctl_subreaper(on: bool) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-@contextmanager
-def child_subreaper():
-    """Be a Linux child subreaper meanwhile: orphans of what we start re-parent to us, not init."""
-    global _subreaper_users
-    with _subreaper_lock:
-        _subreaper_users += 1
-        if _subreaper_users == 1:
-            _prctl_subreaper(True)
-    try:
-        yield
-    finally:
-        with _subreaper_lock:
-            _subreaper_users -= 1
-            if _subreaper_users == 0:
-                _prctl_subreaper(False)
-
-
 @contextmanager
 def sigterm_as_interrupt():
     """SIGTERM raises KeyboardInterrupt meanwhile, so cleanups run as on Ctrl-C (main thread only)."""
@@ -308,7 +261,6 @@ class OwnedProcesses:
             remaining = terminate_then_kill(remaining, grace)
         for process in self.started:
             process.poll()  # Popen notes the exit (and reaps it) where psutil did not
-        reap_zombie_children(self.seen.values())
         return alive(self.find())
 
 
@@ -316,7 +268,7 @@ class OwnedProcesses:
 def owned_processes():
     """An OwnedProcesses whose processes are all stopped on leaving, however it is left."""
     owned = OwnedProcesses()
-    with sigterm_as_interrupt(), child_subreaper():
+    with sigterm_as_interrupt():
         try:
             yield owned
         finally:
