@@ -1,11 +1,13 @@
-"""Terminal views of run records: the per-round table and loss sparklines (rich)."""
+"""Terminal views of run records: the per-round table, loss sparklines and live round progress (rich)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .records import RoundRecord
@@ -56,3 +58,31 @@ def rounds_table(records: Sequence[RoundRecord], title: str = "rounds") -> Table
             f"{r.seconds:.1f}",
         )
     return table
+
+
+def round_line(record: RoundRecord, total: int) -> str:
+    """One round as a line: "round k/N: train loss …, held-out loss base … shared … personal …"."""
+    return (
+        f"round {record.round}/{total}: train loss {fmt_num(record.train_loss)}, "
+        f"held-out loss base {fmt_num(record.eval_loss_base)} shared {fmt_num(record.eval_loss_shared)} "
+        f"personal {fmt_num(record.eval_loss_personal)}"
+    )
+
+
+@contextmanager
+def round_progress(console: Console, total: int, description: str) -> Iterator[Callable[[RoundRecord], None]]:
+    """Yields an on_round callback for simulate(): in a terminal a live bar of rounds done of `total`
+    with one line per round above it; elsewhere (a file, a pipe, CI) plain flushed lines, no ANSI codes."""
+    if console.is_terminal:
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task(description, total=total)
+
+            def show(record: RoundRecord) -> None:
+                progress.console.print(round_line(record, total), highlight=False, markup=False)
+                progress.update(task, completed=record.round)
+
+            yield show
+        return
+    print(description, file=console.file, flush=True)
+    yield lambda record: print(round_line(record, total), file=console.file, flush=True)

@@ -21,7 +21,7 @@ from fedprefix.client.node import simulation_key
 from fedprefix.common.base_model import DEFAULT_BASE, load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.coordinator.simulate import simulate
-from fedprefix.coordinator.views import make_console, rounds_table
+from fedprefix.coordinator.views import make_console, round_progress, rounds_table
 from fedprefix.simulations.personas import (
     slot_realization,
     style_ok,
@@ -75,8 +75,9 @@ def federated(args) -> None:
         f"[bold]federation[/bold]: {args.users} users x {args.rounds} rounds on {args.base}, "
         f"{args.local_steps} local steps per round; run folder {config.run_dir}"
     )
-    with console.status("training (Flower simulation; the first round also starts the nodes)"):
-        rounds = simulate(config)
+    description = "training (Flower simulation; the first round also starts the nodes)"
+    with round_progress(console, args.rounds, description) as on_round:
+        rounds = simulate(config, on_round=on_round)
     console.print(rounds_table(rounds, title="rounds: held-out loss with base / shared / shared+personal"))
     user = "user001"
     me = Personalizer.load(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import psutil
 import pytest
 import torch
 from fedprefix.common.base_model import load_base
@@ -62,3 +63,18 @@ def federation_config(tmp_path, **settings) -> FederationConfig:
         audit_dir=str(tmp_path / "audit"),
     )
     return FederationConfig(**{**defaults, **settings})
+
+
+MARK = "FEDPREFIX_TEST_MARK"  # a test sets it in its environment; every process started from there inherits it
+
+
+def marked_processes(mark: str) -> list[psutil.Process]:
+    """Live processes whose environment carries MARK=mark: what a test started, however deep."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(MARK) == mark and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return found

@@ -38,6 +38,7 @@ def simulate(
     """
     from fedprefix.common.config import FederationConfig
     from fedprefix.coordinator.simulate import simulate as run_simulation
+    from fedprefix.coordinator.views import round_progress
     from pydantic import ValidationError
 
     if data == "personas":  # simulated users, written as a data folder beside the run
@@ -69,8 +70,10 @@ def simulate(
         field, message = first_error(exc, "config")
         fail(ValueError(f"setting {field}: {message}"))
     try:
-        with console.status(f"simulating {users} users x {rounds} rounds on {base} ({mode})"):
-            records = run_simulation(config)
+        title = f"simulating {users} users x {rounds} rounds on {base} ({mode})"
+        # Rounds as they end; with --json on stderr, so stdout stays JSON.
+        with round_progress(err_console if as_json else console, rounds, title) as on_round:
+            records = run_simulation(config, on_round=on_round)
     except (FedPrefixError, RuntimeError) as exc:
         fail(exc)
     if as_json:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from pathlib import Path
 
 import numpy as np
-import psutil
 from fedprefix.client.node import simulation_key
 from fedprefix.common.base_model import load_base
 from fedprefix.common.config import FederationConfig
@@ -17,7 +17,7 @@ from fedprefix.common.store import PrefixStore
 from fedprefix.coordinator.records import read_run
 from fedprefix.coordinator.simulate import simulate
 
-from tests.conftest import federation_config
+from tests.conftest import MARK, federation_config, marked_processes
 
 METRICS_PER_REPLY = 5  # num-examples, train-loss, train-seconds, steps, dp-weight
 
@@ -30,21 +30,18 @@ def _sent(config: FederationConfig) -> list[dict]:
     return lines
 
 
-def _superlinks() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["cmdline"]) if "flower-superlink" in " ".join(p.info["cmdline"] or [])}
-
-
-def test_personal_prefixes_never_leave_the_device(tmp_path):
+def test_personal_prefixes_never_leave_the_device(tmp_path, monkeypatch):
     config = federation_config(tmp_path)
     # user002 "lost" its key: its store holds a prefix under another key.
     base = load_base("tiny-llama")
     stray = Prefix(PrefixConfig(spec=base.prefix_spec(4), base_fingerprint=base.fingerprint))
     PrefixStore(tmp_path / "stores" / "user002").save("user002", stray, b"\x01" * 32)
-    before = _superlinks()
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv(MARK, mark)  # inherited by every process simulate starts
 
     rounds = simulate(config)
 
-    assert _superlinks() == before, "simulate must stop the SuperLink it started"
+    assert not marked_processes(mark), "simulate must stop every process it started"
     info, recorded, problems = read_run(config.run_dir)
     assert info.status == "finished" and not problems and [r.round for r in recorded] == [1, 2]
     assert info.compute_dtype in ("float32", "bfloat16") and info.host["cores"] >= 1  # run.json names its host

@@ -1,0 +1,223 @@
+"""`fedprefix simulate` stops everything it started: interrupted mid-round by SIGINT (Ctrl-C)
+or SIGTERM, no SuperLink, SuperExec, flwr-simulation, Ray daemon or ClientAppActor is left;
+and the round records reach on_round as they are written."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+from fedprefix.coordinator.records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunInfo
+from fedprefix.coordinator.simulate import TAG_VAR, RoundWatcher, alive, owned_processes, wait_for_run
+
+from tests.conftest import MARK
+from tests.conftest import marked_processes as _marked
+
+
+def _describe(processes) -> str:
+    rows = []
+    for process in processes:
+        try:
+            rows.append(f"{process.pid} {' '.join(process.cmdline())[:120]}")
+        except psutil.Error:
+            continue
+    return "\n".join(rows)
+
+
+def _names(processes) -> str:
+    text = []
+    for process in processes:
+        try:
+            text.append(" ".join(process.cmdline()))
+        except psutil.Error:
+            continue
+    return "\n".join(text)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_interrupted_simulation_leaves_no_process(tmp_path, sig):
+    mark = uuid.uuid4().hex
+    env = {**os.environ, MARK: mark}
+    command = [
+        str(Path(sys.executable).parent / "fedprefix"),
+        "simulate",
+        "--base",
+        "tiny-llama",
+        "--users",
+        "2",
+        "--rounds",
+        "200",
+        "--local-steps",
+        "20",
+        "--examples",
+        "10",
+        "--set",
+        "max_length=96",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    cli = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline and cli.poll() is None:
+            ours = _marked(mark)
+            seen.update({p.pid: p for p in ours})
+            if "ClientAppActor" in _names(ours):  # Ray runs the nodes' training: mid-round
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"no ClientAppActor came up:\n{cli.communicate(timeout=60)[0].decode()[-3000:]}")
+        tags = {p.environ().get(TAG_VAR) for p in _marked(mark) if p.pid != cli.pid}
+        assert len(tags) == 1 and None not in tags, "every process simulate() started carries its tag"
+        seen.update({p.pid: p for p in _marked(mark)})
+        names = _names(seen.values())
+        for expected in ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server"):
+            assert expected in names
+
+        cli.send_signal(sig)
+        signalled = time.monotonic()
+        output = cli.communicate(timeout=30)[0].decode()
+        print(f"exited {time.monotonic() - signalled:.1f} s after {sig.name}; output tail:\n{output[-600:]}")
+        assert cli.returncode != 0, output[-2000:]
+        left = _marked(mark) + [p for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"still running after exit:\n{_describe(left)}"
+        time.sleep(3)
+        left = _marked(mark)
+        assert not left, f"running 3 s after exit:\n{_describe(left)}"
+    finally:
+        _kill_all(cli, mark)
+
+
+def _kill_all(cli: subprocess.Popen, mark: str) -> None:
+    """Never leave a failed test's processes behind (a few passes: dying parents may start some)."""
+    cli.kill()
+    cli.wait()
+    for _ in range(10):
+        left = _marked(mark)
+        if not left:
+            return
+        for process in left:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(left, timeout=1)
+
+
+def _record(number: int) -> RoundRecord:
+    return RoundRecord(
+        round=number,
+        sampled_users=[0, 1],
+        replies_accepted=2,
+        replies_rejected=0,
+        train_loss=1.0 / number,
+        eval_loss_base=2.0,
+        eval_loss_shared=1.5,
+        eval_loss_personal=1.0,
+        shared_update_norm=0.1,
+        uplink_bytes=100,
+        train_seconds_sum=0.1,
+        seconds=0.1,
+    )
+
+
+def _write_info(run_dir: Path, status: str, error: str | None = None) -> None:
+    info = RunInfo(
+        run_id="1",
+        status=status,
+        config={},
+        base="tiny-llama",
+        base_fingerprint="x",
+        shared_prefix_parameters=0,
+        started=0.0,
+        error=error,
+    )
+    (run_dir / RUN_FILE).write_text(info.model_dump_json())
+
+
+def test_rounds_reach_on_round_as_they_are_written(tmp_path):
+    # A stale rounds file of an earlier run (no run.json yet) is not reported.
+    (tmp_path / ROUNDS_FILE).write_text(_record(7).model_dump_json() + "\n")
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2.5)"])
+    got: list[tuple[int, float]] = []
+    start = time.monotonic()
+
+    def writer():
+        time.sleep(0.3)
+        (tmp_path / ROUNDS_FILE).write_text("")
+        _write_info(tmp_path, "running")
+        for number in (1, 2, 3):
+            time.sleep(0.6)
+            with open(tmp_path / ROUNDS_FILE, "a") as fh:
+                fh.write(_record(number).model_dump_json() + "\n")
+        with open(tmp_path / ROUNDS_FILE, "a") as fh:
+            fh.write('{"round": 4, "sampled')  # a partial last line is not a round yet
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    status = wait_for_run(process, RoundWatcher(tmp_path, lambda r: got.append((r.round, time.monotonic() - start))))
+    thread.join()
+    assert status == "running" and process.returncode == 0
+    assert [number for number, _ in got] == [1, 2, 3]
+    assert got[0][1] < 2.0, "round 1 is reported while the process still runs"
+
+
+def test_a_failed_run_stops_the_wait_early(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _write_info(tmp_path, "running")
+        (tmp_path / ROUNDS_FILE).write_text(_record(1).model_dump_json() + "\n")
+        threading.Timer(0.5, lambda: _write_info(tmp_path, "failed", "ValueError: boom")).start()
+        got = []
+        start = time.monotonic()
+        assert wait_for_run(process, RoundWatcher(tmp_path, got.append)) == "failed"
+        assert time.monotonic() - start < 5 and process.poll() is None
+        assert [r.round for r in got] == [1]
+    finally:
+        process.kill()
+        process.wait()
+
+
+DAEMON = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as stubborn as Ray's daemons under load
+if os.fork() == 0:
+    os.setsid()  # a new session: out of our process group, as Flower's SuperExec does
+    if os.fork() == 0:
+        open(sys.argv[1], "w").write(str(os.getpid()))
+        time.sleep(600)
+    os._exit(0)
+time.sleep(600)
+"""
+
+
+def test_owned_processes_stops_daemonized_descendants(tmp_path):
+    pid_file = tmp_path / "daemon.pid"
+    start = time.monotonic()
+    with owned_processes() as owned:
+        parent = owned.popen([sys.executable, "-c", DAEMON, str(pid_file)], env=dict(os.environ))
+        while not pid_file.is_file() or not pid_file.read_text():
+            time.sleep(0.05)
+        daemon = psutil.Process(int(pid_file.read_text()))
+        assert daemon.environ()[TAG_VAR] == owned.tag
+    assert parent.poll() is not None
+    assert not alive([daemon]), "the daemon in a session of its own, ignoring SIGTERM, is killed too"
+    assert time.monotonic() - start < 15
+
+
+def test_sigterm_interrupts_like_ctrl_c_while_owned():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with owned_processes():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) is before
