@@ -14,6 +14,7 @@ and robust aggregators (Krum, trimmed mean, median) can replace the average.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -44,9 +45,22 @@ def _guarded(check):
     return guarded
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+MAX_REASON = 300  # characters of a node's error kept in the round record
+
+
+def node_error(msg: Message) -> str:
+    """A node's error reason as one plain line: no terminal colours, bounded length (its head,
+    which names the error's kind, and its tail, where a wrapped exception's own message is)."""
+    text = " ".join(_ANSI.sub("", str(msg.error.reason)).split())
+    if len(text) > MAX_REASON:
+        text = text[: MAX_REASON // 3] + " … " + text[-(MAX_REASON - MAX_REASON // 3) :]
+    return "node error: " + text
+
+
 def _metrics_problem(msg: Message, required: tuple[str, ...], config: FederationConfig) -> str | None:
     if msg.has_error():
-        return f"node error: {msg.error.reason}"
+        return node_error(msg)
     if set(msg.content.config_records):
         return "a reply must not carry config records"
     if set(msg.content.metric_records) != {METRICS}:
@@ -105,13 +119,18 @@ def update_norm(arrays: Arrays, current: Arrays) -> float:
 
 
 def bound_updates(replies: list[Message], current: Arrays, prefix: str, factor: float) -> dict[int, float]:
-    """Clip every accepted update whose norm exceeds `factor` x the round's median update norm (in place).
+    """Clip every accepted update to `factor` x the round's median update norm, and its weight
+    (num-examples) to `factor` x the median weight, in place.
 
-    No single reply can then move the shared prefix by more than its weight share of that
-    bound. Returns {node id: scale applied} for the clipped replies.
+    No single reply can then move the shared prefix further than its capped weight share
+    of that bound. Returns {node id: norm scale applied} for the replies whose update was clipped.
     """
     if factor <= 0 or len(replies) < 2:
         return {}
+    weight_cap = factor * float(np.median([msg.content[METRICS][NUM_EXAMPLES] for msg in replies]))
+    for msg in replies:
+        if msg.content[METRICS][NUM_EXAMPLES] > weight_cap:
+            msg.content[METRICS][NUM_EXAMPLES] = weight_cap
     deltas = []
     for msg in replies:
         arrays = {name.removeprefix(prefix): a.numpy() for name, a in msg.content[ARRAYS].items()}

@@ -13,14 +13,7 @@
 4. stop every process it started, on a normal end, on errors, on Ctrl-C and on SIGTERM
    (which, while simulate() runs in the main thread, raises KeyboardInterrupt like Ctrl-C).
 
-Stopping the SuperLink alone is not enough: the SuperExec it starts runs in a session of
-its own and leaves flwr-simulation behind, and with it the whole Ray cluster (gcs_server,
-raylet, dashboard, ClientAppActor workers) at full CPU. So every process started here
-carries FEDPREFIX_SIM_TAG=<uuid> in its environment, which all their descendants inherit;
-`OwnedProcesses.stop()` finds them by that tag (and as descendants of what we started,
-also seen while the run went on), sends SIGTERM, waits a few seconds, then SIGKILLs the
-rest. (Not a child subreaper as well: orphans found by tag need no re-parenting, and
-processes a caller starts meanwhile would stay our zombies once their parents die.)
+coordinator/processes.py says how every process is found and stopped.
 The same apps run unchanged under the Deployment Engine (README).
 """
 
@@ -34,28 +27,24 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import psutil
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.errors import FedPrefixError
 
+from .processes import OwnedProcesses, owned_processes
 from .records import RUN_FILE, RoundRecord, RunFolderError, read_run
 
 logger = logging.getLogger(__name__)
 
 SUPERLINK_NAME = "fedprefix-sim"
+CLIENT_APP = "fedprefix.client.app:app"  # the ClientApp every simulated node runs
 STARTUP_TIMEOUT_S = 60.0
-TAG_VAR = "FEDPREFIX_SIM_TAG"  # in the environment of every process simulate() starts
-STOP_GRACE_S = 3.0  # between SIGTERM and SIGKILL (Ray's daemons often need the SIGKILL)
 POLL_S = 0.5  # how often a running simulation reads its round records
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class SimulationError(FedPrefixError):
@@ -74,7 +63,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_app(folder: Path, config: FederationConfig) -> Path:
+def write_app(folder: Path, config: FederationConfig, clientapp: str = CLIENT_APP) -> Path:
     """A Flower app folder: only a pyproject.toml naming fedprefix's apps and the settings."""
     folder.mkdir(parents=True, exist_ok=True)
     settings = "\n".join(f"{key} = {json.dumps(value)}" for key, value in config.to_run_config().items())
@@ -98,186 +87,13 @@ publisher = "fedprefix"
 
 [tool.flwr.app.components]
 serverapp = "fedprefix.coordinator.app:app"
-clientapp = "fedprefix.client.app:app"
+clientapp = "{clientapp}"
 
 [tool.flwr.app.config]
 {settings}
 """
     )
     return folder
-
-
-# --- Processes we start, and stopping every one of them ---------------------------------
-
-
-def tagged_processes(tag: str) -> list[psutil.Process]:
-    """Running processes whose environment holds TAG_VAR=tag (unreadable ones are skipped)."""
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.pid != os.getpid() and process.environ().get(TAG_VAR) == tag:
-                found.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
-            continue
-    return found
-
-
-def descendants(roots: Iterable[psutil.Process]) -> list[psutil.Process]:
-    """The roots that still run and all their descendants."""
-    found = []
-    for root in roots:
-        try:
-            found += [root, *root.children(recursive=True)]
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
-def alive(processes: Iterable[psutil.Process]) -> list[psutil.Process]:
-    """The processes (by pid and start time, so a reused pid is not taken) not yet ended, zombies excluded."""
-    result, pids = [], set()
-    for process in processes:
-        try:
-            if process.pid in pids or not process.is_running() or process.status() == psutil.STATUS_ZOMBIE:
-                continue
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        pids.add(process.pid)
-        result.append(process)
-    return result
-
-
-def send(processes: Iterable[psutil.Process], sig: int) -> None:
-    for process in processes:
-        try:
-            process.send_signal(sig)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-
-
-def terminate_then_kill(processes: list[psutil.Process], grace: float = STOP_GRACE_S) -> list[psutil.Process]:
-    """SIGTERM, up to `grace` seconds to end, then SIGKILL; returns those still alive after that."""
-    send(processes, signal.SIGTERM)
-    _, remaining = psutil.wait_procs(processes, timeout=grace)
-    if remaining:
-        logger.debug("SIGKILL to %s, alive %.0f s after SIGTERM", _describe(remaining), grace)
-    send(remaining, signal.SIGKILL)
-    _, remaining = psutil.wait_procs(remaining, timeout=grace)
-    return alive(remaining)
-
-
-def _describe(processes: Iterable[psutil.Process]) -> str:
-    names = []
-    for process in processes:
-        try:
-            names.append(f"{process.pid} ({process.name()})")
-        except psutil.Error:
-            names.append(str(process.pid))
-    return ", ".join(names)
-
-
-@contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM raises KeyboardInterrupt meanwhile, so cleanups run as on Ctrl-C (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-@contextmanager
-def signals_deferred():
-    """Hold SIGINT and SIGTERM off while a cleanup runs (main thread only); yields the list of
-    those that came meanwhile, for the caller to act on once the cleanup is done."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in _STOP_SIGNALS}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
-class OwnedProcesses:
-    """Every process one simulation starts, their descendants, and stopping all of them.
-
-    `popen` starts a process with TAG_VAR=tag in its environment; `remember` notes the
-    descendants seen meanwhile (called while waiting); `stop` ends every one of them.
-    """
-
-    def __init__(self, tag: str | None = None) -> None:
-        self.tag = tag or uuid.uuid4().hex
-        self.started: list[subprocess.Popen] = []
-        self.seen: dict[int, psutil.Process] = {}
-
-    def env(self, base: dict) -> dict:
-        return {**base, TAG_VAR: self.tag}
-
-    def popen(self, command: list[str], env: dict, **kwargs) -> subprocess.Popen:
-        process = subprocess.Popen(command, env=self.env(env), **kwargs)
-        self.started.append(process)
-        self.remember()
-        return process
-
-    def _roots(self) -> list[psutil.Process]:
-        roots = []
-        for process in self.started:
-            if process.poll() is None:
-                try:
-                    roots.append(psutil.Process(process.pid))
-                except psutil.NoSuchProcess:
-                    continue
-        return roots
-
-    def remember(self) -> None:
-        for process in descendants(self._roots()):
-            self.seen.setdefault(process.pid, process)
-
-    def find(self) -> list[psutil.Process]:
-        """Everything of ours still running: tagged, descendants of what we started, seen before."""
-        return alive([*descendants(self._roots()), *tagged_processes(self.tag), *self.seen.values()])
-
-    def stop(self, grace: float = STOP_GRACE_S, passes: int = 3) -> list[psutil.Process]:
-        """Stop all of them (a few passes, for processes started during the first); returns survivors."""
-        remaining: list[psutil.Process] = []
-        for _ in range(passes):
-            self.remember()
-            remaining = self.find()
-            if not remaining:
-                break
-            for process in remaining:
-                self.seen.setdefault(process.pid, process)
-            remaining = terminate_then_kill(remaining, grace)
-        for process in self.started:
-            process.poll()  # Popen notes the exit (and reaps it) where psutil did not
-        return alive(self.find())
-
-
-@contextmanager
-def owned_processes():
-    """An OwnedProcesses whose processes are all stopped on leaving, however it is left."""
-    owned = OwnedProcesses()
-    with sigterm_as_interrupt():
-        try:
-            yield owned
-        finally:
-            with signals_deferred() as received:
-                survivors = owned.stop()
-            if survivors:
-                logger.warning("could not stop %s (%s=%s)", _describe(survivors), TAG_VAR, owned.tag)
-            if received and sys.exc_info()[1] is None:  # interrupted while cleaning up after a normal end
-                raise KeyboardInterrupt(f"signal {received[0]} during cleanup")
 
 
 # --- The SuperLink and the run ------------------------------------------------------------
@@ -396,10 +212,12 @@ def simulate(
     cpus_per_client: float = 1.0,
     verbose: bool = False,
     on_round: Callable[[RoundRecord], None] | None = None,
+    clientapp: str = CLIENT_APP,
 ) -> list[RoundRecord]:
     """Run `config` with `config.num_users` simulated nodes; returns the rounds recorded.
 
-    `on_round(record)` is called once per round, as each round ends. Every process started
+    `on_round(record)` is called once per round, as each round ends. `clientapp` names
+    another ClientApp for the nodes ("module:attribute"; experiments wrap the real one). Every process started
     here is stopped before this returns or raises (also on Ctrl-C and SIGTERM).
     """
     config = config.model_copy(
@@ -415,7 +233,7 @@ def simulate(
     log_file = run_dir / "flower.log"
     with tempfile.TemporaryDirectory(prefix="fedprefix-sim-") as tmp, owned_processes() as owned:
         tmp = Path(tmp)
-        app = write_app(tmp / "app", config)
+        app = write_app(tmp / "app", config, clientapp)
         flwr_home = tmp / "flwr-home"
         with local_superlink(flwr_home, log_file, owned=owned):
             cpus = int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from fedprefix.coordinator.processes import TAG_VAR, alive, owned_processes
 from fedprefix.coordinator.records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunInfo
-from fedprefix.coordinator.simulate import TAG_VAR, RoundWatcher, alive, owned_processes, wait_for_run
+from fedprefix.coordinator.simulate import RoundWatcher, wait_for_run
 
 from tests.conftest import MARK
 from tests.conftest import marked_processes as _marked

@@ -1,0 +1,203 @@
+"""Processes a simulation starts, and stopping every one of them, however the caller ends.
+
+Stopping the SuperLink alone is not enough: the SuperExec it starts runs in a session of
+its own and leaves flwr-simulation behind, and with it the whole Ray cluster (gcs_server,
+raylet, dashboard, ClientAppActor workers) at full CPU. So every process started here
+carries FEDPREFIX_SIM_TAG=<uuid> in its environment, which all their descendants inherit;
+`OwnedProcesses.stop()` finds them by that tag (and as descendants of what we started,
+also seen while the run went on), sends SIGTERM, waits a few seconds, then SIGKILLs the
+rest. (Not a child subreaper as well: orphans found by tag need no re-parenting, and
+processes a caller starts meanwhile would stay our zombies once their parents die.)
+While an `owned_processes()` block runs in the main thread, SIGTERM raises
+KeyboardInterrupt like Ctrl-C, so the same cleanup runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterable
+from contextlib import contextmanager
+
+import psutil
+
+logger = logging.getLogger(__name__)
+
+TAG_VAR = "FEDPREFIX_SIM_TAG"  # in the environment of every process an OwnedProcesses starts
+STOP_GRACE_S = 3.0  # between SIGTERM and SIGKILL (Ray's daemons often need the SIGKILL)
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def tagged_processes(tag: str) -> list[psutil.Process]:
+    """Running processes whose environment holds TAG_VAR=tag (unreadable ones are skipped)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.environ().get(TAG_VAR) == tag:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return found
+
+
+def descendants(roots: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """The roots that still run and all their descendants."""
+    found = []
+    for root in roots:
+        try:
+            found += [root, *root.children(recursive=True)]
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def alive(processes: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """The processes (by pid and start time, so a reused pid is not taken) not yet ended, zombies excluded."""
+    result, pids = [], set()
+    for process in processes:
+        try:
+            if process.pid in pids or not process.is_running() or process.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        pids.add(process.pid)
+        result.append(process)
+    return result
+
+
+def send(processes: Iterable[psutil.Process], sig: int) -> None:
+    for process in processes:
+        try:
+            process.send_signal(sig)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+
+def terminate_then_kill(processes: list[psutil.Process], grace: float = STOP_GRACE_S) -> list[psutil.Process]:
+    """SIGTERM, up to `grace` seconds to end, then SIGKILL; returns those still alive after that."""
+    send(processes, signal.SIGTERM)
+    _, remaining = psutil.wait_procs(processes, timeout=grace)
+    if remaining:
+        logger.debug("SIGKILL to %s, alive %.0f s after SIGTERM", _describe(remaining), grace)
+    send(remaining, signal.SIGKILL)
+    _, remaining = psutil.wait_procs(remaining, timeout=grace)
+    return alive(remaining)
+
+
+def _describe(processes: Iterable[psutil.Process]) -> str:
+    names = []
+    for process in processes:
+        try:
+            names.append(f"{process.pid} ({process.name()})")
+        except psutil.Error:
+            names.append(str(process.pid))
+    return ", ".join(names)
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt meanwhile, so cleanups run as on Ctrl-C (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM off while a cleanup runs (main thread only); yields the list of
+    those that came meanwhile, for the caller to act on once the cleanup is done."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in _STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+class OwnedProcesses:
+    """Every process one simulation starts, their descendants, and stopping all of them.
+
+    `popen` starts a process with TAG_VAR=tag in its environment; `remember` notes the
+    descendants seen meanwhile (called while waiting); `stop` ends every one of them.
+    """
+
+    def __init__(self, tag: str | None = None) -> None:
+        self.tag = tag or uuid.uuid4().hex
+        self.started: list[subprocess.Popen] = []
+        self.seen: dict[int, psutil.Process] = {}
+
+    def env(self, base: dict) -> dict:
+        return {**base, TAG_VAR: self.tag}
+
+    def popen(self, command: list[str], env: dict, **kwargs) -> subprocess.Popen:
+        process = subprocess.Popen(command, env=self.env(env), **kwargs)
+        self.started.append(process)
+        self.remember()
+        return process
+
+    def _roots(self) -> list[psutil.Process]:
+        roots = []
+        for process in self.started:
+            if process.poll() is None:
+                try:
+                    roots.append(psutil.Process(process.pid))
+                except psutil.NoSuchProcess:
+                    continue
+        return roots
+
+    def remember(self) -> None:
+        for process in descendants(self._roots()):
+            self.seen.setdefault(process.pid, process)
+
+    def find(self) -> list[psutil.Process]:
+        """Everything of ours still running: tagged, descendants of what we started, seen before."""
+        return alive([*descendants(self._roots()), *tagged_processes(self.tag), *self.seen.values()])
+
+    def stop(self, grace: float = STOP_GRACE_S, passes: int = 3) -> list[psutil.Process]:
+        """Stop all of them (a few passes, for processes started during the first); returns survivors."""
+        remaining: list[psutil.Process] = []
+        for _ in range(passes):
+            self.remember()
+            remaining = self.find()
+            if not remaining:
+                break
+            for process in remaining:
+                self.seen.setdefault(process.pid, process)
+            remaining = terminate_then_kill(remaining, grace)
+        for process in self.started:
+            process.poll()  # Popen notes the exit (and reaps it) where psutil did not
+        return alive(self.find())
+
+
+@contextmanager
+def owned_processes():
+    """An OwnedProcesses whose processes are all stopped on leaving, however it is left."""
+    owned = OwnedProcesses()
+    with sigterm_as_interrupt():
+        try:
+            yield owned
+        finally:
+            with signals_deferred() as received:
+                survivors = owned.stop()
+            if survivors:
+                logger.warning("could not stop %s (%s=%s)", _describe(survivors), TAG_VAR, owned.tag)
+            if received and sys.exc_info()[1] is None:  # interrupted while cleaning up after a normal end
+                raise KeyboardInterrupt(f"signal {received[0]} during cleanup")
