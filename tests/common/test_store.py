@@ -149,7 +149,7 @@ def test_file_layout(store):
 
 
 def test_kdf_cached_per_unlock(store, monkeypatch):
-    import fedprefix.common.store as module
+    import fedprefix.common.store.keys as module
 
     calls = []
     real = module.Scrypt
@@ -166,7 +166,8 @@ def test_kdf_cached_per_unlock(store, monkeypatch):
     store.forget_keys()
     store.load("alice", PASS)
     assert len(calls) == 2
-    assert PASS not in repr(store._kek_cache) and PASS.encode() not in b"".join(store._kek_cache)
+    cached = store._kek_cache.entries
+    assert PASS not in repr(cached) and PASS.encode() not in b"".join(cached)
 
 
 # ------------------------------------------------------------------ damage

@@ -1,0 +1,113 @@
+"""The prefix store's refusals: one StoreError subclass per reason, each naming the user.
+
+``reason`` is a short machine-readable word (the HTTP layer and the CLI report it); the
+message says which user's prefix and what is wrong.
+"""
+
+from __future__ import annotations
+
+from ..errors import FedPrefixError, FingerprintMismatchError
+
+__all__ = [
+    "BadKeyError",
+    "BadUserIdError",
+    "CorruptError",
+    "RollbackError",
+    "StoreBusyError",
+    "StoreError",
+    "TamperedError",
+    "TruncatedError",
+    "UnknownUserError",
+    "UnknownVersionError",
+    "WrongBaseError",
+    "WrongKeyError",
+    "WrongUserError",
+    "about",
+]
+
+
+class StoreError(FedPrefixError):
+    """Any refusal or failure of the prefix store; ``reason`` says which (subclasses)."""
+
+    reason: str = "store_error"
+
+    def __init__(self, message: str, user_id: str | None = None) -> None:
+        super().__init__(message)
+        self.user_id = user_id
+
+
+class WrongKeyError(StoreError):
+    """The key does not unwrap the user's data key (wrong key, or a damaged key block)."""
+
+    reason = "wrong_key"
+
+
+class TamperedError(StoreError):
+    """The key is right but the payload fails authentication."""
+
+    reason = "tampered"
+
+
+class TruncatedError(StoreError):
+    """The file ends early."""
+
+    reason = "truncated"
+
+
+class CorruptError(StoreError):
+    """The file (or the store's state file) is malformed."""
+
+    reason = "corrupt"
+
+
+class WrongUserError(StoreError):
+    """The file belongs to another user (copied or renamed)."""
+
+    reason = "wrong_user"
+
+
+class WrongBaseError(StoreError, FingerprintMismatchError):
+    """The stored prefix belongs to another base model."""
+
+    reason = "wrong_base"
+
+
+class RollbackError(StoreError):
+    """The file is older than one this store already wrote or read."""
+
+    reason = "rollback"
+
+
+class UnknownVersionError(StoreError):
+    """The file has a format version this code does not know."""
+
+    reason = "unknown_format_version"
+
+
+class UnknownUserError(StoreError):
+    """No prefix is stored for this user."""
+
+    reason = "unknown_user"
+
+
+class BadUserIdError(StoreError, ValueError):
+    """The user id is not a valid store name."""
+
+    reason = "bad_user_id"
+
+
+class BadKeyError(StoreError, ValueError):
+    """The key is neither a non-empty passphrase nor 32 raw bytes."""
+
+    reason = "bad_key"
+
+
+class StoreBusyError(StoreError):
+    """Another process held the user's lock for too long."""
+
+    reason = "busy"
+
+
+def about(user_id: str | None, problem: str) -> str:
+    """An error message that names whose prefix `problem` concerns (or the store, for None)."""
+    return f"prefix of user {user_id!r}: {problem}" if user_id is not None else f"prefix store: {problem}"

@@ -1,0 +1,330 @@
+"""The ``.fpx`` file: byte layout, header model, canonical JSON; strict parsing and reading.
+
+One file per user, ``<root>/<user_id>.fpx`` (user ids: 1-128 of ``A-Z a-z 0-9 . _ - @``,
+not starting with ``.``, so the id is its own safe file name)::
+
+    offset   size  field
+    0        4     magic, b"FPX1"
+    4        4     H: header length, unsigned 32-bit big-endian, 1 .. 65536
+    8        H     header: canonical JSON (sorted keys, no spaces, ASCII-only, UTF-8)
+    8+H      C     payload: AES-256-GCM ciphertext, its 16-byte tag last;
+                   C == header.payload_length and nothing may follow
+
+Header fields (``FileHeader``)::
+
+    format_version   1
+    user_id          owner of the prefix
+    base_fingerprint base model the prefix belongs to
+    prefix_config    PrefixConfig.model_dump()
+    dtype            "float32" | "float16" | "bfloat16", dtype of the stored tensors
+    counter          write counter, +1 on every write of this user (rollback detection)
+    key_id           16 hex digits, random, names the data key (DEK); new on rotate_data_key
+    kdf              {"name": "scrypt", "salt": b64, "n", "r", "p"} or {"name": "raw"}
+    wrapped_dek      {"nonce": b64 (12 B), "ciphertext": b64 (32 B DEK + 16 B tag)}
+    payload_nonce    b64 (12 B)
+    payload_length   C
+    header_mac       64 hex digits, HMAC-SHA256 of all the other fields (seal.py)
+
+The header must be byte-for-byte the canonical encoding of its parsed values, so
+authenticating the values authenticates every header byte (and the length field).
+Parsing raises only StoreError subclasses, whatever the bytes; nothing here needs a key.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..prefix import PrefixConfig
+from .errors import BadUserIdError, CorruptError, TruncatedError, UnknownUserError, UnknownVersionError, about
+
+__all__ = [
+    "FILE_SUFFIX",
+    "FORMAT_VERSION",
+    "KEY_BYTES",
+    "MAGIC",
+    "FileHeader",
+    "RawKdf",
+    "ScryptKdf",
+    "WrappedKey",
+    "b64",
+    "canonical_json",
+    "encode_file",
+    "parse_file",
+    "parse_header",
+    "read_file",
+    "read_header",
+    "unb64",
+    "validate_user_id",
+]
+
+MAGIC = b"FPX1"
+FORMAT_VERSION = 1
+FILE_SUFFIX = ".fpx"
+PREFIX_LEN = 8  # magic + header length
+MAX_HEADER_BYTES = 64 * 1024  # a real header is ~1 KB; the cap bounds what a bad file makes us parse
+MAX_PAYLOAD_BYTES = 1 << 40
+KEY_BYTES = 32  # AES-256
+NONCE_BYTES = 12  # 96-bit GCM nonce
+TAG_BYTES = 16
+SALT_BYTES = 16
+MAX_SCRYPT_N = 2**20
+MAX_SCRYPT_MEMORY = 1 << 30  # 128*n*r*p bytes; caps what a forged header can make us allocate
+
+_USER_ID_RE = re.compile(r"[A-Za-z0-9._@-]{1,128}")
+_KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
+_MAC_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def validate_user_id(user_id: object) -> str:
+    """Return `user_id` if it is a valid store name, else raise BadUserIdError."""
+    if not isinstance(user_id, str) or not _USER_ID_RE.fullmatch(user_id) or user_id.startswith("."):
+        shown = user_id if isinstance(user_id, str) and len(user_id) <= 140 else f"<{type(user_id).__name__}>"
+        raise BadUserIdError(f"invalid user id {shown!r}: use 1-128 letters, digits or '._-@', not starting with '.'")
+    return user_id
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one JSON encoding we write and accept."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def b64(data: bytes) -> str:
+    """Standard base64 text, the encoding of every binary header field."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: str) -> bytes:
+    """Decode base64 we wrote; only for fields already validated by the header model."""
+    return base64.b64decode(text, validate=True)
+
+
+def _check_b64(text: str, min_len: int, max_len: int) -> str:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError as exc:  # binascii.Error is a ValueError
+        raise ValueError("not base64") from exc
+    if b64(raw) != text:  # one encoding per value, so the bytes are canonical
+        raise ValueError("not canonical base64")
+    if not min_len <= len(raw) <= max_len:
+        raise ValueError(f"decodes to {len(raw)} bytes, expected {min_len}..{max_len}")
+    return text
+
+
+# ---------------------------------------------------------------------------- header model
+
+_STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ScryptKdf(BaseModel):
+    """KEK from a passphrase via scrypt."""
+
+    model_config = _STRICT
+    name: Literal["scrypt"]
+    salt: str
+    n: int
+    r: int
+    p: int
+
+    @field_validator("salt")
+    @classmethod
+    def _salt(cls, v: str) -> str:
+        return _check_b64(v, SALT_BYTES, 64)
+
+    @model_validator(mode="after")
+    def _cost(self) -> ScryptKdf:
+        n, r, p = self.n, self.r, self.p
+        if n < 2 or n > MAX_SCRYPT_N or n & (n - 1):
+            raise ValueError(f"scrypt n must be a power of two in 2..{MAX_SCRYPT_N}")
+        if not (1 <= r <= 32 and 1 <= p <= 16) or 128 * n * r * p > MAX_SCRYPT_MEMORY:
+            raise ValueError("scrypt r/p out of range")
+        return self
+
+
+class RawKdf(BaseModel):
+    """KEK is 32 raw bytes the application supplies."""
+
+    model_config = _STRICT
+    name: Literal["raw"]
+
+
+Kdf = Annotated[ScryptKdf | RawKdf, Field(discriminator="name")]
+
+
+class WrappedKey(BaseModel):
+    """The DEK encrypted under the KEK."""
+
+    model_config = _STRICT
+    nonce: str
+    ciphertext: str
+
+    @field_validator("nonce")
+    @classmethod
+    def _nonce(cls, v: str) -> str:
+        return _check_b64(v, NONCE_BYTES, NONCE_BYTES)
+
+    @field_validator("ciphertext")
+    @classmethod
+    def _ct(cls, v: str) -> str:
+        return _check_b64(v, KEY_BYTES + TAG_BYTES, KEY_BYTES + TAG_BYTES)
+
+
+class FileHeader(BaseModel):
+    """The plaintext header of a ``.fpx`` file (see the module docstring)."""
+
+    model_config = _STRICT
+    format_version: Literal[1]
+    user_id: str
+    base_fingerprint: str = Field(max_length=256)
+    prefix_config: PrefixConfig
+    dtype: Literal["float32", "float16", "bfloat16"]
+    counter: int = Field(ge=1, le=2**62)
+    key_id: str
+    kdf: Kdf
+    wrapped_dek: WrappedKey
+    payload_nonce: str
+    payload_length: int = Field(ge=TAG_BYTES, le=MAX_PAYLOAD_BYTES)
+    header_mac: str
+
+    @field_validator("header_mac")
+    @classmethod
+    def _mac(cls, v: str) -> str:
+        if not _MAC_RE.fullmatch(v):
+            raise ValueError("header_mac must be 64 lowercase hex digits")
+        return v
+
+    @field_validator("user_id")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        validate_user_id(v)
+        return v
+
+    @field_validator("key_id")
+    @classmethod
+    def _key_id(cls, v: str) -> str:
+        if not _KEY_ID_RE.fullmatch(v):
+            raise ValueError("key_id must be 16 lowercase hex digits")
+        return v
+
+    @field_validator("payload_nonce")
+    @classmethod
+    def _nonce(cls, v: str) -> str:
+        return _check_b64(v, NONCE_BYTES, NONCE_BYTES)
+
+    @model_validator(mode="after")
+    def _same_base(self) -> FileHeader:
+        if self.prefix_config.base_fingerprint != self.base_fingerprint:
+            raise ValueError("base_fingerprint differs from prefix_config.base_fingerprint")
+        return self
+
+
+# ---------------------------------------------------------------------------- bytes <-> header
+
+
+def encode_file(header_fields: dict[str, Any], ciphertext: bytes) -> bytes:
+    """The file's bytes: magic, header length, canonical header, payload."""
+    raw = canonical_json(header_fields)
+    return MAGIC + struct.pack(">I", len(raw)) + raw + ciphertext
+
+
+def parse_header(data: bytes, user_id: str | None = None) -> tuple[FileHeader, int]:
+    """Parse magic, length and header at the start of `data`; returns (header, payload offset).
+
+    Raises only StoreError subclasses; `user_id` only names the user in messages.
+    """
+    if len(data) < len(MAGIC):
+        if MAGIC.startswith(bytes(data)):
+            raise TruncatedError(about(user_id, f"file is truncated ({len(data)} bytes)"), user_id)
+        raise CorruptError(about(user_id, "not a fedprefix prefix file (bad magic bytes)"), user_id)
+    if bytes(data[:4]) != MAGIC:
+        raise CorruptError(about(user_id, "not a fedprefix prefix file (bad magic bytes)"), user_id)
+    if len(data) < PREFIX_LEN:
+        raise TruncatedError(about(user_id, f"file is truncated ({len(data)} bytes)"), user_id)
+    (size,) = struct.unpack(">I", data[4:8])
+    if not 1 <= size <= MAX_HEADER_BYTES:
+        raise CorruptError(about(user_id, f"header length {size} is out of range"), user_id)
+    end = PREFIX_LEN + size
+    if len(data) < end:
+        raise TruncatedError(about(user_id, f"file is truncated inside the header ({len(data)} bytes)"), user_id)
+    raw = bytes(data[PREFIX_LEN:end])
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptError(about(user_id, "header is not valid JSON"), user_id) from exc
+    if not isinstance(obj, dict):
+        raise CorruptError(about(user_id, "header is not a JSON object"), user_id)
+    version = obj.get("format_version")
+    if type(version) is not int:  # bool is an int subclass; refuse it here
+        raise CorruptError(about(user_id, "header has no format_version"), user_id)
+    if version != FORMAT_VERSION:
+        raise UnknownVersionError(
+            about(user_id, f"unknown file format version {version} (this code reads version {FORMAT_VERSION})"),
+            user_id,
+        )
+    try:
+        header = FileHeader.model_validate(obj)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "header"
+        raise CorruptError(about(user_id, f"malformed header ({where}: {first['msg']})"), user_id) from None
+    if canonical_json(header.model_dump(mode="json")) != raw:
+        # Only the canonical encoding is accepted, so the authenticated values fix every byte.
+        raise CorruptError(about(user_id, "header is not in canonical form"), user_id)
+    return header, end
+
+
+def _check_payload_size(header: FileHeader, rest: int, user_id: str | None) -> None:
+    """Refuse a file whose `rest` bytes after the header are not exactly the payload."""
+    if rest < header.payload_length:
+        raise TruncatedError(
+            about(user_id, f"file is truncated ({rest} of {header.payload_length} payload bytes)"), user_id
+        )
+    if rest > header.payload_length:
+        raise CorruptError(
+            about(user_id, f"{rest - header.payload_length} unexpected bytes after the payload"), user_id
+        )
+
+
+def parse_file(data: bytes, user_id: str | None = None) -> tuple[FileHeader, bytes]:
+    """Parse a whole ``.fpx`` file into (header, payload ciphertext with tag); StoreError only."""
+    header, end = parse_header(data, user_id)
+    _check_payload_size(header, len(data) - end, user_id)
+    return header, bytes(data[end:])
+
+
+# ---------------------------------------------------------------------------- reading from disk
+
+
+def read_file(path: Path, user_id: str) -> tuple[bytes, os.stat_result]:
+    """The whole file and its stat, from one open; UnknownUserError if there is none."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+            stat = os.fstat(fh.fileno())
+    except FileNotFoundError:
+        raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id) from None
+    return data, stat
+
+
+def read_header(path: Path, user_id: str) -> tuple[FileHeader, os.stat_result]:
+    """Read only the header (and stat) of a file; checks the payload length against the size."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(PREFIX_LEN)
+            if len(head) == PREFIX_LEN and head[:4] == MAGIC:
+                size = struct.unpack(">I", head[4:8])[0]
+                if 1 <= size <= MAX_HEADER_BYTES:
+                    head += fh.read(size)
+            stat = os.fstat(fh.fileno())
+    except FileNotFoundError:
+        raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id) from None
+    header, end = parse_header(head, user_id)
+    _check_payload_size(header, stat.st_size - end, user_id)
+    return header, stat

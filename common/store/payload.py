@@ -1,0 +1,90 @@
+"""What the ciphertext holds: a prefix's tensors as safetensors, and the prefix rebuilt from them.
+
+Payload plaintext = ``safetensors.torch.save(prefix.state_tensors())`` in the storage
+dtype the header names (float32, float16 or bfloat16). The tensors and their shapes
+follow from the header's ``prefix_config`` (common/prefix.py): ``embedding.weight``
+(P, 2*L*H*D) for a direct prefix; (P, H*D) plus the MLP's ``transform.*`` weights for a
+projected one; and ``anchor`` (P, 2*L*H*D) where a projected prefix has one.
+"""
+
+from __future__ import annotations
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from ..errors import ConfigError, ShapeError
+from ..prefix import Prefix, PrefixConfig
+from .errors import CorruptError, about
+
+__all__ = ["check_load_dtype", "decode_payload", "encode_payload", "storage_dtype_name"]
+
+_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_LOAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def storage_dtype_name(dtype: torch.dtype) -> str:
+    """The header's name of a storage dtype; ConfigError for any other dtype."""
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise ConfigError(f"storage dtype must be one of torch.float32, torch.float16, torch.bfloat16; got {dtype}")
+
+
+def check_load_dtype(dtype: torch.dtype | None) -> None:
+    """Refuse a dtype a loaded prefix cannot be returned in (None: as stored)."""
+    if dtype is not None and dtype not in _LOAD_DTYPES:
+        raise ConfigError(f"load dtype must be float32, float16, bfloat16, float64 or None; got {dtype}")
+
+
+def encode_payload(prefix: Prefix, dtype_name: str) -> bytes:
+    """The payload plaintext of `prefix`: its state tensors on the CPU in dtype `dtype_name`."""
+    if not isinstance(prefix, Prefix):
+        raise ConfigError(f"save expects a Prefix, got {type(prefix).__name__}")
+    tensors = {
+        name: t.detach().to(device="cpu", dtype=_DTYPES[dtype_name]).contiguous()
+        for name, t in prefix.state_tensors().items()
+    }
+    return safetensors_save(tensors)
+
+
+def decode_payload(
+    user_id: str, plaintext: bytes, config: PrefixConfig, dtype_name: str, dtype: torch.dtype | None
+) -> Prefix:
+    """The prefix in an authenticated payload, in `dtype` (None: as stored); CorruptError if it does not fit."""
+    stored = _DTYPES[dtype_name]
+    try:
+        tensors = safetensors_load(plaintext)
+        if any(t.dtype != stored for t in tensors.values()):
+            raise ShapeError(f"tensors are not all {dtype_name}")
+        if dtype is not None:
+            tensors = {name: t.to(dtype) for name, t in tensors.items()}
+        return _prefix_from_state(config, tensors)
+    except (SafetensorError, ShapeError, RuntimeError, ValueError, KeyError) as exc:
+        # Authenticated, so written by this code with the key: a bug or a format clash.
+        raise CorruptError(about(user_id, f"stored tensors do not form the prefix ({exc})"), user_id) from None
+
+
+def _prefix_from_state(config: PrefixConfig, tensors: dict[str, torch.Tensor]) -> Prefix:
+    """``Prefix.from_state`` without its throwaway initialization.
+
+    from_state builds the module with real (random, then zeroed) parameters and copies the
+    tensors in; for a 30-layer prefix that costs milliseconds, most of a load. Here the
+    module is built on the meta device and the decrypted tensors are assigned as they are.
+    Anything unexpected falls back to from_state, which stays the reference.
+    """
+    try:
+        with torch.device("meta"):
+            prefix = Prefix(config, init="zero")
+        if "anchor" in tensors:
+            prefix.anchor = torch.empty_like(tensors["anchor"], device="meta")
+        expected = {name: tuple(t.shape) for name, t in prefix.state_dict().items()}
+        if expected != {name: tuple(t.shape) for name, t in tensors.items()}:
+            raise ShapeError("shape mismatch")  # from_state words the error
+        prefix.load_state_dict(tensors, strict=True, assign=True)
+        if any(t.is_meta for t in prefix.state_dict().values()):
+            raise ShapeError("tensor left on the meta device")
+        return prefix
+    except Exception:  # the reference path raises the proper error
+        return Prefix.from_state(config, tensors)
