@@ -27,7 +27,14 @@ from pydantic import BaseModel
 
 from .errors import ConfigError
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The project's one map of dtype names (compute dtypes here, storage dtypes in common/store).
+DTYPE_BY_NAME: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+DTYPES: dict[str, torch.dtype] = {name: DTYPE_BY_NAME[name] for name in ("float32", "bfloat16")}  # compute dtypes
 DTYPE_CHOICES = ("auto", *DTYPES)
 BF16_MIN_SPEEDUP = 1.5  # bf16 must beat float32 by this factor in the probe to be chosen on a CPU
 

@@ -42,6 +42,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..errors import first_error
 from ..prefix import PrefixConfig
 from .errors import BadUserIdError, CorruptError, TruncatedError, UnknownUserError, UnknownVersionError, about
 
@@ -271,9 +272,8 @@ def parse_header(data: bytes, user_id: str | None = None) -> tuple[FileHeader, i
     try:
         header = FileHeader.model_validate(obj)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "header"
-        raise CorruptError(about(user_id, f"malformed header ({where}: {first['msg']})"), user_id) from None
+        where, message = first_error(exc, "header")
+        raise CorruptError(about(user_id, f"malformed header ({where}: {message})"), user_id) from None
     if canonical_json(header.model_dump(mode="json")) != raw:
         # Only the canonical encoding is accepted, so the authenticated values fix every byte.
         raise CorruptError(about(user_id, "header is not in canonical form"), user_id)

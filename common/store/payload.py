@@ -15,13 +15,14 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from ..errors import ConfigError, ShapeError
+from ..precision import DTYPE_BY_NAME
 from ..prefix import Prefix, PrefixConfig
 from .errors import CorruptError, about
 
 __all__ = ["check_load_dtype", "decode_payload", "encode_payload", "storage_dtype_name"]
 
-_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_LOAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_DTYPES: dict[str, torch.dtype] = {name: DTYPE_BY_NAME[name] for name in ("float32", "float16", "bfloat16")}  # stored
+_LOAD_DTYPES = (*_DTYPES.values(), torch.float64)
 
 
 def storage_dtype_name(dtype: torch.dtype) -> str:

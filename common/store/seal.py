@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import ValidationError
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_error
 from ..prefix import PrefixConfig
 from .errors import TamperedError, about
 from .format import (
@@ -110,9 +110,8 @@ def seal(
     try:
         header = FileHeader.model_validate(fields)
     except ValidationError as exc:  # e.g. an overlong base fingerprint in the prefix's config
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"prefix of user {user_id!r}: cannot store it ({where}: {first['msg']})") from None
+        where, message = first_error(exc, "header")
+        raise ConfigError(f"prefix of user {user_id!r}: cannot store it ({where}: {message})") from None
     dump = header.model_dump(mode="json")
     if dump != fields:  # load recomputes the AAD and the MAC from the parsed header
         raise AssertionError("header does not round-trip")
