@@ -15,7 +15,9 @@ from .main import DTYPE_HELP, app, console, err_console, fail
 
 @app.command()
 def simulate(
-    users: int = typer.Option(4, "--users", "-n", help="Simulated users (one Flower node each)."),
+    users: int = typer.Option(
+        0, "--users", "-n", help="Users, one Flower node each (default: personas 4, a data folder all of its users)."
+    ),
     rounds: int = typer.Option(3, "--rounds", "-r", help="Federated rounds."),
     base: str = typer.Option("tiny-llama", "--base", help="Base model: registry name, folder or hub id."),
     mode: str = typer.Option("shared+personal", "--mode", help="personal | shared | shared+personal"),
@@ -44,7 +46,18 @@ def simulate(
     if data == "personas":  # simulated users, written as a data folder beside the run
         from fedprefix.simulations.personas import write_federation_data
 
+        users = users or 4
         data = str(write_federation_data(Path(out) / "data", users, examples or None))
+    else:
+        from fedprefix.client.user_data import folder_users
+
+        try:
+            available = len(folder_users(data))
+        except FedPrefixError as exc:
+            fail(exc)
+        if users > available:
+            fail(FedPrefixError(f"--users {users}, but the data folder {data} holds {available} users"))
+        users = users or available
     extra = {}
     for item in setting:
         key, sep, value = item.partition("=")

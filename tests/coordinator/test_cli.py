@@ -58,3 +58,14 @@ def test_store_commands_share_the_error_printer_and_debug(monkeypatch, capsys, t
     assert err == f"error: prefix store: no store folder at {missing}\n", err
     with pytest.raises(Exception, match="no store folder"):
         _run(monkeypatch, "--debug", "store", "list", "--store", missing)
+
+
+def test_simulate_checks_the_data_folder_before_starting(monkeypatch, capsys, tmp_path):
+    (tmp_path / "data" / "alice").mkdir(parents=True)
+    (tmp_path / "data" / "alice" / "train.jsonl").write_text('{"prompt": "p", "completion": "c"}\n')
+    with pytest.raises(SystemExit):
+        _run(monkeypatch, "simulate", "--data", str(tmp_path / "data"), "--users", "3", "--out", str(tmp_path / "r"))
+    assert "--users 3, but the data folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _run(monkeypatch, "simulate", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
+    assert "does not exist" in capsys.readouterr().err
