@@ -43,31 +43,17 @@ def simulate(
     from fedprefix.coordinator.views import round_progress
     from pydantic import ValidationError
 
-    if data == "personas":  # simulated users, written as a data folder beside the run
-        from fedprefix.simulations.personas import write_federation_data
-
-        users = users or 4
-        data = str(write_federation_data(Path(out) / "data", users, examples or None))
-    else:
-        from fedprefix.client.user_data import folder_users
-
-        try:
-            available = len(folder_users(data))
-        except FedPrefixError as exc:
-            fail(exc)
-        if users > available:
-            fail(FedPrefixError(f"--users {users}, but the data folder {data} holds {available} users"))
-        users = users or available
     extra = {}
     for item in setting:
         key, sep, value = item.partition("=")
         if not sep:
             fail(ValueError(f"--set expects KEY=VALUE, got {item!r}"))
         extra[key.replace("-", "_")] = value
+    # Settings first, so that a bad one is refused before any data is written.
     try:
         config = FederationConfig(
             base=base,
-            num_users=users,
+            num_users=users or 1,
             num_rounds=rounds,
             mode=mode,
             run_dir=out,
@@ -82,6 +68,8 @@ def simulate(
     except ValidationError as exc:
         field, message = first_error(exc, "config")
         fail(ValueError(f"setting {field}: {message}"))
+    users, data = _federation_data(data, users, examples, Path(out))
+    config = config.model_copy(update={"num_users": users, "data": data})
     try:
         title = f"simulating {users} users x {rounds} rounds on {base} ({mode})"
         # Rounds as they end; with --json on stderr, so stdout stays JSON.
@@ -96,6 +84,24 @@ def simulate(
 
     console.print(rounds_table(records))
     console.print(f"run folder: {out}")
+
+
+def _federation_data(data: str, users: int, examples: int, out: Path) -> tuple[int, str]:
+    """(users, data folder): simulated personas written beside the run, or the given folder checked."""
+    if data == "personas":
+        from fedprefix.simulations.personas import write_federation_data
+
+        users = users or 4
+        return users, str(write_federation_data(out / "data", users, examples or None))
+    from fedprefix.client.user_data import folder_users
+
+    try:
+        available = len(folder_users(data))
+    except FedPrefixError as exc:
+        fail(exc)
+    if users > available:
+        fail(FedPrefixError(f"--users {users}, but the data folder {data} holds {available} users"))
+    return users or available, data
 
 
 @app.command("runs")

@@ -42,11 +42,12 @@ def test_a_project_error_is_one_line_without_its_type(monkeypatch, capsys):
     assert err.startswith("error: unknown base model 'no-such-model'") and err.count("\n") == 1, err
 
 
-def test_an_unknown_dtype_is_refused_before_anything_runs(monkeypatch, capsys):
+def test_an_unknown_dtype_is_refused_before_anything_is_written(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
-        _run(monkeypatch, "simulate", "--dtype", "float16", "--out", "unused")
+        _run(monkeypatch, "simulate", "--dtype", "float16", "--out", str(tmp_path / "unused"))
     assert exit_.value.code == 1
     assert "dtype" in capsys.readouterr().err
+    assert not (tmp_path / "unused").exists(), "no data may be written for a refused run"
 
 
 def test_store_commands_share_the_error_printer_and_debug(monkeypatch, capsys, tmp_path):
