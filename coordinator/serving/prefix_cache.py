@@ -20,6 +20,8 @@ import torch
 from fedprefix.common.protocol import row_prefix, shared_store_id
 from fedprefix.common.store import PrefixStore, UnknownUserError
 
+from .unlock import UnlockGuard
+
 
 @dataclass
 class CacheStats:
@@ -44,6 +46,7 @@ class PrefixCache:
         max_bytes: int = 1 << 30,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        guard: UnlockGuard | None = None,
     ) -> None:
         self.store = store
         self.base_fingerprint = base_fingerprint
@@ -53,6 +56,7 @@ class PrefixCache:
         self._entries: OrderedDict[tuple[str, bytes], tuple[tuple, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = CacheStats()
+        self.guard = guard  # bounds the unlocks of misses (not hits: a cached prefix keeps serving)
 
     def _digest(self, key: bytes | str) -> bytes:
         material = key.encode() if isinstance(key, str) else bytes(key)
@@ -80,7 +84,10 @@ class PrefixCache:
                 self.stats.hits += 1
                 return found[1]
         self.stats.misses += 1
-        kv = self._load(user_id, key)
+        if self.guard is None:
+            kv = self._load(user_id, key)
+        else:
+            kv = self.guard.unlock(user_id, key, lambda: self._load(user_id, key))
         size = kv.numel() * kv.element_size()
         if size > self.max_bytes:  # larger than the whole cache: serve it, keep nothing
             return kv
