@@ -24,44 +24,42 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from fedprefix.common.attention import cache_from_layers, cache_layers, join_batches, keep_rows, stack_prefixes
 from fedprefix.common.errors import FedPrefixError
-from fedprefix.common.generation import SamplingParams, eos_ids, left_pad, make_generator, pick_tokens, stop_index
+from fedprefix.common.generation import eos_ids, left_pad, make_generator
 from fedprefix.common.store import PrefixStore
 
 from .fast_llama import serving_forward
 from .prefix_cache import PrefixCache
 from .requests import (  # re-exported: the engine's public names
-    EngineOverloaded,
+    EngineOverloaded,  # noqa: F401
     EngineStats,
     EngineStopped,
     GenerationRequest,
     GenerationResult,
+    InvalidRequest,
+    RequestCancelled,
     RequestHandle,
 )
+from .rows import Row, pick, take_token
+from .scheduler import FairQueue
+from .unlock import UnlockGuard
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Row:
-    """A request inside the running batch."""
-
-    handle: RequestHandle
-    params: SamplingParams
-    generator: torch.Generator | None
-    position: int  # position id of the next token fed to the model
-    tokens: list[int] = field(default_factory=list)
-    emitted: int = 0  # characters of text already streamed
-
-
 class Engine:
-    """One base, many users' prefixes, continuous batching."""
+    """One base, many users' prefixes, continuous batching.
+
+    Waiting requests queue per user and join the batch round-robin across users
+    (scheduler.py); `max_queue_per_user` (default: max_queue) caps one user's waiting
+    requests, anonymous ones counting as one user. Passphrase unlocks run under
+    `unlock_guard` (unlock.py). A request that fails (a bad row, a cancelled one) leaves
+    the batch alone; its batch mates go on.
+    """
 
     def __init__(
         self,
@@ -72,15 +70,26 @@ class Engine:
         max_wait_s: float = 30.0,
         continuous: bool = True,
         prefix_cache_bytes: int = 1 << 30,
+        max_queue_per_user: int | None = None,
+        unlock_guard: UnlockGuard | None = None,
     ) -> None:
         self.base = base
         self.model, self.tokenizer = base.model, base.tokenizer
         self.store = store
+        self.unlock_guard = unlock_guard or UnlockGuard()
         self.prefixes = (
-            PrefixCache(store, base.fingerprint, prefix_cache_bytes, dtype=base.dtype, device=base.device)
+            PrefixCache(
+                store,
+                base.fingerprint,
+                prefix_cache_bytes,
+                dtype=base.dtype,
+                device=base.device,
+                guard=self.unlock_guard,
+            )
             if store is not None
             else None
         )
+        self.context_length = context_length(self.model)
         self.max_batch_size = max_batch_size
         self._forward = serving_forward(self.model, max_batch_size)
         self.max_queue = max_queue
@@ -88,7 +97,9 @@ class Engine:
         self.continuous = continuous
         self.stats = EngineStats()
         self._eos = eos_ids(self.model, self.tokenizer)
-        self._pending: deque[RequestHandle] = deque()
+        self._pending = FairQueue(
+            max_queue, max_queue if max_queue_per_user is None else max_queue_per_user, max_wait_s
+        )
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None  # the background thread of start(), if any
         self._runner: threading.Thread | None = None  # the thread running the scheduler now
@@ -96,7 +107,7 @@ class Engine:
         self._stopping = False
         self._threads = torch.get_num_threads()  # the creating thread's setting, applied where the scheduler runs
         # running batch: rows, their KV cache (grows in place) and mask (B, T)
-        self._rows: list[_Row] = []
+        self._rows: list[Row] = []
         self._cache = None
         self._mask: torch.Tensor | None = None
 
@@ -185,7 +196,8 @@ class Engine:
         requests: Sequence[GenerationRequest],
         listeners: Sequence[Callable[[str | None], None] | None] | None = None,
     ) -> list[RequestHandle]:
-        """Queue requests together, so that they join the same step (all or none are queued)."""
+        """Queue requests together (all or none are queued); they join the same step where the
+        batch has room and no other user waits, else round-robin with other users' requests."""
         self._check_running()
         listeners = [None] * len(requests) if listeners is None else listeners
         return self._enqueue([self._prepare(r, lis) for r, lis in zip(requests, listeners, strict=True)])
@@ -210,23 +222,44 @@ class Engine:
             raise EngineStopped("the engine is not running; call start() or run(), or use it as a context manager")
 
     def _prepare(self, request: GenerationRequest, listener=None) -> RequestHandle:
-        """Unlock the prefix and tokenize, before taking the queue's lock."""
-        prefix = self.resolve_prefix(request.user, request.key)
+        """Tokenize and check the request, then unlock the prefix, before taking the queue's lock.
+
+        InvalidRequest names what is wrong: an empty prompt, token ids outside the vocabulary,
+        or prompt + prefix + max_new_tokens longer than the base's context."""
         if isinstance(request.prompt, str):
             prompt_ids = self.tokenizer(request.prompt, add_special_tokens=False).input_ids
         else:
             prompt_ids = list(request.prompt)
+            vocab = self.model.get_input_embeddings().num_embeddings
+            if any(type(t) is not int or not 0 <= t < vocab for t in prompt_ids):
+                raise InvalidRequest("prompt", f"token ids must be integers in 0..{vocab - 1}")
         if not prompt_ids:
-            raise FedPrefixError("the prompt is empty")
+            raise InvalidRequest("prompt", "the prompt is empty")
+        self._fit_context(request, len(prompt_ids), 0)  # before any key derivation
+        prefix = self.resolve_prefix(request.user, request.key)
+        if prefix is not None:
+            self._fit_context(request, len(prompt_ids), prefix.shape[3])  # prefix (L, 2, H, P, D)
         return RequestHandle(request, prompt_ids, prefix, listener)
+
+    def _fit_context(self, request: GenerationRequest, prompt_tokens: int, prefix_tokens: int) -> None:
+        """Refuse (or, with fit_context, shorten) a request that would run past the base's positions."""
+        if self.context_length is None:
+            return
+        room = self.context_length - prefix_tokens - prompt_tokens
+        wanted = request.params.max_new_tokens
+        if request.fit_context and room >= 1 and wanted > room:
+            request.params = request.params.model_copy(update={"max_new_tokens": room})
+        elif wanted > room:
+            mine = f" + {prefix_tokens} prefix tokens" if prefix_tokens else ""
+            raise InvalidRequest(
+                "prompt",
+                f"{prompt_tokens} prompt tokens{mine} + max_tokens {wanted} exceed the base's context of "
+                f"{self.context_length} tokens: shorten the prompt or lower max_tokens",
+            )
 
     def _enqueue(self, handles: list[RequestHandle]) -> list[RequestHandle]:
         with self._wake:
-            if len(self._pending) + len(handles) > self.max_queue:
-                raise EngineOverloaded(
-                    f"the queue is full ({len(self._pending)} of {self.max_queue} requests waiting); retry later"
-                )
-            self._pending.extend(handles)
+            self._pending.add(handles)
             self._wake.notify()
         return handles
 
@@ -249,9 +282,8 @@ class Engine:
                 self._step(joiners)
         finally:
             with self._wake:
-                for handle in list(self._pending) + [row.handle for row in self._rows]:
+                for handle in self._pending.drain() + [row.handle for row in self._rows]:
                     handle._fail(EngineStopped("the engine stopped before this request finished"))
-                self._pending.clear()
                 self._rows, self._cache, self._mask = [], None, None
                 self._running, self._runner = False, None
                 self._wake.notify_all()
@@ -259,28 +291,38 @@ class Engine:
     def _step(self, joiners: list[RequestHandle]) -> None:
         try:
             with torch.no_grad():
+                self._drop_done()  # cancelled rows leave before the next forward
                 if joiners:
-                    self._prefill(joiners)
+                    self._join(joiners)
                 if self._rows:
                     self._decode_step()
-        except Exception as exc:  # one bad batch must not kill the server
+        except Exception as exc:  # the batch's shared state is unknown now: end it, never the server
             log.exception("engine step failed")
             for handle in joiners + [row.handle for row in self._rows]:
-                if not handle.done:
-                    handle._fail(FedPrefixError(f"generation failed: {exc}"))
+                handle._fail(FedPrefixError(f"generation failed: {exc}"))
             self._rows, self._cache, self._mask = [], None, None
 
     def _take_joiners(self) -> list[RequestHandle]:
         """Queued requests that join now: at any step boundary (continuous) or into an empty batch."""
-        now = time.monotonic()
-        while self._pending and now - self._pending[0].submitted > self.max_wait_s:
-            self._pending.popleft()._fail(
-                EngineOverloaded(f"waited more than {self.max_wait_s:g} s for a batch slot; retry later")
-            )
         if not self.continuous and self._rows:
+            self._pending.take(0)  # still fail the expired and the cancelled
             return []
-        room = self.max_batch_size - len(self._rows)
-        return [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+        return self._pending.take(self.max_batch_size - len(self._rows))
+
+    def _join(self, handles: list[RequestHandle]) -> None:
+        """Prefill the joiners together; if that fails, each alone, so only a bad one fails."""
+        try:
+            return self._prefill(handles)
+        except Exception as exc:  # _prefill changes the running batch only once nothing can fail
+            if len(handles) == 1:
+                log.exception("prefill failed")
+                return handles[0]._fail(FedPrefixError(f"generation failed: {exc}"))
+        for handle in handles:
+            try:
+                self._prefill([handle])
+            except Exception as exc:
+                log.exception("prefill failed")
+                handle._fail(FedPrefixError(f"generation failed: {exc}"))
 
     def _prefill(self, handles: list[RequestHandle]) -> None:
         """Run the joiners' prompts behind their prefixes in one forward and add them to the batch."""
@@ -291,16 +333,21 @@ class Engine:
         logits, layers = self._forward.prefill(ids, mask, prefixes)  # (B_new, V), per layer (B_new, H, Pmax + T, D)
         new_mask = torch.cat([prefixes.mask, mask], dim=1)  # (B_new, Pmax + T)
         positions = (prefixes.lengths + mask.sum(dim=1)).tolist()
-        rows = [
-            _Row(h, h.request.params, make_generator(h.request.params, device), position=int(p))
-            for h, p in zip(handles, positions, strict=True)
-        ]
-        tokens = pick_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+        rows = [self._new_row(h, int(p), device) for h, p in zip(handles, positions, strict=True)]
+        tokens = pick(logits, rows)
         if self._rows:
             layers, new_mask = join_batches(cache_layers(self._cache), self._mask, layers, new_mask)
         self._cache, self._mask = cache_from_layers(layers), new_mask
         self._rows.extend(rows)
         self._accept(tokens, rows)
+
+    def _new_row(self, handle: RequestHandle, position: int, device) -> Row:
+        params = handle.request.params
+        try:
+            return Row(handle, params, make_generator(params, device), position=position)
+        except Exception as exc:  # a seed torch refuses: this row fails, greedy until it leaves
+            handle._fail(InvalidRequest("seed", f"cannot seed the sampler: {exc}"))
+            return Row(handle, params.model_copy(update={"temperature": 0.0}), None, position=position)
 
     def _decode_step(self) -> None:
         """Feed each row's last token; one forward for the whole batch."""
@@ -316,13 +363,25 @@ class Engine:
         self.stats.steps += 1
         self.stats.batch_sizes.append(batch)
         self.stats.token_times.append((time.monotonic(), self.stats.tokens))
-        tokens = pick_tokens(logits, [r.params for r in self._rows], [r.generator for r in self._rows])
-        self._accept(tokens, self._rows)
+        self._accept(pick(logits, self._rows), self._rows)
 
-    def _accept(self, tokens: torch.Tensor, rows: list[_Row]) -> None:
-        """Give each of `rows` its new token; finished rows leave the batch."""
-        for row, token in zip(rows, tokens.tolist(), strict=True):
-            self._take_token(row, token)
+    def _accept(self, tokens: list[int | None], rows: list[Row]) -> None:
+        """Give each of `rows` its new token; finished and failed rows leave the batch."""
+        for row, token in zip(rows, tokens, strict=True):
+            if token is None or row.handle.done:
+                continue
+            try:
+                take_token(row, token, self.tokenizer, self._eos, self.stats)
+            except Exception as exc:  # decoding or stop handling of this row only
+                log.exception("a row failed")
+                row.handle._fail(FedPrefixError(f"generation failed: {exc}"))
+        self._drop_done()
+
+    def _drop_done(self) -> None:
+        """Remove finished, failed and cancelled rows from the batch and its cache."""
+        for row in self._rows:
+            if row.handle.cancelled:
+                row.handle._fail(RequestCancelled("cancelled while generating"))
         keep = [i for i, row in enumerate(self._rows) if not row.handle.done]
         if len(keep) < len(self._rows):
             self._rows = [self._rows[i] for i in keep]
@@ -333,44 +392,12 @@ class Engine:
             else:
                 self._cache, self._mask = None, None
 
-    def _take_token(self, row: _Row, token: int) -> None:
-        params, handle = row.params, row.handle
-        if token in self._eos and not params.ignore_eos:
-            return self._finish(row, "stop")
-        row.tokens.append(token)
-        self.stats.tokens += 1
-        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        cut = stop_index(text, params.stop)
-        if cut is not None:
-            return self._finish(row, "stop", text[:cut])
-        if len(row.tokens) >= params.max_new_tokens:
-            return self._finish(row, "length", text)
-        # Stream only text that cannot still turn into a stop string or an unfinished
-        # multi-byte character, so streamed and non-streamed outputs are identical.
-        safe = len(text) - _holdback(text, params.stop)
-        if safe > row.emitted:
-            handle._emit(text[row.emitted : safe])
-            row.emitted = safe
 
-    def _finish(self, row: _Row, reason: str, text: str | None = None) -> None:
-        if text is None:
-            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        row.handle._emit(text[row.emitted :])
-        row.emitted = len(text)
-        self.stats.finished += 1
-        row.handle._finish(
-            GenerationResult(
-                text=text, tokens=list(row.tokens), finish_reason=reason, prompt_tokens=len(row.handle.prompt_ids)
-            )
-        )
-
-
-def _holdback(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters to hold back: a possible stop-string start or a partial character."""
-    hold = 1 if text.endswith("\ufffd") else 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:size]):
-                hold = max(hold, size)
-                break
-    return hold
+def context_length(model) -> int | None:
+    """Positions the base can attend over (config max_position_embeddings or n_positions), if known."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

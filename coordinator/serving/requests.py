@@ -27,6 +27,18 @@ class EngineStopped(FedPrefixError):
     """The engine is not running."""
 
 
+class RequestCancelled(FedPrefixError):
+    """The caller cancelled the request (its client went away)."""
+
+
+class InvalidRequest(FedPrefixError, ValueError):
+    """A request the engine cannot run as given (HTTP 422); `field` names the part that is wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
 @dataclass
 class GenerationRequest:
     """One completion: a prompt (text as the model should see it, or token ids) for a user."""
@@ -35,6 +47,9 @@ class GenerationRequest:
     user: str | None = None  # None: the base with no prefix
     key: bytes | str | None = None  # the user's key: 32 raw bytes or a passphrase
     params: SamplingParams = field(default_factory=SamplingParams)
+    # True: a max_new_tokens that does not fit the context is lowered to fit (a default the
+    # caller did not choose); False: the request is refused (InvalidRequest)
+    fit_context: bool = False
 
 
 @dataclass
@@ -66,6 +81,16 @@ class RequestHandle:
         self._done = threading.Event()
         self._result: GenerationResult | None = None
         self._error: BaseException | None = None
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        """Stop this request (any thread): it leaves the queue or the batch before the next
+        decode step and fails with RequestCancelled; a finished request stays finished."""
+        self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled and not self.done
 
     def _emit(self, delta: str) -> None:
         if delta:
@@ -77,6 +102,8 @@ class RequestHandle:
         self._put(None)
 
     def _fail(self, error: BaseException) -> None:
+        if self.done:  # the first outcome stands
+            return
         self._error = error
         self._done.set()
         self._put(None)

@@ -1,0 +1,96 @@
+"""The waiting room of the engine: one queue per user, admission round-robin across users.
+
+A plain FIFO let one request with many prompts (or one busy user) hold every batch slot
+while others waited behind it. Here each user (all anonymous requests counting as one
+user) has its own FIFO, and free batch slots are handed out one per user in turn, so a
+user with one request joins at the next step boundary however much others have queued.
+Per-user and total caps bound the memory that waiting requests hold.
+
+Not thread-safe on its own: the engine calls it under its lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+
+from .requests import EngineOverloaded, RequestCancelled, RequestHandle
+
+ANONYMOUS = ""  # the queue of requests without a user (no store id is empty)
+
+
+class FairQueue:
+    """Per-user FIFOs; `take(n)` admits up to n handles round-robin, starting after the last user served."""
+
+    def __init__(self, max_total: int, max_per_user: int, max_wait_s: float) -> None:
+        self.max_total, self.max_per_user, self.max_wait_s = max_total, max_per_user, max_wait_s
+        self._queues: OrderedDict[str, deque[RequestHandle]] = OrderedDict()  # next user to serve first
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, handles: list[RequestHandle]) -> None:
+        """Queue handles (all or none); EngineOverloaded if a cap would be passed."""
+        if self._size + len(handles) > self.max_total:
+            raise EngineOverloaded(
+                f"the queue is full ({self._size} of {self.max_total} requests waiting); retry later"
+            )
+        wanted: dict[str, int] = {}
+        for handle in handles:
+            wanted[_owner(handle)] = wanted.get(_owner(handle), 0) + 1
+        for owner, count in wanted.items():
+            waiting = len(self._queues.get(owner, ()))
+            if waiting + count > self.max_per_user:
+                who = "anonymous requests" if owner == ANONYMOUS else f"user {owner!r}"
+                raise EngineOverloaded(
+                    f"{who} already have {waiting} of {self.max_per_user} requests waiting; retry later"
+                )
+        for handle in handles:
+            self._queues.setdefault(_owner(handle), deque()).append(handle)
+        self._size += len(handles)
+
+    def take(self, room: int) -> list[RequestHandle]:
+        """Up to `room` handles, one per user in turn; expired and cancelled ones are failed on the way."""
+        self._drop_dead()
+        taken: list[RequestHandle] = []
+        while room > len(taken) and self._queues:
+            owner, queue = next(iter(self._queues.items()))
+            taken.append(queue.popleft())
+            self._size -= 1
+            del self._queues[owner]
+            if queue:  # the user goes to the back of the round
+                self._queues[owner] = queue
+        return taken
+
+    def drain(self) -> list[RequestHandle]:
+        """Every waiting handle, the queue emptied."""
+        handles = [h for queue in self._queues.values() for h in queue]
+        self._queues.clear()
+        self._size = 0
+        return handles
+
+    def _drop_dead(self) -> None:
+        """Fail the cancelled handles and those that waited longer than max_wait_s."""
+        now = time.monotonic()
+        for owner in list(self._queues):
+            queue = self._queues[owner]
+            alive = deque()
+            for handle in queue:
+                if handle.cancelled:
+                    handle._fail(RequestCancelled("cancelled before it started"))
+                elif now - handle.submitted > self.max_wait_s:
+                    handle._fail(
+                        EngineOverloaded(f"waited more than {self.max_wait_s:g} s for a batch slot; retry later")
+                    )
+                else:
+                    alive.append(handle)
+            self._size -= len(queue) - len(alive)
+            if alive:
+                self._queues[owner] = alive
+            else:
+                del self._queues[owner]
+
+
+def _owner(handle: RequestHandle) -> str:
+    return handle.request.user or ANONYMOUS
