@@ -1,8 +1,15 @@
 """The HTTP API's shapes: request bodies (pydantic), the key header, and errors in OpenAI's form.
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "code"}}`: missing key 401,
-wrong key 403, unknown user 404, malformed body 422 (with the fields named), overload
-429 (with Retry-After).
+wrong key 403, unknown user 404, body too large 413, malformed body or a request past a
+cap or the context 422 (with the fields named), overload or unlock throttling 429 (with
+Retry-After).
+
+The key header takes three forms (parse_key): base64 of exactly 32 bytes is a raw key;
+`b64:` + base64 of a passphrase's UTF-8 bytes is that passphrase, any Unicode (what
+clients that send ASCII-only headers, httpx and the openai client among them, must use
+for non-ASCII passphrases); any other value is the passphrase itself (a raw non-ASCII
+value is read as UTF-8).
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from fedprefix.common.store import BadUserIdError, StoreError, UnknownUserError,
 from pydantic import BaseModel, ConfigDict, Field
 
 KEY_HEADER = "X-Prefix-Key"
+PASSPHRASE_PREFIX = "b64:"  # X-Prefix-Key: b64:<base64 of the UTF-8 passphrase>
+MAX_SEED = 2**63 - 1  # torch generators take 64 bits; OpenAI's seed is a signed 64-bit integer
 
 
 class SamplingBody(BaseModel):
@@ -25,7 +34,7 @@ class SamplingBody(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     user: str | None = None  # whose prefix to use; None: the base alone
 
@@ -54,15 +63,37 @@ class ChatBody(SamplingBody):
 class ApiError(Exception):
     """An error answered with an HTTP status and OpenAI's error body."""
 
-    def __init__(self, status: int, message: str, code: str, headers: dict | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, code: str, headers: dict | None = None, field: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, headers or {}
+        self.field = field  # the body field at fault, for a 422
 
 
 def parse_key(header: str | None) -> bytes | str | None:
-    """The X-Prefix-Key header: base64 of exactly 32 bytes is a raw key, anything else a passphrase."""
+    """The X-Prefix-Key header -> a raw 32-byte key, a passphrase, or None (see the module docstring).
+
+    ApiError 400 where a `b64:` value is not base64 of UTF-8 text, or a raw value is not UTF-8."""
     if header is None or header == "":
         return None
+    if header.startswith(PASSPHRASE_PREFIX):
+        try:
+            passphrase = base64.b64decode(header[len(PASSPHRASE_PREFIX) :], validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            raise ApiError(
+                400, f"{KEY_HEADER}: after 'b64:' give the base64 of the passphrase's UTF-8 bytes", "bad_key_header"
+            ) from None
+        if not passphrase:
+            raise ApiError(400, f"{KEY_HEADER}: the passphrase after 'b64:' is empty", "bad_key_header")
+        return passphrase
+    if not header.isascii():  # the server reads header bytes as latin-1; clients like curl send UTF-8
+        try:
+            return header.encode("latin-1").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            raise ApiError(
+                400, f"{KEY_HEADER}: not UTF-8; send 'b64:' + base64 of the passphrase's UTF-8 bytes", "bad_key_header"
+            ) from None
     try:
         raw = base64.b64decode(header, validate=True)
         if len(raw) == 32:

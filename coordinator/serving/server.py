@@ -4,17 +4,23 @@
     GET  /v1/models             GET  /health                  GET /metrics (Prometheus text)
 
 The body's `user` names whose prefix to use; that user's key comes in the header
-`X-Prefix-Key`: base64 of 32 raw bytes, or else the passphrase itself. Without `user`
+`X-Prefix-Key`: base64 of 32 raw bytes, `b64:` + base64 of a UTF-8 passphrase (any
+Unicode, from any client), or else the passphrase itself (api.parse_key). Without `user`
 the base runs with no prefix. Errors have OpenAI's shape, `{"error": {"message", "type",
-"code"}}`: missing key 401, wrong key 403, unknown user 404, malformed body 422 (with
-field errors), overload 429 (with Retry-After). A failed request never affects its
-batch mates.
+"code"}}`: bad key header 400, missing key 401, wrong key 403, unknown user 404, body
+too large 413, malformed body, a cap passed or prompt + max_tokens past the context 422
+(with the fields named), overload or unlock throttling 429 (with Retry-After).
+
+Every field is checked before anything is queued (caps: limits.py); a failed row never
+affects its batch mates; a client that goes away (stream or not) cancels its prompts,
+which leave the batch before the next decode step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 import uuid
@@ -31,16 +37,21 @@ from fedprefix.common.store import StoreError
 from starlette.concurrency import run_in_threadpool
 
 from .api import KEY_HEADER, ApiError, ChatBody, CompletionBody, parse_key, store_error
-from .engine import Engine, EngineOverloaded, GenerationRequest, GenerationResult
+from .engine import Engine, EngineOverloaded, GenerationRequest, GenerationResult, InvalidRequest, RequestCancelled
+from .limits import BodySizeLimit, ServingLimits, check_request
 from .metrics import Metrics
+from .unlock import UnlockThrottled
 
 router = APIRouter()
+DISCONNECT_POLL_S = 0.05  # how often a waiting request checks that its client is still there
 
 
-def create_app(engine: Engine, model_name: str) -> FastAPI:
+def create_app(engine: Engine, model_name: str, limits: ServingLimits | None = None) -> FastAPI:
     """The HTTP app around a running engine (started, or run() on another thread)."""
     app = FastAPI(title="fedprefix serving", description=__doc__)
     app.state.engine, app.state.metrics, app.state.model_name = engine, Metrics(engine), model_name
+    app.state.limits = limits = limits or ServingLimits()
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid_body)
     app.include_router(router)
@@ -81,8 +92,10 @@ def _submit_single_threaded(engine: Engine, generations, listeners):
 
 async def _api_error(request: Request, exc: ApiError):
     request.app.state.metrics.requests.labels(request.url.path, str(exc.status)).inc()
-    body = {"error": {"message": exc.message, "type": "invalid_request_error", "code": exc.code}}
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+    error = {"message": exc.message, "type": "invalid_request_error", "code": exc.code}
+    if exc.field is not None:
+        error |= {"param": exc.field, "fields": [{"field": f"body.{exc.field}", "message": exc.message}]}
+    return JSONResponse({"error": error}, status_code=exc.status, headers=exc.headers)
 
 
 async def _invalid_body(request: Request, exc: RequestValidationError):
@@ -96,9 +109,14 @@ async def _invalid_body(request: Request, exc: RequestValidationError):
 # ------------------------------------------------------------------ one request through the engine
 
 
-async def _submit(request: Request, prompts: list[str], params: SamplingParams, user: str | None):
-    """Queue all prompts of one HTTP request together (all or none); (handle, events) per prompt."""
+async def _submit(request: Request, prompts: list[str], params: SamplingParams, user: str | None, fit=False):
+    """Queue all prompts of one HTTP request together (all or none); (handle, events) per prompt.
+
+    `fit`: max_tokens was not given, so lower it to what the context leaves instead of refusing."""
     engine: Engine = request.app.state.engine
+    broken = check_request(request.app.state.limits, len(prompts), params.stop)
+    if broken is not None:
+        raise ApiError(422, broken, "limit_exceeded", field=broken.split(":")[0])
     key = parse_key(request.headers.get(KEY_HEADER))
     if user is not None and key is None:
         raise ApiError(
@@ -110,27 +128,59 @@ async def _submit(request: Request, prompts: list[str], params: SamplingParams, 
     def listener(events: asyncio.Queue):
         return lambda item: loop.call_soon_threadsafe(events.put_nowait, item)  # called on the engine thread
 
-    generations = [GenerationRequest(prompt=p, user=user, key=key, params=params) for p in prompts]
+    generations = [GenerationRequest(prompt=p, user=user, key=key, params=params, fit_context=fit) for p in prompts]
     try:  # a passphrase may cost a key derivation: keep it off the event loop
         handles = await run_in_threadpool(_submit_single_threaded, engine, generations, [listener(q) for q in queues])
     except StoreError as exc:
         raise store_error(exc) from exc
-    except EngineOverloaded as exc:
-        raise ApiError(429, str(exc), "overloaded", {"Retry-After": "1"}) from exc
     except FedPrefixError as exc:
-        raise ApiError(400, str(exc), "bad_request") from exc
+        raise _engine_error(exc) from exc
     return list(zip(handles, queues, strict=True))
 
 
-async def _collect(handle, events) -> GenerationResult:
-    while await events.get() is not None:
-        pass
+def _engine_error(exc: FedPrefixError) -> ApiError:
+    """The HTTP answer to an engine error, before or during generation."""
+    if isinstance(exc, UnlockThrottled):
+        retry = str(max(1, math.ceil(exc.retry_after)))
+        return ApiError(429, str(exc), "unlock_throttled", {"Retry-After": retry})
+    if isinstance(exc, EngineOverloaded):
+        return ApiError(429, str(exc), "overloaded", {"Retry-After": "1"})
+    if isinstance(exc, InvalidRequest):
+        return ApiError(422, str(exc), "invalid_body", field=exc.field)
+    if isinstance(exc, RequestCancelled):
+        return ApiError(499, str(exc), "cancelled")  # nobody is listening any more
+    return ApiError(500, str(exc), "generation_failed")
+
+
+def _watch(request: Request, submitted) -> asyncio.Task:
+    """A task that cancels the request's prompts once its client disconnects (cancel it when done)."""
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        for handle, _ in submitted:
+            handle.cancel()
+
+    return asyncio.ensure_future(watch())
+
+
+async def _collect_all(request: Request, submitted) -> list[GenerationResult]:
+    """Every prompt's result; if the client goes away or one prompt fails, the others are cancelled."""
+    watcher = _watch(request, submitted)
     try:
-        return handle.result(timeout=0)
-    except EngineOverloaded as exc:
-        raise ApiError(429, str(exc), "overloaded", {"Retry-After": "1"}) from exc
-    except FedPrefixError as exc:
-        raise ApiError(500, str(exc), "generation_failed") from exc
+        results = []
+        for handle, events in submitted:
+            while await events.get() is not None:
+                pass
+            try:
+                results.append(handle.result(timeout=0))
+            except FedPrefixError as exc:
+                raise _engine_error(exc) from exc
+        return results
+    finally:
+        watcher.cancel()
+        for handle, _ in submitted:
+            handle.cancel()  # nothing for a finished one
 
 
 def _params_of(body, max_tokens: int) -> SamplingParams:
@@ -146,11 +196,19 @@ def _usage(results: list[GenerationResult]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _sse(chunks) -> StreamingResponse:
+def _sse(request: Request, chunks, submitted) -> StreamingResponse:
+    """Server-sent events of `chunks`; the generation is cancelled when the client goes away."""
+
     async def body():
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
+        watcher = _watch(request, submitted)
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # also on cancellation by the server when the client disconnected
+            watcher.cancel()
+            for handle, _ in submitted:
+                handle.cancel()
 
     return StreamingResponse(body(), media_type="text/event-stream")
 
@@ -184,8 +242,8 @@ async def completions(body: CompletionBody, request: Request):
             }
 
         _ok(request)
-        return _sse(chunks())
-    results = [await _collect(h, e) for h, e in submitted]
+        return _sse(request, chunks(), submitted)
+    results = await _collect_all(request, submitted)
     _ok(request)
     choices = [
         {"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason} for i, r in enumerate(results)
@@ -196,8 +254,10 @@ async def completions(body: CompletionBody, request: Request):
 @router.post("/v1/chat/completions")
 async def chat(body: ChatBody, request: Request):
     prompt = chat_prompt(request.app.state.engine.tokenizer, body.messages)
-    params = _params_of(body, body.max_completion_tokens or body.max_tokens or 256)
-    ((handle, events),) = await _submit(request, [prompt], params, body.user)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    params = _params_of(body, max_tokens or 256)
+    submitted = await _submit(request, [prompt], params, body.user, fit=max_tokens is None)
+    ((handle, events),) = submitted
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": rid, "created": created, "model": request.app.state.model_name}
     if body.stream:
@@ -213,8 +273,8 @@ async def chat(body: ChatBody, request: Request):
             yield {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": handle.finish_reason}]}
 
         _ok(request)
-        return _sse(chunks())
-    result = await _collect(handle, events)
+        return _sse(request, chunks(), submitted)
+    (result,) = await _collect_all(request, submitted)
     _ok(request)
     message = {"role": "assistant", "content": result.text}
     return {

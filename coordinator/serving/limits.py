@@ -1,0 +1,83 @@
+"""Per-request caps of the server, and the body-size guard that enforces the first of them.
+
+One request, or one user, must not be able to slow or starve everybody else: every cap
+here is checked before anything is queued or any key is derived. The defaults suit a
+small shared server; `fedprefix serve` exposes each as an option.
+
+    limits = ServingLimits(max_prompts=16, max_stops=8)
+    app = create_app(engine, "tiny-llama", limits=limits)
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class ServingLimits(BaseModel):
+    """What one HTTP request may ask for (per-user queue and unlock limits live in the engine)."""
+
+    model_config = ConfigDict(frozen=True)
+    max_body_bytes: int = Field(1 << 20, ge=1)  # a larger body is answered 413 before it is parsed
+    max_prompts: int = Field(16, ge=1)  # prompts in one /v1/completions request
+    max_stops: int = Field(8, ge=0)  # stop strings in one request (OpenAI allows 4)
+    max_stop_chars: int = Field(64, ge=1)  # characters of each stop string
+
+
+def check_request(limits: ServingLimits, prompts: int, stops: list[str]) -> str | None:
+    """The first cap a request breaks, as 'field: reason' (None: it keeps them all)."""
+    if prompts > limits.max_prompts:
+        return f"prompt: {prompts} prompts in one request, at most {limits.max_prompts} (send several requests)"
+    if len(stops) > limits.max_stops:
+        return f"stop: {len(stops)} stop strings, at most {limits.max_stops}"
+    for stop in stops:
+        if len(stop) > limits.max_stop_chars:
+            return f"stop: a stop string of {len(stop)} characters, at most {limits.max_stop_chars}"
+    return None
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body over `max_bytes` is answered 413 (by Content-Length, or
+    while it streams in), without the app ever seeing it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send)
+        # Read the whole (bounded) body first, then replay it: a chunked body has no length.
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self._refuse(send)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # http.disconnect, for Request.is_disconnected()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = (
+            b'{"error": {"message": "request body larger than '
+            + str(self.max_bytes).encode()
+            + b' bytes", "type": "invalid_request_error", "code": "body_too_large"}}'
+        )
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
