@@ -19,11 +19,27 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8000, "--port", help="Port to listen on."),
     max_batch_size: int = typer.Option(64, "--max-batch-size", help="Rows per decode step."),
-    max_queue: int = typer.Option(256, "--max-queue", help="Waiting requests before answering 429."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Waiting requests (all users) before answering 429."),
+    max_queue_per_user: int = typer.Option(
+        64, "--max-queue-per-user", help="Waiting requests of one user (anonymous: one user) before answering 429."
+    ),
     max_wait: float = typer.Option(30.0, "--max-wait", help="Seconds a request may wait for a batch slot."),
     cache_mib: int = typer.Option(1024, "--prefix-cache-mib", help="Memory for decrypted prefixes (LRU)."),
     static: bool = typer.Option(False, "--static-batching", help="Static instead of continuous batching."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    max_prompts: int = typer.Option(16, "--max-prompts", help="Prompts in one completions request (else 422)."),
+    max_stops: int = typer.Option(8, "--max-stops", help="Stop strings in one request (else 422)."),
+    max_stop_chars: int = typer.Option(64, "--max-stop-chars", help="Characters of one stop string (else 422)."),
+    max_body_kib: int = typer.Option(1024, "--max-body-kib", help="Request body size in KiB (else 413)."),
+    max_unlocks: int = typer.Option(
+        4, "--max-unlocks", help="Passphrase unlocks (scrypt, 128 MiB each) running at once; more wait, then 429."
+    ),
+    max_wrong_keys: int = typer.Option(
+        5, "--max-wrong-keys", help="Wrong keys in a row for one user before its unlocks get 429 with backoff."
+    ),
+    wrong_key_backoff: float = typer.Option(
+        1.0, "--wrong-key-backoff", help="Seconds of the first backoff; doubles per further wrong key (max 300)."
+    ),
 ) -> None:
     """Serve many users' prefixes over one base: an OpenAI-compatible HTTP API.
 
@@ -34,8 +50,21 @@ def serve(
     import uvicorn
     from fedprefix.common.store import PrefixStore
     from fedprefix.coordinator.serving import Engine
+    from fedprefix.coordinator.serving.limits import ServingLimits
     from fedprefix.coordinator.serving.server import create_app, start_http
+    from fedprefix.coordinator.serving.unlock import UnlockGuard
+    from pydantic import ValidationError
 
+    try:  # every setting checked before the base loads
+        limits = ServingLimits(
+            max_body_bytes=max_body_kib << 10,
+            max_prompts=max_prompts,
+            max_stops=max_stops,
+            max_stop_chars=max_stop_chars,
+        )
+        guard = UnlockGuard(max_concurrent=max_unlocks, max_failures=max_wrong_keys, backoff_s=wrong_key_backoff)
+    except (ValidationError, ValueError) as exc:
+        fail(FedPrefixError(f"invalid serving setting: {exc}"))
     try:
         loaded = base_model.load_base(base, dtype=resolve_dtype(dtype))
         prefix_store = PrefixStore(store)
@@ -49,8 +78,10 @@ def serve(
         max_wait_s=max_wait,
         continuous=not static,
         prefix_cache_bytes=cache_mib << 20,
+        max_queue_per_user=max_queue_per_user,
+        unlock_guard=guard,
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, base), host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, base, limits), host=host, port=port, log_level="warning"))
     try:  # the engine computes on this (main) thread, the HTTP server answers on another: see Engine.run
         http = start_http(engine, server)
     except FedPrefixError as exc:
