@@ -1,0 +1,141 @@
+"""Keys at the server: Unicode passphrases through an ASCII-only header, bounded and throttled unlocks."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from fedprefix.common.base_model import load_base
+from fedprefix.common.generation import SamplingParams, generate_tokens
+from fedprefix.common.store import PrefixStore, WrongKeyError
+from fedprefix.common.store import keys as store_keys
+from fedprefix.coordinator.serving import Engine, GenerationRequest
+from fedprefix.coordinator.serving.api import ApiError, parse_key
+from fedprefix.coordinator.serving.server import KEY_HEADER, create_app
+from fedprefix.coordinator.serving.unlock import UnlockGuard, UnlockThrottled
+
+from tests.conftest import random_prefix
+from tests.coordinator.test_server import LoopbackServer
+
+PASSPHRASE = "pässwörd 鍵"
+
+
+def b64_header(passphrase: str) -> dict:
+    return {KEY_HEADER: "b64:" + base64.b64encode(passphrase.encode()).decode()}
+
+
+@pytest.fixture(scope="module")
+def unicode_store(tmp_path_factory):
+    base = load_base("tiny-llama")
+    store = PrefixStore(tmp_path_factory.mktemp("unicode-store"), scrypt_n=2**12)
+    store.save("dora", random_prefix(base, 3, seed=5, scale=3.0), PASSPHRASE)
+    return base, store
+
+
+def test_header_forms():
+    raw = bytes(range(32))
+    assert parse_key(base64.b64encode(raw).decode()) == raw  # today's forms still work
+    assert parse_key("correct horse battery staple") == "correct horse battery staple"
+    assert parse_key(b64_header(PASSPHRASE)[KEY_HEADER]) == PASSPHRASE
+    assert parse_key(PASSPHRASE.encode().decode("latin-1")) == PASSPHRASE  # raw UTF-8 bytes, as the server reads them
+    for bad in ("b64:not base64!", "b64:" + base64.b64encode(b"\xff\xfe").decode(), "b64:"):
+        with pytest.raises(ApiError) as caught:
+            parse_key(bad)
+        assert caught.value.status == 400 and caught.value.code == "bad_key_header"
+
+
+def test_a_unicode_passphrase_works_through_the_header_and_the_openai_client(unicode_store):
+    openai = pytest.importorskip("openai")
+    base, store = unicode_store
+    kv = store.load("dora", PASSPHRASE).key_values().detach()
+    ids = base.tokenizer("hello", add_special_tokens=False).input_ids
+    expected = base.tokenizer.decode(generate_tokens(base.model, base.tokenizer, [ids], [kv], SamplingParams())[0])
+    body = {"prompt": "hello", "user": "dora", "max_tokens": 64, "temperature": 0}
+    with Engine(base, store=store) as engine, TestClient(create_app(engine, "m")) as client:
+        reply = client.post("/v1/completions", json=body, headers=b64_header(PASSPHRASE))
+        assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == expected
+        utf8 = client.post("/v1/completions", json=body, headers={KEY_HEADER: PASSPHRASE.encode()})
+        assert utf8.status_code == 200  # curl-style raw UTF-8 header bytes also work
+        assert client.post("/v1/completions", json=body, headers=b64_header("passwörd 鍵")).status_code == 403
+        with LoopbackServer(create_app(engine, "m")) as url:
+            api = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", default_headers=b64_header(PASSPHRASE))
+            done = api.completions.create(model="m", prompt="hello", max_tokens=64, temperature=0, user="dora")
+    assert done.choices[0].text == expected
+
+
+def test_concurrent_wrong_passphrases_run_at_most_n_derivations(unicode_store, monkeypatch):
+    base, store = unicode_store
+    active, peak, lock, real = [0], [0], threading.Lock(), store_keys.Scrypt
+
+    class SlowScrypt:  # what bounds memory: how many derivations (128 MiB each by default) run at once
+        def __init__(self, **settings):
+            self.inner = real(**settings)
+
+        def derive(self, secret):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            try:
+                time.sleep(0.2)
+                return self.inner.derive(secret)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+    monkeypatch.setattr(store_keys, "Scrypt", SlowScrypt)
+    outcomes = []
+    guard = UnlockGuard(max_concurrent=2, wait_s=0.05, max_failures=100)
+    with Engine(base, store=store, unlock_guard=guard) as engine:
+
+        def guess(i):
+            try:
+                engine.submit(GenerationRequest("x", user="dora", key=f"guess {i}"))
+            except (WrongKeyError, UnlockThrottled) as exc:
+                outcomes.append(type(exc))
+
+        threads = [threading.Thread(target=guess, args=(i,)) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert peak[0] == 2 and len(outcomes) == 12
+    assert outcomes.count(UnlockThrottled) >= 1 and outcomes.count(WrongKeyError) >= 2
+
+
+def test_wrong_keys_for_a_user_back_off_with_429_and_retry_after(unicode_store):
+    base, store = unicode_store
+    now = [0.0]
+    guard = UnlockGuard(max_failures=2, backoff_s=30, clock=lambda: now[0])
+    body = {"prompt": "x", "user": "dora", "max_tokens": 2}
+    wrong, right = b64_header("guess"), b64_header(PASSPHRASE)
+    with Engine(base, store=store, unlock_guard=guard) as engine, TestClient(create_app(engine, "m")) as client:
+        assert client.post("/v1/completions", json=body, headers=right).status_code == 200  # now cached
+        assert [client.post("/v1/completions", json=body, headers=wrong).status_code for _ in range(2)] == [403, 403]
+        throttled = client.post("/v1/completions", json=body, headers=wrong)
+        assert throttled.status_code == 429 and throttled.headers["retry-after"] == "30"
+        assert throttled.json()["error"]["code"] == "unlock_throttled"
+        assert client.post("/v1/completions", json=body, headers=right).status_code == 200  # cached: still served
+        now[0] += 31
+        assert client.post("/v1/completions", json=body, headers=wrong).status_code == 403
+        again = client.post("/v1/completions", json=body, headers=wrong)  # third in a row: 60 s now
+        assert again.status_code == 429 and again.headers["retry-after"] == "60"
+        engine.prefixes._entries.clear()  # not cached: the owner waits out the backoff too
+        assert client.post("/v1/completions", json=body, headers=right).status_code == 429
+        now[0] += 61
+        assert client.post("/v1/completions", json=body, headers=right).status_code == 200
+        assert client.post("/v1/completions", json=body, headers=wrong).status_code == 403  # count cleared
+
+
+def test_serve_has_the_settings_and_refuses_bad_ones_before_loading(tmp_path):
+    from fedprefix.coordinator.cli import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    text = runner.invoke(app, ["serve", "--help"], terminal_width=200).output
+    for option in ("--max-prompts", "--max-stops", "--max-body-kib", "--max-queue-per-user", "--max-unlocks"):
+        assert option in text
+    result = runner.invoke(app, ["serve", "--base", "nope", "--store", str(tmp_path), "--max-prompts", "0"])
+    assert result.exit_code == 1 and "max_prompts" in result.output
