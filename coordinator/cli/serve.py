@@ -46,6 +46,7 @@ def serve(
     Example: fedprefix serve --base smollm2-135m-instruct --store store --port 8000
     then: curl localhost:8000/v1/completions -H "X-Prefix-Key: $KEY_B64" -H "Content-Type: application/json"
           -d '{"prompt": "Hello", "user": "alice", "max_tokens": 20}'
+    A passphrase with non-ASCII characters goes as: -H "X-Prefix-Key: b64:$(printf %s "$PASS" | base64)".
     """
     import uvicorn
     from fedprefix.common.store import PrefixStore

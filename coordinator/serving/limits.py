@@ -24,15 +24,15 @@ class ServingLimits(BaseModel):
     max_stop_chars: int = Field(64, ge=1)  # characters of each stop string
 
 
-def check_request(limits: ServingLimits, prompts: int, stops: list[str]) -> str | None:
-    """The first cap a request breaks, as 'field: reason' (None: it keeps them all)."""
+def check_request(limits: ServingLimits, prompts: int, stops: list[str]) -> tuple[str, str] | None:
+    """The first cap a request breaks, as (field, reason); None where it keeps them all."""
     if prompts > limits.max_prompts:
-        return f"prompt: {prompts} prompts in one request, at most {limits.max_prompts} (send several requests)"
+        return "prompt", f"{prompts} prompts in one request, at most {limits.max_prompts} (send several requests)"
     if len(stops) > limits.max_stops:
-        return f"stop: {len(stops)} stop strings, at most {limits.max_stops}"
+        return "stop", f"{len(stops)} stop strings, at most {limits.max_stops}"
     for stop in stops:
         if len(stop) > limits.max_stop_chars:
-            return f"stop: a stop string of {len(stop)} characters, at most {limits.max_stop_chars}"
+            return "stop", f"a stop string of {len(stop)} characters, at most {limits.max_stop_chars}"
     return None
 
 

@@ -43,7 +43,6 @@ from .metrics import Metrics
 from .unlock import UnlockThrottled
 
 router = APIRouter()
-DISCONNECT_POLL_S = 0.05  # how often a waiting request checks that its client is still there
 
 
 def create_app(engine: Engine, model_name: str, limits: ServingLimits | None = None) -> FastAPI:
@@ -116,7 +115,8 @@ async def _submit(request: Request, prompts: list[str], params: SamplingParams, 
     engine: Engine = request.app.state.engine
     broken = check_request(request.app.state.limits, len(prompts), params.stop)
     if broken is not None:
-        raise ApiError(422, broken, "limit_exceeded", field=broken.split(":")[0])
+        field, message = broken
+        raise ApiError(422, f"{field}: {message}", "limit_exceeded", field=field)
     key = parse_key(request.headers.get(KEY_HEADER))
     if user is not None and key is None:
         raise ApiError(
@@ -156,8 +156,10 @@ def _watch(request: Request, submitted) -> asyncio.Task:
     """A task that cancels the request's prompts once its client disconnects (cancel it when done)."""
 
     async def watch() -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(DISCONNECT_POLL_S)
+        # The body is read: the next ASGI message is http.disconnect, when the client goes away
+        # (or once the response is complete, by which time this task is cancelled). No polling.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
         for handle, _ in submitted:
             handle.cancel()
 
