@@ -28,7 +28,7 @@ from fedprefix.common.peft_format import export_peft
 from fedprefix.common.prefix import Prefix, PrefixConfig
 from fedprefix.common.protocol import DEFAULT_INIT_TEXT, row_prefix, shared_store_id
 from fedprefix.common.protocol import init_text as repeated_init_text
-from fedprefix.common.store import PrefixStore
+from fedprefix.common.store import PrefixStore, UnknownUserError
 
 from .data import read_rows, tokenize_rows
 from .training import Callback, evaluate_examples, split_examples, train
@@ -203,31 +203,30 @@ class Personalizer:
         return self.store
 
     def save(self):
-        """Encrypt and store the personal prefix (and the shared one beside it, if any)."""
+        """Encrypt and store the personal prefix and the shared one beside it, together: both or neither."""
         store = self._require_store()
-        for name, part in (("personal", self.personal), ("shared", self.shared)):
-            if part is not None and not all(torch.isfinite(t).all() for t in part.state_tensors().values()):
+        both = (("personal", self.personal), ("shared", self.shared))
+        parts = {name: part for name, part in both if part is not None}
+        for name, part in parts.items():
+            if not all(torch.isfinite(t).all() for t in part.state_tensors().values()):
                 raise ConfigError(f"user {self.user_id}: the {name} prefix holds NaN or Inf; nothing was saved")
-        info = None
-        if self.personal is not None:
-            info = store.save(self.user_id, self.personal, self.key)
-        if self.shared is not None:
-            shared_info = store.save(shared_store_id(self.user_id), self.shared, self.key)
-            info = info or shared_info
-        return info
+        infos = store.save_parts(self.user_id, parts, self.key)
+        return infos.get("personal") or infos.get("shared")
 
     def restore(self) -> bool:
         """Replace this user's prefixes with the stored ones, where stored; True if any was.
 
-        A stored prefix must fit this base (fingerprint) and be unlocked by this key.
+        A stored prefix must fit this base (fingerprint) and be unlocked by this key; both
+        parts are read together, so a concurrent save is seen whole or not at all.
         """
         store = self._require_store()
-        found = False
-        for attr, user_id in (("personal", self.user_id), ("shared", shared_store_id(self.user_id))):
-            if store.exists(user_id):
-                setattr(self, attr, store.load(user_id, self.key, self.base.fingerprint))
-                found = True
-        return found
+        try:
+            parts = store.load_parts(self.user_id, self.key, self.base.fingerprint)
+        except UnknownUserError:
+            return False
+        for attr, prefix in parts.items():
+            setattr(self, attr, prefix)
+        return True
 
     @classmethod
     def load(
@@ -240,7 +239,7 @@ class Personalizer:
     ) -> Personalizer:
         """A Personalizer holding `user_id`'s stored prefix, decrypted with `key`, on `base_model`."""
         store = PrefixStore(store) if isinstance(store, (str, os.PathLike)) else store
-        if not store.exists(user_id) and not store.exists(shared_store_id(user_id)):
+        if not store.exists(user_id) and not store.exists(shared_store_id(user_id)):  # validates the id
             store.load(user_id, key)  # raises the store's "unknown user" error
         self = cls(base_model=base_model, user_id=user_id, store=store, key=key, init="zero", **settings)
         self.personal = None

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ShapeError
 from .prefix import concat_key_values
+from .store.format import SHARED_SUFFIX, store_name
 
 # ------------------------------------------------------------------ message content names
 ARRAYS = "arrays"  # ArrayRecord: the shared prefix, both directions
@@ -121,12 +122,16 @@ def unpack_shared(arrays: Mapping[str, Any], expected: Mapping[str, tuple[int, .
 
 
 # ------------------------------------------------------------------ stored parts and the row prefix
-SHARED_STORE_SUFFIX = "@shared"
+SHARED_STORE_SUFFIX = SHARED_SUFFIX  # user ids may not end in it, so no id reaches a shared part
 
 
 def shared_store_id(user_id: str) -> str:
-    """The store id of a user's copy of the shared prefix, kept beside the personal one."""
-    return user_id + SHARED_STORE_SUFFIX
+    """The store id of a user's copy of the shared prefix, kept beside the personal one.
+
+    Validates `user_id` (BadUserIdError): ids ending in '@shared' are refused, so the
+    result is never another user's personal id.
+    """
+    return store_name(user_id, "shared")
 
 
 def row_prefix(shared: torch.Tensor | None, personal: torch.Tensor | None) -> torch.Tensor | None:

@@ -4,26 +4,47 @@ Envelope encryption: each user's prefix (payload.py) is encrypted by AES-256-GCM
 random per-user data key (DEK); the DEK is wrapped by a key-encryption key (KEK) derived
 from the user's passphrase by scrypt, or 32 raw bytes (keys.py); a MAC under the DEK
 authenticates the whole plaintext header (seal.py). The byte layout of a ``.fpx`` file
-and its header fields are in format.py; locks and atomic replacement in locking.py;
-rollback detection in rollback.py; ``PrefixStore`` (api.py) puts them together.
+and its header fields and names are in format.py; locks and staged atomic writes in
+locking.py; rollback records in rollback.py; ``PrefixStore`` (api.py) puts them together.
 Every refusal is a ``StoreError`` subclass with a ``reason`` (errors.py).
 
 Threat model
 ------------
-Protects against someone who can read, copy, modify, truncate or replace the store's
-files but does not know the user's key: they learn nothing about the prefix values,
-and any change, a file moved to another user's name, a prefix for another base model,
-or an older file put back (rollback) is refused on load. Rollback detection keeps the
-highest counter written or seen per user in ``<root>/.counters.json``; it only protects
-against someone who cannot also roll back that state file (restoring a whole-folder
-backup rolls back both and is not detected).
-Not protected: the header is plaintext (user id, base fingerprint, prefix shape, counter,
-size, timestamps are visible); anyone with write access can delete or damage files
-(detected, not prevented); anyone who can run code in this process or read its memory
-(derived KEKs are cached in the ``PrefixStore`` instance, see ``forget_keys``); weak
-passphrases (scrypt makes each guess expensive, no more); someone who knew an old
-passphrase and kept a copy of the old file still has the DEK after change_passphrase
-(call rotate_data_key too after a leak).
+Protects against someone who can read, copy, modify, truncate, delete or replace files in
+the store folder but does not know the user's key:
+
+- they learn nothing about the prefix values;
+- any change, a file moved to another user's or part's name, a prefix for another base
+  model, or an older file of a part put back is refused on load;
+- rollback state cannot be reset from the folder: each part has a record
+  (``.rollback/<name>.json``, rollback.py) authenticated under a key derived from that
+  part's data key. A missing, damaged or foreign record, or one naming a newer write or
+  another data key, makes loads and ``verify`` refuse (RollbackError), until the owner
+  runs ``fedprefix store reset-rollback USER`` with the key (``reset_rollback``);
+- user ids cannot reach internal names: ids ending in ``@shared`` (any case) are refused,
+  so ``<id>@shared``, the shared part, belongs to ``<id>`` only;
+- a save of several parts (``save_parts``) is all or nothing against any error before
+  its renames; loads racing saves see the old or the new version, never an error.
+
+Not protected:
+
+- putting back older copies of BOTH a part's file and its rollback record together (e.g.
+  restoring a backup of the whole folder, or of one user's files) is not detected: that
+  needs state kept outside the folder, which this store does not keep;
+- a crash between the renames of a two-part save may leave one part new and the other
+  old (each is whole); a crash inside ``rotate_data_key`` may leave a record that needs
+  ``reset-rollback``;
+- the header is plaintext (user id, base fingerprint, prefix shape, counter, size,
+  timestamps are visible); anyone with write access can delete or damage files, or make
+  loads refuse (detected, not prevented);
+- anyone who can run code in this process or read its memory (derived KEKs are cached in
+  the ``PrefixStore`` instance, see ``forget_keys``); weak passphrases (scrypt makes each
+  guess expensive, no more); someone who knew an old passphrase and kept a copy of the old
+  file still has the DEK after change_passphrase (call rotate_data_key too after a leak).
+
+Stores written before the rollback records: ``.counters.json`` is no longer read, and a
+part without a record is refused on load until its owner saves it again or runs
+``fedprefix store reset-rollback USER`` once.
 """
 
 from .api import PrefixStore, StoredPrefixInfo
@@ -31,7 +52,9 @@ from .errors import (
     BadKeyError,
     BadUserIdError,
     CorruptError,
+    NonFiniteError,
     RollbackError,
+    RollbackStateError,
     StoreBusyError,
     StoreError,
     TamperedError,
@@ -42,7 +65,20 @@ from .errors import (
     WrongKeyError,
     WrongUserError,
 )
-from .format import FORMAT_VERSION, KEY_BYTES, MAGIC, FileHeader, parse_file, parse_header, validate_user_id
+from .format import (
+    FORMAT_VERSION,
+    KEY_BYTES,
+    MAGIC,
+    PARTS,
+    SHARED_SUFFIX,
+    FileHeader,
+    parse_file,
+    parse_header,
+    split_store_name,
+    store_name,
+    validate_store_name,
+    validate_user_id,
+)
 from .keys import DEFAULT_SCRYPT_N, SCRYPT_P, SCRYPT_R
 
 __all__ = [
@@ -50,14 +86,18 @@ __all__ = [
     "FORMAT_VERSION",
     "KEY_BYTES",
     "MAGIC",
+    "PARTS",
     "SCRYPT_P",
     "SCRYPT_R",
+    "SHARED_SUFFIX",
     "BadKeyError",
     "BadUserIdError",
     "CorruptError",
     "FileHeader",
+    "NonFiniteError",
     "PrefixStore",
     "RollbackError",
+    "RollbackStateError",
     "StoreBusyError",
     "StoreError",
     "StoredPrefixInfo",
@@ -70,5 +110,8 @@ __all__ = [
     "WrongUserError",
     "parse_file",
     "parse_header",
+    "split_store_name",
+    "store_name",
+    "validate_store_name",
     "validate_user_id",
 ]

@@ -4,15 +4,17 @@ Each operation is built from the package's parts: file format (format.py), keys
 (keys.py), sealing (seal.py), payload (payload.py), locks (locking.py) and rollback
 state (rollback.py).
 
-Load order: parse strictly -> owner -> unwrap DEK (fails: wrong key, or a damaged key
-block: salt, kdf parameters, wrapped DEK, user or key id) -> header MAC and payload tag
-(fail after a good unwrap: tampered) -> base fingerprint -> rollback counter.
+Names: methods take a store name, a user id (its personal part) or `shared_store_id`
+of one (its shared part); writes take the user id and the part. Load order: rollback
+record (read first, see rollback.py) -> parse strictly -> owner -> unwrap DEK (fails:
+wrong key, or a damaged key block) -> header MAC and payload tag (fail after a good
+unwrap: tampered) -> base fingerprint -> rollback record check.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,14 +24,27 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import ConfigError
-from ..files import atomic_write_bytes, fsync_dir
-from ..prefix import Prefix, PrefixSpec
-from .errors import StoreError, UnknownUserError, WrongBaseError, WrongUserError, about
-from .format import FILE_SUFFIX, MAX_SCRYPT_N, FileHeader, parse_file, read_file, read_header, unb64, validate_user_id
+from ..files import fsync_dir
+from ..prefix import Prefix, PrefixConfig, PrefixSpec
+from .errors import RollbackError, StoreError, UnknownUserError, WrongBaseError, WrongUserError, about
+from .format import (
+    FILE_SUFFIX,
+    MAX_SCRYPT_N,
+    PARTS,
+    FileHeader,
+    parse_file,
+    read_file,
+    read_header,
+    split_store_name,
+    store_name,
+    unb64,
+    validate_store_name,
+    validate_user_id,
+)
 from .keys import DEFAULT_SCRYPT_N, MIN_SCRYPT_N, KekCache, Key, check_key, new_dek, new_key_id, unwrap_dek, wrap_dek
-from .locking import file_lock, remove_temp_files
+from .locking import Staged, commit, discard, file_lock, remove_temp_files, stage
 from .payload import check_load_dtype, decode_payload, encode_payload, storage_dtype_name
-from .rollback import check_counter, read_counters, record_counter
+from .rollback import RECORD_DIR, check_record, make_record, read_record, record_path, verified_counter
 from .seal import check_header_mac, open_payload, seal
 
 __all__ = ["PrefixStore", "StoredPrefixInfo"]
@@ -129,40 +144,39 @@ class PrefixStore:
 
     # ------------------------------------------------------------------ public API
 
-    def path_for(self, user_id: str) -> Path:
-        """The file that holds `user_id`'s prefix (validates the id)."""
-        return self.root / f"{validate_user_id(user_id)}{FILE_SUFFIX}"
+    def path_for(self, name: str) -> Path:
+        """The file of store name `name`: a user id, or `shared_store_id` of one (validated)."""
+        return self.root / f"{validate_store_name(name)}{FILE_SUFFIX}"
 
-    def exists(self, user_id: str) -> bool:
-        """True when a prefix file exists for `user_id`."""
-        return self.path_for(user_id).is_file()
+    def exists(self, name: str) -> bool:
+        """True when a prefix file exists for store name `name`."""
+        return self.path_for(name).is_file()
 
-    def save(self, user_id: str, prefix: Prefix, key: Key, dtype: torch.dtype = torch.float32) -> StoredPrefixInfo:
-        """Encrypt and store `prefix` for `user_id`; an existing user's key must match."""
-        path = self.path_for(user_id)
+    def save(
+        self, user_id: str, prefix: Prefix, key: Key, dtype: torch.dtype = torch.float32, *, part: str = "personal"
+    ) -> StoredPrefixInfo:
+        """Encrypt and store `prefix` as `user_id`'s `part` ('personal', 'shared'); its existing key must match."""
+        return self.save_parts(user_id, {part: prefix}, key, dtype)[part]
+
+    def save_parts(
+        self, user_id: str, parts: Mapping[str, Prefix], key: Key, dtype: torch.dtype = torch.float32
+    ) -> dict[str, StoredPrefixInfo]:
+        """Store several parts of one user ({'personal': p, 'shared': s}) together: all are written or none changes."""
+        names = {part: store_name(user_id, part) for part in parts}  # validates the id once, for every name
+        if not names:
+            raise ConfigError(f"user {user_id!r}: save_parts got no parts to save")
         key = check_key(user_id, key)
         dtype_name = storage_dtype_name(dtype)
-        plaintext = encode_payload(prefix, dtype_name)
+        plaintexts = {part: encode_payload(parts[part], dtype_name, name) for part, name in names.items()}
+        sealed: dict[str, tuple[FileHeader, bytes, bytes]] = {}
         with self._user_lock(user_id):
-            remove_temp_files(self.root, f"{user_id}{FILE_SUFFIX}")
-            known = self._known_counter(user_id)
-            if path.exists():
-                # Reuse the DEK (and KDF salt): unwrapping it proves the caller owns this
-                # prefix, so nobody overwrites a user's prefix without their key.
-                header, _ = read_header(path, user_id)
-                _check_owner(user_id, header)
-                dek = unwrap_dek(user_id, header, self._kek_cache.kek(user_id, header.kdf, key))
-                check_header_mac(user_id, header, dek)  # the counter we continue from is genuine
-                kdf, wrapped, key_id = header.kdf, header.wrapped_dek, header.key_id
-                counter = max(header.counter, known) + 1
-            else:
-                kdf, kek = self._kek_cache.new_kek(user_id, key, self.scrypt_n)
-                dek, key_id, counter = new_dek(), new_key_id(), known + 1
-                wrapped = wrap_dek(user_id, key_id, kek, dek)
-            header, data = seal(user_id, prefix.config, dtype_name, counter, key_id, kdf, wrapped, dek, plaintext)
-            atomic_write_bytes(path, data, durable=self.durable)
-            self._record_counter(user_id, counter)
-        return _info(path, header, path.stat())
+            for part, name in names.items():  # every check and encryption before anything is written
+                sealed[part] = self._seal_next(name, parts[part].config, dtype_name, key, plaintexts[part])
+            self._commit(
+                [(names[part], data) for part, (_, data, _) in sealed.items()],
+                [(names[part], record) for part, (_, _, record) in sealed.items()],
+            )
+        return {part: self._info_of(names[part], header) for part, (header, _, _) in sealed.items()}
 
     def load(
         self,
@@ -171,29 +185,45 @@ class PrefixStore:
         base_fingerprint: str | None = None,
         dtype: torch.dtype | None = torch.float32,
     ) -> Prefix:
-        """Decrypt `user_id`'s prefix; refuses another base (unless None), rollback and tampering.
+        """Decrypt the prefix of store name `user_id`; refuses another base (unless None), rollback and tampering.
 
         `dtype` is the returned prefix's dtype (None: as stored).
         """
-        check_load_dtype(dtype)
-        opened = self._decrypt(user_id, key, base_fingerprint)
-        return decode_payload(user_id, opened.plaintext, opened.header.prefix_config, opened.header.dtype, dtype)
+        return self._load(user_id, key, base_fingerprint, dtype, locked=False)
+
+    def load_parts(
+        self, user_id: str, key: Key, base_fingerprint: str | None = None, dtype: torch.dtype | None = torch.float32
+    ) -> dict[str, Prefix]:
+        """Every stored part of `user_id` ({'personal': ..., 'shared': ...}), read together under the user's lock.
+
+        UnknownUserError if none is stored.
+        """
+        names = {part: store_name(user_id, part) for part in PARTS}
+        with self._user_lock(user_id):
+            found = {
+                part: self._load(name, key, base_fingerprint, dtype, locked=True)
+                for part, name in names.items()
+                if self.exists(name)
+            }
+        if not found:
+            raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id)
+        return found
 
     def verify(self, user_id: str, key: Key) -> StoredPrefixInfo:
-        """Decrypt and check `user_id`'s prefix completely; returns its info or raises StoreError."""
+        """Decrypt and check the prefix of store name `user_id` completely; returns its info or raises StoreError."""
         opened = self._decrypt(user_id, key, None)
         header = opened.header
         decode_payload(user_id, opened.plaintext, header.prefix_config, header.dtype, None)
         return _info(self.path_for(user_id), header, opened.stat)
 
     def info(self, user_id: str) -> StoredPrefixInfo:
-        """Header information of one user's prefix (no key needed, nothing authenticated)."""
+        """Header information of one stored prefix (no key needed, nothing authenticated)."""
         path = self.path_for(user_id)
         header, stat = read_header(path, user_id)
         return _info(path, header, stat)
 
     def list(self) -> list[StoredPrefixInfo]:
-        """Headers of every stored prefix, sorted by user (no key needed); bad files get `problem`."""
+        """Headers of every stored prefix, sorted by name (no key needed); bad files get `problem`."""
         infos = []
         for path in sorted(self.root.glob(f"*{FILE_SUFFIX}")):
             name = path.name[: -len(FILE_SUFFIX)]
@@ -208,7 +238,7 @@ class PrefixStore:
                 "modified": datetime.fromtimestamp(stat.st_mtime, tz=timezone.utc),
             }
             try:
-                validate_user_id(name)
+                validate_store_name(name)
                 header, stat = read_header(path, name)
                 if header.user_id != name:
                     raise WrongUserError(about(name, f"file holds the prefix of user {header.user_id!r}"), name)
@@ -221,60 +251,68 @@ class PrefixStore:
         return infos
 
     def delete(self, user_id: str) -> None:
-        """Remove `user_id`'s prefix file (its counter is kept, so an old copy stays refused)."""
+        """Remove a prefix file (its rollback record is kept, so the deleted file put back stays refused)."""
         path = self.path_for(user_id)
         with self._user_lock(user_id):
             try:
                 path.unlink()
             except FileNotFoundError:
                 raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id) from None
-            remove_temp_files(self.root, f"{user_id}{FILE_SUFFIX}")
+            self._remove_temps(user_id)
             if self.durable:
                 fsync_dir(self.root)
 
     def change_passphrase(self, user_id: str, old_key: Key, new_key: Key) -> StoredPrefixInfo:
         """Re-wrap the data key under `new_key` (passphrase or raw); the payload ciphertext is kept."""
-        path = self.path_for(user_id)
         old_key = check_key(user_id, old_key)
         new_key = check_key(user_id, new_key)
         with self._user_lock(user_id):
-            opened = self._decrypt(user_id, old_key, None)
-            header, ciphertext, dek = opened.header, opened.ciphertext, opened.dek
+            opened = self._decrypt(user_id, old_key, None, locked=True)
+            header, dek = opened.header, opened.dek
             kdf, kek = self._kek_cache.new_kek(user_id, new_key, self.scrypt_n)
-            counter = max(header.counter, self._known_counter(user_id)) + 1
-            nonce = unb64(header.payload_nonce)
+            counter = header.counter + 1  # the record check passed: no counter is higher
             wrapped = wrap_dek(user_id, header.key_id, kek, dek)
-            header, data = seal(
-                user_id,
-                header.prefix_config,
-                header.dtype,
-                counter,
-                header.key_id,
-                kdf,
-                wrapped,
-                dek,
-                reuse=(nonce, ciphertext),
-            )
-            atomic_write_bytes(path, data, durable=self.durable)
-            self._record_counter(user_id, counter)
-        return _info(path, header, path.stat())
+            reuse = (unb64(header.payload_nonce), opened.ciphertext)
+            args = (header.prefix_config, header.dtype, counter, header.key_id, kdf, wrapped, dek)
+            header, data = seal(user_id, *args, reuse=reuse)
+            self._commit([(user_id, data)], [(user_id, make_record(user_id, header.key_id, counter, dek))])
+        return self._info_of(user_id, header)
 
     def rotate_data_key(self, user_id: str, key: Key) -> StoredPrefixInfo:
         """Make a new data key (new key id) and re-encrypt the prefix under it; same `key` unlocks it."""
-        path = self.path_for(user_id)
         key = check_key(user_id, key)
         with self._user_lock(user_id):
-            opened = self._decrypt(user_id, key, None)
+            opened = self._decrypt(user_id, key, None, locked=True)
             header, kek, plaintext = opened.header, opened.kek, opened.plaintext
-            counter = max(header.counter, self._known_counter(user_id)) + 1
-            key_id, dek = new_key_id(), new_dek()
+            counter, key_id, dek = header.counter + 1, new_key_id(), new_dek()
             wrapped = wrap_dek(user_id, key_id, kek, dek)
             header, data = seal(
                 user_id, header.prefix_config, header.dtype, counter, key_id, header.kdf, wrapped, dek, plaintext
             )
-            atomic_write_bytes(path, data, durable=self.durable)
-            self._record_counter(user_id, counter)
-        return _info(path, header, path.stat())
+            self._commit([(user_id, data)], [(user_id, make_record(user_id, key_id, counter, dek))])
+        return self._info_of(user_id, header)
+
+    def reset_rollback(self, user_id: str, key: Key) -> list[StoredPrefixInfo]:
+        """Re-anchor the rollback records of every stored part of `user_id` at the current files.
+
+        Needs the key (each file is fully authenticated first). Use it when a load reports a
+        missing or damaged rollback record and the current files are the ones to keep.
+        """
+        validate_user_id(user_id)
+        key = check_key(user_id, key)
+        with self._user_lock(user_id):
+            opened = {}
+            for part in PARTS:
+                name = store_name(user_id, part)
+                if self.exists(name):
+                    opened[name] = self._open(name, key)
+            if not opened:
+                raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id)
+            records = [
+                (name, make_record(name, o.header.key_id, o.header.counter, o.dek)) for name, o in opened.items()
+            ]
+            self._commit([], records)
+        return [_info(self.path_for(name), o.header, o.stat) for name, o in opened.items()]
 
     def forget_keys(self) -> None:
         """Drop every cached KEK; the next use of each passphrase pays the KDF again."""
@@ -282,38 +320,97 @@ class PrefixStore:
 
     # ------------------------------------------------------------------ internals
 
-    def _decrypt(self, user_id: str, key: Key, base_fingerprint: str | None) -> _Opened:
-        """Read, check (owner, base, rollback) and decrypt one user's file."""
-        path = self.path_for(user_id)
-        key = check_key(user_id, key)
-        data, stat = read_file(path, user_id)
-        header, ciphertext = parse_file(data, user_id)
-        _check_owner(user_id, header)
-        kek = self._kek_cache.kek(user_id, header.kdf, key)
-        dek = unwrap_dek(user_id, header, kek)
-        dump = check_header_mac(user_id, header, dek)
-        plaintext = open_payload(user_id, dump, dek, ciphertext)
+    def _open(self, name: str, key: Key) -> _Opened:
+        """Read, parse, check the owner of, and decrypt one file (no base or rollback check)."""
+        data, stat = read_file(self.path_for(name), name)
+        header, ciphertext = parse_file(data, name)
+        _check_owner(name, header)
+        kek = self._kek_cache.kek(name, header.kdf, key)
+        dek = unwrap_dek(name, header, kek)
+        dump = check_header_mac(name, header, dek)
+        plaintext = open_payload(name, dump, dek, ciphertext)
+        return _Opened(header, ciphertext, dek, kek, plaintext, stat)
+
+    def _decrypt(self, name: str, key: Key, base_fingerprint: str | None, locked: bool = False) -> _Opened:
+        """Read, check (owner, base, rollback) and decrypt one file; `locked`: the caller holds the user's lock."""
+        validate_store_name(name)
+        key = check_key(name, key)
+        try:
+            return self._read_checked(name, key, base_fingerprint)
+        except RollbackError:
+            if locked:
+                raise
+        # Without the lock, a rotate-key between its two renames looks like a rollback for a
+        # moment; under the lock no writer is midway, so a refusal now is about the files.
+        with self._user_lock(name):
+            return self._read_checked(name, key, base_fingerprint)
+
+    def _read_checked(self, name: str, key: Key, base_fingerprint: str | None) -> _Opened:
+        record = read_record(self.root, name)  # before the file: see rollback.py
+        opened = self._open(name, key)
+        header = opened.header
         # Checked after authentication, so these refusals are about a genuine file.
         if base_fingerprint is not None and header.base_fingerprint != base_fingerprint:
             raise WrongBaseError(
-                about(
-                    user_id,
-                    f"stored for base {header.base_fingerprint[:12]}…, not for base {base_fingerprint[:12]}…",
-                ),
-                user_id,
+                about(name, f"stored for base {header.base_fingerprint[:12]}…, not for base {base_fingerprint[:12]}…"),
+                name,
             )
-        check_counter(self.root, user_id, header.counter, self.lock_timeout, self.durable)
-        return _Opened(header, ciphertext, dek, kek, plaintext, stat)
+        check_record(name, record, header, opened.dek)
+        return opened
+
+    def _load(
+        self, name: str, key: Key, base_fingerprint: str | None, dtype: torch.dtype | None, locked: bool
+    ) -> Prefix:
+        check_load_dtype(dtype)
+        opened = self._decrypt(name, key, base_fingerprint, locked)
+        return decode_payload(name, opened.plaintext, opened.header.prefix_config, opened.header.dtype, dtype)
+
+    def _seal_next(
+        self, name: str, config: PrefixConfig, dtype_name: str, key: Key, plaintext: bytes
+    ) -> tuple[FileHeader, bytes, bytes]:
+        """The next version of `name` sealed (header, file bytes, rollback record); caller holds the lock."""
+        path = self.path_for(name)
+        self._remove_temps(name)
+        if path.exists():
+            # Reuse the DEK (and KDF salt): unwrapping it proves the caller owns this
+            # prefix, so nobody overwrites a user's prefix without their key.
+            header, _ = read_header(path, name)
+            _check_owner(name, header)
+            dek = unwrap_dek(name, header, self._kek_cache.kek(name, header.kdf, key))
+            check_header_mac(name, header, dek)  # the counter we continue from is genuine
+            kdf, wrapped, key_id = header.kdf, header.wrapped_dek, header.key_id
+            counter = max(header.counter, verified_counter(self.root, name, header, dek)) + 1
+        else:
+            kdf, kek = self._kek_cache.new_kek(name, key, self.scrypt_n)
+            dek, key_id, counter = new_dek(), new_key_id(), 1
+            wrapped = wrap_dek(name, key_id, kek, dek)
+        header, data = seal(name, config, dtype_name, counter, key_id, kdf, wrapped, dek, plaintext)
+        return header, data, make_record(name, key_id, counter, dek)
+
+    def _commit(self, files: list[tuple[str, bytes]], records: list[tuple[str, bytes]]) -> None:
+        """Stage every file and record, then rename them all (files first); failing before that changes nothing."""
+        staged: list[Staged] = []
+        try:
+            targets = [(self.path_for(n), d) for n, d in files] + [(record_path(self.root, n), d) for n, d in records]
+            for target, data in targets:
+                staged.append(stage(target, data, self.durable))  # one by one: a failure discards the earlier
+            commit(staged, self.durable)
+        except BaseException:
+            discard(staged)
+            raise
+
+    def _remove_temps(self, name: str) -> None:
+        """Temp files a killed writer of `name` left (caller holds the user's lock)."""
+        remove_temp_files(self.root, f"{name}{FILE_SUFFIX}")
+        remove_temp_files(self.root / RECORD_DIR, f"{name}.json")
+
+    def _info_of(self, name: str, header: FileHeader) -> StoredPrefixInfo:
+        path = self.path_for(name)
+        return _info(path, header, path.stat())
 
     @contextmanager
-    def _user_lock(self, user_id: str) -> Iterator[None]:
-        """Serialize writers of one user across processes (and threads)."""
-        with file_lock(self.root / f"{user_id}.lock", self.lock_timeout, user_id):
+    def _user_lock(self, name: str) -> Iterator[None]:
+        """Serialize writers of one user (all its parts) across processes and threads."""
+        owner, _ = split_store_name(name)
+        with file_lock(self.root / f"{owner}.lock", self.lock_timeout, owner):
             yield
-
-    def _known_counter(self, user_id: str) -> int:
-        """The highest write counter this store wrote or saw for `user_id` (0: none)."""
-        return read_counters(self.root).get(user_id, 0)
-
-    def _record_counter(self, user_id: str, counter: int) -> None:
-        record_counter(self.root, user_id, counter, self.lock_timeout, self.durable)

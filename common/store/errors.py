@@ -12,7 +12,9 @@ __all__ = [
     "BadKeyError",
     "BadUserIdError",
     "CorruptError",
+    "NonFiniteError",
     "RollbackError",
+    "RollbackStateError",
     "StoreBusyError",
     "StoreError",
     "TamperedError",
@@ -76,6 +78,18 @@ class RollbackError(StoreError):
     """The file is older than one this store already wrote or read."""
 
     reason = "rollback"
+
+
+class RollbackStateError(RollbackError):
+    """The user's rollback record is missing, damaged or not theirs: loads stay refused until reset."""
+
+    reason = "rollback_state"
+
+
+class NonFiniteError(StoreError, ValueError):
+    """A tensor to be saved holds NaN or Inf (nothing is written)."""
+
+    reason = "non_finite"
 
 
 class UnknownVersionError(StoreError):

@@ -1,7 +1,12 @@
 """The ``.fpx`` file: byte layout, header model, canonical JSON; strict parsing and reading.
 
-One file per user, ``<root>/<user_id>.fpx`` (user ids: 1-128 of ``A-Z a-z 0-9 . _ - @``,
-not starting with ``.``, so the id is its own safe file name)::
+One file per stored part, ``<root>/<store name>.fpx``. A user's personal part is stored
+under the user id, the shared part under ``<user_id>@shared``. User ids: 1-128 of
+``A-Z a-z 0-9 . _ - @``, not starting with ``.`` and not ending in ``@shared`` (any
+case), so every id is its own safe file name and no id reaches another user's part.
+Every name derived from a valid id (at most 135 characters) is valid; the id is checked
+once, before anything is written. (Stores written before this rule: an id that ends in
+``@shared`` is now read as the shared part of the id before it.)::
 
     offset   size  field
     0        4     magic, b"FPX1"
@@ -13,7 +18,7 @@ not starting with ``.``, so the id is its own safe file name)::
 Header fields (``FileHeader``)::
 
     format_version   1
-    user_id          owner of the prefix
+    user_id          store name: the owner's id, or <id>@shared for the shared part
     base_fingerprint base model the prefix belongs to
     prefix_config    PrefixConfig.model_dump()
     dtype            "float32" | "float16" | "bfloat16", dtype of the stored tensors
@@ -62,13 +67,18 @@ __all__ = [
     "parse_header",
     "read_file",
     "read_header",
+    "split_store_name",
+    "store_name",
     "unb64",
+    "validate_store_name",
     "validate_user_id",
 ]
 
 MAGIC = b"FPX1"
 FORMAT_VERSION = 1
 FILE_SUFFIX = ".fpx"
+SHARED_SUFFIX = "@shared"  # store name of a user's shared part: <user_id>@shared
+PARTS = ("personal", "shared")
 PREFIX_LEN = 8  # magic + header length
 MAX_HEADER_BYTES = 64 * 1024  # a real header is ~1 KB; the cap bounds what a bad file makes us parse
 MAX_PAYLOAD_BYTES = 1 << 40
@@ -85,11 +95,40 @@ _MAC_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def validate_user_id(user_id: object) -> str:
-    """Return `user_id` if it is a valid store name, else raise BadUserIdError."""
-    if not isinstance(user_id, str) or not _USER_ID_RE.fullmatch(user_id) or user_id.startswith("."):
+    """Return `user_id` if it is a valid user id (every name derived from it is then valid)."""
+    if (
+        not isinstance(user_id, str)
+        or not _USER_ID_RE.fullmatch(user_id)
+        or user_id.startswith(".")
+        or user_id.lower().endswith(SHARED_SUFFIX)  # any case: case-insensitive filesystems
+    ):
         shown = user_id if isinstance(user_id, str) and len(user_id) <= 140 else f"<{type(user_id).__name__}>"
-        raise BadUserIdError(f"invalid user id {shown!r}: use 1-128 letters, digits or '._-@', not starting with '.'")
+        raise BadUserIdError(
+            f"invalid user id {shown!r}: use 1-128 letters, digits or '._-@', not starting with '.' "
+            f"and not ending in {SHARED_SUFFIX!r} (reserved for the store's shared parts)"
+        )
     return user_id
+
+
+def store_name(user_id: str, part: str = "personal") -> str:
+    """The store name of `user_id`'s `part` ('personal': the id itself, 'shared': id + '@shared')."""
+    validate_user_id(user_id)
+    if part not in PARTS:
+        raise BadUserIdError(f"user {user_id!r}: part must be one of {PARTS}, got {part!r}", user_id)
+    return user_id if part == "personal" else user_id + SHARED_SUFFIX
+
+
+def split_store_name(name: object) -> tuple[str, str]:
+    """(user id, part) of a store name; BadUserIdError if it is neither a user id nor a part name."""
+    if isinstance(name, str) and name.endswith(SHARED_SUFFIX):
+        return validate_user_id(name[: -len(SHARED_SUFFIX)]), "shared"
+    return validate_user_id(name), "personal"
+
+
+def validate_store_name(name: object) -> str:
+    """Return `name` if it is a user id or the name of a user's shared part."""
+    split_store_name(name)
+    return name  # type: ignore[return-value]
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -204,8 +243,7 @@ class FileHeader(BaseModel):
     @field_validator("user_id")
     @classmethod
     def _user(cls, v: str) -> str:
-        validate_user_id(v)
-        return v
+        return validate_store_name(v)
 
     @field_validator("key_id")
     @classmethod

@@ -1,25 +1,32 @@
-"""Writers' locks and what a killed writer leaves behind.
+"""Writers' locks, staged writes, and what a killed writer leaves behind.
 
-Writers of one user hold ``<root>/<user_id>.lock`` (filelock) from reading the old
-header to writing the new file, which replaces the old one atomically (temp file, fsync,
-rename, fsync folder; common/files.py): a writer killed at any point leaves the previous
-version, and perhaps a temp file that the next writer of that file removes. The counter
-state (rollback.py) has its own lock, ``<root>/.counters.lock``, always taken second.
+Writers of one user (all of its parts) hold ``<root>/<user_id>.lock`` (filelock) from
+reading the old headers to renaming the new files. A write is staged: every new file
+(each part and its rollback record) is first written and fsynced as a temp file beside
+its target; only when all are ready are they renamed over their targets (parts first,
+records second, see rollback.py), then the folders are fsynced. A failure before the
+renames removes the temps and changes nothing; a writer killed at any point leaves each
+file old or new, and perhaps temp files that the next writer of that user removes.
 On a case-insensitive filesystem 'Alice' and 'alice' share one file; the owner check
 then refuses the other user's file rather than mixing them up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from ..files import fsync_dir
 from .errors import StoreBusyError, about
 
-__all__ = ["file_lock", "remove_temp_files"]
+__all__ = ["Staged", "commit", "discard", "file_lock", "remove_temp_files", "stage"]
+
+Staged = tuple[Path, Path]  # (temp file, target)
 
 
 @contextmanager
@@ -45,3 +52,34 @@ def remove_temp_files(root: Path, target: str) -> None:
     # matching another user's temp file (user "a" vs user "a.fpx.b").
     for tmp in root.glob(f".{target}.????????.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+def stage(target: Path, data: bytes, durable: bool) -> Staged:
+    """Write `data` to a temp file beside `target` (named as remove_temp_files expects)."""
+    target.parent.mkdir(mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp), target
+
+
+def discard(staged: Sequence[Staged]) -> None:
+    """Remove staged temp files that were not committed."""
+    for tmp, _ in staged:
+        tmp.unlink(missing_ok=True)
+
+
+def commit(staged: Sequence[Staged], durable: bool) -> None:
+    """Rename every staged file over its target, in order; then make the renames durable."""
+    for tmp, target in staged:
+        os.replace(tmp, target)
+    if durable:
+        for folder in dict.fromkeys(target.parent for _, target in staged):
+            fsync_dir(folder)

@@ -17,7 +17,7 @@ from safetensors.torch import save as safetensors_save
 from ..errors import ConfigError, ShapeError
 from ..precision import DTYPE_BY_NAME
 from ..prefix import Prefix, PrefixConfig
-from .errors import CorruptError, about
+from .errors import CorruptError, NonFiniteError, about
 
 __all__ = ["check_load_dtype", "decode_payload", "encode_payload", "storage_dtype_name"]
 
@@ -39,14 +39,24 @@ def check_load_dtype(dtype: torch.dtype | None) -> None:
         raise ConfigError(f"load dtype must be float32, float16, bfloat16, float64 or None; got {dtype}")
 
 
-def encode_payload(prefix: Prefix, dtype_name: str) -> bytes:
-    """The payload plaintext of `prefix`: its state tensors on the CPU in dtype `dtype_name`."""
+def encode_payload(prefix: Prefix, dtype_name: str, user_id: str | None = None) -> bytes:
+    """The payload plaintext of `prefix`: its state tensors on the CPU in dtype `dtype_name`.
+
+    NonFiniteError if any value is NaN or Inf in that dtype (also one too large for float16).
+    """
     if not isinstance(prefix, Prefix):
         raise ConfigError(f"save expects a Prefix, got {type(prefix).__name__}")
     tensors = {
         name: t.detach().to(device="cpu", dtype=_DTYPES[dtype_name]).contiguous()
         for name, t in prefix.state_tensors().items()
     }
+    for name, t in tensors.items():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise NonFiniteError(
+                about(user_id, f"tensor {name!r} holds {bad} NaN or Inf values as {dtype_name}; nothing was saved"),
+                user_id,
+            )
     return safetensors_save(tensors)
 
 

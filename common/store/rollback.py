@@ -1,85 +1,131 @@
-"""Rollback detection: the highest write counter written or seen per user.
+"""Rollback detection: an authenticated record of the newest write of each stored part.
 
-Every write raises the user's header ``counter`` by one and records it in
-``<root>/.counters.json`` (``{"format_version": 1, "counters": {user: n}}``, canonical
-JSON), under ``<root>/.counters.lock``. A load refuses an authenticated file whose
-counter is below the recorded one (an older copy put back) and records a higher one it
-meets (e.g. after a crash between the two writes of a save). Deleting a prefix keeps its
-counter, so the deleted file put back stays refused.
+Every write of ``<root>/<name>.fpx`` also writes ``<root>/.rollback/<name>.json``::
 
-Limit: this only protects against someone who cannot also roll back the state file
-(restoring a whole-folder backup rolls back both and is not detected).
+    {"counter": n, "format_version": 1, "key_id": "...", "mac": "...", "user_id": name}
+
+canonical JSON; mac = HMAC-SHA256 under HKDF-SHA256(DEK, info "fedprefix rollback record
+v1") of ``b"FPX1/rollback\\0"`` + canonical JSON of the other fields. Only the holder of
+the user's key can make a record, so none can be forged, moved to another user or part,
+or carried over to a new data key.
+
+A load refuses an authenticated file (RollbackError) when:
+
+- the record is missing, damaged or does not authenticate under the file's data key
+  (RollbackStateError: deleted or replaced, or a crash in the middle of a rotate-key);
+- the record names another key id (an older file from before rotate-key or delete);
+- the file's counter is below the record's (an older copy put back).
+
+A file newer than its record (a crash between the two renames of a save) is accepted: it
+is authentic, and the next save records it. ``PrefixStore.reset_rollback`` (``fedprefix
+store reset-rollback``) needs the key and re-anchors the record at the current file.
+
+Order: writers rename the file first and the record second; readers read the record
+first and the file second. A reader that sees a new record therefore sees that file or a
+newer one, so a load racing a save never looks like a rollback. Deleting a prefix keeps
+its record, so the deleted file put back stays refused.
+
+Limit: whoever kept older copies of BOTH a part's file and its record (e.g. a backup of
+the folder) can put both back; without state kept outside the folder this is not
+detectable. ``.counters.json`` (unauthenticated, written before these records) is no
+longer read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from pathlib import Path
 
-from ..files import atomic_write_bytes
-from .errors import CorruptError, RollbackError, about
-from .format import canonical_json
-from .locking import file_lock, remove_temp_files
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-__all__ = ["COUNTERS_FILE", "COUNTERS_LOCK", "check_counter", "read_counters", "record_counter"]
+from .errors import RollbackError, RollbackStateError, about
+from .format import FileHeader, canonical_json
 
-COUNTERS_FILE = ".counters.json"
-COUNTERS_LOCK = ".counters.lock"
+__all__ = ["RECORD_DIR", "check_record", "make_record", "read_record", "record_path", "verified_counter"]
+
+RECORD_DIR = ".rollback"
+_RECORD_FIELDS = {"counter", "format_version", "key_id", "mac", "user_id"}
 
 
-def read_counters(root: Path) -> dict[str, int]:
-    """Highest write counter written or seen per user (rollback state); {} when there is none."""
-    path = root / COUNTERS_FILE
+def record_path(root: Path, name: str) -> Path:
+    """Where the rollback record of store name `name` lives."""
+    return root / RECORD_DIR / f"{name}.json"
+
+
+def _mac(dek: bytes, body: dict) -> str:
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"fedprefix rollback record v1").derive(dek)
+    return hmac.new(key, b"FPX1/rollback\0" + canonical_json(body), hashlib.sha256).hexdigest()
+
+
+def make_record(name: str, key_id: str, counter: int, dek: bytes) -> bytes:
+    """The record bytes for the write `counter` of `name` under the data key `dek` (named `key_id`)."""
+    body = {"counter": counter, "format_version": 1, "key_id": key_id, "user_id": name}
+    return canonical_json({**body, "mac": _mac(dek, body)})
+
+
+def read_record(root: Path, name: str) -> bytes | None:
+    """The raw record of `name`, None if there is none."""
     try:
-        raw = path.read_bytes()
+        return record_path(root, name).read_bytes()
     except FileNotFoundError:
-        return {}
+        return None
+
+
+def _reset_hint(name: str) -> str:
+    owner = name.removesuffix("@shared")
+    return f"if the current file is genuine, run: fedprefix store reset-rollback {owner} --store STORE (with the key)"
+
+
+def _parse(name: str, raw: bytes, dek: bytes) -> dict:
+    """The authenticated record, or RollbackStateError."""
     try:
         obj = json.loads(raw)
-        counters = obj["counters"]
-        if obj.get("format_version") != 1 or not isinstance(counters, dict):
+        if not isinstance(obj, dict) or set(obj) != _RECORD_FIELDS or obj["user_id"] != name:
             raise ValueError
-        if not all(isinstance(k, str) and type(v) is int for k, v in counters.items()):
+        body = {k: v for k, v in obj.items() if k != "mac"}
+        if type(obj["counter"]) is not int or not isinstance(obj["mac"], str):
             raise ValueError
-    except (ValueError, KeyError, TypeError, RecursionError, UnicodeDecodeError):
-        raise CorruptError(
-            about(None, f"rollback state {path} is damaged; restore it or remove it to reset rollback checks")
+        if not hmac.compare_digest(_mac(dek, body), obj["mac"]) or canonical_json(obj) != raw:
+            raise ValueError
+    except (ValueError, TypeError, RecursionError, UnicodeDecodeError):
+        raise RollbackStateError(
+            about(name, f"its rollback record is damaged or not made with this data key; {_reset_hint(name)}"), name
         ) from None
-    return counters
+    return obj
 
 
-def record_counter(root: Path, user_id: str, counter: int, lock_timeout: float, durable: bool) -> None:
-    """Raise the stored counter of `user_id` to `counter` (never lowers it)."""
-    with file_lock(root / COUNTERS_LOCK, lock_timeout, user_id):
-        remove_temp_files(root, COUNTERS_FILE)
-        counters = read_counters(root)
-        if counters.get(user_id, 0) >= counter:
-            return
-        counters[user_id] = counter
-        # The counter file's data is synced, its rename is not: after a power loss it may
-        # lag the prefix file (never lead it: that file was fully synced first), which
-        # weakens rollback detection for that one version only and saves an fsync per save.
-        atomic_write_bytes(
-            root / COUNTERS_FILE,
-            canonical_json({"format_version": 1, "counters": counters}),
-            durable=durable,
-            sync_dir=False,
+def check_record(name: str, raw: bytes | None, header: FileHeader, dek: bytes) -> None:
+    """Refuse the authenticated file `header` (data key `dek`) unless its record allows it."""
+    if raw is None:
+        raise RollbackStateError(
+            about(
+                name,
+                f"its rollback record is missing (deleted?), so an older copy cannot be ruled out; {_reset_hint(name)}",
+            ),
+            name,
         )
-
-
-def check_counter(root: Path, user_id: str, counter: int, lock_timeout: float, durable: bool) -> None:
-    """Refuse an authenticated file with write counter `counter` if it is older than the state says."""
-    known = read_counters(root).get(user_id, 0)
-    if counter < known:
+    record = _parse(name, raw, dek)
+    if record["key_id"] != header.key_id or header.counter < record["counter"]:
         raise RollbackError(
             about(
-                user_id,
-                f"file has write counter {counter} but this store already wrote {known}: "
-                "an older copy was put back (rollback)",
+                name,
+                f"file has data key {header.key_id} and write counter {header.counter}, but this store "
+                f"already wrote {record['key_id']} / {record['counter']}: an older copy was put back (rollback)",
             ),
-            user_id,
+            name,
         )
-    if counter > known:
-        # Authenticated and newer than the state file (e.g. a crash between the two
-        # writes of save): remember it so older copies are refused from now on.
-        record_counter(root, user_id, counter, lock_timeout, durable)
+
+
+def verified_counter(root: Path, name: str, header: FileHeader, dek: bytes) -> int:
+    """The recorded counter of `name` if its record authenticates for this data key, else 0 (writers)."""
+    raw = read_record(root, name)
+    if raw is None:
+        return 0
+    try:
+        record = _parse(name, raw, dek)
+    except RollbackError:
+        return 0
+    return record["counter"] if record["key_id"] == header.key_id else 0

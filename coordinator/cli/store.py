@@ -22,7 +22,7 @@ from .main import app, console, fail
 
 store_app = typer.Typer(
     name="store",
-    help="Encrypted per-user prefix store: list, verify, rotate keys, export to PEFT.",
+    help="Encrypted per-user prefix store: list, verify, rotate keys, reset rollback records, export to PEFT.",
     no_args_is_help=True,
 )
 app.add_typer(store_app, name="store")
@@ -159,6 +159,25 @@ def rotate_key_cmd(
     except (FedPrefixError, OSError) as exc:
         fail(exc)
     console.print(_info_table([info], f"data key of {user_id}: {before} -> {info.key_id}"))
+
+
+@store_app.command("reset-rollback")
+def reset_rollback_cmd(
+    user_id: UserArg, store: StoreOpt, key_file: KeyFileOpt = None, passphrase_env: PassEnvOpt = None
+) -> None:
+    """Accept a user's current files as the newest: re-anchor their rollback records (needs the key).
+
+    Use it only when a load reports a missing or damaged rollback record and you know the
+    current files are the ones to keep (e.g. after restoring them on purpose).
+
+    Example: FP_PASS=... fedprefix store reset-rollback alice --store ./prefixes --passphrase-env FP_PASS
+    """
+    try:
+        key = _read_key(user_id, key_file, passphrase_env)
+        infos = _open_store(store).reset_rollback(user_id, key)
+    except (FedPrefixError, OSError) as exc:
+        fail(exc)
+    console.print(_info_table(infos, f"rollback records of {user_id} re-anchored at the current files"))
 
 
 @store_app.command("export-peft")

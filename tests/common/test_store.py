@@ -311,9 +311,10 @@ def test_rollback_refused(store):
         store.load("alice", PASS)
     with pytest.raises(RollbackError):
         PrefixStore(store.root, scrypt_n=N).verify("alice", PASS)
-    # Documented limit: whoever can also roll back the state file is not detected.
-    (store.root / ".counters.json").unlink()
-    assert same(make_prefix(1), store.load("alice", PASS))
+    # Deleting the rollback record does not reset the check (tests/common/test_store_rollback.py).
+    (store.root / ".rollback" / "alice.json").unlink()
+    with pytest.raises(RollbackError, match="reset-rollback"):
+        store.load("alice", PASS)
 
 
 def test_save_over_tampered_header_refused(store):
@@ -341,8 +342,8 @@ def test_stale_temp_files_cleaned_only_for_own_user(store):
 
 def test_state_file_damaged_is_a_store_error(store):
     store.save("alice", make_prefix(), RAW)
-    (store.root / ".counters.json").write_text("{not json")
-    with pytest.raises(CorruptError, match="counters"):
+    (store.root / ".rollback" / "alice.json").write_text("{not json")
+    with pytest.raises(RollbackError, match="rollback record is damaged"):
         store.load("alice", RAW)
 
 

@@ -1,0 +1,248 @@
+"""Store against hostile folders and callers (issue 14): rollback records, races, names, all-or-nothing saves."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+import torch
+from fedprefix.common.prefix import Prefix, PrefixConfig, PrefixSpec
+from fedprefix.common.protocol import shared_store_id
+from fedprefix.common.store import (
+    BadUserIdError,
+    NonFiniteError,
+    PrefixStore,
+    RollbackError,
+    RollbackStateError,
+    WrongKeyError,
+)
+from fedprefix.common.store import locking as store_locking
+from typer.testing import CliRunner
+
+FP = "ab" * 32
+SPEC = PrefixSpec(num_layers=2, num_kv_heads=2, head_dim=4, num_virtual_tokens=3)
+RAW = bytes(range(32))
+RAW2 = bytes(range(1, 33))
+PASS = "correct horse battery staple"
+
+
+def make_prefix(seed: int = 0) -> Prefix:
+    config = PrefixConfig(spec=SPEC, base_fingerprint=FP)
+    return Prefix(config, init="random", generator=torch.Generator().manual_seed(seed))
+
+
+def same(a: Prefix, b: Prefix) -> bool:
+    ta, tb = a.state_tensors(), b.state_tensors()
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def files(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def store(tmp_path) -> PrefixStore:
+    return PrefixStore(tmp_path / "store", scrypt_n=2**10)
+
+
+def record(store: PrefixStore, name: str):
+    return store.root / ".rollback" / f"{name}.json"
+
+
+# ------------------------------------------------------------------ rollback records
+
+
+def test_older_file_put_back_and_record_deleted_is_refused(store):
+    store.save("alice", make_prefix(1), PASS)
+    old = store.path_for("alice").read_bytes()
+    store.save("alice", make_prefix(2), PASS)
+    store.path_for("alice").write_bytes(old)
+    record(store, "alice").unlink()
+    (store.root / ".counters.json").unlink(missing_ok=True)  # the old state file means nothing now
+    for call in (lambda: store.load("alice", PASS), lambda: PrefixStore(store.root).verify("alice", PASS)):
+        with pytest.raises(RollbackStateError, match="alice.*missing.*reset-rollback alice"):
+            call()
+
+
+def test_replaced_older_file_or_foreign_record_is_refused(store):
+    store.save("alice", make_prefix(1), PASS)
+    old_file, old_record = store.path_for("alice").read_bytes(), record(store, "alice").read_bytes()
+    store.save("alice", make_prefix(2), PASS)
+    store.save("bob", make_prefix(3), PASS)
+    store.path_for("alice").write_bytes(old_file)
+    with pytest.raises(RollbackError, match="older copy"):
+        store.load("alice", PASS)
+    # Another user's record (or an edited one) cannot stand in for alice's.
+    shutil.copy(record(store, "bob"), record(store, "alice"))
+    with pytest.raises(RollbackStateError, match="damaged or not made with this data key"):
+        store.load("alice", PASS)
+    forged = old_record.replace(b'"counter":1', b'"counter":0')
+    record(store, "alice").write_bytes(forged)
+    with pytest.raises(RollbackStateError):
+        store.load("alice", PASS)
+    # Documented limit: old copies of BOTH the file and its record put back together pass.
+    record(store, "alice").write_bytes(old_record)
+    assert same(store.load("alice", PASS), make_prefix(1))
+
+
+def test_file_from_before_rotate_or_delete_is_refused(store):
+    store.save("alice", make_prefix(1), RAW)
+    old = store.path_for("alice").read_bytes()
+    store.rotate_data_key("alice", RAW)
+    store.path_for("alice").write_bytes(old)
+    with pytest.raises(RollbackError, match="data key"):
+        store.load("alice", RAW)
+    store.delete("alice")
+    store.save("alice", make_prefix(2), RAW)  # a new start: counter 1 again, new data key
+    store.path_for("alice").write_bytes(old)
+    with pytest.raises(RollbackError):
+        store.load("alice", RAW)
+
+
+def test_reset_rollback_needs_the_key(store):
+    store.save("alice", make_prefix(1), PASS, part="shared")
+    store.save("alice", make_prefix(2), PASS)
+    record(store, "alice").unlink()
+    record(store, shared_store_id("alice")).write_text("garbage")
+    with pytest.raises(WrongKeyError):
+        store.reset_rollback("alice", "not the passphrase")
+    with pytest.raises(RollbackStateError):
+        store.load("alice", PASS)
+    infos = store.reset_rollback("alice", PASS)
+    assert sorted(i.user_id for i in infos) == ["alice", "alice@shared"]
+    parts = store.load_parts("alice", PASS, FP)
+    assert same(parts["personal"], make_prefix(2)) and same(parts["shared"], make_prefix(1))
+
+
+def test_cli_reset_rollback(store):
+    from fedprefix.coordinator.cli.store import store_app
+
+    store.save("alice", make_prefix(1), PASS)
+    record(store, "alice").unlink()
+    runner = CliRunner()
+    args = ["--store", str(store.root), "--passphrase-env", "FP_PASS"]
+    result = runner.invoke(store_app, ["verify", "alice", *args], env={"FP_PASS": PASS})
+    assert result.exit_code == 1 and "reset-rollback" in result.stderr
+    result = runner.invoke(store_app, ["reset-rollback", "alice", *args], env={"FP_PASS": "wrong"})
+    assert result.exit_code == 1 and "wrong key" in result.stderr
+    assert not record(store, "alice").exists()
+    result = runner.invoke(store_app, ["reset-rollback", "nobody", *args], env={"FP_PASS": PASS})
+    assert result.exit_code == 1
+    result = runner.invoke(store_app, ["reset-rollback", "alice", *args], env={"FP_PASS": PASS})
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(store_app, ["verify", "alice", *args], env={"FP_PASS": PASS})
+    assert result.exit_code == 0, result.output
+    assert same(store.load("alice", PASS), make_prefix(1))
+
+
+# ------------------------------------------------------------------ races
+
+
+def test_loads_during_saves_see_old_or_new_never_an_error(store):
+    known = [make_prefix(s) for s in range(4)]
+    store.save("alice", known[0], PASS)
+    store.save("alice", known[0], PASS, part="shared")
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def writer() -> None:
+        try:
+            for i in range(40):
+                p = known[i % 4]
+                store.save_parts("alice", {"personal": p, "shared": p}, PASS)
+                store.rotate_data_key("alice", PASS) if i % 10 == 0 else None
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    loads = [0]
+
+    def reader(reader_store: PrefixStore) -> None:
+        while not done.is_set():
+            try:
+                loaded = reader_store.load("alice", PASS, FP)
+                assert any(same(loaded, k) for k in known)
+                parts = reader_store.load_parts("alice", PASS, FP)
+                assert same(parts["personal"], parts["shared"])  # read together: one save, whole
+                loads[0] += 1
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=writer)]
+    threads += [threading.Thread(target=reader, args=(PrefixStore(store.root),)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == [] and loads[0] > 0
+
+
+# ------------------------------------------------------------------ names
+
+
+def test_user_id_at_shared_cannot_block_dave(store):
+    for bad in ("dave@shared", "dave@SHARED", "dave@shared@shared"):
+        with pytest.raises(BadUserIdError, match="reserved"):
+            store.save(bad, make_prefix(), b"\x07" * 32)
+        with pytest.raises(BadUserIdError):
+            shared_store_id(bad)
+    assert list(store.root.iterdir()) == []
+    store.save_parts("dave", {"personal": make_prefix(1), "shared": make_prefix(2)}, RAW)
+    assert same(store.load("dave", RAW), make_prefix(1))
+    assert same(store.load(shared_store_id("dave"), RAW), make_prefix(2))
+    assert [i.user_id for i in store.list()] == ["dave", "dave@shared"]
+
+
+def test_id_length_checked_once_for_every_derived_name(store):
+    longest = "x" * 128
+    store.save_parts(longest, {"personal": make_prefix(1), "shared": make_prefix(2)}, RAW)
+    assert same(store.load_parts(longest, RAW)["shared"], make_prefix(2))
+    with pytest.raises(BadUserIdError, match="1-128"):
+        store.save_parts("x" * 129, {"personal": make_prefix(1), "shared": make_prefix(2)}, RAW)
+    assert sorted(p.name for p in store.root.glob("*.fpx")) == [f"{longest}.fpx", f"{longest}@shared.fpx"]
+
+
+# ------------------------------------------------------------------ all or nothing, finite only
+
+
+def test_failed_second_part_leaves_first_unchanged(store, monkeypatch):
+    store.save("dave", make_prefix(1), RAW)
+    store.save("dave", make_prefix(9), RAW2, part="shared")  # the shared part is under another key
+    before = files(store.root)
+    with pytest.raises(WrongKeyError):
+        store.save_parts("dave", {"personal": make_prefix(2), "shared": make_prefix(3)}, RAW)
+    nan = make_prefix(3)
+    with torch.no_grad():
+        next(iter(nan.parameters())).view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteError):
+        store.save_parts("dave", {"personal": make_prefix(2), "shared": nan}, RAW)
+    store.delete("dave@shared")
+    before = files(store.root)
+    calls = []
+
+    def failing_stage(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second part's file cannot be written
+            raise OSError(28, "No space left on device")
+        return real_stage(*args, **kwargs)
+
+    real_stage = store_locking.stage
+    monkeypatch.setattr("fedprefix.common.store.api.stage", failing_stage)
+    with pytest.raises(OSError, match="No space"):
+        store.save_parts("dave", {"personal": make_prefix(2), "shared": make_prefix(3)}, RAW)
+    assert files(store.root) == before  # no temp file left, nothing renamed
+    assert same(store.load("dave", RAW), make_prefix(1))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e6])
+def test_non_finite_refused(store, value):
+    prefix = make_prefix()
+    with torch.no_grad():
+        next(iter(prefix.parameters())).view(-1)[3] = value
+    dtype = torch.float16 if value == 1e6 else torch.float32  # 1e6 overflows float16 to inf
+    with pytest.raises(NonFiniteError, match="alice.*NaN or Inf.*nothing was saved"):
+        store.save("alice", prefix, RAW, dtype=dtype)
+    assert not store.exists("alice") and not list(store.root.rglob("*.tmp"))
