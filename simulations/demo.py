@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def compare(me: Personalizer, data: dict, title: str) -> None:
 
 def federated(args) -> None:
     work = Path(args.out)
+    for stale in ("run", "stores", "data"):  # a demo starts fresh: no prefixes or data of an earlier run
+        shutil.rmtree(work / stale, ignore_errors=True)
     config = FederationConfig(
         base=args.base,
         num_users=args.users,

@@ -91,9 +91,9 @@ def test_builtin_smollm2_answers_paris():
     base = load_base("smollm2-135m-instruct")
     spec = base.prefix_spec(16)
     assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (30, 3, 64)
-    prompt = base.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
-    )
-    prompt = prompt["input_ids"] if isinstance(prompt, dict) else prompt
+    from fedprefix.common.chat import format_prompt
+
+    text = format_prompt(base.tokenizer, "What is the capital of France?")
+    prompt = base.tokenizer(text, add_special_tokens=False).input_ids
     (answer,) = generate(base.model, base.tokenizer, [prompt], [None], SamplingParams(max_new_tokens=12))
     assert "Paris" in answer
