@@ -190,3 +190,29 @@ def test_pyproject_lists_every_run_setting_with_its_default():
     """`flwr run .` takes its settings from pyproject: they must be FederationConfig's, all of them."""
     pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     assert pyproject["tool"]["flwr"]["app"]["config"] == FederationConfig().to_run_config()
+
+
+def test_messages_carry_this_rounds_values_only():
+    """Run settings stay in each node's own run config: proximal-mu reaches nodes under FedProx only."""
+    for aggregator in ("fedavg", "fedadam"):
+        config = ConfigRecord()
+        _strategy(aggregator=aggregator)._add_round_settings(config, 0.01)
+        assert set(config.keys()) == {"base-fingerprint", "round-learning-rate"}, aggregator
+    prox = _strategy(aggregator="fedprox")
+    config = ConfigRecord()
+    prox._add_round_settings(config, 0.01)
+    configured = prox.inner.configure_train(1, ArrayRecord(), config, _Grid(4))
+    assert {m.content["config"]["proximal-mu"] for m in configured} == {0.01}
+
+
+class _Grid:
+    """Just enough of a Flower Grid for configure_train to sample nodes."""
+
+    def __init__(self, nodes: int) -> None:
+        self.nodes = list(range(1, nodes + 1))
+
+    def get_node_ids(self):
+        return self.nodes
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
