@@ -43,6 +43,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per variant (after 2 warm-up steps)")
     parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="fedprefix's base dtype")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
     import peft  # the reference; a dev extra
@@ -66,7 +67,9 @@ def main(argv=None) -> dict:
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=args.lr)
     opt_peft = torch.optim.AdamW(peft_params, lr=args.lr)
 
-    work = ours_base.with_dtype(torch.bfloat16)  # what fit(bf16=True), the default, trains against
+    # float32: the base itself; bfloat16: the copy fit(bf16=True) trains against (fast only where
+    # the CPU has native bfloat16, DESIGN.md "Machines differ")
+    work = ours_base.with_dtype(torch.bfloat16) if args.dtype == "bfloat16" else ours_base
 
     def step_ours(batch) -> float:
         return train_step(work, ours.key_values, batch, opt_ours, list(ours.parameters()))
@@ -80,7 +83,7 @@ def main(argv=None) -> dict:
         return float(loss.detach())
 
     variants = {
-        "fedprefix (bf16 base copy)": step_ours,
+        f"fedprefix ({args.dtype})": step_ours,
         "PEFT get_peft_model (fp32)": step_peft,
     }
     times = {name: [] for name in variants}
@@ -101,6 +104,7 @@ def main(argv=None) -> dict:
         f"{torch.get_num_threads()}",
         "versions": {"torch": torch.__version__, "peft": peft.__version__},
         "base": args.base,
+        "fedprefix_dtype": args.dtype,
         "batch_size": args.batch_size,
         "tokens_per_row": round(statistics.mean(len(e.prompt) + len(e.completion) for e in examples), 1),
         "prefix_tokens": args.tokens,
