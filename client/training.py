@@ -18,6 +18,7 @@ from fedprefix.common.attention import hidden_with_prefixes, stack_prefixes
 from fedprefix.common.config import EvalPoint, EvalReport, FitReport, TrainConfig
 from fedprefix.common.generation import left_pad
 from fedprefix.common.precision import dtype_name, resolve_dtype
+from fedprefix.common.train_forward import lean_completion_loss, unsupported_reason
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -47,7 +48,19 @@ def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int)
 
 
 def completion_loss(base, kv: torch.Tensor | None, batch: Sequence[Example]) -> tuple[torch.Tensor, int]:
-    """(summed cross-entropy over completion tokens, number of those tokens) for one batch behind `kv`."""
+    """(summed cross-entropy over completion tokens, number of those tokens) for one batch behind `kv`.
+
+    Llama and Qwen2 bases take the lean forward of common.train_forward (the same loss with
+    fewer products: shared head once, last layer on completion positions only); others,
+    and rows with an empty prompt or completion, the transformers forward below.
+    """
+    if unsupported_reason(base.model) is None and all(ex.prompt and ex.completion for ex in batch):
+        return lean_completion_loss(base.model, kv, [ex.prompt for ex in batch], [ex.completion for ex in batch])
+    return transformers_completion_loss(base, kv, batch)
+
+
+def transformers_completion_loss(base, kv: torch.Tensor | None, batch: Sequence[Example]) -> tuple[torch.Tensor, int]:
+    """completion_loss through transformers' own forward (any supported base)."""
     rows = [ex.prompt + ex.completion for ex in batch]
     ids, mask = left_pad(rows, base.tokenizer.pad_token_id)
     labels = torch.zeros_like(mask, dtype=torch.bool)  # (B, T): True at completion tokens

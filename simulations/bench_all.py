@@ -81,8 +81,10 @@ def markdown(r: dict) -> str:
     peft, http = s["engine_vs_peft"], s["open_loop_http"]
     rows = [
         (
-            "training step vs PEFT (time ratio, lower is better)",
-            f"{t['time_ratio_fedprefix_over_peft']}x ({t['median_step_s']})",
+            f"training step vs PEFT float32 (time ratio, lower is better): fedprefix default "
+            f"({t['fedprefix_dtype']}) / fedprefix float32",
+            f"{t['time_ratio_fedprefix_over_peft']}x / {t['time_ratio_fedprefix_fp32_over_peft_fp32']}x "
+            f"({t['median_step_s']})",
         ),
         (
             "mixed-prefix batch vs one shared prefix (tokens/s ratio)",

@@ -1,8 +1,11 @@
 """Training step time: fedprefix vs PEFT prefix tuning, side by side in one process.
 
 Same base, same data, same batches, same initial prefix, same optimizer (AdamW,
-constant learning rate, no clipping). Timing rounds alternate between the two so that machine
-noise hits both alike; the ratio of medians is the figure to read.
+constant learning rate, no clipping). fedprefix runs in the dtype a user gets by default
+(`--dtype auto`: common/precision.py decides on this host) and, where that is not float32,
+in float32 too; PEFT in float32, its default. Timing rounds alternate between them so that
+machine noise hits all alike; the ratio of medians is the figure to read. The result
+names the host (CPU, cores, native bf16, torch).
 
     python -m fedprefix.simulations.bench_train --base smollm2-135m-instruct --steps 10
 """
@@ -11,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
-import psutil
 import torch
 from fedprefix.client.data import read_rows, tokenize_rows
 from fedprefix.client.training import train_step
 from fedprefix.common.base_model import load_base
 from fedprefix.common.generation import left_pad
+from fedprefix.common.precision import DTYPE_CHOICES, describe_host, dtype_name, host_info, resolve_dtype
 from fedprefix.common.prefix import Prefix
 from fedprefix.simulations.memory import PeakMemory
 from fedprefix.simulations.personas import training_rows, user_dataset
@@ -43,6 +45,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per variant (after 2 warm-up steps)")
     parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="fedprefix's compute dtype")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
     import peft  # the reference; a dev extra
@@ -57,19 +60,24 @@ def main(argv=None) -> dict:
     batches = [b for b in batches if len(b) == args.batch_size][: args.steps + 2]
 
     init = Prefix.from_text(ours_base, "Answer the request below helpfully and accurately. " * 4, args.tokens)
-    ours = Prefix.from_flat(init.flat().detach().clone(), init.spec, init.base_fingerprint)
     config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.tokens)
     peft_model = peft.get_peft_model(peft_base.model, config)
     peft_model.prompt_encoder["default"].embedding.weight.data.copy_(init.flat().detach())
     peft_model.train()
     peft_params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=args.lr)
     opt_peft = torch.optim.AdamW(peft_params, lr=args.lr)
 
-    work = ours_base.with_dtype(torch.bfloat16)  # what fit(bf16=True), the default, trains against
+    def fedprefix_step(dtype: torch.dtype):
+        """A training step of our own prefix (a fresh copy of the init) in `dtype`."""
+        work = ours_base.with_dtype(dtype)
+        prefix = Prefix.from_flat(init.flat().detach().clone(), init.spec, init.base_fingerprint)
+        optimizer = torch.optim.AdamW(prefix.parameters(), lr=args.lr)
+        return lambda batch: train_step(work, prefix.key_values, batch, optimizer, list(prefix.parameters()))
 
-    def step_ours(batch) -> float:
-        return train_step(work, ours.key_values, batch, opt_ours, list(ours.parameters()))
+    default = resolve_dtype(args.dtype, ours_base.device)
+    variants = {f"fedprefix default ({dtype_name(default)})": fedprefix_step(default)}
+    if default != torch.float32:
+        variants["fedprefix float32"] = fedprefix_step(torch.float32)
 
     def step_peft(batch) -> float:
         ids, mask, labels = _peft_batch(peft_base, batch)
@@ -79,10 +87,7 @@ def main(argv=None) -> dict:
         opt_peft.step()
         return float(loss.detach())
 
-    variants = {
-        "fedprefix (bf16 base copy)": step_ours,
-        "PEFT get_peft_model (fp32)": step_peft,
-    }
+    variants["PEFT get_peft_model (float32)"] = step_peft
     times = {name: [] for name in variants}
     losses = {name: [] for name in variants}
     memory = {}
@@ -95,12 +100,13 @@ def main(argv=None) -> dict:
             memory[name] = max(memory.get(name, 0.0), rss.extra_mib)
             if index >= 2:  # warm-up steps are not timed
                 times[name].append(elapsed)
-    ours_name, peft_name = list(variants)
+    ours_name, peft_name = next(iter(variants)), list(variants)[-1]
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, torch threads "
-        f"{torch.get_num_threads()}",
+        "host": host_info(ours_base.device).model_dump(),
+        "machine": describe_host(),
         "versions": {"torch": torch.__version__, "peft": peft.__version__},
         "base": args.base,
+        "fedprefix_dtype": dtype_name(default),
         "batch_size": args.batch_size,
         "tokens_per_row": round(statistics.mean(len(e.prompt) + len(e.completion) for e in examples), 1),
         "prefix_tokens": args.tokens,
@@ -110,8 +116,10 @@ def main(argv=None) -> dict:
         "mean_loss_last3": {n: round(statistics.mean(v[-3:]), 4) for n, v in losses.items()},
         "peak_extra_rss_mib": {n: round(v, 1) for n, v in memory.items()},
     }
-    result["time_ratio_fedprefix_over_peft"] = round(
-        result["median_step_s"][ours_name] / result["median_step_s"][peft_name], 3
+    medians = result["median_step_s"]
+    result["time_ratio_fedprefix_over_peft"] = round(medians[ours_name] / medians[peft_name], 3)
+    result["time_ratio_fedprefix_fp32_over_peft_fp32"] = round(
+        medians.get("fedprefix float32", medians[ours_name]) / medians[peft_name], 3
     )
     print(json.dumps(result, indent=2))
     if args.json:

@@ -1,0 +1,205 @@
+"""A lean training forward for Llama-architecture bases (Llama, Qwen2): completion loss behind one prefix.
+
+Why: a training step is ~80% matrix products (CPU, float32), so it gets faster only by
+doing fewer of them. transformers' forward runs every row of a batch over every
+position of every layer; the loss needs less, with the same arithmetic:
+
+- every row of a training batch sits behind the same prefix, and rows share a long
+  token head (SmolLM2's chat template puts the same system prompt in every row): the
+  head runs once, at batch size 1, and all rows attend to [prefix ; head keys/values];
+- a row's last token is only a label: no position reads it, so it is not run;
+- at the last layer, positions that predict no completion token only give keys and
+  values: queries, attention output, MLP, final norm and LM head run on the
+  completion-predicting positions alone.
+
+Per layer the weights are transformers' own (no copies; autograd flows back to the
+prefix keys/values), with transformers' RMSNorm order of operations, rotary embedding
+(queries and keys rotated in one pass) and SDPA attention with grouped-query heads.
+Tests hold its loss and prefix gradient to the plain transformers path.
+
+Bases of another architecture (GPT-2), another activation, sliding-window layers or
+attention dropout in training mode are not covered (`unsupported_reason`); the caller
+runs those through transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import rotate_half
+
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")  # the same decoder; Qwen2 adds q/k/v biases
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the lean training forward cannot run `model` (None: it can)."""
+    config = model.config
+    if type(model).__name__ not in ARCHITECTURES:
+        return f"architecture {type(model).__name__}"
+    if config.hidden_act != "silu":
+        return f"activation {config.hidden_act}"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "pretraining_tp > 1"
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return "sliding-window attention layers"
+    if model.training and getattr(config, "attention_dropout", 0.0):
+        return "attention dropout in training mode"
+    return None
+
+
+def shared_head_length(prompts: Sequence[Sequence[int]], rows: Sequence[Sequence[int]]) -> int:
+    """Tokens at the start of every row, stopping before any row's last prompt token.
+
+    That last prompt token predicts the first completion token, so every
+    completion-predicting position stays in the rows' own tails.
+    """
+    limit = min(len(p) for p in prompts) - 1
+    first = rows[0]
+    head = 0
+    while head < limit and all(row[head] == first[head] for row in rows):
+        head += 1
+    return head
+
+
+def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalize in float32, round to the input dtype, then scale."""
+    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), None, norm.variance_epsilon).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb for x (N, heads, D); cos, sin (N, 1, D)."""
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as SDPA's additive one, built once per forward instead of once per layer."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention with grouped-query heads: q (B, H, T, D), k and v (B, Hkv, S, D), bias (B, 1, T, S).
+
+    The G = H / Hkv query heads of a key/value head are folded into its query rows, so
+    keys and values are read in place (SDPA's math kernel copies them G times, and checks
+    the mask for fully masked rows on every call); the scale is applied to the queries.
+    """
+    batch, heads, length, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    folded = (q * scale).reshape(batch, kv_heads, group * length, dim)  # (B, Hkv, G*T, D)
+    scores = folded @ k.transpose(2, 3)  # (B, Hkv, G*T, S)
+    scores = scores.view(batch, kv_heads, group, length, keys) + bias.unsqueeze(2)  # (B, Hkv, G, T, S)
+    probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, group * length, keys)  # (B, Hkv, G*T, S)
+    return (probs @ v).view(batch, heads, length, dim)  # (B, H, T, D)
+
+
+def _mlp(x: torch.Tensor, mlp) -> torch.Tensor:
+    """transformers' LlamaMLP on x (N, hidden) -> (N, hidden)."""
+    return mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+
+def lean_completion_loss(
+    model, kv: torch.Tensor | None, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
+) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy over completion tokens, their number), every row behind prefix `kv`.
+
+    kv: (L, 2, Hkv, P, D) or None. Every prompt and completion must hold at least one token.
+    Equal, up to float reassociation, to the loss of transformers' forward over the
+    left-padded rows behind the prefix (positions counted from P, as in common.attention).
+    """
+    config, decoder = model.config, model.model
+    embed = decoder.embed_tokens.weight  # (V, hidden)
+    device, dtype = embed.device, embed.dtype
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    width = config.hidden_size
+    rows = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
+    batch = len(rows)
+    head = shared_head_length(prompts, rows)
+    prefix_len = 0 if kv is None else kv.shape[3]
+    if kv is not None:
+        kv = kv.to(device=device, dtype=dtype)  # (L, 2, Hkv, P, D)
+
+    # the rows' own tokens after the head, without the last one (only a label), left-padded
+    tails = [row[head:-1] for row in rows]
+    length = max(len(t) for t in tails)
+    ids = torch.full((batch, length), 0, dtype=torch.long)  # (B, T)
+    real = torch.zeros(batch, length, dtype=torch.bool)  # (B, T)
+    for b, tail in enumerate(tails):
+        ids[b, length - len(tail) :] = torch.tensor(tail, dtype=torch.long)
+        real[b, length - len(tail) :] = True
+    ids, real = ids.to(device), real.to(device)
+    head_ids = torch.tensor(rows[0][:head], dtype=torch.long, device=device)  # (h,)
+
+    # positions: the head from P, each row's tail from P + h (pads clamp to P + h)
+    counted = (real.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+    positions = torch.cat(
+        [torch.arange(head, device=device) + prefix_len, (counted + prefix_len + head).reshape(-1)]
+    )  # (h + B*T,)
+
+    # keys seen by the tail queries: [prefix (P) | head (h) | tail (T)]
+    query_at = torch.arange(length, device=device).unsqueeze(1)  # (T, 1)
+    key_at = torch.arange(length, device=device).unsqueeze(0)  # (1, T)
+    # causal over real tokens; a pad query also sees itself so that its row stays finite
+    tail_allowed = (real.unsqueeze(1) & (key_at <= query_at)) | (key_at == query_at)  # (B, T, T)
+    seen = torch.ones(batch, length, prefix_len + head, dtype=torch.bool, device=device)  # (B, T, P + h)
+    tail_bias = _additive(torch.cat([seen, tail_allowed], dim=2).unsqueeze(1), dtype)  # (B, 1, T, S)
+    head_causal = torch.ones(head, head, dtype=torch.bool, device=device).tril()  # (h, h)
+    head_allowed = torch.cat([torch.ones(head, prefix_len, dtype=torch.bool, device=device), head_causal], dim=1)
+    head_bias = _additive(head_allowed[None, None], dtype)  # (1, 1, h, P + h)
+
+    # completion-predicting positions: the last c_b tail positions of row b
+    span = max(len(c) for c in completions)  # C
+    slot = torch.arange(span, device=device).unsqueeze(0)  # (1, C)
+    counts = torch.tensor([len(c) for c in completions], device=device).unsqueeze(1)  # (B, 1)
+    predict = slot >= span - counts  # (B, C), row-major order = completion token order
+    targets = torch.tensor([t for c in completions for t in c], dtype=torch.long, device=device)  # (N,)
+
+    hidden = F.embedding(torch.cat([head_ids, ids.reshape(-1)]), embed)  # (h + B*T, hidden)
+    cos, sin = decoder.rotary_emb(hidden, position_ids=positions.unsqueeze(0))  # each (1, h + B*T, D)
+    cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (h + B*T, 1, D)
+    scale = dim**-0.5
+    layers = decoder.layers[: config.num_hidden_layers]
+    for i, layer in enumerate(layers):
+        attn, last = layer.self_attn, i == len(layers) - 1
+        x = _rms_norm(hidden, layer.input_layernorm)  # (h + B*T, hidden)
+        k = _rotate(attn.k_proj(x).view(-1, kv_heads, dim), cos, sin)  # (h + B*T, Hkv, D)
+        v = attn.v_proj(x).view(-1, kv_heads, dim)  # (h + B*T, Hkv, D)
+        # split, not slices: the backward of a split is one concatenation (a slice's zero-fills a full copy)
+        head_k, tail_k = k.split([head, batch * length])
+        head_v, tail_v = v.split([head, batch * length])
+        head_k, tail_k = head_k.transpose(0, 1), tail_k.view(batch, length, kv_heads, dim).transpose(1, 2)
+        head_v, tail_v = head_v.transpose(0, 1), tail_v.view(batch, length, kv_heads, dim).transpose(1, 2)
+        # head_k, head_v: (Hkv, h, D); tail_k, tail_v: (B, Hkv, T, D)
+        shared_k, shared_v = head_k, head_v  # (Hkv, P + h, D) once the prefix is in front
+        if kv is not None:
+            shared_k, shared_v = torch.cat([kv[i, 0], head_k], dim=1), torch.cat([kv[i, 1], head_v], dim=1)
+        keys = torch.cat([shared_k.expand(batch, -1, -1, -1), tail_k], dim=2)  # (B, Hkv, S, D)
+        values = torch.cat([shared_v.expand(batch, -1, -1, -1), tail_v], dim=2)  # (B, Hkv, S, D)
+        if last:  # only the completion-predicting positions go on
+            rows_x = x[head:].view(batch, length, width)[:, length - span :]  # (B, C, hidden)
+            q = attn.q_proj(rows_x.reshape(-1, width)).view(-1, heads, dim)  # (B*C, H, D)
+            tail_cos = cos[head:].view(batch, length, 1, dim)[:, length - span :].reshape(-1, 1, dim)
+            tail_sin = sin[head:].view(batch, length, 1, dim)[:, length - span :].reshape(-1, 1, dim)
+            q = _rotate(q, tail_cos, tail_sin).view(batch, span, heads, dim).transpose(1, 2)  # (B, H, C, D)
+            out = _attend(q, keys, values, tail_bias[:, :, length - span :], scale)  # (B, H, C, D)
+            out = out.transpose(1, 2)[predict].reshape(-1, heads * dim)  # (N, H*D)
+            residual = hidden[head:].view(batch, length, width)[:, length - span :][predict]  # (N, hidden)
+            hidden = residual + attn.o_proj(out)  # (N, hidden)
+            hidden = hidden + _mlp(_rms_norm(hidden, layer.post_attention_layernorm), layer.mlp)
+            break
+        q = _rotate(attn.q_proj(x).view(-1, heads, dim), cos, sin)  # (h + B*T, H, D)
+        head_q, tail_q = q.split([head, batch * length])
+        head_q = head_q.transpose(0, 1).unsqueeze(0)  # (1, H, h, D)
+        tail_q = tail_q.view(batch, length, heads, dim).transpose(1, 2)  # (B, H, T, D)
+        out_tail = _attend(tail_q, keys, values, tail_bias, scale)  # (B, H, T, D)
+        out_tail = out_tail.transpose(1, 2).reshape(-1, heads * dim)  # (B*T, H*D)
+        if head:
+            out_head = _attend(head_q, shared_k.unsqueeze(0), shared_v.unsqueeze(0), head_bias, scale)  # (1, H, h, D)
+            out_tail = torch.cat([out_head[0].transpose(0, 1).reshape(head, heads * dim), out_tail])
+        hidden = hidden + attn.o_proj(out_tail)  # (h + B*T, hidden)
+        hidden = hidden + _mlp(_rms_norm(hidden, layer.post_attention_layernorm), layer.mlp)
+    logits = model.get_output_embeddings()(_rms_norm(hidden, decoder.norm)).float()  # (N, V)
+    return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
