@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from fedprefix.common.attention import hidden_with_prefixes, stack_prefixes
 from fedprefix.common.config import EvalPoint, EvalReport, FitReport, TrainConfig
+from fedprefix.common.errors import DataError
 from fedprefix.common.generation import left_pad
 from fedprefix.common.precision import dtype_name, resolve_dtype
 from fedprefix.common.train_forward import lean_completion_loss, unsupported_reason
@@ -111,6 +112,50 @@ def train_step(work, kv_of, batch, optimizer, parameters, max_grad_norm: float |
     return float(loss.detach())
 
 
+def warmup_cosine(config: TrainConfig) -> Callable[[int], float]:
+    """The learning-rate factor per step: linear warm-up, then cosine decay to 10%."""
+    warmup = max(1, int(config.max_steps * config.warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        done = (step - warmup) / max(1, config.max_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
+
+    return factor
+
+
+def seeded_batches(examples: Sequence[Example], batch_size: int, seed: int) -> Iterator[list[Example]]:
+    """Batches forever, epoch after epoch, each epoch a fresh seeded shuffle."""
+    generator, order = random.Random(seed), []
+    while True:
+        if len(order) < batch_size:
+            fresh = list(range(len(examples)))
+            generator.shuffle(fresh)
+            order.extend(fresh)
+        yield [examples[i] for i in order[:batch_size]]
+        del order[:batch_size]
+
+
+def progress_bar(enabled: bool) -> Progress:
+    """The training progress bar: step, loss, elapsed time (rich; nothing when disabled)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def _restore(parameters: Sequence[torch.nn.Parameter], values: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for param, value in zip(parameters, values, strict=True):
+            param.copy_(value)
+
+
 def train(
     base,
     kv_of: Callable[[], torch.Tensor],
@@ -135,18 +180,9 @@ def train(
     proximal = None
     if proximal_mu > 0 and proximal_parameters:
         proximal = (proximal_mu, [(p, p.detach().clone()) for p in proximal_parameters])
-    generator = random.Random(config.seed)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    warmup = max(1, int(config.max_steps * config.warmup_fraction))
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress_ = (step - warmup) / max(1, config.max_steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config))
     # A copy of the frozen base in the compute dtype (kept on the handle) instead of autocast,
     # which re-casts every frozen weight on every use; prefix parameters stay float32.
     work = base.with_dtype(resolve_dtype(config.dtype, base.device))
@@ -162,27 +198,16 @@ def train(
         eval_points.append(EvalPoint(step=0, loss=best))
     best_state = [p.detach().clone() for p in parameters]
     stale, losses, seen, stop_reason = 0, [], 0, "max_steps"
-    order: list[int] = []
+    batches = seeded_batches(train_set, config.batch_size, config.seed)
     started = time.perf_counter()
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        disable=not progress,
-        transient=False,
-    )
-    with bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(f"{description} ({dtype_name(work.dtype)})", total=config.max_steps, loss="-")
         for step in range(1, config.max_steps + 1):
-            if len(order) < config.batch_size:  # refill with a fresh seeded shuffle (epochs)
-                fresh = list(range(len(train_set)))
-                generator.shuffle(fresh)
-                order.extend(fresh)
-            batch = [train_set[i] for i in order[: config.batch_size]]
-            del order[: config.batch_size]
+            batch = next(batches)
             losses.append(train_step(work, kv_of, batch, optimizer, parameters, config.max_grad_norm, proximal))
+            if not math.isfinite(losses[-1]):  # never continue from, or keep, a non-finite prefix
+                _restore(parameters, best_state)
+                raise DataError(f"training step {step}: the loss is {losses[-1]}; the prefix keeps its last good values")
             scheduler.step()
             seen += len(batch)
             eval_loss = None
@@ -206,9 +231,7 @@ def train(
                 stop_reason = "max_seconds"
                 break
     if eval_set:  # keep the parameters that did best on held-out data
-        with torch.no_grad():
-            for param, value in zip(parameters, best_state, strict=True):
-                param.copy_(value)
+        _restore(parameters, best_state)
     seconds = time.perf_counter() - started
     return FitReport(
         steps=len(losses),

@@ -161,3 +161,21 @@ def test_a_non_finite_prefix_is_never_saved(tiny_llama, tmp_path):
     with pytest.raises(ConfigError, match="NaN or Inf; nothing was saved"):
         p.save()
     assert not store.exists("eve")
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_prefix(tiny_llama, monkeypatch):
+    from fedprefix.client import training
+
+    p = Personalizer(base_model=tiny_llama, num_virtual_tokens=4, progress=False)
+    before = p.personal.flat().detach().clone()
+    real_step, calls = training.train_step, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real_step(*args, **kwargs)
+        return float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(training, "train_step", poisoned)
+    with pytest.raises(DataError, match="training step 2: the loss is nan"):
+        p.fit([{"prompt": "a", "completion": "b"}] * 4, eval_fraction=0.0, max_steps=5)
+    assert torch.equal(p.personal.flat(), before)
