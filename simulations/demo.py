@@ -119,7 +119,7 @@ def main(argv=None) -> None:
     parser.add_argument("--base", default=DEFAULT_BASE)
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=20)
+    parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--examples", type=int, default=40, help="rows per user")
     parser.add_argument("--out", default="runs/demo", help="run folder and node stores")
     parser.add_argument("--local", action="store_true", help="one device, no federation")
