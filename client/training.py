@@ -113,8 +113,10 @@ def train_step(work, kv_of, batch, optimizer, parameters, max_grad_norm: float |
 
 
 def warmup_cosine(config: TrainConfig) -> Callable[[int], float]:
-    """The learning-rate factor per step: linear warm-up, then cosine decay to 10%."""
-    warmup = max(1, int(config.max_steps * config.warmup_fraction))
+    """The learning-rate factor per step: linear warm-up (config.warmup_fraction of the steps,
+    at least config.min_warmup_steps, at most half), then cosine decay to 10%."""
+    wanted = max(int(config.max_steps * config.warmup_fraction), config.min_warmup_steps)
+    warmup = max(1, min(wanted, config.max_steps // 2))
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -207,7 +209,7 @@ def train(
             losses.append(train_step(work, kv_of, batch, optimizer, parameters, config.max_grad_norm, proximal))
             if not math.isfinite(losses[-1]):  # never continue from, or keep, a non-finite prefix
                 _restore(parameters, best_state)
-                raise DataError(f"training step {step}: the loss is {losses[-1]}; the prefix keeps its last good values")
+                raise DataError(f"training step {step}: the loss is {losses[-1]}; the prefix keeps its last good state")
             scheduler.step()
             seen += len(batch)
             eval_loss = None

@@ -17,6 +17,10 @@ class TrainConfig(BaseModel):
     max_seconds: float | None = Field(None, gt=0)  # wall-clock budget; stops after the step that crosses it
     batch_size: int = Field(8, ge=1)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)  # linear warm-up, then cosine decay to 10%
+    # ... over at least this many steps (at most half the budget): every fit starts AdamW afresh,
+    # and its first updates move each value by about the learning rate whatever the gradient.
+    # One full-rate first step undid a trained prefix each federated round (10 local steps).
+    min_warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     eval_fraction: float = Field(0.1, ge=0, lt=1)  # held-out share of the data for early stopping

@@ -179,3 +179,15 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_prefix(tiny_ll
     with pytest.raises(DataError, match="training step 2: the loss is nan"):
         p.fit([{"prompt": "a", "completion": "b"}] * 4, eval_fraction=0.0, max_steps=5)
     assert torch.equal(p.personal.flat(), before)
+
+
+def test_every_fit_warms_up_over_several_steps():
+    """A fresh AdamW's first steps move every value by about the learning rate: never at full rate."""
+    from fedprefix.client.training import warmup_cosine
+    from fedprefix.common.config import TrainConfig
+
+    for steps in (4, 10, 20, 60):
+        factor = warmup_cosine(TrainConfig(max_steps=steps))
+        ramp = [factor(step) for step in range(steps)]
+        assert ramp[0] <= 0.5 and max(ramp) == 1.0, (steps, ramp[:6])
+    assert warmup_cosine(TrainConfig(max_steps=10))(0) == 0.2  # 5 warm-up steps of 10
