@@ -175,8 +175,8 @@ def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 class GrowingLayer(DynamicLayer):
     """A layer's keys/values in a buffer with spare room: a new token is written in place.
 
-    DynamicLayer concatenates on every step, copying the whole cache each time (44% of a
-    64-row decode step on the built-in base); here the buffer doubles when full, and
+    DynamicLayer concatenates on every step, copying the whole cache each time (a large
+    share of a batched decode step); here the buffer doubles when full, and
     `keys` / `values` are views of its first `length` slots.
     """
 

@@ -1,6 +1,6 @@
 """A lean training forward for Llama-architecture bases (Llama, Qwen2): completion loss behind one prefix.
 
-Why: a training step is ~80% matrix products (CPU, float32), so it gets faster only by
+Why: most of a training step is matrix products (CPU, float32), so it gets faster only by
 doing fewer of them. transformers' forward runs every row of a batch over every
 position of every layer; the loss needs less, with the same arithmetic:
 
