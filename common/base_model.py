@@ -351,3 +351,24 @@ def _resolve_folder(name: str) -> Path:
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
     except Exception as exc:  # network errors come in many types
         raise ConfigError(f"could not download base model {name!r} from the hub: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- lean forwards
+
+LEAN_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")  # the same decoder; Qwen2 adds q/k/v biases
+
+
+def lean_unsupported_reason(model) -> str | None:
+    """Why the project's own lean forwards (training: common/train_forward.py, serving:
+    coordinator/serving/fast_llama.py) cannot run `model`; None: they can. Others run
+    through transformers' forward."""
+    config = model.config
+    if type(model).__name__ not in LEAN_ARCHITECTURES:
+        return f"architecture {type(model).__name__} (the lean forwards cover {', '.join(LEAN_ARCHITECTURES)})"
+    if config.hidden_act != "silu":
+        return f"activation {config.hidden_act}"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "pretraining_tp > 1"
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return "sliding-window attention layers"
+    return None

@@ -30,23 +30,15 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")  # the same decoder; Qwen2 adds q/k/v biases
+from .base_model import lean_unsupported_reason
 
 
 def unsupported_reason(model) -> str | None:
     """Why the lean training forward cannot run `model` (None: it can)."""
-    config = model.config
-    if type(model).__name__ not in ARCHITECTURES:
-        return f"architecture {type(model).__name__}"
-    if config.hidden_act != "silu":
-        return f"activation {config.hidden_act}"
-    if getattr(config, "pretraining_tp", 1) != 1:
-        return "pretraining_tp > 1"
-    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
-        return "sliding-window attention layers"
-    if model.training and getattr(config, "attention_dropout", 0.0):
+    reason = lean_unsupported_reason(model)
+    if reason is None and model.training and getattr(model.config, "attention_dropout", 0.0):
         return "attention dropout in training mode"
-    return None
+    return reason
 
 
 def shared_head_length(prompts: Sequence[Sequence[int]], rows: Sequence[Sequence[int]]) -> int:

@@ -21,6 +21,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from fedprefix.common.attention import PrefixBatch, cache_layers, decode_step, prefill, token_positions
+from fedprefix.common.base_model import lean_unsupported_reason
 from transformers.models.llama.modeling_llama import rotate_half
 
 log = logging.getLogger(__name__)
@@ -42,21 +43,9 @@ class TransformersForward:
         return decode_step(self.model, tokens, attention_mask, positions, cache)[0]
 
 
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")  # the same decoder; Qwen2 adds q/k/v biases
-
-
 def unsupported_reason(model) -> str | None:
-    """Why the lean forward cannot run `model` (None: it can)."""
-    config = model.config
-    if type(model).__name__ not in ARCHITECTURES:
-        return f"architecture {type(model).__name__} (the lean forward covers {', '.join(ARCHITECTURES)})"
-    if config.hidden_act != "silu":
-        return f"activation {config.hidden_act}"
-    if getattr(config, "pretraining_tp", 1) != 1:
-        return "pretraining_tp > 1"
-    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
-        return "sliding-window attention layers"
-    return None
+    """Why the lean forward cannot serve `model` (None: it can)."""
+    return lean_unsupported_reason(model)
 
 
 def serving_forward(model, batch_hint: int = 64):
