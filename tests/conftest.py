@@ -78,3 +78,11 @@ def marked_processes(mark: str) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue
     return found
+
+
+def interruptible() -> None:
+    """preexec_fn for a CLI a test will Ctrl-C: a shell that runs the suite as a background job
+    starts it with SIGINT ignored, which Python keeps; a terminal user's Ctrl-C is the default."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

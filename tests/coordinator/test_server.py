@@ -22,6 +22,7 @@ from fedprefix.coordinator.serving import Engine
 from fedprefix.coordinator.serving.server import KEY_HEADER, create_app, parse_key
 from fedprefix.coordinator.simulate import free_port
 
+from tests.conftest import interruptible
 from tests.coordinator.test_engine import key_of, reference, served  # noqa: F401  (fixture)
 
 
@@ -226,7 +227,9 @@ def test_fedprefix_serve_answers_refuses_a_taken_port_and_stops_on_ctrl_c(served
     base, store = served
     cli = [str(Path(sys.executable).with_name("fedprefix")), "serve", "--base", "tiny-llama", "--store"]
     port = free_port()
-    server = subprocess.Popen([*cli, str(store.root), "--port", str(port), "--dtype", "float32"], text=True)
+    server = subprocess.Popen(
+        [*cli, str(store.root), "--port", str(port), "--dtype", "float32"], text=True, preexec_fn=interruptible
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120

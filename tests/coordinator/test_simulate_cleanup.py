@@ -19,7 +19,7 @@ from fedprefix.coordinator.processes import TAG_VAR, alive, owned_processes
 from fedprefix.coordinator.records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunInfo
 from fedprefix.coordinator.simulate import RoundWatcher, wait_for_run
 
-from tests.conftest import MARK
+from tests.conftest import MARK, interruptible
 from tests.conftest import marked_processes as _marked
 
 
@@ -65,7 +65,7 @@ def test_interrupted_simulation_leaves_no_process(tmp_path, sig):
         "--out",
         str(tmp_path / "run"),
     ]
-    cli = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cli = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=interruptible)
     seen: dict[int, psutil.Process] = {}
     try:
         deadline = time.monotonic() + 45
