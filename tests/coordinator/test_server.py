@@ -252,4 +252,10 @@ def test_fedprefix_serve_answers_refuses_a_taken_port_and_stops_on_ctrl_c(served
         assert taken.returncode == 1 and f"could not listen on 127.0.0.1:{port}" in taken.stderr
     finally:
         server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=30) == 0
+        try:
+            code = server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()  # never leave a server behind, even when the test fails
+            server.wait()
+            raise
+    assert code == 0, "Ctrl-C must stop the server cleanly"
