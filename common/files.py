@@ -14,6 +14,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = Tru
     rename itself survive a power loss (`sync_dir=False` leaves that to a later fsync).
     """
     path = Path(path)
+    tmp = write_temp(path, data, durable)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable and sync_dir:
+        fsync_dir(path.parent)
+
+
+def write_temp(path: Path, data: bytes, durable: bool) -> Path:
+    """`data` in a new temp file `.<name>.XXXXXXXX.tmp` beside `path` (fsynced if durable), for a
+    later rename onto `path`; nothing is left behind if writing fails."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -21,12 +34,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = Tru
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if durable and sync_dir:
-        fsync_dir(path.parent)
+    return Path(tmp)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -14,14 +14,13 @@ then refuses the other user's file rather than mixing them up.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from ..files import fsync_dir
+from ..files import fsync_dir, write_temp
 from .errors import StoreBusyError, about
 
 __all__ = ["Staged", "commit", "discard", "file_lock", "remove_temp_files", "stage"]
@@ -57,17 +56,7 @@ def remove_temp_files(root: Path, target: str) -> None:
 def stage(target: Path, data: bytes, durable: bool) -> Staged:
     """Write `data` to a temp file beside `target` (named as remove_temp_files expects)."""
     target.parent.mkdir(mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp), target
+    return write_temp(target, data, durable), target
 
 
 def discard(staged: Sequence[Staged]) -> None:
