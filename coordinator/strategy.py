@@ -169,9 +169,7 @@ class PrefixStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        accepted = [
-            m for m in replies if self._accept(m, train_reply_problem(m, self.config, self.expected, self.current))
-        ]
+        accepted = [m for m in replies if self._accept(m, self.check_train_reply(m))]
         if self.config.sends_shared:
             for node, scale in bound_updates(
                 accepted, self.current, SHARED_ARRAY_PREFIX, self.config.update_clip_factor
