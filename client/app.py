@@ -63,6 +63,7 @@ def train(msg: Message, context: Context) -> Message:
         max_steps=node.config.local_steps,
         learning_rate=round_settings.learning_rate or node.config.learning_rate,
         proximal_mu=round_settings.proximal_mu,
+        parts=round_settings.train_parts if node.config.mode == "shared+personal" else "all",
     )
     node.personalizer.save()
     recent = report.train_loss[-5:]
@@ -76,7 +77,7 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     content = RecordDict({METRICS: metrics})
-    if node.config.sends_shared:
+    if node.config.sends_shared and round_settings.train_parts != "personal":
         content[ARRAYS] = ArrayRecord(node.shared_arrays())
     return Message(content=content, reply_to=msg)
 
@@ -86,7 +87,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Held-out loss for base only, shared only and shared + personal."""
     node, _ = _setup(msg, context)
     losses = {
-        eval_loss_key(name): node.personalizer.evaluate(node.eval_rows, parts=parts).loss
+        eval_loss_key(name): node.personalizer.evaluate(node.eval_rows, parts=parts, accuracy=False).loss
         for name, parts in EVAL_PARTS.items()
     }
     metrics = MetricRecord({NUM_EXAMPLES: len(node.eval_rows), **losses})

@@ -114,11 +114,17 @@ class Personalizer:
             shared.key_values() if shared is not None else None, personal.key_values() if personal is not None else None
         )
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters `fit` optimizes: the personal part, and the shared part if train_shared."""
-        params = list(self.personal.parameters()) if self.personal is not None else []
-        if self.shared is not None and self.train_shared:
+    def trainable_parameters(self, parts: str = "all") -> list[torch.nn.Parameter]:
+        """Parameters `fit` optimizes: the personal part, and the shared part if train_shared;
+        `parts` = 'personal' or 'shared' narrows that to one part."""
+        if parts not in ("all", "shared", "personal"):
+            raise ConfigError(f"parts to train must be 'all', 'shared' or 'personal', got {parts!r}")
+        params = list(self.personal.parameters()) if self.personal is not None and parts != "shared" else []
+        if self.shared is not None and self.train_shared and parts != "personal":
             params += list(self.shared.parameters())
+        if not params:
+            part = "" if parts == "all" else f"{parts} "
+            raise ConfigError(f"user {self.user_id}: there is no {part}prefix part to train")
         return params
 
     # ------------------------------------------------------------------ training
@@ -137,36 +143,49 @@ class Personalizer:
         progress: bool | None = None,
         callback: Callback | None = None,
         proximal_mu: float = 0.0,
+        parts: str = "all",
         **train_settings,
     ) -> FitReport:
         """Train the prefix on `local_data`; settings override the constructor's for this call.
 
         Calling fit again continues from the current prefix (after `load`, the stored one).
         `proximal_mu` > 0 keeps the shared part near where this call started (FedProx).
+        `parts`: 'all' (default), or only the 'personal' or the 'shared' part, the other frozen.
         """
+        parameters = self.trainable_parameters(parts)
         config = self.train_config.model_copy(update=train_settings)
         TrainConfig.model_validate(config.model_dump())  # validates the overrides
         examples = self.prepare(local_data, config.max_length)
         train_set, eval_set = split_examples(examples, config.eval_fraction, config.seed)
-        return train(
-            self.base,
-            lambda: self.key_values("all"),
-            self.trainable_parameters(),
-            train_set,
-            eval_set,
-            config,
-            progress=self.progress if progress is None else progress,
-            callback=callback,
-            description=f"personalizing {self.user_id}",
-            proximal_parameters=list(self.shared.parameters()) if self.shared is not None else [],
-            proximal_mu=proximal_mu,
-        )
+        # A part not trained this call is frozen: no gradient is computed for it.
+        trained = {id(p) for p in parameters}
+        frozen = [p for part in (self.shared, self.personal) if part is not None for p in part.parameters()]
+        frozen = [p for p in frozen if id(p) not in trained and p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            return train(
+                self.base,
+                lambda: self.key_values("all"),
+                parameters,
+                train_set,
+                eval_set,
+                config,
+                progress=self.progress if progress is None else progress,
+                callback=callback,
+                description=f"personalizing {self.user_id}",
+                proximal_parameters=[p for p in self.shared.parameters() if id(p) in trained] if self.shared else [],
+                proximal_mu=proximal_mu,
+            )
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
 
-    def evaluate(self, data, parts: str = "all", batch_size: int = 16) -> EvalReport:
-        """Loss and perplexity per completion token on `data` (fp32, no autocast)."""
+    def evaluate(self, data, parts: str = "all", batch_size: int = 16, accuracy: bool = True) -> EvalReport:
+        """Loss and perplexity per completion token on `data`, and next-token accuracy (fp32, no autocast)."""
         examples = self.prepare(data)
         kv = self.key_values(parts)
-        return evaluate_examples(self.base, None if kv is None else kv.detach(), examples, batch_size)
+        return evaluate_examples(self.base, None if kv is None else kv.detach(), examples, batch_size, accuracy)
 
     # ------------------------------------------------------------------ inference
 

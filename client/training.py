@@ -60,8 +60,13 @@ def completion_loss(base, kv: torch.Tensor | None, batch: Sequence[Example]) -> 
     return transformers_completion_loss(base, kv, batch)
 
 
-def transformers_completion_loss(base, kv: torch.Tensor | None, batch: Sequence[Example]) -> tuple[torch.Tensor, int]:
-    """completion_loss through transformers' own forward (any supported base)."""
+def transformers_completion_loss(
+    base, kv: torch.Tensor | None, batch: Sequence[Example], hits: list[int] | None = None
+) -> tuple[torch.Tensor, int]:
+    """completion_loss through transformers' own forward (any supported base).
+
+    `hits`, if given, gets the number of completion tokens the model ranks first appended.
+    """
     rows = [ex.prompt + ex.completion for ex in batch]
     ids, mask = left_pad(rows, base.tokenizer.pad_token_id)
     labels = torch.zeros_like(mask, dtype=torch.bool)  # (B, T): True at completion tokens
@@ -74,19 +79,35 @@ def transformers_completion_loss(base, kv: torch.Tensor | None, batch: Sequence[
     predict = labels[:, 1:]  # position t predicts token t + 1
     selected = hidden[:, :-1][predict]  # (N, hidden), N completion tokens
     logits = base.model.get_output_embeddings()(selected).float()  # (N, V)
-    loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:][predict], reduction="sum")
+    targets = ids[:, 1:][predict]
+    if hits is not None:
+        hits.append(int((logits.argmax(-1) == targets).sum()))
+    loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
     return loss, int(predict.sum())
 
 
 @torch.no_grad()
-def evaluate_examples(base, kv: torch.Tensor | None, examples: Sequence[Example], batch_size: int = 16) -> EvalReport:
-    """Mean loss per completion token over `examples` behind `kv` (None = the base alone)."""
-    total, tokens = 0.0, 0
+def evaluate_examples(
+    base, kv: torch.Tensor | None, examples: Sequence[Example], batch_size: int = 16, accuracy: bool = False
+) -> EvalReport:
+    """Mean loss per completion token over `examples` behind `kv` (None = the base alone), and
+    next-token accuracy (share of completion tokens the model ranks first) when `accuracy`."""
+    total, tokens, hits = 0.0, 0, []
     for start in range(0, len(examples), batch_size):
-        loss, count = completion_loss(base, kv, examples[start : start + batch_size])
+        batch = examples[start : start + batch_size]
+        if accuracy:  # logits are needed: the transformers forward
+            loss, count = transformers_completion_loss(base, kv, batch, hits)
+        else:
+            loss, count = completion_loss(base, kv, batch)
         total, tokens = total + float(loss), tokens + count
     mean = total / max(tokens, 1)
-    return EvalReport(loss=mean, perplexity=math.exp(min(mean, 50.0)), tokens=tokens, examples=len(examples))
+    return EvalReport(
+        loss=mean,
+        perplexity=math.exp(min(mean, 50.0)),
+        tokens=tokens,
+        examples=len(examples),
+        accuracy=sum(hits) / max(tokens, 1) if accuracy else None,
+    )
 
 
 def train_step(work, kv_of, batch, optimizer, parameters, max_grad_norm: float | None = None, proximal=None) -> float:

@@ -54,12 +54,13 @@ class FitReport(BaseModel):
 
 
 class EvalReport(BaseModel):
-    """Held-out loss per completion token and its perplexity."""
+    """Held-out loss per completion token, its perplexity, and next-token accuracy if asked for."""
 
     loss: float
     perplexity: float
     tokens: int
     examples: int
+    accuracy: float | None = None  # share of completion tokens the model ranks first
 
 
 class FederationConfig(BaseModel):
@@ -81,6 +82,10 @@ class FederationConfig(BaseModel):
     shared_tokens: int = Field(8, ge=0)
     personal_projection: bool = True  # MLP-reparameterized personal prefix (never sent); the shared one is direct
     local_steps: int = Field(10, ge=1)  # optimizer steps per user per round
+    # shared+personal: the first rounds may train the shared part only, the last ones the
+    # personal part only, against the final shared prefix, which then no longer changes
+    shared_only_rounds: int = Field(0, ge=0)
+    personal_only_rounds: int = Field(0, ge=0)
     learning_rate: float = Field(5e-3, gt=0)
     lr_decay: float = Field(1.0, gt=0, le=1)  # round r trains with learning_rate * lr_decay**(r-1)
     batch_size: int = Field(8, ge=1)
@@ -130,7 +135,24 @@ class FederationConfig(BaseModel):
             raise ValueError(f"mode {self.mode!r} needs personal_tokens > 0")
         if self.dp_noise_multiplier > 0 and self.mode == "personal":
             raise ValueError("differential privacy protects the shared prefix; mode 'personal' sends none")
+        phases = self.shared_only_rounds + self.personal_only_rounds
+        if phases and self.mode != "shared+personal":
+            raise ValueError(f"shared_only_rounds and personal_only_rounds need mode 'shared+personal', not {self.mode!r}")
+        if phases > self.num_rounds:
+            raise ValueError(
+                f"shared_only_rounds + personal_only_rounds = {phases} exceeds num_rounds = {self.num_rounds}"
+            )
         return self
+
+    def round_parts(self, server_round: int) -> str:
+        """The prefix parts nodes train in `server_round`: 'all', 'shared' or 'personal'."""
+        if self.mode != "shared+personal":
+            return "shared" if self.mode == "shared" else "personal"
+        if server_round <= self.shared_only_rounds:
+            return "shared"
+        if server_round > self.num_rounds - self.personal_only_rounds:
+            return "personal"
+        return "all"
 
     @property
     def sends_shared(self) -> bool:

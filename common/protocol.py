@@ -23,7 +23,7 @@ node and at the coordinator without any communication.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -66,10 +66,13 @@ class RoundSettings(BaseModel):
     base_fingerprint: str = Field(alias="base-fingerprint")  # the nodes' base must be this one
     learning_rate: float | None = Field(None, alias="round-learning-rate")  # after the run's lr decay
     proximal_mu: float = Field(0.0, alias="proximal-mu", ge=0)  # set by Flower's FedProx only
+    # which prefix parts the nodes train this round (FederationConfig.round_parts); with
+    # "personal" the shared part stays as received and the reply carries no arrays
+    train_parts: Literal["all", "shared", "personal"] = Field("all", alias="train-parts")
 
     def to_config(self) -> dict[str, Any]:
         """The ConfigRecord entries (proximal-mu is left to Flower's FedProx, which sets it)."""
-        values = {"base-fingerprint": self.base_fingerprint}
+        values = {"base-fingerprint": self.base_fingerprint, "train-parts": self.train_parts}
         if self.learning_rate is not None:
             values["round-learning-rate"] = self.learning_rate
         return values

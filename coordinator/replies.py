@@ -84,17 +84,24 @@ def _metrics_problem(msg: Message, required: tuple[str, ...], config: Federation
 
 @_guarded
 def train_reply_problem(
-    msg: Message, config: FederationConfig, expected: Mapping[str, tuple[int, ...]], current: Arrays
+    msg: Message,
+    config: FederationConfig,
+    expected: Mapping[str, tuple[int, ...]],
+    current: Arrays,
+    sends_shared: bool | None = None,
 ) -> str | None:
-    """Why a training reply must be rejected, or None to accept it."""
+    """Why a training reply must be rejected, or None to accept it.
+
+    `sends_shared`: whether replies of this round carry the shared prefix (default: the mode's rule).
+    """
     problem = _metrics_problem(msg, TRAIN_METRICS, config)
     if problem is not None:
         return problem
     if msg.content[METRICS][DP_WEIGHT] != 1.0:
         return f"'{DP_WEIGHT}' must be 1 (DP accounting needs equal weights), got {msg.content[METRICS][DP_WEIGHT]:g}"
     records = set(msg.content.array_records)
-    if not config.sends_shared:
-        return "personal mode: the reply must not carry arrays" if records else None
+    if not (config.sends_shared if sends_shared is None else sends_shared):
+        return "a personal-only round: the reply must not carry arrays" if records else None
     if records != {ARRAYS}:
         return f"expected exactly one ArrayRecord named '{ARRAYS}', got {sorted(records)}"
     received = unpack_shared(msg.content[ARRAYS], expected)  # names, decoded shapes, dtype, finiteness

@@ -149,18 +149,30 @@ class PrefixStrategy(Strategy):
         self.current: dict[str, np.ndarray] = {}
         self.pending: dict = {}
 
-    def _add_round_settings(self, config: ConfigRecord, learning_rate: float | None = None) -> None:
+    def _add_round_settings(
+        self, config: ConfigRecord, learning_rate: float | None = None, train_parts: str = "all"
+    ) -> None:
         """A message carries this round's values only; nodes read the run settings from their own context."""
-        config.update(RoundSettings(base_fingerprint=self.base_fingerprint, learning_rate=learning_rate).to_config())
+        settings = RoundSettings(
+            base_fingerprint=self.base_fingerprint, learning_rate=learning_rate, train_parts=train_parts
+        )
+        config.update(settings.to_config())
+
+    @property
+    def round_sends_shared(self) -> bool:
+        """Whether this round's training replies carry the shared prefix (not in personal-only rounds)."""
+        return self.config.sends_shared and self.pending.get("parts") != "personal"
 
     # ---------------------------------------------------------------- training
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.pending = {"started": time.time(), "round": server_round, "rejected": [], "clipped": []}
+        parts = self.config.round_parts(server_round)
+        self.pending = {"started": time.time(), "round": server_round, "rejected": [], "clipped": [], "parts": parts}
         self.current = {k.removeprefix(SHARED_ARRAY_PREFIX): a.numpy() for k, a in arrays.items()}
-        self._add_round_settings(config, self.config.learning_rate * self.config.lr_decay ** (server_round - 1))
+        learning_rate = self.config.learning_rate * self.config.lr_decay ** (server_round - 1)
+        self._add_round_settings(config, learning_rate, parts)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self.pending["sampled"] = sorted(m.metadata.dst_node_id for m in messages)
         return messages
@@ -170,7 +182,7 @@ class PrefixStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         accepted = [m for m in replies if self._accept(m, self.check_train_reply(m))]
-        if self.config.sends_shared:
+        if self.round_sends_shared:
             for node, scale in bound_updates(
                 accepted, self.current, SHARED_ARRAY_PREFIX, self.config.update_clip_factor
             ).items():
@@ -183,9 +195,9 @@ class PrefixStrategy(Strategy):
         )
         arrays, metrics = None, None
         try:
-            if accepted and self.config.sends_shared:
+            if accepted and self.round_sends_shared:
                 arrays, metrics = self.inner.aggregate_train(server_round, accepted)
-            elif accepted:  # personal mode: nothing to aggregate but the metrics
+            elif accepted:  # personal mode or round: nothing to aggregate but the metrics
                 metrics = aggregate_metricrecords([m.content for m in accepted], NUM_EXAMPLES)
         except Exception as exc:  # the run ends only on its own failure, never on what nodes sent
             log.error("round %d: aggregation failed, shared prefix kept: %s", server_round, exc)
@@ -212,7 +224,7 @@ class PrefixStrategy(Strategy):
 
     def check_train_reply(self, msg: Message) -> str | None:
         """Why a training reply must be rejected, or None to accept it (coordinator/replies.py)."""
-        return train_reply_problem(msg, self.config, self.expected, self.current)
+        return train_reply_problem(msg, self.config, self.expected, self.current, self.round_sends_shared)
 
     def _update_norm(self, arrays: ArrayRecord | None) -> float | None:
         if arrays is None or not self.current:

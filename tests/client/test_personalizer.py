@@ -79,6 +79,43 @@ def test_shared_part_can_be_frozen(tiny_llama):
     assert p.key_values().shape[3] == 7
 
 
+def test_fit_can_train_one_part_only(tiny_llama):
+    """parts='personal' keeps the shared part as it is (a federated personal-only round) and
+    parts='shared' the personal one; either way the part left alone gets no gradient."""
+    p = personalizer(tiny_llama, shared_virtual_tokens=3)
+    for trained, kept in (("personal", "shared"), ("shared", "personal")):
+        before = {n: getattr(p, n).key_values().detach().clone() for n in ("shared", "personal")}
+        p.fit(ROWS, parts=trained)
+        assert torch.equal(getattr(p, kept).key_values(), before[kept]), trained
+        assert not torch.equal(getattr(p, trained).key_values(), before[trained]), trained
+        assert all(q.grad is None for q in getattr(p, kept).parameters()), trained
+        assert all(q.requires_grad for q in getattr(p, kept).parameters()), "frozen only during the call"
+    with pytest.raises(ConfigError, match="parts to train must be"):
+        p.fit(ROWS, parts="both")
+    shared_only = personalizer(tiny_llama, num_virtual_tokens=0, shared_virtual_tokens=3)
+    with pytest.raises(ConfigError, match="no personal prefix part to train"):
+        shared_only.fit(ROWS, parts="personal")
+
+
+def test_next_token_accuracy_counts_the_tokens_ranked_first(tiny_llama):
+    """evaluate's accuracy is the share of completion tokens whose argmax is the true token
+    (checked against the plain transformers forward, base alone), and asking for it leaves
+    the loss as it was."""
+    p = personalizer(tiny_llama)
+    rows = ROWS[:5]
+    report = p.evaluate(rows, parts="none")
+    assert report.loss == pytest.approx(p.evaluate(rows, parts="none", accuracy=False).loss, rel=1e-4)
+    hits = tokens = 0
+    with torch.no_grad():
+        for ex in p.prepare(rows):  # one row at a time, no padding
+            ids = torch.tensor([ex.prompt + ex.completion])
+            predicted = tiny_llama.model(ids).logits[0, len(ex.prompt) - 1 : -1].argmax(-1)
+            hits += int((predicted == torch.tensor(ex.completion)).sum())
+            tokens += len(ex.completion)
+    assert report.tokens == tokens and report.accuracy == pytest.approx(hits / tokens)
+    assert p.evaluate(rows).accuracy != report.accuracy  # the prefix changes predictions
+
+
 def test_generate_single_and_batched(tiny_base):
     p = personalizer(tiny_base)
     single = p.generate("Describe", max_new_tokens=5)

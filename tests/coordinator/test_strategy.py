@@ -197,12 +197,38 @@ def test_messages_carry_this_rounds_values_only():
     for aggregator in ("fedavg", "fedadam"):
         config = ConfigRecord()
         _strategy(aggregator=aggregator)._add_round_settings(config, 0.01)
-        assert set(config.keys()) == {"base-fingerprint", "round-learning-rate"}, aggregator
+        assert set(config.keys()) == {"base-fingerprint", "round-learning-rate", "train-parts"}, aggregator
     prox = _strategy(aggregator="fedprox")
     config = ConfigRecord()
     prox._add_round_settings(config, 0.01)
     configured = prox.inner.configure_train(1, ArrayRecord(), config, _Grid(4))
     assert {m.content["config"]["proximal-mu"] for m in configured} == {0.01}
+
+
+def test_round_phases_name_the_parts_trained_and_are_validated():
+    config = FederationConfig(num_rounds=4, shared_only_rounds=1, personal_only_rounds=2)
+    assert [config.round_parts(r) for r in (1, 2, 3, 4)] == ["shared", "all", "personal", "personal"]
+    assert FederationConfig(mode="shared").round_parts(1) == "shared"
+    assert FederationConfig(mode="personal").round_parts(1) == "personal"
+    with pytest.raises(ValueError, match="exceeds num_rounds = 3"):
+        FederationConfig(num_rounds=3, shared_only_rounds=2, personal_only_rounds=2)
+    with pytest.raises(ValueError, match="need mode 'shared\\+personal', not 'shared'"):
+        FederationConfig(mode="shared", personal_only_rounds=1)
+
+
+def test_a_personal_only_round_keeps_the_shared_prefix_and_refuses_arrays():
+    """In a personal-only round nodes send nothing shared: a reply with arrays is rejected, and
+    the round aggregates metrics only, so the shared prefix stays what it was."""
+    strategy = _strategy(num_rounds=2, personal_only_rounds=1)
+    initial = ArrayRecord({"shared.embedding.weight": Array(np.zeros(SHAPE, dtype=np.float32))})
+    config = ConfigRecord()
+    messages = strategy.configure_train(2, initial, config, _Grid(4))
+    assert {m.content["config"]["train-parts"] for m in messages} == {"personal"}
+    assert "personal-only round" in strategy.check_train_reply(_reply(_good(), node=1))
+    arrays, metrics = strategy.aggregate_train(2, [_reply(None, node=1), _reply(None, node=2)])
+    assert arrays is None and metrics["train-loss"] == 1.0 and strategy.pending["accepted"] == 2
+    strategy.configure_train(1, initial, ConfigRecord(), _Grid(4))  # a round that trains both parts
+    assert "exactly one ArrayRecord" in strategy.check_train_reply(_reply(None, node=1))
 
 
 class _Grid:
