@@ -25,7 +25,7 @@ files' (path, mtime, size) stay the same.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -47,7 +47,6 @@ class UserRows:
 
     rows: list[Row]
     held_out: list[Row] | None = None
-    source: str = field(default="", compare=False)  # where the rows come from, for messages
 
     @property
     def count(self) -> int:
@@ -63,7 +62,7 @@ def read_users(data: str | Path, user_field: str = "user") -> dict[str, UserRows
         if kind == "file":
             users = _from_column(files[0], user_field)
         elif kind == "files":
-            users = {_user_id(f.stem, str(f)): UserRows(read_file_rows(f), source=str(f)) for f in files}
+            users = {_user_id(f.stem, str(f)): UserRows(read_file_rows(f)) for f in files}
         else:
             users = _from_user_folders(files)
         if len(_CACHE) >= _CACHE_SIZE:
@@ -166,7 +165,7 @@ def _from_column(path: Path, user_field: str) -> dict[str, UserRows]:
         grouped.setdefault(_user_id(raw[user_field], where), []).append(validate_row(rest, where))
     if not grouped:
         raise DataError(f"{path} has no rows")
-    return {user: UserRows(rows, source=str(path)) for user, rows in grouped.items()}
+    return {user: UserRows(rows) for user, rows in grouped.items()}
 
 
 def _from_user_folders(files: list[Path]) -> dict[str, UserRows]:
@@ -174,5 +173,5 @@ def _from_user_folders(files: list[Path]) -> dict[str, UserRows]:
     for train in (f for f in files if f.name == TRAIN_FILE):
         held = train.with_name(EVAL_FILE)
         user = _user_id(train.parent.name, str(train.parent))
-        users[user] = UserRows(read_file_rows(train), read_file_rows(held) if held in files else None, str(train))
+        users[user] = UserRows(read_file_rows(train), read_file_rows(held) if held in files else None)
     return users
