@@ -12,6 +12,7 @@ import base64
 import json
 from pathlib import Path
 
+from fedprefix.common.config import FederationConfig
 from fedprefix.common.protocol import CONFIG
 from flwr.app import ConfigRecord, Context, Message
 
@@ -44,7 +45,7 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
         "metrics": metrics,
         "configs": [dict(r) for r in reply.content.config_records.values()],
     }
-    user = node_user_id(dict(context.node_config), str(context.run_config.get("data", "")))
+    user = node_user_id(dict(context.node_config), FederationConfig.from_run_config(dict(context.run_config)))
     Path(folder).mkdir(parents=True, exist_ok=True)
     with open(Path(folder) / f"{user}.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry) + "\n")

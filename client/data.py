@@ -1,24 +1,24 @@
 """Local training data: validate rows, turn them into (prompt, completion) token ids.
 
-Accepted forms (a list of rows, or a path to a .jsonl file of rows):
+Accepted forms (a list of rows, or a path to a .jsonl, .csv or .parquet file of rows, client/tables.py):
 - ``{"prompt": str, "completion": str}``: the loss counts completion tokens only;
 - ``{"messages": [{"role", "content"}, ...]}``: chat; the last assistant message is the
   completion, everything before it (through the chat template) the prompt;
-- a plain string: language modelling, every token counts.
+- a plain string, or ``{"text": str}`` (how a table holds one): language modelling, every token counts.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from fedprefix.common.chat import ChatMessage, chat_prompt, format_prompt
 from fedprefix.common.errors import DataError, first_error
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .tables import is_row_file, read_records
 
 log = logging.getLogger(__name__)
 
@@ -50,47 +50,44 @@ class Example:
 
 
 def read_rows(local_data: Sequence | str | os.PathLike) -> list[Row]:
-    """Validate `local_data` (rows or a .jsonl path); errors name the row index (or line) and field."""
-    if isinstance(local_data, os.PathLike) or (isinstance(local_data, str) and local_data.endswith(".jsonl")):
-        return _read_jsonl(Path(local_data))
+    """Validate `local_data` (rows or a row file's path); errors name the row index (or line) and field."""
+    if isinstance(local_data, os.PathLike) or (isinstance(local_data, str) and is_row_file(local_data)):
+        return read_file_rows(local_data)
     if isinstance(local_data, str):
-        raise DataError("local_data is a single string; pass a list of rows or a path ending in .jsonl")
+        raise DataError(
+            "local_data is a single string; pass a list of rows or a path ending in .jsonl, .csv or .parquet"
+        )
     if isinstance(local_data, Mapping):
         raise DataError(
             f"local_data is a single row (a dict with keys {sorted(local_data)}); pass a list of rows: [row]"
         )
     if not isinstance(local_data, Sequence) or isinstance(local_data, (bytes, bytearray)):
-        raise DataError(f"local_data must be a list of rows or a .jsonl path, not {type(local_data).__name__}")
-    rows = [_validate(raw, f"row {i}") for i, raw in enumerate(local_data)]
+        raise DataError(
+            "local_data must be a list of rows or a path to a .jsonl, .csv or .parquet file, "
+            f"not {type(local_data).__name__}"
+        )
+    rows = [validate_row(raw, f"row {i}") for i, raw in enumerate(local_data)]
     if not rows:
         raise DataError("local_data is empty: give at least one row")
     return rows
 
 
-def _read_jsonl(path: Path) -> list[Row]:
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text (byte {exc.start} is invalid)") from exc
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from exc
-        rows.append(_validate(raw, f"{path} line {number}"))
+def read_file_rows(path: str | os.PathLike) -> list[Row]:
+    """The validated rows of a .jsonl, .csv or .parquet file; an empty file is refused."""
+    rows = [validate_row(raw, where) for where, raw in read_records(path)]
     if not rows:
         raise DataError(f"{path} has no rows")
     return rows
 
 
-def _validate(raw, where: str) -> Row:
+def validate_row(raw, where: str) -> Row:
+    """One row in any accepted form, validated; `where` ("PATH line 3") starts the error message."""
     if isinstance(raw, (PromptCompletion, ChatRow)):  # already validated
         return raw
+    if isinstance(raw, dict) and set(raw) == {"text"}:
+        raw = raw["text"]
+        if not isinstance(raw, str):
+            raise DataError(f"{where}: field 'text': expected a string, got {type(raw).__name__}")
     if isinstance(raw, str):
         if not raw.strip():
             raise DataError(f"{where}: empty text")

@@ -5,9 +5,10 @@ message. In deployment each message runs in a fresh process, so this must be qui
 the base loads from the converted safetensors cache (well under a second).
 
 Node settings (``--node-config`` of ``flower-supernode``; simulation sets ``partition-id``):
-- ``partition-id``: which user of the run's data folder this node is (client/user_data.py);
-- ``user-id``: the user's id (default: that user's folder name, else ``user<partition-id>``);
-- ``data-path`` / ``eval-path``: the user's .jsonl data on this device (no data: refused);
+- ``partition-id``: which user of the run's data this node is (client/partition.py);
+- ``user-id``: the user's id (default: that user's id in the run's data, else ``user<partition-id>``);
+- ``data-path`` / ``eval-path``: the user's rows on this device, .jsonl, .csv or .parquet
+  (client/user_data.py; no data: refused);
 - ``store``: the encrypted store folder (default ``<store-root>/<user-id>``);
 - ``key-file``: 32 raw bytes or 64 hex digits. Without it a *simulation* key is derived
   from the run's ``key-seed``, which is only fit for simulations.
@@ -115,8 +116,8 @@ def open_node(run_config: dict, node_config: dict) -> Node:
     """Set up the node for one message from the run's settings (its `context.run_config`) and its node config."""
     config = FederationConfig.from_run_config(run_config)
     partition = int(node_config.get("partition-id", 0))
-    user_id = node_user_id(node_config, config.data)
-    train_rows, eval_rows = node_rows(node_config, config.data, user_id)
+    user_id = node_user_id(node_config, config)
+    train_rows, eval_rows = node_rows(node_config, config, user_id)
     store = node_config.get("store") or str(Path(config.store_root) / user_id)
     key = read_key_file(node_config["key-file"]) if "key-file" in node_config else simulation_key(config, user_id)
     personalizer = Personalizer(

@@ -1,67 +1,49 @@
-"""Where a node's rows come from: its own files, or its user's folder in a federation data folder.
+"""Where a node's rows come from: its own files, or its user's share of the run's data.
 
-A federation data folder holds one sub-folder per user, named by the user id:
+- A real device names its files in its node config: `data-path` (a .jsonl, .csv or .parquet
+  file of rows `fit` accepts) and optionally `eval-path` (held-out rows; without it the
+  held-out rule of client/partition.py splits the `data-path` rows).
+- Otherwise the run setting `data` holds every user's rows, and node partition-id i is the
+  i-th user there (client/partition.py: natural-id partitioning, one node per user).
 
-    DATA/alice/train.jsonl   rows in any form `fit` accepts (client/data.py)
-    DATA/alice/eval.jsonl    held-out rows for evaluation rounds (optional: train rows then)
-
-Node partition-id i is the i-th user in name order: one node per distinct user, the
-semantics of flwr-datasets' NaturalIdPartitioner. On a real device the node config
-names the files instead (`data-path`, `eval-path`). A node with neither refuses to
-train: nothing is ever made up for it.
+A node with neither refuses to train: nothing is ever made up for it.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from fedprefix.common.config import FederationConfig
 from fedprefix.common.errors import DataError
 
-from .data import Row, read_rows
-
-TRAIN_FILE = "train.jsonl"
-EVAL_FILE = "eval.jsonl"
+from .data import Row, read_file_rows
+from .partition import partition_users, split_held_out, user_split
 
 
-def folder_users(data: str | Path) -> list[str]:
-    """The user ids of a federation data folder, in partition order."""
-    folder = Path(data)
-    if not folder.is_dir():
-        raise DataError(f"federation data folder {folder} does not exist")
-    users = sorted(p.name for p in folder.iterdir() if (p / TRAIN_FILE).is_file())
-    if not users:
-        raise DataError(f"federation data folder {folder} has no user folders with a {TRAIN_FILE}")
-    return users
-
-
-def node_user_id(node_config: dict, data: str = "") -> str:
-    """The node's user: `user-id` from its node config, else the partition's user in `data`, else user<partition-id>."""
+def node_user_id(node_config: dict, config: FederationConfig) -> str:
+    """The node's user: `user-id` from its node config, else its partition's user in the run's data, else user<N>."""
     if "user-id" in node_config:
         return str(node_config["user-id"])
     partition = int(node_config.get("partition-id", 0))
-    if data and "data-path" not in node_config:
-        users = folder_users(data)
+    if config.data and "data-path" not in node_config:
+        users = partition_users(config.data, config.user_field, config.min_rows)
         if not 0 <= partition < len(users):
-            raise DataError(f"partition-id {partition}, but the data folder {data} has {len(users)} users")
+            raise DataError(
+                f"partition-id {partition}, but the data {config.data} has {len(users)} users "
+                f"(with min-rows {config.min_rows}): partition ids run from 0 to {len(users) - 1}"
+            )
         return users[partition]
     return f"user{partition:03d}"
 
 
-def node_rows(node_config: dict, data: str, user_id: str) -> tuple[list[Row], list[Row]]:
+def node_rows(node_config: dict, config: FederationConfig, user_id: str) -> tuple[list[Row], list[Row]]:
     """(training rows, held-out rows) of this node's user; raises DataError naming what is missing."""
     if "data-path" in node_config:
-        train_path = str(node_config["data-path"])
-        eval_path = str(node_config.get("eval-path", train_path))
-    elif data:
-        folder = Path(data) / user_id
-        train_path = str(folder / TRAIN_FILE)
-        eval_path = str(folder / EVAL_FILE) if (folder / EVAL_FILE).is_file() else train_path
-    else:
-        raise DataError(
-            f"user {user_id}: this node has no data; give it `data-path` in its node config "
-            "(flower-supernode --node-config \"data-path='rows.jsonl'\") or the run a data folder (run setting `data`)"
-        )
-    train_rows = read_rows(train_path)
-    if not train_rows:
-        raise DataError(f"user {user_id} has no training data in {train_path}")
-    return train_rows, read_rows(eval_path)
+        rows = read_file_rows(str(node_config["data-path"]))
+        if "eval-path" in node_config:
+            return rows, read_file_rows(str(node_config["eval-path"]))
+        return split_held_out(rows, config.eval_fraction, user_id)
+    if config.data:
+        return user_split(config.data, user_id, config.user_field, config.min_rows, config.eval_fraction)
+    raise DataError(
+        f"user {user_id}: this node has no data; give it `data-path` in its node config "
+        "(flower-supernode --node-config \"data-path='rows.jsonl'\") or the run its data (run setting `data`)"
+    )

@@ -103,9 +103,17 @@ class FederationConfig(BaseModel):
     dp_noise_multiplier: float = Field(0.0, ge=0)  # > 0 turns on client-side-clipping DP
     dp_clipping_norm: float = Field(1.0, gt=0)
     dp_target_delta: float = Field(1e-5, gt=0, lt=1)
-    # A federation data folder, one sub-folder per user (client/user_data.py): node partition-id i
-    # is the i-th user in name order. Empty: every node must bring `data-path` in its node config.
+    # The federation's data (client/partition.py): a .jsonl/.csv/.parquet file with a user column, a
+    # folder of per-user files (alice.jsonl, bob.csv) or of per-user folders (alice/train.jsonl).
+    # Node partition-id i is the i-th user in id order. Empty: every node must bring `data-path`.
     data: str = ""
+    user_field: str = Field("user", min_length=1)  # the user column of a single data file
+    min_rows: int = Field(2, ge=1)  # users with fewer rows are dropped before numbering
+    # each user's last ceil(eval_fraction * rows) rows are held out for evaluation rounds (at least
+    # one, never all); 0 evaluates on the training rows. A user folder's eval.jsonl is used as is.
+    eval_fraction: float = Field(0.2, ge=0, lt=1)
+    # users sampled per round, for training and evaluation alike (0: fraction-train decides)
+    users_per_round: int = Field(0, ge=0)
     data_seed: int = 0  # node i trains with seed data_seed + i
     run_dir: str = "runs/latest"
     store_root: str = ".cache/fedprefix/nodes"  # simulation: each node's encrypted store lives below
@@ -135,9 +143,15 @@ class FederationConfig(BaseModel):
             raise ValueError(f"mode {self.mode!r} needs personal_tokens > 0")
         if self.dp_noise_multiplier > 0 and self.mode == "personal":
             raise ValueError("differential privacy protects the shared prefix; mode 'personal' sends none")
+        if self.users_per_round > self.num_users:
+            raise ValueError(f"users_per_round {self.users_per_round} is more than num_users {self.num_users}")
+        if self.users_per_round and self.fraction_train != 1.0:
+            raise ValueError("set users_per_round or fraction_train, not both")
         phases = self.shared_only_rounds + self.personal_only_rounds
         if phases and self.mode != "shared+personal":
-            raise ValueError(f"shared_only_rounds and personal_only_rounds need mode 'shared+personal', not {self.mode!r}")
+            raise ValueError(
+                f"shared_only_rounds and personal_only_rounds need mode 'shared+personal', not {self.mode!r}"
+            )
         if phases > self.num_rounds:
             raise ValueError(
                 f"shared_only_rounds + personal_only_rounds = {phases} exceeds num_rounds = {self.num_rounds}"

@@ -225,6 +225,8 @@ def simulate(
             "run_dir": str(Path(config.run_dir).resolve()),
             "store_root": str(Path(config.store_root).resolve()),
             **({"audit_dir": str(Path(config.audit_dir).resolve())} if config.audit_dir else {}),
+            # node processes may not share this process's working folder
+            **({"data": str(Path(config.data).resolve())} if config.data else {}),
         }
     )
     run_dir = Path(config.run_dir)

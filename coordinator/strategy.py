@@ -56,16 +56,25 @@ def sample_size(fraction: float, num_users: int) -> int:
     return max(1, math.ceil(fraction * num_users))
 
 
+def round_sizes(config: FederationConfig) -> tuple[int, int]:
+    """(users trained, users evaluated) per round: `users_per_round` where set (LEAF's clients
+    per round; evaluation samples as many, or fewer if fraction_evaluate says so), else the fractions."""
+    train_nodes = config.users_per_round or sample_size(config.fraction_train, config.num_users)
+    eval_nodes = sample_size(config.fraction_evaluate, config.num_users) if config.fraction_evaluate > 0 else 0
+    return train_nodes, min(eval_nodes, train_nodes) if config.users_per_round else eval_nodes
+
+
 def build_inner_strategy(config: FederationConfig) -> Strategy:
     """Flower's strategy for `config.aggregator`, with DP around it if asked for."""
-    train_nodes = sample_size(config.fraction_train, config.num_users)
-    eval_nodes = sample_size(config.fraction_evaluate, config.num_users) if config.fraction_evaluate > 0 else 0
+    train_nodes, eval_nodes = round_sizes(config)
     dp = config.dp_noise_multiplier > 0
     common = dict(
-        fraction_train=config.fraction_train,
-        fraction_evaluate=config.fraction_evaluate,
+        # Flower samples max(int(fraction x nodes), min_nodes) of the nodes connected: with the
+        # fraction nodes/users that is exactly the sizes above once all users' nodes are there.
+        fraction_train=train_nodes / config.num_users,
+        fraction_evaluate=eval_nodes / config.num_users,
         # Fractions alone under-sample in round 1 (nodes still registering): the minimums
-        # make every round sample exactly ceil(fraction * users) nodes.
+        # make every round sample exactly those sizes.
         min_train_nodes=train_nodes,
         min_evaluate_nodes=eval_nodes,
         min_available_nodes=train_nodes,

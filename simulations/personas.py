@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedprefix.client.user_data import EVAL_FILE, TRAIN_FILE
+from fedprefix.client.partition import EVAL_FILE, TRAIN_FILE
 from fedprefix.common.files import atomic_write_bytes
 
 NAMES = [

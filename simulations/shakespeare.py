@@ -216,8 +216,16 @@ def role_table(roles: list[Role]) -> list[dict]:
     out = []
     for r in roles:
         train, held_out = r.split()
-        out.append({"user": r.user_id, "play": r.play, "speaker": r.speaker, "train_rows": len(train),
-                    "held_out_rows": len(held_out), "bucket": bucket(len(train))})
+        out.append(
+            {
+                "user": r.user_id,
+                "play": r.play,
+                "speaker": r.speaker,
+                "train_rows": len(train),
+                "held_out_rows": len(held_out),
+                "bucket": bucket(len(train)),
+            }
+        )
     return out
 
 

@@ -132,7 +132,8 @@ def federated(base, roles: list[Role], settings: Settings, mode: str, out: Path)
     simulate(config)
     seconds = (time.perf_counter() - started) / len(roles)
     spec = base.prefix_spec(config.shared_tokens)
-    shared = Prefix.from_state(PrefixConfig(spec=spec, base_fingerprint=base.fingerprint), load_shared_prefix(config.run_dir))
+    shared_config = PrefixConfig(spec=spec, base_fingerprint=base.fingerprint)
+    shared = Prefix.from_state(shared_config, load_shared_prefix(config.run_dir))
     scores = {}
     for role in roles:  # node i is the i-th role by user id (client/user_data.py), as written above
         kv, params = shared.key_values().detach(), 0

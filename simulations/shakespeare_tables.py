@@ -43,8 +43,13 @@ def goals(results: dict) -> list[tuple[str, str, bool]]:
             prefix = statistics.mean(_gain(results, "shared+personal", u) for u in members)
             lora = statistics.mean(_gain(results, "LoRA", u) for u in members)
             ratio = prefix / lora if lora > 0 else float("inf")
-            out.append((f"prefix gain >= 90% of LoRA's, {name} rows", f"{ratio:.0%} ({prefix:.3f} vs {lora:.3f})",
-                        ratio >= 0.9))
+            out.append(
+                (
+                    f"prefix gain >= 90% of LoRA's, {name} rows",
+                    f"{ratio:.0%} ({prefix:.3f} vs {lora:.3f})",
+                    ratio >= 0.9,
+                )
+            )
     return out
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from fedprefix.common.errors import FedPrefixError, first_error
 from fedprefix.coordinator.views import fmt_num
+from rich.console import Console
 from rich.table import Table
 
 from .main import DTYPE_HELP, app, console, err_console, fail
@@ -16,7 +17,7 @@ from .main import DTYPE_HELP, app, console, err_console, fail
 @app.command()
 def simulate(
     users: int = typer.Option(
-        0, "--users", "-n", help="Users, one Flower node each (default: personas 4, a data folder all of its users)."
+        0, "--users", "-n", help="Users, one Flower node each (default: personas 4, your data all of its users)."
     ),
     rounds: int = typer.Option(3, "--rounds", "-r", help="Federated rounds."),
     base: str = typer.Option("tiny-llama", "--base", help="Base model: registry name, folder or hub id."),
@@ -25,7 +26,18 @@ def simulate(
     aggregator: str = typer.Option("fedavg", "--aggregator", help="fedavg | fedadam | fedprox"),
     local_steps: int = typer.Option(10, "--local-steps", help="Optimizer steps per user per round."),
     data: str = typer.Option(
-        "personas", "--data", help="A federation data folder (one sub-folder per user), or 'personas' (simulated)."
+        "personas",
+        "--data",
+        help="'personas' (simulated), a .jsonl/.csv/.parquet file with a user column, "
+        "or a folder of per-user files or per-user folders.",
+    ),
+    user_field: str = typer.Option("user", "--user-field", help="The user column of a single data file."),
+    min_rows: int = typer.Option(2, "--min-rows", help="Drop users with fewer rows."),
+    eval_fraction: float = typer.Option(
+        0.2, "--eval-fraction", help="Each user's last share of rows held out for evaluation (0: none)."
+    ),
+    users_per_round: int = typer.Option(
+        0, "--users-per-round", "-k", help="Users sampled each round (0: all, or --set fraction-train=F)."
     ),
     examples: int = typer.Option(0, "--examples", help="personas: rows per user; 0 = non-IID sizes from 10 to 200."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
@@ -34,14 +46,12 @@ def simulate(
     setting: list[str] = typer.Option([], "--set", help="Any other run setting, KEY=VALUE (see pyproject)."),
     as_json: bool = typer.Option(False, "--json", help="Print the round records as JSON."),
 ) -> None:
-    """Run a federation on this machine (Flower simulation runtime): simulated personas or your data folder.
+    """Run a federation on this machine (Flower simulation runtime): simulated personas or your data.
 
-    Example: fedprefix simulate --users 4 --rounds 3 --base tiny-llama --mode shared+personal --out runs/demo
+    Example: fedprefix simulate --data chats.jsonl --user-field user --users-per-round 8 --rounds 3 --out runs/mine
     """
-    from fedprefix.common.config import FederationConfig
     from fedprefix.coordinator.simulate import simulate as run_simulation
     from fedprefix.coordinator.views import round_progress
-    from pydantic import ValidationError
 
     extra = {}
     for item in setting:
@@ -49,27 +59,28 @@ def simulate(
         if not sep:
             fail(ValueError(f"--set expects KEY=VALUE, got {item!r}"))
         extra[key.replace("-", "_")] = value
-    # Settings first, so that a bad one is refused before any data is written.
-    try:
-        config = FederationConfig(
-            base=base,
-            num_users=users or 1,
-            num_rounds=rounds,
-            mode=mode,
-            run_dir=out,
-            aggregator=aggregator,
-            local_steps=local_steps,
-            data=data,
-            dp_noise_multiplier=dp_noise,
-            dp_clipping_norm=dp_clip,
-            dtype=dtype,
-            **extra,
-        )
-    except ValidationError as exc:
-        field, message = first_error(exc, "config")
-        fail(ValueError(f"setting {field}: {message}"))
-    users, data = _federation_data(data, users, examples, Path(out))
-    config = config.model_copy(update={"num_users": users, "data": data})
+    settings = dict(
+        base=base,
+        num_rounds=rounds,
+        mode=mode,
+        run_dir=out,
+        aggregator=aggregator,
+        local_steps=local_steps,
+        data=data,
+        user_field=user_field,
+        min_rows=min_rows,
+        eval_fraction=eval_fraction,
+        users_per_round=users_per_round,
+        dp_noise_multiplier=dp_noise,
+        dp_clipping_norm=dp_clip,
+        dtype=dtype,
+        **extra,
+    )
+    # Settings first, so that a bad one is refused before any data is read or written;
+    # then again with the number of users the data holds.
+    config = _checked({**settings, "num_users": max(users, users_per_round, 1)})
+    users, data = _federation_data(config, users, examples, Path(out), err_console if as_json else console)
+    config = _checked({**settings, "num_users": users, "data": data})
     try:
         title = f"simulating {users} users x {rounds} rounds on {base} ({mode})"
         # Rounds as they end; with --json on stderr, so stdout stays JSON.
@@ -86,22 +97,40 @@ def simulate(
     console.print(f"run folder: {out}")
 
 
-def _federation_data(data: str, users: int, examples: int, out: Path) -> tuple[int, str]:
-    """(users, data folder): simulated personas written beside the run, or the given folder checked."""
-    if data == "personas":
+def _checked(values: dict):
+    """`values` as a FederationConfig, or the CLI's one-line error naming the bad setting."""
+    from fedprefix.common.config import FederationConfig
+    from pydantic import ValidationError
+
+    try:
+        return FederationConfig.model_validate(values)
+    except ValidationError as exc:
+        field, message = first_error(exc, "config")
+        fail(ValueError(f"setting {field}: {message}"))
+
+
+def _federation_data(config, users: int, examples: int, out: Path, note: Console) -> tuple[int, str]:
+    """(users, data): simulated personas written beside the run, or the given data read and checked."""
+    if config.data == "personas":
         from fedprefix.simulations.personas import write_federation_data
 
         users = users or 4
         return users, str(write_federation_data(out / "data", users, examples or None))
-    from fedprefix.client.user_data import folder_users
+    from fedprefix.client.partition import partition_users, read_users
 
     try:
-        available = len(folder_users(data))
+        available = len(partition_users(config.data, config.user_field, config.min_rows))
+        dropped = len(read_users(config.data, config.user_field)) - available
     except FedPrefixError as exc:
         fail(exc)
+    if dropped:
+        note.print(
+            f"{dropped} users of {config.data} have fewer than --min-rows {config.min_rows} rows: left out",
+            markup=False,
+        )
     if users > available:
-        fail(FedPrefixError(f"--users {users}, but the data folder {data} holds {available} users"))
-    return users or available, data
+        fail(FedPrefixError(f"--users {users}, but the data {config.data} holds {available} users"))
+    return users or available, config.data
 
 
 @app.command("runs")

@@ -79,7 +79,7 @@ def test_chat_rows_use_the_template(tiny_llama):
     [
         ({"prompt": "p", "completion": "c"}, r"a single row \(a dict with keys \['completion', 'prompt'\]\)"),
         ("just some text", "a single string"),
-        (42, "must be a list of rows or a .jsonl path, not int"),
+        (42, "must be a list of rows or a path to a .jsonl, .csv or .parquet file, not int"),
         (b"bytes", "not bytes"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -41,10 +42,21 @@ def test_a_node_without_data_refuses_to_train(tmp_path):
     settings = _settings(tmp_path, data="")
     with pytest.raises(DataError, match="user user000: this node has no data; give it `data-path`"):
         open_node(settings, {"partition-id": 0})
-    with pytest.raises(DataError, match="partition-id 7, but the data folder .* has 3 users"):
+    with pytest.raises(DataError, match="partition-id 7, but the data .* has 3 users"):
         open_node(_settings(tmp_path), {"partition-id": 7})
     with pytest.raises(DataError, match="does not exist"):
         open_node(_settings(tmp_path, data=str(tmp_path / "missing")), {"partition-id": 0})
+
+
+def test_a_node_takes_its_user_from_a_data_file_with_held_out_rows(tmp_path):
+    rows = [{"user": user, "text": f"{user} says {i}"} for i in range(5) for user in ("zoe", "amy", "tom")]
+    data = tmp_path / "log.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    node = open_node(_settings(tmp_path, data=str(data), eval_fraction=0.4), {"partition-id": 2})
+    assert node.user_id == "zoe"  # ids sorted: amy, tom, zoe
+    assert node.train_rows == [f"zoe says {i}" for i in range(3)] and node.eval_rows == ["zoe says 3", "zoe says 4"]
+    with pytest.raises(DataError, match="partition-id 3, but the data .* has 3 users"):
+        open_node(_settings(tmp_path, data=str(data)), {"partition-id": 3})
 
 
 def test_shared_prefix_of_another_base_or_shape_is_refused(tmp_path):

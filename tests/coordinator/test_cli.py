@@ -63,10 +63,32 @@ def test_store_commands_share_the_error_printer_and_debug(monkeypatch, capsys, t
 
 def test_simulate_checks_the_data_folder_before_starting(monkeypatch, capsys, tmp_path):
     (tmp_path / "data" / "alice").mkdir(parents=True)
-    (tmp_path / "data" / "alice" / "train.jsonl").write_text('{"prompt": "p", "completion": "c"}\n')
+    (tmp_path / "data" / "alice" / "train.jsonl").write_text('{"prompt": "p", "completion": "c"}\n' * 2)
     with pytest.raises(SystemExit):
         _run(monkeypatch, "simulate", "--data", str(tmp_path / "data"), "--users", "3", "--out", str(tmp_path / "r"))
-    assert "--users 3, but the data folder" in capsys.readouterr().err
+    assert "--users 3, but the data" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _run(monkeypatch, "simulate", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_simulate_refuses_bad_own_data_before_starting(monkeypatch, capsys, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(f'{{"who": "u{i % 3}", "text": "t{i}"}}\n' for i in range(9)))
+    (tmp_path / "rows.txt").write_text("x")
+    out = tmp_path / "run"
+    attempts = {
+        ("--data", str(rows)): "line 1: no user column 'user' (columns found: text, who)",
+        ("--data", str(rows), "--user-field", "who", "--min-rows", "4"): "all 3 users were dropped",
+        ("--data", str(rows), "--user-field", "who", "--users-per-round", "4"): "users_per_round 4 is more than",
+        ("--data", str(rows), "--user-field", "who", "--users", "4"): "--users 4, but the data",
+        ("--data", str(tmp_path / "rows.txt")): "unknown file type '.txt'",
+        ("--data", str(tmp_path / "nowhere.jsonl")): "nowhere.jsonl does not exist",
+        ("--data", str(rows), "--eval-fraction", "1"): "setting eval_fraction",
+    }
+    for argv, message in attempts.items():
+        with pytest.raises(SystemExit):
+            _run(monkeypatch, "simulate", *argv, "--out", str(out))
+        err = capsys.readouterr().err
+        assert message in " ".join(err.split()) and err.count("\n") == 1, (argv, err)
+    assert not out.exists(), "nothing may be written for a refused run"

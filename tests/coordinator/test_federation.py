@@ -1,19 +1,23 @@
 """Federated runs through `flwr run` on a local SuperLink, tiny models: what crosses the
-wire (from the nodes' audit logs), round records, modes, DP, and nodes that fail."""
+wire (from the nodes' audit logs), round records, modes, DP, nodes that fail, and your own data."""
 
 from __future__ import annotations
 
 import base64
 import json
+import sys
 import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 from fedprefix.client.node import simulation_key
 from fedprefix.common.base_model import load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.prefix import Prefix, PrefixConfig
 from fedprefix.common.store import PrefixStore
+from fedprefix.coordinator import cli
+from fedprefix.coordinator.cli import main as cli_main
 from fedprefix.coordinator.records import read_run
 from fedprefix.coordinator.simulate import simulate
 
@@ -89,3 +93,39 @@ def test_dp_run_reports_privacy_spent(tmp_path):
     epsilons = [r.privacy.epsilon for r in rounds]
     assert all(e is not None and np.isfinite(e) for e in epsilons) and epsilons[1] > epsilons[0]
     assert rounds[-1].privacy.noise_multiplier == 0.5
+
+
+def test_own_jsonl_file_one_node_per_user_k_users_per_round(tmp_path, monkeypatch, capsys):
+    """`fedprefix simulate --data FILE --users-per-round 2`: 5 users of one file, 2 trained and evaluated a round."""
+    users = ["ann", "ben", "cat", "dan", "eve"]
+    rows = [{"user": u, "prompt": f"Say hi to {u} ({i})", "completion": f"Hi {u}!"} for i in range(6) for u in users]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = dict(max_length=96, batch_size=4, personal_tokens=4, shared_tokens=4)
+    argv = ["simulate", "--data", str(tmp_path / "log.jsonl"), "--users-per-round", "2", "--rounds", "2"]
+    argv += ["--local-steps", "2", "--out", str(tmp_path / "run"), "--json"]
+    argv += ["--set", f"store-root={tmp_path / 'stores'}", "--set", f"audit-dir={tmp_path / 'audit'}"]
+    argv += [f"--set={k.replace('_', '-')}={v}" for k, v in settings.items()]
+    monkeypatch.setattr(sys, "argv", ["fedprefix", *argv])
+    monkeypatch.setitem(cli_main._state, "debug", False)
+    with pytest.raises(SystemExit) as exit_:
+        cli.run()
+    assert exit_.value.code in (0, None), capsys.readouterr().err
+    records = json.loads(capsys.readouterr().out)
+    assert [r["round"] for r in records] == [1, 2]
+    for record in records:
+        assert len(set(record["sampled_users"])) == 2 and record["replies_accepted"] == 2
+        assert record["eval_loss_personal"] is not None
+    info, _, _ = read_run(tmp_path / "run")
+    assert info.config["num_users"] == 5 and info.config["users_per_round"] == 2
+    logged = {
+        path.stem: [json.loads(line) for line in path.read_text().splitlines()]
+        for path in (tmp_path / "audit").glob("*.jsonl")
+    }
+    assert set(logged) <= set(users), "nodes are named by the file's user ids"
+    replies = [entry for entries in logged.values() for entry in entries]
+    for server_round in (1, 2):
+        for kind in ("train", "evaluate"):
+            assert len([e for e in replies if e["round"] == server_round and e["type"] == kind]) == 2, (
+                server_round,
+                kind,
+            )

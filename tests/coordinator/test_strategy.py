@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import tomllib
 from fedprefix.common.config import FederationConfig
-from fedprefix.coordinator.strategy import PrefixStrategy, build_inner_strategy, payload_bytes, sample_size
+from fedprefix.coordinator.strategy import (
+    PrefixStrategy,
+    build_inner_strategy,
+    payload_bytes,
+    round_sizes,
+    sample_size,
+)
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -173,6 +179,32 @@ def test_sampling_sizes_and_aggregators():
     assert isinstance(build_inner_strategy(FederationConfig(aggregator="median")), FedMedian)
     dp = build_inner_strategy(FederationConfig(dp_noise_multiplier=1.0))
     assert isinstance(dp, DifferentialPrivacyClientSideFixedClipping) and dp.strategy.weighted_by_key == "dp-weight"
+
+
+def test_users_per_round_samples_exactly_k_distinct_users_each_round():
+    for users, k in ((5, 2), (49, 1), (10, 7), (3, 3), (100, 29)):
+        inner = build_inner_strategy(FederationConfig(num_users=users, users_per_round=k))
+        seen = set()
+        for server_round in range(1, 6):
+            trained = [
+                m.metadata.dst_node_id
+                for m in inner.configure_train(server_round, ArrayRecord(), ConfigRecord(), _Grid(users))
+            ]
+            evaluated = [
+                m.metadata.dst_node_id
+                for m in inner.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), _Grid(users))
+            ]
+            assert len(trained) == len(set(trained)) == k and len(evaluated) == len(set(evaluated)) == k, (users, k)
+            seen.update(trained)
+        assert len(seen) > k or k == users, "users are sampled afresh each round"
+    # fraction-evaluate still lowers (or turns off) the users evaluated per round
+    assert round_sizes(FederationConfig(num_users=10, users_per_round=4, fraction_evaluate=0.2)) == (4, 2)
+    assert round_sizes(FederationConfig(num_users=10, users_per_round=4, fraction_evaluate=0)) == (4, 0)
+    assert round_sizes(FederationConfig(num_users=10, fraction_train=0.25)) == (3, 10)
+    with pytest.raises(ValueError, match="users_per_round 5 is more than num_users 4"):
+        FederationConfig(num_users=4, users_per_round=5)
+    with pytest.raises(ValueError, match="set users_per_round or fraction_train, not both"):
+        FederationConfig(num_users=4, users_per_round=2, fraction_train=0.5)
 
 
 def test_bad_run_config_names_the_key():

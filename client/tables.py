@@ -1,0 +1,104 @@
+"""Row files: read a .jsonl, .csv or .parquet file into raw records, each labelled with where it came from.
+
+- ``.jsonl``: one JSON value per line (an object, or a string for plain text); blank lines skipped.
+- ``.csv``: a header row, then one record per row; cells are strings. A ``messages`` cell holds
+  the conversation as JSON text. A cell may span lines: records are labelled by the line they start on.
+- ``.parquet``: one record per row (needs pyarrow: ``pip install 'fedprefix[parquet]'``); null cells
+  are left out, so one file may mix row forms in different columns. Rows are numbered from 0.
+
+Validation of what a record holds is client/data.py's job; this file only reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+from fedprefix.common.errors import DataError
+
+FORMATS = (".jsonl", ".csv", ".parquet")
+PARQUET_HINT = "pip install 'fedprefix[parquet]'"
+
+Record = tuple[str, object]  # (where: "PATH line 3" / "PATH row 0", the raw value)
+
+
+def is_row_file(path: str | os.PathLike) -> bool:
+    """Whether `path` names a file of a format read here (by its extension)."""
+    return Path(path).suffix.lower() in FORMATS
+
+
+def check_format(path: str | os.PathLike) -> None:
+    """Raise DataError unless `path` has the extension of a format read here."""
+    if not is_row_file(path):
+        suffix = Path(path).suffix or "(no extension)"
+        raise DataError(f"{path}: unknown file type {suffix!r}; data files end in .jsonl, .csv or .parquet")
+
+
+def read_records(path: str | os.PathLike) -> list[Record]:
+    """Every record of the file at `path`, in file order; raises DataError naming the file and line."""
+    check_format(path)
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    if suffix == ".parquet":
+        return _parquet(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a BOM, as spreadsheet exports write, is not data
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start} is invalid)") from exc
+    return _jsonl(path, text) if suffix == ".jsonl" else _csv(path, text)
+
+
+def _jsonl(path: Path, text: str) -> list[Record]:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path} line {number}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from exc
+    return records
+
+
+def _csv(path: Path, text: str) -> list[Record]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        if len(set(header)) != len(header) or not all(header):
+            raise DataError(f"{path} line 1: the header needs distinct, non-empty column names, got {header}")
+        records, start = [], reader.line_num + 1
+        for cells in reader:
+            where, start = f"{path} line {start}", reader.line_num + 1
+            if not cells:  # a blank line
+                continue
+            if len(cells) != len(header):
+                raise DataError(f"{where}: {len(cells)} cells, but the header has {len(header)} columns {header}")
+            record = dict(zip(header, cells, strict=True))
+            if "messages" in record:
+                try:
+                    record["messages"] = json.loads(record["messages"])
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{where}: column 'messages' is not valid JSON ({exc.msg})") from exc
+            records.append((where, record))
+    except csv.Error as exc:
+        raise DataError(f"{path} line {reader.line_num}: not valid CSV ({exc})") from exc
+    return records
+
+
+def _parquet(path: Path) -> list[Record]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"reading {path} needs pyarrow: {PARQUET_HINT}") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises its own error types for a damaged or foreign file
+        raise DataError(f"{path} is not a readable parquet file ({type(exc).__name__}: {exc})") from exc
+    return [(f"{path} row {i}", {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(rows)]
