@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Converted models, fingerprints and run output stay inside the repo, git-ignored.
 export FEDPREFIX_CACHE ?= $(CURDIR)/.cache/fedprefix
 
-.PHONY: demo test test-slow lint bench report install install-dev clean
+.PHONY: demo test test-slow lint bench report report-personas install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +45,14 @@ test-slow: $(VENV)/.installed-dev $(VENV)/.installed-model
 bench: $(VENV)/.installed-dev $(VENV)/.installed-model
 	$(PY) -m fedprefix.simulations.bench_all $(if $(QUICK),--quick,)
 
-# The personalization benchmark report; QUICK=1: tiny model, about a minute.
+# The Shakespeare benchmark (real text, 24 roles; README "Results"), results/shakespeare;
+# QUICK=1: 6 roles and fewer steps, results/shakespeare-quick.
 report: $(VENV)/.installed-dev $(VENV)/.installed-model
+	$(PY) -m pip install -q -e '.[report]'
+	$(PY) -m fedprefix.simulations.shakespeare_report $(if $(QUICK),--quick,)
+
+# The simulated-persona benchmark (style and slot checks); QUICK=1: tiny model, about a minute.
+report-personas: $(VENV)/.installed-dev $(VENV)/.installed-model
 	$(PY) -m pip install -q -e '.[report]'
 	$(PY) -m fedprefix.simulations.report $(if $(QUICK),--quick --out results/quick,--out results/report)
 

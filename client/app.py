@@ -21,6 +21,7 @@ from fedprefix.common.protocol import (
     NUM_EXAMPLES,
     STEPS,
     TRAIN_LOSS,
+    TRAIN_PARTS,
     TRAIN_SECONDS,
     RoundSettings,
     eval_loss_key,
@@ -35,9 +36,10 @@ from .node import Node, open_node
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
-    """Flower's fixedclipping_mod, applied only when the coordinator runs with DP."""
+    """Flower's fixedclipping_mod, applied only when the coordinator runs with DP and the round
+    sends the shared prefix (a personal-only round replies without arrays: nothing to clip)."""
     config = msg.content.config_records.get(CONFIG, ConfigRecord())
-    if KEY_CLIPPING_NORM in config:
+    if KEY_CLIPPING_NORM in config and config.get(TRAIN_PARTS, "all") != "personal":
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
 

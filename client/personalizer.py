@@ -45,7 +45,7 @@ class Personalizer:
         key: bytes | str | None = None,
         num_virtual_tokens: int = 16,
         shared_virtual_tokens: int = 0,
-        prefix_projection: bool = True,
+        prefix_projection: bool = False,
         encoder_hidden_size: int | None = None,
         shared_projection: bool = False,
         init: str = "text",

@@ -148,6 +148,14 @@ def warmup_cosine(config: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+def epoch_capped_steps(config: TrainConfig, rows: int) -> int:
+    """Optimizer steps to run: config.max_steps, or fewer if that many would pass over the
+    `rows` training rows more than config.max_epochs times."""
+    if config.max_epochs is None:
+        return config.max_steps
+    return max(1, min(config.max_steps, math.ceil(config.max_epochs * rows / config.batch_size)))
+
+
 def seeded_batches(examples: Sequence[Example], batch_size: int, seed: int) -> Iterator[list[Example]]:
     """Batches forever, epoch after epoch, each epoch a fresh seeded shuffle."""
     generator, order = random.Random(seed), []
@@ -205,7 +213,9 @@ def train(
         proximal = (proximal_mu, [(p, p.detach().clone()) for p in proximal_parameters])
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config))
+    max_steps = epoch_capped_steps(config, len(train_set))
+    schedule = warmup_cosine(config.model_copy(update={"max_steps": max_steps}))  # decays over the steps run
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     # A copy of the frozen base in the compute dtype (kept on the handle) instead of autocast,
     # which re-casts every frozen weight on every use; prefix parameters stay float32.
     work = base.with_dtype(resolve_dtype(config.dtype, base.device))
@@ -224,8 +234,8 @@ def train(
     batches = seeded_batches(train_set, config.batch_size, config.seed)
     started = time.perf_counter()
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"{description} ({dtype_name(work.dtype)})", total=config.max_steps, loss="-")
-        for step in range(1, config.max_steps + 1):
+        task = bar.add_task(f"{description} ({dtype_name(work.dtype)})", total=max_steps, loss="-")
+        for step in range(1, max_steps + 1):
             batch = next(batches)
             losses.append(train_step(work, kv_of, batch, optimizer, parameters, config.max_grad_norm, proximal))
             if not math.isfinite(losses[-1]):  # never continue from, or keep, a non-finite prefix
@@ -234,7 +244,7 @@ def train(
             scheduler.step()
             seen += len(batch)
             eval_loss = None
-            if eval_set and (step % config.eval_every == 0 or step == config.max_steps):
+            if eval_set and (step % config.eval_every == 0 or step == max_steps):
                 eval_loss = held_out()
                 eval_points.append(EvalPoint(step=step, loss=eval_loss))
                 if eval_loss < best - 1e-4:
@@ -243,7 +253,7 @@ def train(
                 else:
                     stale += 1
             bar.update(task, advance=1, loss=f"{losses[-1]:.3f}")
-            info = StepInfo(step, config.max_steps, losses[-1], scheduler.get_last_lr()[0], eval_loss)
+            info = StepInfo(step, max_steps, losses[-1], scheduler.get_last_lr()[0], eval_loss)
             if callback is not None and callback(info) is False:
                 stop_reason = "callback"
                 break
@@ -253,6 +263,7 @@ def train(
             if config.max_seconds is not None and time.perf_counter() - started >= config.max_seconds:
                 stop_reason = "max_seconds"
                 break
+    optimizer.zero_grad(set_to_none=True)  # the optimizer ends here: no gradients left on the prefix
     if eval_set:  # keep the parameters that did best on held-out data
         _restore(parameters, best_state)
     seconds = time.perf_counter() - started
@@ -265,6 +276,6 @@ def train(
         train_loss=losses,
         eval_loss=eval_points,
         best_eval_loss=best,
-        stop_reason=stop_reason,
+        stop_reason="max_epochs" if stop_reason == "max_steps" and max_steps < config.max_steps else stop_reason,
         dtype=dtype_name(work.dtype),
     )

@@ -58,6 +58,9 @@ EVAL_METRICS = (NUM_EXAMPLES, *(eval_loss_key(name) for name in EVAL_PARTS))
 # ------------------------------------------------------------------ round settings
 
 
+TRAIN_PARTS = "train-parts"  # ConfigRecord key: the prefix parts trained this round
+
+
 class RoundSettings(BaseModel):
     """What a message's ConfigRecord ``config`` carries: the values of this round only."""
 
@@ -68,11 +71,11 @@ class RoundSettings(BaseModel):
     proximal_mu: float = Field(0.0, alias="proximal-mu", ge=0)  # set by Flower's FedProx only
     # which prefix parts the nodes train this round (FederationConfig.round_parts); with
     # "personal" the shared part stays as received and the reply carries no arrays
-    train_parts: Literal["all", "shared", "personal"] = Field("all", alias="train-parts")
+    train_parts: Literal["all", "shared", "personal"] = Field("all", alias=TRAIN_PARTS)
 
     def to_config(self) -> dict[str, Any]:
         """The ConfigRecord entries (proximal-mu is left to Flower's FedProx, which sets it)."""
-        values = {"base-fingerprint": self.base_fingerprint, "train-parts": self.train_parts}
+        values = {"base-fingerprint": self.base_fingerprint, TRAIN_PARTS: self.train_parts}
         if self.learning_rate is not None:
             values["round-learning-rate"] = self.learning_rate
         return values

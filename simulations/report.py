@@ -166,6 +166,7 @@ def federated(base, datasets, settings: Settings, mode: str, out: Path) -> tuple
         local_steps=max(1, settings.steps // settings.rounds),
         learning_rate=settings.learning_rate,
         personal_tokens=settings.personal_tokens,
+        personal_projection=True,  # as its local personal prefix (the MLP: what won on personas)
         shared_tokens=settings.shared_tokens if mode != "shared" else settings.personal_tokens + settings.shared_tokens,
         data=str(persona_data),
         max_length=settings.max_length,

@@ -11,7 +11,8 @@ this one -> this speech): the prompt names the previous speaker, so the model se
 who it answers. Long speeches are cut at verse-line boundaries (the prompt keeps its
 end, the reply its beginning), so no row is dominated by one monologue.
 
-Held-out rule (the issue's): the last 20% of each role's speeches in play order.
+Held-out rule: the last 20% of each role's speeches in play order (at least one), the same
+rule `fedprefix simulate --data FILE` applies to a file written by `--write` below.
 As LEAF, roles with 2 speeches or fewer and plays with one role are dropped.
 """
 
@@ -30,7 +31,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedprefix.client.user_data import EVAL_FILE, TRAIN_FILE
+from fedprefix.client.partition import EVAL_FILE, TRAIN_FILE
 from fedprefix.common.base_model import cache_dir
 from fedprefix.common.errors import DataError
 from fedprefix.common.files import atomic_write_bytes
@@ -237,5 +238,17 @@ def summary(roles: list[Role]) -> dict:
     return {"plays": len({r.play for r in roles}), "roles": len(roles), "by_bucket": dict(by_bucket)}
 
 
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Shakespeare's roles as federation users (LEAF's split).")
+    parser.add_argument("--write", default="", help="write every role's rows to this .jsonl (user column `user`)")
+    args = parser.parse_args(argv)
+    roles = all_roles()
+    if args.write:
+        write_rows_file(args.write, roles)
+    print(json.dumps(summary(roles), indent=2))
+
+
 if __name__ == "__main__":
-    print(json.dumps(summary(all_roles()), indent=2))
+    main()

@@ -35,9 +35,9 @@ import torch
 from fedprefix.client import Personalizer
 from fedprefix.client.data import read_rows, tokenize_rows
 from fedprefix.client.node import simulation_key
-from fedprefix.client.training import completion_loss, evaluate_examples, seeded_batches
+from fedprefix.client.training import completion_loss, evaluate_examples, seeded_batches, warmup_cosine
 from fedprefix.common.base_model import BaseModelHandle, load_base
-from fedprefix.common.config import FederationConfig
+from fedprefix.common.config import FederationConfig, TrainConfig
 from fedprefix.common.precision import describe_host, host_info, resolve_dtype
 from fedprefix.common.prefix import Prefix, PrefixConfig
 from fedprefix.common.protocol import row_prefix
@@ -55,18 +55,19 @@ class Settings:
     per_bucket: int = 8  # roles per size bucket
     steps: int = 40  # optimizer steps per user, every approach
     rounds: int = 4  # federated rounds; local steps per round = steps / rounds
-    personal_only_rounds: int = 1  # shared+personal: the last rounds train the personal part only
+    shared_only_rounds: int = -1  # shared+personal: FederationConfig's default recipe (all rounds
+    personal_only_rounds: int = 0  # but the last train the shared part only, the last both parts)
     batch_size: int = 8
     personal_tokens: int = 16
     shared_tokens: int = 16
-    learning_rate: float = 5e-3
+    learning_rate: float = 1e-2
     lora_learning_rate: float = 1e-3
     full_ft_learning_rate: float = 5e-5
     full_ft_roles: int = 1  # per bucket
     seed: int = 0
 
 
-QUICK = Settings(per_bucket=2, steps=12, rounds=2, full_ft_roles=0)
+QUICK = Settings(per_bucket=2, steps=12, rounds=2)
 FULL = Settings()
 
 
@@ -117,6 +118,7 @@ def federated(base, roles: list[Role], settings: Settings, mode: str, out: Path)
         num_users=len(roles),
         num_rounds=settings.rounds,
         local_steps=max(1, settings.steps // settings.rounds),
+        shared_only_rounds=settings.shared_only_rounds if mode == "shared+personal" else 0,
         personal_only_rounds=settings.personal_only_rounds if mode == "shared+personal" else 0,
         learning_rate=settings.learning_rate,
         batch_size=settings.batch_size,
@@ -160,9 +162,6 @@ def lora_rank(base, prefix_values: int) -> int:
 
 def _train_weights(base, model, params, role: Role, settings: Settings, lr: float) -> Score:
     """The same loop as a prefix (AdamW, warm-up + cosine, clipping, batches) on model weights."""
-    from fedprefix.client.training import warmup_cosine
-    from fedprefix.common.config import TrainConfig
-
     handle = BaseModelHandle(base.name, model, base.tokenizer, base.fingerprint)
     train, held_out = role.split()
     examples = _examples(base, train)

@@ -53,6 +53,20 @@ def goals(results: dict) -> list[tuple[str, str, bool]]:
     return out
 
 
+def _schedule(s: dict) -> str:
+    """The shared+personal run's rounds in words."""
+    from fedprefix.common.config import FederationConfig
+
+    config = FederationConfig(
+        num_rounds=s["rounds"],
+        shared_only_rounds=s["shared_only_rounds"],
+        personal_only_rounds=s["personal_only_rounds"],
+    )
+    parts = [config.round_parts(r) for r in range(1, s["rounds"] + 1)]
+    words = {"shared": "the shared part alone", "all": "both parts", "personal": "the personal part alone"}
+    return ", ".join(f"round {r}: {words[p]}" for r, p in enumerate(parts, 1))
+
+
 def write_report(results: dict, out: Path) -> str:
     """report.md and gain_vs_rows.png; returns the markdown."""
     s, a, roles = results["settings"], results["approaches"], results["roles"]
@@ -63,7 +77,7 @@ def write_report(results: dict, out: Path) -> str:
         "",
         f"Base `{s['base']}`; {len(roles)} roles (one user per play and role), {s['per_bucket']} per size bucket; "
         f"{s['steps']} optimizer steps of batch {s['batch_size']} per user for every approach "
-        f"(federated: {s['rounds']} rounds, the last {s['personal_only_rounds']} personal-only); personal prefix "
+        f"(federated: {s['rounds']} rounds; {_schedule(s)}); personal prefix "
         f"P={s['personal_tokens']}, shared P={s['shared_tokens']}; LoRA rank {results['lora_rank']} on q/v. "
         f"Held out: the last 20% of each role's speeches. Total {results['total_seconds'] / 60:.0f} min on "
         f"{results['machine']}.",
@@ -103,7 +117,8 @@ def write_report(results: dict, out: Path) -> str:
     lines += ["", "![gain against rows](gain_vs_rows.png)", ""]
     markdown = "\n".join(lines)
     (out / "report.md").write_text(markdown)
-    plot(results, out)
+    if "base" in a:  # gains are measured from the base
+        plot(results, out)
     return markdown
 
 

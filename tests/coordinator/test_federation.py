@@ -87,6 +87,20 @@ def test_personal_mode_sends_no_arrays(tmp_path):
     assert record.uplink_bytes == 2 * 8 * METRICS_PER_REPLY
 
 
+def test_shared_rounds_then_a_personal_round(tmp_path):
+    """shared-only-rounds 1, personal-only-rounds 1: round 1 trains and sends the shared part
+    only (personal stays at its start), round 2 trains the personal part against the final
+    shared prefix and sends nothing shared, so the run's shared prefix is round 1's aggregate."""
+    config = federation_config(tmp_path, num_users=2, shared_only_rounds=1, personal_only_rounds=1)
+    first, second = simulate(config)
+    train = [s for s in _sent(config) if s["type"] == "train"]
+    assert [bool(s["arrays"]) for s in train] == [True, False] * 2  # each node's log: round 1, round 2
+    assert first.shared_update_norm > 0 and second.shared_update_norm is None
+    assert second.replies_accepted == 2 and second.uplink_bytes == 2 * 8 * METRICS_PER_REPLY
+    assert second.eval_loss_shared == pytest.approx(first.eval_loss_shared, rel=1e-6)  # shared unchanged
+    assert second.eval_loss_personal < first.eval_loss_personal  # the personal part trained in round 2
+
+
 def test_dp_run_reports_privacy_spent(tmp_path):
     config = federation_config(tmp_path, num_users=2, dp_noise_multiplier=0.5, dp_clipping_norm=5.0, audit_dir="")
     rounds = simulate(config)
