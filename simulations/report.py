@@ -167,6 +167,7 @@ def federated(base, datasets, settings: Settings, mode: str, out: Path) -> tuple
         learning_rate=settings.learning_rate,
         personal_tokens=settings.personal_tokens,
         personal_projection=True,  # as its local personal prefix (the MLP: what won on personas)
+        shared_only_rounds=0 if mode == "shared+personal" else -1,  # both parts every round, as measured
         shared_tokens=settings.shared_tokens if mode != "shared" else settings.personal_tokens + settings.shared_tokens,
         data=str(persona_data),
         max_length=settings.max_length,
