@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import re
 import subprocess
@@ -31,7 +30,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedprefix.client.partition import EVAL_FILE, TRAIN_FILE
+from fedprefix.client.partition import EVAL_FILE, TRAIN_FILE, split_held_out
 from fedprefix.common.base_model import cache_dir
 from fedprefix.common.errors import DataError
 from fedprefix.common.files import atomic_write_bytes
@@ -69,9 +68,9 @@ class Role:
         return f"{self.play}__{re.sub(r'[^a-z0-9]+', '_', self.speaker.lower()).strip('_')}"
 
     def split(self, held_out: float = HELD_OUT) -> tuple[list[dict], list[dict]]:
-        """(train, held-out): the last `held_out` share of the speeches, in play order, held out."""
-        cut = len(self.rows) - max(1, math.ceil(held_out * len(self.rows)))
-        return self.rows[:cut], self.rows[cut:]
+        """(train, held-out): the last `held_out` share of the speeches, in play order, held out
+        (the federation's own held-out rule, so `--data` on a written file splits the same)."""
+        return split_held_out(self.rows, held_out, self.user_id)
 
 
 def texts_dir() -> Path:
