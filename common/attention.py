@@ -218,6 +218,18 @@ def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]], headroom:
     return Cache(layers=[GrowingLayer(keys, values, headroom) for keys, values in layers])
 
 
+def row_key_values(layers, row: int, slots: slice | torch.Tensor) -> torch.Tensor:
+    """One batch row's keys and values at `slots` (a slice or index tensor) as (L, 2, H, n, D), a copy."""
+    return torch.stack([torch.stack([keys[row][:, slots], values[row][:, slots]]) for keys, values in layers])
+
+
+def rewind(cache: Cache, lengths: list[int]) -> None:
+    """Undo appends to a cache of GrowingLayers: each layer back to its slot count in `lengths`."""
+    for layer, length in zip(cache.layers, lengths, strict=True):
+        layer.length = length
+        layer._expose()
+
+
 def left_pad_layers(layers, mask: torch.Tensor, width: int):
     """Pad a batch's KV and mask (B, T) on the left with masked zero slots up to `width`."""
     extra = width - mask.shape[1]

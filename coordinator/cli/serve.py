@@ -25,6 +25,12 @@ def serve(
     ),
     max_wait: float = typer.Option(30.0, "--max-wait", help="Seconds a request may wait for a batch slot."),
     cache_mib: int = typer.Option(1024, "--prefix-cache-mib", help="Memory for decrypted prefixes (LRU)."),
+    prompt_cache_mib: int = typer.Option(
+        256, "--prompt-cache-mib", help="Memory for users' prompt KV, reused by their next requests (LRU; 0: off)."
+    ),
+    max_prefill_tokens: int = typer.Option(
+        512, "--max-prefill-tokens", help="Prompt tokens computed per step beside decoding (chunked prefill)."
+    ),
     static: bool = typer.Option(False, "--static-batching", help="Static instead of continuous batching."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     max_prompts: int = typer.Option(16, "--max-prompts", help="Prompts in one completions request (else 422)."),
@@ -64,6 +70,8 @@ def serve(
             max_stop_chars=max_stop_chars,
         )
         guard = UnlockGuard(max_concurrent=max_unlocks, max_failures=max_wrong_keys, backoff_s=wrong_key_backoff)
+        if max_prefill_tokens < 1 or prompt_cache_mib < 0:
+            raise ValueError("--max-prefill-tokens must be at least 1 and --prompt-cache-mib at least 0")
     except (ValidationError, ValueError) as exc:
         fail(FedPrefixError(f"invalid serving setting: {exc}"))
     try:
@@ -81,6 +89,8 @@ def serve(
         prefix_cache_bytes=cache_mib << 20,
         max_queue_per_user=max_queue_per_user,
         unlock_guard=guard,
+        max_prefill_tokens=max_prefill_tokens,
+        prompt_cache_bytes=prompt_cache_mib << 20,
     )
     server = uvicorn.Server(uvicorn.Config(create_app(engine, base, limits), host=host, port=port, log_level="warning"))
     try:  # the engine computes on this (main) thread, the HTTP server answers on another: see Engine.run

@@ -27,13 +27,21 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from fedprefix.common.attention import cache_from_layers, cache_layers, join_batches, keep_rows, stack_prefixes
+from fedprefix.common.attention import (
+    cache_from_layers,
+    cache_layers,
+    join_batches,
+    keep_rows,
+    rewind,
+    stack_prefixes,
+)
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.generation import eos_ids, left_pad, make_generator
 from fedprefix.common.store import PrefixStore
 
-from .fast_llama import serving_forward
+from .fast_llama import Decode, Prefill, serving_forward
 from .prefix_cache import PrefixCache
+from .prompt_cache import PromptCache
 from .requests import (  # re-exported: the engine's public names
     EngineOverloaded,  # noqa: F401
     EngineStats,
@@ -44,7 +52,7 @@ from .requests import (  # re-exported: the engine's public names
     RequestCancelled,
     RequestHandle,
 )
-from .rows import Row, pick, take_token
+from .rows import Filling, Row, pick, take_token
 from .scheduler import FairQueue
 from .unlock import UnlockGuard
 
@@ -72,7 +80,11 @@ class Engine:
         prefix_cache_bytes: int = 1 << 30,
         max_queue_per_user: int | None = None,
         unlock_guard: UnlockGuard | None = None,
+        max_prefill_tokens: int = 512,
+        prompt_cache_bytes: int = 256 << 20,
     ) -> None:
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}")
         self.base = base
         self.model, self.tokenizer = base.model, base.tokenizer
         self.store = store
@@ -89,6 +101,9 @@ class Engine:
             if store is not None
             else None
         )
+        # KV of users' earlier prompts (0 bytes: off); only behind a prefix, see prompt_cache.py
+        self.prompts = PromptCache(prompt_cache_bytes) if store is not None and prompt_cache_bytes > 0 else None
+        self.max_prefill_tokens = max_prefill_tokens  # prompt tokens computed per step (chunked prefill)
         self.context_length = context_length(self.model)
         self.max_batch_size = max_batch_size
         self._forward = serving_forward(self.model, max_batch_size)
@@ -110,6 +125,9 @@ class Engine:
         self._rows: list[Row] = []
         self._cache = None
         self._mask: torch.Tensor | None = None
+        self._filling: list[Filling] = []  # admitted, prompt not yet fully prefilled (first come first served)
+        self._last_decode: float | None = None  # when the last decode step ended, and its rows (token gaps)
+        self._last_rows: set[int] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -177,11 +195,15 @@ class Engine:
 
     def resolve_prefix(self, user: str | None, key: bytes | str | None) -> torch.Tensor | None:
         """The user's prefix (L, 2, H, P, D), unlocked with `key`; store errors propagate."""
+        return self._lookup(user, key)[0]
+
+    def _lookup(self, user: str | None, key: bytes | str | None):
+        """(the user's prefix, its Owner), or (None, None) without a user."""
         if user is None:
-            return None
+            return None, None
         if self.prefixes is None:
             raise FedPrefixError("this engine has no prefix store; requests must not name a user")
-        return self.prefixes.get(user, key)
+        return self.prefixes.lookup(user, key)
 
     def submit(self, request: GenerationRequest, listener: Callable[[str | None], None] | None = None) -> RequestHandle:
         """Queue a request; raises the store's errors (wrong key, unknown user) or EngineOverloaded.
@@ -236,10 +258,12 @@ class Engine:
         if not prompt_ids:
             raise InvalidRequest("prompt", "the prompt is empty")
         self._fit_context(request, len(prompt_ids), 0)  # before any key derivation
-        prefix = self.resolve_prefix(request.user, request.key)
+        prefix, owner = self._lookup(request.user, request.key)
         if prefix is not None:
             self._fit_context(request, len(prompt_ids), prefix.shape[3])  # prefix (L, 2, H, P, D)
-        return RequestHandle(request, prompt_ids, prefix, listener)
+        handle = RequestHandle(request, prompt_ids, prefix, listener)
+        handle.owner = owner
+        return handle
 
     def _fit_context(self, request: GenerationRequest, prompt_tokens: int, prefix_tokens: int) -> None:
         """Refuse (or, with fit_context, shorten) a request that would run past the base's positions."""
@@ -274,7 +298,7 @@ class Engine:
         try:
             while True:
                 with self._wake:
-                    while not (self._stopping or self._pending or self._rows or (until and until())):
+                    while not (self._stopping or self._pending or self._rows or self._filling or (until and until())):
                         self._wake.wait(timeout=0.5)
                     if self._stopping or (until is not None and until()):
                         return
@@ -282,9 +306,10 @@ class Engine:
                 self._step(joiners)
         finally:
             with self._wake:
-                for handle in self._pending.drain() + [row.handle for row in self._rows]:
+                unfinished = self._pending.drain() + [f.handle for f in self._filling] + [r.handle for r in self._rows]
+                for handle in unfinished:
                     handle._fail(EngineStopped("the engine stopped before this request finished"))
-                self._rows, self._cache, self._mask = [], None, None
+                self._rows, self._cache, self._mask, self._filling = [], None, None, []
                 self._running, self._runner = False, None
                 self._wake.notify_all()
 
@@ -292,52 +317,117 @@ class Engine:
         try:
             with torch.no_grad():
                 self._drop_done()  # cancelled rows leave before the next forward
-                if joiners:
-                    self._join(joiners)
-                if self._rows:
-                    self._decode_step()
+                self._filling.extend(self._admit(handle) for handle in joiners)
+                plan = self._plan_chunk()
+                if plan or self._rows:
+                    self._forward_step(plan)
         except Exception as exc:  # the batch's shared state is unknown now: end it, never the server
             log.exception("engine step failed")
-            for handle in joiners + [row.handle for row in self._rows]:
+            for handle in [f.handle for f in self._filling] + [row.handle for row in self._rows]:
                 handle._fail(FedPrefixError(f"generation failed: {exc}"))
-            self._rows, self._cache, self._mask = [], None, None
+            self._rows, self._cache, self._mask, self._filling = [], None, None, []
 
     def _take_joiners(self) -> list[RequestHandle]:
         """Queued requests that join now: at any step boundary (continuous) or into an empty batch."""
-        if not self.continuous and self._rows:
+        if not self.continuous and (self._rows or self._filling):
             self._pending.take(0)  # still fail the expired and the cancelled
             return []
-        return self._pending.take(self.max_batch_size - len(self._rows))
+        return self._pending.take(self.max_batch_size - len(self._rows) - len(self._filling))
 
-    def _join(self, handles: list[RequestHandle]) -> None:
-        """Prefill the joiners together; if that fails, each alone, so only a bad one fails."""
+    def _admit(self, handle: RequestHandle) -> Filling:
+        """A joiner starts behind its prefix and the longest prompt prefix its owner has cached."""
+        done, cached = 0, None
+        if self.prompts is not None and handle.owner is not None:
+            done, cached = self.prompts.match(handle.owner, handle.prompt_ids)
+        context = handle.prefix if cached is None else torch.cat([handle.prefix, cached], dim=3)
+        return Filling(handle, context, done)
+
+    def _plan_chunk(self) -> list[tuple[Filling, int]]:
+        """Prompt tokens to prefill this step, first come first served, at most max_prefill_tokens."""
+        plan, budget = [], self.max_prefill_tokens
+        for filling in self._filling:
+            if budget <= 0:
+                break
+            count = min(len(filling.handle.prompt_ids) - filling.done, budget)
+            plan.append((filling, count))
+            budget -= count
+        return plan
+
+    def _forward_step(self, plan: list[tuple[Filling, int]]) -> None:
+        """One forward: a decode step of the running rows fused with a prefill chunk of joiners.
+
+        If it fails with a chunk in it, the running rows' cache is rewound and the step
+        is redone in parts (decode alone, then each joiner's chunk alone), so that only a
+        joiner whose own chunk fails fails.
+        """
+        decode = self._decode_inputs() if self._rows else None
+        lengths = [layer.length for layer in self._cache.layers] if decode is not None else None
         try:
-            return self._prefill(handles)
-        except Exception as exc:  # _prefill changes the running batch only once nothing can fail
-            if len(handles) == 1:
-                log.exception("prefill failed")
-                return handles[0]._fail(FedPrefixError(f"generation failed: {exc}"))
-        for handle in handles:
-            try:
-                self._prefill([handle])
-            except Exception as exc:
-                log.exception("prefill failed")
-                handle._fail(FedPrefixError(f"generation failed: {exc}"))
+            chunk = self._chunk_inputs(plan) if plan else None
+            filled, logits = self._forward.step(chunk, decode)
+        except Exception:
+            if not plan:
+                raise  # a failed decode step ends the batch (_step)
+            log.exception("fused step failed; redoing it row by row")
+            if decode is not None:
+                rewind(self._cache, lengths)
+                self._decoded(decode, self._forward.step(None, decode)[1])
+            for item in plan:
+                try:
+                    chunk = self._chunk_inputs([item])
+                    self._filled([item], chunk, self._forward.step(chunk, None)[0])
+                except Exception as exc:
+                    log.exception("prefill failed")
+                    item[0].handle._fail(FedPrefixError(f"generation failed: {exc}"))
+            self._filling = [f for f in self._filling if not f.handle.done]
+            return
+        if decode is not None:
+            self._decoded(decode, logits)
+        if plan:
+            self._filled(plan, chunk, filled)
 
-    def _prefill(self, handles: list[RequestHandle]) -> None:
-        """Run the joiners' prompts behind their prefixes in one forward and add them to the batch."""
+    def _chunk_inputs(self, plan: list[tuple[Filling, int]]) -> Prefill:
+        """The next `count` prompt tokens of each planned joiner (left-padded) behind its context."""
         device, dtype = self.base.device, self.base.dtype
-        ids, mask = left_pad([h.prompt_ids for h in handles], self.tokenizer.pad_token_id)
-        ids, mask = ids.to(device), mask.to(device)
-        prefixes = stack_prefixes([h.prefix for h in handles], dtype=dtype, device=device)
-        logits, layers = self._forward.prefill(ids, mask, prefixes)  # (B_new, V), per layer (B_new, H, Pmax + T, D)
-        new_mask = torch.cat([prefixes.mask, mask], dim=1)  # (B_new, Pmax + T)
-        positions = (prefixes.lengths + mask.sum(dim=1)).tolist()
-        rows = [self._new_row(h, int(p), device) for h, p in zip(handles, positions, strict=True)]
-        tokens = pick(logits, rows)
+        pieces = [f.handle.prompt_ids[f.done : f.done + count] for f, count in plan]
+        ids, mask = left_pad(pieces, self.tokenizer.pad_token_id)
+        prefixes = stack_prefixes([f.context for f, _ in plan], dtype=dtype, device=device)
+        return Prefill(ids.to(device), mask.to(device), prefixes)
+
+    def _filled(self, plan: list[tuple[Filling, int]], chunk: Prefill, filled) -> None:
+        """After a chunk: joiners with their whole prompt in join the batch; the others keep its KV."""
+        logits, layers = filled  # (B_p, V), per layer (keys, values) each (B_p, H, Pmax + T, D)
+        width = layers[0][0].shape[2]
+        complete = []
+        for i, (filling, count) in enumerate(plan):
+            handle = filling.handle
+            finishing = filling.done + count == len(handle.prompt_ids)
+            if finishing and not self._remembers(handle):
+                filling.done += count  # its KV joins the batch below; no copy needed
+            else:
+                piece = torch.stack(
+                    [torch.stack([k[i, :, width - count :], v[i, :, width - count :]]) for k, v in layers]
+                )
+                filling.extend(piece)  # (L, 2, H, count, D)
+            if finishing:
+                complete.append(i)
+                if self._remembers(handle):
+                    self.prompts.store(handle.owner, handle.prompt_ids, filling.prompt_key_values())
+        self.stats.prefill_tokens += sum(count for _, count in plan)
+        if not complete:
+            return
+        device = self._mask.device if self._mask is not None else chunk.input_ids.device
+        index = torch.tensor(complete, dtype=torch.long, device=device)
+        new_mask = torch.cat([chunk.prefixes.mask, chunk.attention_mask.long()], dim=1)  # (B_p, Pmax + T)
+        positions = (chunk.prefixes.lengths + chunk.attention_mask.sum(dim=1)).tolist()
+        layers, new_mask = keep_rows(layers, new_mask, index)
+        joined = [plan[i][0] for i in complete]
+        rows = [self._new_row(f.handle, int(positions[i]), device) for f, i in zip(joined, complete, strict=True)]
+        tokens = pick(logits.index_select(0, index), rows)
         if self._rows:
             layers, new_mask = join_batches(cache_layers(self._cache), self._mask, layers, new_mask)
         self._cache, self._mask = cache_from_layers(layers), new_mask
+        self._filling = [f for f in self._filling if f not in joined]
         self._rows.extend(rows)
         self._accept(tokens, rows)
 
@@ -349,21 +439,32 @@ class Engine:
             handle._fail(InvalidRequest("seed", f"cannot seed the sampler: {exc}"))
             return Row(handle, params.model_copy(update={"temperature": 0.0}), None, position=position)
 
-    def _decode_step(self) -> None:
-        """Feed each row's last token; one forward for the whole batch."""
+    def _decode_inputs(self) -> Decode:
+        """Each running row's last token, at its next position, over the batch's cache."""
         batch = len(self._rows)
         device = self._mask.device
         last = torch.tensor([[row.tokens[-1]] for row in self._rows], device=device)  # (B, 1)
         positions = torch.tensor([[row.position] for row in self._rows], device=device)  # (B, 1)
         mask = torch.cat([self._mask, torch.ones(batch, 1, dtype=self._mask.dtype, device=device)], dim=1)
-        logits = self._forward.decode_step(last, mask, positions, self._cache)  # cache appended in place
-        self._mask = mask
+        return Decode(last, mask, positions, self._cache)
+
+    def _decoded(self, decode: Decode, logits: torch.Tensor) -> None:
+        """After a decode step (the cache already holds its new slot): the rows take their tokens."""
+        self._mask = decode.attention_mask
         for row in self._rows:
             row.position += 1
+        now = time.monotonic()
+        if self._last_decode is not None and self._last_rows & {id(row) for row in self._rows}:
+            self.stats.token_gaps.append(now - self._last_decode)
+        self._last_decode, self._last_rows = now, {id(row) for row in self._rows}
         self.stats.steps += 1
-        self.stats.batch_sizes.append(batch)
-        self.stats.token_times.append((time.monotonic(), self.stats.tokens))
+        self.stats.batch_sizes.append(len(self._rows))
+        self.stats.token_times.append((now, self.stats.tokens))
         self._accept(pick(logits, self._rows), self._rows)
+
+    def _remembers(self, handle: RequestHandle) -> bool:
+        """Whether KV of this request's tokens is cached for its owner's next requests."""
+        return self.prompts is not None and handle.owner is not None
 
     def _accept(self, tokens: list[int | None], rows: list[Row]) -> None:
         """Give each of `rows` its new token; finished and failed rows leave the batch."""
@@ -378,12 +479,17 @@ class Engine:
         self._drop_done()
 
     def _drop_done(self) -> None:
-        """Remove finished, failed and cancelled rows from the batch and its cache."""
+        """Remove finished, failed and cancelled rows from the batch and its cache (and joiners still filling)."""
+        for filling in self._filling:
+            if filling.handle.cancelled:
+                filling.handle._fail(RequestCancelled("cancelled while its prompt was read"))
+        self._filling = [f for f in self._filling if not f.handle.done]
         for row in self._rows:
             if row.handle.cancelled:
                 row.handle._fail(RequestCancelled("cancelled while generating"))
         keep = [i for i, row in enumerate(self._rows) if not row.handle.done]
         if len(keep) < len(self._rows):
+            self._remember_finished([i for i in range(len(self._rows)) if i not in set(keep)])
             self._rows = [self._rows[i] for i in keep]
             if self._rows:
                 index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
@@ -391,6 +497,22 @@ class Engine:
                 self._cache = cache_from_layers(layers)
             else:
                 self._cache, self._mask = None, None
+
+    def _remember_finished(self, leaving: list[int]) -> None:
+        """Cache the KV of prompt + fed tokens of rows that finished well: a chat's next turn reuses it."""
+        layers = cache_layers(self._cache)
+        for i in leaving:
+            row = self._rows[i]
+            if not self._remembers(row.handle) or row.handle.finish_reason in (None, "error"):
+                continue
+            slots = self._mask[i].nonzero().squeeze(1)[row.handle.prefix.shape[3] :]  # prompt + fed tokens
+            tokens = (row.handle.prompt_ids + row.tokens)[: len(slots)]
+            if len(tokens) < len(slots):  # cannot happen; never store KV under the wrong tokens
+                continue
+            kv = torch.stack(
+                [torch.stack([k[i].index_select(1, slots), v[i].index_select(1, slots)]) for k, v in layers]
+            )
+            self.prompts.store(row.handle.owner, tokens, kv)  # (L, 2, H, n, D)
 
 
 def context_length(model) -> int | None:

@@ -17,6 +17,7 @@ run through transformers (`TransformersForward`), unchanged.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,23 @@ from fedprefix.common.base_model import lean_unsupported_reason
 from transformers.models.llama.modeling_llama import rotate_half
 
 log = logging.getLogger(__name__)
+
+
+class Prefill(NamedTuple):
+    """Prompt tokens (B, T), left-padded (mask (B, T)), behind their prefixes."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prefixes: PrefixBatch
+
+
+class Decode(NamedTuple):
+    """One token per running row (B, 1) at `positions` (B, 1); mask (B, S + 1) covers the cache plus it."""
+
+    tokens: torch.Tensor
+    attention_mask: torch.Tensor
+    positions: torch.Tensor
+    cache: object  # a transformers Cache of the running batch, appended in place
 
 
 class TransformersForward:
@@ -41,6 +59,11 @@ class TransformersForward:
     def decode_step(self, tokens, attention_mask, positions, cache) -> torch.Tensor:
         """-> next-token logits (B, V); `cache` (a transformers Cache) is appended in place."""
         return decode_step(self.model, tokens, attention_mask, positions, cache)[0]
+
+    def step(self, chunk: Prefill | None, decode: Decode | None):
+        """A prefill chunk and a decode step, one after the other: see FastLlama.step."""
+        filled = None if chunk is None else self.prefill(*chunk)
+        return filled, None if decode is None else self.decode_step(*decode)
 
 
 def unsupported_reason(model) -> str | None:
@@ -136,6 +159,34 @@ class FastLlama:
 
     def prefill(self, input_ids, attention_mask, prefixes: PrefixBatch):
         """Prompts (B, T) behind their prefixes -> (next-token logits (B, V), per layer (keys, values))."""
+        return self.step(Prefill(input_ids, attention_mask, prefixes), None)[0]
+
+    def decode_step(self, tokens, attention_mask, positions, cache) -> torch.Tensor:
+        """One token per row (B, 1) -> next-token logits (B, V); `cache` layers are appended in place."""
+        return self.step(None, Decode(tokens, attention_mask, positions, cache))[1]
+
+    def step(self, chunk: Prefill | None, decode: Decode | None):
+        """A prefill chunk and a decode step in one forward (either may be None).
+
+        -> ((chunk logits (B_p, V), per layer (keys, values) of prefix + chunk) or None,
+            decode logits (B_d, V) or None). The two parts share every linear layer (one
+            matmul over all their tokens, so the weights are read once, as in vLLM's chunked
+            prefill) and attend separately, each row to its own keys only.
+        """
+        parts = []
+        if decode is not None:
+            parts.append(self._decode_part(decode))
+        if chunk is not None:
+            layers: list = []
+            parts.append(self._prefill_part(chunk, layers))
+        last = self._logits(self._forward(parts))  # (sum of rows, V): each row's last position
+        decoded = last[: decode.tokens.shape[0]] if decode is not None else None
+        if chunk is None:
+            return None, decoded
+        return (last[last.shape[0] - chunk.input_ids.shape[0] :], layers), decoded
+
+    def _prefill_part(self, chunk: Prefill, layers: list):
+        input_ids, attention_mask, prefixes = chunk
         length = input_ids.shape[1]
         start = prefixes.max_length  # prompt tokens sit after the (left-padded) prefix slots
         seen = torch.cat([prefixes.mask, attention_mask.long()], dim=1).bool()  # (B, S)
@@ -144,8 +195,6 @@ class FastLlama:
         # causal over real slots; each query also sees itself so that padding rows stay finite
         allowed = (seen.unsqueeze(1) & (key_at <= query_at)) | (key_at == query_at)  # (B, T, S)
         bias = _additive(allowed.unsqueeze(1), self.embed.dtype)  # (B, 1, T, S)
-        positions = token_positions(attention_mask, prefixes.lengths)
-        layers = []
 
         def attend(i, q, k, v):
             if prefixes.key_values is not None:
@@ -154,11 +203,10 @@ class FastLlama:
             layers.append((k, v))
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=True)
 
-        hidden = self._forward(input_ids, positions, attend)
-        return self._logits(hidden[:, -1]), layers
+        return input_ids, token_positions(attention_mask, prefixes.lengths), attend
 
-    def decode_step(self, tokens, attention_mask, positions, cache) -> torch.Tensor:
-        """One token per row (B, 1) -> next-token logits (B, V); `cache` layers are appended in place."""
+    def _decode_part(self, decode: Decode):
+        tokens, attention_mask, positions, cache = decode
         bias = _additive(attention_mask.bool()[:, None, None, :], self.embed.dtype)  # (B, 1, 1, S)
 
         def attend(i, q, k, v):
@@ -167,27 +215,36 @@ class FastLlama:
             # transformers' folding of the group into query rows
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=True)
 
-        hidden = self._forward(tokens, positions, attend)
-        return self._logits(hidden[:, -1])
+        return tokens, positions, attend
 
-    def _forward(self, input_ids, positions, attend) -> torch.Tensor:
-        batch, length = input_ids.shape
-        hidden = F.embedding(input_ids, self.embed)  # (B, T, hidden)
-        cos, sin = self.rotary(hidden, position_ids=positions)
-        width = hidden.shape[-1]
+    def _forward(self, parts) -> torch.Tensor:
+        """parts: each (input_ids (B, T), positions (B, T), attend) -> last-token hidden per row (sum B, hidden)."""
+        shapes = [ids.shape for ids, _, _ in parts]
+        sizes = [b * t for b, t in shapes]
+        hidden = torch.cat([F.embedding(ids, self.embed).reshape(-1, self.embed.shape[1]) for ids, _, _ in parts])
+        ropes = [self.rotary(hidden, position_ids=positions) for _, positions, _ in parts]  # (B, T, D) each
         for i, layer in enumerate(self.layers):
-            x = _rms_norm(hidden, *layer.norm_in).reshape(-1, width)
-            qk, v = layer.qkv(x).split([layer.q_size + layer.kv_size, layer.kv_size], dim=-1)
-            # rotate queries and keys in one pass: they are adjacent heads of the qkv output
-            qk = _rotate(qk.view(batch, length, -1, self.head_dim).transpose(1, 2), cos, sin)
-            q, k = qk[:, : self.heads], qk[:, self.heads :]
-            v = v.view(batch, length, -1, self.head_dim).transpose(1, 2)
-            out = attend(i, q, k, v)  # (B, H, T, D)
-            out = out.transpose(1, 2).reshape(-1, self.heads * self.head_dim)
-            hidden = hidden + layer.o(out).view(batch, length, width)
-            x = _rms_norm(hidden, *layer.norm_post).reshape(-1, width)
-            hidden = hidden + layer.down(F.silu(layer.gate(x)) * layer.up(x)).view(batch, length, width)
-        return hidden
+            x = _rms_norm(hidden, *layer.norm_in)  # (N, hidden): every part's tokens in one matmul
+            outs = []
+            for (batch, length), (cos, sin), (_, _, attend), qkv in zip(
+                shapes, ropes, parts, layer.qkv(x).split(sizes), strict=True
+            ):
+                qk, v = qkv.split([layer.q_size + layer.kv_size, layer.kv_size], dim=-1)
+                # rotate queries and keys in one pass: they are adjacent heads of the qkv output
+                qk = _rotate(qk.view(batch, length, -1, self.head_dim).transpose(1, 2), cos, sin)
+                q, k = qk[:, : self.heads], qk[:, self.heads :]
+                v = v.view(batch, length, -1, self.head_dim).transpose(1, 2)
+                out = attend(i, q, k, v)  # (B, H, T, D)
+                outs.append(out.transpose(1, 2).reshape(-1, self.heads * self.head_dim))
+            hidden = hidden + layer.o(torch.cat(outs) if len(outs) > 1 else outs[0])
+            x = _rms_norm(hidden, *layer.norm_post)
+            hidden = hidden + layer.down(F.silu(layer.gate(x)) * layer.up(x))
+        ends = []
+        offset = 0
+        for batch, length in shapes:  # each row's last token
+            ends.append(torch.arange(batch, device=hidden.device) * length + offset + length - 1)
+            offset += batch * length
+        return hidden.index_select(0, torch.cat(ends))  # (sum B, hidden)
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
-        return self.head(_rms_norm(last.contiguous(), *self.norm))
+        return self.head(_rms_norm(last, *self.norm))

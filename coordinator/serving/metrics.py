@@ -1,4 +1,4 @@
-"""Prometheus metrics of one server: requests, batch sizes, tokens/s, queue, prefix cache."""
+"""Prometheus metrics of one server: requests, batch sizes, tokens/s, queue, prefix and prompt caches, token gaps."""
 
 from __future__ import annotations
 
@@ -25,12 +25,28 @@ class Metrics:
         self.queue = Gauge("fedprefix_queue_depth", "Requests waiting for a batch slot", registry=r)
         self.running = Gauge("fedprefix_running_requests", "Requests in the running batch", registry=r)
         self.cache = Gauge("fedprefix_prefix_cache", "Decrypted-prefix cache", ["stat"], registry=r)
+        self.prompts = Gauge(
+            "fedprefix_prompt_cache",
+            "Per-user prompt KV cache (tokens_saved: prompt tokens not prefilled)",
+            ["stat"],
+            registry=r,
+        )
+        self.prefilled = Gauge("fedprefix_prefill_tokens", "Prompt tokens computed since start", registry=r)
+        self.gaps = Histogram(
+            "fedprefix_inter_token_seconds",
+            "Seconds between two tokens of a running request (one decode step, with any prefill chunk fused in)",
+            buckets=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         stats = self.engine.stats
         while stats.batch_sizes:
             self.batch.observe(stats.batch_sizes.popleft())
+        while stats.token_gaps:
+            self.gaps.observe(stats.token_gaps.popleft())
         self.tokens.set(stats.tokens)
+        self.prefilled.set(stats.prefill_tokens)
         self.rate.set(stats.tokens_per_second())
         self.queue.set(self.engine.queue_depth)
         self.running.set(self.engine.batch_size)
@@ -38,4 +54,8 @@ class Metrics:
             cache = self.engine.prefixes.stats
             for stat in ("hits", "misses", "evictions", "bytes", "entries"):
                 self.cache.labels(stat).set(getattr(cache, stat))
+        if self.engine.prompts is not None:
+            prompts = self.engine.prompts.stats
+            for stat in ("hits", "misses", "tokens_saved", "bytes", "entries", "evictions"):
+                self.prompts.labels(stat).set(getattr(prompts, stat))
         return generate_latest(self.registry)

@@ -15,6 +15,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from fedprefix.common.protocol import row_prefix, shared_store_id
@@ -30,6 +31,14 @@ class CacheStats:
     evictions: int = 0
     bytes: int = 0
     entries: int = 0
+
+
+class Owner(NamedTuple):
+    """Whose prefix a request runs behind: what KV derived from it (prompt_cache.py) is keyed by."""
+
+    user: str
+    key_digest: bytes  # salted per process; the key itself is never kept
+    version: tuple  # the stored files' (size, mtime) when unlocked
 
 
 class PrefixCache:
@@ -75,14 +84,19 @@ class PrefixCache:
 
     def get(self, user_id: str, key: bytes | str) -> torch.Tensor:
         """The user's prefix, decrypting on a miss; raises the store's errors (wrong key, unknown user)."""
+        return self.lookup(user_id, key)[0]
+
+    def lookup(self, user_id: str, key: bytes | str) -> tuple[torch.Tensor, Owner]:
+        """(the user's prefix, its Owner), decrypting on a miss; raises the store's errors."""
         entry_key = (user_id, self._digest(key))
         version = self._version(user_id)
+        owner = Owner(user_id, entry_key[1], version)
         with self._lock:
             found = self._entries.get(entry_key)
             if found is not None and found[0] == version:
                 self._entries.move_to_end(entry_key)
                 self.stats.hits += 1
-                return found[1]
+                return found[1], owner
         self.stats.misses += 1
         if self.guard is None:
             kv = self._load(user_id, key)
@@ -90,7 +104,7 @@ class PrefixCache:
             kv = self.guard.unlock(user_id, key, lambda: self._load(user_id, key))
         size = kv.numel() * kv.element_size()
         if size > self.max_bytes:  # larger than the whole cache: serve it, keep nothing
-            return kv
+            return kv, owner
         with self._lock:
             old = self._entries.pop(entry_key, None)
             if old is not None:
@@ -102,7 +116,7 @@ class PrefixCache:
                 self.stats.bytes -= evicted.numel() * evicted.element_size()
                 self.stats.evictions += 1
             self.stats.entries = len(self._entries)
-        return kv
+        return kv, owner
 
     def _load(self, user_id: str, key: bytes | str) -> torch.Tensor:
         shared, personal = (self._load_part(name, key) for name in (shared_store_id(user_id), user_id))

@@ -73,6 +73,7 @@ class RequestHandle:
         self.request = request
         self.prompt_ids = prompt_ids
         self.prefix = prefix
+        self.owner = None  # whose prefix this is (prefix_cache.Owner): what cached KV is keyed by
         self.submitted = time.monotonic()
         self._events: queue.Queue = queue.Queue()
         # An async server passes a listener (thread-safe hand-off to its event loop)
@@ -141,9 +142,12 @@ class EngineStats:
     steps: int = 0
     tokens: int = 0
     finished: int = 0
+    prefill_tokens: int = 0  # prompt tokens computed (cached ones are not)
     # per decode step, drained by the metrics exporter; bounded so a server nobody scrapes does not grow
     batch_sizes: deque = field(default_factory=lambda: deque(maxlen=100_000))
     token_times: deque = field(default_factory=lambda: deque(maxlen=2048))  # (time, tokens so far) per step
+    # seconds between two decode steps of rows running in both (the inter-token latency), drained by metrics
+    token_gaps: deque = field(default_factory=lambda: deque(maxlen=100_000))
 
     def tokens_per_second(self, window_s: float = 10.0) -> float:
         """Generated tokens per second over the last `window_s` seconds."""

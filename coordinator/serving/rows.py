@@ -32,6 +32,25 @@ class Row:
     emitted: int = 0  # characters of text already streamed
 
 
+@dataclass
+class Filling:
+    """A request admitted to the batch whose prompt is still being prefilled, chunk by chunk."""
+
+    handle: RequestHandle
+    context: torch.Tensor | None  # (L, 2, H, P + done, D): its prefix, then the KV of prompt_ids[:done]
+    done: int  # prompt tokens whose KV is in context (from the prompt cache or earlier chunks)
+
+    def extend(self, piece: torch.Tensor) -> None:
+        """Append the KV (L, 2, H, n, D) of the next n prompt tokens."""
+        self.context = piece if self.context is None else torch.cat([self.context, piece], dim=3)
+        self.done += piece.shape[3]
+
+    def prompt_key_values(self) -> torch.Tensor:
+        """The KV (L, 2, H, done, D) of the prompt tokens read so far, without the prefix (a copy)."""
+        prefix = 0 if self.handle.prefix is None else self.handle.prefix.shape[3]
+        return self.context[:, :, :, prefix:].contiguous()
+
+
 def pick(logits: torch.Tensor, rows: list[Row]) -> list[int | None]:
     """Next token per row (logits (B, V)); a row whose sampling fails gets None and fails alone."""
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -126,7 +127,9 @@ def test_models_health_metrics(client):
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-llama"
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["dtype"] in ("float32", "bfloat16")
-    client.post("/v1/completions", json={"prompt": "m", "user": "bob", "max_tokens": 3}, headers=header("bob"))
+    for _ in range(2):  # bob's second request reuses the KV of his first prompt
+        body = {"prompt": "metrics, twice", "user": "bob", "max_tokens": 3}
+        assert client.post("/v1/completions", json=body, headers=header("bob")).status_code == 200
     text = client.get("/metrics").text
     for name in (
         "fedprefix_requests_total",
@@ -134,8 +137,13 @@ def test_models_health_metrics(client):
         "fedprefix_tokens_per_second",
         "fedprefix_queue_depth",
         'fedprefix_prefix_cache{stat="hits"}',
+        "fedprefix_inter_token_seconds_bucket",
+        "fedprefix_prefill_tokens",
     ):
         assert name in text
+    saved = re.search(r'fedprefix_prompt_cache\{stat="tokens_saved"\} (\S+)', text)
+    hits = re.search(r'fedprefix_prompt_cache\{stat="hits"\} (\S+)', text)
+    assert float(hits.group(1)) >= 1 and float(saved.group(1)) >= len("metrics, twice") - 1
 
 
 def test_key_header_forms():

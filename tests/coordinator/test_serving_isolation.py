@@ -19,14 +19,14 @@ from tests.coordinator.test_server import LoopbackServer, header
 
 
 def slow_decode(engine: Engine, seconds: float = 0.02) -> None:
-    """Make every decode step take `seconds`, so that a test can act between steps."""
-    decode = engine._forward.decode_step
+    """Make every engine step take `seconds`, so that a test can act between steps."""
+    step = engine._forward.step
 
     def slow(*args):
         time.sleep(seconds)
-        return decode(*args)
+        return step(*args)
 
-    engine._forward.decode_step = slow
+    engine._forward.step = slow
 
 
 def test_every_field_is_checked_before_anything_is_queued(served):  # noqa: F811
@@ -79,15 +79,15 @@ def test_a_failing_row_fails_alone_and_its_batch_mates_finish(served):  # noqa: 
     bad_stop.params.stop = [Bomb("x")]
     poisoned = request("carol", "POISON", max_new_tokens=8)
     with Engine(base, store=store) as engine:
-        prefill = engine._forward.prefill
+        step = engine._forward.step
         poison = set(base.tokenizer("POISON", add_special_tokens=False).input_ids[:1])
 
-        def failing_prefill(ids, mask, prefixes):
-            if any(t in poison for t in ids[:, -6:].flatten().tolist()):
+        def failing_prefill(chunk, decode):
+            if chunk is not None and any(t in poison for t in chunk.input_ids[:, -6:].flatten().tolist()):
                 raise RuntimeError("forward failed")
-            return prefill(ids, mask, prefixes)
+            return step(chunk, decode)
 
-        engine._forward.prefill = failing_prefill
+        engine._forward.step = failing_prefill
         running = engine.submit(request("bob", "already running", max_new_tokens=30))
         handles = engine.submit_many([good[0], bad_seed, bad_stop, poisoned, good[1]])
         with pytest.raises(InvalidRequest, match="seed"):
