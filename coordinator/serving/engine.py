@@ -197,6 +197,14 @@ class Engine:
         """The user's prefix (L, 2, H, P, D), unlocked with `key`; store errors propagate."""
         return self._lookup(user, key)[0]
 
+    def forget_user(self, user: str) -> None:
+        """Drop what this engine holds decrypted for `user` (prefix and prompt KV), e.g. when a router
+        moves the user elsewhere; requests already running keep their own copy and finish."""
+        if self.prefixes is not None:
+            self.prefixes.forget(user)
+        if self.prompts is not None:
+            self.prompts.drop_user(user)
+
     def _lookup(self, user: str | None, key: bytes | str | None):
         """(the user's prefix, its Owner), or (None, None) without a user."""
         if user is None:

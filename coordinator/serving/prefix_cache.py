@@ -118,6 +118,14 @@ class PrefixCache:
             self.stats.entries = len(self._entries)
         return kv, owner
 
+    def forget(self, user_id: str) -> None:
+        """Drop every decrypted entry of `user_id` (whatever key); the next request unlocks it again."""
+        with self._lock:
+            for entry_key in [k for k in self._entries if k[0] == user_id]:
+                _, kv = self._entries.pop(entry_key)
+                self.stats.bytes -= kv.numel() * kv.element_size()
+            self.stats.entries = len(self._entries)
+
     def _load(self, user_id: str, key: bytes | str) -> torch.Tensor:
         shared, personal = (self._load_part(name, key) for name in (shared_store_id(user_id), user_id))
         kv = row_prefix(shared, personal)

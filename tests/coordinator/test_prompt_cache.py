@@ -156,3 +156,17 @@ def test_many_joiners_prefill_in_chunks_with_equal_tokens(served):  # noqa: F811
         )
     with pytest.raises(ValueError, match="max_prefill_tokens must be at least 1"):
         Engine(base, store=store, max_prefill_tokens=0)
+
+
+def test_forgetting_a_user_drops_its_prefix_and_prompt_kv(served):  # noqa: F811
+    base, store = served
+    with Engine(base, store=store) as engine:
+        engine.submit(request("alice", "remember me", max_new_tokens=4)).result(timeout=60)
+        engine.submit(request("bob", "and me", max_new_tokens=4)).result(timeout=60)
+        entries = engine.prompts.stats.entries
+        engine.forget_user("alice")
+        assert engine.prefixes.stats.entries == 1 and engine.prompts.stats.entries == entries - 1
+        misses = engine.prefixes.stats.misses
+        again = engine.submit(request("alice", "remember me", max_new_tokens=4)).result(timeout=60)
+        assert engine.prefixes.stats.misses == misses + 1  # unlocked again from the store
+    assert again.tokens == reference(base, store, "remember me", "alice", SamplingParams(max_new_tokens=4))
