@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from fedprefix.common.generation import SamplingParams
 from fedprefix.coordinator.serving import Engine
-from fedprefix.coordinator.serving.replicas import merge_metrics
+from fedprefix.coordinator.serving.replica_router import merge_metrics
 from fedprefix.coordinator.serving.server import create_app
 from fedprefix.coordinator.simulate import free_port
 
