@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 
 import typer
 from fedprefix.common import base_model
@@ -46,6 +47,18 @@ def serve(
     wrong_key_backoff: float = typer.Option(
         1.0, "--wrong-key-backoff", help="Seconds of the first backoff; doubles per further wrong key (max 300)."
     ),
+    replicas: int = typer.Option(
+        1, "--replicas", help="Engine replicas behind Ray Serve, each user routed to one (1: a single process)."
+    ),
+    ray_address: str = typer.Option(
+        None, "--ray-address", help="Deploy the replicas onto this Ray cluster (e.g. ray://head:10001 or auto)."
+    ),
+    replica_cpus: float = typer.Option(
+        None, "--replica-cpus", help="Ray CPUs per replica (default: this machine's cores / replicas)."
+    ),
+    max_users_per_replica: int = typer.Option(
+        1024, "--max-users-per-replica", help="Users one replica holds for routing (Ray Serve multiplexing LRU)."
+    ),
 ) -> None:
     """Serve many users' prefixes over one base: an OpenAI-compatible HTTP API.
 
@@ -54,6 +67,10 @@ def serve(
           -d '{"prompt": "Hello", "user": "alice", "max_tokens": 20}'
     A passphrase with non-ASCII characters goes as: -H "X-Prefix-Key: b64:$(printf %s "$PASS" | base64)".
     """
+    if replicas < 1:
+        fail(FedPrefixError(f"--replicas must be 1 or more, got {replicas}"))
+    if replicas > 1 or ray_address is not None:
+        return _serve_replicas(locals())
     import uvicorn
     from fedprefix.common.store import PrefixStore
     from fedprefix.coordinator.serving import Engine
@@ -106,3 +123,50 @@ def serve(
     finally:
         server.should_exit = True
         http.join(timeout=10)
+
+
+def _serve_replicas(options: dict) -> None:
+    """`fedprefix serve --replicas N`: N engine replicas behind Ray Serve, until Ctrl-C or SIGTERM."""
+    import os
+    import socket
+
+    from fedprefix.coordinator.serving import replicas
+    from pydantic import ValidationError
+
+    cores, count, local = os.cpu_count() or 1, options["replicas"], options["ray_address"] is None
+    fields = {k: v for k, v in options.items() if k in replicas.ReplicaSettings.model_fields}
+    try:
+        settings = replicas.ReplicaSettings(
+            **fields
+            | {
+                "static_batching": options["static"],
+                "prefix_cache_mib": options["cache_mib"],
+                "replica_cpus": options["replica_cpus"] or (cores / count if local else 1.0),
+                "torch_threads": max(1, cores // count) if local else 1,
+            }
+        )
+        resolve_dtype(settings.dtype)
+    except (ValidationError, ValueError) as exc:
+        fail(FedPrefixError(f"invalid serving setting: {exc}"))
+    except FedPrefixError as exc:
+        fail(exc)
+    host, port = options["host"], options["port"]
+    with socket.socket() as probe:  # Serve's proxy would only log a taken port, and never answer
+        try:
+            probe.bind((host, port))
+        except OSError:
+            fail(FedPrefixError(f"could not listen on {host}:{port} (is the port in use?)"))
+    try:
+        replicas.start(settings, host, port, options["ray_address"])
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # after ray.init, which sets its own
+        where = "a local Ray" if local else f"the Ray cluster at {options['ray_address']}"
+        console.print(
+            f"serving {settings.base} with prefixes from {settings.store} on http://{host}:{port}/v1 "
+            f"({count} replicas on {where})"
+        )
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        replicas.shutdown(local=local)

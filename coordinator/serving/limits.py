@@ -73,11 +73,16 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
-        body = (
-            b'{"error": {"message": "request body larger than '
-            + str(self.max_bytes).encode()
-            + b' bytes", "type": "invalid_request_error", "code": "body_too_large"}}'
-        )
+        body = too_large_body(self.max_bytes)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def too_large_body(max_bytes: int) -> bytes:
+    """The 413 answer's body (also what the Ray Serve router of replicas.py answers)."""
+    return (
+        b'{"error": {"message": "request body larger than '
+        + str(max_bytes).encode()
+        + b' bytes", "type": "invalid_request_error", "code": "body_too_large"}}'
+    )

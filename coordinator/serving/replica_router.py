@@ -1,0 +1,195 @@
+"""The HTTP ingress of the Ray Serve application (replicas.py): routes each request by the user its
+body names, relays the replica's answer, and answers /metrics and /health for all replicas.
+
+The router holds no model and no key: it reads the body's `user` (bounded like the single server's
+body, 413 past the cap), forwards the raw request, `X-Prefix-Key` included, to an engine replica
+with the user as Ray Serve's multiplexed model id, and relays status, headers and body (streams
+as they come). A replica that died before answering is tried again (ATTEMPTS); then 503.
+"""
+
+# No `from __future__ import annotations`: Ray Serve rebuilds the router's FastAPI routes from
+# their signatures, and cannot resolve string annotations there (a `request: Request` became a query field).
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from .limits import too_large_body
+from .replicas import ATTEMPTS, DROPPED_HEADERS, ReplicaSettings
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------ the router's helpers
+
+# The helpers the router's routes call come first: @serve.ingress pickles the FastAPI app with
+# its routes when the class is decorated, and with them only the globals defined by then.
+
+
+async def _relay(stream) -> AsyncIterator[bytes]:
+    """A stream's remaining chunks; a replica dying mid-stream ends it (the client sees no [DONE])."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    except (RayActorError, ActorUnavailableError) as exc:
+        log.warning("a replica failed mid-stream: %s", type(exc).__name__)
+
+
+async def _bounded_body(request: Request, max_bytes: int) -> bytes | None:
+    """The whole body, or None once it is known to be larger than max_bytes (the single server's 413)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _user_of(body: bytes) -> str | None:
+    """The body's `user`, the routing key; None where there is none (the replica judges the body)."""
+    try:
+        user = json.loads(body).get("user")
+    except (ValueError, AttributeError):
+        return None
+    return user if isinstance(user, str) and user else None
+
+
+# ------------------------------------------------------------------ metrics of all replicas
+
+Family = tuple[str, str, str, list[tuple[str, dict, float]]]  # name, help, type, samples
+
+
+def merge_metrics(reports: list[dict], own: list[Family]) -> list[Family]:
+    """The single server's families summed over replicas (plus the router's own requests), and
+    per replica as `fedprefix_replica_*` families labelled `replica`.
+
+    Per-replica series get a family of their own so that a PromQL sum over a family never
+    counts a replica twice. A replica that dies takes its counts with it (a counter reset)."""
+    summed: dict[str, tuple[str, str, dict]] = {}
+    per_replica: dict[str, tuple[str, str, list]] = {}
+    for report in reports:
+        for name, doc, kind, samples in report["families"]:
+            total = summed.setdefault(name, (doc, kind, {}))[2]
+            mine = per_replica.setdefault(_replica_name(name), (f"{doc}, per replica", kind, []))[2]
+            for sample, labels, value in samples:
+                if sample.endswith("_created"):  # creation timestamps do not add up
+                    continue
+                key = (sample, tuple(sorted(labels.items())))
+                total[key] = total.get(key, 0.0) + value
+                mine.append((_replica_name(sample), {**labels, "replica": report["replica"]}, value))
+    for name, doc, kind, samples in own:
+        total = summed.setdefault(name, (doc, kind, {}))[2]
+        for sample, labels, value in samples:
+            if not sample.endswith("_created"):
+                key = (sample, tuple(sorted(labels.items())))
+                total[key] = total.get(key, 0.0) + value
+    families = [
+        (name, doc, kind, [(sample, dict(labels), value) for (sample, labels), value in samples.items()])
+        for name, (doc, kind, samples) in summed.items()
+    ]
+    return families + [(name, doc, kind, samples) for name, (doc, kind, samples) in per_replica.items()]
+
+
+def _replica_name(name: str) -> str:
+    return "fedprefix_replica_" + name.removeprefix("fedprefix_")
+
+
+class _Families:
+    """A prometheus_client collector over merged families (what generate_latest renders)."""
+
+    def __init__(self, families: list[Family]) -> None:
+        self.families = families
+
+    def collect(self):
+        from prometheus_client.metrics_core import Metric
+
+        for name, doc, kind, samples in self.families:
+            metric = Metric(name, doc, kind)
+            for sample, labels, value in samples:
+                metric.add_sample(sample, labels, value)
+            yield metric
+
+
+# ------------------------------------------------------------------ the router (HTTP ingress)
+
+_http = FastAPI(title="fedprefix serving (Ray Serve router)", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
+@serve.ingress(_http)
+class Router:
+    """The HTTP ingress: routes each request by its body's `user`, relays the replica's answer."""
+
+    def __init__(self, settings: dict, engine, board) -> None:
+        from prometheus_client import CollectorRegistry, Counter
+
+        self.settings = ReplicaSettings.model_validate(settings)
+        self.engine, self.board = engine, board
+        self.registry = CollectorRegistry()
+        self.failures = Counter(  # answered by the router itself: no replica could take the request
+            "fedprefix_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
+        )
+
+    @_http.get("/health")
+    async def health(self):
+        reports = await self.board.live.remote()
+        if not reports:
+            return JSONResponse({"status": "unavailable", "model": self.settings.base, "replicas": []}, 503)
+        return {
+            "status": "ok",
+            "model": self.settings.base,
+            "dtype": reports[0]["dtype"],
+            "queue_depth": sum(r["health"]["queue_depth"] for r in reports),
+            "running": sum(r["health"]["running"] for r in reports),
+            "replicas": [{"replica": r["replica"], "node": r["node"], "pid": r["pid"], **r["health"]} for r in reports],
+        }
+
+    @_http.get("/metrics")
+    async def metrics(self):
+        from prometheus_client import generate_latest
+
+        reports = await self.board.live.remote()
+        own = [
+            (m.name, m.documentation, m.type, [(s.name, s.labels, s.value) for s in m.samples])
+            for m in self.registry.collect()
+        ]
+        text = generate_latest(_Families(merge_metrics(reports, own)))
+        return Response(text, media_type="text/plain; version=0.0.4")
+
+    @_http.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
+    async def forward(self, request: Request):
+        limit = self.settings.limits.max_body_bytes
+        body = await _bounded_body(request, limit)
+        if body is None:
+            return Response(too_large_body(limit), 413, media_type="application/json")
+        user = _user_of(body) if request.url.path in ("/v1/completions", "/v1/chat/completions") else None
+        headers = [(k, v) for k, v in request.scope["headers"] if k.lower() not in DROPPED_HEADERS]
+        call = (request.method, request.url.path, request.scope.get("query_string", b""), headers, body)
+        handle = self.engine.options(stream=True, **({"multiplexed_model_id": user} if user else {}))
+        failure = None
+        for attempt in range(ATTEMPTS):
+            stream = handle.call.remote(*call)
+            try:
+                _, status, response_headers = await stream.__anext__()
+                kept = {k.decode("latin-1"): v.decode("latin-1") for k, v in response_headers}
+                if kept.get("content-type", "").startswith("text/event-stream"):
+                    return StreamingResponse(_relay(stream), status_code=status, headers=kept)
+                chunks = [chunk async for chunk in stream]
+                kept.pop("content-length", None)  # Response sets it again
+                return Response(b"".join(chunks), status_code=status, headers=kept)
+            except (RayActorError, ActorUnavailableError) as exc:  # the replica died: nothing reached the client
+                failure = exc
+                log.warning("a replica failed (attempt %d of %d): %s", attempt + 1, ATTEMPTS, type(exc).__name__)
+                await asyncio.sleep(0.2 * 2**attempt)
+        self.failures.labels(request.url.path, "503").inc()
+        message = f"no serving replica could answer ({type(failure).__name__}); retry shortly"
+        error = {"message": message, "type": "server_error", "code": "replica_unavailable"}
+        return JSONResponse({"error": error}, 503, headers={"Retry-After": "1"})
