@@ -135,8 +135,10 @@ class UserAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         if not user or len(candidate_replicas) < 2:
             return [list(candidate_replicas)]
         holders = [r for r in candidate_replicas if user in r.multiplexed_model_ids]
-        first = holders or [max(candidate_replicas, key=lambda r: _rendezvous(user, r.replica_id.unique_id))]
-        return [first]  # no fallback rank: a busy replica answers Ray's probe late, and the user would spread
+        # one replica, the same for every request: among the holders if any (a burst before the
+        # announcement may have left the user on several), else among all
+        chosen = max(holders or candidate_replicas, key=lambda r: _rendezvous(user, r.replica_id.unique_id))
+        return [[chosen]]  # no fallback rank: a busy replica answers Ray's probe late, and the user would spread
 
 
 def _rendezvous(user: str, replica: str) -> bytes:

@@ -166,7 +166,8 @@ def test_health_and_metrics_sum_the_replicas(replicated):
 
 
 @pytest.mark.xfail(
-    reason="open: bursts of one user still split ~70/30 over the two replicas (see report)", strict=False
+    reason="open: a user's burst still splits over the two replicas",
+    strict=False,
 )
 def test_users_stay_on_their_replica(replicated):
     url = replicated[0]
