@@ -180,14 +180,10 @@ class GrowingLayer(DynamicLayer):
     `keys` / `values` are views of its first `length` slots.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, headroom: int) -> None:
+    def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> None:
         super().__init__()
-        batch, heads, length, dim = keys.shape
-        self._keys = keys.new_empty(batch, heads, length + headroom, dim)  # (B, H, capacity, D)
-        self._values = values.new_empty(batch, heads, length + headroom, dim)
-        self._keys[:, :, :length] = keys
-        self._values[:, :, :length] = values
-        self.length, self.device, self.is_initialized = length, keys.device, True
+        self._keys, self._values = key_buffer, value_buffer  # (B, H, capacity, D), slots [0, length) in use
+        self.length, self.device, self.is_initialized = length, key_buffer.device, True
         self._expose()
 
     def _expose(self) -> None:
@@ -209,13 +205,75 @@ class GrowingLayer(DynamicLayer):
         self._expose()
         return self.keys, self.values
 
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Only the rows `keep` (ascending indices) stay, moved up within the same buffer."""
+        moved = (keep != torch.arange(len(keep), device=keep.device)).nonzero()
+        if len(moved):
+            first = int(moved[0])
+            for buffer in (self._keys, self._values):
+                buffer[first : len(keep), :, : self.length] = buffer[keep[first:], :, : self.length]
+        self._keys, self._values = self._keys[: len(keep)], self._values[: len(keep)]
+        self._expose()
+
     def get_seq_length(self) -> int:
         return self.length
 
 
 def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]], headroom: int = 64) -> Cache:
     """A cache holding `layers` (per layer (keys, values), each (B, H, T, D)) with room to grow."""
-    return Cache(layers=[GrowingLayer(keys, values, headroom) for keys, values in layers])
+    return batch_cache([(layers, None, None)], headroom)[0]
+
+
+def batch_cache(parts, headroom: int = 64) -> tuple[Cache, torch.Tensor | None]:
+    """A running batch's cache, built in one copy from groups of rows stacked in order.
+
+    parts: each (layers: per layer (keys, values) (B_i, H, T_i, D), mask (B_i, T_i) or None,
+    rows: indices of the group's rows to take, or None for all). With masks, columns that are
+    padding in every taken row of a group are dropped, and each group is left-padded with
+    masked zero slots up to the widest. -> (the cache, its mask (B, T) or None).
+    """
+    groups = []
+    for layers, mask, rows in parts:
+        start = 0
+        if mask is not None:
+            mask = mask if rows is None else mask.index_select(0, rows)
+            used = mask.any(dim=0).nonzero()
+            start = int(used[0]) if len(used) else mask.shape[1]
+        groups.append((layers, mask, rows, start, layers[0][0].shape[2] - start))
+    width = max(group[4] for group in groups)
+    masks = [
+        torch.cat([mask.new_zeros(mask.shape[0], width - kept), mask[:, start:]], dim=1)
+        for _, mask, _, start, kept in groups
+        if mask is not None
+    ]
+    cache = []
+    for i in range(len(groups[0][0])):
+        sizes = [len(rows) if rows is not None else layers[i][0].shape[0] for layers, _, rows, _, _ in groups]
+        batch, heads, _, dim = groups[0][0][i][0].shape
+        buffers = [groups[0][0][i][0].new_empty(sum(sizes), heads, width + headroom, dim) for _ in range(2)]
+        offset = 0
+        for (layers, _, rows, start, kept), size in zip(groups, sizes, strict=True):
+            for buffer, source in zip(buffers, layers[i], strict=True):
+                if rows is not None:
+                    source = source.index_select(0, rows)
+                buffer[offset : offset + size, :, : width - kept].zero_()  # masked slots: finite
+                buffer[offset : offset + size, :, width - kept : width] = source[:, :, start:]
+            offset += size
+        cache.append(GrowingLayer(*buffers, width))
+    return Cache(layers=cache), (torch.cat(masks) if masks else None)
+
+
+def drop_rows(cache: Cache, mask: torch.Tensor, keep: torch.Tensor) -> tuple[Cache, torch.Tensor]:
+    """Only rows `keep` (ascending) of a running batch: moved within its buffers, no new cache;
+    when the columns that are padding in every kept row reach half the width, they go (one copy)."""
+    for layer in cache.layers:
+        layer.keep_rows(keep)
+    mask = mask.index_select(0, keep)
+    used = mask.any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else mask.shape[1]
+    if start and 2 * start >= mask.shape[1]:
+        return batch_cache([(cache_layers(cache), mask, None)])
+    return cache, mask
 
 
 def row_key_values(layers, row: int, slots: slice | torch.Tensor) -> torch.Tensor:
@@ -228,36 +286,3 @@ def rewind(cache: Cache, lengths: list[int]) -> None:
     for layer, length in zip(cache.layers, lengths, strict=True):
         layer.length = length
         layer._expose()
-
-
-def left_pad_layers(layers, mask: torch.Tensor, width: int):
-    """Pad a batch's KV and mask (B, T) on the left with masked zero slots up to `width`."""
-    extra = width - mask.shape[1]
-    if extra <= 0:
-        return layers, mask
-    padded = []
-    for keys, values in layers:
-        zeros = keys.new_zeros(keys.shape[0], keys.shape[1], extra, keys.shape[3])
-        padded.append((torch.cat([zeros, keys], dim=2), torch.cat([zeros, values], dim=2)))
-    return padded, torch.cat([mask.new_zeros(mask.shape[0], extra), mask], dim=1)
-
-
-def join_batches(first, first_mask: torch.Tensor, second, second_mask: torch.Tensor):
-    """Rows of two batches in one: left-pad the shorter, then stack rows (first's rows first)."""
-    width = max(first_mask.shape[1], second_mask.shape[1])
-    first, first_mask = left_pad_layers(first, first_mask, width)
-    second, second_mask = left_pad_layers(second, second_mask, width)
-    layers = [
-        (torch.cat([k1, k2], dim=0), torch.cat([v1, v2], dim=0))
-        for (k1, v1), (k2, v2) in zip(first, second, strict=True)
-    ]
-    return layers, torch.cat([first_mask, second_mask], dim=0)
-
-
-def keep_rows(layers, mask: torch.Tensor, rows: torch.Tensor):
-    """Only `rows` (indices) of a batch, dropping left columns that are padding in every kept row."""
-    mask = mask.index_select(0, rows)
-    used = mask.any(dim=0).nonzero()
-    start = int(used[0]) if len(used) else mask.shape[1]
-    layers = [(k.index_select(0, rows)[:, :, start:], v.index_select(0, rows)[:, :, start:]) for k, v in layers]
-    return layers, mask[:, start:]

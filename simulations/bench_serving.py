@@ -3,9 +3,14 @@
 1. one batch of N users with N different prefixes vs the same batch all on one prefix;
 2. the engine vs PEFT's way (per user: load the adapter, `generate`), with PEFT 0.21.2's
    generate first made to really use the prefix (checked token for token);
+   and a second request of the same users (the chat's history again and a new question), where
+   the engine reuses their cached prompt KV;
 3. open-loop Poisson arrivals over HTTP: latency p50/p99 and throughput, continuous vs
    static batching;
-4. memory per cached user prefix and users per GiB.
+4. memory per cached user prefix and users per GiB;
+5. a burst of long prompts while streams run: the streams' inter-token gaps, chunked prefill
+   (2048 and 512 tokens per step) vs the whole burst in one prefill;
+6. what one request costs at each step: unlock, prefix cache, prefill, decode.
 
     python -m fedprefix.simulations.bench_serving --base tiny-llama
     python -m fedprefix.simulations.bench_serving --base smollm2-135m-instruct --users 64 --peft-users 8
@@ -32,6 +37,7 @@ from fedprefix.common.precision import host_info, resolve_dtype
 from fedprefix.common.prefix import Prefix
 from fedprefix.common.store import PrefixStore
 from fedprefix.coordinator.serving import Engine, GenerationRequest
+from fedprefix.coordinator.serving.engine import context_length
 from fedprefix.coordinator.serving.server import KEY_HEADER, create_app, start_http
 from fedprefix.simulations.personas import make_record, record_prompt
 
@@ -51,13 +57,18 @@ def make_users(base, store: PrefixStore, count: int, tokens: int) -> list[str]:
     return users
 
 
-def prompts_for(base, count: int, seed: int = 0) -> list[str]:
+def questions_for(count: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
+    return [record_prompt(make_record(rng)) for _ in range(count)]
+
+
+def prompts_for(base, count: int, seed: int = 0) -> list[str]:
+    """Chat prompts (the template's system head, one question each) as the server renders them."""
     return [
         base.tokenizer.apply_chat_template(
-            [{"role": "user", "content": record_prompt(make_record(rng))}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
         )
-        for _ in range(count)
+        for question in questions_for(count, seed)
     ]
 
 
@@ -139,11 +150,30 @@ class PeftLoop:
         return sum(map(len, outputs)) / (time.perf_counter() - started), outputs
 
 
-def engine_rate(base, store, requests) -> float:
-    """Tokens/s of a fresh engine (cold prefix cache, as PEFT's loop loads every prefix) on `requests`."""
+def engine_rate(base, store, requests, returning=None) -> float:
+    """Tokens/s of a fresh engine (cold prefix and prompt caches, as PEFT's loop loads every prefix) on
+    `requests`; with `returning`, the tokens/s of those next requests of the same users afterwards."""
     engine = Engine(base, store=store, max_batch_size=len(requests))  # not started: runs on this thread
     tokens_per_second(engine, requests[:2])  # warm-up, as PEFT's loop gets one
-    return tokens_per_second(engine, requests)
+    first = tokens_per_second(engine, requests)
+    return first if returning is None else tokens_per_second(engine, returning)
+
+
+def next_turns(base, questions: list[str], replies: list[list[int]]) -> list[str]:
+    """Each chat's next request: its history again (question, the reply) and a new question."""
+    tok = base.tokenizer
+    return [
+        tok.apply_chat_template(
+            [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": tok.decode(reply, skip_special_tokens=True)},
+                {"role": "user", "content": "Thanks. And what would you order there?"},
+            ],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for question, reply in zip(questions, replies, strict=True)
+    ]
 
 
 def engine_vs_peft(base_name, base, store, users, prompts, params, peft_users: int, rounds: int) -> dict:
@@ -164,11 +194,17 @@ def engine_vs_peft(base_name, base, store, users, prompts, params, peft_users: i
     serving = resolve_dtype("auto", base.device)
     engine_fp32 = engine_rate(base.with_dtype(torch.float32), store, requests)
     timed_users, timed_prompts = users[:peft_users], prompts[:peft_users]
-    peft_rates, engine_rates = [], []
+    # a second request of the same users: the chat's history again and a new question
+    replies = Engine(base.with_dtype(serving), store=store, max_batch_size=len(requests)).generate(requests)
+    turns = next_turns(base, questions_for(len(users)), [r.tokens for r in replies])
+    returning = [GenerationRequest(t, user=u, key=key_of(u), params=params) for u, t in zip(users, turns, strict=True)]
+    peft_rates, engine_rates, peft_returning, engine_returning = [], [], [], []
     for _ in range(rounds):  # each round: PEFT's loop, then the engine, back to back
         rate, peft_out = peft_fp32.run(timed_users, timed_prompts, params)
         peft_rates.append(rate)
         engine_rates.append(engine_rate(base.with_dtype(serving), store, requests))
+        peft_returning.append(peft_fp32.run(timed_users, turns[:peft_users], params)[0])
+        engine_returning.append(engine_rate(base.with_dtype(serving), store, requests, returning))
     # The baseline must compute the right thing: the same greedy tokens as ours for the first user.
     # Over a long generation float32 rounding of two different kernels may flip a near-tie, so
     # the check asks for the first 16 tokens and reports how far the two agree.
@@ -192,7 +228,99 @@ def engine_vs_peft(base_name, base, store, users, prompts, params, peft_users: i
         "ratio_engine_over_peft_fp32": round(engine_fp32 / peft_rates[0], 1),
         "ratio_best_engine_over_best_peft": round(best_engine / best_peft, 1),
         "ratio_per_round": f"{min(per_round):.1f}-{max(per_round):.1f}",
+        "returning_prompt_tokens": round(statistics.mean(len(base.tokenizer(t).input_ids) for t in turns), 1),
+        "returning_peft_tokens_per_s": round(statistics.median(peft_returning), 1),
+        "returning_engine_tokens_per_s": round(statistics.median(engine_returning), 1),
+        "ratio_returning_engine_over_peft": round(
+            statistics.median(engine_returning) / statistics.median(peft_returning), 1
+        ),
         "peft_tokens_equal_to_ours": f"{agree}/{len(ours)}",
+    }
+
+
+def prefill_burst(base, store, users, prompts, max_prefill_tokens: int) -> dict:
+    """16 streams running, then a burst of 48 long prompts: the gaps between the streams' tokens."""
+    streams = SamplingParams(max_new_tokens=96, ignore_eos=True)
+    longest = max(len(base.tokenizer(p).input_ids) for p in prompts)
+    repeat = max(1, min(4, (context_length(base.model) or 2048) // 2 // longest))  # long, within the context
+    with Engine(base, store=store, max_batch_size=64, max_prefill_tokens=max_prefill_tokens) as engine:
+        running = engine.submit_many(
+            [
+                GenerationRequest(p, user=u, key=key_of(u), params=streams)
+                for u, p in zip(users[:16], prompts[:16], strict=True)
+            ]
+        )
+        while engine.stats.steps < 4:
+            time.sleep(0.005)
+        engine.stats.token_gaps.clear()
+        started = time.perf_counter()
+        burst = engine.submit_many(
+            [
+                GenerationRequest(p * repeat, user=u, key=key_of(u), params=SamplingParams(max_new_tokens=16))
+                for u, p in zip(users[16:64], prompts[16:64], strict=True)
+            ]
+        )
+        for handle in burst + running:
+            handle.result(timeout=3600)
+        wall = time.perf_counter() - started
+        gaps = sorted(engine.stats.token_gaps)
+    return {
+        "max_prefill_tokens": max_prefill_tokens,
+        "burst_prompt_tokens": sum(len(base.tokenizer(p * repeat).input_ids) for p in prompts[16:64]),
+        "p50_token_gap_s": round(statistics.median(gaps), 3),
+        "p99_token_gap_s": round(gaps[int(0.99 * (len(gaps) - 1))], 3),
+        "max_token_gap_s": round(gaps[-1], 3),
+        "wall_s": round(wall, 2),
+    }
+
+
+def request_costs(base, store, users, prompts) -> dict:
+    """What one request costs at each step, in seconds: unlock, cache, prefill, decode."""
+    user, key = users[0], key_of(users[0])
+
+    def timed(action, repeats: int = 3) -> float:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            action()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    store.save("passphrase-user", store.load(user, key), "a passphrase of the user's own")
+    engine = Engine(base, store=store, max_batch_size=64)
+    engine.resolve_prefix(user, key)
+
+    def alone(n: int, prompt: str = prompts[0], fresh: bool = True):
+        if fresh:
+            engine.prompts.drop_user(user)
+        request = GenerationRequest(
+            prompt, user=user, key=key, params=SamplingParams(max_new_tokens=n, ignore_eos=True)
+        )
+        return lambda: engine.generate([request])
+
+    def batch(n: int):
+        requests = [
+            GenerationRequest(p, user=u, key=key_of(u), params=SamplingParams(max_new_tokens=n, ignore_eos=True))
+            for u, p in zip(users, prompts, strict=False)
+        ]
+        return lambda: engine.generate(requests)
+
+    one, many = timed(alone(1)), timed(alone(33, fresh=True))
+    batch_one, batch_many = timed(batch(1), 2), timed(batch(33), 2)
+    return {
+        # a fresh store each time: no derived key cached (a server pays this once per user and key)
+        "unlock_raw_key_s": round(timed(lambda: PrefixStore(store.root).load(user, key)), 4),
+        "unlock_passphrase_s": round(
+            timed(lambda: PrefixStore(store.root).load("passphrase-user", "a passphrase of the user's own")), 4
+        ),
+        "prefix_cache_hit_s": round(timed(lambda: engine.prefixes.lookup(user, key)), 6),
+        "prompt_tokens": len(base.tokenizer(prompts[0]).input_ids),
+        "prefill_alone_s": round(one, 4),
+        "prefill_alone_prompt_cached_s": round(timed(alone(1, fresh=False)), 4),
+        "decode_token_alone_s": round((many - one) / 32, 4),
+        "batch_of": len(users),
+        "prefill_per_request_in_batch_s": round(batch_one / len(users), 4),
+        "decode_token_per_request_in_batch_s": round((batch_many - batch_one) / 32 / len(users), 5),
     }
 
 
@@ -260,6 +388,9 @@ def open_loop(base, store, users, prompts, params, rate: float, seconds: float, 
         "p99_latency_s": round(latencies[int(0.99 * (len(latencies) - 1))], 3),
         "throughput_tokens_per_s": round(sum(r[1] for r in results) / wall, 1),
         "mean_batch": round(statistics.mean(engine.stats.batch_sizes or [0]), 1),
+        "p99_token_gap_s": round(sorted(engine.stats.token_gaps)[int(0.99 * (len(engine.stats.token_gaps) - 1))], 3)
+        if engine.stats.token_gaps
+        else None,
     }
 
 
@@ -276,7 +407,7 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--rate", type=float, default=20.0, help="open-loop arrivals per second")
     parser.add_argument("--seconds", type=float, default=10.0, help="open-loop duration")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["mixed", "peft", "http", "memory"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["mixed", "peft", "http", "memory", "burst", "costs"])
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -319,6 +450,14 @@ def main(argv=None) -> dict:
                 engine.resolve_prefix(user, key_of(user))
             per_user = engine.prefixes.stats.bytes / len(users)
             result["memory"] = {"bytes_per_cached_prefix": int(per_user), "users_per_GiB": int(2**30 // per_user)}
+        if "burst" not in args.skip and args.users >= 64:  # chunked prefill vs one prefill of the whole burst
+            result["prefill_burst"] = [
+                prefill_burst(served, store, users, prompts, budget) for budget in (2048, 512, 1 << 20)
+            ]
+            print(json.dumps(result["prefill_burst"]), flush=True)
+        if "costs" not in args.skip:
+            result["request_costs"] = request_costs(served, store, users, prompts)
+            print(json.dumps(result["request_costs"]), flush=True)
         if "http" not in args.skip:
             result["open_loop_http"] = {
                 mode: open_loop(served, store, users, prompts, params, args.rate, args.seconds, mode == "continuous")

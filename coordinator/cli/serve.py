@@ -30,7 +30,7 @@ def serve(
         256, "--prompt-cache-mib", help="Memory for users' prompt KV, reused by their next requests (LRU; 0: off)."
     ),
     max_prefill_tokens: int = typer.Option(
-        512, "--max-prefill-tokens", help="Prompt tokens computed per step beside decoding (chunked prefill)."
+        2048, "--max-prefill-tokens", help="Prompt tokens computed per step beside decoding (chunked prefill)."
     ),
     static: bool = typer.Option(False, "--static-batching", help="Static instead of continuous batching."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),

@@ -28,10 +28,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 from fedprefix.common.attention import (
-    cache_from_layers,
+    batch_cache,
     cache_layers,
-    join_batches,
-    keep_rows,
+    drop_rows,
     rewind,
     stack_prefixes,
 )
@@ -80,7 +79,7 @@ class Engine:
         prefix_cache_bytes: int = 1 << 30,
         max_queue_per_user: int | None = None,
         unlock_guard: UnlockGuard | None = None,
-        max_prefill_tokens: int = 512,
+        max_prefill_tokens: int = 2048,
         prompt_cache_bytes: int = 256 << 20,
     ) -> None:
         if max_prefill_tokens < 1:
@@ -428,13 +427,11 @@ class Engine:
         index = torch.tensor(complete, dtype=torch.long, device=device)
         new_mask = torch.cat([chunk.prefixes.mask, chunk.attention_mask.long()], dim=1)  # (B_p, Pmax + T)
         positions = (chunk.prefixes.lengths + chunk.attention_mask.sum(dim=1)).tolist()
-        layers, new_mask = keep_rows(layers, new_mask, index)
         joined = [plan[i][0] for i in complete]
         rows = [self._new_row(f.handle, int(positions[i]), device) for f, i in zip(joined, complete, strict=True)]
         tokens = pick(logits.index_select(0, index), rows)
-        if self._rows:
-            layers, new_mask = join_batches(cache_layers(self._cache), self._mask, layers, new_mask)
-        self._cache, self._mask = cache_from_layers(layers), new_mask
+        running = [(cache_layers(self._cache), self._mask, None)] if self._rows else []
+        self._cache, self._mask = batch_cache([*running, (layers, new_mask, index)])  # one copy
         self._filling = [f for f in self._filling if f not in joined]
         self._rows.extend(rows)
         self._accept(tokens, rows)
@@ -501,8 +498,7 @@ class Engine:
             self._rows = [self._rows[i] for i in keep]
             if self._rows:
                 index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
-                layers, self._mask = keep_rows(cache_layers(self._cache), self._mask, index)
-                self._cache = cache_from_layers(layers)
+                self._cache, self._mask = drop_rows(self._cache, self._mask, index)  # in place
             else:
                 self._cache, self._mask = None, None
 

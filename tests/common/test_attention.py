@@ -122,3 +122,39 @@ def test_only_prefix_gets_gradients(tiny_base):
     assert all(p.grad is None for p in tiny_base.model.parameters())
     after = tiny_base.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "base weights changed"
+
+
+def test_running_batch_cache_joins_in_one_copy_and_drops_rows_in_place():
+    from fedprefix.common.attention import batch_cache, cache_layers, drop_rows
+
+    def group(rows, width, real, seed):  # one layer; row r has its last real[r] slots in use
+        g = torch.Generator().manual_seed(seed)
+        keys, values = (torch.randn(rows, 2, width, 4, generator=g) for _ in range(2))
+        mask = torch.tensor([[0] * (width - n) + [1] * n for n in real])
+        return [(keys, values)], mask
+
+    def real_slots(layers, mask, row):
+        keys, values = layers[0]
+        used = mask[row].bool()
+        return keys[row][:, used], values[row][:, used]
+
+    first, first_mask = group(3, 6, [6, 2, 4], seed=0)
+    second, second_mask = group(4, 9, [3, 9, 5, 1], seed=1)
+    picked = torch.tensor([1, 3])
+    cache, mask = batch_cache([(first, first_mask, None), (second, second_mask, picked)])
+    assert mask.shape == (5, 9) and cache.layers[0]._keys.shape[2] > 9  # room to grow
+    expected = [real_slots(first, first_mask, r) for r in range(3)] + [
+        real_slots(second, second_mask, r) for r in (1, 3)
+    ]
+    for row, (keys, values) in enumerate(expected):
+        got_keys, got_values = real_slots(cache_layers(cache), mask, row)
+        assert torch.equal(got_keys, keys) and torch.equal(got_values, values)
+    assert torch.all(cache_layers(cache)[0][0][:3, :, :3] == 0)  # the first group's added padding: zeros
+    kept = torch.tensor([0, 2, 4])
+    buffer = cache.layers[0]._keys
+    cache, kept_mask = drop_rows(cache, mask, kept)
+    assert cache.layers[0]._keys.data_ptr() == buffer.data_ptr()  # moved within the same buffer
+    for row, old in enumerate(kept.tolist()):
+        assert torch.equal(real_slots(cache_layers(cache), kept_mask, row)[0], expected[old][0])
+    cache, lone_mask = drop_rows(cache, kept_mask, torch.tensor([2]))  # one 1-slot row left: trimmed
+    assert lone_mask.shape == (1, 1) and torch.equal(real_slots(cache_layers(cache), lone_mask, 0)[1], expected[4][1])
