@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import torch
 from fedprefix.common.base_model import load_base
-from fedprefix.common.generation import SamplingParams, generate_tokens
+from fedprefix.common.generation import SamplingParams
 from fedprefix.common.precision import host_info, resolve_dtype
 from fedprefix.common.prefix import Prefix
 from fedprefix.common.store import PrefixStore
@@ -91,150 +91,6 @@ def mixed_vs_single(engine, users, prompts, params, repeats: int) -> dict:
         "mixed_tokens_per_s": round(med["mixed"], 1),
         "single_prefix_tokens_per_s": round(med["single"], 1),
         "ratio_mixed_over_single": round(med["mixed"] / med["single"], 3),
-    }
-
-
-def peft_generate_fixed(peft_model) -> None:
-    """Make PEFT 0.21.2's generate use the prefix with transformers 5.24.
-
-    transformers now returns the cache as `cache` from prepare_inputs_for_generation,
-    while PEFT looks for `past_key_values`, finds none, and injects a prompt the model
-    then ignores. Renaming it back lets PEFT's own logic run as designed.
-    """
-    original = peft_model.base_model_prepare_inputs_for_generation
-
-    def renamed(*args, **kwargs):
-        if "cache" in kwargs:
-            kwargs["past_key_values"] = kwargs.pop("cache")
-        out = original(*args, **kwargs)
-        if "cache" in out:
-            out["past_key_values"] = out.pop("cache")
-        return out
-
-    peft_model.base_model_prepare_inputs_for_generation = renamed
-
-
-class PeftLoop:
-    """PEFT's way, per user: put the user's prefix into the adapter, then `generate`."""
-
-    def __init__(self, base_name: str, store: PrefixStore, users: list[str], dtype: torch.dtype) -> None:
-        import peft
-
-        peft_base = load_base(base_name, dtype=dtype)
-        spec_tokens = store.load(users[0], key_of(users[0])).spec.num_virtual_tokens
-        self.model = peft.get_peft_model(
-            peft_base.model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec_tokens)
-        )
-        self.model.to(dtype).eval()
-        peft_generate_fixed(self.model)
-        self.embedding = self.model.prompt_encoder["default"].embedding.weight
-        self.tokenizer, self.store = peft_base.tokenizer, store
-
-    @torch.no_grad()
-    def one_user(self, user: str, prompt: str, params: SamplingParams) -> list[int]:
-        self.embedding.copy_(self.store.load(user, key_of(user)).flat())  # "set adapter"
-        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-        out = self.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=params.max_new_tokens,
-            min_new_tokens=params.max_new_tokens,
-            do_sample=False,
-        )
-        return out[0, ids.shape[1] :].tolist()
-
-    def run(self, users, prompts, params) -> tuple[float, list[list[int]]]:
-        """Tokens/s over `users` one after the other, and their outputs."""
-        started = time.perf_counter()
-        outputs = [self.one_user(u, p, params) for u, p in zip(users, prompts, strict=True)]
-        return sum(map(len, outputs)) / (time.perf_counter() - started), outputs
-
-
-def engine_rate(base, store, requests, returning=None) -> float:
-    """Tokens/s of a fresh engine (cold prefix and prompt caches, as PEFT's loop loads every prefix) on
-    `requests`; with `returning`, the tokens/s of those next requests of the same users afterwards."""
-    engine = Engine(base, store=store, max_batch_size=len(requests))  # not started: runs on this thread
-    tokens_per_second(engine, requests[:2])  # warm-up, as PEFT's loop gets one
-    first = tokens_per_second(engine, requests)
-    return first if returning is None else tokens_per_second(engine, returning)
-
-
-def next_turns(base, questions: list[str], replies: list[list[int]]) -> list[str]:
-    """Each chat's next request: its history again (question, the reply) and a new question."""
-    tok = base.tokenizer
-    return [
-        tok.apply_chat_template(
-            [
-                {"role": "user", "content": question},
-                {"role": "assistant", "content": tok.decode(reply, skip_special_tokens=True)},
-                {"role": "user", "content": "Thanks. And what would you order there?"},
-            ],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        for question, reply in zip(questions, replies, strict=True)
-    ]
-
-
-def engine_vs_peft(base_name, base, store, users, prompts, params, peft_users: int, rounds: int) -> dict:
-    """Each system in float32, and each in its faster dtype on this machine (PEFT: float32 on CPU,
-    where a one-row bfloat16 matmul is slower than float32; the engine: what `fedprefix serve` picks).
-
-    The faster pair is timed in `rounds` alternating rounds (PEFT's loop, then the engine) and
-    compared by medians, so that the shared machine's load changes hit both alike.
-    """
-    tok = base.tokenizer
-    peft_fp32 = PeftLoop(base_name, store, users, torch.float32)
-    peft_fp32.run(users[:1], prompts[:1], params)  # warm-up, untimed, as the engine gets one
-    bf16_users = max(2, peft_users // 4)  # only to show it is not the faster choice; it is slow
-    peft_bf16_rate, _ = PeftLoop(base_name, store, users, torch.bfloat16).run(
-        users[:bf16_users], prompts[:bf16_users], params
-    )
-    requests = [GenerationRequest(p, user=u, key=key_of(u), params=params) for u, p in zip(users, prompts, strict=True)]
-    serving = resolve_dtype("auto", base.device)
-    engine_fp32 = engine_rate(base.with_dtype(torch.float32), store, requests)
-    timed_users, timed_prompts = users[:peft_users], prompts[:peft_users]
-    # a second request of the same users: the chat's history again and a new question
-    replies = Engine(base.with_dtype(serving), store=store, max_batch_size=len(requests)).generate(requests)
-    turns = next_turns(base, questions_for(len(users)), [r.tokens for r in replies])
-    returning = [GenerationRequest(t, user=u, key=key_of(u), params=params) for u, t in zip(users, turns, strict=True)]
-    peft_rates, engine_rates, peft_returning, engine_returning = [], [], [], []
-    for _ in range(rounds):  # each round: PEFT's loop, then the engine, back to back
-        rate, peft_out = peft_fp32.run(timed_users, timed_prompts, params)
-        peft_rates.append(rate)
-        engine_rates.append(engine_rate(base.with_dtype(serving), store, requests))
-        peft_returning.append(peft_fp32.run(timed_users, turns[:peft_users], params)[0])
-        engine_returning.append(engine_rate(base.with_dtype(serving), store, requests, returning))
-    # The baseline must compute the right thing: the same greedy tokens as ours for the first user.
-    # Over a long generation float32 rounding of two different kernels may flip a near-tie, so
-    # the check asks for the first 16 tokens and reports how far the two agree.
-    first = [tok(prompts[0], add_special_tokens=False).input_ids]
-    first_prefix = [store.load(users[0], key_of(users[0])).key_values().detach()]
-    ours = generate_tokens(base.model, tok, first, first_prefix, params)[0]
-    agree = next((i for i, (a, b) in enumerate(zip(peft_out[0], ours, strict=True)) if a != b), len(ours))
-    if agree < min(16, len(ours)):
-        raise RuntimeError(f"PEFT's generate disagrees with the reference at token {agree}: the baseline is wrong")
-    best_peft = max(statistics.median(peft_rates), peft_bf16_rate)
-    best_engine = max(statistics.median(engine_rates), engine_fp32)
-    per_round = [e / p for e, p in zip(engine_rates, peft_rates, strict=True)]
-    return {
-        "peft_users_timed": peft_users,
-        "rounds": rounds,
-        "peft_fp32_tokens_per_s": round(statistics.median(peft_rates), 1),
-        "peft_bf16_tokens_per_s": round(peft_bf16_rate, 1),
-        "engine_fp32_tokens_per_s": round(engine_fp32, 1),
-        "engine_serving_dtype": str(serving).removeprefix("torch."),
-        "engine_serving_dtype_tokens_per_s": round(statistics.median(engine_rates), 1),
-        "ratio_engine_over_peft_fp32": round(engine_fp32 / peft_rates[0], 1),
-        "ratio_best_engine_over_best_peft": round(best_engine / best_peft, 1),
-        "ratio_per_round": f"{min(per_round):.1f}-{max(per_round):.1f}",
-        "returning_prompt_tokens": round(statistics.mean(len(base.tokenizer(t).input_ids) for t in turns), 1),
-        "returning_peft_tokens_per_s": round(statistics.median(peft_returning), 1),
-        "returning_engine_tokens_per_s": round(statistics.median(engine_returning), 1),
-        "ratio_returning_engine_over_peft": round(
-            statistics.median(engine_returning) / statistics.median(peft_returning), 1
-        ),
-        "peft_tokens_equal_to_ours": f"{agree}/{len(ours)}",
     }
 
 
@@ -428,6 +284,8 @@ def main(argv=None) -> dict:
         users = make_users(base, store, args.users, args.tokens)
         prompts = prompts_for(base, args.users)
         if "peft" not in args.skip:  # per generation length: prefill weighs less in longer ones
+            from .bench_vs_peft import engine_vs_peft  # it imports this file's helpers
+
             result["engine_vs_peft"] = {}
             for length in args.peft_lengths:
                 result["engine_vs_peft"][str(length)] = engine_vs_peft(

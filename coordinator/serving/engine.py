@@ -1,8 +1,9 @@
 """Continuous batching over one base model, each row behind its own user's prefix.
 
 Iteration-level scheduling (Orca, vLLM): between two decode steps, finished requests
-leave the batch and queued ones join it. A joining group is prefilled in one forward
-(prompt behind prefix, left-padded), then its rows are appended to the running batch's
+leave the batch and queued ones join it. Joiners' prompts are prefilled in chunks fused
+into the decode steps, behind their prefixes and whatever each user's earlier requests
+left in the prompt cache (batch.py), then their rows are appended to the running batch's
 KV cache; every row keeps its own mask and position counter, so its tokens equal what
 that user gets alone (greedy: token for token; sampling: same seed, same tokens).
 
@@ -23,22 +24,15 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 
 import torch
-from fedprefix.common.attention import (
-    batch_cache,
-    cache_layers,
-    drop_rows,
-    rewind,
-    stack_prefixes,
-)
 from fedprefix.common.errors import FedPrefixError
-from fedprefix.common.generation import eos_ids, left_pad, make_generator
+from fedprefix.common.generation import eos_ids
 from fedprefix.common.store import PrefixStore
 
-from .fast_llama import Decode, Prefill, serving_forward
+from .batch import RunningBatch
+from .fast_llama import serving_forward
 from .prefix_cache import PrefixCache
 from .prompt_cache import PromptCache
 from .requests import (  # re-exported: the engine's public names
@@ -48,10 +42,9 @@ from .requests import (  # re-exported: the engine's public names
     GenerationRequest,
     GenerationResult,
     InvalidRequest,
-    RequestCancelled,
+    RequestCancelled,  # noqa: F401
     RequestHandle,
 )
-from .rows import Filling, Row, pick, take_token
 from .scheduler import FairQueue
 from .unlock import UnlockGuard
 
@@ -120,13 +113,9 @@ class Engine:
         self._running = False
         self._stopping = False
         self._threads = torch.get_num_threads()  # the creating thread's setting, applied where the scheduler runs
-        # running batch: rows, their KV cache (grows in place) and mask (B, T)
-        self._rows: list[Row] = []
-        self._cache = None
-        self._mask: torch.Tensor | None = None
-        self._filling: list[Filling] = []  # admitted, prompt not yet fully prefilled (first come first served)
-        self._last_decode: float | None = None  # when the last decode step ended, and its rows (token gaps)
-        self._last_rows: set[int] = set()
+        self._batch = RunningBatch(
+            base, self._forward, self.stats, self._eos, self.prompts, max_prefill_tokens
+        )  # touched by the scheduler thread only
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -188,7 +177,7 @@ class Engine:
 
     @property
     def batch_size(self) -> int:
-        return len(self._rows)
+        return len(self._batch.rows)
 
     # ------------------------------------------------------------------ requests
 
@@ -305,218 +294,27 @@ class Engine:
         try:
             while True:
                 with self._wake:
-                    while not (self._stopping or self._pending or self._rows or self._filling or (until and until())):
+                    while not (self._stopping or self._pending or self._batch.busy or (until and until())):
                         self._wake.wait(timeout=0.5)
                     if self._stopping or (until is not None and until()):
                         return
                     joiners = self._take_joiners()
-                self._step(joiners)
+                self._batch.step(joiners)
         finally:
             with self._wake:
-                unfinished = self._pending.drain() + [f.handle for f in self._filling] + [r.handle for r in self._rows]
-                for handle in unfinished:
-                    handle._fail(EngineStopped("the engine stopped before this request finished"))
-                self._rows, self._cache, self._mask, self._filling = [], None, None, []
+                stopped = EngineStopped("the engine stopped before this request finished")
+                for handle in self._pending.drain():
+                    handle._fail(stopped)
+                self._batch.fail_all(stopped)
                 self._running, self._runner = False, None
                 self._wake.notify_all()
 
-    def _step(self, joiners: list[RequestHandle]) -> None:
-        try:
-            with torch.no_grad():
-                self._drop_done()  # cancelled rows leave before the next forward
-                self._filling.extend(self._admit(handle) for handle in joiners)
-                plan = self._plan_chunk()
-                if plan or self._rows:
-                    self._forward_step(plan)
-        except Exception as exc:  # the batch's shared state is unknown now: end it, never the server
-            log.exception("engine step failed")
-            for handle in [f.handle for f in self._filling] + [row.handle for row in self._rows]:
-                handle._fail(FedPrefixError(f"generation failed: {exc}"))
-            self._rows, self._cache, self._mask, self._filling = [], None, None, []
-
     def _take_joiners(self) -> list[RequestHandle]:
         """Queued requests that join now: at any step boundary (continuous) or into an empty batch."""
-        if not self.continuous and (self._rows or self._filling):
+        if not self.continuous and self._batch.busy:
             self._pending.take(0)  # still fail the expired and the cancelled
             return []
-        return self._pending.take(self.max_batch_size - len(self._rows) - len(self._filling))
-
-    def _admit(self, handle: RequestHandle) -> Filling:
-        """A joiner starts behind its prefix and the longest prompt prefix its owner has cached."""
-        done, cached = 0, None
-        if self.prompts is not None and handle.owner is not None:
-            done, cached = self.prompts.match(handle.owner, handle.prompt_ids)
-        context = handle.prefix if cached is None else torch.cat([handle.prefix, cached], dim=3)
-        return Filling(handle, context, done)
-
-    def _plan_chunk(self) -> list[tuple[Filling, int]]:
-        """Prompt tokens to prefill this step, first come first served, at most max_prefill_tokens."""
-        plan, budget = [], self.max_prefill_tokens
-        for filling in self._filling:
-            if budget <= 0:
-                break
-            count = min(len(filling.handle.prompt_ids) - filling.done, budget)
-            plan.append((filling, count))
-            budget -= count
-        return plan
-
-    def _forward_step(self, plan: list[tuple[Filling, int]]) -> None:
-        """One forward: a decode step of the running rows fused with a prefill chunk of joiners.
-
-        If it fails with a chunk in it, the running rows' cache is rewound and the step
-        is redone in parts (decode alone, then each joiner's chunk alone), so that only a
-        joiner whose own chunk fails fails.
-        """
-        decode = self._decode_inputs() if self._rows else None
-        lengths = [layer.length for layer in self._cache.layers] if decode is not None else None
-        try:
-            chunk = self._chunk_inputs(plan) if plan else None
-            filled, logits = self._forward.step(chunk, decode)
-        except Exception:
-            if not plan:
-                raise  # a failed decode step ends the batch (_step)
-            log.exception("fused step failed; redoing it row by row")
-            if decode is not None:
-                rewind(self._cache, lengths)
-                self._decoded(decode, self._forward.step(None, decode)[1])
-            for item in plan:
-                try:
-                    chunk = self._chunk_inputs([item])
-                    self._filled([item], chunk, self._forward.step(chunk, None)[0])
-                except Exception as exc:
-                    log.exception("prefill failed")
-                    item[0].handle._fail(FedPrefixError(f"generation failed: {exc}"))
-            self._filling = [f for f in self._filling if not f.handle.done]
-            return
-        if decode is not None:
-            self._decoded(decode, logits)
-        if plan:
-            self._filled(plan, chunk, filled)
-
-    def _chunk_inputs(self, plan: list[tuple[Filling, int]]) -> Prefill:
-        """The next `count` prompt tokens of each planned joiner (left-padded) behind its context."""
-        device, dtype = self.base.device, self.base.dtype
-        pieces = [f.handle.prompt_ids[f.done : f.done + count] for f, count in plan]
-        ids, mask = left_pad(pieces, self.tokenizer.pad_token_id)
-        prefixes = stack_prefixes([f.context for f, _ in plan], dtype=dtype, device=device)
-        return Prefill(ids.to(device), mask.to(device), prefixes)
-
-    def _filled(self, plan: list[tuple[Filling, int]], chunk: Prefill, filled) -> None:
-        """After a chunk: joiners with their whole prompt in join the batch; the others keep its KV."""
-        logits, layers = filled  # (B_p, V), per layer (keys, values) each (B_p, H, Pmax + T, D)
-        width = layers[0][0].shape[2]
-        complete = []
-        for i, (filling, count) in enumerate(plan):
-            handle = filling.handle
-            finishing = filling.done + count == len(handle.prompt_ids)
-            if finishing and not self._remembers(handle):
-                filling.done += count  # its KV joins the batch below; no copy needed
-            else:
-                piece = torch.stack(
-                    [torch.stack([k[i, :, width - count :], v[i, :, width - count :]]) for k, v in layers]
-                )
-                filling.extend(piece)  # (L, 2, H, count, D)
-            if finishing:
-                complete.append(i)
-                if self._remembers(handle):
-                    self.prompts.store(handle.owner, handle.prompt_ids, filling.prompt_key_values())
-        self.stats.prefill_tokens += sum(count for _, count in plan)
-        if not complete:
-            return
-        device = self._mask.device if self._mask is not None else chunk.input_ids.device
-        index = torch.tensor(complete, dtype=torch.long, device=device)
-        new_mask = torch.cat([chunk.prefixes.mask, chunk.attention_mask.long()], dim=1)  # (B_p, Pmax + T)
-        positions = (chunk.prefixes.lengths + chunk.attention_mask.sum(dim=1)).tolist()
-        joined = [plan[i][0] for i in complete]
-        rows = [self._new_row(f.handle, int(positions[i]), device) for f, i in zip(joined, complete, strict=True)]
-        tokens = pick(logits.index_select(0, index), rows)
-        running = [(cache_layers(self._cache), self._mask, None)] if self._rows else []
-        self._cache, self._mask = batch_cache([*running, (layers, new_mask, index)])  # one copy
-        self._filling = [f for f in self._filling if f not in joined]
-        self._rows.extend(rows)
-        self._accept(tokens, rows)
-
-    def _new_row(self, handle: RequestHandle, position: int, device) -> Row:
-        params = handle.request.params
-        try:
-            return Row(handle, params, make_generator(params, device), position=position)
-        except Exception as exc:  # a seed torch refuses: this row fails, greedy until it leaves
-            handle._fail(InvalidRequest("seed", f"cannot seed the sampler: {exc}"))
-            return Row(handle, params.model_copy(update={"temperature": 0.0}), None, position=position)
-
-    def _decode_inputs(self) -> Decode:
-        """Each running row's last token, at its next position, over the batch's cache."""
-        batch = len(self._rows)
-        device = self._mask.device
-        last = torch.tensor([[row.tokens[-1]] for row in self._rows], device=device)  # (B, 1)
-        positions = torch.tensor([[row.position] for row in self._rows], device=device)  # (B, 1)
-        mask = torch.cat([self._mask, torch.ones(batch, 1, dtype=self._mask.dtype, device=device)], dim=1)
-        return Decode(last, mask, positions, self._cache)
-
-    def _decoded(self, decode: Decode, logits: torch.Tensor) -> None:
-        """After a decode step (the cache already holds its new slot): the rows take their tokens."""
-        self._mask = decode.attention_mask
-        for row in self._rows:
-            row.position += 1
-        now = time.monotonic()
-        if self._last_decode is not None and self._last_rows & {id(row) for row in self._rows}:
-            self.stats.token_gaps.append(now - self._last_decode)
-        self._last_decode, self._last_rows = now, {id(row) for row in self._rows}
-        self.stats.steps += 1
-        self.stats.batch_sizes.append(len(self._rows))
-        self.stats.token_times.append((now, self.stats.tokens))
-        self._accept(pick(logits, self._rows), self._rows)
-
-    def _remembers(self, handle: RequestHandle) -> bool:
-        """Whether KV of this request's tokens is cached for its owner's next requests."""
-        return self.prompts is not None and handle.owner is not None
-
-    def _accept(self, tokens: list[int | None], rows: list[Row]) -> None:
-        """Give each of `rows` its new token; finished and failed rows leave the batch."""
-        for row, token in zip(rows, tokens, strict=True):
-            if token is None or row.handle.done:
-                continue
-            try:
-                take_token(row, token, self.tokenizer, self._eos, self.stats)
-            except Exception as exc:  # decoding or stop handling of this row only
-                log.exception("a row failed")
-                row.handle._fail(FedPrefixError(f"generation failed: {exc}"))
-        self._drop_done()
-
-    def _drop_done(self) -> None:
-        """Remove finished, failed and cancelled rows from the batch and its cache (and joiners still filling)."""
-        for filling in self._filling:
-            if filling.handle.cancelled:
-                filling.handle._fail(RequestCancelled("cancelled while its prompt was read"))
-        self._filling = [f for f in self._filling if not f.handle.done]
-        for row in self._rows:
-            if row.handle.cancelled:
-                row.handle._fail(RequestCancelled("cancelled while generating"))
-        keep = [i for i, row in enumerate(self._rows) if not row.handle.done]
-        if len(keep) < len(self._rows):
-            self._remember_finished([i for i in range(len(self._rows)) if i not in set(keep)])
-            self._rows = [self._rows[i] for i in keep]
-            if self._rows:
-                index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
-                self._cache, self._mask = drop_rows(self._cache, self._mask, index)  # in place
-            else:
-                self._cache, self._mask = None, None
-
-    def _remember_finished(self, leaving: list[int]) -> None:
-        """Cache the KV of prompt + fed tokens of rows that finished well: a chat's next turn reuses it."""
-        layers = cache_layers(self._cache)
-        for i in leaving:
-            row = self._rows[i]
-            if not self._remembers(row.handle) or row.handle.finish_reason in (None, "error"):
-                continue
-            slots = self._mask[i].nonzero().squeeze(1)[row.handle.prefix.shape[3] :]  # prompt + fed tokens
-            tokens = (row.handle.prompt_ids + row.tokens)[: len(slots)]
-            if len(tokens) < len(slots):  # cannot happen; never store KV under the wrong tokens
-                continue
-            kv = torch.stack(
-                [torch.stack([k[i].index_select(1, slots), v[i].index_select(1, slots)]) for k, v in layers]
-            )
-            self.prompts.store(row.handle.owner, tokens, kv)  # (L, 2, H, n, D)
+        return self._pending.take(self.max_batch_size - self._batch.slots)
 
 
 def context_length(model) -> int | None:
