@@ -22,15 +22,17 @@ def batch(base, lengths):
     return ids, mask, stack_prefixes(rows, dtype=base.dtype, device="cpu")
 
 
-def run(forward, ids, mask, prefixes, steps: int = 3):
-    """Prefill, then `steps` greedy decode steps: the logits of every step and the final KV."""
+def run(forward, ids, mask, prefixes, steps: int = 3, feed=None):
+    """Prefill, then `steps` decode steps (greedy, or fed the tokens of another run's logits `feed`):
+    the logits of every step and the final KV."""
     logits, layers = forward.prefill(ids, mask, prefixes)
     cache, full_mask = cache_from_layers(layers), torch.cat([prefixes.mask, mask], dim=1)
     positions = (prefixes.lengths + mask.sum(dim=1)).unsqueeze(1)
     seen = [logits]
-    for _ in range(steps):
+    for step in range(steps):
         full_mask = torch.cat([full_mask, torch.ones(len(ids), 1, dtype=full_mask.dtype)], dim=1)
-        logits = forward.decode_step(logits.argmax(-1, keepdim=True), full_mask, positions, cache)
+        tokens = (logits if feed is None else feed[step]).argmax(-1, keepdim=True)
+        logits = forward.decode_step(tokens, full_mask, positions, cache)
         positions = positions + 1
         seen.append(logits)
     return seen, cache_layers(cache), full_mask
@@ -53,14 +55,23 @@ def test_logits_and_kv_equal_transformers(name):
 
 
 def test_bfloat16_rows_pick_the_same_tokens_as_transformers():
+    """In bfloat16 two correct kernels round differently, so near-ties may break either way: fed
+    the same tokens, logits agree within bfloat16's precision, and every argmax that the two
+    logit vectors' distance cannot flip is the same."""
     base = load_base("tiny-llama").with_dtype(torch.bfloat16)
     ids, mask, prefixes = batch(base, [4, 0, 2, 6])
     with torch.no_grad():
-        fast, _, _ = run(FastLlama(base.model), ids, mask, prefixes, steps=8)
         ref, _, _ = run(TransformersForward(base.model), ids, mask, prefixes, steps=8)
+        fast, _, _ = run(FastLlama(base.model), ids, mask, prefixes, steps=8, feed=ref)
+    clear = 0
     for ours, theirs in zip(fast, ref, strict=True):
-        assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
         torch.testing.assert_close(ours.float(), theirs.float(), rtol=0.05, atol=0.05)
+        top2 = theirs.float().topk(2, dim=-1).values
+        apart = (ours.float() - theirs.float()).abs().amax(dim=-1)  # per row
+        decided = top2[:, 0] - top2[:, 1] > 2 * apart  # a tie within the disagreement may break either way
+        assert torch.equal(ours.argmax(-1)[decided], theirs.argmax(-1)[decided])
+        clear += int(decided.sum())
+    assert clear >= len(ref) * len(PROMPTS) // 2  # the check is not vacuous
 
 
 def test_other_architectures_run_through_transformers():
