@@ -106,7 +106,7 @@ def test_a_cancelled_request_leaves_the_batch_within_one_step(served):  # noqa: 
     base, store = served
     with Engine(base, store=store) as engine:
         slow_decode(engine)
-        engine._eos = set()
+        engine._batch.eos = set()  # never ends on its own
         long = engine.submit(request("alice", "long", max_new_tokens=400))
         mate = engine.submit(request("bob", "mate", max_new_tokens=20))
         waiting = engine.submit(request(None, "queued", max_new_tokens=5))
@@ -129,7 +129,7 @@ def test_a_client_that_goes_away_cancels_its_generation(served):  # noqa: F811
     base, store = served
     with Engine(base, store=store) as engine:
         slow_decode(engine)
-        engine._eos = set()
+        engine._batch.eos = set()  # never ends on its own
         with LoopbackServer(create_app(engine, "m")) as url:
             body = {"prompt": "go", "max_tokens": 480, "stream": True}
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as reply:
@@ -149,7 +149,7 @@ def test_one_user_with_many_prompts_cannot_starve_another(served):  # noqa: F811
     base, store = served
     with Engine(base, store=store, max_batch_size=2, max_queue_per_user=8) as engine:
         slow_decode(engine, 0.005)
-        engine._eos = set()
+        engine._batch.eos = set()  # never ends on its own
         with pytest.raises(EngineOverloaded, match="anonymous requests already have 0 of 8"):
             engine.submit_many([request(None, f"flood {i}") for i in range(9)])
         flood = engine.submit_many([request(None, f"flood {i}", max_new_tokens=20) for i in range(8)])
