@@ -147,19 +147,29 @@ def request_costs(base, store, users, prompts) -> dict:
     engine.resolve_prefix(user, key)
 
     def alone(n: int, prompt: str = prompts[0], fresh: bool = True):
-        if fresh:
-            engine.prompts.drop_user(user)
         request = GenerationRequest(
             prompt, user=user, key=key, params=SamplingParams(max_new_tokens=n, ignore_eos=True)
         )
-        return lambda: engine.generate([request])
+
+        def run():
+            if fresh:  # no prompt KV of this user cached: the whole prompt is computed
+                engine.prompts.drop_user(user)
+            engine.generate([request])
+
+        return run
 
     def batch(n: int):
         requests = [
             GenerationRequest(p, user=u, key=key_of(u), params=SamplingParams(max_new_tokens=n, ignore_eos=True))
             for u, p in zip(users, prompts, strict=False)
         ]
-        return lambda: engine.generate(requests)
+
+        def run():
+            for other in users:  # first requests: nothing of their prompts cached
+                engine.prompts.drop_user(other)
+            engine.generate(requests)
+
+        return run
 
     one, many = timed(alone(1)), timed(alone(33, fresh=True))
     batch_one, batch_many = timed(batch(1), 2), timed(batch(33), 2)

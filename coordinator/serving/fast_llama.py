@@ -130,9 +130,16 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' apply_rotary_pos_emb for one tensor (B, heads, T, D); cos, sin (B, T, D)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """transformers' apply_rotary_pos_emb for one tensor (N, heads, D); cos, sin (N, 1, D)."""
     return (x * cos) + (rotate_half(x) * sin)
+
+
+def _padded(packed: torch.Tensor, real: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+    """Packed tokens (n, heads, D) back in the (B, heads, T, D) layout; padding slots are zeros."""
+    if real is not None:
+        full = packed.new_zeros(batch * length, *packed.shape[1:])
+        packed = full.index_copy_(0, real, packed)
+    return packed.view(batch, length, *packed.shape[1:]).transpose(1, 2)
 
 
 def _fused_linear(projections, batch_hint: int):
@@ -220,7 +227,11 @@ class FastLlama:
             layers.append((k, v))
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=True)
 
-        return input_ids, token_positions(attention_mask, prefixes.lengths), attend
+        real = attention_mask.reshape(-1).nonzero().squeeze(1)  # (n,) the tokens that are not padding
+        ends = attention_mask.long().sum(dim=1).cumsum(dim=0) - 1  # each row's last token among them
+        if len(real) == attention_mask.numel():
+            real = None
+        return input_ids, token_positions(attention_mask, prefixes.lengths), attend, real, ends
 
     def _decode_part(self, decode: Decode):
         tokens, attention_mask, positions, cache = decode
@@ -233,36 +244,51 @@ class FastLlama:
                 return _one_query_attention(q, k, v, bias, self.scale)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=True)
 
-        return tokens, positions, attend
+        return tokens, positions, attend, None, torch.arange(tokens.shape[0], device=tokens.device)
 
     def _forward(self, parts) -> torch.Tensor:
-        """parts: each (input_ids (B, T), positions (B, T), attend) -> last-token hidden per row (sum B, hidden)."""
-        shapes = [ids.shape for ids, _, _ in parts]
-        sizes = [b * t for b, t in shapes]
-        hidden = torch.cat([F.embedding(ids, self.embed).reshape(-1, self.embed.shape[1]) for ids, _, _ in parts])
-        ropes = [self.rotary(hidden, position_ids=positions) for _, positions, _ in parts]  # (B, T, D) each
+        """-> the hidden state of each row's last token (sum of B, hidden).
+
+        parts: each (input_ids (B, T), positions (B, T), attend, real: indices of the B * T tokens
+        that are not left padding (None: all are), ends: each row's last token among those).
+        Every part's real tokens go through each linear layer together, packed: padding costs
+        no matmul work (a chunk that splits prompts of different lengths is mostly padding).
+        Attention runs per part on the padded (B, heads, T, D) layout, padding slots zero.
+        """
+        ids, positions, sizes = [], [], []
+        for input_ids, at, _, real, _ in parts:
+            flat_ids, flat_at = input_ids.reshape(-1), at.reshape(-1)
+            if real is not None:
+                flat_ids, flat_at = flat_ids[real], flat_at[real]
+            ids.append(flat_ids)
+            positions.append(flat_at)
+            sizes.append(len(flat_ids))
+        hidden = F.embedding(torch.cat(ids), self.embed)  # (N, hidden): real tokens of every part
+        cos, sin = (t[0] for t in self.rotary(hidden, position_ids=torch.cat(positions).unsqueeze(0)))  # (N, D)
+        tokens = hidden.shape[0]
         for i, layer in enumerate(self.layers):
-            x = _rms_norm(hidden, *layer.norm_in)  # (N, hidden): every part's tokens in one matmul
+            x = _rms_norm(hidden, *layer.norm_in)  # (N, hidden)
+            qk, v = layer.qkv(x).split([layer.q_size + layer.kv_size, layer.kv_size], dim=-1)
+            # rotate queries and keys in one pass: they are adjacent heads of the qkv output
+            qk = _rotate(qk.view(tokens, -1, self.head_dim), cos.unsqueeze(1), sin.unsqueeze(1))  # (N, H + H_kv, D)
+            v = v.view(tokens, -1, self.head_dim)
             outs = []
-            for (batch, length), (cos, sin), (_, _, attend), qkv in zip(
-                shapes, ropes, parts, layer.qkv(x).split(sizes), strict=True
+            for (input_ids, _, attend, real, _), part_qk, part_v in zip(
+                parts, qk.split(sizes), v.split(sizes), strict=True
             ):
-                qk, v = qkv.split([layer.q_size + layer.kv_size, layer.kv_size], dim=-1)
-                # rotate queries and keys in one pass: they are adjacent heads of the qkv output
-                qk = _rotate(qk.view(batch, length, -1, self.head_dim).transpose(1, 2), cos, sin)
-                q, k = qk[:, : self.heads], qk[:, self.heads :]
-                v = v.view(batch, length, -1, self.head_dim).transpose(1, 2)
-                out = attend(i, q, k, v)  # (B, H, T, D)
-                outs.append(out.transpose(1, 2).reshape(-1, self.heads * self.head_dim))
+                batch, length = input_ids.shape
+                q, k, v_part = (
+                    _padded(t, real, batch, length)
+                    for t in (part_qk[:, : self.heads], part_qk[:, self.heads :], part_v)
+                )
+                out = attend(i, q, k, v_part).transpose(1, 2).reshape(batch * length, -1)  # (B * T, H * D)
+                outs.append(out if real is None else out.index_select(0, real))
             hidden = hidden + layer.o(torch.cat(outs) if len(outs) > 1 else outs[0])
             x = _rms_norm(hidden, *layer.norm_post)
             hidden = hidden + layer.down(F.silu(layer.gate(x)) * layer.up(x))
-        ends = []
-        offset = 0
-        for batch, length in shapes:  # each row's last token
-            ends.append(torch.arange(batch, device=hidden.device) * length + offset + length - 1)
-            offset += batch * length
-        return hidden.index_select(0, torch.cat(ends))  # (sum B, hidden)
+        offsets = torch.tensor([0, *sizes[:-1]], device=hidden.device).cumsum(dim=0)
+        ends = torch.cat([part[4] + offset for part, offset in zip(parts, offsets, strict=True)])
+        return hidden.index_select(0, ends)  # (sum B, hidden)
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
         return self.head(_rms_norm(last, *self.norm))
