@@ -165,10 +165,6 @@ def test_health_and_metrics_sum_the_replicas(replicated):
         assert name in text
 
 
-@pytest.mark.xfail(
-    reason="open: a user's burst still splits over the two replicas",
-    strict=False,
-)
 def test_users_stay_on_their_replica(replicated):
     url = replicated[0]
     asyncio.run(_post_all(url, [completion(u) for u in USERS for _ in range(3)]))  # warm-up
@@ -182,6 +178,12 @@ def test_users_stay_on_their_replica(replicated):
         placement[user], top = max(delta.items(), key=lambda item: item[1])
         assert top / sum(delta.values()) >= 0.95, (user, delta)
     assert len(set(placement.values())) == 2, f"both replicas hold users: {placement}"
+    # a mixed burst, where Ray once handed a replica chosen for one user to another user's request
+    before = replica_counts(url)
+    replies = asyncio.run(_post_all(url, [completion(u, prompt=f"m{i}") for i in range(5) for u in USERS]))
+    assert all(r.status_code == 200 for r in replies)
+    delta = lookups_after(url, before, 5 * len(USERS))
+    assert delta == {r: 5.0 * list(placement.values()).count(r) for r in delta}, (delta, placement)
 
 
 def test_a_killed_replica_moves_its_users_and_fails_nobody_else(replicated):
