@@ -77,6 +77,8 @@ class ReplicaSettings(BaseModel):
     max_queue_per_user: int = Field(64, ge=0)
     max_wait: float = Field(30.0, gt=0)
     prefix_cache_mib: int = Field(1024, ge=0)
+    prompt_cache_mib: int = Field(256, ge=0)  # users' prompt KV (0: off)
+    max_prefill_tokens: int = Field(2048, ge=1)  # chunked prefill: prompt tokens per step
     static_batching: bool = False
     max_prompts: int = Field(16, ge=1)
     max_stops: int = Field(8, ge=0)
@@ -270,6 +272,8 @@ class EngineReplica:
             prefix_cache_bytes=s.prefix_cache_mib << 20,
             max_queue_per_user=s.max_queue_per_user,
             unlock_guard=guard,
+            max_prefill_tokens=s.max_prefill_tokens,
+            prompt_cache_bytes=s.prompt_cache_mib << 20,
         ).start()
         self.app = create_app(self.engine, s.base, s.limits)
         self.dtype = dtype_name(loaded.dtype)
