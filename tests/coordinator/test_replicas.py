@@ -247,3 +247,17 @@ def test_merge_sums_families_and_labels_replicas():
     merged = {name: samples for name, _, _, samples in merge_metrics(reports, [])}
     assert merged["fedprefix_queue_depth"] == [("fedprefix_queue_depth", {}, 4.0)]
     assert ("fedprefix_replica_queue_depth", {"replica": "b"}, 2.0) in merged["fedprefix_replica_queue_depth"]
+
+
+def test_serve_run_builder_reads_string_settings_and_names_bad_ones(tmp_path):
+    """`serve run ...:build_app key=value` and a Serve config pass strings; a bad one is a clear error."""
+    from fedprefix.coordinator.serving.replicas import build_app
+    from pydantic import ValidationError
+    from ray import serve
+
+    app = build_app({"store": str(tmp_path), "replicas": "3", "max_prefill_tokens": "512", "prompt_cache_mib": "0"})
+    assert isinstance(app, serve.Application)
+    with pytest.raises(ValidationError, match="max_prefill_tokens"):
+        build_app({"store": str(tmp_path), "max_prefill_tokens": "0"})
+    with pytest.raises(ValidationError, match="replica_count"):
+        build_app({"store": str(tmp_path), "replica_count": "2"})  # a misspelt field is refused, not ignored
