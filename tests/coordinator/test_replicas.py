@@ -26,7 +26,7 @@ from fedprefix.coordinator.simulate import free_port
 
 from tests.conftest import MARK, interruptible, marked_processes, random_prefix
 from tests.coordinator.test_engine import key_of, reference, served  # noqa: F401  (fixture)
-from tests.coordinator.test_server import header
+from tests.coordinator.test_server import SERVER_METRICS, header
 
 USERS = ["alice", "bob", "carol", "u3", "u4", "u5"]
 
@@ -154,14 +154,7 @@ def test_health_and_metrics_sum_the_replicas(replicated):
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["model"] == "tiny-llama" and len(health["replicas"]) == 2
     text = httpx.get(f"{url}/metrics").text
-    for name in (
-        "fedprefix_requests_total",
-        "fedprefix_batch_size_bucket",
-        "fedprefix_tokens_per_second",
-        "fedprefix_queue_depth",
-        'fedprefix_prefix_cache{stat="hits"}',
-        'fedprefix_replica_prefix_cache{replica="',
-    ):
+    for name in (*SERVER_METRICS, 'fedprefix_replica_prefix_cache{replica="'):
         assert name in text
 
 

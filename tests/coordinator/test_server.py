@@ -123,6 +123,19 @@ def test_a_refused_request_runs_none_of_its_prompts(served):  # noqa: F811
         assert engine.stats.finished == 1 and engine.queue_depth == 0  # only the streamed prompt ran
 
 
+# what /metrics shows after a user's requests (the replicated server's too, summed)
+SERVER_METRICS = (
+    "fedprefix_requests_total",
+    "fedprefix_batch_size_bucket",
+    "fedprefix_tokens_per_second",
+    "fedprefix_queue_depth",
+    'fedprefix_prefix_cache{stat="hits"}',
+    'fedprefix_prompt_cache{stat="tokens_saved"}',
+    "fedprefix_inter_token_seconds_bucket",
+    "fedprefix_prefill_tokens",
+)
+
+
 def test_models_health_metrics(client):
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-llama"
     health = client.get("/health").json()
@@ -131,15 +144,7 @@ def test_models_health_metrics(client):
         body = {"prompt": "metrics, twice", "user": "bob", "max_tokens": 3}
         assert client.post("/v1/completions", json=body, headers=header("bob")).status_code == 200
     text = client.get("/metrics").text
-    for name in (
-        "fedprefix_requests_total",
-        "fedprefix_batch_size_bucket",
-        "fedprefix_tokens_per_second",
-        "fedprefix_queue_depth",
-        'fedprefix_prefix_cache{stat="hits"}',
-        "fedprefix_inter_token_seconds_bucket",
-        "fedprefix_prefill_tokens",
-    ):
+    for name in SERVER_METRICS:
         assert name in text
     saved = re.search(r'fedprefix_prompt_cache\{stat="tokens_saved"\} (\S+)', text)
     hits = re.search(r'fedprefix_prompt_cache\{stat="hits"\} (\S+)', text)
