@@ -35,7 +35,13 @@ import torch
 from fedprefix.client import Personalizer
 from fedprefix.client.data import read_rows, tokenize_rows
 from fedprefix.client.node import simulation_key
-from fedprefix.client.training import completion_loss, evaluate_examples, seeded_batches, warmup_cosine
+from fedprefix.client.training import (
+    completion_loss,
+    epoch_capped_steps,
+    evaluate_examples,
+    seeded_batches,
+    warmup_cosine,
+)
 from fedprefix.common.base_model import BaseModelHandle, load_base
 from fedprefix.common.config import FederationConfig, TrainConfig
 from fedprefix.common.precision import describe_host, host_info, resolve_dtype
@@ -161,18 +167,22 @@ def lora_rank(base, prefix_values: int) -> int:
 
 
 def _train_weights(base, model, params, role: Role, settings: Settings, lr: float) -> Score:
-    """The same loop as a prefix (AdamW, warm-up + cosine, clipping, batches) on model weights."""
+    """The same loop as a prefix (AdamW, warm-up + cosine, clipping, batches, the same epoch cap)
+    on model weights: a small role stops after TrainConfig.max_epochs passes, as the prefix does."""
     handle = BaseModelHandle(base.name, model, base.tokenizer, base.fingerprint)
     train, held_out = role.split()
     examples = _examples(base, train)
     optimizer = torch.optim.AdamW(params, lr=lr)
-    schedule = TrainConfig(max_steps=settings.steps, learning_rate=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(schedule))
+    config = TrainConfig(max_steps=settings.steps, learning_rate=lr, batch_size=settings.batch_size)
+    steps = epoch_capped_steps(config, len(examples))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(config.model_copy(update={"max_steps": steps}))
+    )
     batches = seeded_batches(examples, settings.batch_size, settings.seed)
     torch.manual_seed(settings.seed)
     started = time.perf_counter()
     model.train()
-    for _ in range(settings.steps):
+    for _ in range(steps):
         loss_sum, tokens = completion_loss(handle, None, next(batches))
         optimizer.zero_grad(set_to_none=True)
         (loss_sum / max(tokens, 1)).backward()
@@ -255,6 +265,9 @@ def run(settings: Settings, out: Path, approaches: list[str] | None = None) -> d
     return results
 
 
+APPROACHES = ("base", "personal", "shared", "shared+personal", "LoRA", "full fine-tuning")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="6 roles, 12 steps: a small version")
@@ -265,9 +278,17 @@ def main(argv=None) -> dict:
     settings = dataclasses.replace(QUICK if args.quick else FULL)
     for item in args.set:
         key, _, value = item.partition("=")
+        if not hasattr(settings, key):
+            parser.error(
+                f"--set {item}: no such setting; choose from {', '.join(f.name for f in dataclasses.fields(settings))}"
+            )
         setattr(settings, key, type(getattr(settings, key))(value))
     out = Path(args.out or ("results/shakespeare-quick" if args.quick else "results/shakespeare"))
-    results = run(settings, out, [a for a in args.approaches.split(",") if a] or None)
+    approaches = [a for a in args.approaches.split(",") if a] or None
+    unknown = sorted(set(approaches or ()) - set(APPROACHES))
+    if unknown:
+        parser.error(f"unknown approach {', '.join(unknown)}: choose from {', '.join(APPROACHES)}")
+    results = run(settings, out, approaches)
     from .shakespeare_tables import write_report
 
     print(write_report(json.loads(json.dumps(results)), out))

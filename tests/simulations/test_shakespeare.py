@@ -121,3 +121,15 @@ def test_report_runs_every_local_approach_on_a_tiny_model(tmp_path, monkeypatch)
     assert lora["user_parameters"] >= prefix["user_parameters"] > 0  # LoRA gets at least the prefix's size
     markdown = write_report(json.loads((tmp_path / "results.json").read_text()), tmp_path)
     assert "| personal |" in markdown and (tmp_path / "gain_vs_rows.png").stat().st_size > 5_000
+
+
+def test_report_names_an_unknown_approach_or_setting(capsys):
+    from fedprefix.simulations import shakespeare_report
+
+    for argv, named in (
+        (["--approaches", "lora"], "unknown approach lora: choose from base, personal"),
+        (["--set", "stepz=3"], "--set stepz=3: no such setting"),
+    ):
+        with pytest.raises(SystemExit):
+            shakespeare_report.main(argv)
+        assert named in capsys.readouterr().err
