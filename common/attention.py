@@ -237,8 +237,7 @@ def batch_cache(parts, headroom: int = 64) -> tuple[Cache, torch.Tensor | None]:
         start = 0
         if mask is not None:
             mask = mask if rows is None else mask.index_select(0, rows)
-            used = mask.any(dim=0).nonzero()
-            start = int(used[0]) if len(used) else mask.shape[1]
+            start = _padding_columns(mask)
         groups.append((layers, mask, rows, start, layers[0][0].shape[2] - start))
     width = max(group[4] for group in groups)
     masks = [
@@ -269,11 +268,16 @@ def drop_rows(cache: Cache, mask: torch.Tensor, keep: torch.Tensor) -> tuple[Cac
     for layer in cache.layers:
         layer.keep_rows(keep)
     mask = mask.index_select(0, keep)
-    used = mask.any(dim=0).nonzero()
-    start = int(used[0]) if len(used) else mask.shape[1]
+    start = _padding_columns(mask)
     if start and 2 * start >= mask.shape[1]:
         return batch_cache([(cache_layers(cache), mask, None)])
     return cache, mask
+
+
+def _padding_columns(mask: torch.Tensor) -> int:
+    """How many leading columns of a batch mask (B, T) are padding in every row."""
+    used = mask.any(dim=0).nonzero()
+    return int(used[0]) if len(used) else mask.shape[1]
 
 
 def row_key_values(layers, row: int, slots: slice | torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import logging
 import time
 
 import torch
-from fedprefix.common.attention import batch_cache, cache_layers, drop_rows, rewind, stack_prefixes
+from fedprefix.common.attention import batch_cache, cache_layers, drop_rows, rewind, row_key_values, stack_prefixes
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.generation import left_pad, make_generator
 
@@ -142,10 +142,7 @@ class RunningBatch:
             if finishing and not self._remembers(handle):
                 filling.done += count  # its KV joins the batch below; no copy needed
             else:
-                piece = torch.stack(
-                    [torch.stack([k[i, :, width - count :], v[i, :, width - count :]]) for k, v in layers]
-                )
-                filling.extend(piece)  # (L, 2, H, count, D)
+                filling.extend(row_key_values(layers, i, slice(width - count, width)))  # (L, 2, H, count, D)
             if finishing:
                 complete.append(i)
                 if self._remembers(handle):
@@ -188,10 +185,10 @@ class RunningBatch:
         self.mask = decode.attention_mask
         for row in self.rows:
             row.position += 1
-        now = time.monotonic()
-        if self._last_decode is not None and self._last_rows & {id(row) for row in self.rows}:
+        now, running = time.monotonic(), {id(row) for row in self.rows}
+        if self._last_decode is not None and self._last_rows & running:
             self.stats.token_gaps.append(now - self._last_decode)
-        self._last_decode, self._last_rows = now, {id(row) for row in self.rows}
+        self._last_decode, self._last_rows = now, running
         self.stats.steps += 1
         self.stats.batch_sizes.append(len(self.rows))
         self.stats.token_times.append((now, self.stats.tokens))
@@ -224,7 +221,7 @@ class RunningBatch:
                 row.handle._fail(RequestCancelled("cancelled while generating"))
         keep = [i for i, row in enumerate(self.rows) if not row.handle.done]
         if len(keep) < len(self.rows):
-            self._remember_finished([i for i in range(len(self.rows)) if i not in set(keep)])
+            self._remember_finished([i for i, row in enumerate(self.rows) if row.handle.done])
             self.rows = [self.rows[i] for i in keep]
             if self.rows:
                 index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
@@ -243,7 +240,4 @@ class RunningBatch:
             tokens = (row.handle.prompt_ids + row.tokens)[: len(slots)]
             if len(tokens) < len(slots):  # cannot happen; never store KV under the wrong tokens
                 continue
-            kv = torch.stack(
-                [torch.stack([k[i].index_select(1, slots), v[i].index_select(1, slots)]) for k, v in layers]
-            )
-            self.prompts.store(row.handle.owner, tokens, kv)  # (L, 2, H, n, D)
+            self.prompts.store(row.handle.owner, tokens, row_key_values(layers, i, slots))  # (L, 2, H, n, D)

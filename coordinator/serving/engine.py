@@ -95,7 +95,6 @@ class Engine:
         )
         # KV of users' earlier prompts (0 bytes: off); only behind a prefix, see prompt_cache.py
         self.prompts = PromptCache(prompt_cache_bytes) if store is not None and prompt_cache_bytes > 0 else None
-        self.max_prefill_tokens = max_prefill_tokens  # prompt tokens computed per step (chunked prefill)
         self.context_length = context_length(self.model)
         self.max_batch_size = max_batch_size
         self._forward = serving_forward(self.model, max_batch_size)
@@ -103,7 +102,6 @@ class Engine:
         self.max_wait_s = max_wait_s
         self.continuous = continuous
         self.stats = EngineStats()
-        self._eos = eos_ids(self.model, self.tokenizer)
         self._pending = FairQueue(
             max_queue, max_queue if max_queue_per_user is None else max_queue_per_user, max_wait_s
         )
@@ -113,9 +111,10 @@ class Engine:
         self._running = False
         self._stopping = False
         self._threads = torch.get_num_threads()  # the creating thread's setting, applied where the scheduler runs
-        self._batch = RunningBatch(
-            base, self._forward, self.stats, self._eos, self.prompts, max_prefill_tokens
-        )  # touched by the scheduler thread only
+        eos = eos_ids(self.model, self.tokenizer)
+        self._batch = RunningBatch(  # touched by the scheduler thread only
+            base, self._forward, self.stats, eos, self.prompts, max_prefill_tokens
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
