@@ -59,3 +59,13 @@ class Metrics:
             for stat in ("hits", "misses", "tokens_saved", "bytes", "entries", "evictions"):
                 self.prompts.labels(stat).set(getattr(prompts, stat))
         return generate_latest(self.registry)
+
+
+Family = tuple[str, str, str, list[tuple[str, dict, float]]]  # name, help, type, samples
+
+
+def families_of(registry: CollectorRegistry) -> list[Family]:
+    """A registry's metrics as plain tuples (what a replica reports and the router merges)."""
+    return [
+        (m.name, m.documentation, m.type, [(s.name, s.labels, s.value) for s in m.samples]) for m in registry.collect()
+    ]

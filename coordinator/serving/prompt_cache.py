@@ -109,17 +109,17 @@ class PromptCache:
     def drop_user(self, user: str) -> None:
         """Forget every entry of `user` (whatever key or prefix version)."""
         with self._lock:
-            for owner in [o for o in self._by_owner if o.user == user]:
-                for tokens in list(self._by_owner[owner]):
-                    self._remove(owner, tokens)
-            self.stats.entries = len(self._entries)
+            self._remove_owners(lambda o: o.user == user)
 
     def _drop_stale(self, owner: Owner) -> None:
         """A user's entries from an older prefix version can never match again: free them now."""
-        stale = [o for o in self._by_owner if o.user == owner.user and o.version != owner.version]
-        for other in stale:
-            for tokens in list(self._by_owner[other]):
-                self._remove(other, tokens)
+        self._remove_owners(lambda o: o.user == owner.user and o.version != owner.version)
+
+    def _remove_owners(self, chosen) -> None:
+        """Remove every entry of the owners for which `chosen(owner)` is true."""
+        for owner in [o for o in self._by_owner if chosen(o)]:
+            for tokens in list(self._by_owner[owner]):
+                self._remove(owner, tokens)
 
     def _remove(self, owner: Owner, tokens: tuple[int, ...], evicted: bool = False) -> None:
         kv = self._entries.pop((owner, tokens))

@@ -20,6 +20,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from .limits import too_large_body
+from .metrics import Family, families_of
 from .replicas import ATTEMPTS, DROPPED_HEADERS, ReplicaSettings
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,6 @@ def _user_of(body: bytes) -> str | None:
 
 # ------------------------------------------------------------------ metrics of all replicas
 
-Family = tuple[str, str, str, list[tuple[str, dict, float]]]  # name, help, type, samples
-
 
 def merge_metrics(reports: list[dict], own: list[Family]) -> list[Family]:
     """The single server's families summed over replicas (plus the router's own requests), and
@@ -75,22 +74,21 @@ def merge_metrics(reports: list[dict], own: list[Family]) -> list[Family]:
     counts a replica twice. A replica that dies takes its counts with it (a counter reset)."""
     summed: dict[str, tuple[str, str, dict]] = {}
     per_replica: dict[str, tuple[str, str, list]] = {}
-    for report in reports:
-        for name, doc, kind, samples in report["families"]:
-            total = summed.setdefault(name, (doc, kind, {}))[2]
-            mine = per_replica.setdefault(_replica_name(name), (f"{doc}, per replica", kind, []))[2]
-            for sample, labels, value in samples:
-                if sample.endswith("_created"):  # creation timestamps do not add up
-                    continue
-                key = (sample, tuple(sorted(labels.items())))
-                total[key] = total.get(key, 0.0) + value
-                mine.append((_replica_name(sample), {**labels, "replica": report["replica"]}, value))
-    for name, doc, kind, samples in own:
+
+    def add(name: str, doc: str, kind: str, samples) -> None:
         total = summed.setdefault(name, (doc, kind, {}))[2]
         for sample, labels, value in samples:
-            if not sample.endswith("_created"):
-                key = (sample, tuple(sorted(labels.items())))
-                total[key] = total.get(key, 0.0) + value
+            key = (sample, tuple(sorted(labels.items())))
+            total[key] = total.get(key, 0.0) + value
+
+    for report in reports:
+        for name, doc, kind, samples in report["families"]:
+            samples = [s for s in samples if not s[0].endswith("_created")]  # timestamps do not add up
+            add(name, doc, kind, samples)
+            mine = per_replica.setdefault(_replica_name(name), (f"{doc}, per replica", kind, []))[2]
+            mine.extend((_replica_name(s), {**labels, "replica": report["replica"]}, v) for s, labels, v in samples)
+    for name, doc, kind, samples in own:
+        add(name, doc, kind, [s for s in samples if not s[0].endswith("_created")])
     families = [
         (name, doc, kind, [(sample, dict(labels), value) for (sample, labels), value in samples.items()])
         for name, (doc, kind, samples) in summed.items()
@@ -157,11 +155,7 @@ class Router:
         from prometheus_client import generate_latest
 
         reports = await self.board.live.remote()
-        own = [
-            (m.name, m.documentation, m.type, [(s.name, s.labels, s.value) for s in m.samples])
-            for m in self.registry.collect()
-        ]
-        text = generate_latest(_Families(merge_metrics(reports, own)))
+        text = generate_latest(_Families(merge_metrics(reports, families_of(self.registry))))
         return Response(text, media_type="text/plain; version=0.0.4")
 
     @_http.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])

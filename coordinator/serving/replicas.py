@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from .limits import ServingLimits
+from .metrics import families_of
 from .replica_routing import UserAffinityRouter
 
 log = logging.getLogger(__name__)
@@ -205,10 +206,7 @@ class EngineReplica:
         """This replica's metrics (the single server's families) and health, for the board."""
         metrics = self.app.state.metrics
         metrics.render()  # brings the gauges and the batch-size histogram up to date
-        families = [
-            (m.name, m.documentation, m.type, [(s.name, s.labels, s.value) for s in m.samples])
-            for m in metrics.registry.collect()
-        ]
+        families = families_of(metrics.registry)
         health = {"queue_depth": self.engine.queue_depth, "running": self.engine.batch_size}
         return {
             "replica": self.name,
