@@ -156,6 +156,13 @@ def epoch_capped_steps(config: TrainConfig, rows: int) -> int:
     return max(1, min(config.max_steps, math.ceil(config.max_epochs * rows / config.batch_size)))
 
 
+def capped_schedule(config: TrainConfig, rows: int) -> tuple[int, Callable[[int], float]]:
+    """(the steps to run on `rows` training rows, their learning-rate factor per step): the
+    epoch cap applied, and the warm-up + cosine schedule decaying over the steps actually run."""
+    steps = epoch_capped_steps(config, rows)
+    return steps, warmup_cosine(config.model_copy(update={"max_steps": steps}))
+
+
 def seeded_batches(examples: Sequence[Example], batch_size: int, seed: int) -> Iterator[list[Example]]:
     """Batches forever, epoch after epoch, each epoch a fresh seeded shuffle."""
     generator, order = random.Random(seed), []
@@ -213,8 +220,7 @@ def train(
         proximal = (proximal_mu, [(p, p.detach().clone()) for p in proximal_parameters])
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    max_steps = epoch_capped_steps(config, len(train_set))
-    schedule = warmup_cosine(config.model_copy(update={"max_steps": max_steps}))  # decays over the steps run
+    max_steps, schedule = capped_schedule(config, len(train_set))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     # A copy of the frozen base in the compute dtype (kept on the handle) instead of autocast,
     # which re-casts every frozen weight on every use; prefix parameters stay float32.

@@ -72,6 +72,11 @@ def prompts_for(base, count: int, seed: int = 0) -> list[str]:
     ]
 
 
+def requests_for(users: list[str], prompts: list[str], params: SamplingParams) -> list[GenerationRequest]:
+    """One request per (user, prompt), each with that user's key."""
+    return [GenerationRequest(p, user=u, key=key_of(u), params=params) for u, p in zip(users, prompts, strict=True)]
+
+
 def tokens_per_second(engine: Engine, requests: list[GenerationRequest]) -> float:
     started = time.perf_counter()
     results = engine.generate(requests)
@@ -79,7 +84,7 @@ def tokens_per_second(engine: Engine, requests: list[GenerationRequest]) -> floa
 
 
 def mixed_vs_single(engine, users, prompts, params, repeats: int) -> dict:
-    mixed = [GenerationRequest(p, user=u, key=key_of(u), params=params) for u, p in zip(users, prompts, strict=True)]
+    mixed = requests_for(users, prompts, params)
     single = [GenerationRequest(p, user=users[0], key=key_of(users[0]), params=params) for p in prompts]
     engine.generate(mixed[:2])  # warm-up
     rates = {"mixed": [], "single": []}
@@ -100,21 +105,13 @@ def prefill_burst(base, store, users, prompts, max_prefill_tokens: int) -> dict:
     longest = max(len(base.tokenizer(p).input_ids) for p in prompts)
     repeat = max(1, min(4, (context_length(base.model) or 2048) // 2 // longest))  # long, within the context
     with Engine(base, store=store, max_batch_size=64, max_prefill_tokens=max_prefill_tokens) as engine:
-        running = engine.submit_many(
-            [
-                GenerationRequest(p, user=u, key=key_of(u), params=streams)
-                for u, p in zip(users[:16], prompts[:16], strict=True)
-            ]
-        )
+        running = engine.submit_many(requests_for(users[:16], prompts[:16], streams))
         while engine.stats.steps < 4:
             time.sleep(0.005)
         engine.stats.token_gaps.clear()
         started = time.perf_counter()
         burst = engine.submit_many(
-            [
-                GenerationRequest(p * repeat, user=u, key=key_of(u), params=SamplingParams(max_new_tokens=16))
-                for u, p in zip(users[16:64], prompts[16:64], strict=True)
-            ]
+            requests_for(users[16:64], [p * repeat for p in prompts[16:64]], SamplingParams(max_new_tokens=16))
         )
         for handle in burst + running:
             handle.result(timeout=3600)
@@ -159,10 +156,7 @@ def request_costs(base, store, users, prompts) -> dict:
         return run
 
     def batch(n: int):
-        requests = [
-            GenerationRequest(p, user=u, key=key_of(u), params=SamplingParams(max_new_tokens=n, ignore_eos=True))
-            for u, p in zip(users, prompts, strict=False)
-        ]
+        requests = requests_for(users, prompts, SamplingParams(max_new_tokens=n, ignore_eos=True))
 
         def run():
             for other in users:  # first requests: nothing of their prompts cached

@@ -14,9 +14,9 @@ from fedprefix.common.base_model import load_base
 from fedprefix.common.generation import SamplingParams, generate_tokens
 from fedprefix.common.precision import resolve_dtype
 from fedprefix.common.store import PrefixStore
-from fedprefix.coordinator.serving import Engine, GenerationRequest
+from fedprefix.coordinator.serving import Engine
 
-from .bench_serving import key_of, questions_for, tokens_per_second
+from .bench_serving import key_of, questions_for, requests_for, tokens_per_second
 
 
 def peft_generate_fixed(peft_model) -> None:
@@ -120,14 +120,14 @@ def engine_vs_peft(base_name, base, store, users, prompts, params, peft_users: i
         trial[dtype] = loop.run(users[:2], prompts[:2], params)[0]
     peft_dtype = max(trial, key=trial.get)
     peft = loops[peft_dtype]
-    requests = [GenerationRequest(p, user=u, key=key_of(u), params=params) for u, p in zip(users, prompts, strict=True)]
+    requests = requests_for(users, prompts, params)
     serving = resolve_dtype("auto", base.device)
     engine_fp32 = engine_rate(base.with_dtype(torch.float32), store, requests)
     timed_users, timed_prompts = users[:peft_users], prompts[:peft_users]
     # a second request of the same users: the chat's history again and a new question
     replies = Engine(base.with_dtype(serving), store=store, max_batch_size=len(requests)).generate(requests)
     turns = next_turns(base, questions_for(len(users)), [r.tokens for r in replies])
-    returning = [GenerationRequest(t, user=u, key=key_of(u), params=params) for u, t in zip(users, turns, strict=True)]
+    returning = requests_for(users, turns, params)
     peft_rates, engine_rates, peft_returning, engine_returning = [], [], [], []
     for _ in range(rounds):  # each round: PEFT's loop, then the engine, back to back
         rate, peft_out = peft.run(timed_users, timed_prompts, params)

@@ -36,11 +36,10 @@ from fedprefix.client import Personalizer
 from fedprefix.client.data import read_rows, tokenize_rows
 from fedprefix.client.node import simulation_key
 from fedprefix.client.training import (
+    capped_schedule,
     completion_loss,
-    epoch_capped_steps,
     evaluate_examples,
     seeded_batches,
-    warmup_cosine,
 )
 from fedprefix.common.base_model import BaseModelHandle, load_base
 from fedprefix.common.config import FederationConfig, TrainConfig
@@ -174,10 +173,8 @@ def _train_weights(base, model, params, role: Role, settings: Settings, lr: floa
     examples = _examples(base, train)
     optimizer = torch.optim.AdamW(params, lr=lr)
     config = TrainConfig(max_steps=settings.steps, learning_rate=lr, batch_size=settings.batch_size)
-    steps = epoch_capped_steps(config, len(examples))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(config.model_copy(update={"max_steps": steps}))
-    )
+    steps, schedule = capped_schedule(config, len(examples))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     batches = seeded_batches(examples, settings.batch_size, settings.seed)
     torch.manual_seed(settings.seed)
     started = time.perf_counter()

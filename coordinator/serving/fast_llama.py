@@ -45,6 +45,16 @@ class Decode(NamedTuple):
     cache: object  # a transformers Cache of the running batch, appended in place
 
 
+class _Part(NamedTuple):
+    """One part of a forward (decode rows, or a prefill chunk), as FastLlama._forward takes it."""
+
+    input_ids: torch.Tensor  # (B, T)
+    positions: torch.Tensor  # (B, T)
+    attend: object  # (layer, q, k, v) -> (B, H, T, D)
+    real: torch.Tensor | None  # indices of the B * T tokens that are not left padding (None: all are)
+    ends: torch.Tensor  # (B,) each row's last token among the real ones
+
+
 class TransformersForward:
     """The engine's forward through the transformers model itself (any supported base)."""
 
@@ -231,7 +241,7 @@ class FastLlama:
         ends = attention_mask.long().sum(dim=1).cumsum(dim=0) - 1  # each row's last token among them
         if len(real) == attention_mask.numel():
             real = None
-        return input_ids, token_positions(attention_mask, prefixes.lengths), attend, real, ends
+        return _Part(input_ids, token_positions(attention_mask, prefixes.lengths), attend, real, ends)
 
     def _decode_part(self, decode: Decode):
         tokens, attention_mask, positions, cache = decode
@@ -244,22 +254,20 @@ class FastLlama:
                 return _one_query_attention(q, k, v, bias, self.scale)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=True)
 
-        return tokens, positions, attend, None, torch.arange(tokens.shape[0], device=tokens.device)
+        return _Part(tokens, positions, attend, None, torch.arange(tokens.shape[0], device=tokens.device))
 
-    def _forward(self, parts) -> torch.Tensor:
+    def _forward(self, parts: list[_Part]) -> torch.Tensor:
         """-> the hidden state of each row's last token (sum of B, hidden).
 
-        parts: each (input_ids (B, T), positions (B, T), attend, real: indices of the B * T tokens
-        that are not left padding (None: all are), ends: each row's last token among those).
         Every part's real tokens go through each linear layer together, packed: padding costs
         no matmul work (a chunk that splits prompts of different lengths is mostly padding).
         Attention runs per part on the padded (B, heads, T, D) layout, padding slots zero.
         """
         ids, positions, sizes = [], [], []
-        for input_ids, at, _, real, _ in parts:
-            flat_ids, flat_at = input_ids.reshape(-1), at.reshape(-1)
-            if real is not None:
-                flat_ids, flat_at = flat_ids[real], flat_at[real]
+        for part in parts:
+            flat_ids, flat_at = part.input_ids.reshape(-1), part.positions.reshape(-1)
+            if part.real is not None:
+                flat_ids, flat_at = flat_ids[part.real], flat_at[part.real]
             ids.append(flat_ids)
             positions.append(flat_at)
             sizes.append(len(flat_ids))
@@ -273,21 +281,19 @@ class FastLlama:
             qk = _rotate(qk.view(tokens, -1, self.head_dim), cos.unsqueeze(1), sin.unsqueeze(1))  # (N, H + H_kv, D)
             v = v.view(tokens, -1, self.head_dim)
             outs = []
-            for (input_ids, _, attend, real, _), part_qk, part_v in zip(
-                parts, qk.split(sizes), v.split(sizes), strict=True
-            ):
-                batch, length = input_ids.shape
+            for part, part_qk, part_v in zip(parts, qk.split(sizes), v.split(sizes), strict=True):
+                batch, length = part.input_ids.shape
                 q, k, v_part = (
-                    _padded(t, real, batch, length)
+                    _padded(t, part.real, batch, length)
                     for t in (part_qk[:, : self.heads], part_qk[:, self.heads :], part_v)
                 )
-                out = attend(i, q, k, v_part).transpose(1, 2).reshape(batch * length, -1)  # (B * T, H * D)
-                outs.append(out if real is None else out.index_select(0, real))
+                out = part.attend(i, q, k, v_part).transpose(1, 2).reshape(batch * length, -1)  # (B * T, H * D)
+                outs.append(out if part.real is None else out.index_select(0, part.real))
             hidden = hidden + layer.o(torch.cat(outs) if len(outs) > 1 else outs[0])
             x = _rms_norm(hidden, *layer.norm_post)
             hidden = hidden + layer.down(F.silu(layer.gate(x)) * layer.up(x))
         offsets = torch.tensor([0, *sizes[:-1]], device=hidden.device).cumsum(dim=0)
-        ends = torch.cat([part[4] + offset for part, offset in zip(parts, offsets, strict=True)])
+        ends = torch.cat([part.ends + offset for part, offset in zip(parts, offsets, strict=True)])
         return hidden.index_select(0, ends)  # (sum B, hidden)
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
