@@ -1,10 +1,11 @@
 """The Flower ClientApp: each node trains its user's prefix and replies with the shared part only.
 
-Train: receive the shared prefix -> fit [shared ; personal] on local data (the same
-code path as Personalizer.fit) -> save both encrypted on the node -> reply with the
+Train: receive the shared prefix -> fit the round's parts on local data (the same code
+path as Personalizer.fit; with personal-init "shared" the first personal round copies the
+received shared prefix into the user's own) -> save encrypted on the node -> reply with the
 shared arrays, num-examples and scalar metrics. The personal prefix never leaves.
 Evaluate: held-out loss per completion token with the base alone, the shared prefix,
-and shared + personal, so the personalization gain is visible every round.
+and the user's whole prefix, so the personalization gain is visible every round.
 
 An error (no data, bad rows, a lost key, another base) is raised: Flower turns it into
 an error reply, which the coordinator records with its reason while the round goes on.

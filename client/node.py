@@ -128,6 +128,7 @@ def open_node(run_config: dict, node_config: dict) -> Node:
         num_virtual_tokens=config.personal_tokens if config.trains_personal else 0,
         shared_virtual_tokens=config.shared_tokens if config.sends_shared else 0,
         prefix_projection=config.personal_projection,
+        personal_from_shared=config.copies_shared,
         progress=False,
         batch_size=config.batch_size,
         max_length=config.max_length,

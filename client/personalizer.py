@@ -10,10 +10,14 @@ Example:
 A row's prefix is [shared part ; personal part]: the shared part (optional,
 ``shared_virtual_tokens``) is what a federation aggregates, the personal part never
 leaves the device. Both are trained by ``fit`` unless ``train_shared=False``.
+With ``personal_from_shared=True`` the personal part instead starts as a copy of the
+shared part, the first time ``fit`` trains it, and from then on replaces it: the row
+prefix is the personal part alone (local fine-tuning of a federation's shared prefix).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +56,7 @@ class Personalizer:
         init_text: str = DEFAULT_INIT_TEXT,
         use_chat_template: bool | None = None,
         train_shared: bool = True,
+        personal_from_shared: bool = False,
         progress: bool = True,
         **train_settings,
     ) -> None:
@@ -61,6 +66,14 @@ class Personalizer:
         self.key = key
         self.train_config = TrainConfig(**train_settings)
         self.train_shared = train_shared
+        self.personal_from_shared = personal_from_shared
+        if personal_from_shared and (
+            shared_virtual_tokens == 0 or num_virtual_tokens not in (0, shared_virtual_tokens)
+        ):
+            raise ConfigError(
+                f"personal_from_shared=True copies the shared part: it needs shared_virtual_tokens > 0 and "
+                f"num_virtual_tokens 0 or equal to it, got {shared_virtual_tokens} and {num_virtual_tokens}"
+            )
         self.progress = progress
         has_template = bool(getattr(self.base.tokenizer, "chat_template", None))
         self.use_chat_template = has_template if use_chat_template is None else use_chat_template
@@ -86,7 +99,9 @@ class Personalizer:
                 "both must be >= 0 and at least one > 0"
             )
         self.personal = (
-            make(num_virtual_tokens, shared_virtual_tokens, prefix_projection) if num_virtual_tokens > 0 else None
+            make(num_virtual_tokens, shared_virtual_tokens, prefix_projection)
+            if num_virtual_tokens > 0 and not personal_from_shared
+            else None  # personal_from_shared: made by the first fit that trains it
         )
 
     def _new_prefix(self, tokens, init, text, projection, hidden, generator, skip) -> Prefix:
@@ -110,6 +125,8 @@ class Personalizer:
         if parts not in chosen:
             raise ConfigError(f"parts must be 'all', 'shared', 'personal' or 'none', got {parts!r}")
         shared, personal = chosen[parts]
+        if self.personal_from_shared and parts == "all" and personal is not None:
+            shared = None  # the personal part is the user's copy of the shared one: it replaces it
         return row_prefix(
             shared.key_values() if shared is not None else None, personal.key_values() if personal is not None else None
         )
@@ -119,6 +136,13 @@ class Personalizer:
         `parts` = 'personal' or 'shared' narrows that to one part."""
         if parts not in ("all", "shared", "personal"):
             raise ConfigError(f"parts to train must be 'all', 'shared' or 'personal', got {parts!r}")
+        if self.personal_from_shared and self.personal is not None:
+            if parts == "shared":
+                raise ConfigError(
+                    f"user {self.user_id}: the personal part has replaced the shared one in this user's prefix; "
+                    "training the shared part would not change it"
+                )
+            parts = "personal"
         params = list(self.personal.parameters()) if self.personal is not None and parts != "shared" else []
         if self.shared is not None and self.train_shared and parts != "personal":
             params += list(self.shared.parameters())
@@ -152,6 +176,8 @@ class Personalizer:
         `proximal_mu` > 0 keeps the shared part near where this call started (FedProx).
         `parts`: 'all' (default), or only the 'personal' or the 'shared' part, the other frozen.
         """
+        if self.personal_from_shared and self.personal is None and parts != "shared":
+            self.personal = copy.deepcopy(self.shared)  # from here on the user's own copy, in place of the shared one
         parameters = self.trainable_parameters(parts)
         config = self.train_config.model_copy(update=train_settings)
         TrainConfig.model_validate(config.model_dump())  # validates the overrides
@@ -222,14 +248,20 @@ class Personalizer:
         return self.store
 
     def save(self):
-        """Encrypt and store the personal prefix and the shared one beside it, together: both or neither."""
+        """Encrypt and store the personal prefix and the shared one beside it, together: both or neither.
+
+        With personal_from_shared, once the copy exists only it is stored (any stored shared part
+        of this user is removed in the same step), so every reader sees the row prefix this user has."""
         store = self._require_store()
         both = (("personal", self.personal), ("shared", self.shared))
         parts = {name: part for name, part in both if part is not None}
+        replaced = self.personal_from_shared and self.personal is not None
+        if replaced:  # a stored shared part would be joined in front of the copy that replaced it
+            del parts["shared"]
         for name, part in parts.items():
             if not all(torch.isfinite(t).all() for t in part.state_tensors().values()):
                 raise ConfigError(f"user {self.user_id}: the {name} prefix holds NaN or Inf; nothing was saved")
-        infos = store.save_parts(self.user_id, parts, self.key)
+        infos = store.save_parts(self.user_id, parts, self.key, drop=("shared",) if replaced else ())
         return infos.get("personal") or infos.get("shared")
 
     def restore(self) -> bool:

@@ -86,12 +86,21 @@ class FederationConfig(BaseModel):
     personal_projection: bool = False  # MLP-reparameterized personal prefix: off, as measured on real text
     local_steps: int = Field(10, ge=1)  # optimizer steps per user per round
     # shared+personal: the first rounds train the shared part only (-1, the default: every round
-    # but the last), the rounds after them both parts, and the last personal-only-rounds the
-    # personal part only against a shared prefix that then no longer changes. The default won on
-    # real text (README, the Shakespeare report): the shared part learns what all users share
-    # first, and each user's part then learns its own voice on top of it.
+    # but the personal ones, or with personal_init "text" every round but the last), the rounds
+    # after them both parts (personal_init "text" only), and the last personal-only-rounds the
+    # personal part only against a shared prefix that then no longer changes. The shared part
+    # learns what all users share first, and each user's part then learns its own voice.
     shared_only_rounds: int = Field(-1, ge=-1)
     personal_only_rounds: int = Field(0, ge=0)
+    # shared+personal: what each user's personal part starts as. "shared" (the default; it won on
+    # real text, README): a copy of the federated shared prefix, made on the device in the first
+    # round after the shared-only ones, fine-tuned there and used *instead of* the shared prefix
+    # (FedAvg then local fine-tuning); no round trains both parts, and personal_tokens must equal
+    # shared_tokens. "text": the init text's KV, used behind the shared part, [shared ; personal].
+    personal_init: Literal["shared", "text"] = "shared"
+    # ... and the learning rate of the rounds that fine-tune that copy: it starts trained, and at
+    # the shared rounds' rate it overfit users with few rows (README, the Shakespeare report)
+    copy_learning_rate: float = Field(3e-3, gt=0)
     learning_rate: float = Field(1e-2, gt=0)
     lr_decay: float = Field(1.0, gt=0, le=1)  # round r trains with learning_rate * lr_decay**(r-1)
     batch_size: int = Field(8, ge=1)
@@ -163,16 +172,38 @@ class FederationConfig(BaseModel):
             raise ValueError(
                 f"shared_only_rounds + personal_only_rounds = {phases} exceeds num_rounds = {self.num_rounds}"
             )
+        if self.copies_shared and self.personal_tokens != self.shared_tokens:
+            raise ValueError(
+                f"personal_init 'shared' copies the shared prefix: personal_tokens ({self.personal_tokens}) "
+                f"must equal shared_tokens ({self.shared_tokens}), or set personal_init 'text'"
+            )
         return self
+
+    @property
+    def copies_shared(self) -> bool:
+        """True when each user's personal part starts as a copy of the shared one and replaces it."""
+        return self.mode == "shared+personal" and self.personal_init == "shared"
+
+    def shared_only_count(self) -> int:
+        """How many rounds, from the first, train the shared part only (mode shared+personal)."""
+        if self.shared_only_rounds >= 0:
+            return self.shared_only_rounds
+        if self.copies_shared:  # the default: every round before the personal ones (at least the last)
+            return max(self.num_rounds - max(self.personal_only_rounds, 1), 0)
+        return max(self.num_rounds - 1 - self.personal_only_rounds, 0)  # ... and one round of both parts
+
+    def round_learning_rate(self, server_round: int) -> float:
+        """Nodes' learning rate in `server_round`, decayed by lr_decay per round."""
+        copy_round = self.copies_shared and self.round_parts(server_round) == "personal"
+        return (self.copy_learning_rate if copy_round else self.learning_rate) * self.lr_decay ** (server_round - 1)
 
     def round_parts(self, server_round: int) -> str:
         """The prefix parts nodes train in `server_round`: 'all', 'shared' or 'personal'."""
         if self.mode != "shared+personal":
             return "shared" if self.mode == "shared" else "personal"
-        shared_only = self.num_rounds - 1 - self.personal_only_rounds if self.shared_only_rounds < 0 else 0
-        if server_round <= max(shared_only, self.shared_only_rounds):
+        if server_round <= self.shared_only_count():
             return "shared"
-        if server_round > self.num_rounds - self.personal_only_rounds:
+        if self.copies_shared or server_round > self.num_rounds - self.personal_only_rounds:
             return "personal"
         return "all"
 

@@ -180,8 +180,7 @@ class PrefixStrategy(Strategy):
         parts = self.config.round_parts(server_round)
         self.pending = {"started": time.time(), "round": server_round, "rejected": [], "clipped": [], "parts": parts}
         self.current = {k.removeprefix(SHARED_ARRAY_PREFIX): a.numpy() for k, a in arrays.items()}
-        learning_rate = self.config.learning_rate * self.config.lr_decay ** (server_round - 1)
-        self._add_round_settings(config, learning_rate, parts)
+        self._add_round_settings(config, self.config.round_learning_rate(server_round), parts)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self.pending["sampled"] = sorted(m.metadata.dst_node_id for m in messages)
         return messages

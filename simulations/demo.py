@@ -71,6 +71,9 @@ def federated(args) -> None:
         data=str(write_federation_data(work / "data", args.users, args.examples, test_size=EVAL_SIZE)),
         personal_tokens=16,
         shared_tokens=8,
+        # [shared ; personal]: personas write in styles no other user shares, and on them a
+        # personal part of its own behind the shared one is what was measured (make report-personas)
+        personal_init="text",
         run_dir=str(work / "run"),
         store_root=str(work / "stores"),
     )

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -168,6 +169,7 @@ def federated(base, datasets, settings: Settings, mode: str, out: Path) -> tuple
         personal_tokens=settings.personal_tokens,
         personal_projection=True,  # as its local personal prefix (the MLP: what won on personas)
         shared_only_rounds=0 if mode == "shared+personal" else -1,  # both parts every round, as measured
+        personal_init="text",  # [shared ; personal]: the recipe measured on personas
         shared_tokens=settings.shared_tokens if mode != "shared" else settings.personal_tokens + settings.shared_tokens,
         data=str(persona_data),
         max_length=settings.max_length,
@@ -177,6 +179,8 @@ def federated(base, datasets, settings: Settings, mode: str, out: Path) -> tuple
     # Node i is persona user i: map the report's users onto partitions 0..n-1.
     if settings.users != list(range(len(settings.users))):
         raise ValueError("federated experiments need users 0..n-1 (node partition ids)")
+    for old in (config.run_dir, config.store_root):  # a rerun starts afresh, never from the last run's prefixes
+        shutil.rmtree(old, ignore_errors=True)
     started = time.perf_counter()
     rounds = simulate(config)
     seconds = time.perf_counter() - started

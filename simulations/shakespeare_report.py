@@ -7,8 +7,11 @@ in play order, are held out. Every approach gets the same optimizer-step budget 
 - base: the frozen model, zero-shot;
 - personal: a personal prefix only, trained on the device (Personalizer.fit);
 - shared: a shared prefix only, federated over all roles (Flower simulation, FedAvg);
-- shared+personal: the default federation (Flower simulation): the federated shared prefix
-  and each role's personal prefix behind it;
+- shared+personal: the default federation (Flower simulation): the shared prefix federated,
+  then each role's own copy of it fine-tuned on the device (FederationConfig.personal_init);
+- shared then copy (beyond the budget): each role's copy of the shared-only run's final
+  prefix, fine-tuned on the device for one more round's steps: what the personal stage adds
+  to the very prefix it starts from;
 - LoRA: a PEFT LoRA adapter per role on q_proj/v_proj, rank chosen so that it has at least
   as many parameters as the personal prefix keeps per user;
 - full fine-tuning: every weight, for one role per bucket.
@@ -27,6 +30,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,7 +65,9 @@ class Settings:
     steps: int = 40  # optimizer steps per user, every approach
     rounds: int = 4  # federated rounds; local steps per round = steps / rounds
     shared_only_rounds: int = -1  # shared+personal: FederationConfig's default recipe (all rounds
-    personal_only_rounds: int = 0  # but the last train the shared part only, the last both parts)
+    personal_only_rounds: int = 0  # but the last train the shared part only, the last the personal copy)
+    personal_init: str = "shared"  # shared+personal: FederationConfig's default, a copy of the shared part
+    copy_learning_rate: float = 3e-3  # ... fine-tuned at FederationConfig's default rate
     batch_size: int = 8
     personal_tokens: int = 16
     shared_tokens: int = 16
@@ -125,6 +131,8 @@ def federated(base, roles: list[Role], settings: Settings, mode: str, out: Path)
         local_steps=max(1, settings.steps // settings.rounds),
         shared_only_rounds=settings.shared_only_rounds if mode == "shared+personal" else 0,
         personal_only_rounds=settings.personal_only_rounds if mode == "shared+personal" else 0,
+        personal_init=settings.personal_init,
+        copy_learning_rate=settings.copy_learning_rate,
         learning_rate=settings.learning_rate,
         batch_size=settings.batch_size,
         personal_tokens=settings.personal_tokens,
@@ -135,6 +143,8 @@ def federated(base, roles: list[Role], settings: Settings, mode: str, out: Path)
         store_root=str(out / f"stores-{mode}"),
         data_seed=settings.seed,
     )
+    for old in (config.run_dir, config.store_root):  # a rerun starts afresh, never from the last run's prefixes
+        shutil.rmtree(old, ignore_errors=True)
     started = time.perf_counter()
     simulate(config)
     seconds = (time.perf_counter() - started) / len(roles)
@@ -151,9 +161,46 @@ def federated(base, roles: list[Role], settings: Settings, mode: str, out: Path)
                 key=simulation_key(config, role.user_id),
                 base_model=base,
             )
-            kv = row_prefix(kv, me.personal.key_values().detach())
+            mine = me.personal.key_values().detach()
+            kv = mine if config.copies_shared else row_prefix(kv, mine)  # a copy replaces the shared part
             params = me.personal.folded().num_trainable()
         scores[role.user_id] = _score(base, kv, _examples(base, role.split()[1]), seconds, params)
+    return scores
+
+
+def shared_then_copy(base, roles: list[Role], settings: Settings, out: Path) -> dict[str, Score]:
+    """Each role's copy of the 'shared' approach's final prefix (read from its run folder),
+    fine-tuned for steps / rounds more steps at copy_learning_rate: 40 + 10 steps per user."""
+    run = out / "run-shared"
+    if not (run / "shared_prefix.safetensors").is_file():
+        raise SystemExit(f"'shared then copy' starts from the 'shared' approach's prefix: run that first ({run})")
+    config = PrefixConfig(spec=base.prefix_spec(settings.shared_tokens), base_fingerprint=base.fingerprint)
+    shared = Prefix.from_state(config, load_shared_prefix(run))
+    scores = {}
+    for role in roles:
+        train, held_out = role.split()
+        me = Personalizer(
+            base_model=base,
+            user_id=role.user_id,
+            num_virtual_tokens=0,
+            shared_virtual_tokens=settings.shared_tokens,
+            personal_from_shared=True,
+            progress=False,
+        )
+        me.shared = shared  # copied by fit, never changed
+        report = me.fit(
+            train,
+            parts="personal",
+            max_steps=max(1, settings.steps // settings.rounds),
+            batch_size=settings.batch_size,
+            learning_rate=settings.copy_learning_rate,
+            eval_fraction=0.0,
+            seed=settings.seed,
+        )
+        kv = me.key_values().detach()
+        scores[role.user_id] = _score(
+            base, kv, _examples(base, held_out), report.seconds, me.personal.folded().num_trainable()
+        )
     return scores
 
 
@@ -220,8 +267,14 @@ def run(settings: Settings, out: Path, approaches: list[str] | None = None) -> d
     previous = out / "results.json"
     if previous.is_file() and approaches:  # a partial rerun adds to the same settings' results
         kept = json.loads(previous.read_text())
-        if kept.get("settings") != asdict(settings):
-            raise SystemExit(f"{previous} holds results of other settings; choose another --out")
+        # ... or changes only settings that no approach it keeps reads
+        untouched = set(kept.get("approaches", {})) - set(approaches)
+        free = set() if untouched & RECIPE_READERS else RECIPE_SETTINGS
+        changed = {k for k, v in asdict(settings).items() if kept.get("settings", {}).get(k) != v} - free
+        if changed:
+            raise SystemExit(
+                f"{previous} holds results of other settings ({', '.join(sorted(changed))}); choose another --out"
+            )
     else:
         kept = {"approaches": {}, "seconds": {}}
     results: dict = {
@@ -242,6 +295,7 @@ def run(settings: Settings, out: Path, approaches: list[str] | None = None) -> d
         "personal": lambda: {r.user_id: personal(base, r, settings) for r in roles},
         "shared": lambda: federated(base, roles, settings, "shared", out),
         "shared+personal": lambda: federated(base, roles, settings, "shared+personal", out),
+        "shared then copy": lambda: shared_then_copy(base, roles, settings, out),
         "LoRA": lambda: {r.user_id: lora(base, r, settings, rank) for r in roles},
         "full fine-tuning": lambda: {
             r.user_id: full_finetune(base, r, settings)
@@ -261,7 +315,10 @@ def run(settings: Settings, out: Path, approaches: list[str] | None = None) -> d
     return results
 
 
-APPROACHES = ("base", "personal", "shared", "shared+personal", "LoRA", "full fine-tuning")
+APPROACHES = ("base", "personal", "shared", "shared+personal", "shared then copy", "LoRA", "full fine-tuning")
+# Settings that only the shared+personal federation (its recipe) and "shared then copy" read
+RECIPE_SETTINGS = {"shared_only_rounds", "personal_only_rounds", "personal_init", "copy_learning_rate"}
+RECIPE_READERS = {"shared+personal", "shared then copy"}
 
 
 def main(argv=None) -> dict:

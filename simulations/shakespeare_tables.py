@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .shakespeare import BUCKETS
 
-ORDER = ("base", "personal", "shared", "shared+personal", "LoRA", "full fine-tuning")
+ORDER = ("base", "personal", "shared", "shared+personal", "shared then copy", "LoRA", "full fine-tuning")
 
 
 def _gain(results: dict, name: str, user: str) -> float:
@@ -37,6 +37,9 @@ def goals(results: dict) -> list[tuple[str, str, bool]]:
     if {"shared", "shared+personal"} <= a.keys():
         share = _share([a["shared+personal"][u]["loss"] < a["shared"][u]["loss"] for u in users])
         out.append(("shared+personal beats shared-only for >= 90% of roles", f"{share:.0%}", share >= 0.9))
+    if {"shared", "shared then copy"} <= a.keys():  # not a goal: one more round's steps than the budget
+        share = _share([a["shared then copy"][u]["loss"] < a["shared"][u]["loss"] for u in users])
+        out.append(("(beyond the budget) shared then copy beats shared-only", f"{share:.0%}", share >= 0.9))
     if {"base", "shared+personal", "LoRA"} <= a.keys():
         for name, _, _ in BUCKETS:
             members = [r["user"] for r in roles if r["bucket"] == name]
@@ -61,9 +64,11 @@ def _schedule(s: dict) -> str:
         num_rounds=s["rounds"],
         shared_only_rounds=s["shared_only_rounds"],
         personal_only_rounds=s["personal_only_rounds"],
+        personal_init=s.get("personal_init", "text"),  # results written before the setting existed: "text"
     )
     parts = [config.round_parts(r) for r in range(1, s["rounds"] + 1)]
-    words = {"shared": "the shared part alone", "all": "both parts", "personal": "the personal part alone"}
+    personal = "each user's copy of the shared part" if config.copies_shared else "the personal part alone"
+    words = {"shared": "the shared part alone", "all": "both parts", "personal": personal}
     return ", ".join(f"round {r}: {words[p]}" for r, p in enumerate(parts, 1))
 
 

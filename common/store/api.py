@@ -14,7 +14,7 @@ unwrap: tampered) -> base fingerprint -> rollback record check.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -159,12 +159,24 @@ class PrefixStore:
         return self.save_parts(user_id, {part: prefix}, key, dtype)[part]
 
     def save_parts(
-        self, user_id: str, parts: Mapping[str, Prefix], key: Key, dtype: torch.dtype = torch.float32
+        self,
+        user_id: str,
+        parts: Mapping[str, Prefix],
+        key: Key,
+        dtype: torch.dtype = torch.float32,
+        *,
+        drop: Sequence[str] = (),
     ) -> dict[str, StoredPrefixInfo]:
-        """Store several parts of one user ({'personal': p, 'shared': s}) together: all are written or none changes."""
+        """Store several parts of one user ({'personal': p, 'shared': s}) together: all are written or none changes.
+
+        `drop`: parts of this user to remove in the same locked step, once every new part is
+        staged and before it is renamed into place (a copy that replaces the shared part: a crash
+        between the two leaves the user without that part, never the stale part joined to the new one).
+        """
         names = {part: store_name(user_id, part) for part in parts}  # validates the id once, for every name
         if not names:
             raise ConfigError(f"user {user_id!r}: save_parts got no parts to save")
+        dropped = [store_name(user_id, part) for part in drop if part not in names]
         key = check_key(user_id, key)
         dtype_name = storage_dtype_name(dtype)
         plaintexts = {part: encode_payload(parts[part], dtype_name, name) for part, name in names.items()}
@@ -175,6 +187,7 @@ class PrefixStore:
             self._commit(
                 [(names[part], data) for part, (_, data, _) in sealed.items()],
                 [(names[part], record) for part, (_, _, record) in sealed.items()],
+                dropped,
             )
         return {part: self._info_of(names[part], header) for part, (header, _, _) in sealed.items()}
 
@@ -387,13 +400,18 @@ class PrefixStore:
         header, data = seal(name, config, dtype_name, counter, key_id, kdf, wrapped, dek, plaintext)
         return header, data, make_record(name, key_id, counter, dek)
 
-    def _commit(self, files: list[tuple[str, bytes]], records: list[tuple[str, bytes]]) -> None:
-        """Stage every file and record, then rename them all (files first); failing before that changes nothing."""
+    def _commit(
+        self, files: list[tuple[str, bytes]], records: list[tuple[str, bytes]], dropped: Sequence[str] = ()
+    ) -> None:
+        """Stage every file and record, remove the `dropped` files, then rename the staged ones
+        (files first); failing before the removal changes nothing."""
         staged: list[Staged] = []
         try:
             targets = [(self.path_for(n), d) for n, d in files] + [(record_path(self.root, n), d) for n, d in records]
             for target, data in targets:
                 staged.append(stage(target, data, self.durable))  # one by one: a failure discards the earlier
+            for name in dropped:  # rollback records are kept: a dropped file put back stays refused
+                self.path_for(name).unlink(missing_ok=True)
             commit(staged, self.durable)
         except BaseException:
             discard(staged)

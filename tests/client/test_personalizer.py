@@ -97,6 +97,30 @@ def test_fit_can_train_one_part_only(tiny_llama):
         shared_only.fit(ROWS, parts="personal")
 
 
+def test_a_personal_copy_of_the_shared_part_replaces_it(tiny_llama, store):
+    """personal_from_shared: the row is the shared part until a fit trains the personal part; that
+    fit starts from an exact copy of the shared part, leaves the shared part alone, and from then
+    on the copy alone is the user's prefix, in memory and in the store (no shared part to join)."""
+    p = personalizer(tiny_llama, store=store, key=KEY, shared_virtual_tokens=4, personal_from_shared=True)
+    assert p.personal is None and torch.equal(p.key_values(), p.shared.key_values())
+    p.save()  # before the copy: the shared part is what is stored
+    assert store.exists(shared_store_id("alice")) and not store.exists("alice")
+    shared_before = p.shared.key_values().detach().clone()
+    started = []
+    p.fit(ROWS, callback=lambda info: started.append(p.personal.key_values().detach().clone()))
+    assert torch.allclose(started[0], shared_before, atol=0.2)  # one step from the copy, not from anywhere else
+    assert torch.equal(p.shared.key_values(), shared_before)
+    assert torch.equal(p.key_values(), p.personal.key_values()) and p.key_values().shape[3] == 4
+    with pytest.raises(ConfigError, match="replaced the shared one"):
+        p.fit(ROWS, parts="shared")
+    p.save()
+    assert store.exists("alice") and not store.exists(shared_store_id("alice"))
+    loaded = Personalizer.load(user_id="alice", store=store, key=KEY, base_model=tiny_llama, **FAST)
+    assert torch.equal(loaded.key_values(), p.key_values())
+    with pytest.raises(ConfigError, match="personal_from_shared=True copies the shared part"):
+        personalizer(tiny_llama, personal_from_shared=True)  # no shared part to copy
+
+
 def test_next_token_accuracy_counts_the_tokens_ranked_first(tiny_llama):
     """evaluate's accuracy is the share of completion tokens whose argmax is the true token
     (checked against the plain transformers forward, base alone), and asking for it leaves

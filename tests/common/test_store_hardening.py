@@ -237,6 +237,30 @@ def test_failed_second_part_leaves_first_unchanged(store, monkeypatch):
     assert same(store.load("dave", RAW), make_prefix(1))
 
 
+def test_a_part_dropped_in_the_same_step_only_once_the_new_one_is_staged(store, monkeypatch):
+    """save_parts(drop=...): a personal copy that replaces the shared part. A save that fails
+    (wrong key, a full disk) keeps the shared part; one that succeeds leaves the new part only."""
+    store.save_parts("dave", {"personal": make_prefix(1), "shared": make_prefix(9)}, RAW)
+    with pytest.raises(WrongKeyError):
+        store.save_parts("dave", {"personal": make_prefix(2)}, RAW2, drop=("shared",))
+    real_stage = store_locking.stage
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("fedprefix.common.store.api.stage", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        store.save_parts("dave", {"personal": make_prefix(2)}, RAW, drop=("shared",))
+    assert same(store.load(shared_store_id("dave"), RAW), make_prefix(9)) and same(
+        store.load("dave", RAW), make_prefix(1)
+    )
+    monkeypatch.setattr("fedprefix.common.store.api.stage", real_stage)
+    store.save_parts("dave", {"personal": make_prefix(2)}, RAW, drop=("shared",))
+    assert store.load_parts("dave", RAW).keys() == {"personal"}
+    store.save_parts("dave", {"personal": make_prefix(3)}, RAW, drop=("shared",))  # nothing left to drop
+    assert same(store.load("dave", RAW), make_prefix(3))
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e6])
 def test_non_finite_refused(store, value):
     prefix = make_prefix()

@@ -11,14 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedprefix.client import Personalizer
 from fedprefix.client.node import simulation_key
 from fedprefix.common.base_model import load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.prefix import Prefix, PrefixConfig
+from fedprefix.common.protocol import shared_store_id
 from fedprefix.common.store import PrefixStore
 from fedprefix.coordinator import cli
 from fedprefix.coordinator.cli import main as cli_main
-from fedprefix.coordinator.records import read_run
+from fedprefix.coordinator.records import load_shared_prefix, read_run
 from fedprefix.coordinator.simulate import simulate
 
 from tests.conftest import MARK, federation_config, marked_processes
@@ -88,9 +90,9 @@ def test_personal_mode_sends_no_arrays(tmp_path):
 
 
 def test_shared_rounds_then_a_personal_round(tmp_path):
-    """shared-only-rounds 1, personal-only-rounds 1: round 1 trains and sends the shared part
-    only (personal stays at its start), round 2 trains the personal part against the final
-    shared prefix and sends nothing shared, so the run's shared prefix is round 1's aggregate."""
+    """shared-only-rounds 1, personal-only-rounds 1 ([shared ; personal]): round 1 trains and sends
+    the shared part only (personal stays at its start), round 2 trains the personal part against
+    the final shared prefix and sends nothing shared, so the run's shared prefix is round 1's aggregate."""
     config = federation_config(tmp_path, num_users=2, shared_only_rounds=1, personal_only_rounds=1)
     first, second = simulate(config)
     train = [s for s in _sent(config) if s["type"] == "train"]
@@ -99,6 +101,35 @@ def test_shared_rounds_then_a_personal_round(tmp_path):
     assert second.replies_accepted == 2 and second.uplink_bytes == 2 * 8 * METRICS_PER_REPLY
     assert second.eval_loss_shared == pytest.approx(first.eval_loss_shared, rel=1e-6)  # shared unchanged
     assert second.eval_loss_personal < first.eval_loss_personal  # the personal part trained in round 2
+
+
+def test_default_recipe_each_user_fine_tunes_a_copy_of_the_shared_prefix(tmp_path):
+    """personal-init "shared" (the default): rounds 1-2 federate the shared part alone, round 3
+    copies it on each node and fine-tunes the copy, which replaces it in the user's prefix: the
+    store holds that copy only, it starts where the federation ended, and it never crosses the wire."""
+    config = federation_config(tmp_path, num_users=2, num_rounds=3, personal_init="shared", copy_learning_rate=0.02)
+    assert [config.round_parts(r) for r in (1, 2, 3)] == ["shared", "shared", "personal"]
+    rounds = simulate(config)
+    train = [s for s in _sent(config) if s["type"] == "train"]
+    assert [bool(s["arrays"]) for s in train] == [True, True, False] * 2  # each node's log, rounds 1-3
+    assert rounds[2].shared_update_norm is None and rounds[2].uplink_bytes == 2 * 8 * METRICS_PER_REPLY
+    # before the copy a user's prefix is the shared one; after it, the trained copy does better
+    assert rounds[1].eval_loss_personal == pytest.approx(rounds[1].eval_loss_shared, rel=1e-6)
+    assert rounds[2].eval_loss_personal < rounds[2].eval_loss_shared
+    base = load_base("tiny-llama")
+    shared = Prefix.from_state(
+        PrefixConfig(spec=base.prefix_spec(4), base_fingerprint=base.fingerprint), load_shared_prefix(config.run_dir)
+    ).flat()
+    blob = b"".join(base64.b64decode(a["data"]) for s in _sent(config) for a in s["arrays"])
+    for user in ("user000", "user001"):
+        store = PrefixStore(tmp_path / "stores" / user)
+        assert not store.exists(shared_store_id(user)), "a copy replaces the shared part: nothing to join in front"
+        me = Personalizer.load(user, store, simulation_key(config, user), base_model=base)
+        assert me.shared is None and me.key_values().shape[3] == 4  # the row prefix is the copy alone
+        copy = me.personal.flat().detach()
+        assert 0 < (copy - shared).abs().max() < 0.5  # fine-tuned from the federation's end point
+        for row in copy.numpy().astype(np.float32):
+            assert row.tobytes()[:64] not in blob
 
 
 def test_dp_run_reports_privacy_spent(tmp_path):

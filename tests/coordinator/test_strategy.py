@@ -238,8 +238,23 @@ def test_messages_carry_this_rounds_values_only():
 
 
 def test_round_phases_name_the_parts_trained_and_are_validated():
-    config = FederationConfig(num_rounds=4, shared_only_rounds=1, personal_only_rounds=2)
+    config = FederationConfig(num_rounds=4, shared_only_rounds=1, personal_only_rounds=2, personal_init="text")
     assert [config.round_parts(r) for r in (1, 2, 3, 4)] == ["shared", "all", "personal", "personal"]
+    assert [FederationConfig(num_rounds=3, personal_init="text").round_parts(r) for r in (1, 2, 3)] == [
+        "shared",
+        "shared",
+        "all",
+    ]
+    # the default recipe: the shared part alone, then each user's copy of it; never both parts
+    default = FederationConfig(num_rounds=4, learning_rate=0.01, copy_learning_rate=0.002)
+    assert [default.round_parts(r) for r in (1, 2, 3, 4)] == ["shared", "shared", "shared", "personal"]
+    assert [default.round_learning_rate(r) for r in (3, 4)] == [0.01, 0.002]
+    two_copies = FederationConfig(num_rounds=4, personal_only_rounds=2)
+    assert [two_copies.round_parts(r) for r in (1, 2, 3, 4)] == ["shared", "shared", "personal", "personal"]
+    assert FederationConfig(num_rounds=1).round_parts(1) == "personal"  # a copy of the starting shared part
+    assert FederationConfig(mode="personal", personal_tokens=4).personal_tokens == 4  # copies only in shared+personal
+    with pytest.raises(ValueError, match="personal_tokens \\(4\\) must equal shared_tokens \\(8\\)"):
+        FederationConfig(personal_tokens=4)
     assert FederationConfig(mode="shared").round_parts(1) == "shared"
     assert FederationConfig(mode="personal").round_parts(1) == "personal"
     with pytest.raises(ValueError, match="exceeds num_rounds = 3"):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
+from fedprefix.common.base_model import load_base
 from fedprefix.common.errors import DataError
+from fedprefix.common.prefix import Prefix, PrefixConfig
+from fedprefix.common.protocol import pack_shared
 from fedprefix.simulations import shakespeare, shakespeare_report
 from fedprefix.simulations.shakespeare import Role, parse_play, pick_roles, play_roles, write_federation_data
 from fedprefix.simulations.shakespeare_tables import goals, write_report
+from safetensors.torch import save_file
 
 PLAY = """THE TRAGEDY OF TESTING
 
@@ -121,6 +126,33 @@ def test_report_runs_every_local_approach_on_a_tiny_model(tmp_path, monkeypatch)
     assert lora["user_parameters"] >= prefix["user_parameters"] > 0  # LoRA gets at least the prefix's size
     markdown = write_report(json.loads((tmp_path / "results.json").read_text()), tmp_path)
     assert "| personal |" in markdown and (tmp_path / "gain_vs_rows.png").stat().st_size > 5_000
+    # 'shared then copy' starts from the 'shared' approach's final prefix, in its run folder
+    with pytest.raises(SystemExit, match="run that first"):
+        shakespeare_report.run(settings, tmp_path, ["shared then copy"])
+    base = load_base("tiny-llama")
+    shared = Prefix(PrefixConfig(spec=base.prefix_spec(4), base_fingerprint=base.fingerprint))
+    (tmp_path / "run-shared").mkdir()
+    save_file(pack_shared(shared.state_tensors()), str(tmp_path / "run-shared" / "shared_prefix.safetensors"))
+    copies = shakespeare_report.run(settings, tmp_path, ["shared then copy"])["approaches"]["shared then copy"]
+    assert (
+        set(copies) == {"p1__a", "p2__b", "p3__c"}
+        and copies["p1__a"]["user_parameters"] == 4 * shared.config.spec.flat_dim
+    )
+    # A partial rerun into the same folder keeps the other approaches' results only while they
+    # stay true: it may change just the settings that no approach it keeps reads.
+    recipe = dataclasses.replace(settings, copy_learning_rate=1e-3)  # read by 'shared then copy', kept
+    refused = [
+        (dataclasses.replace(settings, steps=5), "shared+personal"),
+        (recipe, "base"),
+        (recipe, "shared+personal"),
+    ]
+    for changed, rerun in refused:
+        with pytest.raises(SystemExit, match="other settings"):
+            shakespeare_report.run(changed, tmp_path, [rerun])
+    scored = shakespeare_report.Score(loss=1.0, accuracy=0.5)
+    monkeypatch.setattr(shakespeare_report, "federated", lambda base, roles, *_: {r.user_id: scored for r in roles})
+    results = shakespeare_report.run(recipe, tmp_path, ["shared+personal", "shared then copy"])
+    assert results["settings"]["copy_learning_rate"] == 1e-3 and len(results["approaches"]) == 6
 
 
 def test_report_names_an_unknown_approach_or_setting(capsys):
