@@ -108,7 +108,7 @@ def test_a_personal_copy_of_the_shared_part_replaces_it(tiny_llama, store):
     shared_before = p.shared.key_values().detach().clone()
     started = []
     p.fit(ROWS, callback=lambda info: started.append(p.personal.key_values().detach().clone()))
-    assert torch.allclose(started[0], shared_before, atol=0.2)  # one step from the copy, not from anywhere else
+    assert torch.allclose(started[0], shared_before, atol=0.05)  # one step from the copy (a text start is 0.6 away)
     assert torch.equal(p.shared.key_values(), shared_before)
     assert torch.equal(p.key_values(), p.personal.key_values()) and p.key_values().shape[3] == 4
     with pytest.raises(ConfigError, match="replaced the shared one"):

@@ -252,7 +252,7 @@ def test_round_phases_name_the_parts_trained_and_are_validated():
     two_copies = FederationConfig(num_rounds=4, personal_only_rounds=2)
     assert [two_copies.round_parts(r) for r in (1, 2, 3, 4)] == ["shared", "shared", "personal", "personal"]
     assert FederationConfig(num_rounds=1).round_parts(1) == "personal"  # a copy of the starting shared part
-    assert FederationConfig(mode="personal", personal_tokens=4).personal_tokens == 4  # copies only in shared+personal
+    FederationConfig(mode="personal", personal_tokens=4)  # unequal parts are fine where nothing is copied
     with pytest.raises(ValueError, match="personal_tokens \\(4\\) must equal shared_tokens \\(8\\)"):
         FederationConfig(personal_tokens=4)
     assert FederationConfig(mode="shared").round_parts(1) == "shared"
