@@ -37,7 +37,15 @@ from fedprefix.common.store import StoreError
 from starlette.concurrency import run_in_threadpool
 
 from .api import KEY_HEADER, ApiError, ChatBody, CompletionBody, parse_key, store_error
-from .engine import Engine, EngineOverloaded, GenerationRequest, GenerationResult, InvalidRequest, RequestCancelled
+from .engine import (
+    Engine,
+    EngineOverloaded,
+    EngineStopped,
+    GenerationRequest,
+    GenerationResult,
+    InvalidRequest,
+    RequestCancelled,
+)
 from .limits import BodySizeLimit, ServingLimits, check_request
 from .metrics import Metrics
 from .unlock import UnlockThrottled
@@ -149,6 +157,8 @@ def _engine_error(exc: FedPrefixError) -> ApiError:
         return ApiError(422, str(exc), "invalid_body", field=exc.field)
     if isinstance(exc, RequestCancelled):
         return ApiError(499, str(exc), "cancelled")  # nobody is listening any more
+    if isinstance(exc, EngineStopped):  # still starting, or stopping: another try (or replica) may answer
+        return ApiError(503, str(exc), "engine_not_running", {"Retry-After": "1"})
     return ApiError(500, str(exc), "generation_failed")
 
 
@@ -295,14 +305,16 @@ async def models(request: Request):
 
 @router.get("/health")
 async def health(request: Request):
+    """200 once the engine runs; 503 before (the HTTP thread listens first) and after it stops."""
     engine: Engine = request.app.state.engine
-    return {
-        "status": "ok",
+    body = {
+        "status": "ok" if engine.running else "not running",
         "model": request.app.state.model_name,
         "dtype": dtype_name(engine.base.dtype),
         "queue_depth": engine.queue_depth,
         "running": engine.batch_size,
     }
+    return JSONResponse(body, status_code=200 if engine.running else 503)
 
 
 @router.get("/metrics")

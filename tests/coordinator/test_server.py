@@ -108,6 +108,18 @@ def test_overload_is_429(served):  # noqa: F811
     assert reply.status_code == 429 and reply.headers["retry-after"] == "1"
 
 
+def test_before_the_engine_runs_health_and_requests_answer_503(served):  # noqa: F811
+    """`fedprefix serve` listens before its engine loop starts: in that moment /health says
+    not ready and a request is told to retry (503 + Retry-After), never a 500."""
+    base, store = served
+    with TestClient(create_app(Engine(base, store=store), "m")) as test_client:
+        health = test_client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "not running"
+        reply = test_client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert reply.status_code == 503 and reply.headers["retry-after"] == "1"
+        assert reply.json()["error"]["code"] == "engine_not_running"
+
+
 def test_a_refused_request_runs_none_of_its_prompts(served):  # noqa: F811
     base, store = served
     with Engine(base, store=store, max_queue=1) as engine, TestClient(create_app(engine, "m")) as test_client:
@@ -257,7 +269,8 @@ def test_fedprefix_serve_answers_refuses_a_taken_port_and_stops_on_ctrl_c(served
         body = {"prompt": "hello", "user": "bob", "max_tokens": 6, "temperature": 0}
         reply = httpx.post(f"{url}/v1/completions", json=body, headers=header("bob"), timeout=60)
         expected = reference(base, store, "hello", "bob", SamplingParams(max_new_tokens=6))
-        assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == base.tokenizer.decode(expected)
+        assert reply.status_code == 200, reply.text  # the server's own words, should it ever fail here
+        assert reply.json()["choices"][0]["text"] == base.tokenizer.decode(expected)
 
         taken = subprocess.run(
             [*cli, str(store.root), "--port", str(port)], capture_output=True, text=True, timeout=120
