@@ -104,6 +104,11 @@ class Personalizer:
             else None  # personal_from_shared: made by the first fit that trains it
         )
 
+    @property
+    def copy_replaces_shared(self) -> bool:
+        """True once the personal part is this user's copy of the shared one, used in its place."""
+        return self.personal_from_shared and self.personal is not None
+
     def _new_prefix(self, tokens, init, text, projection, hidden, generator, skip) -> Prefix:
         if init == "text":
             return Prefix.from_text(self.base, text, tokens, projection, hidden, generator=generator, skip=skip)
@@ -125,7 +130,7 @@ class Personalizer:
         if parts not in chosen:
             raise ConfigError(f"parts must be 'all', 'shared', 'personal' or 'none', got {parts!r}")
         shared, personal = chosen[parts]
-        if self.personal_from_shared and parts == "all" and personal is not None:
+        if parts == "all" and self.copy_replaces_shared:
             shared = None  # the personal part is the user's copy of the shared one: it replaces it
         return row_prefix(
             shared.key_values() if shared is not None else None, personal.key_values() if personal is not None else None
@@ -136,7 +141,7 @@ class Personalizer:
         `parts` = 'personal' or 'shared' narrows that to one part."""
         if parts not in ("all", "shared", "personal"):
             raise ConfigError(f"parts to train must be 'all', 'shared' or 'personal', got {parts!r}")
-        if self.personal_from_shared and self.personal is not None:
+        if self.copy_replaces_shared:
             if parts == "shared":
                 raise ConfigError(
                     f"user {self.user_id}: the personal part has replaced the shared one in this user's prefix; "
@@ -255,7 +260,7 @@ class Personalizer:
         store = self._require_store()
         both = (("personal", self.personal), ("shared", self.shared))
         parts = {name: part for name, part in both if part is not None}
-        replaced = self.personal_from_shared and self.personal is not None
+        replaced = self.copy_replaces_shared
         if replaced:  # a stored shared part would be joined in front of the copy that replaced it
             del parts["shared"]
         for name, part in parts.items():

@@ -148,9 +148,7 @@ def federated(base, roles: list[Role], settings: Settings, mode: str, out: Path)
     started = time.perf_counter()
     simulate(config)
     seconds = (time.perf_counter() - started) / len(roles)
-    spec = base.prefix_spec(config.shared_tokens)
-    shared_config = PrefixConfig(spec=spec, base_fingerprint=base.fingerprint)
-    shared = Prefix.from_state(shared_config, load_shared_prefix(config.run_dir))
+    shared = final_shared(base, config.run_dir, config.shared_tokens)
     scores = {}
     for role in roles:  # node i is the i-th role by user id (client/user_data.py), as written above
         kv, params = shared.key_values().detach(), 0
@@ -168,14 +166,19 @@ def federated(base, roles: list[Role], settings: Settings, mode: str, out: Path)
     return scores
 
 
+def final_shared(base, run_dir, tokens: int) -> Prefix:
+    """A federated run's final shared prefix (`tokens` long), from its run folder."""
+    config = PrefixConfig(spec=base.prefix_spec(tokens), base_fingerprint=base.fingerprint)
+    return Prefix.from_state(config, load_shared_prefix(run_dir))
+
+
 def shared_then_copy(base, roles: list[Role], settings: Settings, out: Path) -> dict[str, Score]:
     """Each role's copy of the 'shared' approach's final prefix (read from its run folder),
     fine-tuned for steps / rounds more steps at copy_learning_rate: 40 + 10 steps per user."""
     run = out / "run-shared"
     if not (run / "shared_prefix.safetensors").is_file():
         raise SystemExit(f"'shared then copy' starts from the 'shared' approach's prefix: run that first ({run})")
-    config = PrefixConfig(spec=base.prefix_spec(settings.shared_tokens), base_fingerprint=base.fingerprint)
-    shared = Prefix.from_state(config, load_shared_prefix(run))
+    shared = final_shared(base, run, settings.shared_tokens)
     scores = {}
     for role in roles:
         train, held_out = role.split()

@@ -307,14 +307,15 @@ async def models(request: Request):
 async def health(request: Request):
     """200 once the engine runs; 503 before (the HTTP thread listens first) and after it stops."""
     engine: Engine = request.app.state.engine
+    running = engine.running  # read once: the status and the code agree
     body = {
-        "status": "ok" if engine.running else "not running",
+        "status": "ok" if running else "not running",
         "model": request.app.state.model_name,
         "dtype": dtype_name(engine.base.dtype),
         "queue_depth": engine.queue_depth,
         "running": engine.batch_size,
     }
-    return JSONResponse(body, status_code=200 if engine.running else 503)
+    return JSONResponse(body, status_code=200 if running else 503)
 
 
 @router.get("/metrics")
