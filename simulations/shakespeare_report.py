@@ -71,7 +71,8 @@ class Settings:
     batch_size: int = 8
     personal_tokens: int = 16
     shared_tokens: int = 16
-    learning_rate: float = 1e-2
+    learning_rate: float = 1e-2  # personal-only (Personalizer.fit's default)
+    federation_learning_rate: float = 1e-2  # the federated rounds (FederationConfig.learning_rate)
     lora_learning_rate: float = 1e-3
     full_ft_learning_rate: float = 5e-5
     full_ft_roles: int = 1  # per bucket
@@ -133,7 +134,7 @@ def federated(base, roles: list[Role], settings: Settings, mode: str, out: Path)
         personal_only_rounds=settings.personal_only_rounds if mode == "shared+personal" else 0,
         personal_init=settings.personal_init,
         copy_learning_rate=settings.copy_learning_rate,
-        learning_rate=settings.learning_rate,
+        learning_rate=settings.federation_learning_rate,
         batch_size=settings.batch_size,
         personal_tokens=settings.personal_tokens,
         shared_tokens=settings.shared_tokens,
@@ -272,8 +273,11 @@ def run(settings: Settings, out: Path, approaches: list[str] | None = None) -> d
         kept = json.loads(previous.read_text())
         # ... or changes only settings that no approach it keeps reads
         untouched = set(kept.get("approaches", {})) - set(approaches)
-        free = set() if untouched & RECIPE_READERS else RECIPE_SETTINGS
-        changed = {k for k, v in asdict(settings).items() if kept.get("settings", {}).get(k) != v} - free
+        changed = {
+            k
+            for k, v in asdict(settings).items()
+            if kept.get("settings", {}).get(k) != v and untouched & SETTING_READERS.get(k, set(APPROACHES))
+        }
         if changed:
             raise SystemExit(
                 f"{previous} holds results of other settings ({', '.join(sorted(changed))}); choose another --out"
@@ -319,9 +323,19 @@ def run(settings: Settings, out: Path, approaches: list[str] | None = None) -> d
 
 
 APPROACHES = ("base", "personal", "shared", "shared+personal", "shared then copy", "LoRA", "full fine-tuning")
-# Settings that only the shared+personal federation (its recipe) and "shared then copy" read
-RECIPE_SETTINGS = {"shared_only_rounds", "personal_only_rounds", "personal_init", "copy_learning_rate"}
-RECIPE_READERS = {"shared+personal", "shared then copy"}
+# The approaches that read a setting, where not every one does: a partial rerun may change it
+# only if it reruns all of them ("shared then copy" starts from the shared run's prefix).
+_RECIPE = {"shared+personal", "shared then copy"}
+_FEDERATED = {"shared", *_RECIPE}
+SETTING_READERS = {
+    **dict.fromkeys(("shared_only_rounds", "personal_only_rounds", "personal_init", "copy_learning_rate"), _RECIPE),
+    "federation_learning_rate": _FEDERATED,
+    "rounds": _FEDERATED,
+    "learning_rate": {"personal"},
+    "lora_learning_rate": {"LoRA"},
+    "full_ft_learning_rate": {"full fine-tuning"},
+    "full_ft_roles": {"full fine-tuning"},
+}
 
 
 def main(argv=None) -> dict:

@@ -141,8 +141,10 @@ def test_report_runs_every_local_approach_on_a_tiny_model(tmp_path, monkeypatch)
     # A partial rerun into the same folder keeps the other approaches' results only while they
     # stay true: it may change just the settings that no approach it keeps reads.
     recipe = dataclasses.replace(settings, copy_learning_rate=1e-3)  # read by 'shared then copy', kept
+    federated = dataclasses.replace(settings, federation_learning_rate=0.5)  # read by all three federated
     refused = [
         (dataclasses.replace(settings, steps=5), "shared+personal"),
+        (federated, "shared+personal"),
         (recipe, "base"),
         (recipe, "shared+personal"),
     ]
@@ -153,6 +155,9 @@ def test_report_runs_every_local_approach_on_a_tiny_model(tmp_path, monkeypatch)
     monkeypatch.setattr(shakespeare_report, "federated", lambda base, roles, *_: {r.user_id: scored for r in roles})
     results = shakespeare_report.run(recipe, tmp_path, ["shared+personal", "shared then copy"])
     assert results["settings"]["copy_learning_rate"] == 1e-3 and len(results["approaches"]) == 6
+    federated = dataclasses.replace(recipe, federation_learning_rate=0.5)
+    results = shakespeare_report.run(federated, tmp_path, ["shared", "shared+personal", "shared then copy"])
+    assert results["settings"]["federation_learning_rate"] == 0.5 and len(results["approaches"]) == 7
 
 
 def test_report_names_an_unknown_approach_or_setting(capsys):
