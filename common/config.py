@@ -101,7 +101,9 @@ class FederationConfig(BaseModel):
     # ... and the learning rate of the rounds that fine-tune that copy: it starts trained, and at
     # the shared rounds' rate it overfit users with few rows (README, the Shakespeare report)
     copy_learning_rate: float = Field(3e-3, gt=0)
-    learning_rate: float = Field(1e-2, gt=0)
+    # the federated rounds' rate: 0.03 beat 0.01 for the shared prefix on real text (held-out loss
+    # 3.865 vs 3.911, README's Shakespeare report); a user's own Personalizer.fit keeps 0.01
+    learning_rate: float = Field(3e-2, gt=0)
     lr_decay: float = Field(1.0, gt=0, le=1)  # round r trains with learning_rate * lr_decay**(r-1)
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(256, ge=8)

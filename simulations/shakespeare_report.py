@@ -72,7 +72,7 @@ class Settings:
     personal_tokens: int = 16
     shared_tokens: int = 16
     learning_rate: float = 1e-2  # personal-only (Personalizer.fit's default)
-    federation_learning_rate: float = 1e-2  # the federated rounds (FederationConfig.learning_rate)
+    federation_learning_rate: float = 3e-2  # the federated rounds (FederationConfig.learning_rate)
     lora_learning_rate: float = 1e-3
     full_ft_learning_rate: float = 5e-5
     full_ft_roles: int = 1  # per bucket

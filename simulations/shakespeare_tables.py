@@ -84,6 +84,9 @@ def write_report(results: dict, out: Path) -> str:
         f"{s['steps']} optimizer steps of batch {s['batch_size']} per user for every approach "
         f"(federated: {s['rounds']} rounds; {_schedule(s)}); personal prefix "
         f"P={s['personal_tokens']}, shared P={s['shared_tokens']}; LoRA rank {results['lora_rank']} on q/v. "
+        f"Learning rates: personal {s['learning_rate']}, federated rounds "
+        f"{s.get('federation_learning_rate', s['learning_rate'])}, the copy {s.get('copy_learning_rate', '-')}, "
+        f"LoRA {s['lora_learning_rate']}, full fine-tuning {s['full_ft_learning_rate']}. "
         f"Held out: the last 20% of each role's speeches. Total {results['total_seconds'] / 60:.0f} min on "
         f"{results['machine']}.",
         "",
