@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import base64
 import json
+import queue
 import random
 import statistics
 import tempfile
@@ -195,16 +196,9 @@ def request_costs(base, store, users, prompts) -> dict:
     }
 
 
-def open_loop(base, store, users, prompts, params, rate: float, seconds: float, continuous: bool) -> dict:
-    """Poisson arrivals at `rate` requests/s for `seconds` against a live HTTP server."""
-    import uvicorn
-    from fedprefix.coordinator.simulate import free_port
-
-    engine = Engine(base, store=store, max_batch_size=64, max_queue=4096, max_wait_s=600, continuous=continuous)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=port, log_level="warning")
-    )
+def poisson_load(port: int, users, prompts, max_tokens: int, rate: float, seconds: float, results) -> None:
+    """Poisson arrivals at `rate` requests/s for `seconds` against the server on `port`; puts
+    ([(latency, completion tokens)], wall seconds) on `results`."""
     rng = random.Random(1)
 
     async def run():
@@ -212,12 +206,7 @@ def open_loop(base, store, users, prompts, params, rate: float, seconds: float, 
 
             async def one(i):
                 user = users[i % len(users)]
-                body = {
-                    "prompt": prompts[i % len(prompts)],
-                    "user": user,
-                    "max_tokens": params.max_new_tokens,
-                    "temperature": 0,
-                }
+                body = {"prompt": prompts[i % len(prompts)], "user": user, "max_tokens": max_tokens, "temperature": 0}
                 started = time.perf_counter()
                 reply = await client.post(
                     "/v1/completions", json=body, headers={KEY_HEADER: base64.b64encode(key_of(user)).decode()}
@@ -232,16 +221,55 @@ def open_loop(base, store, users, prompts, params, rate: float, seconds: float, 
                 tasks.append(asyncio.create_task(one(i)))
                 i += 1
                 t += rng.expovariate(rate)
-            results = await asyncio.gather(*tasks)
-            return results, time.perf_counter() - began
+            done = await asyncio.gather(*tasks)
+            return done, time.perf_counter() - began
 
+    results.put(asyncio.run(run()))
+
+
+def open_loop(
+    base, store, users, prompts, params, rate: float, seconds: float, continuous: bool, client_process: bool = False
+) -> dict:
+    """Poisson arrivals at `rate` requests/s for `seconds` against a live HTTP server.
+
+    The load runs on a thread of the server's process, or with `client_process` in a process of
+    its own. Where a step is Python launching GPU kernels the two may contend for the
+    interpreter; on a 2-core CPU a process of its own takes cores from the engine instead.
+    """
+    import multiprocessing
+
+    import uvicorn
+    from fedprefix.coordinator.simulate import free_port
+
+    engine = Engine(base, store=store, max_batch_size=64, max_queue=4096, max_wait_s=600, continuous=continuous)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=port, log_level="warning")
+    )
     outcome = {}
 
-    def load() -> None:  # the load on another thread, the engine on this one (as `fedprefix serve`)
+    def load() -> None:  # the load on another thread or process, the engine on this thread (as `fedprefix serve`)
         try:
             while not engine.running:
                 time.sleep(0.05)
-            outcome["results"], outcome["wall"] = asyncio.run(run())
+            args = (port, users, prompts, params.max_new_tokens, rate, seconds)
+            if not client_process:
+                results = queue.Queue()
+                poisson_load(*args, results)
+                outcome["results"], outcome["wall"] = results.get()
+                return
+            spawn = multiprocessing.get_context("spawn")
+            results = spawn.Queue()
+            client = spawn.Process(target=poisson_load, args=(*args, results))
+            client.start()
+            while "results" not in outcome:
+                try:
+                    outcome["results"], outcome["wall"] = results.get(timeout=1)
+                except queue.Empty:
+                    if not client.is_alive():  # it failed: its traceback is on stderr
+                        outcome["error"] = f"the load generator exited with code {client.exitcode}"
+                        return
+            client.join()
         finally:
             server.should_exit = True  # the server ends, and with it the engine
 
@@ -251,6 +279,8 @@ def open_loop(base, store, users, prompts, params, rate: float, seconds: float, 
     engine.run()
     loader.join()
     http.join(timeout=10)
+    if "error" in outcome:
+        raise RuntimeError(outcome["error"])
     results, wall = outcome["results"], outcome["wall"]
     latencies = sorted(r[0] for r in results)
     return {
@@ -262,6 +292,7 @@ def open_loop(base, store, users, prompts, params, rate: float, seconds: float, 
         "p99_token_gap_s": round(sorted(engine.stats.token_gaps)[int(0.99 * (len(engine.stats.token_gaps) - 1))], 3)
         if engine.stats.token_gaps
         else None,
+        "load_generator": "its own process" if client_process else "a thread of the server's process",
     }
 
 
@@ -279,6 +310,7 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--rate", type=float, default=20.0, help="open-loop arrivals per second")
     parser.add_argument("--seconds", type=float, default=10.0, help="open-loop duration")
+    parser.add_argument("--client-process", action="store_true", help="open loop: the load in a process of its own")
     parser.add_argument("--skip", nargs="*", default=[], choices=["mixed", "peft", "http", "memory", "burst", "costs"])
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
@@ -334,7 +366,17 @@ def main(argv=None) -> dict:
             print(json.dumps(result["request_costs"]), flush=True)
         if "http" not in args.skip:
             result["open_loop_http"] = {
-                mode: open_loop(served, store, users, prompts, params, args.rate, args.seconds, mode == "continuous")
+                mode: open_loop(
+                    served,
+                    store,
+                    users,
+                    prompts,
+                    params,
+                    args.rate,
+                    args.seconds,
+                    continuous=mode == "continuous",
+                    client_process=args.client_process,
+                )
                 for mode in ("continuous", "static")
             }
             print(json.dumps(result["open_loop_http"]), flush=True)
