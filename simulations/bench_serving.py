@@ -255,7 +255,11 @@ def open_loop(
             args = (port, users, prompts, params.max_new_tokens, rate, seconds)
             if not client_process:
                 results = queue.Queue()
-                poisson_load(*args, results)
+                try:
+                    poisson_load(*args, results)
+                except Exception as error:  # raised below, on the engine's thread, like a process's failure
+                    outcome["error"] = f"the load generator failed: {error!r}"
+                    return
                 outcome["results"], outcome["wall"] = results.get()
                 return
             spawn = multiprocessing.get_context("spawn")
