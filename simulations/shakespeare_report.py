@@ -56,6 +56,11 @@ from fedprefix.coordinator.simulate import simulate
 from .shakespeare import Role, all_roles, pick_roles, role_table, write_federation_data
 
 
+def _default(config: type, name: str):
+    """A setting's default where the report measures what a user gets (FederationConfig, TrainConfig)."""
+    return config.model_fields[name].default
+
+
 @dataclass
 class Settings:
     """One report's scope and budget (the same for every approach)."""
@@ -64,15 +69,17 @@ class Settings:
     per_bucket: int = 8  # roles per size bucket
     steps: int = 40  # optimizer steps per user, every approach
     rounds: int = 4  # federated rounds; local steps per round = steps / rounds
-    shared_only_rounds: int = -1  # shared+personal: FederationConfig's default recipe (all rounds
-    personal_only_rounds: int = 0  # but the last train the shared part only, the last the personal copy)
-    personal_init: str = "shared"  # shared+personal: FederationConfig's default, a copy of the shared part
-    copy_learning_rate: float = 3e-3  # ... fine-tuned at FederationConfig's default rate
+    # shared+personal: FederationConfig's default recipe (all rounds but the last train the shared
+    # part only, the last each user's copy of it, at its own rate)
+    shared_only_rounds: int = _default(FederationConfig, "shared_only_rounds")
+    personal_only_rounds: int = _default(FederationConfig, "personal_only_rounds")
+    personal_init: str = _default(FederationConfig, "personal_init")
+    copy_learning_rate: float = _default(FederationConfig, "copy_learning_rate")
     batch_size: int = 8
     personal_tokens: int = 16
     shared_tokens: int = 16
-    learning_rate: float = 1e-2  # personal-only (Personalizer.fit's default)
-    federation_learning_rate: float = 3e-2  # the federated rounds (FederationConfig.learning_rate)
+    learning_rate: float = _default(TrainConfig, "learning_rate")  # personal-only (Personalizer.fit's)
+    federation_learning_rate: float = _default(FederationConfig, "learning_rate")  # the federated rounds
     lora_learning_rate: float = 1e-3
     full_ft_learning_rate: float = 5e-5
     full_ft_roles: int = 1  # per bucket
