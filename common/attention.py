@@ -88,6 +88,15 @@ def token_positions(attention_mask: torch.Tensor, prefix_lengths: torch.Tensor) 
     return (counted.clamp(min=0) + prefix_lengths.unsqueeze(1)).long()
 
 
+def padded_heads(packed: torch.Tensor, real: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+    """Packed tokens (n, heads, D) back in the (B, heads, T, D) layout attention reads; padding
+    slots are zeros. `real`: each packed token's cell among the B * T (None: no padding)."""
+    if real is not None:
+        full = packed.new_zeros(batch * length, *packed.shape[1:])
+        packed = full.index_copy_(0, real, packed)
+    return packed.view(batch, length, *packed.shape[1:]).transpose(1, 2)
+
+
 def prefixed_inputs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
+from .attention import padded_heads
 from .base_model import lean_unsupported_reason
 
 
@@ -127,11 +128,6 @@ def lean_completion_loss(
     real = real.to(device)
     ids = torch.tensor(rows[0][:head] + [t for tail in tails for t in tail], dtype=torch.long)  # (h + R,)
 
-    def to_grid(packed: torch.Tensor) -> torch.Tensor:
-        """(R, ...) packed tail rows -> (B, T, ...), zeros at the pads."""
-        grid = packed.new_zeros((batch * length, *packed.shape[1:])).index_copy(0, grid_at, packed)
-        return grid.view(batch, length, *packed.shape[1:])
-
     # positions: the head from P, each row's tail from P + h
     positions = torch.cat([torch.arange(head)] + [torch.arange(n) + head for n in sizes.tolist()]) + prefix_len
 
@@ -169,8 +165,8 @@ def lean_completion_loss(
         # split, not slices: the backward of a split is one concatenation (a slice's zero-fills a full copy)
         head_k, tail_k = k.split([head, len(grid_at)])
         head_v, tail_v = v.split([head, len(grid_at)])
-        head_k, tail_k = head_k.transpose(0, 1), to_grid(tail_k).transpose(1, 2)
-        head_v, tail_v = head_v.transpose(0, 1), to_grid(tail_v).transpose(1, 2)
+        head_k, tail_k = head_k.transpose(0, 1), padded_heads(tail_k, grid_at, batch, length)
+        head_v, tail_v = head_v.transpose(0, 1), padded_heads(tail_v, grid_at, batch, length)
         # head_k, head_v: (Hkv, h, D); tail_k, tail_v: (B, Hkv, T, D)
         shared_k, shared_v = head_k, head_v  # (Hkv, P + h, D) once the prefix is in front
         if kv is not None:
@@ -180,8 +176,7 @@ def lean_completion_loss(
         if last:  # only the completion-predicting positions go on
             at = predicting + head  # (N,) rows of x
             q = _rotate(attn.q_proj(x[at]).view(-1, heads, dim), cos[at], sin[at])  # (N, H, D)
-            q = q.new_zeros(batch * span, heads, dim).index_copy(0, predict.reshape(-1).nonzero().squeeze(1), q)
-            q = q.view(batch, span, heads, dim).transpose(1, 2)  # (B, H, C, D)
+            q = padded_heads(q, predict.reshape(-1).nonzero().squeeze(1), batch, span)  # (B, H, C, D)
             out = _attend(q, keys, values, tail_bias[:, :, length - span :], scale)  # (B, H, C, D)
             out = out.transpose(1, 2)[predict].reshape(-1, heads * dim)  # (N, H*D)
             hidden = hidden[at] + attn.o_proj(out)  # (N, hidden)
@@ -190,9 +185,9 @@ def lean_completion_loss(
         q = _rotate(attn.q_proj(x).view(-1, heads, dim), cos, sin)  # (h + R, H, D)
         head_q, tail_q = q.split([head, len(grid_at)])
         head_q = head_q.transpose(0, 1).unsqueeze(0)  # (1, H, h, D)
-        tail_q = to_grid(tail_q).transpose(1, 2)  # (B, H, T, D)
+        tail_q = padded_heads(tail_q, grid_at, batch, length)  # (B, H, T, D)
         out_tail = _attend(tail_q, keys, values, tail_bias, scale)  # (B, H, T, D)
-        out_tail = out_tail.transpose(1, 2).reshape(batch * length, heads * dim)[grid_at]  # (R, H*D)
+        out_tail = out_tail.transpose(1, 2).reshape(batch * length, heads * dim).index_select(0, grid_at)  # (R, H*D)
         if head:
             out_head = _attend(head_q, shared_k.unsqueeze(0), shared_v.unsqueeze(0), head_bias, scale)  # (1, H, h, D)
             out_tail = torch.cat([out_head[0].transpose(0, 1).reshape(head, heads * dim), out_tail])

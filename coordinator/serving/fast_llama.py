@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from fedprefix.common.attention import PrefixBatch, cache_layers, decode_step, prefill, token_positions
+from fedprefix.common.attention import PrefixBatch, cache_layers, decode_step, padded_heads, prefill, token_positions
 from fedprefix.common.base_model import lean_unsupported_reason
 from transformers.models.llama.modeling_llama import rotate_half
 
@@ -142,14 +142,6 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """transformers' apply_rotary_pos_emb for one tensor (N, heads, D); cos, sin (N, 1, D)."""
     return (x * cos) + (rotate_half(x) * sin)
-
-
-def _padded(packed: torch.Tensor, real: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
-    """Packed tokens (n, heads, D) back in the (B, heads, T, D) layout; padding slots are zeros."""
-    if real is not None:
-        full = packed.new_zeros(batch * length, *packed.shape[1:])
-        packed = full.index_copy_(0, real, packed)
-    return packed.view(batch, length, *packed.shape[1:]).transpose(1, 2)
 
 
 def _fused_linear(projections, batch_hint: int):
@@ -284,7 +276,7 @@ class FastLlama:
             for part, part_qk, part_v in zip(parts, qk.split(sizes), v.split(sizes), strict=True):
                 batch, length = part.input_ids.shape
                 q, k, v_part = (
-                    _padded(t, part.real, batch, length)
+                    padded_heads(t, part.real, batch, length)
                     for t in (part_qk[:, : self.heads], part_qk[:, self.heads :], part_v)
                 )
                 out = part.attend(i, q, k, v_part).transpose(1, 2).reshape(batch * length, -1)  # (B * T, H * D)
