@@ -31,10 +31,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import rotate_half
 
 from .attention import padded_heads
 from .base_model import lean_unsupported_reason
+from .llama_math import additive_mask, rms_norm, rotate
 
 
 def unsupported_reason(model) -> str | None:
@@ -59,19 +59,9 @@ def shared_head_length(prompts: Sequence[Sequence[int]], rows: Sequence[Sequence
     return head
 
 
-def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    """transformers' LlamaRMSNorm: normalize in float32, round to the input dtype, then scale."""
-    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), None, norm.variance_epsilon).to(x.dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' apply_rotary_pos_emb for x (N, heads, D); cos, sin (N, 1, D)."""
-    return (x * cos) + (rotate_half(x) * sin)
-
-
-def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean attention mask as SDPA's additive one, built once per forward instead of once per layer."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+def _norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """rms_norm with a transformers LlamaRMSNorm module's weight and epsilon."""
+    return rms_norm(x, norm.weight, norm.variance_epsilon)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
@@ -137,10 +127,10 @@ def lean_completion_loss(
     # causal over real tokens; a pad query also sees itself so that its row stays finite
     tail_allowed = (real.unsqueeze(1) & (key_at <= query_at)) | (key_at == query_at)  # (B, T, T)
     seen = torch.ones(batch, length, prefix_len + head, dtype=torch.bool, device=device)  # (B, T, P + h)
-    tail_bias = _additive(torch.cat([seen, tail_allowed], dim=2).unsqueeze(1), dtype)  # (B, 1, T, S)
+    tail_bias = additive_mask(torch.cat([seen, tail_allowed], dim=2).unsqueeze(1), dtype)  # (B, 1, T, S)
     head_causal = torch.ones(head, head, dtype=torch.bool, device=device).tril()  # (h, h)
     head_allowed = torch.cat([torch.ones(head, prefix_len, dtype=torch.bool, device=device), head_causal], dim=1)
-    head_bias = _additive(head_allowed[None, None], dtype)  # (1, 1, h, P + h)
+    head_bias = additive_mask(head_allowed[None, None], dtype)  # (1, 1, h, P + h)
 
     # completion-predicting positions: the last c_b tokens of tail b, in completion token order
     counts = [len(c) for c in completions]
@@ -159,8 +149,8 @@ def lean_completion_loss(
     layers = decoder.layers[: config.num_hidden_layers]
     for i, layer in enumerate(layers):
         attn, last = layer.self_attn, i == len(layers) - 1
-        x = _rms_norm(hidden, layer.input_layernorm)  # (h + R, hidden)
-        k = _rotate(attn.k_proj(x).view(-1, kv_heads, dim), cos, sin)  # (h + R, Hkv, D)
+        x = _norm(hidden, layer.input_layernorm)  # (h + R, hidden)
+        k = rotate(attn.k_proj(x).view(-1, kv_heads, dim), cos, sin)  # (h + R, Hkv, D)
         v = attn.v_proj(x).view(-1, kv_heads, dim)  # (h + R, Hkv, D)
         # split, not slices: the backward of a split is one concatenation (a slice's zero-fills a full copy)
         head_k, tail_k = k.split([head, len(grid_at)])
@@ -175,14 +165,14 @@ def lean_completion_loss(
         values = torch.cat([shared_v.expand(batch, -1, -1, -1), tail_v], dim=2)  # (B, Hkv, S, D)
         if last:  # only the completion-predicting positions go on
             at = predicting + head  # (N,) rows of x
-            q = _rotate(attn.q_proj(x[at]).view(-1, heads, dim), cos[at], sin[at])  # (N, H, D)
+            q = rotate(attn.q_proj(x[at]).view(-1, heads, dim), cos[at], sin[at])  # (N, H, D)
             q = padded_heads(q, predict.reshape(-1).nonzero().squeeze(1), batch, span)  # (B, H, C, D)
             out = _attend(q, keys, values, tail_bias[:, :, length - span :], scale)  # (B, H, C, D)
             out = out.transpose(1, 2)[predict].reshape(-1, heads * dim)  # (N, H*D)
             hidden = hidden[at] + attn.o_proj(out)  # (N, hidden)
-            hidden = hidden + _mlp(_rms_norm(hidden, layer.post_attention_layernorm), layer.mlp)
+            hidden = hidden + _mlp(_norm(hidden, layer.post_attention_layernorm), layer.mlp)
             break
-        q = _rotate(attn.q_proj(x).view(-1, heads, dim), cos, sin)  # (h + R, H, D)
+        q = rotate(attn.q_proj(x).view(-1, heads, dim), cos, sin)  # (h + R, H, D)
         head_q, tail_q = q.split([head, len(grid_at)])
         head_q = head_q.transpose(0, 1).unsqueeze(0)  # (1, H, h, D)
         tail_q = padded_heads(tail_q, grid_at, batch, length)  # (B, H, T, D)
@@ -192,6 +182,6 @@ def lean_completion_loss(
             out_head = _attend(head_q, shared_k.unsqueeze(0), shared_v.unsqueeze(0), head_bias, scale)  # (1, H, h, D)
             out_tail = torch.cat([out_head[0].transpose(0, 1).reshape(head, heads * dim), out_tail])
         hidden = hidden + attn.o_proj(out_tail)  # (h + R, hidden)
-        hidden = hidden + _mlp(_rms_norm(hidden, layer.post_attention_layernorm), layer.mlp)
-    logits = model.get_output_embeddings()(_rms_norm(hidden, decoder.norm)).float()  # (N, V)
+        hidden = hidden + _mlp(_norm(hidden, layer.post_attention_layernorm), layer.mlp)
+    logits = model.get_output_embeddings()(_norm(hidden, decoder.norm)).float()  # (N, V)
     return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())

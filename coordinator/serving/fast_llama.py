@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from fedprefix.common.attention import PrefixBatch, cache_layers, decode_step, padded_heads, prefill, token_positions
 from fedprefix.common.base_model import lean_unsupported_reason
-from transformers.models.llama.modeling_llama import rotate_half
+from fedprefix.common.llama_math import additive_mask, rms_norm, rotate
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,6 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int):
     return lambda x: F.linear(x, weight, bias)
 
 
-def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean attention mask as SDPA's additive one, built once per forward instead of once per layer."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-
-
 def _one_query_attention(q, k, v, bias, scale: float) -> torch.Tensor:
     """Attention of one new token per row: q (B, H, 1, D) over k, v (B, H_kv, S, D); bias (B, 1, 1, S)
     float32 -> (B, H, 1, D) in q's dtype.
@@ -132,16 +127,6 @@ def _one_query_attention(q, k, v, bias, scale: float) -> torch.Tensor:
     scores = torch.matmul(grouped, k.float().transpose(-1, -2)).mul_(scale).add_(bias)  # (B, H_kv, G, S)
     out = torch.matmul(torch.softmax(scores, dim=-1), v.float())  # (B, H_kv, G, D)
     return out.view(batch, heads, 1, dim).to(q.dtype)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm: normalize in float32, round to the input dtype, then scale."""
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' apply_rotary_pos_emb for one tensor (N, heads, D); cos, sin (N, 1, D)."""
-    return (x * cos) + (rotate_half(x) * sin)
 
 
 def _fused_linear(projections, batch_hint: int):
@@ -220,7 +205,7 @@ class FastLlama:
         key_at = torch.arange(start + length, device=input_ids.device).unsqueeze(0)  # (1, S)
         # causal over real slots; each query also sees itself so that padding rows stay finite
         allowed = (seen.unsqueeze(1) & (key_at <= query_at)) | (key_at == query_at)  # (B, T, S)
-        bias = _additive(allowed.unsqueeze(1), self.embed.dtype)  # (B, 1, T, S)
+        bias = additive_mask(allowed.unsqueeze(1), self.embed.dtype)  # (B, 1, T, S)
 
         def attend(i, q, k, v):
             if prefixes.key_values is not None:
@@ -238,7 +223,7 @@ class FastLlama:
     def _decode_part(self, decode: Decode):
         tokens, attention_mask, positions, cache = decode
         on_cpu = tokens.device.type == "cpu"
-        bias = _additive(attention_mask.bool()[:, None, None, :], torch.float32 if on_cpu else self.embed.dtype)
+        bias = additive_mask(attention_mask.bool()[:, None, None, :], torch.float32 if on_cpu else self.embed.dtype)
 
         def attend(i, q, k, v):
             k, v = cache.layers[i].update(k, v)
@@ -267,10 +252,10 @@ class FastLlama:
         cos, sin = (t[0] for t in self.rotary(hidden, position_ids=torch.cat(positions).unsqueeze(0)))  # (N, D)
         tokens = hidden.shape[0]
         for i, layer in enumerate(self.layers):
-            x = _rms_norm(hidden, *layer.norm_in)  # (N, hidden)
+            x = rms_norm(hidden, *layer.norm_in)  # (N, hidden)
             qk, v = layer.qkv(x).split([layer.q_size + layer.kv_size, layer.kv_size], dim=-1)
             # rotate queries and keys in one pass: they are adjacent heads of the qkv output
-            qk = _rotate(qk.view(tokens, -1, self.head_dim), cos.unsqueeze(1), sin.unsqueeze(1))  # (N, H + H_kv, D)
+            qk = rotate(qk.view(tokens, -1, self.head_dim), cos.unsqueeze(1), sin.unsqueeze(1))  # (N, H + H_kv, D)
             v = v.view(tokens, -1, self.head_dim)
             outs = []
             for part, part_qk, part_v in zip(parts, qk.split(sizes), v.split(sizes), strict=True):
@@ -282,11 +267,11 @@ class FastLlama:
                 out = part.attend(i, q, k, v_part).transpose(1, 2).reshape(batch * length, -1)  # (B * T, H * D)
                 outs.append(out if part.real is None else out.index_select(0, part.real))
             hidden = hidden + layer.o(torch.cat(outs) if len(outs) > 1 else outs[0])
-            x = _rms_norm(hidden, *layer.norm_post)
+            x = rms_norm(hidden, *layer.norm_post)
             hidden = hidden + layer.down(F.silu(layer.gate(x)) * layer.up(x))
         offsets = torch.tensor([0, *sizes[:-1]], device=hidden.device).cumsum(dim=0)
         ends = torch.cat([part.ends + offset for part, offset in zip(parts, offsets, strict=True)])
         return hidden.index_select(0, ends)  # (sum B, hidden)
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
-        return self.head(_rms_norm(last, *self.norm))
+        return self.head(rms_norm(last, *self.norm))
