@@ -8,6 +8,7 @@ import time
 import typer
 from fedprefix.common import base_model
 from fedprefix.common.errors import FedPrefixError
+from rich.markup import escape
 from rich.table import Table
 
 from .main import app, console, fail
@@ -49,7 +50,7 @@ def base_fetch(name: str = typer.Argument(base_model.DEFAULT_BASE, help="Registr
         with console.status(f"fetching {name} (first time: download and convert, about 30 s)"):
             folder = base_model.fetch(name)
             base = base_model.load_base(name)
-        console.print(f"{name}: ready in {folder} ({time.perf_counter() - started:.1f} s)")
+        console.print(f"{name}: ready in {folder} ({time.perf_counter() - started:.1f} s)", markup=False)
         console.print(f"fingerprint {base.fingerprint}")
     except FedPrefixError as exc:
         fail(exc)
@@ -83,4 +84,4 @@ def base_info(
         typer.echo(json.dumps(info, indent=2))
         return
     for key, value in info.items():
-        console.print(f"[bold]{key}[/bold]: {value}")
+        console.print(f"[bold]{key}[/bold]: {escape(str(value))}")

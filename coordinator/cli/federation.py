@@ -9,6 +9,7 @@ import typer
 from fedprefix.common.errors import FedPrefixError, first_error
 from fedprefix.coordinator.views import fmt_num
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .main import DTYPE_HELP, app, console, err_console, fail
@@ -94,7 +95,7 @@ def simulate(
     from fedprefix.coordinator.views import rounds_table
 
     console.print(rounds_table(records))
-    console.print(f"run folder: {out}")
+    console.print(f"run folder: {out}", markup=False)
 
 
 def _checked(values: dict):
@@ -151,15 +152,12 @@ def runs_command(
     if as_json:
         typer.echo(json.dumps([s.model_dump() for s in summaries], indent=2))
         return
-    table = Table(title=f"runs in {runs}")
+    table = Table(title=f"runs in {escape(runs)}")
     for column in ("id", "status", "mode", "base", "users", "rounds", "base loss", "shared", "personal"):
         table.add_column(column)
     for s in summaries:
         table.add_row(
-            s.id,
-            s.status,
-            s.mode,
-            s.base,
+            *(escape(str(text)) for text in (s.id, s.status, s.mode, s.base)),  # from run folders: not markup
             str(s.users),
             f"{s.rounds_done}/{s.rounds_planned}",
             fmt_num(s.last_eval_loss_base),
@@ -169,7 +167,7 @@ def runs_command(
     console.print(table)
     for s in summaries:
         for problem in s.problems:
-            err_console.print(f"[yellow]warning:[/yellow] {s.id}: {problem}", highlight=False)
+            err_console.print(f"[yellow]warning:[/yellow] {escape(f'{s.id}: {problem}')}", highlight=False)
 
 
 @app.command("show")
@@ -198,10 +196,13 @@ def show_command(
         )
         return
     for problem in problems:
-        err_console.print(f"[yellow]warning:[/yellow] {problem}", highlight=False)
+        err_console.print(f"[yellow]warning:[/yellow] {escape(problem)}", highlight=False)
     console.print(
-        f"[bold]{run}[/bold]: {info.status}, mode {info.config.get('mode')}, base {info.base}, "
-        f"{info.config.get('num_users')} users, {len(records)}/{info.config.get('num_rounds')} rounds"
+        f"[bold]{escape(run)}[/bold]: "
+        + escape(
+            f"{info.status}, mode {info.config.get('mode')}, base {info.base}, "
+            f"{info.config.get('num_users')} users, {len(records)}/{info.config.get('num_rounds')} rounds"
+        )
     )
     console.print(rounds_table(records))
     for name in ("eval_loss_base", "eval_loss_shared", "eval_loss_personal", "train_loss"):
@@ -234,5 +235,5 @@ def dashboard_command(
 
     if not Path(runs).is_dir():
         fail(FedPrefixError(f"runs folder {runs} does not exist"))
-    console.print(f"dashboard of {runs} on http://{host}:{port}")
+    console.print(f"dashboard of {runs} on http://{host}:{port}", markup=False)
     uvicorn.run(create_dashboard(runs), host=host, port=port, log_level="warning")

@@ -12,6 +12,7 @@ import logging
 import typer
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.coordinator.views import make_console
+from rich.markup import escape
 
 console = make_console()
 err_console = make_console(stderr=True)
@@ -40,7 +41,8 @@ def main(
 
 def _print_error(exc: BaseException, hint: str = "") -> None:
     message = " ".join(str(exc).split()) or type(exc).__name__
-    err_console.print(f"[red]error:[/red] {message}{hint}", highlight=False, soft_wrap=True)
+    # escaped: a message quoting a path or a hint such as 'fedprefix[parquet]' is not rich markup
+    err_console.print(f"[red]error:[/red] {escape(message + hint)}", highlight=False, soft_wrap=True)
 
 
 def run() -> None:

@@ -114,7 +114,9 @@ def serve(
         http = start_http(engine, server)
     except FedPrefixError as exc:
         fail(exc)
-    console.print(f"serving {base} ({loaded.dtype}) with prefixes from {store} on http://{host}:{port}/v1")
+    console.print(
+        f"serving {base} ({loaded.dtype}) with prefixes from {store} on http://{host}:{port}/v1", markup=False
+    )
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the same way on Ctrl-C and SIGTERM
     try:
         engine.run()

@@ -200,4 +200,4 @@ def export_peft_cmd(
         folder = export_peft(prefix, out_dir)
     except (FedPrefixError, OSError) as exc:
         fail(exc)
-    console.print(f"wrote PEFT adapter of {user_id} to {folder} (plaintext: protect this folder)")
+    console.print(f"wrote PEFT adapter of {user_id} to {folder} (plaintext: protect this folder)", markup=False)

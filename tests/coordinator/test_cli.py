@@ -92,3 +92,18 @@ def test_simulate_refuses_bad_own_data_before_starting(monkeypatch, capsys, tmp_
         err = capsys.readouterr().err
         assert message in " ".join(err.split()) and err.count("\n") == 1, (argv, err)
     assert not out.exists(), "nothing may be written for a refused run"
+
+
+def test_error_text_is_printed_as_written_not_as_rich_markup(monkeypatch, capsys, tmp_path):
+    """Brackets survive: a path such as rows[1].jsonl, a hint such as 'fedprefix[parquet]'."""
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as on an install without the parquet extra
+    (tmp_path / "rows.parquet").write_bytes(b"x")
+    cases = {
+        str(tmp_path / "rows[1].jsonl"): "rows[1].jsonl does not exist",
+        str(tmp_path / "rows.parquet"): "needs pyarrow: pip install 'fedprefix[parquet]'",
+    }
+    for data, message in cases.items():
+        with pytest.raises(SystemExit):
+            _run(monkeypatch, "simulate", "--data", data, "--out", str(tmp_path / "r"))
+        err = capsys.readouterr().err
+        assert message in " ".join(err.split()), err

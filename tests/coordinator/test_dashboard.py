@@ -47,6 +47,14 @@ def test_cli_runs_and_show(runs):
     assert [r["round"] for r in as_json["rounds"]] == [1, 2, 3]
 
 
+def test_cli_prints_run_names_as_written(runs, tmp_path):
+    shutil.copytree(runs / "tiny", tmp_path / "a[b]")  # a folder name, not rich markup
+    listed = runner.invoke(app, ["runs", "--runs", str(tmp_path)])
+    assert listed.exit_code == 0 and "a[b]" in listed.output, listed.output
+    shown = runner.invoke(app, ["show", str(tmp_path / "a[b]")])  # by path (an id is a plain name)
+    assert shown.exit_code == 0 and "a[b]: finished" in " ".join(shown.output.split()), shown.output
+
+
 def test_cli_errors_are_one_line(runs, tmp_path):
     missing = runner.invoke(app, ["runs", "--runs", str(tmp_path / "nope")])
     assert missing.exit_code == 1 and "does not exist" in missing.output and "Traceback" not in missing.output
