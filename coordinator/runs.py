@@ -70,7 +70,13 @@ def list_runs(runs_dir: str | os.PathLike) -> list[RunSummary]:
     summaries = []
     for folder in sorted(p for p in root.iterdir() if (p / RUN_FILE).is_file()):
         try:
-            summaries.append(summarize(folder.name, *read_run(folder)))
+            summary = summarize(folder.name, *read_run(folder))
+            if not RUN_ID.match(folder.name):  # listed, but `show ID` and the dashboard cannot name it
+                summary.problems.append(
+                    f"{folder.name!r} is not a valid run id (letters, digits, '.', '_', '-'): "
+                    "rename the folder, or open it with `fedprefix show PATH`"
+                )
+            summaries.append(summary)
         except RunFolderError as exc:
             summaries.append(
                 RunSummary(

@@ -51,6 +51,7 @@ def test_cli_prints_run_names_as_written(runs, tmp_path):
     shutil.copytree(runs / "tiny", tmp_path / "a[b]")  # a folder name, not rich markup
     listed = runner.invoke(app, ["runs", "--runs", str(tmp_path)])
     assert listed.exit_code == 0 and "a[b]" in listed.output, listed.output
+    assert "'a[b]' is not a valid run id" in " ".join(listed.output.split())  # `show a[b]` refuses it
     shown = runner.invoke(app, ["show", str(tmp_path / "a[b]")])  # by path (an id is a plain name)
     assert shown.exit_code == 0 and "a[b]: finished" in " ".join(shown.output.split()), shown.output
 
