@@ -32,7 +32,7 @@ from fedprefix.common.peft_format import export_peft
 from fedprefix.common.prefix import Prefix, PrefixConfig
 from fedprefix.common.protocol import DEFAULT_INIT_TEXT, row_prefix, shared_store_id
 from fedprefix.common.protocol import init_text as repeated_init_text
-from fedprefix.common.store import PrefixStore, UnknownUserError
+from fedprefix.common.store import PrefixStore, UnknownUserError, validate_user_id
 
 from .data import read_rows, tokenize_rows
 from .training import Callback, evaluate_examples, split_examples, train
@@ -60,8 +60,9 @@ class Personalizer:
         progress: bool = True,
         **train_settings,
     ) -> None:
+        # the store's rule, also without a store: an id checked only at save() fails after training
+        self.user_id = validate_user_id(user_id)
         self.base = base_model if isinstance(base_model, BaseModelHandle) else load_base(base_model)
-        self.user_id = user_id
         self.store = PrefixStore(store) if isinstance(store, (str, os.PathLike)) else store
         self.key = key
         self.train_config = TrainConfig(**train_settings)

@@ -182,6 +182,12 @@ def test_bad_keys_and_missing_store(tiny_llama, store):
         personalizer(tiny_llama).save()
 
 
+@pytest.mark.parametrize("user_id", ["a b", "a[b]", "", ".hidden", "bob@shared", 7])
+def test_a_user_id_no_store_accepts_is_refused_before_training(tiny_llama, user_id):
+    with pytest.raises(StoreError, match="invalid user id"):  # with or without a store: not after fit
+        Personalizer(base_model=tiny_llama, user_id=user_id, num_virtual_tokens=4, progress=False)
+
+
 def test_bad_data_leaves_the_prefix_alone(tiny_llama):
     p = personalizer(tiny_llama)
     before = p.key_values().detach().clone()
