@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import click
 import typer
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.coordinator.views import make_console
@@ -46,15 +47,30 @@ def _print_error(exc: BaseException, hint: str = "") -> None:
 
 
 def run() -> None:
-    """The console entry point: an error nobody caught is still one line (the traceback with --debug)."""
+    """The console entry point: an error nobody caught is still one line (the traceback with --debug).
+
+    Click's own handling is off (standalone_mode=False) so that a bad option or value is one
+    line too, not a usage box; its exit codes stay: 2 for usage, 1 for Ctrl-C at a prompt.
+    """
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="fedprefix")
+    except click.exceptions.NoArgsIsHelpError:  # `fedprefix` or `fedprefix store` alone: the help is printed
+        raise SystemExit(2) from None
+    except click.UsageError as exc:  # an unknown option, a value of the wrong type or range
+        where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        _print_error(exc.format_message(), where)
+        raise SystemExit(exc.exit_code) from None
+    except click.exceptions.Abort:  # Ctrl-C outside a command's own handling
+        err_console.print("aborted", highlight=False)
+        raise SystemExit(1) from None
     except Exception as exc:  # errors from dependencies too (a missing package, a refused file)
         if _state["debug"]:
             raise
         named = exc if isinstance(exc, FedPrefixError) else f"{type(exc).__name__}: {exc}"
         _print_error(named, " (run with --debug for the traceback)")
         raise SystemExit(1) from None
+    if isinstance(code, int) and code:  # typer.Exit(code): fail() has printed its line
+        raise SystemExit(code)
 
 
 def fail(exc: Exception) -> None:

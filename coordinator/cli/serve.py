@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import typer
 from fedprefix.common import base_model
@@ -18,7 +19,7 @@ def serve(
     base: str = typer.Option(base_model.DEFAULT_BASE, "--base", help="Base model: registry name, folder or hub id."),
     store: str = typer.Option(..., "--store", help="Encrypted prefix store folder (ciphertext only)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
-    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
     max_batch_size: int = typer.Option(64, "--max-batch-size", help="Rows per decode step."),
     max_queue: int = typer.Option(256, "--max-queue", help="Waiting requests (all users) before answering 429."),
     max_queue_per_user: int = typer.Option(
@@ -69,6 +70,8 @@ def serve(
     """
     if replicas < 1:
         fail(FedPrefixError(f"--replicas must be 1 or more, got {replicas}"))
+    if ray_address is None and not Path(store).is_dir():  # a typo must not serve an empty store (on a cluster
+        fail(FedPrefixError(f"prefix store: no store folder at {store}"))  # the path is the workers' to check)
     if replicas > 1 or ray_address is not None:
         return _serve_replicas(locals())
     import uvicorn

@@ -107,3 +107,29 @@ def test_error_text_is_printed_as_written_not_as_rich_markup(monkeypatch, capsys
             _run(monkeypatch, "simulate", "--data", data, "--out", str(tmp_path / "r"))
         err = capsys.readouterr().err
         assert message in " ".join(err.split()), err
+
+
+def test_a_bad_option_or_value_is_one_line_with_usage_exit_code(monkeypatch, capsys):
+    cases = {
+        ("simulate", "--users", "abc"): "Invalid value for '--users' / '-n': 'abc' is not a valid integer",
+        ("simulate", "--bogus"): "No such option '--bogus'",
+        ("serve", "--store", ".", "--port", "99999"): "99999 is not in the range 1<=x<=65535",
+    }
+    for argv, message in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            _run(monkeypatch, *argv)
+        assert exit_.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and f"(see fedprefix {argv[0]} --help)" in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as exit_:  # no command: the help, as before
+        _run(monkeypatch)
+    assert exit_.value.code == 2 and "Usage" in capsys.readouterr().out
+
+
+def test_serve_refuses_a_missing_store_folder_before_loading(monkeypatch, capsys, tmp_path):
+    typo = tmp_path / "stroe"
+    with pytest.raises(SystemExit) as exit_:
+        _run(monkeypatch, "serve", "--base", "no-such-model", "--store", str(typo))
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == f"error: prefix store: no store folder at {typo}\n"
+    assert not typo.exists(), "a typo must not create an empty store"
