@@ -69,8 +69,7 @@ def run() -> None:
         named = exc if isinstance(exc, FedPrefixError) else f"{type(exc).__name__}: {exc}"
         _print_error(named, " (run with --debug for the traceback)")
         raise SystemExit(1) from None
-    if isinstance(code, int) and code:  # typer.Exit(code): fail() has printed its line
-        raise SystemExit(code)
+    raise SystemExit(code if isinstance(code, int) else 0)  # typer.Exit(code), e.g. fail(): 1; as click's own exit
 
 
 def fail(exc: Exception) -> None:
