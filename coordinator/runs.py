@@ -30,9 +30,14 @@ class RunSummary(BaseModel):
     problems: list[str]
 
 
+def is_run_id(name: str) -> bool:
+    """Whether `name` can name a run folder (`show ID`, the dashboard's URLs): no way out of the runs folder."""
+    return bool(RUN_ID.match(name)) and name not in (".", "..")
+
+
 def run_folder(runs_dir: str | os.PathLike, run_id: str) -> Path:
     """The folder of `run_id` under `runs_dir`; refuses ids that could leave the folder."""
-    if not RUN_ID.match(run_id) or run_id in (".", ".."):
+    if not is_run_id(run_id):
         raise RunFolderError(f"invalid run id {run_id!r}")
     folder = Path(runs_dir) / run_id
     if not (folder / RUN_FILE).is_file():
@@ -71,7 +76,7 @@ def list_runs(runs_dir: str | os.PathLike) -> list[RunSummary]:
     for folder in sorted(p for p in root.iterdir() if (p / RUN_FILE).is_file()):
         try:
             summary = summarize(folder.name, *read_run(folder))
-            if not RUN_ID.match(folder.name):  # listed, but `show ID` and the dashboard cannot name it
+            if not is_run_id(folder.name):  # listed, but `show ID` and the dashboard cannot name it
                 summary.problems.append(
                     f"{folder.name!r} is not a valid run id (letters, digits, '.', '_', '-'): "
                     "rename the folder, or open it with `fedprefix show PATH`"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 
 import typer
 from fedprefix.common import base_model
@@ -12,6 +11,7 @@ from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.precision import resolve_dtype
 
 from .main import DTYPE_HELP, app, console, fail
+from .store import existing_store_folder
 
 
 @app.command()
@@ -70,8 +70,11 @@ def serve(
     """
     if replicas < 1:
         fail(FedPrefixError(f"--replicas must be 1 or more, got {replicas}"))
-    if ray_address is None and not Path(store).is_dir():  # a typo must not serve an empty store (on a cluster
-        fail(FedPrefixError(f"prefix store: no store folder at {store}"))  # the path is the workers' to check)
+    if ray_address is None:  # on a Ray cluster the path is the workers' to check
+        try:
+            existing_store_folder(store)
+        except FedPrefixError as exc:
+            fail(exc)
     if replicas > 1 or ray_address is not None:
         return _serve_replicas(locals())
     import uvicorn

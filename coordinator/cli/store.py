@@ -68,11 +68,15 @@ def _read_key(user_id: str, key_file: Path | None, passphrase_env: str | None) -
     return typer.prompt(f"Passphrase for {user_id}", hide_input=True)
 
 
-def _open_store(path: Path) -> PrefixStore:
-    """An existing store folder (a typo must not silently create an empty store)."""
-    if not path.is_dir():
+def existing_store_folder(path: str | os.PathLike) -> Path:
+    """`path` if it is a folder: a typo must not silently create (and use) an empty store."""
+    if not Path(path).is_dir():
         raise StoreError(f"prefix store: no store folder at {path}")
-    return PrefixStore(path)
+    return Path(path)
+
+
+def _open_store(path: Path) -> PrefixStore:
+    return PrefixStore(existing_store_folder(path))
 
 
 def _info_dict(info: StoredPrefixInfo) -> dict:
