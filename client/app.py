@@ -4,6 +4,8 @@ Train: receive the shared prefix -> fit the round's parts on local data (the sam
 path as Personalizer.fit; with personal-init "shared" the first personal round copies the
 received shared prefix into the user's own) -> save encrypted on the node -> reply with the
 shared arrays, num-examples and scalar metrics. The personal prefix never leaves.
+With personal-init "interpolate" the last round's training runs under SecAgg+ and ends with
+a FINALIZE message (client/secure.py): the update leaves masked, the user's prefix never.
 Evaluate: held-out loss per completion token with the base alone, the shared prefix,
 and the user's whole prefix, so the personalization gain is visible every round.
 
@@ -18,6 +20,7 @@ from fedprefix.common.protocol import (
     CONFIG,
     DP_WEIGHT,
     EVAL_PARTS,
+    FINALIZE,
     METRICS,
     NUM_EXAMPLES,
     STEPS,
@@ -34,6 +37,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from .audit import audit_mod
 from .node import Node, open_node
+from .secure import finalize, is_secure_training, secure_aggregation_mod, secure_train
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
@@ -45,8 +49,8 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-# The audit log records replies after DP clipping: exactly what leaves the device.
-app = ClientApp(mods=[audit_mod, dp_clipping_mod])
+# The audit log records replies after DP clipping and SecAgg+ masking: exactly what leaves the device.
+app = ClientApp(mods=[audit_mod, dp_clipping_mod, secure_aggregation_mod])
 
 
 def _setup(msg: Message, context: Context) -> tuple[Node, RoundSettings]:
@@ -57,20 +61,10 @@ def _setup(msg: Message, context: Context) -> tuple[Node, RoundSettings]:
     return node, round_settings
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Local training round."""
-    node, round_settings = _setup(msg, context)
-    report = node.personalizer.fit(
-        node.train_rows,
-        max_steps=node.config.local_steps,
-        learning_rate=round_settings.learning_rate or node.config.learning_rate,
-        proximal_mu=round_settings.proximal_mu,
-        parts=round_settings.train_parts if node.config.mode == "shared+personal" else "all",
-    )
-    node.personalizer.save()
+def train_metrics(report) -> MetricRecord:
+    """The metrics every training reply carries (protocol.TRAIN_METRICS)."""
     recent = report.train_loss[-5:]
-    metrics = MetricRecord(
+    return MetricRecord(
         {
             NUM_EXAMPLES: report.num_train_examples,
             TRAIN_LOSS: sum(recent) / len(recent),
@@ -79,7 +73,25 @@ def train(msg: Message, context: Context) -> Message:
             DP_WEIGHT: 1.0,
         }
     )
-    content = RecordDict({METRICS: metrics})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training round (or a secure round's training or its end: client/secure.py)."""
+    if is_secure_training(msg):
+        return secure_train(msg, context, train_metrics)
+    node, round_settings = _setup(msg, context)
+    if round_settings.train_parts == FINALIZE:
+        return finalize(node, context, msg)
+    report = node.personalizer.fit(
+        node.train_rows,
+        max_steps=node.config.local_steps,
+        learning_rate=round_settings.learning_rate or node.config.learning_rate,
+        proximal_mu=round_settings.proximal_mu,
+        parts=round_settings.train_parts if node.config.mode == "shared+personal" else "all",
+    )
+    node.personalizer.save()
+    content = RecordDict({METRICS: train_metrics(report)})
     if node.config.sends_shared and round_settings.train_parts != "personal":
         content[ARRAYS] = ArrayRecord(node.shared_arrays())
     return Message(content=content, reply_to=msg)

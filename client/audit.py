@@ -19,6 +19,19 @@ from flwr.app import ConfigRecord, Context, Message
 from .user_data import node_user_id
 
 
+def _jsonable(value):
+    """A config value as JSON: bytes (SecAgg+ keys, shares and masked vectors) as base64."""
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return {"base64": base64.b64encode(value).decode()}
+    return value
+
+
+def _group_round(group_id: str) -> int | None:
+    return int(group_id) if group_id.isdigit() else None
+
+
 def audit_mod(msg: Message, context: Context, call_next) -> Message:
     """Flower client mod: pass the message on, log the reply if the run asks for it."""
     reply = call_next(msg, context)
@@ -40,10 +53,11 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
     metrics = {k: v for record in reply.content.metric_records.values() for k, v in record.items()}
     entry = {
         "type": msg.metadata.message_type,
-        "round": config.get("server-round"),
+        # a secure round's messages carry the round as their group id only (Flower's SecAgg+)
+        "round": config.get("server-round") or _group_round(msg.metadata.group_id),
         "arrays": arrays,
         "metrics": metrics,
-        "configs": [dict(r) for r in reply.content.config_records.values()],
+        "configs": [{k: _jsonable(v) for k, v in r.items()} for r in reply.content.config_records.values()],
     }
     user = node_user_id(dict(context.node_config), FederationConfig.from_run_config(dict(context.run_config)))
     Path(folder).mkdir(parents=True, exist_ok=True)

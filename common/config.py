@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def sample_size(fraction: float, num_users: int) -> int:
+    """Nodes to sample: the fraction of all users, at least one."""
+    return max(1, math.ceil(fraction * num_users))
 
 
 class TrainConfig(BaseModel):
@@ -92,14 +98,21 @@ class FederationConfig(BaseModel):
     # learns what all users share first, and each user's part then learns its own voice.
     shared_only_rounds: int = Field(-1, ge=-1)
     personal_only_rounds: int = Field(0, ge=0)
-    # shared+personal: what each user's personal part starts as. "shared" (the default; it won on
-    # real text, README): a copy of the federated shared prefix, made on the device in the first
-    # round after the shared-only ones, fine-tuned there and used *instead of* the shared prefix
-    # (FedAvg then local fine-tuning); no round trains both parts, and personal_tokens must equal
-    # shared_tokens. "text": the init text's KV, used behind the shared part, [shared ; personal].
-    personal_init: Literal["shared", "text"] = "shared"
-    # ... and the learning rate of the rounds that fine-tune that copy: it starts trained, and at
-    # the shared rounds' rate it overfit users with few rows (README, the Shakespeare report)
+    # shared+personal: what each user's personal part starts as. "auto" (the default) is
+    # "interpolate" where the run allows a secure last round (FedAvg, no DP, 2+ users per round),
+    # else "shared" (`personal_recipe`). "interpolate" (it won on real text, README): in the last
+    # round each user trains a copy of the shared prefix at the federated rate; the copies' updates
+    # are averaged under secure aggregation (SecAgg+: the coordinator learns only their average,
+    # coordinator/secure_round.py), and each user keeps the new shared prefix moved `interpolation`
+    # of the way toward its own copy (model interpolation), used *instead of* the shared prefix.
+    # "shared": that copy, made after the shared-only rounds, fine-tuned on the device at
+    # copy_learning_rate and kept as it is (FedAvg then local fine-tuning; any aggregator, DP).
+    # Both need personal_tokens = shared_tokens; no round trains both parts. "text": the init
+    # text's KV, used behind the shared part, [shared ; personal].
+    personal_init: Literal["auto", "interpolate", "shared", "text"] = "auto"
+    interpolation: float = Field(0.1, gt=0, le=1)  # "interpolate": how far toward the user's own copy
+    # ... and (personal_init "shared") the learning rate of the rounds that fine-tune that copy: it
+    # starts trained, and at the shared rounds' rate it overfit users with few rows (README)
     copy_learning_rate: float = Field(3e-3, gt=0)
     # the federated rounds' rate: 0.03 beat 0.01 for the shared prefix on real text (held-out loss
     # 3.865 vs 3.911, README's Shakespeare report); a user's own Personalizer.fit keeps 0.01
@@ -174,17 +187,52 @@ class FederationConfig(BaseModel):
             raise ValueError(
                 f"shared_only_rounds + personal_only_rounds = {phases} exceeds num_rounds = {self.num_rounds}"
             )
+        if self.personal_init == "interpolate" and (problem := self._secure_round_problem()):
+            raise ValueError(f"personal_init 'interpolate' {problem}; or set personal_init 'shared'")
         if self.copies_shared and self.personal_tokens != self.shared_tokens:
             raise ValueError(
-                f"personal_init 'shared' copies the shared prefix: personal_tokens ({self.personal_tokens}) "
-                f"must equal shared_tokens ({self.shared_tokens}), or set personal_init 'text'"
+                f"personal_init {self.personal_recipe!r} copies the shared prefix: personal_tokens "
+                f"({self.personal_tokens}) must equal shared_tokens ({self.shared_tokens}), or set personal_init 'text'"
             )
         return self
+
+    def _secure_round_problem(self) -> str | None:
+        """Why this run cannot end in a secure round (None: it can). Secure aggregation hides each
+        reply: only their plain average is possible, no per-reply check, noise or robust rule."""
+        if self.aggregator != "fedavg" or self.dp_noise_multiplier > 0:
+            return (
+                "aggregates its last round securely, which needs aggregator 'fedavg' without differential "
+                f"privacy (got aggregator {self.aggregator!r}, dp_noise_multiplier {self.dp_noise_multiplier})"
+            )
+        if self.personal_only_rounds > 1 or self.shared_only_rounds not in (-1, self.num_rounds - 1):
+            return (
+                "federates the shared part in every round but the last: "
+                "set shared_only_rounds -1 and personal_only_rounds <= 1"
+            )
+        if (self.users_per_round or sample_size(self.fraction_train, self.num_users)) < 2:
+            return "needs at least 2 users in the last round (secure aggregation)"
+        return None
+
+    @property
+    def personal_recipe(self) -> str:
+        """personal_init with "auto" resolved: "interpolate" where this run allows a secure last
+        round (FedAvg, no DP, 2+ users per round), else "shared"."""
+        if self.personal_init != "auto":
+            return self.personal_init
+        return "shared" if self._secure_round_problem() else "interpolate"
 
     @property
     def copies_shared(self) -> bool:
         """True when each user's personal part starts as a copy of the shared one and replaces it."""
-        return self.mode == "shared+personal" and self.personal_init == "shared"
+        return self.mode == "shared+personal" and self.personal_recipe in ("shared", "interpolate")
+
+    @property
+    def secure_last_round(self) -> bool:
+        """True when the last round is aggregated securely and each user interpolates."""
+        return self.mode == "shared+personal" and self.personal_recipe == "interpolate"
+
+    def is_secure_round(self, server_round: int) -> bool:
+        return self.secure_last_round and server_round == self.num_rounds
 
     def shared_only_count(self) -> int:
         """How many rounds, from the first, train the shared part only (mode shared+personal)."""
@@ -197,6 +245,7 @@ class FederationConfig(BaseModel):
     def round_learning_rate(self, server_round: int) -> float:
         """Nodes' learning rate in `server_round`, decayed by lr_decay per round."""
         copy_round = self.copies_shared and self.round_parts(server_round) == "personal"
+        copy_round = copy_round and not self.is_secure_round(server_round)  # it federates: the federated rate
         return (self.copy_learning_rate if copy_round else self.learning_rate) * self.lr_decay ** (server_round - 1)
 
     def round_parts(self, server_round: int) -> str:

@@ -12,7 +12,10 @@ same keys in every reply; an evaluation reply carries `EVAL_METRICS`.
 
 Shared arrays on the wire are named ``shared.<tensor>`` after the shared Prefix's own
 tensor names, float32. Nothing else ever goes on the wire: a personal prefix has no
-wire name.
+wire name. The one exception in form, not in content: the last round of personal-init
+"interpolate" runs Flower's SecAgg+, whose messages are legacy FitIns/FitRes records
+(client/secure.py, coordinator/secure_round.py); a node's update leaves only masked, and a
+message with train-parts FINALIZE then brings the round's shared prefix.
 
 Stored parts: a user's personal prefix is stored under the user id, the shared prefix
 beside it under `shared_store_id(user_id)`; a row's prefix is [shared ; personal]
@@ -70,16 +73,24 @@ class RoundSettings(BaseModel):
     learning_rate: float | None = Field(None, alias="round-learning-rate")  # after the run's lr decay
     proximal_mu: float = Field(0.0, alias="proximal-mu", ge=0)  # set by Flower's FedProx only
     # which prefix parts the nodes train this round (FederationConfig.round_parts); with
-    # "personal" the shared part stays as received and the reply carries no arrays
-    train_parts: Literal["all", "shared", "personal"] = Field("all", alias=TRAIN_PARTS)
+    # "personal" the shared part stays as received and the reply carries no arrays; FINALIZE
+    # ends a secure round: nothing is trained, the message brings the round's shared prefix
+    train_parts: Literal["all", "shared", "personal", "finalize"] = Field("all", alias=TRAIN_PARTS)
+    # a secure round's cap on a node's weight (num-examples): SecAgg+ quantizes each update
+    # times weight / cap, so a cap near the real weights keeps the sum precise
+    max_weight: float | None = Field(None, alias="max-weight", gt=0)
 
     def to_config(self) -> dict[str, Any]:
         """The ConfigRecord entries (proximal-mu is left to Flower's FedProx, which sets it)."""
         values = {"base-fingerprint": self.base_fingerprint, TRAIN_PARTS: self.train_parts}
         if self.learning_rate is not None:
             values["round-learning-rate"] = self.learning_rate
+        if self.max_weight is not None:
+            values["max-weight"] = self.max_weight
         return values
 
+
+FINALIZE = "finalize"  # train-parts after a secure round: each user keeps its interpolated prefix
 
 # ------------------------------------------------------------------ shared prefix on the wire
 SHARED_ARRAY_PREFIX = "shared."
@@ -125,6 +136,11 @@ def unpack_shared(arrays: Mapping[str, Any], expected: Mapping[str, tuple[int, .
             raise ShapeError(f"shared array {wire_name!r} contains NaN or Inf")
         tensors[name] = torch.from_numpy(data.copy())
     return tensors
+
+
+def secure_round_order(names) -> list[str]:
+    """The order of the shared tensors in a secure round's legacy Parameters (a list, no names)."""
+    return sorted(names)
 
 
 # ------------------------------------------------------------------ stored parts and the row prefix

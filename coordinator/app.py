@@ -43,7 +43,8 @@ def run_federation(grid: Grid, config: FederationConfig) -> None:
     info = RunInfo(
         run_id=uuid.uuid4().hex[:12],
         status="running",
-        config=config.model_dump(exclude={"key_seed"}),  # the simulation key seed is a secret
+        # the simulation key seed is a secret; personal_init as it ran ("auto" resolved)
+        config=config.model_dump(exclude={"key_seed"}) | {"personal_init": config.personal_recipe},
         base=config.base,
         base_fingerprint=base.fingerprint,
         shared_prefix_parameters=sum(int(torch.tensor(a.shape).prod()) for a in arrays.values()),

@@ -14,14 +14,14 @@ Flower's privacy accountant requires.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterable
 
 import numpy as np
-from fedprefix.common.config import FederationConfig
+from fedprefix.common.config import FederationConfig, sample_size
 from fedprefix.common.protocol import (
     DP_WEIGHT,
+    FINALIZE,
     METRICS,
     NUM_EXAMPLES,
     SHARED_ARRAY_PREFIX,
@@ -30,7 +30,7 @@ from fedprefix.common.protocol import (
     RoundSettings,
     eval_loss_key,
 )
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -47,13 +47,9 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from .records import PrivacyRecord, Rejection, RoundRecord, RunRecorder
 from .replies import all_finite, bound_updates, evaluate_reply_problem, train_reply_problem, update_norm
+from .secure_round import finalize_message, secure_average
 
 log = logging.getLogger(__name__)
-
-
-def sample_size(fraction: float, num_users: int) -> int:
-    """Nodes to sample: the fraction of all users, at least one."""
-    return max(1, math.ceil(fraction * num_users))
 
 
 def round_sizes(config: FederationConfig) -> tuple[int, int]:
@@ -157,6 +153,8 @@ class PrefixStrategy(Strategy):
         self.recorder = recorder
         self.current: dict[str, np.ndarray] = {}
         self.pending: dict = {}
+        self.last_norm: float | None = None  # the last applied update's norm: bounds a secure round's
+        self.last_weight: float | None = None  # the last round's median num-examples: caps a secure round's
 
     def _add_round_settings(
         self, config: ConfigRecord, learning_rate: float | None = None, train_parts: str = "all"
@@ -181,15 +179,56 @@ class PrefixStrategy(Strategy):
         self.pending = {"started": time.time(), "round": server_round, "rejected": [], "clipped": [], "parts": parts}
         self.current = {k.removeprefix(SHARED_ARRAY_PREFIX): a.numpy() for k, a in arrays.items()}
         self._add_round_settings(config, self.config.round_learning_rate(server_round), parts)
+        if self.config.is_secure_round(server_round):
+            return self._secure_round(server_round, arrays, grid)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self.pending["sampled"] = sorted(m.metadata.dst_node_id for m in messages)
         return messages
+
+    def _secure_round(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> list[Message]:
+        """Run the round's training under SecAgg+ (coordinator/secure_round.py); return the messages
+        that end it: the new shared prefix (or, if the average was refused, the old one) to every
+        node whose update is in the average."""
+        settings = RoundSettings(
+            base_fingerprint=self.base_fingerprint,
+            learning_rate=self.config.round_learning_rate(server_round),
+            train_parts=self.pending["parts"],
+            max_weight=self._secure_max_weight(),
+        )
+        result = secure_average(
+            grid, self.config, self.current, settings, server_round, round_sizes(self.config)[0], self.last_norm
+        )
+        self.pending.update(sampled=result.sampled, uplink=result.uplink)
+        for node in sorted(set(result.sampled) - set(result.nodes)):  # SecAgg+ rebuilt their masks
+            reason = "secure round: no masked update (the node failed or dropped out)"
+            self.pending.setdefault("rejected", []).append(Rejection(node=node, reason=reason))
+        if result.problem is not None:
+            log.warning("round %d: %s", server_round, result.problem)
+            self._reject_round(result.problem)
+        new = arrays
+        if result.average is not None:
+            new = ArrayRecord(
+                {SHARED_ARRAY_PREFIX + k: Array(self.current[k] + result.average[k]) for k in self.current}
+            )
+            self.pending["secure_arrays"] = new
+        settings = RoundSettings(base_fingerprint=self.base_fingerprint, train_parts=FINALIZE).to_config()
+        config = ConfigRecord({**settings, "server-round": server_round})  # as Flower's strategies add it
+        return [finalize_message(node, new, config, server_round) for node in result.nodes]
+
+    def _secure_max_weight(self) -> float:
+        """A secure round's weight cap: the bound clear rounds clip weights to (update-clip-factor x
+        the median weight), where a round has been seen; else the largest weight a reply may claim."""
+        if self.last_weight and self.config.update_clip_factor > 0:
+            return self.config.update_clip_factor * self.last_weight
+        return float(self.config.max_num_examples)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         accepted = [m for m in replies if self._accept(m, self.check_train_reply(m))]
+        if accepted:
+            self.last_weight = float(np.median([m.content[METRICS][NUM_EXAMPLES] for m in accepted]))
         if self.round_sends_shared:
             for node, scale in bound_updates(
                 accepted, self.current, SHARED_ARRAY_PREFIX, self.config.update_clip_factor
@@ -198,7 +237,7 @@ class PrefixStrategy(Strategy):
                 self.pending.setdefault("clipped", []).append(node)
         self.pending.update(
             accepted=len(accepted),
-            uplink=sum(payload_bytes(m) for m in replies if not m.has_error()),
+            uplink=self.pending.get("uplink", 0) + sum(payload_bytes(m) for m in replies if not m.has_error()),
             train_seconds=sum(float(m.content[METRICS][TRAIN_SECONDS]) for m in accepted),
         )
         arrays, metrics = None, None
@@ -211,11 +250,14 @@ class PrefixStrategy(Strategy):
             log.error("round %d: aggregation failed, shared prefix kept: %s", server_round, exc)
             self._reject_round(f"aggregation failed ({type(exc).__name__}: {exc}); shared prefix kept")
             arrays, metrics = None, None
+        if self.config.is_secure_round(server_round):  # the replies only ended it: the average came before
+            arrays = self.pending.get("secure_arrays")
         if not all_finite(arrays):
             self._reject_round("the aggregate was not finite; shared prefix kept")
             arrays = None
         self.pending["train_loss"] = float(metrics[TRAIN_LOSS]) if metrics and TRAIN_LOSS in metrics else None
         self.pending["norm"] = self._update_norm(arrays)
+        self.last_norm = self.pending["norm"] or self.last_norm
         return arrays, metrics
 
     def _accept(self, msg: Message, problem: str | None, stage: str = "") -> bool:

@@ -8,6 +8,11 @@ Every app here runs the real train/evaluate handlers; on the nodes it makes bad
   accepts (run setting max-num-examples): what validation alone cannot catch.
 - `crashing_app`: training fails mid-way, by an exception in odd rounds and by the
   process exiting in even rounds.
+- `secure_dropout_app` (personal-init "interpolate"): the node fails in the secure round's
+  training, after SecAgg+ has shared its keys: the other nodes' masks must be rebuilt.
+- `garbage_mask_app` (personal-init "interpolate"): in the secure round the node replaces
+  its masked vector with random numbers, skipping SecAgg+'s clipping: the one thing a
+  node can do there that the coordinator cannot see in its reply.
 
     fedprefix's simulate(config, clientapp="fedprefix.simulations.hostile_nodes:poisoning_app")
 """
@@ -16,10 +21,14 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from fedprefix.client import app as real
+from fedprefix.client.secure import is_secure_training, secure_aggregation_mod
 from fedprefix.common.protocol import ARRAYS, METRICS, NUM_EXAMPLES
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 POISON_SCALE = 20.0
 
@@ -69,3 +78,35 @@ def crashing_train(msg: Message, context: Context) -> Message:
 @crashing_app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return real.evaluate(msg, context)
+
+
+def garbage_mask_mod(msg: Message, context: Context, call_next) -> Message:
+    """Between SecAgg+ and the wire: a bad node's masked vector becomes random numbers."""
+    reply = call_next(msg, context)
+    configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+    if not is_bad(context) or reply.has_error() or configs is None or Key.MASKED_PARAMETERS not in configs:
+        return reply
+    rng = np.random.default_rng(int(context.node_config.get("partition-id", 0)))
+    vectors = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
+    configs[Key.MASKED_PARAMETERS] = [
+        ndarray_to_bytes(rng.integers(0, 2**31, size=v.shape).astype(v.dtype)) for v in vectors
+    ]
+    return reply
+
+
+garbage_mask_app = ClientApp(mods=[real.audit_mod, real.dp_clipping_mod, garbage_mask_mod, secure_aggregation_mod])
+garbage_mask_app.train()(real.train)
+garbage_mask_app.evaluate()(real.evaluate)
+
+
+secure_dropout_app = ClientApp(mods=[real.audit_mod, real.dp_clipping_mod, secure_aggregation_mod])
+
+
+@secure_dropout_app.train()
+def dropping_train(msg: Message, context: Context) -> Message:
+    if is_bad(context) and is_secure_training(msg):
+        raise RuntimeError(f"simulated drop-out of node {context.node_config.get('partition-id')} mid secure round")
+    return real.train(msg, context)
+
+
+secure_dropout_app.evaluate()(real.evaluate)

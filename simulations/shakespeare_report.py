@@ -8,7 +8,9 @@ in play order, are held out. Every approach gets the same optimizer-step budget 
 - personal: a personal prefix only, trained on the device (Personalizer.fit);
 - shared: a shared prefix only, federated over all roles (Flower simulation, FedAvg);
 - shared+personal: the default federation (Flower simulation): the shared prefix federated,
-  then each role's own copy of it fine-tuned on the device (FederationConfig.personal_init);
+  then in the last round each role trains its own copy, the copies are averaged under
+  secure aggregation, and each role keeps the average moved toward its own copy
+  (FederationConfig.personal_init "interpolate"; "shared": the copy fine-tuned alone);
 - shared then copy (beyond the budget): each role's copy of the shared-only run's final
   prefix, fine-tuned on the device for one more round's steps: what the personal stage adds
   to the very prefix it starts from;
@@ -75,6 +77,7 @@ class Settings:
     personal_only_rounds: int = _default(FederationConfig, "personal_only_rounds")
     personal_init: str = _default(FederationConfig, "personal_init")
     copy_learning_rate: float = _default(FederationConfig, "copy_learning_rate")
+    interpolation: float = _default(FederationConfig, "interpolation")
     batch_size: int = 8
     personal_tokens: int = 16
     shared_tokens: int = 16
@@ -141,6 +144,7 @@ def federated(base, roles: list[Role], settings: Settings, mode: str, out: Path)
         personal_only_rounds=settings.personal_only_rounds if mode == "shared+personal" else 0,
         personal_init=settings.personal_init,
         copy_learning_rate=settings.copy_learning_rate,
+        interpolation=settings.interpolation,
         learning_rate=settings.federation_learning_rate,
         batch_size=settings.batch_size,
         personal_tokens=settings.personal_tokens,
@@ -335,7 +339,9 @@ APPROACHES = ("base", "personal", "shared", "shared+personal", "shared then copy
 _RECIPE = {"shared+personal", "shared then copy"}
 _FEDERATED = {"shared", *_RECIPE}
 SETTING_READERS = {
-    **dict.fromkeys(("shared_only_rounds", "personal_only_rounds", "personal_init", "copy_learning_rate"), _RECIPE),
+    **dict.fromkeys(
+        ("shared_only_rounds", "personal_only_rounds", "personal_init", "copy_learning_rate", "interpolation"), _RECIPE
+    ),
     "federation_learning_rate": _FEDERATED,
     "rounds": _FEDERATED,
     "learning_rate": {"personal"},

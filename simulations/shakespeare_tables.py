@@ -56,20 +56,36 @@ def goals(results: dict) -> list[tuple[str, str, bool]]:
     return out
 
 
-def _schedule(s: dict) -> str:
-    """The shared+personal run's rounds in words."""
+def _recipe(s: dict):
+    """The shared+personal run's FederationConfig, as far as the report's settings name it."""
     from fedprefix.common.config import FederationConfig
 
-    config = FederationConfig(
+    return FederationConfig(
         num_rounds=s["rounds"],
         shared_only_rounds=s["shared_only_rounds"],
         personal_only_rounds=s["personal_only_rounds"],
         personal_init=s.get("personal_init", "text"),  # results written before the setting existed: "text"
     )
+
+
+def _schedule(s: dict) -> str:
+    """The shared+personal run's rounds in words."""
+    config = _recipe(s)
     parts = [config.round_parts(r) for r in range(1, s["rounds"] + 1)]
     personal = "each user's copy of the shared part" if config.copies_shared else "the personal part alone"
     words = {"shared": "the shared part alone", "all": "both parts", "personal": personal}
-    return ", ".join(f"round {r}: {words[p]}" for r, p in enumerate(parts, 1))
+    rounds = [f"round {r}: {words[p]}" for r, p in enumerate(parts, 1)]
+    if config.secure_last_round:
+        rounds[-1] = (
+            f"round {s['rounds']}: each user's copy trained at the federated rate and aggregated under SecAgg+, "
+            f"then each user keeps the new shared prefix moved {s.get('interpolation')} of the way toward its copy"
+        )
+    return ", ".join(rounds)
+
+
+def _copy_rate(s: dict) -> str:
+    """The copy's own learning rate, where the recipe has one (not with "interpolate")."""
+    return "" if _recipe(s).secure_last_round else f"the copy {s.get('copy_learning_rate', '-')}, "
 
 
 def write_report(results: dict, out: Path) -> str:
@@ -85,7 +101,7 @@ def write_report(results: dict, out: Path) -> str:
         f"(federated: {s['rounds']} rounds; {_schedule(s)}); personal prefix "
         f"P={s['personal_tokens']}, shared P={s['shared_tokens']}; LoRA rank {results['lora_rank']} on q/v. "
         f"Learning rates: personal {s['learning_rate']}, federated rounds "
-        f"{s.get('federation_learning_rate', s['learning_rate'])}, the copy {s.get('copy_learning_rate', '-')}, "
+        f"{s.get('federation_learning_rate', s['learning_rate'])}, {_copy_rate(s)}"
         f"LoRA {s['lora_learning_rate']}, full fine-tuning {s['full_ft_learning_rate']}. "
         f"Held out: the last 20% of each role's speeches. Total {results['total_seconds'] / 60:.0f} min on "
         f"{results['machine']}.",

@@ -83,7 +83,9 @@ def simulate(
     users, data = _federation_data(config, users, examples, Path(out), err_console if as_json else console)
     config = _checked({**settings, "num_users": users, "data": data})
     try:
-        title = f"simulating {users} users x {rounds} rounds on {base} ({mode})"
+        recipe = f", {config.personal_recipe}" if mode == "shared+personal" else ""
+        secure = ", last round under secure aggregation" if config.secure_last_round else ""
+        title = f"simulating {users} users x {rounds} rounds on {base} ({mode}{recipe}{secure})"
         # Rounds as they end; with --json on stderr, so stdout stays JSON.
         with round_progress(err_console if as_json else console, rounds, title) as on_round:
             records = run_simulation(config, on_round=on_round)

@@ -19,8 +19,11 @@ from tests.conftest import federation_config
 
 
 def test_two_rounds_with_superlink_and_supernodes(tmp_path):
+    """The default recipe: round 1 federates the shared prefix, round 2 is the secure round
+    (SecAgg+ keeps its state in each SuperNode's context between the messages of the round,
+    while every message runs in a fresh ClientApp process)."""
     # Real devices bring their own files (node config `data-path`); the run names no data folder.
-    config = federation_config(tmp_path, num_users=2, num_rounds=2, audit_dir="", data="")
+    config = federation_config(tmp_path, num_users=2, num_rounds=2, audit_dir="", data="", personal_init="auto")
     own_files = tmp_path / "data"  # written by federation_config: user000/, user001/
     app = write_app(tmp_path / "app", config)
     flwr_home, log = tmp_path / "flwr-home", tmp_path / "flower.log"
@@ -69,5 +72,7 @@ def test_two_rounds_with_superlink_and_supernodes(tmp_path):
     info, rounds, _ = read_run(config.run_dir)
     assert info.status == "finished" and [r.round for r in rounds] == [1, 2]
     assert all(r.replies_accepted == 2 and r.eval_loss_personal is not None for r in rounds)
+    assert info.config["personal_init"] == "interpolate" and not rounds[1].rejected
+    assert rounds[1].shared_update_norm > 0 and rounds[1].eval_loss_personal < rounds[1].eval_loss_base
     assert sorted(p.name for p in (tmp_path / "stores").iterdir()) == ["device0", "device1"]
     assert all(node.poll() is not None for node in nodes)

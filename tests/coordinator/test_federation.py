@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fedprefix.client import Personalizer
 from fedprefix.client.node import simulation_key
 from fedprefix.common.base_model import load_base
@@ -167,10 +168,46 @@ def test_own_jsonl_file_one_node_per_user_k_users_per_round(tmp_path, monkeypatc
         for path in (tmp_path / "audit").glob("*.jsonl")
     }
     assert set(logged) <= set(users), "nodes are named by the file's user ids"
-    replies = [entry for entries in logged.values() for entry in entries]
-    for server_round in (1, 2):
+    for server_round in (1, 2):  # (round 2, the secure one, takes 5 training messages per user)
         for kind in ("train", "evaluate"):
-            assert len([e for e in replies if e["round"] == server_round and e["type"] == kind]) == 2, (
-                server_round,
-                kind,
-            )
+            repliers = {
+                u for u, entries in logged.items() for e in entries if (e["round"], e["type"]) == (server_round, kind)
+            }
+            assert len(repliers) == 2, (server_round, kind, repliers)
+
+
+def test_interpolate_recipe_keeps_each_update_secret_and_each_user_near_the_average(tmp_path):
+    """personal-init "interpolate": rounds 1-2 federate the shared part in the clear; round 3
+    goes through SecAgg+: the nodes' replies carry masked vectors, no arrays; the coordinator
+    applies the average of the users' round results L_i, and each user keeps
+    S + a (L_i - S). So the users' kept prefixes average back to S exactly (equal weights
+    here), each differs from S, and none of their bytes crossed the wire."""
+    config = federation_config(tmp_path, num_users=3, num_rounds=3, personal_init="interpolate", interpolation=0.25)
+    rounds = simulate(config)
+    info, recorded, problems = read_run(config.run_dir)
+    assert info.status == "finished" and not problems, problems
+    assert [r.replies_accepted for r in rounds] == [3, 3, 3] and not any(r.rejected for r in rounds)
+    assert rounds[2].shared_update_norm > 0  # the secure average was applied
+    assert rounds[2].uplink_bytes > 3 * 8 * METRICS_PER_REPLY  # masked vectors and keys went up
+    train = [s for s in _sent(config) if s["type"] == "train"]
+    assert all(not s["arrays"] for s in train if s["configs"]), "a secure reply carries no plain arrays"
+    masked = [s for s in train if any("masked_params" in c for c in s["configs"])]
+    assert len(masked) == 3
+    base = load_base("tiny-llama")
+    spec = PrefixConfig(spec=base.prefix_spec(4), base_fingerprint=base.fingerprint)
+    shared = Prefix.from_state(spec, load_shared_prefix(config.run_dir)).flat().detach()
+    blob = b"".join(base64.b64decode(a["data"]) for s in _sent(config) for a in s["arrays"])
+    blob += json.dumps([s["configs"] for s in _sent(config)]).encode()
+    kept = []
+    for user in ("user000", "user001", "user002"):
+        me = Personalizer.load(
+            user, PrefixStore(tmp_path / "stores" / user), simulation_key(config, user), base_model=base
+        )
+        own = me.personal.flat().detach()
+        assert me.shared is None and 0 < (own - shared).abs().max() < 0.5
+        for row in own.numpy().astype(np.float32):
+            assert row.tobytes()[:64] not in blob
+            assert base64.b64encode(row.tobytes()[:48]) not in blob
+        kept.append(own)
+    # sum_i (P_i - S) = a sum_i (L_i - S) = a (sum_i (L_i - S_prev) - 3 (S - S_prev)) = 0
+    assert torch.stack(kept).mean(0).sub(shared).abs().max() < 1e-6

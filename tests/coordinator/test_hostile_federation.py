@@ -37,3 +37,29 @@ def test_a_quarter_of_nodes_crashing_every_round_ends_no_round(tmp_path):
     assert any("ClientAppException" in reason for reason in reasons)  # round 1: an exception
     assert any("died" in reason.lower() for reason in reasons)  # round 2: the process exited
     assert all("\x1b" not in reason and len(reason) <= 340 for reason in reasons)
+
+
+def test_a_node_sending_garbage_in_the_secure_round_cannot_move_the_shared_prefix(tmp_path):
+    """personal-init "interpolate": one node of four replaces its masked vector with random
+    numbers. Its reply cannot be told apart alone; their sum lands outside what honest nodes
+    can send, so the round's average is refused, the shared prefix stays round 2's, every user
+    still finishes the round (interpolating toward it), and the run ends normally."""
+    rounds = _run(tmp_path, "garbage", f"{HOSTILE}:garbage_mask_app", personal_init="interpolate")
+    assert [r.round for r in rounds] == [1, 2, 3]
+    reasons = [x.reason for x in rounds[2].rejected]
+    assert any("secure average" in reason and "shared prefix kept" in reason for reason in reasons), reasons
+    assert rounds[2].shared_update_norm is None and rounds[2].replies_accepted == 4
+    assert rounds[2].eval_loss_shared == pytest.approx(rounds[1].eval_loss_shared, rel=1e-6)
+    assert rounds[2].eval_loss_personal < rounds[2].eval_loss_shared  # each user's own share still helps
+
+
+def test_a_node_dropping_out_of_the_secure_round_leaves_the_average_of_the_others(tmp_path):
+    """SecAgg+ rebuilds a dropped node's masks from the others' shares: the round still applies
+    the average of the three updates that arrived, and names the one that did not."""
+    config = federation_config(tmp_path, num_users=4, num_rounds=2, local_steps=2, audit_dir="", personal_init="auto")
+    rounds = simulate(config, clientapp=f"{HOSTILE}:secure_dropout_app")
+    assert [r.round for r in rounds] == [1, 2]
+    secure = rounds[1]
+    assert secure.replies_accepted == 3 and secure.replies_rejected == 1
+    assert "no masked update" in secure.rejected[0].reason
+    assert secure.shared_update_norm > 0 and secure.eval_loss_shared < rounds[0].eval_loss_shared

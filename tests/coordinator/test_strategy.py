@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomllib
-from fedprefix.common.config import FederationConfig
+from fedprefix.common.config import FederationConfig, sample_size
+from fedprefix.coordinator.secure_round import average_problem, clipping_range
 from fedprefix.coordinator.strategy import (
     PrefixStrategy,
     build_inner_strategy,
     payload_bytes,
     round_sizes,
-    sample_size,
 )
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
@@ -245,11 +245,11 @@ def test_round_phases_name_the_parts_trained_and_are_validated():
         "shared",
         "all",
     ]
-    # the default recipe: the shared part alone, then each user's copy of it; never both parts
-    default = FederationConfig(num_rounds=4, learning_rate=0.01, copy_learning_rate=0.002)
-    assert [default.round_parts(r) for r in (1, 2, 3, 4)] == ["shared", "shared", "shared", "personal"]
-    assert [default.round_learning_rate(r) for r in (3, 4)] == [0.01, 0.002]
-    two_copies = FederationConfig(num_rounds=4, personal_only_rounds=2)
+    # the copy recipe: the shared part alone, then each user's copy of it at its own rate; never both parts
+    copy = FederationConfig(num_rounds=4, learning_rate=0.01, copy_learning_rate=0.002, personal_init="shared")
+    assert [copy.round_parts(r) for r in (1, 2, 3, 4)] == ["shared", "shared", "shared", "personal"]
+    assert [copy.round_learning_rate(r) for r in (3, 4)] == [0.01, 0.002]
+    two_copies = FederationConfig(num_rounds=4, personal_only_rounds=2, personal_init="shared")
     assert [two_copies.round_parts(r) for r in (1, 2, 3, 4)] == ["shared", "shared", "personal", "personal"]
     assert FederationConfig(num_rounds=1).round_parts(1) == "personal"  # a copy of the starting shared part
     FederationConfig(mode="personal", personal_tokens=4)  # unequal parts are fine where nothing is copied
@@ -266,7 +266,7 @@ def test_round_phases_name_the_parts_trained_and_are_validated():
 def test_a_personal_only_round_keeps_the_shared_prefix_and_refuses_arrays():
     """In a personal-only round nodes send nothing shared: a reply with arrays is rejected, and
     the round aggregates metrics only, so the shared prefix stays what it was."""
-    strategy = _strategy(num_rounds=2, personal_only_rounds=1)
+    strategy = _strategy(num_rounds=2, personal_only_rounds=1, personal_init="shared")
     initial = ArrayRecord({"shared.embedding.weight": Array(np.zeros(SHAPE, dtype=np.float32))})
     config = ConfigRecord()
     messages = strategy.configure_train(2, initial, config, _Grid(4))
@@ -289,3 +289,50 @@ class _Grid:
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+
+def test_interpolate_recipe_is_validated_and_federates_its_last_round():
+    config = FederationConfig(num_rounds=4, personal_init="interpolate", copy_learning_rate=0.002)
+    assert [config.round_parts(r) for r in (1, 2, 3, 4)] == ["shared", "shared", "shared", "personal"]
+    assert [config.is_secure_round(r) for r in (3, 4)] == [False, True]
+    assert config.round_learning_rate(4) == config.learning_rate  # the federated rate, not the copy's
+    for settings, reason in [
+        (dict(aggregator="krum"), "needs aggregator 'fedavg' without differential privacy"),
+        (dict(dp_noise_multiplier=1.0), "needs aggregator 'fedavg' without differential privacy"),
+        (dict(personal_only_rounds=2), "every round but the last"),
+        (dict(num_rounds=3, shared_only_rounds=1), "every round but the last"),
+        (dict(num_users=1), "at least 2 users in the last round"),
+        (dict(num_users=4, users_per_round=1), "at least 2 users in the last round"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            FederationConfig(personal_init="interpolate", **settings)
+    with pytest.raises(ValueError, match="interpolation"):
+        FederationConfig(personal_init="interpolate", interpolation=0)
+    # "auto", the default: interpolate where the run allows a secure last round, else the plain copy
+    assert FederationConfig().personal_recipe == "interpolate" and FederationConfig().secure_last_round
+    for settings in (dict(aggregator="krum"), dict(dp_noise_multiplier=1.0), dict(num_users=1)):
+        config = FederationConfig(**settings)
+        assert config.personal_recipe == "shared" and config.copies_shared and not config.secure_last_round
+    assert FederationConfig(mode="shared").secure_last_round is False
+
+
+def test_a_secure_average_outside_what_honest_nodes_can_send_is_refused():
+    """Masked replies are seen only in their sum: the sum is what gets checked. Honest nodes clip
+    every value to the clipping range, so their average lies within it; and a round's update
+    stays within update-clip-factor x the last round's norm."""
+    config = FederationConfig(personal_init="interpolate", local_steps=10, learning_rate=0.03)
+    bound = clipping_range(config, 0.03)
+    assert bound == pytest.approx(1.2)
+    current = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
+    names = sorted(current)
+    honest = [np.full((2, 3), 0.01, np.float32), np.full(4, -0.01, np.float32)]
+    assert average_problem(honest, names, current, bound, config, previous_norm=0.05) is None
+    outside = [honest[0], np.array([0.0, 0.0, 0.0, 5.0], np.float32)]
+    assert "outside the clipping range" in average_problem(outside, names, current, bound, config, 0.05)
+    assert "not finite" in average_problem(
+        [honest[0], np.full(4, np.nan, np.float32)], names, current, bound, config, 0.05
+    )
+    assert "expected" in average_problem([honest[0]], names, current, bound, config, 0.05)
+    far = [np.full((2, 3), 1.0, np.float32), np.full(4, 1.0, np.float32)]  # in range, but 3.2 vs 3 x 0.5
+    assert "exceeds its bound 1.5" in average_problem(far, names, current, bound, config, previous_norm=0.5)
+    assert average_problem(far, names, current, bound, config, previous_norm=2.0) is None

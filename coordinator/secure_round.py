@@ -1,0 +1,215 @@
+"""The last round of personal_init "interpolate": each user's update aggregated under SecAgg+.
+
+Each user keeps the round's new shared prefix S moved part of the way toward its own
+round result L (S + a (L - S), model interpolation). Were L sent in the clear, the
+coordinator could compute that prefix, against the rule that a user's prefix never
+leaves its device. Under Flower's SecAgg+ every node sends its update L - S_prev masked
+with pairwise one-time pads that cancel in the sum: the coordinator learns the weighted
+average of the updates and nothing about any one of them (as long as fewer than the
+reconstruction threshold of nodes collude with it).
+
+Flower 1.42 runs SecAgg+ on its legacy path only (`SecAggPlusWorkflow` on a
+`LegacyContext`, FitIns/FitRes records); `secure_average` drives that workflow for one
+round with a legacy strategy that only samples and collects, and the nodes answer its
+messages through `secaggplus_mod` (client/secure.py).
+
+What this round cannot check: a masked reply is seen only in the sum, so no per-reply
+test (finiteness, norm, weight) applies. A hostile node can still move the average; it is
+bounded afterwards: every value of an honest average lies within the clipping range that
+honest nodes clip to, and the update's norm must stay within `update_clip_factor` x the
+previous round's (shared prefixes of a run move alike from round to round). An average
+outside either bound is refused, and the shared prefix stays as it was: the users
+interpolate toward that instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from fedprefix.common.config import FederationConfig
+from fedprefix.common.protocol import ARRAYS, CONFIG, RoundSettings, secure_round_order
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common import FitIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp import Grid
+
+# SecAgg+ settings. Every node shares its secrets with every other (num_shares 1.0 = all),
+# and half of the shares rebuild a dropped node's masks: up to half the nodes may drop out
+# mid-round, and fewer than half colluding with the coordinator learn nothing.
+NUM_SHARES = 1.0
+RECONSTRUCTION_THRESHOLD = 0.5
+# Adam moves a value by at most ~lr per step (exactly lr at its first step, rarely up to
+# ~3 lr with beta1 0.9, beta2 0.999): honest updates of `steps` steps lie within this
+# many x lr x steps; values outside are clipped by the node before masking.
+CLIP_STEPS_FACTOR = 4.0
+
+
+def clipping_range(config: FederationConfig, learning_rate: float) -> float:
+    """The per-value bound nodes clip their masked update to."""
+    return CLIP_STEPS_FACTOR * learning_rate * config.local_steps
+
+
+@dataclass
+class SecureResult:
+    """What one secure round gave the coordinator."""
+
+    average: dict[str, np.ndarray] | None  # the weighted average update by tensor name; None: refused
+    nodes: list[int]  # nodes whose masked update is in the sum
+    sampled: list[int]
+    uplink: int  # bytes the nodes sent over all four SecAgg+ stages
+    problem: str | None = None  # why the average was refused (None: accepted)
+
+
+class _SampleAndCollect(LegacyStrategy):
+    """The legacy strategy SecAggPlusWorkflow needs: it samples the round's nodes and keeps
+    the unmasked average that the workflow hands to `aggregate_fit`."""
+
+    def __init__(self, fit_ins: FitIns, num_nodes: int) -> None:
+        self.fit_ins, self.num_nodes = fit_ins, num_nodes
+        self.average: Parameters | None = None
+        self.sampled: list[int] = []
+        self.nodes: list[int] = []
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        clients = client_manager.sample(self.num_nodes, min_num_clients=self.num_nodes)
+        self.sampled = sorted(client.node_id for client in clients)
+        return [(client, self.fit_ins) for client in clients]
+
+    def aggregate_fit(self, server_round, results, failures):
+        # SecAggPlusWorkflow sets every result's parameters to the unmasked weighted average
+        self.nodes = sorted(proxy.node_id for proxy, _ in results)
+        self.average = results[0][1].parameters if results else None
+        return self.average, {}
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+class _CountingGrid:
+    """The grid, counting the bytes of every reply (the workflow only calls send_and_receive)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid, self.uplink = grid, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if not reply.has_error():
+                self.uplink += reply_bytes(reply.content)
+        return replies
+
+
+def reply_bytes(content: RecordDict) -> int:
+    """Payload bytes of a reply: array data, bytes and numbers (8 each) in its records."""
+    total = sum(len(a.data) for record in content.array_records.values() for a in record.values())
+    for record in (*content.config_records.values(), *content.metric_records.values()):
+        for value in record.values():
+            items = value if isinstance(value, list) else [value]
+            total += sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in items)
+    return total
+
+
+def secure_average(
+    grid: Grid,
+    config: FederationConfig,
+    current: dict[str, np.ndarray],
+    settings: RoundSettings,
+    server_round: int,
+    num_nodes: int,
+    previous_norm: float | None,
+) -> SecureResult:
+    """Run SecAgg+ for `server_round`: sample `num_nodes` nodes, send each the shared prefix
+    `current` with the round's `settings` (learning rate, weight cap), and return the weighted
+    average of their updates, checked."""
+    names = secure_round_order(current)
+    parameters = ndarrays_to_parameters([current[name] for name in names])
+    strategy = _SampleAndCollect(FitIns(parameters, settings.to_config()), num_nodes)
+    clients = SimpleClientManager()
+    for node_id in grid.get_node_ids():
+        clients.register(GridClientProxy(node_id, grid, grid.run.run_id))
+    context = LegacyContext(
+        Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+        strategy=strategy,
+        client_manager=clients,
+    )
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
+    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(parameters, True)
+    bound = clipping_range(config, settings.learning_rate or config.learning_rate)
+    counting = _CountingGrid(grid)
+    workflow = SecAggPlusWorkflow(
+        NUM_SHARES,
+        RECONSTRUCTION_THRESHOLD,
+        clipping_range=bound,
+        max_weight=settings.max_weight or float(config.max_num_examples),
+    )
+    workflow(counting, context)  # type: ignore[arg-type]  # duck-typed: send_and_receive only
+    result = SecureResult(
+        average=None,
+        nodes=strategy.nodes,
+        sampled=strategy.sampled,
+        uplink=counting.uplink,
+    )
+    if strategy.average is None:
+        result.problem = "secure aggregation halted (too few nodes replied); shared prefix kept"
+        return result
+    arrays = parameters_to_ndarrays(strategy.average)
+    result.problem = average_problem(arrays, names, current, bound, config, previous_norm)
+    if result.problem is None:
+        result.average = {name: np.asarray(a, dtype=np.float32) for name, a in zip(names, arrays, strict=True)}
+    return result
+
+
+def average_problem(
+    arrays: list[np.ndarray],
+    names: list[str],
+    current: dict[str, np.ndarray],
+    bound: float,
+    config: FederationConfig,
+    previous_norm: float | None,
+) -> str | None:
+    """Why the unmasked average update must be refused, or None to apply it."""
+    shapes = [tuple(current[name].shape) for name in names]
+    if [tuple(a.shape) for a in arrays] != shapes:
+        return f"secure average has shapes {[a.shape for a in arrays]}, expected {shapes}; shared prefix kept"
+    if not all(np.isfinite(a).all() for a in arrays):
+        return "secure average is not finite; shared prefix kept"
+    largest = max(float(np.abs(a).max()) for a in arrays)
+    if largest > bound * (1 + 1e-3):  # honest nodes clip to the bound; quantization adds far less
+        return (
+            f"secure average has a value of {largest:.3g}, outside the clipping range {bound:.3g}; shared prefix kept"
+        )
+    norm = math.sqrt(sum(float((a.astype(np.float64) ** 2).sum()) for a in arrays))
+    limit = config.max_update_norm
+    if previous_norm and config.update_clip_factor > 0:
+        limit = min(limit, config.update_clip_factor * previous_norm)
+    if norm > limit:
+        return f"secure average update norm {norm:.3g} exceeds its bound {limit:.3g}; shared prefix kept"
+    return None
+
+
+def finalize_message(node_id: int, arrays: ArrayRecord, config: ConfigRecord, server_round: int) -> Message:
+    """The message that ends a secure round on one node: the new shared prefix and FINALIZE."""
+    return Message(
+        content=RecordDict({ARRAYS: arrays, CONFIG: config}),
+        dst_node_id=node_id,
+        message_type=MessageType.TRAIN,
+        group_id=str(server_round),
+    )
