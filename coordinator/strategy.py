@@ -188,7 +188,7 @@ class PrefixStrategy(Strategy):
     def _secure_round(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> list[Message]:
         """Run the round's training under SecAgg+ (coordinator/secure_round.py); return the messages
         that end it: the new shared prefix (or, if the average was refused, the old one) to every
-        node whose update is in the average."""
+        node whose update is in the average (if the round halted: to every sampled node)."""
         settings = RoundSettings(
             base_fingerprint=self.base_fingerprint,
             learning_rate=self.config.round_learning_rate(server_round),
@@ -199,8 +199,8 @@ class PrefixStrategy(Strategy):
             grid, self.config, self.current, settings, server_round, round_sizes(self.config)[0], self.last_norm
         )
         self.pending.update(sampled=result.sampled, uplink=result.uplink)
-        for node in sorted(set(result.sampled) - set(result.nodes)):  # SecAgg+ rebuilt their masks
-            reason = "secure round: no masked update (the node failed or dropped out)"
+        for node in sorted(set(result.sampled) - set(result.nodes)) if result.nodes else []:
+            reason = "secure round: no masked update (the node failed or dropped out)"  # its masks were rebuilt
             self.pending.setdefault("rejected", []).append(Rejection(node=node, reason=reason))
         if result.problem is not None:
             log.warning("round %d: %s", server_round, result.problem)
@@ -213,7 +213,9 @@ class PrefixStrategy(Strategy):
             self.pending["secure_arrays"] = new
         settings = RoundSettings(base_fingerprint=self.base_fingerprint, train_parts=FINALIZE).to_config()
         config = ConfigRecord({**settings, "server-round": server_round})  # as Flower's strategies add it
-        return [finalize_message(node, new, config, server_round) for node in result.nodes]
+        # A halted round has no list of contributors: every sampled node that trained still
+        # finishes (toward the old shared prefix); the others answer that they did not train.
+        return [finalize_message(node, new, config, server_round) for node in result.nodes or result.sampled]
 
     def _secure_max_weight(self) -> float:
         """A secure round's weight cap: the bound clear rounds clip weights to (update-clip-factor x

@@ -336,3 +336,31 @@ def test_a_secure_average_outside_what_honest_nodes_can_send_is_refused():
     far = [np.full((2, 3), 1.0, np.float32), np.full(4, 1.0, np.float32)]  # in range, but 3.2 vs 3 x 0.5
     assert "exceeds its bound 1.5" in average_problem(far, names, current, bound, config, previous_norm=0.5)
     assert average_problem(far, names, current, bound, config, previous_norm=2.0) is None
+
+
+def test_a_halted_or_refused_secure_round_keeps_the_shared_prefix_and_still_ends_on_every_node(monkeypatch):
+    """Whatever the secure round gave, its nodes get FINALIZE with the prefix that holds: the new
+    one if the average was applied, else the old one (a halted round: every sampled node)."""
+    from fedprefix.coordinator import strategy as module
+    from fedprefix.coordinator.secure_round import SecureResult
+
+    initial = ArrayRecord({"shared.embedding.weight": Array(np.zeros(SHAPE, dtype=np.float32))})
+    outcomes = {
+        "halted": SecureResult(None, [], [1, 2, 3], 0, "secure aggregation halted (too few nodes replied)"),
+        "refused": SecureResult(None, [1, 2], [1, 2, 3], 10, "secure average ... shared prefix kept"),
+        "applied": SecureResult({"embedding.weight": np.full(SHAPE, 0.5, np.float32)}, [1, 3], [1, 2, 3], 10),
+    }
+    for name, outcome in outcomes.items():
+        strategy = _strategy(num_rounds=1)
+        monkeypatch.setattr(module, "secure_average", lambda *args, outcome=outcome: outcome)
+        messages = strategy.configure_train(1, initial, ConfigRecord(), _Grid(3))
+        assert [m.metadata.dst_node_id for m in messages] == ([1, 2, 3] if name == "halted" else outcome.nodes)
+        assert {m.content["config"]["train-parts"] for m in messages} == {"finalize"}
+        sent = messages[0].content["arrays"]["shared.embedding.weight"].numpy()
+        assert float(sent.max()) == (0.5 if name == "applied" else 0.0), name
+        replies = [_reply(None, node=m.metadata.dst_node_id) for m in messages]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert (arrays is not None) == (name == "applied"), name
+        rejected = [r.reason for r in strategy.pending["rejected"]]
+        assert any(r.startswith("round:") for r in rejected) == (name != "applied"), name
+        assert sum("no masked update" in r for r in rejected) == (0 if name == "halted" else 3 - len(outcome.nodes))
