@@ -36,6 +36,13 @@ def fmt_num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def mode_label(config: dict) -> str:
+    """A run's mode as run.json records it, with the personal recipe that ran in shared+personal."""
+    mode = str(config.get("mode", "?"))
+    recipe = config.get("personal_init")
+    return f"{mode} ({recipe})" if mode == "shared+personal" and recipe else mode
+
+
 def rounds_table(records: Sequence[RoundRecord], title: str = "rounds") -> Table:
     """Round, users sampled, replies ok / rejected, train loss, held-out loss with the base, shared
     and shared+personal prefix, personalization gain (base - personal), update norm, uplink, time."""

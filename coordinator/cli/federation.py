@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 from fedprefix.common.errors import FedPrefixError, first_error
-from fedprefix.coordinator.views import fmt_num
+from fedprefix.coordinator.views import fmt_num, mode_label
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -202,7 +202,7 @@ def show_command(
     console.print(
         f"[bold]{escape(run)}[/bold]: "
         + escape(
-            f"{info.status}, mode {info.config.get('mode')}, base {info.base}, "
+            f"{info.status}, mode {mode_label(info.config)}, base {info.base}, "
             f"{info.config.get('num_users')} users, {len(records)}/{info.config.get('num_rounds')} rounds"
         )
     )

@@ -19,7 +19,7 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import HTMLResponse
 from fedprefix.coordinator.records import RunFolderError
 from fedprefix.coordinator.runs import list_runs, load_run, summarize
-from fedprefix.coordinator.views import fmt_num
+from fedprefix.coordinator.views import fmt_num, mode_label
 from jinja2 import Environment, select_autoescape
 
 from .charts import line_chart
@@ -28,6 +28,7 @@ POLL_MS = 2000
 
 _env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
 _env.filters["num"] = fmt_num
+_env.filters["mode"] = mode_label
 _env.filters["when"] = lambda t: "-" if not t else datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
 
 STYLE = """
@@ -78,7 +79,7 @@ RUN_PAGE = _env.from_string("""<h1>Run {{ run_id }}</h1>
 })();
 </script>""")
 
-PANEL = _env.from_string("""<p><span class="status-{{ info.status }}">{{ info.status }}</span> · mode {{ info.config.mode }}
+PANEL = _env.from_string("""<p><span class="status-{{ info.status }}">{{ info.status }}</span> · mode {{ info.config | mode }}
 · base {{ info.base }} <span class="muted">({{ info.base_fingerprint[:12] }}…)</span> · {{ info.config.num_users }} users
 · {{ rounds | length }}/{{ info.config.num_rounds }} rounds · aggregator {{ info.config.aggregator }}
 · started {{ info.started | when }}{% if info.ended %} · ended {{ info.ended | when }}{% endif %}</p>

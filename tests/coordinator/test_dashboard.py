@@ -43,6 +43,7 @@ def test_cli_runs_and_show(runs):
     shown = runner.invoke(app, ["show", "tiny", "--runs", str(runs)])
     assert shown.exit_code == 0, shown.output
     assert "personalization gain" in shown.output and "eval_loss_personal" in shown.output
+    assert "mode shared+personal (text)" in " ".join(shown.output.split())  # the recipe that ran
     as_json = json.loads(runner.invoke(app, ["show", "tiny", "--runs", str(runs), "--json"]).output)
     assert [r["round"] for r in as_json["rounds"]] == [1, 2, 3]
 
@@ -81,6 +82,7 @@ def test_every_page_and_endpoint(runs):
     assert "key_seed" not in page.text and "simulation-only" not in page.text
     panel = client.get("/runs/tiny/panel")
     assert panel.headers["x-run-status"] == "finished" and "<table" in panel.text
+    assert "mode shared+personal (text)" in panel.text
     assert len(client.get("/api/runs").json()) == 2
     assert len(client.get("/api/runs/tiny/rounds").json()["rounds"]) == ROUNDS
     assert client.get("/api/runs/tiny").json()["summary"]["rounds_done"] == ROUNDS
