@@ -5,8 +5,9 @@ round result L (S + a (L - S), model interpolation). Were L sent in the clear, t
 coordinator could compute that prefix, against the rule that a user's prefix never
 leaves its device. Under Flower's SecAgg+ every node sends its update L - S_prev masked
 with pairwise one-time pads that cancel in the sum: the coordinator learns the weighted
-average of the updates and nothing about any one of them (as long as fewer than the
-reconstruction threshold of nodes collude with it).
+average of the updates and nothing about any one of them, as long as it follows the
+protocol and fewer than the reconstruction threshold of nodes collude with it (SecAgg+'s
+honest-but-curious model).
 
 Flower 1.42 runs SecAgg+ on its legacy path only (`SecAggPlusWorkflow` on a
 `LegacyContext`, FitIns/FitRes records); `secure_average` drives that workflow for one
