@@ -38,7 +38,7 @@ def is_bad(context: Context) -> bool:
     return int(context.node_config.get("partition-id", 0)) % 4 == 3
 
 
-poisoning_app = ClientApp(mods=[real.audit_mod, real.dp_clipping_mod])
+poisoning_app = ClientApp(mods=[real.audit_mod, real.dp_clipping_mod, secure_aggregation_mod])
 
 
 @poisoning_app.train()
@@ -61,7 +61,7 @@ def honest_evaluate(msg: Message, context: Context) -> Message:
     return real.evaluate(msg, context)
 
 
-crashing_app = ClientApp(mods=[real.audit_mod, real.dp_clipping_mod])
+crashing_app = ClientApp(mods=[real.audit_mod, real.dp_clipping_mod, secure_aggregation_mod])
 
 
 @crashing_app.train()
