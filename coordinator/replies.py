@@ -125,6 +125,25 @@ def update_norm(arrays: Arrays, current: Arrays) -> float:
     return math.sqrt(sum(float(((arrays[k].astype(np.float64) - current[k]) ** 2).sum()) for k in current))
 
 
+def median_weight(replies: list[Message]) -> float:
+    """The median num-examples of accepted replies: what weights are capped against."""
+    return float(np.median([msg.content[METRICS][NUM_EXAMPLES] for msg in replies]))
+
+
+def payload_bytes(message: Message) -> int:
+    """Bytes a reply carries: array data (decoded numel x itemsize) + 8 per metric value."""
+    total = 0
+    for record in message.content.array_records.values():
+        for array in record.values():
+            try:
+                total += array.numpy().nbytes
+            except Exception:  # undecodable (a hostile reply): count its raw bytes
+                total += len(array.data)
+    for record in message.content.metric_records.values():
+        total += sum(8 * (len(v) if isinstance(v, list) else 1) for v in record.values())
+    return total
+
+
 def bound_updates(replies: list[Message], current: Arrays, prefix: str, factor: float) -> dict[int, float]:
     """Clip every accepted update to `factor` x the round's median update norm, and its weight
     (num-examples) to `factor` x the median weight, in place.
@@ -134,7 +153,7 @@ def bound_updates(replies: list[Message], current: Arrays, prefix: str, factor: 
     """
     if factor <= 0 or len(replies) < 2:
         return {}
-    weight_cap = factor * float(np.median([msg.content[METRICS][NUM_EXAMPLES] for msg in replies]))
+    weight_cap = factor * median_weight(replies)
     for msg in replies:
         if msg.content[METRICS][NUM_EXAMPLES] > weight_cap:
             msg.content[METRICS][NUM_EXAMPLES] = weight_cap

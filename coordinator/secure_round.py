@@ -43,6 +43,8 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
+from .replies import payload_bytes
+
 # SecAgg+ settings. Every node shares its secrets with every other (num_shares 1.0 = all),
 # and half of the shares rebuild a dropped node's masks: up to half the nodes may drop out
 # mid-round, and fewer than half colluding with the coordinator learn nothing.
@@ -114,14 +116,15 @@ class _CountingGrid:
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
             if not reply.has_error():
-                self.uplink += reply_bytes(reply.content)
+                self.uplink += reply_bytes(reply)
         return replies
 
 
-def reply_bytes(content: RecordDict) -> int:
-    """Payload bytes of a reply: array data, bytes and numbers (8 each) in its records."""
-    total = sum(len(a.data) for record in content.array_records.values() for a in record.values())
-    for record in (*content.config_records.values(), *content.metric_records.values()):
+def reply_bytes(reply: Message) -> int:
+    """A SecAgg+ reply's payload: what payload_bytes counts, plus its config values (keys,
+    shares and the masked vector travel there as bytes; numbers count 8)."""
+    total = payload_bytes(reply)
+    for record in reply.content.config_records.values():
         for value in record.values():
             items = value if isinstance(value, list) else [value]
             total += sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in items)

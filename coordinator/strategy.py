@@ -46,7 +46,15 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from .records import PrivacyRecord, Rejection, RoundRecord, RunRecorder
-from .replies import all_finite, bound_updates, evaluate_reply_problem, train_reply_problem, update_norm
+from .replies import (
+    all_finite,
+    bound_updates,
+    evaluate_reply_problem,
+    median_weight,
+    payload_bytes,
+    train_reply_problem,
+    update_norm,
+)
 from .secure_round import finalize_message, secure_average
 
 log = logging.getLogger(__name__)
@@ -118,20 +126,6 @@ def _accountant(config: FederationConfig):
     except ImportError as exc:  # dp-accounting not installed
         log.warning("privacy accounting unavailable: %s", exc)
         return None
-
-
-def payload_bytes(message: Message) -> int:
-    """Bytes a reply carries: array data (decoded numel x itemsize) + 8 per metric value."""
-    total = 0
-    for record in message.content.array_records.values():
-        for array in record.values():
-            try:
-                total += array.numpy().nbytes
-            except Exception:  # undecodable (a hostile reply): count its raw bytes
-                total += len(array.data)
-    for record in message.content.metric_records.values():
-        total += sum(8 * (len(v) if isinstance(v, list) else 1) for v in record.values())
-    return total
 
 
 class PrefixStrategy(Strategy):
@@ -230,7 +224,7 @@ class PrefixStrategy(Strategy):
         replies = list(replies)
         accepted = [m for m in replies if self._accept(m, self.check_train_reply(m))]
         if accepted:
-            self.last_weight = float(np.median([m.content[METRICS][NUM_EXAMPLES] for m in accepted]))
+            self.last_weight = median_weight(accepted)
         if self.round_sends_shared:
             for node, scale in bound_updates(
                 accepted, self.current, SHARED_ARRAY_PREFIX, self.config.update_clip_factor
