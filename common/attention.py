@@ -182,22 +182,27 @@ def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 class GrowingLayer(DynamicLayer):
-    """A layer's keys/values in a buffer with spare room: a new token is written in place.
+    """A layer's keys/values in a buffer with spare room for rows and slots: a new token, a
+    joining row and a leaving row are all written in place.
 
     DynamicLayer concatenates on every step, copying the whole cache each time (a large
     share of a batched decode step); here the buffer doubles when full, and
-    `keys` / `values` are views of its first `length` slots.
+    `keys` / `values` are views of its first `rows` rows and first `length` slots.
     """
 
-    def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> None:
+    def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int, rows: int) -> None:
         super().__init__()
-        self._keys, self._values = key_buffer, value_buffer  # (B, H, capacity, D), slots [0, length) in use
-        self.length, self.device, self.is_initialized = length, key_buffer.device, True
+        self._keys, self._values = key_buffer, value_buffer  # (row capacity, H, slot capacity, D)
+        self.length, self.rows, self.device, self.is_initialized = length, rows, key_buffer.device, True
         self._expose()
 
     def _expose(self) -> None:
-        self.keys = self._keys[:, :, : self.length]
-        self.values = self._values[:, :, : self.length]
+        self.keys = self._keys[: self.rows, :, : self.length]
+        self.values = self._values[: self.rows, :, : self.length]
+
+    @property
+    def row_capacity(self) -> int:
+        return self._keys.shape[0]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         new = key_states.shape[-2]
@@ -206,22 +211,31 @@ class GrowingLayer(DynamicLayer):
             for name in ("_keys", "_values"):
                 old = getattr(self, name)
                 grown = old.new_empty(old.shape[0], old.shape[1], capacity, old.shape[3])
-                grown[:, :, : self.length] = old[:, :, : self.length]
+                grown[: self.rows, :, : self.length] = old[: self.rows, :, : self.length]
                 setattr(self, name, grown)
-        self._keys[:, :, self.length : self.length + new] = key_states
-        self._values[:, :, self.length : self.length + new] = value_states
+        self._keys[: self.rows, :, self.length : self.length + new] = key_states
+        self._values[: self.rows, :, self.length : self.length + new] = value_states
         self.length += new
         self._expose()
         return self.keys, self.values
 
-    def keep_rows(self, keep: torch.Tensor) -> None:
-        """Only the rows `keep` (ascending indices) stay, moved up within the same buffer."""
-        moved = (keep != torch.arange(len(keep), device=keep.device)).nonzero()
-        if len(moved):
-            first = int(moved[0])
+    def add_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append rows (n, H, w, D) whose slots end where the others' do; their first
+        `length - w` slots are zero (masked, finite). Needs room for n more rows and w <= length."""
+        count, width = keys.shape[0], keys.shape[2]
+        for buffer, source in ((self._keys, keys), (self._values, values)):
+            target = buffer[self.rows : self.rows + count]
+            target[:, :, : self.length - width].zero_()
+            target[:, :, self.length - width : self.length] = source
+        self.rows += count
+        self._expose()
+
+    def move_rows(self, sources: torch.Tensor, targets: torch.Tensor, rows: int) -> None:
+        """Copy rows `sources` onto rows `targets` (disjoint), then keep the first `rows`."""
+        if len(sources):
             for buffer in (self._keys, self._values):
-                buffer[first : len(keep), :, : self.length] = buffer[keep[first:], :, : self.length]
-        self._keys, self._values = self._keys[: len(keep)], self._values[: len(keep)]
+                buffer[targets, :, : self.length] = buffer[sources, :, : self.length]
+        self.rows = rows
         self._expose()
 
     def get_seq_length(self) -> int:
@@ -233,13 +247,14 @@ def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]], headroom:
     return batch_cache([(layers, None, None)], headroom)[0]
 
 
-def batch_cache(parts, headroom: int = 64) -> tuple[Cache, torch.Tensor | None]:
+def batch_cache(parts, headroom: int = 64, row_capacity: int = 0) -> tuple[Cache, torch.Tensor | None]:
     """A running batch's cache, built in one copy from groups of rows stacked in order.
 
     parts: each (layers: per layer (keys, values) (B_i, H, T_i, D), mask (B_i, T_i) or None,
     rows: indices of the group's rows to take, or None for all). With masks, columns that are
     padding in every taken row of a group are dropped, and each group is left-padded with
-    masked zero slots up to the widest. -> (the cache, its mask (B, T) or None).
+    masked zero slots up to the widest. Room is left for `headroom` more slots and up to
+    `row_capacity` rows in all. -> (the cache, its mask (B, T) or None).
     """
     groups = []
     for layers, mask, rows in parts:
@@ -258,7 +273,8 @@ def batch_cache(parts, headroom: int = 64) -> tuple[Cache, torch.Tensor | None]:
     for i in range(len(groups[0][0])):
         sizes = [len(rows) if rows is not None else layers[i][0].shape[0] for layers, _, rows, _, _ in groups]
         batch, heads, _, dim = groups[0][0][i][0].shape
-        buffers = [groups[0][0][i][0].new_empty(sum(sizes), heads, width + headroom, dim) for _ in range(2)]
+        capacity = max(sum(sizes), row_capacity)
+        buffers = [groups[0][0][i][0].new_empty(capacity, heads, width + headroom, dim) for _ in range(2)]
         offset = 0
         for (layers, _, rows, start, kept), size in zip(groups, sizes, strict=True):
             for buffer, source in zip(buffers, layers[i], strict=True):
@@ -267,20 +283,55 @@ def batch_cache(parts, headroom: int = 64) -> tuple[Cache, torch.Tensor | None]:
                 buffer[offset : offset + size, :, : width - kept].zero_()  # masked slots: finite
                 buffer[offset : offset + size, :, width - kept : width] = source[:, :, start:]
             offset += size
-        cache.append(GrowingLayer(*buffers, width))
+        cache.append(GrowingLayer(*buffers, width, sum(sizes)))
     return Cache(layers=cache), (torch.cat(masks) if masks else None)
 
 
-def drop_rows(cache: Cache, mask: torch.Tensor, keep: torch.Tensor) -> tuple[Cache, torch.Tensor]:
-    """Only rows `keep` (ascending) of a running batch: moved within its buffers, no new cache;
-    when the columns that are padding in every kept row reach half the width, they go (one copy)."""
+def join_rows(cache: Cache | None, mask, layers, new_mask: torch.Tensor, rows: torch.Tensor, max_rows: int):
+    """A running batch (cache, mask) with rows `rows` of a prefill's (layers, new_mask) appended.
+
+    The joiners are written into the batch's spare rows (no copy of the running rows); only
+    when they need more rows than are free, or more slots than the batch has, is the cache
+    built anew in one copy, with room for twice its rows (at most `max_rows`).
+    -> (cache, mask (B, T)).
+    """
+    new_mask = new_mask.index_select(0, rows)
+    start = _padding_columns(new_mask)
+    width = new_mask.shape[1] - start
+    first = None if cache is None else cache.layers[0]
+    if first is None or width > first.length or first.rows + len(rows) > first.row_capacity:
+        running = [] if cache is None else [(cache_layers(cache), mask, None)]
+        total = len(rows) + (0 if mask is None else mask.shape[0])
+        return batch_cache([*running, (layers, new_mask, rows)], row_capacity=min(max_rows, 2 * total))
+    for layer, (keys, values) in zip(cache.layers, layers, strict=True):
+        layer.add_rows(keys.index_select(0, rows)[:, :, start:], values.index_select(0, rows)[:, :, start:])
+    padding = new_mask.new_zeros(len(rows), mask.shape[1] - width)
+    return cache, torch.cat([mask, torch.cat([padding, new_mask[:, start:]], dim=1)])
+
+
+def drop_rows(cache: Cache, mask: torch.Tensor, keep: list[int]) -> tuple[Cache, torch.Tensor, list[int]]:
+    """Only rows `keep` (ascending) of a running batch stay, in place: each gap left by a row
+    that goes is filled by one of the last kept rows (one row's copy, not the batch's).
+    When the columns that are padding in every kept row reach an eighth of the width, they go
+    (one copy of the cache): each decode step's attention reads every column, and in a batch
+    that rows keep joining and leaving such columns pile up by one a step.
+    -> (cache, mask, order): order[i] = the old index of the row now at i."""
+    stay, kept = len(keep), set(keep)
+    gaps = [i for i in range(stay) if i not in kept]
+    movers = [i for i in keep if i >= stay]  # as many as there are gaps
+    order = list(range(stay))
+    for gap, mover in zip(gaps, movers, strict=True):
+        order[gap] = mover
+    device = mask.device
+    sources, targets = torch.tensor(movers, device=device), torch.tensor(gaps, device=device)
     for layer in cache.layers:
-        layer.keep_rows(keep)
-    mask = mask.index_select(0, keep)
+        layer.move_rows(sources, targets, stay)
+    mask = mask.index_select(0, torch.tensor(order, device=device))
     start = _padding_columns(mask)
-    if start and 2 * start >= mask.shape[1]:
-        return batch_cache([(cache_layers(cache), mask, None)])
-    return cache, mask
+    if start and 8 * start >= mask.shape[1]:
+        capacity = cache.layers[0].row_capacity
+        cache, mask = batch_cache([(cache_layers(cache), mask, None)], row_capacity=capacity)
+    return cache, mask, order
 
 
 def _padding_columns(mask: torch.Tensor) -> int:

@@ -300,6 +300,16 @@ def open_loop(
     }
 
 
+def median_round(runs: list[dict]) -> dict:
+    """The median of each figure over alternating rounds, and every round's p50 / p99 / throughput."""
+    numbers = [key for key, value in runs[0].items() if isinstance(value, int | float)]
+    summary = {key: round(statistics.median(run[key] for run in runs if run[key] is not None), 4) for key in numbers}
+    summary["rounds"] = [
+        [run["p50_latency_s"], run["p99_latency_s"], run["throughput_tokens_per_s"]] for run in runs
+    ]  # p50 s, p99 s, tokens/s
+    return {**runs[0], **summary}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="tiny-llama")
@@ -307,7 +317,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--users", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=16, help="prefix length P of every user")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of each side-by-side ratio")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="alternating rounds of each side-by-side comparison (ratios, HTTP open loop)",
+    )
     parser.add_argument("--peft-users", type=int, default=16, help="users timed for the PEFT loop (it is slow)")
     parser.add_argument(
         "--peft-lengths", type=int, nargs="+", default=[32, 128], help="new tokens per request, engine vs PEFT"
@@ -369,20 +384,23 @@ def main(argv=None) -> dict:
             result["request_costs"] = request_costs(served, store, users, prompts)
             print(json.dumps(result["request_costs"]), flush=True)
         if "http" not in args.skip:
-            result["open_loop_http"] = {
-                mode: open_loop(
-                    served,
-                    store,
-                    users,
-                    prompts,
-                    params,
-                    args.rate,
-                    args.seconds,
-                    continuous=mode == "continuous",
-                    client_process=args.client_process,
-                )
-                for mode in ("continuous", "static")
-            }
+            rounds = {"continuous": [], "static": []}
+            for _ in range(args.repeats):  # alternating: the host's drift hits both modes alike
+                for mode, runs in rounds.items():
+                    runs.append(
+                        open_loop(
+                            served,
+                            store,
+                            users,
+                            prompts,
+                            params,
+                            args.rate,
+                            args.seconds,
+                            continuous=mode == "continuous",
+                            client_process=args.client_process,
+                        )
+                    )
+            result["open_loop_http"] = {mode: median_round(runs) for mode, runs in rounds.items()}
             print(json.dumps(result["open_loop_http"]), flush=True)
     print(json.dumps(result, indent=2))
     if args.json:

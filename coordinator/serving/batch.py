@@ -16,7 +16,7 @@ import logging
 import time
 
 import torch
-from fedprefix.common.attention import batch_cache, cache_layers, drop_rows, rewind, row_key_values, stack_prefixes
+from fedprefix.common.attention import cache_layers, drop_rows, join_rows, rewind, row_key_values, stack_prefixes
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.generation import left_pad, make_generator
 
@@ -32,11 +32,19 @@ class RunningBatch:
     """Rows being generated, joiners being prefilled, and the step that advances them all."""
 
     def __init__(
-        self, base, forward, stats: EngineStats, eos: set[int], prompts: PromptCache | None, max_prefill_tokens: int
+        self,
+        base,
+        forward,
+        stats: EngineStats,
+        eos: set[int],
+        prompts: PromptCache | None,
+        max_prefill_tokens: int,
+        max_rows: int,
     ) -> None:
         self.base, self.tokenizer, self.forward = base, base.tokenizer, forward
         self.stats, self.eos, self.prompts = stats, eos, prompts
         self.max_prefill_tokens = max_prefill_tokens  # prompt tokens computed per step
+        self.max_rows = max_rows  # the most rows the cache makes room for
         self.rows: list[Row] = []
         self.cache = None  # a transformers Cache of GrowingLayers, (B, H, T, D) per layer
         self.mask: torch.Tensor | None = None  # (B, T)
@@ -157,8 +165,8 @@ class RunningBatch:
         joined = [plan[i][0] for i in complete]
         rows = [self._new_row(f.handle, int(positions[i]), device) for f, i in zip(joined, complete, strict=True)]
         tokens = pick(logits.index_select(0, index), rows)
-        running = [(cache_layers(self.cache), self.mask, None)] if self.rows else []
-        self.cache, self.mask = batch_cache([*running, (layers, new_mask, index)])  # one copy
+        # into the cache's spare rows: the running rows are not copied
+        self.cache, self.mask = join_rows(self.cache, self.mask, layers, new_mask, index, self.max_rows)
         self.filling = [f for f in self.filling if f not in joined]
         self.rows.extend(rows)
         self._accept(tokens, rows)
@@ -222,12 +230,11 @@ class RunningBatch:
         keep = [i for i, row in enumerate(self.rows) if not row.handle.done]
         if len(keep) < len(self.rows):
             self._remember_finished([i for i, row in enumerate(self.rows) if row.handle.done])
-            self.rows = [self.rows[i] for i in keep]
-            if self.rows:
-                index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-                self.cache, self.mask = drop_rows(self.cache, self.mask, index)  # in place
+            if keep:  # in place: each leaving row's slot is filled by one of the last rows
+                self.cache, self.mask, order = drop_rows(self.cache, self.mask, keep)
+                self.rows = [self.rows[i] for i in order]
             else:
-                self.cache, self.mask = None, None
+                self.rows, self.cache, self.mask = [], None, None
 
     def _remember_finished(self, leaving: list[int]) -> None:
         """Cache the KV of prompt + fed tokens of rows that finished well: a chat's next turn reuses it."""

@@ -113,7 +113,7 @@ class Engine:
         self._threads = torch.get_num_threads()  # the creating thread's setting, applied where the scheduler runs
         eos = eos_ids(self.model, self.tokenizer)
         self._batch = RunningBatch(  # touched by the scheduler thread only
-            base, self._forward, self.stats, eos, self.prompts, max_prefill_tokens
+            base, self._forward, self.stats, eos, self.prompts, max_prefill_tokens, max_batch_size
         )
 
     # ------------------------------------------------------------------ lifecycle

@@ -124,8 +124,8 @@ def test_only_prefix_gets_gradients(tiny_base):
     assert all(torch.equal(before[k], after[k]) for k in before), "base weights changed"
 
 
-def test_running_batch_cache_joins_in_one_copy_and_drops_rows_in_place():
-    from fedprefix.common.attention import batch_cache, cache_layers, drop_rows
+def test_running_batch_cache_rows_join_and_leave_without_copying_the_others():
+    from fedprefix.common.attention import batch_cache, cache_layers, drop_rows, join_rows
 
     def group(rows, width, real, seed):  # one layer; row r has its last real[r] slots in use
         g = torch.Generator().manual_seed(seed)
@@ -138,23 +138,49 @@ def test_running_batch_cache_joins_in_one_copy_and_drops_rows_in_place():
         used = mask[row].bool()
         return keys[row][:, used], values[row][:, used]
 
+    def rows_hold(cache, mask, expected):  # row i of the batch holds expected[i]'s real slots
+        for row, (keys, values) in enumerate(expected):
+            got_keys, got_values = real_slots(cache_layers(cache), mask, row)
+            assert torch.equal(got_keys, keys) and torch.equal(got_values, values)
+
     first, first_mask = group(3, 6, [6, 2, 4], seed=0)
     second, second_mask = group(4, 9, [3, 9, 5, 1], seed=1)
     picked = torch.tensor([1, 3])
-    cache, mask = batch_cache([(first, first_mask, None), (second, second_mask, picked)])
+    cache, mask = batch_cache([(first, first_mask, None), (second, second_mask, picked)], row_capacity=8)
     assert mask.shape == (5, 9) and cache.layers[0]._keys.shape[2] > 9  # room to grow
     expected = [real_slots(first, first_mask, r) for r in range(3)] + [
         real_slots(second, second_mask, r) for r in (1, 3)
     ]
-    for row, (keys, values) in enumerate(expected):
-        got_keys, got_values = real_slots(cache_layers(cache), mask, row)
-        assert torch.equal(got_keys, keys) and torch.equal(got_values, values)
+    rows_hold(cache, mask, expected)
     assert torch.all(cache_layers(cache)[0][0][:3, :, :3] == 0)  # the first group's added padding: zeros
-    kept = torch.tensor([0, 2, 4])
-    buffer = cache.layers[0]._keys
-    cache, kept_mask = drop_rows(cache, mask, kept)
-    assert cache.layers[0]._keys.data_ptr() == buffer.data_ptr()  # moved within the same buffer
-    for row, old in enumerate(kept.tolist()):
-        assert torch.equal(real_slots(cache_layers(cache), kept_mask, row)[0], expected[old][0])
-    cache, lone_mask = drop_rows(cache, kept_mask, torch.tensor([2]))  # one 1-slot row left: trimmed
-    assert lone_mask.shape == (1, 1) and torch.equal(real_slots(cache_layers(cache), lone_mask, 0)[1], expected[4][1])
+    buffer = cache.layers[0]._keys.data_ptr()
+
+    # Joiners no wider than the batch go into its spare rows: the buffer stays, its rows untouched.
+    third, third_mask = group(2, 7, [7, 3], seed=2)
+    cache, mask = join_rows(cache, mask, third, third_mask, torch.tensor([1, 0]), max_rows=8)
+    assert cache.layers[0]._keys.data_ptr() == buffer and mask.shape == (7, 9)
+    expected += [real_slots(third, third_mask, r) for r in (1, 0)]
+    rows_hold(cache, mask, expected)
+    assert torch.all(cache_layers(cache)[0][0][5:, :, :2] == 0)  # the joiners' padding: zeros
+
+    # Rows leave in place (row 3 uses every column: no padding to trim); the last rows fill their gaps.
+    cache, mask, order = drop_rows(cache, mask, [0, 2, 3, 5, 6])
+    assert cache.layers[0]._keys.data_ptr() == buffer and order == [0, 5, 2, 3, 6]
+    expected = [expected[old] for old in order]
+    rows_hold(cache, mask, expected)
+
+    # Wider joiners than the batch, or more than its spare rows: built anew, all rows kept.
+    wide, wide_mask = group(1, 12, [12], seed=3)
+    cache, mask = join_rows(cache, mask, wide, wide_mask, torch.tensor([0]), max_rows=8)
+    assert cache.layers[0]._keys.data_ptr() != buffer and mask.shape == (6, 12)
+    expected.append(real_slots(wide, wide_mask, 0))
+    rows_hold(cache, mask, expected)
+    many, many_mask = group(4, 3, [3, 3, 3, 3], seed=4)
+    cache, mask = join_rows(cache, mask, many, many_mask, torch.arange(4), max_rows=16)
+    expected += [real_slots(many, many_mask, r) for r in range(4)]
+    rows_hold(cache, mask, expected)
+    assert cache.layers[0]._keys.shape[0] == 16  # room for twice its rows, at most max_rows
+
+    cache, lone_mask, order = drop_rows(cache, mask, [6])  # one 3-slot row left of 12: padding trimmed
+    assert order == [6] and lone_mask.shape == (1, 3)
+    rows_hold(cache, lone_mask, [expected[6]])

@@ -72,6 +72,26 @@ def test_joining_mid_generation_changes_no_row(served):
         assert result.tokens == reference(base, store, prompt, user, SamplingParams(max_new_tokens=n))
 
 
+def test_rows_leaving_and_joining_in_any_order_change_no_row(served):
+    """Rows of different lengths leave from the middle of the batch (the last rows move into
+    their places) while others join into its spare rows, and more than fit wait: every row
+    still gets exactly what its user gets alone."""
+    base, store = served
+    users = ["alice", "bob", None, "carol"]
+    cases = [(users[i % 4], f"prompt {i} " + "word " * (i % 5), 2 + (7 * i) % 15) for i in range(12)]
+    with Engine(base, store=store, max_batch_size=5) as engine:
+        handles = []
+        for wave in (cases[:5], cases[5:9], cases[9:]):
+            handles += [engine.submit(request(u, p, max_new_tokens=n)) for u, p, n in wave]
+            steps = engine.stats.steps
+            while engine.stats.steps < steps + 3 and not all(h.done for h in handles):
+                time.sleep(0.001)
+        results = [h.result(timeout=60) for h in handles]
+    assert max(engine.stats.batch_sizes) == 5
+    for (user, prompt, n), result in zip(cases, results, strict=True):
+        assert result.tokens == reference(base, store, prompt, user, SamplingParams(max_new_tokens=n))
+
+
 def test_one_users_key_never_opens_another_users_prefix(served):
     base, store = served
     with Engine(base, store=store) as engine:
