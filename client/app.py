@@ -11,9 +11,16 @@ and the user's whole prefix, so the personalization gain is visible every round.
 
 An error (no data, bad rows, a lost key, another base) is raised: Flower turns it into
 an error reply, which the coordinator records with its reason while the round goes on.
+
+Under the Deployment Engine every message starts a process that imports this file, and
+three of a secure round's four SecAgg+ stages only exchange keys and shares: so this file,
+its mods and what they import stay free of torch and the model (a test checks), and the
+handlers import the node when they run.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from fedprefix.common.protocol import (
     ARRAYS,
@@ -36,8 +43,10 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from .audit import audit_mod
-from .node import Node, open_node
 from .secure import finalize, is_secure_training, secure_aggregation_mod, secure_train
+
+if TYPE_CHECKING:
+    from .node import Node
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
@@ -55,6 +64,8 @@ app = ClientApp(mods=[audit_mod, dp_clipping_mod, secure_aggregation_mod])
 
 def _setup(msg: Message, context: Context) -> tuple[Node, RoundSettings]:
     """What both handlers do first: open the node (run settings from its own context) and take the shared prefix."""
+    from .node import open_node
+
     round_settings = RoundSettings.model_validate(dict(msg.content.config_records.get(CONFIG, ConfigRecord())))
     node = open_node(dict(context.run_config), dict(context.node_config))
     node.receive_shared(msg.content.array_records.get(ARRAYS), round_settings.base_fingerprint)

@@ -16,8 +16,6 @@ from fedprefix.common.config import FederationConfig
 from fedprefix.common.protocol import CONFIG
 from flwr.app import ConfigRecord, Context, Message
 
-from .user_data import node_user_id
-
 
 def _jsonable(value):
     """A config value as JSON: bytes (SecAgg+ keys, shares and masked vectors) as base64."""
@@ -59,6 +57,8 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
         "metrics": metrics,
         "configs": [{k: _jsonable(v) for k, v in r.items()} for r in reply.content.config_records.values()],
     }
+    from .user_data import node_user_id  # reads the run's data: only where the run audits
+
     user = node_user_id(dict(context.node_config), FederationConfig.from_run_config(dict(context.run_config)))
     Path(folder).mkdir(parents=True, exist_ok=True)
     with open(Path(folder) / f"{user}.jsonl", "a", encoding="utf-8") as fh:

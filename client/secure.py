@@ -12,8 +12,9 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from fedprefix.common.errors import ConfigError
 from fedprefix.common.protocol import METRICS, SHARED_ARRAY_PREFIX, RoundSettings, secure_round_order
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -22,7 +23,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from .node import Node, open_node
+if TYPE_CHECKING:
+    from .node import Node
 
 LEGACY_FITINS = "fitins.parameters"  # the ArrayRecord of a legacy FitIns (the secure round's training)
 PENDING = "fedprefix.secure-round"  # ConfigRecord in the node's context: metrics waiting for FINALIZE
@@ -45,6 +47,8 @@ def secure_train(msg: Message, context: Context, train_metrics) -> Message:
 
     `train_metrics(report)` makes the metrics every training reply carries; they wait for FINALIZE
     (the masked reply carries none: the coordinator learns them only once the round is over)."""
+    from .node import open_node  # here, not at the top: see client/app.py
+
     fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     settings = RoundSettings.model_validate(dict(fit_ins.config))
     node = open_node(dict(context.run_config), dict(context.node_config))
@@ -78,6 +82,8 @@ def secure_train(msg: Message, context: Context, train_metrics) -> Message:
 
 def finalize(node: Node, context: Context, msg: Message) -> Message:
     """Keep S + a (L - S): the received shared prefix S moved toward this user's round result L."""
+    import torch
+
     pending = context.state.config_records.get(PENDING)
     if pending is None or node.personalizer.personal is None:
         raise ConfigError(f"user {node.user_id}: asked to finish a secure round it did not train in")

@@ -26,15 +26,18 @@ node and at the coordinator without any communication.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ShapeError
-from .prefix import concat_key_values
-from .store.format import SHARED_SUFFIX, store_name
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, the prefix and the store are imported where used: every message a Deployment Engine
+# node gets starts a process that imports this file, and most need none of them (client/app.py).
 
 # ------------------------------------------------------------------ message content names
 ARRAYS = "arrays"  # ArrayRecord: the shared prefix, both directions
@@ -118,6 +121,8 @@ def unpack_shared(arrays: Mapping[str, Any], expected: Mapping[str, tuple[int, .
 
     `expected` maps the Prefix's tensor names to their shapes.
     """
+    import torch
+
     names = {name.removeprefix(SHARED_ARRAY_PREFIX) for name in arrays}
     if any(not name.startswith(SHARED_ARRAY_PREFIX) for name in arrays) or names != set(expected):
         raise ShapeError(
@@ -144,20 +149,21 @@ def secure_round_order(names) -> list[str]:
 
 
 # ------------------------------------------------------------------ stored parts and the row prefix
-SHARED_STORE_SUFFIX = SHARED_SUFFIX  # user ids may not end in it, so no id reaches a shared part
-
-
 def shared_store_id(user_id: str) -> str:
     """The store id of a user's copy of the shared prefix, kept beside the personal one.
 
     Validates `user_id` (BadUserIdError): ids ending in '@shared' are refused, so the
     result is never another user's personal id.
     """
+    from .store.format import store_name
+
     return store_name(user_id, "shared")
 
 
 def row_prefix(shared: torch.Tensor | None, personal: torch.Tensor | None) -> torch.Tensor | None:
     """A row's prefix: [shared ; personal] along the token axis, (L, 2, H, P_s + P_p, D); None if neither."""
+    from .prefix import concat_key_values
+
     present = [kv for kv in (shared, personal) if kv is not None]
     return concat_key_values(*present) if present else None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 from fedprefix.coordinator.records import read_run
 from fedprefix.coordinator.simulate import (
@@ -76,3 +77,16 @@ def test_two_rounds_with_superlink_and_supernodes(tmp_path):
     assert rounds[1].shared_update_norm > 0 and rounds[1].eval_loss_personal < rounds[1].eval_loss_base
     assert sorted(p.name for p in (tmp_path / "stores").iterdir()) == ["device0", "device1"]
     assert all(node.poll() is not None for node in nodes)
+
+
+def test_the_client_app_loads_without_torch_until_a_handler_needs_it():
+    """Under the Deployment Engine every message starts a process that loads the ClientApp;
+    three of a secure round's four SecAgg+ stages only exchange keys and shares, so loading it
+    (and running its mods) must not import torch or transformers (seconds per process)."""
+    check = (
+        "import sys; from fedprefix.client.app import app; "
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules); print(heavy)"
+    )
+    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]", loaded.stdout
