@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 import queue
@@ -31,7 +30,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import torch
 from fedprefix.common.base_model import load_base
 from fedprefix.common.generation import SamplingParams
@@ -41,6 +39,7 @@ from fedprefix.common.store import PrefixStore
 from fedprefix.coordinator.serving import Engine, GenerationRequest
 from fedprefix.coordinator.serving.engine import context_length
 from fedprefix.coordinator.serving.server import KEY_HEADER, create_app, start_http
+from fedprefix.simulations.http_load import poisson_load
 from fedprefix.simulations.personas import make_record, record_prompt
 
 
@@ -196,37 +195,6 @@ def request_costs(base, store, users, prompts) -> dict:
     }
 
 
-def poisson_load(port: int, users, prompts, max_tokens: int, rate: float, seconds: float, results) -> None:
-    """Poisson arrivals at `rate` requests/s for `seconds` against the server on `port`; puts
-    ([(latency, completion tokens)], wall seconds) on `results`."""
-    rng = random.Random(1)
-
-    async def run():
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-
-            async def one(i):
-                user = users[i % len(users)]
-                body = {"prompt": prompts[i % len(prompts)], "user": user, "max_tokens": max_tokens, "temperature": 0}
-                started = time.perf_counter()
-                reply = await client.post(
-                    "/v1/completions", json=body, headers={KEY_HEADER: base64.b64encode(key_of(user)).decode()}
-                )
-                reply.raise_for_status()
-                return time.perf_counter() - started, reply.json()["usage"]["completion_tokens"]
-
-            tasks, t, i = [], 0.0, 0
-            began = time.perf_counter()
-            while t < seconds:
-                await asyncio.sleep(max(0.0, began + t - time.perf_counter()))
-                tasks.append(asyncio.create_task(one(i)))
-                i += 1
-                t += rng.expovariate(rate)
-            done = await asyncio.gather(*tasks)
-            return done, time.perf_counter() - began
-
-    results.put(asyncio.run(run()))
-
-
 def open_loop(
     base, store, users, prompts, params, rate: float, seconds: float, continuous: bool, client_process: bool = False
 ) -> dict:
@@ -252,7 +220,8 @@ def open_loop(
         try:
             while not engine.running:
                 time.sleep(0.05)
-            args = (port, users, prompts, params.max_new_tokens, rate, seconds)
+            headers = {user: {KEY_HEADER: base64.b64encode(key_of(user)).decode()} for user in users}
+            args = (port, headers, prompts, params.max_new_tokens, rate, seconds)
             if not client_process:
                 results = queue.Queue()
                 try:
@@ -286,9 +255,11 @@ def open_loop(
     if "error" in outcome:
         raise RuntimeError(outcome["error"])
     results, wall = outcome["results"], outcome["wall"]
-    latencies = sorted(r[0] for r in results)
+    served = [r for r in results if r[2] == 200]
+    latencies = sorted(r[0] for r in served) or [float("nan")]
     return {
         "requests": len(results),
+        "refused_429": len(results) - len(served),
         "p50_latency_s": round(statistics.median(latencies), 3),
         "p99_latency_s": round(latencies[int(0.99 * (len(latencies) - 1))], 3),
         "throughput_tokens_per_s": round(sum(r[1] for r in results) / wall, 1),
