@@ -74,7 +74,6 @@ class RequestHandle:
         self.prompt_ids = prompt_ids
         self.prefix = prefix
         self.owner = None  # whose prefix this is (prefix_cache.Owner): what cached KV is keyed by
-        self.submitted = time.monotonic()
         self._events: queue.Queue = queue.Queue()
         # An async server passes a listener (thread-safe hand-off to its event loop)
         # instead of blocking a thread per request on the queue.
@@ -83,11 +82,16 @@ class RequestHandle:
         self._result: GenerationResult | None = None
         self._error: BaseException | None = None
         self._cancelled = False
+        self.waiting = False  # in the engine's queue (scheduler.py), since queued_at (monotonic s)
+        self.queued_at = 0.0
+        self.on_cancel: Callable[[], None] | None = None  # the queue's, while it waits there
 
     def cancel(self) -> None:
         """Stop this request (any thread): it leaves the queue or the batch before the next
         decode step and fails with RequestCancelled; a finished request stays finished."""
         self._cancelled = True
+        if (tell := self.on_cancel) is not None:
+            tell()
 
     @property
     def cancelled(self) -> bool:
