@@ -23,7 +23,7 @@ from fedprefix.common.generation import left_pad, make_generator
 from .fast_llama import Decode, Prefill
 from .prompt_cache import PromptCache
 from .requests import EngineStats, InvalidRequest, RequestCancelled, RequestHandle
-from .rows import Filling, Row, pick, take_token
+from .rows import Filling, Row, pick, take_token, text_decoder
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class RunningBatch:
         max_rows: int,
     ) -> None:
         self.base, self.tokenizer, self.forward = base, base.tokenizer, forward
+        self.decode = text_decoder(base.tokenizer)
         self.stats, self.eos, self.prompts = stats, eos, prompts
         self.max_prefill_tokens = max_prefill_tokens  # prompt tokens computed per step
         self.max_rows = max_rows  # the most rows the cache makes room for
@@ -212,7 +213,7 @@ class RunningBatch:
             if token is None or row.handle.done:
                 continue
             try:
-                take_token(row, token, self.tokenizer, self.eos, self.stats)
+                take_token(row, token, self.decode, self.eos, self.stats)
             except Exception as exc:  # decoding or stop handling of this row only
                 log.exception("a row failed")
                 row.handle._fail(FedPrefixError(f"generation failed: {exc}"))

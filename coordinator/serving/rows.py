@@ -8,12 +8,13 @@ request gets the error and its batch mates go on (the engine's `_accept`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.generation import SamplingParams, pick_tokens, stop_index
+from transformers import PreTrainedTokenizerBase, TokenizersBackend
 
 from .requests import EngineStats, GenerationResult, RequestHandle
 
@@ -67,19 +68,38 @@ def pick(logits: torch.Tensor, rows: list[Row]) -> list[int | None]:
     return tokens
 
 
-def take_token(row: Row, token: int, tokenizer, eos: set[int], stats: EngineStats) -> None:
+def text_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """`tokenizer.decode(ids, skip_special_tokens=True)`, called for every row at every step.
+
+    transformers' decode first walks the whole id list in Python (`to_py_obj`), which made
+    each row's step O(its tokens) in Python; the Rust tokenizer underneath gives the same text
+    when transformers adds nothing after it (no space clean-up, no decode of a subclass's own),
+    so that one is called directly."""
+    plain = (
+        isinstance(tokenizer, TokenizersBackend)
+        and type(tokenizer)._decode is TokenizersBackend._decode
+        and type(tokenizer).decode is PreTrainedTokenizerBase.decode
+        and not tokenizer.clean_up_tokenization_spaces
+    )
+    if not plain:
+        return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    backend = tokenizer.backend_tokenizer
+    return lambda ids: backend.decode(ids, skip_special_tokens=True)
+
+
+def take_token(row: Row, token: int, decode: Callable[[list[int]], str], eos: set[int], stats: EngineStats) -> None:
     """Give `row` its new token: it streams, finishes (EOS, stop string, length) or goes on."""
     params, handle = row.params, row.handle
     if token in eos and not params.ignore_eos:
-        return finish(row, "stop", tokenizer, stats)
+        return finish(row, "stop", decode, stats)
     row.tokens.append(token)
     stats.tokens += 1
-    text = tokenizer.decode(row.tokens, skip_special_tokens=True)
+    text = decode(row.tokens)
     cut = stop_index(text, params.stop)
     if cut is not None:
-        return finish(row, "stop", tokenizer, stats, text[:cut])
+        return finish(row, "stop", decode, stats, text[:cut])
     if len(row.tokens) >= params.max_new_tokens:
-        return finish(row, "length", tokenizer, stats, text)
+        return finish(row, "length", decode, stats, text)
     # Stream only text that cannot still turn into a stop string or an unfinished
     # multi-byte character, so streamed and non-streamed outputs are identical.
     safe = len(text) - holdback(text, params.stop)
@@ -88,10 +108,10 @@ def take_token(row: Row, token: int, tokenizer, eos: set[int], stats: EngineStat
         row.emitted = safe
 
 
-def finish(row: Row, reason: str, tokenizer, stats: EngineStats, text: str | None = None) -> None:
+def finish(row: Row, reason: str, decode, stats: EngineStats, text: str | None = None) -> None:
     """End `row` with its result; the rest of its text is streamed first."""
     if text is None:
-        text = tokenizer.decode(row.tokens, skip_special_tokens=True)
+        text = decode(row.tokens)
     row.handle._emit(text[row.emitted :])
     row.emitted = len(text)
     stats.finished += 1

@@ -12,6 +12,7 @@ from fedprefix.common.generation import SamplingParams, generate_tokens
 from fedprefix.common.store import PrefixStore, WrongKeyError
 from fedprefix.coordinator.serving import Engine, GenerationRequest
 from fedprefix.coordinator.serving.engine import EngineOverloaded, EngineStopped
+from fedprefix.coordinator.serving.rows import text_decoder
 
 from tests.conftest import random_prefix
 
@@ -228,3 +229,27 @@ def test_run_serves_on_the_calling_thread_until_stopped_elsewhere(served):
     )
     with pytest.raises(EngineStopped):
         outcome["unfinished"].result(timeout=1)
+
+
+def test_the_engines_decoder_gives_the_tokenizers_text():
+    """The row text the engine streams is `tokenizer.decode(ids, skip_special_tokens=True)`,
+    also where it calls the Rust tokenizer directly, and where it must not (space clean-up)."""
+    tokenizer = load_base("tiny-llama").tokenizer
+    decode = text_decoder(tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        length = int(torch.randint(1, 40, (1,), generator=generator))
+        ids = torch.randint(len(tokenizer), (length,), generator=generator).tolist()
+        ids += tokenizer.all_special_ids[: length % 3]  # invalid UTF-8 pieces and special tokens too
+        assert decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "hello", ",", "world", "!", "it", "'", "s", "me", "."]
+    wordpiece = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer, wordpiece.decoder = pre_tokenizers.BertPreTokenizer(), decoders.WordPiece()
+    cleaned = PreTrainedTokenizerFast(tokenizer_object=wordpiece, unk_token="[UNK]", clean_up_tokenization_spaces=True)
+    ids = cleaned("hello, world! it's me.", add_special_tokens=False).input_ids
+    assert text_decoder(cleaned)(ids) == cleaned.decode(ids, skip_special_tokens=True) == "hello, world! it's me."
+    assert cleaned.backend_tokenizer.decode(ids) != "hello, world! it's me."  # the clean-up is what differs
