@@ -58,6 +58,7 @@ class PromptCache:
         self.max_entries_per_owner = max_entries_per_owner  # bounds the work of one match
         self._entries: OrderedDict[tuple[Owner, tuple[int, ...]], torch.Tensor] = OrderedDict()  # LRU first
         self._by_owner: dict[Owner, list[tuple[int, ...]]] = {}
+        self._by_user: dict[str, set[Owner]] = {}  # a user's owners (keys, prefix versions) with entries
         self._lock = threading.Lock()
         self.stats = PromptCacheStats()
 
@@ -97,6 +98,7 @@ class PromptCache:
                     self._remove(owner, old)
             mine = self._by_owner.setdefault(owner, [])
             mine.append(tokens)
+            self._by_user.setdefault(owner.user, set()).add(owner)
             self._entries[(owner, tokens)] = key_values
             self.stats.bytes += size
             while len(mine) > self.max_entries_per_owner:
@@ -109,15 +111,16 @@ class PromptCache:
     def drop_user(self, user: str) -> None:
         """Forget every entry of `user` (whatever key or prefix version)."""
         with self._lock:
-            self._remove_owners(lambda o: o.user == user)
+            self._remove_owners(list(self._by_user.get(user, ())))
 
     def _drop_stale(self, owner: Owner) -> None:
-        """A user's entries from an older prefix version can never match again: free them now."""
-        self._remove_owners(lambda o: o.user == owner.user and o.version != owner.version)
+        """A user's entries from an older prefix version can never match again: free them now.
+        (Looked up by user: a scan of every owner here cost O(users) per finished request.)"""
+        self._remove_owners([o for o in self._by_user.get(owner.user, ()) if o.version != owner.version])
 
-    def _remove_owners(self, chosen) -> None:
-        """Remove every entry of the owners for which `chosen(owner)` is true."""
-        for owner in [o for o in self._by_owner if chosen(o)]:
+    def _remove_owners(self, owners: list[Owner]) -> None:
+        """Remove every entry of `owners`."""
+        for owner in owners:
             for tokens in list(self._by_owner[owner]):
                 self._remove(owner, tokens)
 
@@ -128,6 +131,10 @@ class PromptCache:
         mine.remove(tokens)
         if not mine:
             del self._by_owner[owner]
+            users = self._by_user[owner.user]
+            users.discard(owner)
+            if not users:
+                del self._by_user[owner.user]
         if evicted:
             self.stats.evictions += 1
         self.stats.entries = len(self._entries)

@@ -43,6 +43,15 @@ def test_entries_never_cross_users_keys_or_prefix_versions():
     cache.store(retrained, [5, 6], kv(2))  # the old version's entries are freed at once
     assert cache.match(ALICE, [1, 2, 3, 4])[0] == 0 and cache.stats.entries == 1
     assert cache.stats.bytes == kv(2).numel() * 4
+    other_key = Owner("alice", b"second key", (2,))  # the same version under another key: not stale
+    cache.store(other_key, [5, 7], kv(2))
+    cache.store(BOB, [5, 6], kv(2))
+    assert cache.match(retrained, [5, 6, 0])[0] == 2 and cache.match(other_key, [5, 7, 0])[0] == 2
+    cache.store(Owner("alice", b"a", (3,)), [9], kv(1))  # retrained again: both of version 2 go, bob stays
+    assert cache.stats.entries == 2 and cache.match(other_key, [5, 7, 0])[0] == 0
+    assert cache.match(BOB, [5, 6, 0])[0] == 2
+    cache.drop_user("alice")
+    assert cache.stats.entries == 1 and cache.stats.bytes == kv(2).numel() * 4
 
 
 def test_extending_entries_replace_covered_ones_and_bytes_stay_bounded():
