@@ -46,6 +46,7 @@ from .engine import (
     InvalidRequest,
     RequestCancelled,
 )
+from .handoff import LoopHandoff
 from .limits import BodySizeLimit, ServingLimits, check_request
 from .metrics import Metrics
 from .unlock import UnlockThrottled
@@ -130,20 +131,26 @@ async def _submit(request: Request, prompts: list[str], params: SamplingParams, 
         raise ApiError(
             401, f"user {user!r} needs the {KEY_HEADER} header (base64 of 32 bytes, or a passphrase)", "missing_key"
         )
-    loop = asyncio.get_running_loop()
+    handoff = _handoff(request.app)
     queues = [asyncio.Queue() for _ in prompts]
-
-    def listener(events: asyncio.Queue):
-        return lambda item: loop.call_soon_threadsafe(events.put_nowait, item)  # called on the engine thread
-
     generations = [GenerationRequest(prompt=p, user=user, key=key, params=params, fit_context=fit) for p in prompts]
+    listeners = [handoff.listener(q) for q in queues]  # called on the engine thread
     try:  # a passphrase may cost a key derivation: keep it off the event loop
-        handles = await run_in_threadpool(_submit_single_threaded, engine, generations, [listener(q) for q in queues])
+        handles = await run_in_threadpool(_submit_single_threaded, engine, generations, listeners)
     except StoreError as exc:
         raise store_error(exc) from exc
     except FedPrefixError as exc:
         raise _engine_error(exc) from exc
     return list(zip(handles, queues, strict=True))
+
+
+def _handoff(app: FastAPI) -> LoopHandoff:
+    """The app's hand-off from the engine thread to the event loop serving it (one per loop)."""
+    loop = asyncio.get_running_loop()
+    handoff = getattr(app.state, "handoff", None)
+    if handoff is None or handoff.loop is not loop:
+        handoff = app.state.handoff = LoopHandoff(loop)
+    return handoff
 
 
 def _engine_error(exc: FedPrefixError) -> ApiError:

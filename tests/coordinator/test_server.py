@@ -20,6 +20,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from fedprefix.common.generation import SamplingParams
 from fedprefix.coordinator.serving import Engine
+from fedprefix.coordinator.serving.handoff import LoopHandoff
 from fedprefix.coordinator.serving.server import KEY_HEADER, create_app, parse_key
 from fedprefix.coordinator.simulate import free_port
 
@@ -285,3 +286,29 @@ def test_fedprefix_serve_answers_refuses_a_taken_port_and_stops_on_ctrl_c(served
             server.wait()
             raise
     assert code == 0, "Ctrl-C must stop the server cleanly"
+
+
+def test_the_engines_text_reaches_the_event_loop_in_order_with_one_wake_up_per_burst():
+    async def run():
+        handoff = LoopHandoff(asyncio.get_running_loop())
+        queues = [asyncio.Queue() for _ in range(3)]
+        listeners = [handoff.listener(q) for q in queues]
+        wakeups = []
+        deliver = handoff._deliver
+        handoff._deliver = lambda: (wakeups.append(1), deliver())
+
+        def engine_step(first: int) -> None:  # as the engine thread does: a piece per row
+            for i in range(first, first + 100):
+                listeners[i % 3](i)
+
+        for first in (0, 100):  # the loop blocked while a step runs: its pieces wait, then go at once
+            worker = threading.Thread(target=engine_step, args=(first,))
+            worker.start()
+            worker.join()
+            await asyncio.sleep(0)
+        got = [[q.get_nowait() for _ in range(q.qsize())] for q in queues]
+        return got, len(wakeups)
+
+    got, wakeups = asyncio.run(run())
+    assert got == [[i for i in range(200) if i % 3 == r] for r in range(3)]
+    assert wakeups == 2
