@@ -110,12 +110,14 @@ def markdown(r: dict) -> str:
             for n, v in peft.items()
         ),
         (
-            "HTTP open loop p50 / p99, continuous",
-            f"{http['continuous']['p50_latency_s']} s / {http['continuous']['p99_latency_s']} s",
+            "HTTP open loop p50 / p99, continuous (tokens/s; share of the engine's direct tokens/s)",
+            f"{http['continuous']['p50_latency_s']} s / {http['continuous']['p99_latency_s']} s "
+            f"({http['continuous']['throughput_tokens_per_s']}; {http['continuous']['of_direct']})",
         ),
         (
-            "HTTP open loop p50 / p99, static",
-            f"{http['static']['p50_latency_s']} s / {http['static']['p99_latency_s']} s",
+            "HTTP open loop p50 / p99, static (tokens/s; share of the engine's direct tokens/s)",
+            f"{http['static']['p50_latency_s']} s / {http['static']['p99_latency_s']} s "
+            f"({http['static']['throughput_tokens_per_s']}; {http['static']['of_direct']})",
         ),
         (
             "memory per cached prefix; users per GiB",
