@@ -101,7 +101,7 @@ def poisson_load(port: int, headers: dict, prompts, max_tokens: int, rate: float
             user = users[i % len(users)]
             body = {"prompt": prompts[i % len(prompts)], "user": user, "max_tokens": max_tokens, "temperature": 0}
             started = time.perf_counter()
-            status, reply = await connections.post("/v1/completions", body, headers[user])
+            status, reply = await asyncio.wait_for(connections.post("/v1/completions", body, headers[user]), 600)
             if status == 429:  # overloaded: an outcome of the load, not a failure of the benchmark
                 return time.perf_counter() - started, 0, status
             if status != 200:
