@@ -71,9 +71,7 @@ class FairQueue:
         taken: list[RequestHandle] = []
         while room > len(taken) and self._queues:
             owner, queue = next(iter(self._queues.items()))
-            handle = queue.popleft()
-            handle.waiting, handle.on_cancel = False, None
-            taken.append(handle)
+            taken.append(_leave(queue.popleft()))
             self._size -= 1
             del self._queues[owner]
             if queue:  # the user goes to the back of the round
@@ -82,9 +80,7 @@ class FairQueue:
 
     def drain(self) -> list[RequestHandle]:
         """Every waiting handle, the queue emptied."""
-        handles = [h for queue in self._queues.values() for h in queue]
-        for handle in handles:
-            handle.waiting, handle.on_cancel = False, None
+        handles = [_leave(h) for queue in self._queues.values() for h in queue]
         self._queues.clear()
         self._arrivals.clear()
         self._size = 0
@@ -115,12 +111,18 @@ class FairQueue:
                 else:
                     alive.append(handle)
                     continue
-                handle.waiting, handle.on_cancel = False, None
+                _leave(handle)
             self._size -= len(queue) - len(alive)
             if alive:
                 self._queues[owner] = alive
             else:
                 del self._queues[owner]
+
+
+def _leave(handle: RequestHandle) -> RequestHandle:
+    """`handle` is no longer waiting: the queue stops hearing of its cancel."""
+    handle.waiting, handle.on_cancel = False, None
+    return handle
 
 
 def _owner(handle: RequestHandle) -> str:
