@@ -109,15 +109,13 @@ def markdown(r: dict) -> str:
             )
             for n, v in peft.items()
         ),
-        (
-            "HTTP open loop p50 / p99, continuous (tokens/s; share of the engine's direct tokens/s)",
-            f"{http['continuous']['p50_latency_s']} s / {http['continuous']['p99_latency_s']} s "
-            f"({http['continuous']['throughput_tokens_per_s']}; {http['continuous']['of_direct']})",
-        ),
-        (
-            "HTTP open loop p50 / p99, static (tokens/s; share of the engine's direct tokens/s)",
-            f"{http['static']['p50_latency_s']} s / {http['static']['p99_latency_s']} s "
-            f"({http['static']['throughput_tokens_per_s']}; {http['static']['of_direct']})",
+        *(
+            (
+                f"HTTP open loop p50 / p99, {mode} (tokens/s; share of the engine's direct tokens/s)",
+                f"{http[mode]['p50_latency_s']} s / {http[mode]['p99_latency_s']} s "
+                f"({http[mode]['throughput_tokens_per_s']}; {http[mode]['of_direct']})",
+            )
+            for mode in ("continuous", "static")
         ),
         (
             "memory per cached prefix; users per GiB",
