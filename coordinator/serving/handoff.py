@@ -22,9 +22,14 @@ class LoopHandoff:
         self._items: list[tuple[asyncio.Queue, object]] = []
         self._lock = threading.Lock()
 
-    def listener(self, queue: asyncio.Queue) -> Callable[[object], None]:
-        """A callable for the engine (RequestHandle's listener): put `item` on `queue`, soon."""
-        return lambda item: self._put(queue, item)
+    def listener(self, queue: asyncio.Queue, pieces: bool = True) -> Callable[[object], None]:
+        """A callable for the engine (RequestHandle's listener): put `item` on `queue`, soon.
+
+        pieces=False: only the None that ends a request is put, for a caller that waits for the
+        result and would otherwise be woken for every text piece."""
+        if pieces:
+            return lambda item: self._put(queue, item)
+        return lambda item: None if item is not None else self._put(queue, None)
 
     def _put(self, queue: asyncio.Queue, item: object) -> None:
         with self._lock:

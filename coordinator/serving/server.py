@@ -117,9 +117,13 @@ async def _invalid_body(request: Request, exc: RequestValidationError):
 # ------------------------------------------------------------------ one request through the engine
 
 
-async def _submit(request: Request, prompts: list[str], params: SamplingParams, user: str | None, fit=False):
+async def _submit(
+    request: Request, prompts: list[str], params: SamplingParams, user: str | None, stream: bool, fit=False
+):
     """Queue all prompts of one HTTP request together (all or none); (handle, events) per prompt.
 
+    `stream`: the events are the text pieces, then None; otherwise only the None that ends
+    each prompt (a wake-up per piece would resume the whole ASGI stack for nothing).
     `fit`: max_tokens was not given, so lower it to what the context leaves instead of refusing."""
     engine: Engine = request.app.state.engine
     broken = check_request(request.app.state.limits, len(prompts), params.stop)
@@ -134,7 +138,7 @@ async def _submit(request: Request, prompts: list[str], params: SamplingParams, 
     handoff = _handoff(request.app)
     queues = [asyncio.Queue() for _ in prompts]
     generations = [GenerationRequest(prompt=p, user=user, key=key, params=params, fit_context=fit) for p in prompts]
-    listeners = [handoff.listener(q) for q in queues]  # called on the engine thread
+    listeners = [handoff.listener(q, pieces=stream) for q in queues]  # called on the engine thread
     try:  # a passphrase may cost a key derivation: keep it off the event loop
         handles = await run_in_threadpool(_submit_single_threaded, engine, generations, listeners)
     except StoreError as exc:
@@ -246,7 +250,7 @@ async def completions(body: CompletionBody, request: Request):
         raise ApiError(422, "prompt: give at least one prompt", "invalid_body")
     if body.stream and len(prompts) != 1:  # checked before anything is queued
         raise ApiError(422, "stream: streaming takes a single prompt", "invalid_body")
-    submitted = await _submit(request, prompts, _params_of(body, body.max_tokens), body.user)
+    submitted = await _submit(request, prompts, _params_of(body, body.max_tokens), body.user, body.stream)
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": request.app.state.model_name}
     if body.stream:
@@ -275,7 +279,7 @@ async def chat(body: ChatBody, request: Request):
     prompt = chat_prompt(request.app.state.engine.tokenizer, body.messages)
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = _params_of(body, max_tokens or 256)
-    submitted = await _submit(request, [prompt], params, body.user, fit=max_tokens is None)
+    submitted = await _submit(request, [prompt], params, body.user, body.stream, fit=max_tokens is None)
     ((handle, events),) = submitted
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": rid, "created": created, "model": request.app.state.model_name}

@@ -75,6 +75,21 @@ def test_streaming_gives_the_same_text(client):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_a_plain_request_wakes_the_event_loop_once_a_stream_once_per_piece(client, monkeypatch):
+    """As vLLM's FINAL_ONLY outputs: a non-streamed request's text pieces never reach the loop."""
+    put = []
+    original = LoopHandoff._put
+    monkeypatch.setattr(LoopHandoff, "_put", lambda self, queue, item: (put.append(item), original(self, queue, item)))
+    body = {"prompt": ["one", "two"], "user": "alice", "max_tokens": 6, "temperature": 0}
+    plain = client.post("/v1/completions", json=body, headers=header("alice")).json()
+    assert put == [None, None] and all(choice["text"] for choice in plain["choices"])
+    put.clear()
+    streamed = {**body, "prompt": "one", "stream": True}
+    with client.stream("POST", "/v1/completions", json=streamed, headers=header("alice")):
+        pass
+    assert put[-1] is None and "".join(put[:-1]) == plain["choices"][0]["text"]
+
+
 def test_chat_stream_and_plain(client):
     body = {"messages": [{"role": "user", "content": "hi"}], "user": "carol", "max_tokens": 6, "temperature": 0}
     plain = client.post("/v1/chat/completions", json=body, headers=header("carol")).json()
