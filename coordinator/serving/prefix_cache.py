@@ -91,17 +91,12 @@ class PrefixCache:
         entry_key = (user_id, self._digest(key))
         version = self._version(user_id)
         owner = Owner(user_id, entry_key[1], version)
-        with self._lock:
-            found = self._entries.get(entry_key)
-            if found is not None and found[0] == version:
-                self._entries.move_to_end(entry_key)
-                self.stats.hits += 1
-                return found[1], owner
-        self.stats.misses += 1
+        if (kv := self._hit(entry_key, version)) is not None:
+            return kv, owner
         if self.guard is None:
             kv = self._load(user_id, key)
-        else:
-            kv = self.guard.unlock(user_id, key, lambda: self._load(user_id, key))
+        else:  # the guard runs a user's unlocks in turn: the one before may have cached it meanwhile
+            kv = self.guard.unlock(user_id, key, lambda: self._hit_or_load(entry_key, version, key))
         size = kv.numel() * kv.element_size()
         if size > self.max_bytes:  # larger than the whole cache: serve it, keep nothing
             return kv, owner
@@ -118,6 +113,16 @@ class PrefixCache:
             self.stats.entries = len(self._entries)
         return kv, owner
 
+    def _hit(self, entry_key: tuple[str, bytes], version: tuple) -> torch.Tensor | None:
+        """The cached prefix of this user and key at this version of its files, or None."""
+        with self._lock:
+            found = self._entries.get(entry_key)
+            if found is None or found[0] != version:
+                return None
+            self._entries.move_to_end(entry_key)
+            self.stats.hits += 1
+            return found[1]
+
     def forget(self, user_id: str) -> None:
         """Drop every decrypted entry of `user_id` (whatever key); the next request unlocks it again."""
         with self._lock:
@@ -126,7 +131,12 @@ class PrefixCache:
                 self.stats.bytes -= kv.numel() * kv.element_size()
             self.stats.entries = len(self._entries)
 
+    def _hit_or_load(self, entry_key: tuple[str, bytes], version: tuple, key: bytes | str) -> torch.Tensor:
+        kv = self._hit(entry_key, version)
+        return self._load(entry_key[0], key) if kv is None else kv
+
     def _load(self, user_id: str, key: bytes | str) -> torch.Tensor:
+        self.stats.misses += 1
         shared, personal = (self._load_part(name, key) for name in (shared_store_id(user_id), user_id))
         kv = row_prefix(shared, personal)
         if kv is None:

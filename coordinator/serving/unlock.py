@@ -10,6 +10,8 @@ guards, both answered HTTP 429 with Retry-After:
   refused for `backoff_s`, doubling with each further wrong key up to `max_backoff_s`;
   a right key clears the count. (Someone guessing can delay the owner's unlocks by that
   long, never learn more per second; an unlocked prefix stays cached and keeps serving.)
+  A user's unlocks run one at a time, each after the outcome of the one before: a burst
+  of concurrent guesses cannot all pass the backoff check before the first has failed.
 
 Raw 32-byte keys cost no derivation and pass the concurrency guard freely.
 """
@@ -64,20 +66,44 @@ class UnlockGuard:
         self._clock = clock
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._failures: dict[str, _Failures] = {}  # only users that exist reach WrongKeyError
+        self._turns: dict[str, list] = {}  # user -> [lock, holders and waiters]; gone when none are left
         self._lock = threading.Lock()
 
     def unlock(self, user: str, key: bytes | str, load: Callable[[], T]) -> T:
-        """`load()` (an unlock of `user` with `key`), or UnlockThrottled; WrongKeyError counts a failure."""
-        self._check_backoff(user)
-        with self._slot(key):
-            try:
-                value = load()
-            except WrongKeyError:
-                self._failed(user)
-                raise
+        """`load()` (an unlock of `user` with `key`), or UnlockThrottled; WrongKeyError counts a failure.
+
+        `load` runs after the user's previous unlock ended, so it may first look for what
+        that one left (a cached prefix) before deriving again."""
+        with self._turn(user):
+            self._check_backoff(user)
+            with self._slot(key):
+                try:
+                    value = load()
+                except WrongKeyError:
+                    self._failed(user)
+                    raise
+            with self._lock:
+                self._failures.pop(user, None)
+            return value
+
+    @contextmanager
+    def _turn(self, user: str):
+        """This user's unlocks one at a time (UnlockThrottled after `wait_s` in line)."""
         with self._lock:
-            self._failures.pop(user, None)
-        return value
+            turn = self._turns.setdefault(user, [threading.Lock(), 0])
+            turn[1] += 1
+        try:
+            if not turn[0].acquire(timeout=self.wait_s):
+                raise UnlockThrottled(f"unlocks of user {user!r} are queued; retry shortly", retry_after=1.0)
+            try:
+                yield
+            finally:
+                turn[0].release()
+        finally:
+            with self._lock:
+                turn[1] -= 1
+                if turn[1] == 0:  # names that are guessed, not only real users, come through here
+                    del self._turns[user]
 
     def _check_backoff(self, user: str) -> None:
         with self._lock:

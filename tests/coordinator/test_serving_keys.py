@@ -32,6 +32,8 @@ def unicode_store(tmp_path_factory):
     base = load_base("tiny-llama")
     store = PrefixStore(tmp_path_factory.mktemp("unicode-store"), scrypt_n=2**12)
     store.save("dora", random_prefix(base, 3, seed=5, scale=3.0), PASSPHRASE)
+    for name in ("dora2", "dora3"):
+        store.save(name, random_prefix(base, 3, seed=6, scale=3.0), PASSPHRASE)
     return base, store
 
 
@@ -90,9 +92,9 @@ def test_concurrent_wrong_passphrases_run_at_most_n_derivations(unicode_store, m
     guard = UnlockGuard(max_concurrent=2, wait_s=0.05, max_failures=100)
     with Engine(base, store=store, unlock_guard=guard) as engine:
 
-        def guess(i):
+        def guess(i):  # a user's unlocks run one at a time: the bound shows across users
             try:
-                engine.submit(GenerationRequest("x", user="dora", key=f"guess {i}"))
+                engine.submit(GenerationRequest("x", user=("dora", "dora2", "dora3")[i % 3], key=f"guess {i}"))
             except (WrongKeyError, UnlockThrottled) as exc:
                 outcomes.append(type(exc))
 
@@ -103,6 +105,57 @@ def test_concurrent_wrong_passphrases_run_at_most_n_derivations(unicode_store, m
             thread.join()
     assert peak[0] == 2 and len(outcomes) == 12
     assert outcomes.count(UnlockThrottled) >= 1 and outcomes.count(WrongKeyError) >= 2
+
+
+def test_a_burst_of_concurrent_wrong_keys_gets_no_more_guesses_than_the_backoff_allows():
+    guard, tried, lock = UnlockGuard(max_concurrent=4, wait_s=10, max_failures=5, backoff_s=60), [], threading.Lock()
+
+    def wrong_key():
+        with lock:
+            tried.append(1)
+        time.sleep(0.02)  # a derivation
+        raise WrongKeyError("wrong key")
+
+    outcomes = []
+
+    def guess():
+        try:
+            guard.unlock("dora", "guess", wrong_key)
+        except (WrongKeyError, UnlockThrottled) as exc:
+            outcomes.append(type(exc))
+
+    threads = [threading.Thread(target=guess) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(tried) == 5 and outcomes.count(WrongKeyError) == 5 and outcomes.count(UnlockThrottled) == 11
+    assert guard._turns == {}  # nothing kept for a user nobody is unlocking
+
+
+def test_concurrent_first_requests_of_a_user_derive_the_key_once(unicode_store, monkeypatch):
+    base, store = unicode_store
+    loads, real = [], store.load
+
+    def counted(*args, **kwargs):
+        loads.append(args[0])
+        time.sleep(0.1)  # while the others wait for their turn
+        return real(*args, **kwargs)
+
+    with Engine(base, store=store) as engine:
+        monkeypatch.setattr(engine.prefixes.store, "load", counted)
+        handles = []
+        threads = [
+            threading.Thread(target=lambda: handles.append(engine.submit(GenerationRequest("x", "dora3", PASSPHRASE))))
+            for _ in range(6)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        texts = {handle.result(timeout=60).text for handle in handles}
+    assert loads == ["dora3"] and len(handles) == 6 and len(texts) == 1
+    assert engine.prefixes.stats.misses == 1 and engine.prefixes.stats.hits == 5
 
 
 def test_wrong_keys_for_a_user_back_off_with_429_and_retry_after(unicode_store):
