@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from fedprefix.common.chat import ChatMessage, chat_prompt, format_prompt
+from fedprefix.common.chat import ChatMessage, Text, chat_prompt, format_prompt, unicode_text
 from fedprefix.common.errors import DataError, first_error
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -27,8 +27,8 @@ class PromptCompletion(BaseModel):
     """One supervised example."""
 
     model_config = ConfigDict(extra="forbid")
-    prompt: str
-    completion: str = Field(min_length=1)
+    prompt: Text
+    completion: Text = Field(min_length=1)
 
 
 class ChatRow(BaseModel):
@@ -91,7 +91,10 @@ def validate_row(raw, where: str) -> Row:
     if isinstance(raw, str):
         if not raw.strip():
             raise DataError(f"{where}: empty text")
-        return raw
+        try:
+            return unicode_text(raw)
+        except ValueError as exc:
+            raise DataError(f"{where}: {exc}") from None
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected an object or a string, got {type(raw).__name__}")
     model = ChatRow if "messages" in raw else PromptCompletion

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from fedprefix.common.base_model import DEFAULT_BASE, BaseModelHandle, load_base
-from fedprefix.common.chat import format_prompt
+from fedprefix.common.chat import format_prompt, unicode_text
 from fedprefix.common.config import EvalReport, FitReport, TrainConfig
 from fedprefix.common.errors import ConfigError
 from fedprefix.common.generation import SamplingParams, generate
@@ -235,6 +235,13 @@ class Personalizer:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ConfigError("generate needs at least one prompt")
+        for i, text in enumerate(prompts):
+            try:
+                unicode_text(text)
+            except (TypeError, AttributeError):
+                raise ConfigError(f"prompt {i}: expected a string, got {type(text).__name__}") from None
+            except ValueError as exc:
+                raise ConfigError(f"prompt {i}: {exc}") from None
         tok = self.base.tokenizer
         texts = [format_prompt(tok, p) if self.use_chat_template else p for p in prompts]
         ids = [tok(t, add_special_tokens=not self.use_chat_template).input_ids for t in texts]

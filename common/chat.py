@@ -8,9 +8,23 @@ served behind another.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+
+def unicode_text(text: str) -> str:
+    """`text`, if it is valid Unicode; ValueError naming the place of a lone surrogate.
+
+    JSON can carry one ("\\ud800"), and so can Python strings, but no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode: a lone surrogate at character {exc.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(unicode_text)]  # a str field that a tokenizer can read
 
 
 class ChatMessage(BaseModel):
@@ -18,7 +32,7 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 def chat_prompt(tokenizer, messages: Sequence[ChatMessage | dict]) -> str:

@@ -32,4 +32,5 @@ class DataError(FedPrefixError, ValueError):
 def first_error(exc, default_field: str = "value") -> tuple[str, str]:
     """(dotted field path, message) of a pydantic ValidationError's first error: what our messages name."""
     first = exc.errors()[0]
-    return ".".join(str(part) for part in first["loc"]) or default_field, first["msg"]
+    message = first["msg"].removeprefix("Value error, ")  # what pydantic puts before our validators' words
+    return ".".join(str(part) for part in first["loc"]) or default_field, message

@@ -27,6 +27,11 @@ class SamplingParams(BaseModel):
     stop: list[str] = Field(default_factory=list)  # output is cut before the first stop string
     ignore_eos: bool = False  # keep going past EOS up to max_new_tokens (benchmarks, as vLLM's flag)
 
+    @property
+    def greedy(self) -> bool:
+        """Temperatures below 1e-5 pick the argmax (vLLM's _SAMPLING_EPS): logits / 1e-40 overflow."""
+        return self.temperature < 1e-5
+
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (B, T), rows aligned to the right."""
@@ -42,17 +47,18 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 
 
 def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence) -> torch.Tensor:
-    """Next token per row from `logits` (B, V): argmax where temperature is 0, else top-p sampling."""
+    """Next token per row from `logits` (B, V): argmax where greedy, else top-p sampling."""
     # max(...).indices on float32 is argmax (the first maximal index) at a third of the cost:
     # torch's CPU argmax is not vectorized, and is slowest on bfloat16
     chosen = logits.float().max(dim=-1).indices  # (B,)
     for row, p in enumerate(params):
-        if p.temperature == 0.0:
+        if p.greedy:
             continue
         probs = torch.softmax(logits[row].float() / p.temperature, dim=-1)  # (V,)
         if p.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
-            keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # always keeps the top token
+            keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
+            keep[0] = True  # the top token always (a top_p that float32 rounds to 0 would keep none)
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         chosen[row] = torch.multinomial(probs, 1, generator=generators[row]).squeeze(0)
     return chosen
@@ -135,7 +141,7 @@ def generate_tokens(
 
 def make_generator(params: SamplingParams, device) -> torch.Generator | None:
     """The row's own random generator (None when greedy), seeded from params.seed if set."""
-    if params.temperature == 0.0:
+    if params.greedy:
         return None
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed if params.seed is not None else torch.seed())

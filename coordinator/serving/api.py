@@ -16,40 +16,117 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import Any, Literal
 
-from fedprefix.common.chat import ChatMessage
+from fedprefix.common.chat import ChatMessage, Text
 from fedprefix.common.store import BadUserIdError, StoreError, UnknownUserError, WrongKeyError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 KEY_HEADER = "X-Prefix-Key"
 PASSPHRASE_PREFIX = "b64:"  # X-Prefix-Key: b64:<base64 of the UTF-8 passphrase>
 MAX_SEED = 2**63 - 1  # torch generators take 64 bits; OpenAI's seed is a signed 64-bit integer
 
 
+# OpenAI fields this server does not implement, and the values that ask for nothing: any
+# other value is refused (422 naming the field), so a client never silently gets less than
+# it asked for (one choice for n=3, plain text for JSON mode, no logprobs).
+_OFF = {
+    "n": lambda v: v in (None, 1),
+    "best_of": lambda v: v in (None, 1),
+    "logprobs": lambda v: v is None or v is False,
+    "top_logprobs": lambda v: v in (None, 0),
+    "echo": lambda v: v in (None, False),
+    "suffix": lambda v: v in (None, ""),
+    "logit_bias": lambda v: not v,
+    "presence_penalty": lambda v: v in (None, 0),
+    "frequency_penalty": lambda v: v in (None, 0),
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "function_call": lambda v: v in (None, "none", "auto"),
+    "response_format": lambda v: v is None or v == {"type": "text"},
+}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False  # a last chunk with the usage and no choices
+
+
 class SamplingBody(BaseModel):
-    """Fields both endpoints share (the OpenAI ones this server honours; others are ignored)."""
+    """Fields both endpoints share (the OpenAI ones this server honours; unknown ones are ignored)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
-    user: str | None = None  # whose prefix to use; None: the base alone
+    stream_options: StreamOptions | None = None
+    user: Text | None = None  # whose prefix to use; None: the base alone
+    n: Any = None
+    best_of: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    echo: Any = None
+    suffix: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    tools: Any = None
+    functions: Any = None
+    tool_choice: Any = None
+    function_call: Any = None
+    response_format: Any = None
+
+    @field_validator(*_OFF)
+    @classmethod
+    def _not_implemented(cls, value: Any, info) -> Any:
+        if not _OFF[info.field_name](value):
+            raise ValueError(f"{value!r} is not supported by this server; leave {info.field_name} out")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed with stream: true")
+        return value
 
 
 class CompletionBody(SamplingBody):
-    """POST /v1/completions."""
+    """POST /v1/completions: a prompt, several, or token ids (one list, or one per prompt)."""
 
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1, le=4096)
+    prompt: Text | list[Text] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1, le=4096)  # null: OpenAI's default of 16
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: text, or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
 
-class ApiChatMessage(ChatMessage):
-    """A chat turn as OpenAI clients send it: fields other than role and content (name, ...) are ignored."""
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]  # images and audio: refused, this base reads text only
+    text: Text
+
+
+class ApiChatMessage(BaseModel):
+    """A chat turn as OpenAI clients send it: content as text or text parts; `developer` is
+    the newer name of `system`; other fields (name, ...) are ignored."""
 
     model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[TextPart]
+
+    def turn(self) -> ChatMessage:
+        content = self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+        return ChatMessage(role="system" if self.role == "developer" else self.role, content=content)
 
 
 class ChatBody(SamplingBody):

@@ -10,6 +10,8 @@ small shared server; `fedprefix serve` exposes each as an option.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,15 +42,16 @@ class BodySizeLimit:
     """ASGI middleware: a request body over `max_bytes` is answered 413 (by Content-Length, or
     while it streams in), without the app ever seeing it."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, refused: Callable[[Scope], None] | None = None) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.refused = refused  # told of each refusal (the server counts it in its metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
+            return await self._refuse(scope, send)
         # Read the whole (bounded) body first, then replay it: a chunked body has no length.
         chunks, size, more = [], 0, True
         while more:
@@ -58,7 +61,7 @@ class BodySizeLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                return await self._refuse(send)
+                return await self._refuse(scope, send)
             chunks.append(chunk)
             more = message.get("more_body", False)
         replayed = False
@@ -72,7 +75,9 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        if self.refused is not None:
+            self.refused(scope)
         body = too_large_body(self.max_bytes)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})

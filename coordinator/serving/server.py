@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import threading
 import time
@@ -35,6 +36,7 @@ from fedprefix.common.generation import SamplingParams
 from fedprefix.common.precision import dtype_name
 from fedprefix.common.store import StoreError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from .api import KEY_HEADER, ApiError, ChatBody, CompletionBody, parse_key, store_error
 from .engine import (
@@ -51,6 +53,7 @@ from .limits import BodySizeLimit, ServingLimits, check_request
 from .metrics import Metrics
 from .unlock import UnlockThrottled
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -59,9 +62,12 @@ def create_app(engine: Engine, model_name: str, limits: ServingLimits | None = N
     app = FastAPI(title="fedprefix serving", description=__doc__)
     app.state.engine, app.state.metrics, app.state.model_name = engine, Metrics(engine), model_name
     app.state.limits = limits = limits or ServingLimits()
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    requests = app.state.metrics.requests
+    refused = lambda scope: requests.labels(_endpoint(scope), "413").inc()  # noqa: E731
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, refused=refused)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid_body)
+    app.add_exception_handler(HTTPException, _http_error)  # unknown path, wrong method, unreadable body
     app.include_router(router)
     return app
 
@@ -98,17 +104,41 @@ def _submit_single_threaded(engine: Engine, generations, listeners):
 # ------------------------------------------------------------------ errors
 
 
+def _endpoint(scope) -> str:
+    """A request's metrics label: the path of the route it reached, or "other" (a path that
+    nobody serves must not add a label)."""
+    return getattr(scope.get("route"), "path", None) or "other"
+
+
+def _count(request: Request, status: int | str) -> None:
+    request.app.state.metrics.requests.labels(_endpoint(request.scope), str(status)).inc()
+
+
+def _error_body(status: int, message: str, code: str, field: str | None = None) -> dict:
+    error = {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error", "code": code}
+    if field is not None:
+        error |= {"param": field, "fields": [{"field": f"body.{field}", "message": message}]}
+    return {"error": error}
+
+
 async def _api_error(request: Request, exc: ApiError):
-    request.app.state.metrics.requests.labels(request.url.path, str(exc.status)).inc()
-    error = {"message": exc.message, "type": "invalid_request_error", "code": exc.code}
-    if exc.field is not None:
-        error |= {"param": exc.field, "fields": [{"field": f"body.{exc.field}", "message": exc.message}]}
-    return JSONResponse({"error": error}, status_code=exc.status, headers=exc.headers)
+    _count(request, exc.status)
+    return JSONResponse(_error_body(exc.status, exc.message, exc.code, exc.field), exc.status, headers=exc.headers)
+
+
+async def _http_error(request: Request, exc: HTTPException):
+    _count(request, exc.status_code)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+    body = _error_body(exc.status_code, str(exc.detail), code)
+    return JSONResponse(body, exc.status_code, headers=getattr(exc, "headers", None))
 
 
 async def _invalid_body(request: Request, exc: RequestValidationError):
-    request.app.state.metrics.requests.labels(request.url.path, "422").inc()
-    fields = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+    _count(request, 422)
+    fields = [
+        {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"].removeprefix("Value error, ")}
+        for e in exc.errors()
+    ]
     message = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
     body = {"error": {"message": message, "type": "invalid_request_error", "code": "invalid_body", "fields": fields}}
     return JSONResponse(body, status_code=422)
@@ -118,13 +148,20 @@ async def _invalid_body(request: Request, exc: RequestValidationError):
 
 
 async def _submit(
-    request: Request, prompts: list[str], params: SamplingParams, user: str | None, stream: bool, fit=False
+    request: Request,
+    prompts: list[str | list[int]],
+    params: SamplingParams,
+    user: str | None,
+    stream: bool,
+    fit=False,
+    prompt_field="prompt",
 ):
     """Queue all prompts of one HTTP request together (all or none); (handle, events) per prompt.
 
     `stream`: the events are the text pieces, then None; otherwise only the None that ends
     each prompt (a wake-up per piece would resume the whole ASGI stack for nothing).
-    `fit`: max_tokens was not given, so lower it to what the context leaves instead of refusing."""
+    `fit`: max_tokens was not given, so lower it to what the context leaves instead of refusing.
+    `prompt_field`: the body field the prompt came from, named in errors."""
     engine: Engine = request.app.state.engine
     broken = check_request(request.app.state.limits, len(prompts), params.stop)
     if broken is not None:
@@ -144,7 +181,13 @@ async def _submit(
     except StoreError as exc:
         raise store_error(exc) from exc
     except FedPrefixError as exc:
-        raise _engine_error(exc) from exc
+        error = _engine_error(exc)
+        if error.field == "prompt":
+            error.field = prompt_field
+        raise error from exc
+    except Exception as exc:  # a bug, not the client's fault: still an answer in OpenAI's shape
+        log.exception("could not queue a request")
+        raise ApiError(500, f"could not queue the request: {type(exc).__name__}", "internal_error") from exc
     return list(zip(handles, queues, strict=True))
 
 
@@ -237,7 +280,18 @@ def _sse(request: Request, chunks, submitted) -> StreamingResponse:
 
 
 def _ok(request: Request) -> None:
-    request.app.state.metrics.requests.labels(request.url.path, "200").inc()
+    _count(request, 200)
+
+
+def _stream_end(handle, head: dict, usage: bool) -> list[dict]:
+    """What a stream sends after its last piece: an error event where generation failed (as
+    vLLM does: the status line said 200 long ago), and the usage chunk if it was asked for."""
+    try:
+        result = handle.result(timeout=0)
+    except FedPrefixError as exc:
+        error = _engine_error(exc)
+        return [_error_body(error.status, error.message, error.code)]
+    return [{**head, "choices": [], "usage": _usage([result])}] if usage else []
 
 
 # ------------------------------------------------------------------ routes
@@ -245,24 +299,27 @@ def _ok(request: Request) -> None:
 
 @router.post("/v1/completions")
 async def completions(body: CompletionBody, request: Request):
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts:
-        raise ApiError(422, "prompt: give at least one prompt", "invalid_body")
+    prompts = body.prompts()
+    if not prompts or not all(prompts):
+        raise ApiError(422, "prompt: give at least one prompt, none empty", "invalid_body", field="prompt")
     if body.stream and len(prompts) != 1:  # checked before anything is queued
-        raise ApiError(422, "stream: streaming takes a single prompt", "invalid_body")
-    submitted = await _submit(request, prompts, _params_of(body, body.max_tokens), body.user, body.stream)
+        raise ApiError(422, "stream: streaming takes a single prompt", "invalid_body", field="stream")
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    submitted = await _submit(request, prompts, _params_of(body, max_tokens), body.user, body.stream)
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": request.app.state.model_name}
     if body.stream:
         handle, events = submitted[0]
+        usage = body.stream_options is not None and body.stream_options.include_usage
 
         async def chunks():
             while (delta := await events.get()) is not None:
                 yield {**head, "choices": [{"text": delta, "index": 0, "logprobs": None, "finish_reason": None}]}
-            yield {
-                **head,
-                "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": handle.finish_reason}],
-            }
+            if handle.finish_reason != "error":
+                finish = handle.finish_reason
+                yield {**head, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": finish}]}
+            for chunk in _stream_end(handle, head, usage):
+                yield chunk
 
         _ok(request)
         return _sse(request, chunks(), submitted)
@@ -276,14 +333,21 @@ async def completions(body: CompletionBody, request: Request):
 
 @router.post("/v1/chat/completions")
 async def chat(body: ChatBody, request: Request):
-    prompt = chat_prompt(request.app.state.engine.tokenizer, body.messages)
+    try:
+        prompt = chat_prompt(request.app.state.engine.tokenizer, [message.turn() for message in body.messages])
+    except Exception as exc:  # the chat template refused these turns (an order it does not allow)
+        message = f"messages: the chat template refused them: {exc}"
+        raise ApiError(422, message, "invalid_body", field="messages") from exc
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = _params_of(body, max_tokens or 256)
-    submitted = await _submit(request, [prompt], params, body.user, body.stream, fit=max_tokens is None)
+    submitted = await _submit(
+        request, [prompt], params, body.user, body.stream, fit=max_tokens is None, prompt_field="messages"
+    )
     ((handle, events),) = submitted
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": rid, "created": created, "model": request.app.state.model_name}
     if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
 
         async def chunks():
             chunk = {**head, "object": "chat.completion.chunk"}
@@ -293,7 +357,10 @@ async def chat(body: ChatBody, request: Request):
             }
             while (delta := await events.get()) is not None:
                 yield {**chunk, "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]}
-            yield {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": handle.finish_reason}]}
+            if handle.finish_reason != "error":
+                yield {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": handle.finish_reason}]}
+            for end in _stream_end(handle, chunk, usage):
+                yield end
 
         _ok(request)
         return _sse(request, chunks(), submitted)

@@ -33,6 +33,10 @@ def test_accepts_all_row_forms(tmp_path):
         ([{"messages": [{"role": "robot", "content": "a"}, {"role": "user", "content": "b"}]}], "messages.0.role"),
         ([3], "row 0: expected an object or a string, got int"),
         (["  "], "row 0: empty text"),
+        # JSON's "\ud800" escape gives a lone surrogate, which no tokenizer takes
+        ([{"prompt": "a\ud800b", "completion": "c"}], "row 0: field 'prompt': not valid Unicode: a lone surrogate"),
+        (["ok", "plain \udc00"], "row 1: not valid Unicode: a lone surrogate at character 6"),
+        ([{"messages": [{"role": "user", "content": "\ud83d"}, {"role": "assistant", "content": "b"}]}], "messages.0"),
     ],
 )
 def test_bad_rows_name_index_and_field(rows, message):

@@ -149,6 +149,10 @@ def test_generate_single_and_batched(tiny_base):
     assert sampled == p.generate("Describe", max_new_tokens=5, temperature=1.0, top_p=0.9, seed=1)
     with pytest.raises(ConfigError, match="at least one prompt"):
         p.generate([])
+    with pytest.raises(ConfigError, match="prompt 1: not valid Unicode"):
+        p.generate(["fine", "lone \ud800 surrogate"])
+    with pytest.raises(ConfigError, match="prompt 0: expected a string, got int"):
+        p.generate([7])
 
 
 def test_save_load_resume(tiny_llama, store):

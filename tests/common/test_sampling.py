@@ -1,0 +1,25 @@
+"""Token picking at the edges of the sampling settings: never a failed row for a setting the API accepts."""
+
+from __future__ import annotations
+
+import torch
+from fedprefix.common.generation import SamplingParams, make_generator, pick_tokens
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 30
+    for temperature in (1e-40, 5e-324, 1e-6):
+        params = SamplingParams(temperature=temperature, seed=1)
+        assert params.greedy and make_generator(params, "cpu") is None
+        picked = pick_tokens(logits, [params] * 4, [None] * 4)
+        assert picked.tolist() == logits.argmax(dim=-1).tolist()
+    assert not SamplingParams(temperature=1e-4).greedy
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_top_token():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    for top_p in (5e-324, 1e-45, 1e-9):
+        params = SamplingParams(temperature=1.0, top_p=top_p, seed=3)
+        generators = [make_generator(params, "cpu") for _ in range(3)]
+        picked = pick_tokens(logits, [params] * 3, generators)
+        assert picked.tolist() == logits.argmax(dim=-1).tolist()

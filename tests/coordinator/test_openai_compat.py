@@ -1,0 +1,167 @@
+"""The HTTP API against unusual but legal OpenAI requests: every answer in OpenAI's shape, never a
+silent change of meaning, and the server serving on afterwards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from fedprefix.coordinator.serving import Engine
+from fedprefix.coordinator.serving import batch as batch_module
+from fedprefix.coordinator.serving.limits import ServingLimits
+from fedprefix.coordinator.serving.server import create_app
+
+from tests.coordinator.test_engine import served  # noqa: F401  (fixture)
+from tests.coordinator.test_server import header
+
+PLAIN = {"prompt": "hello there", "user": "alice", "max_tokens": 6, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def client(served):  # noqa: F811
+    base, store = served
+    limits = ServingLimits(max_body_bytes=4096)
+    with Engine(base, store=store) as engine, TestClient(create_app(engine, "tiny-llama", limits)) as test_client:
+        yield test_client
+
+
+def completion(client, **changes):
+    return client.post("/v1/completions", json={**PLAIN, **changes}, headers=header("alice"))
+
+
+def text_of(reply) -> str:
+    assert reply.status_code == 200, reply.text
+    return reply.json()["choices"][0]["text"]
+
+
+def stream_events(client, path: str, body: dict) -> list:
+    with client.stream("POST", path, json={**body, "stream": True}, headers=header("alice")) as reply:
+        assert reply.status_code == 200
+        lines = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_a_lone_surrogate_is_422_naming_the_field_and_the_server_serves_on(client):
+    before = text_of(completion(client))
+    raw = '{"prompt": "ab\\ud800cd", "max_tokens": 2}'  # valid JSON, not valid Unicode
+    reply = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 422 and reply.json()["error"]["fields"][0]["field"].startswith("body.prompt")
+    assert "surrogate" in reply.json()["error"]["message"]
+    chat = '{"messages": [{"role": "user", "content": "x\\ud83d"}], "max_tokens": 2}'
+    reply = client.post("/v1/chat/completions", content=chat, headers={"content-type": "application/json"})
+    assert reply.status_code == 422 and "messages" in reply.json()["error"]["fields"][0]["field"]
+    assert text_of(completion(client)) == before
+
+
+def test_a_temperature_or_top_p_too_small_to_sample_with_is_served(client):
+    greedy = text_of(completion(client))
+    assert text_of(completion(client, temperature=1e-40)) == greedy
+    assert text_of(completion(client, temperature=1.0, top_p=5e-324, seed=1)) == greedy
+    for field, value in (("temperature", float("nan")), ("top_p", float("inf"))):
+        raw = json.dumps({**PLAIN, field: value})  # NaN / Infinity: what Python's json writes
+        reply = client.post(
+            "/v1/completions", content=raw, headers={"content-type": "application/json", **header("alice")}
+        )
+        assert reply.status_code == 422 and reply.json()["error"]["fields"][0]["field"] == f"body.{field}"
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_event(client, monkeypatch):
+    real, calls = batch_module.take_token, [0]
+
+    def failing(row, token, *args):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("decoder broke")
+        return real(row, token, *args)
+
+    monkeypatch.setattr(batch_module, "take_token", failing)
+    events = stream_events(client, "/v1/completions", PLAIN)
+    assert "error" in events[-1] and events[-1]["error"]["type"] == "server_error"
+    assert "decoder broke" in events[-1]["error"]["message"]
+    assert all(event["choices"][0]["finish_reason"] is None for event in events[:-1])  # no claim of success
+
+
+def test_openai_fields_this_server_does_not_implement_are_refused_not_ignored(client):
+    refused = [
+        ("n", 2), ("best_of", 3), ("logprobs", 1), ("echo", True), ("suffix", "end"), ("logit_bias", {"1": 5}),
+        ("frequency_penalty", 0.5), ("presence_penalty", -1),
+    ]  # fmt: skip
+    for field, value in refused:
+        reply = completion(client, **{field: value})
+        assert reply.status_code == 422, (field, reply.text)
+        assert reply.json()["error"]["fields"][0]["field"] == f"body.{field}"
+    chat = {"messages": [{"role": "user", "content": "hi"}], "user": "alice", "max_tokens": 4}
+    for field, value in (
+        ("logprobs", True),
+        ("tools", [{"type": "function"}]),
+        ("response_format", {"type": "json_object"}),
+    ):
+        reply = client.post("/v1/chat/completions", json={**chat, field: value}, headers=header("alice"))
+        assert reply.status_code == 422 and reply.json()["error"]["fields"][0]["field"] == f"body.{field}"
+    defaults = {"n": 1, "logprobs": None, "echo": False, "frequency_penalty": 0, "logit_bias": {}, "best_of": 1}
+    assert text_of(completion(client, **defaults)) == text_of(completion(client))
+    chat_defaults = {"logprobs": False, "tools": [], "tool_choice": "none", "response_format": {"type": "text"}}
+    assert (
+        client.post("/v1/chat/completions", json={**chat, **chat_defaults}, headers=header("alice")).status_code == 200
+    )
+
+
+def test_stream_options_include_usage_sends_a_last_usage_chunk(client):
+    plain = completion(client).json()
+    events = stream_events(client, "/v1/completions", {**PLAIN, "stream_options": {"include_usage": True}})
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == plain["usage"]
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    chat = {"messages": [{"role": "user", "content": "hi"}], "user": "alice", "max_tokens": 4}
+    events = stream_events(client, "/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}})
+    assert events[-1]["usage"]["completion_tokens"] == 4
+    assert "usage" not in stream_events(client, "/v1/completions", PLAIN)[-1]
+    reply = completion(client, stream_options={"include_usage": True})  # not streaming
+    assert reply.status_code == 422 and reply.json()["error"]["fields"][0]["field"] == "body.stream_options"
+
+
+def test_token_id_prompts_equal_their_text(client, served):  # noqa: F811
+    base, _ = served
+    ids = base.tokenizer(PLAIN["prompt"], add_special_tokens=False).input_ids
+    assert text_of(completion(client, prompt=ids)) == text_of(completion(client))
+    two = completion(client, prompt=[ids, ids[:2]]).json()
+    assert [c["text"] for c in two["choices"]][0] == text_of(completion(client))
+    assert two["usage"]["prompt_tokens"] == len(ids) + 2
+    for bad in ([[]], [ids, []], [10**9]):
+        reply = completion(client, prompt=bad)
+        assert reply.status_code == 422 and reply.json()["error"]["param"] == "prompt", (bad, reply.text)
+    assert completion(client, max_tokens=None).json()["usage"]["completion_tokens"] == 16  # OpenAI's default
+
+
+def test_chat_content_parts_and_the_developer_role(client):
+    def chat(messages):
+        body = {"messages": messages, "user": "alice", "max_tokens": 5, "temperature": 0}
+        return client.post("/v1/chat/completions", json=body, headers=header("alice"))
+
+    plain = chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi\nthere"}])
+    parts = chat(
+        [
+            {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]},
+        ]
+    )
+    assert plain.status_code == parts.status_code == 200
+    assert parts.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+    image = [{"type": "image_url", "image_url": {"url": "http://x"}}]
+    for refused in ([{"role": "user", "content": image}], [{"role": "tool", "content": "1"}]):
+        reply = chat(refused)
+        assert reply.status_code == 422 and reply.json()["error"]["fields"][0]["field"].startswith("body.messages.0")
+
+
+def test_framework_errors_have_openai_shape_and_are_counted(client):
+    for method, path, status in (("get", "/v1/nowhere", 404), ("get", "/v1/completions", 405)):
+        reply = getattr(client, method)(path)
+        assert reply.status_code == status and reply.json()["error"]["type"] == "invalid_request_error"
+    broken = client.post("/v1/completions", content=b"\xff\xfe{", headers={"content-type": "application/json"})
+    assert broken.status_code in (400, 422) and "error" in broken.json()
+    assert client.post("/v1/completions", content=b"x" * 5000).status_code == 413
+    metrics = client.get("/metrics").text
+    assert 'fedprefix_requests_total{endpoint="other",status="404"}' in metrics  # not one label per path
+    assert 'endpoint="/v1/completions",status="405"' in metrics
+    assert 'status="413"' in metrics and "/v1/nowhere" not in metrics
