@@ -270,6 +270,12 @@ class Engine:
             request.params = request.params.model_copy(update={"max_new_tokens": room})
         elif wanted > room:
             mine = f" + {prefix_tokens} prefix tokens" if prefix_tokens else ""
+            if request.fit_context:  # max_tokens was not the caller's: the prompt alone is too long
+                raise InvalidRequest(
+                    "prompt",
+                    f"{prompt_tokens} prompt tokens{mine} leave no room for a reply in the base's context of "
+                    f"{self.context_length} tokens: shorten the prompt",
+                )
             raise InvalidRequest(
                 "prompt",
                 f"{prompt_tokens} prompt tokens{mine} + max_tokens {wanted} exceed the base's context of "

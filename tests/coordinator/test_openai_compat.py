@@ -165,3 +165,11 @@ def test_framework_errors_have_openai_shape_and_are_counted(client):
     assert 'fedprefix_requests_total{endpoint="other",status="404"}' in metrics  # not one label per path
     assert 'endpoint="/v1/completions",status="405"' in metrics
     assert 'status="413"' in metrics and "/v1/nowhere" not in metrics
+
+
+def test_a_chat_too_long_for_the_context_names_messages_not_a_max_tokens_it_never_sent(client):
+    body = {"messages": [{"role": "user", "content": "y " * 600}], "user": "alice"}  # context: 512
+    reply = client.post("/v1/chat/completions", json=body, headers=header("alice"))
+    error = reply.json()["error"]
+    assert reply.status_code == 422 and error["param"] == "messages"
+    assert "leave no room for a reply" in error["message"] and "max_tokens" not in error["message"]
