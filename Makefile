@@ -8,6 +8,8 @@ export FEDPREFIX_CACHE ?= $(CURDIR)/.cache/fedprefix
 .PHONY: demo test test-slow lint bench report report-personas install install-dev clean
 
 $(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "error: fedprefix needs Python 3.11+ (flwr 1.42 and transformers 5 do); $(PYTHON) is $$($(PYTHON) -V 2>&1). Run: make demo PYTHON=python3.12"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 

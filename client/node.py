@@ -118,7 +118,7 @@ def open_node(run_config: dict, node_config: dict) -> Node:
     partition = int(node_config.get("partition-id", 0))
     user_id = node_user_id(node_config, config)
     train_rows, eval_rows = node_rows(node_config, config, user_id)
-    store = node_config.get("store") or str(Path(config.store_root) / user_id)
+    store = node_config.get("store") or str(Path(config.node_store_root) / user_id)
     key = read_key_file(node_config["key-file"]) if "key-file" in node_config else simulation_key(config, user_id)
     personalizer = Personalizer(
         base_model=cached_base(config.base),

@@ -333,6 +333,14 @@ def load_base(
     return BaseModelHandle(name=label, model=model, tokenizer=tokenizer, fingerprint=fingerprint)
 
 
+def check_base(name_or_path: str | os.PathLike) -> None:
+    """ConfigError where `load_base` could not find this base: before a run starts processes that
+    would each fail on it (a registry base is fetched and converted here, once)."""
+    name = str(name_or_path)
+    if not (name in REGISTRY and REGISTRY[name].builtin):
+        _resolve_folder(name)
+
+
 def _resolve_folder(name: str) -> Path:
     if name in REGISTRY:
         return fetch(name)

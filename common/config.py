@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -146,9 +147,16 @@ class FederationConfig(BaseModel):
     users_per_round: int = Field(0, ge=0)
     data_seed: int = 0  # node i trains with seed data_seed + i
     run_dir: str = "runs/latest"
-    store_root: str = ".cache/fedprefix/nodes"  # simulation: each node's encrypted store lives below
+    # simulation: each node's encrypted store lives below; "" = RUN_DIR/stores, so runs never share
+    # a node's prefixes (a second run would start from the first one's)
+    store_root: str = ""
     key_seed: str = "simulation-only"  # simulation: node keys derive from this; real nodes bring key files
     audit_dir: str = ""  # non-empty: each node logs every reply it sends there (client/audit.py)
+
+    @property
+    def node_store_root(self) -> str:
+        """The folder that holds one encrypted store per simulated node."""
+        return self.store_root or str(Path(self.run_dir) / "stores")
 
     @classmethod
     def from_run_config(cls, run_config: dict, ignore_unknown: bool = False) -> FederationConfig:

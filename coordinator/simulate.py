@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,7 +38,7 @@ from fedprefix.common.config import FederationConfig
 from fedprefix.common.errors import FedPrefixError
 
 from .processes import OwnedProcesses, owned_processes
-from .records import RUN_FILE, RoundRecord, RunFolderError, read_run
+from .records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunFolderError, read_run
 
 logger = logging.getLogger(__name__)
 
@@ -220,10 +221,12 @@ def simulate(
     another ClientApp for the nodes ("module:attribute"; experiments wrap the real one). Every process started
     here is stopped before this returns or raises (also on Ctrl-C and SIGTERM).
     """
+    if not config.store_root:  # the run's own stores: a rerun into the same folder starts afresh
+        shutil.rmtree(config.node_store_root, ignore_errors=True)
     config = config.model_copy(
         update={
             "run_dir": str(Path(config.run_dir).resolve()),
-            "store_root": str(Path(config.store_root).resolve()),
+            "store_root": str(Path(config.node_store_root).resolve()),
             **({"audit_dir": str(Path(config.audit_dir).resolve())} if config.audit_dir else {}),
             # node processes may not share this process's working folder
             **({"data": str(Path(config.data).resolve())} if config.data else {}),
@@ -260,4 +263,14 @@ def simulate(
     info, rounds, problems = read_run(run_dir)
     if info.status != "finished":
         raise SimulationError(f"the federation {info.status}: {info.error or 'no reason recorded'}; see {log_file}")
+    require_accepted(rounds, run_dir)
     return rounds
+
+
+def require_accepted(rounds: list[RoundRecord], run_dir: Path) -> None:
+    """SimulationError where rounds ran but none accepted a node's reply: the run taught nobody
+    anything (every node failing on its data, say), which must not end as "finished" and exit 0."""
+    if rounds and not any(r.replies_accepted for r in rounds):
+        first = next((r.rejected[0] for r in rounds if r.rejected), None)
+        reason = f" (the first: node {first.node}: {first.reason})" if first is not None else ""
+        raise SimulationError(f"no node's reply was accepted in any round{reason}; see {run_dir / ROUNDS_FILE}")

@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -78,7 +78,7 @@ def _info(path: Path, header: FileHeader, stat: os.stat_result) -> StoredPrefixI
         user_id=header.user_id,
         path=path,
         size_bytes=stat.st_size,
-        modified=datetime.fromtimestamp(stat.st_mtime, tz=timezone.utc),
+        modified=datetime.fromtimestamp(stat.st_mtime, tz=UTC),
         base_fingerprint=header.base_fingerprint,
         spec=header.prefix_config.spec,
         prefix_projection=header.prefix_config.prefix_projection,
@@ -248,7 +248,7 @@ class PrefixStore:
                 "user_id": name,
                 "path": path,
                 "size_bytes": stat.st_size,
-                "modified": datetime.fromtimestamp(stat.st_mtime, tz=timezone.utc),
+                "modified": datetime.fromtimestamp(stat.st_mtime, tz=UTC),
             }
             try:
                 validate_store_name(name)

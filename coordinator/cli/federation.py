@@ -18,14 +18,14 @@ from .main import DTYPE_HELP, app, console, err_console, fail
 @app.command()
 def simulate(
     users: int = typer.Option(
-        0, "--users", "-n", help="Users, one Flower node each (default: personas 4, your data all of its users)."
+        0, "--users", "-n", min=0, help="Users, one Flower node each (default: personas 4, your data all of its users)."
     ),
-    rounds: int = typer.Option(3, "--rounds", "-r", help="Federated rounds."),
+    rounds: int = typer.Option(3, "--rounds", "-r", min=1, help="Federated rounds."),
     base: str = typer.Option("tiny-llama", "--base", help="Base model: registry name, folder or hub id."),
     mode: str = typer.Option("shared+personal", "--mode", help="personal | shared | shared+personal"),
     out: str = typer.Option("runs/latest", "--out", help="Run folder to write (run.json, rounds.jsonl)."),
     aggregator: str = typer.Option("fedavg", "--aggregator", help="fedavg | fedadam | fedprox"),
-    local_steps: int = typer.Option(10, "--local-steps", help="Optimizer steps per user per round."),
+    local_steps: int = typer.Option(10, "--local-steps", min=1, help="Optimizer steps per user per round."),
     data: str = typer.Option(
         "personas",
         "--data",
@@ -33,16 +33,18 @@ def simulate(
         "or a folder of per-user files or per-user folders.",
     ),
     user_field: str = typer.Option("user", "--user-field", help="The user column of a single data file."),
-    min_rows: int = typer.Option(2, "--min-rows", help="Drop users with fewer rows."),
+    min_rows: int = typer.Option(2, "--min-rows", min=1, help="Drop users with fewer rows."),
     eval_fraction: float = typer.Option(
         0.2, "--eval-fraction", help="Each user's last share of rows held out for evaluation (0: none)."
     ),
     users_per_round: int = typer.Option(
-        0, "--users-per-round", "-k", help="Users sampled each round (0: all, or --set fraction-train=F)."
+        0, "--users-per-round", "-k", min=0, help="Users sampled each round (0: all, or --set fraction-train=F)."
     ),
-    examples: int = typer.Option(0, "--examples", help="personas: rows per user; 0 = non-IID sizes from 10 to 200."),
+    examples: int = typer.Option(
+        0, "--examples", min=0, help="personas: rows per user; 0 = non-IID sizes from 10 to 200."
+    ),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
-    dp_noise: float = typer.Option(0.0, "--dp-noise", help="DP noise multiplier (0 = off)."),
+    dp_noise: float = typer.Option(0.0, "--dp-noise", min=0, help="DP noise multiplier (0 = off)."),
     dp_clip: float = typer.Option(1.0, "--dp-clip", help="DP clipping norm of each user's update."),
     setting: list[str] = typer.Option([], "--set", help="Any other run setting, KEY=VALUE (see pyproject)."),
     as_json: bool = typer.Option(False, "--json", help="Print the round records as JSON."),
@@ -80,6 +82,12 @@ def simulate(
     # Settings first, so that a bad one is refused before any data is read or written;
     # then again with the number of users the data holds.
     config = _checked({**settings, "num_users": max(users, users_per_round, 1)})
+    try:  # before Flower and Ray start: each node would fail on it, and the reason end up in a log
+        from fedprefix.common.base_model import check_base
+
+        check_base(base)
+    except FedPrefixError as exc:
+        fail(exc)
     users, data = _federation_data(config, users, examples, Path(out), err_console if as_json else console)
     config = _checked({**settings, "num_users": users, "data": data})
     try:
@@ -226,7 +234,7 @@ def show_command(
 def dashboard_command(
     runs: str = typer.Option("runs", "--runs", help="Folder holding run folders."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
-    port: int = typer.Option(8050, "--port", help="Port to listen on."),
+    port: int = typer.Option(8050, "--port", min=1, max=65535, help="Port to listen on."),
 ) -> None:
     """A read-only web dashboard of the runs (works offline; updates while a run goes on).
 

@@ -20,45 +20,54 @@ def serve(
     store: str = typer.Option(..., "--store", help="Encrypted prefix store folder (ciphertext only)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
-    max_batch_size: int = typer.Option(64, "--max-batch-size", help="Rows per decode step."),
-    max_queue: int = typer.Option(256, "--max-queue", help="Waiting requests (all users) before answering 429."),
+    max_batch_size: int = typer.Option(64, "--max-batch-size", min=1, help="Rows per decode step."),
+    max_queue: int = typer.Option(256, "--max-queue", min=1, help="Waiting requests (all users) before answering 429."),
     max_queue_per_user: int = typer.Option(
-        64, "--max-queue-per-user", help="Waiting requests of one user (anonymous: one user) before answering 429."
+        64,
+        "--max-queue-per-user",
+        min=1,
+        help="Waiting requests of one user (anonymous: one user) before answering 429.",
     ),
-    max_wait: float = typer.Option(30.0, "--max-wait", help="Seconds a request may wait for a batch slot."),
-    cache_mib: int = typer.Option(1024, "--prefix-cache-mib", help="Memory for decrypted prefixes (LRU)."),
+    max_wait: float = typer.Option(30.0, "--max-wait", min=0.001, help="Seconds a request may wait for a batch slot."),
+    cache_mib: int = typer.Option(1024, "--prefix-cache-mib", min=1, help="Memory for decrypted prefixes (LRU)."),
     prompt_cache_mib: int = typer.Option(
-        256, "--prompt-cache-mib", help="Memory for users' prompt KV, reused by their next requests (LRU; 0: off)."
+        256,
+        "--prompt-cache-mib",
+        min=0,
+        help="Memory for users' prompt KV, reused by their next requests (LRU; 0: off).",
     ),
     max_prefill_tokens: int = typer.Option(
-        2048, "--max-prefill-tokens", help="Prompt tokens computed per step beside decoding (chunked prefill)."
+        2048, "--max-prefill-tokens", min=1, help="Prompt tokens computed per step beside decoding (chunked prefill)."
     ),
     static: bool = typer.Option(False, "--static-batching", help="Static instead of continuous batching."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
-    max_prompts: int = typer.Option(16, "--max-prompts", help="Prompts in one completions request (else 422)."),
-    max_stops: int = typer.Option(8, "--max-stops", help="Stop strings in one request (else 422)."),
-    max_stop_chars: int = typer.Option(64, "--max-stop-chars", help="Characters of one stop string (else 422)."),
-    max_body_kib: int = typer.Option(1024, "--max-body-kib", help="Request body size in KiB (else 413)."),
+    max_prompts: int = typer.Option(16, "--max-prompts", min=1, help="Prompts in one completions request (else 422)."),
+    max_stops: int = typer.Option(8, "--max-stops", min=0, help="Stop strings in one request (else 422)."),
+    max_stop_chars: int = typer.Option(64, "--max-stop-chars", min=1, help="Characters of one stop string (else 422)."),
+    max_body_kib: int = typer.Option(1024, "--max-body-kib", min=1, help="Request body size in KiB (else 413)."),
     max_unlocks: int = typer.Option(
-        4, "--max-unlocks", help="Passphrase unlocks (scrypt, 128 MiB each) running at once; more wait, then 429."
+        4,
+        "--max-unlocks",
+        min=1,
+        help="Passphrase unlocks (scrypt, 128 MiB each) running at once; more wait, then 429.",
     ),
     max_wrong_keys: int = typer.Option(
-        5, "--max-wrong-keys", help="Wrong keys in a row for one user before its unlocks get 429 with backoff."
+        5, "--max-wrong-keys", min=1, help="Wrong keys in a row for one user before its unlocks get 429 with backoff."
     ),
     wrong_key_backoff: float = typer.Option(
-        1.0, "--wrong-key-backoff", help="Seconds of the first backoff; doubles per further wrong key (max 300)."
+        1.0, "--wrong-key-backoff", min=0, help="Seconds of the first backoff; doubles per further wrong key (max 300)."
     ),
     replicas: int = typer.Option(
-        1, "--replicas", help="Engine replicas behind Ray Serve, each user routed to one (1: a single process)."
+        1, "--replicas", min=1, help="Engine replicas behind Ray Serve, each user routed to one (1: a single process)."
     ),
     ray_address: str = typer.Option(
         None, "--ray-address", help="Deploy the replicas onto this Ray cluster (e.g. ray://head:10001 or auto)."
     ),
     replica_cpus: float = typer.Option(
-        None, "--replica-cpus", help="Ray CPUs per replica (default: this machine's cores / replicas)."
+        None, "--replica-cpus", min=0.001, help="Ray CPUs per replica (default: this machine's cores / replicas)."
     ),
     max_users_per_replica: int = typer.Option(
-        1024, "--max-users-per-replica", help="Users one replica holds for routing (Ray Serve multiplexing LRU)."
+        1024, "--max-users-per-replica", min=1, help="Users one replica holds for routing (Ray Serve multiplexing LRU)."
     ),
 ) -> None:
     """Serve many users' prefixes over one base: an OpenAI-compatible HTTP API.

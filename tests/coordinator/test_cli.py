@@ -114,6 +114,13 @@ def test_a_bad_option_or_value_is_one_line_with_usage_exit_code(monkeypatch, cap
         ("simulate", "--users", "abc"): "Invalid value for '--users' / '-n': 'abc' is not a valid integer",
         ("simulate", "--bogus"): "No such option '--bogus'",
         ("serve", "--store", ".", "--port", "99999"): "99999 is not in the range 1<=x<=65535",
+        # values that started a server which then failed or hung on every request
+        ("serve", "--store", ".", "--max-batch-size", "0"): "0 is not in the range x>=1",
+        ("serve", "--store", ".", "--max-queue", "-1"): "-1 is not in the range x>=1",
+        ("serve", "--store", ".", "--max-wait", "-5"): "-5.0 is not in the range x>=0.001",
+        ("simulate", "--examples", "-5"): "-5 is not in the range x>=0",
+        ("simulate", "--rounds", "0"): "0 is not in the range x>=1",
+        ("dashboard", "--port", "99999"): "99999 is not in the range 1<=x<=65535",
     }
     for argv, message in cases.items():
         with pytest.raises(SystemExit) as exit_:
@@ -133,3 +140,12 @@ def test_serve_refuses_a_missing_store_folder_before_loading(monkeypatch, capsys
     assert exit_.value.code == 1
     assert capsys.readouterr().err == f"error: prefix store: no store folder at {typo}\n"
     assert not typo.exists(), "a typo must not create an empty store"
+
+
+def test_simulate_refuses_an_unknown_base_before_starting_flower(monkeypatch, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        _run(monkeypatch, "simulate", "--base", "nonexist", "--out", str(tmp_path / "r"))
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown base model 'nonexist'") and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists(), "nothing may be written for a refused run"

@@ -191,4 +191,4 @@ def test_serve_has_the_settings_and_refuses_bad_ones_before_loading(tmp_path):
     for option in ("--max-prompts", "--max-stops", "--max-body-kib", "--max-queue-per-user", "--max-unlocks"):
         assert option in text
     result = runner.invoke(app, ["serve", "--base", "nope", "--store", str(tmp_path), "--max-prompts", "0"])
-    assert result.exit_code == 1 and "max_prompts" in result.output
+    assert result.exit_code == 2 and "--max-prompts" in result.output  # a usage error, before anything loads

@@ -222,3 +222,46 @@ def test_sigterm_interrupts_like_ctrl_c_while_owned():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_each_run_keeps_its_nodes_stores_in_its_own_folder(tmp_path, monkeypatch):
+    """A second run into the same folder, or another run, never starts from an earlier run's prefixes."""
+    from fedprefix.common.config import FederationConfig
+    from fedprefix.coordinator import simulate as simulate_module
+
+    run_dir = tmp_path / "runs" / "demo"
+    config = FederationConfig(run_dir=str(run_dir))
+    assert Path(config.node_store_root) == run_dir / "stores"
+    assert FederationConfig(run_dir=str(run_dir), store_root="/elsewhere").node_store_root == "/elsewhere"
+    stale = run_dir / "stores" / "user001"
+    stale.mkdir(parents=True)
+    (stale / "user001.prefix").write_bytes(b"an earlier run's prefix")
+
+    def stop_here(*args, **kwargs):
+        raise RuntimeError("stop before Flower starts")
+
+    monkeypatch.setattr(simulate_module, "write_app", stop_here)
+    with pytest.raises(RuntimeError, match="stop before Flower"):
+        simulate_module.simulate(config)
+    assert not (run_dir / "stores").exists()
+    mine = tmp_path / "mine"
+    (mine / "user001").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="stop before Flower"):  # a store root the user chose is never removed
+        simulate_module.simulate(FederationConfig(run_dir=str(run_dir), store_root=str(mine)))
+    assert (mine / "user001").is_dir()
+
+
+def test_a_run_that_accepted_no_reply_in_any_round_is_an_error(tmp_path):
+    from fedprefix.coordinator.records import Rejection
+    from fedprefix.coordinator.simulate import SimulationError, require_accepted
+
+    require_accepted([_record(1), _record(2)], tmp_path)
+    rejected = [
+        _record(n).model_copy(
+            update={"replies_accepted": 0, "replies_rejected": 2, "rejected": [Rejection(node=7, reason="no rows")]}
+        )
+        for n in (1, 2)
+    ]
+    with pytest.raises(SimulationError, match="no node's reply was accepted in any round .*node 7: no rows"):
+        require_accepted(rejected, tmp_path)
+    require_accepted([rejected[0], _record(2)], tmp_path)  # one round that taught something is a run

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 from fedprefix.common.config import FederationConfig, sample_size
 from fedprefix.coordinator.secure_round import average_problem, clipping_range
 from fedprefix.coordinator.strategy import (
