@@ -7,9 +7,9 @@
 - CPU: oneDNN must have a native bf16 path (AVX512-BF16 or AMX; this check honours
   `ONEDNN_MAX_CPU_ISA`). Without one, torch runs bf16 matmuls through a reference GEMM,
   over 20x slower than float32 (DESIGN.md), so no bf16 by default there. With one, a short
-  matmul forward + backward
-  in both dtypes decides (once per process): bf16 must be at least `BF16_MIN_SPEEDUP`
-  faster, so that a CPU whose bf16 instructions exist but do not pay keeps float32.
+  matmul forward + backward in both dtypes decides (once per process, by CPU time, so a busy
+  machine does not flip it): bf16 must be at least `BF16_MIN_SPEEDUP` faster, so that a CPU
+  whose bf16 instructions exist but do not pay keeps float32.
 
 Explicit "float32" / "bfloat16" are always obeyed. Every figure the project reports
 carries `host_info()`: CPU model, cores, native bf16, the torch version.
@@ -60,25 +60,44 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
     return device.type == "cpu" and cpu_native_bf16()
 
 
-def _matmul_seconds(dtype: torch.dtype, rows: int = 512, width: int = 576, out: int = 1536, reps: int = 4) -> float:
-    """Best time of a (rows x width) @ (width x out) linear, forward + input gradient: a training layer's shape."""
+def _linear_seconds(dtypes: tuple[torch.dtype, ...], reps: int = 5) -> list[float]:
+    """Best CPU time per dtype of a (256 x 576) @ (576 x 1536) linear, forward + input gradient
+    (a training layer's shape), on one thread.
+
+    CPU time of this thread, not wall time: on a shared machine other processes take cores
+    and stretch wall time unevenly, which flipped the choice between runs (measured ratios
+    from 1.2 to 2.9 on one host under load); a thread's CPU time counts only its own work
+    (2.0-2.1 there, loaded or not). One thread, since torch's worker threads' time is not
+    this thread's; bf16 and float32 scale alike over cores."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, width, generator=generator).to(dtype).requires_grad_(True)  # (N, in)
-    weight = torch.randn(out, width, generator=generator).to(dtype)  # (out, in), frozen like the base's
-    best = float("inf")
-    for _ in range(reps + 1):  # the first call packs weights and warms caches
-        started = time.perf_counter()
-        torch.nn.functional.linear(x, weight).sum().backward()
-        best = min(best, time.perf_counter() - started)
-    return best
+    cases = []
+    for dtype in dtypes:
+        x = torch.randn(256, 576, generator=generator).to(dtype).requires_grad_(True)  # (N, in)
+        weight = torch.randn(1536, 576, generator=generator).to(dtype)  # (out, in), frozen like the base's
+        cases.append((x, weight))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = [float("inf")] * len(cases)
+        for rep in range(reps + 1):  # the first round packs weights and warms caches
+            for i, (x, weight) in enumerate(cases):
+                started = time.thread_time()
+                torch.nn.functional.linear(x, weight).sum().backward()
+                if rep:
+                    best[i] = min(best[i], time.thread_time() - started)
+        return best
+    finally:
+        torch.set_num_threads(threads)
 
 
 @functools.cache
 def cpu_bf16_speedup() -> float:
-    """float32 time / bfloat16 time of a training-shaped matmul on this CPU (measured once per process)."""
+    """float32 time / bfloat16 time of a training-shaped matmul on this CPU (measured once per
+    process, in about 0.1 s)."""
     if not cpu_native_bf16():
         return 0.0
-    return _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
+    float32, bfloat16 = _linear_seconds((torch.float32, torch.bfloat16))
+    return float32 / bfloat16
 
 
 def resolve_dtype(name: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> torch.dtype:

@@ -69,3 +69,17 @@ def test_host_info_names_the_machine():
     info = host_info()
     assert info.cores >= 1 and info.torch == torch.__version__ and info.cpu
     assert f"{info.cores} cores" in describe_host(info)
+
+
+def test_the_probe_runs_on_one_thread_and_gives_the_callers_threads_back(monkeypatch):
+    """One thread, timed by its own CPU time: what other processes take does not count."""
+    threads, seen, real = torch.get_num_threads(), [], torch.nn.functional.linear
+
+    def linear(*args):
+        seen.append(torch.get_num_threads())
+        return real(*args)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    times = precision._linear_seconds((torch.float32, torch.float32), reps=2)
+    assert set(seen) == {1} and len(seen) == 6 and all(t > 0 for t in times)
+    assert torch.get_num_threads() == threads
