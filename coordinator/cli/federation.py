@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .main import DTYPE_HELP, app, console, err_console, fail
+from .main import DTYPE_HELP, app, console, err_console, fail, require_free_port
 
 
 @app.command()
@@ -245,5 +245,6 @@ def dashboard_command(
 
     if not Path(runs).is_dir():
         fail(FedPrefixError(f"runs folder {runs} does not exist"))
+    require_free_port(host, port)
     console.print(f"dashboard of {runs} on http://{host}:{port}", markup=False)
     uvicorn.run(create_dashboard(runs), host=host, port=port, log_level="warning")

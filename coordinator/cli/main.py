@@ -72,6 +72,20 @@ def run() -> None:
     raise SystemExit(code if isinstance(code, int) else 0)  # typer.Exit(code), e.g. fail(): 1; as click's own exit
 
 
+def require_free_port(host: str, port: int) -> None:
+    """One clear line where `host:port` cannot be listened on (taken, or not an address of this
+    machine), before anything loads; the server would otherwise log its own error first."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as exc:
+        fail(FedPrefixError(f"could not listen on {host}:{port}: {exc.strerror or exc} (is the port in use?)"))
+
+
 def fail(exc: Exception) -> None:
     """Print one clear line (or raise, for the traceback, with --debug) and exit 1."""
     if _state["debug"]:

@@ -10,7 +10,7 @@ from fedprefix.common import base_model
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.precision import resolve_dtype
 
-from .main import DTYPE_HELP, app, console, fail
+from .main import DTYPE_HELP, app, console, fail, require_free_port
 from .store import existing_store_folder
 
 
@@ -84,6 +84,8 @@ def serve(
             existing_store_folder(store)
         except FedPrefixError as exc:
             fail(exc)
+    if ray_address is None:
+        require_free_port(host, port)
     if replicas > 1 or ray_address is not None:
         return _serve_replicas(locals())
     import uvicorn

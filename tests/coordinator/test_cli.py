@@ -149,3 +149,17 @@ def test_simulate_refuses_an_unknown_base_before_starting_flower(monkeypatch, ca
     err = capsys.readouterr().err
     assert err.startswith("error: unknown base model 'nonexist'") and err.count("\n") == 1, err
     assert not (tmp_path / "r").exists(), "nothing may be written for a refused run"
+
+
+def test_a_taken_port_is_one_line_before_the_dashboard_starts(monkeypatch, capsys, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_:
+            _run(monkeypatch, "dashboard", "--runs", str(tmp_path), "--port", str(port))
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: could not listen on 127.0.0.1:{port}") and err.count("\n") == 1, err

@@ -292,6 +292,7 @@ def test_fedprefix_serve_answers_refuses_a_taken_port_and_stops_on_ctrl_c(served
             [*cli, str(store.root), "--port", str(port)], capture_output=True, text=True, timeout=120
         )
         assert taken.returncode == 1 and f"could not listen on 127.0.0.1:{port}" in taken.stderr
+        assert taken.stderr.count("\n") == 1, taken.stderr  # refused before the base loads: no server log
     finally:
         server.send_signal(signal.SIGINT)
         try:
