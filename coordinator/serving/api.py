@@ -1,9 +1,9 @@
 """The HTTP API's shapes: request bodies (pydantic), the key header, and errors in OpenAI's form.
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "code"}}`: missing key 401,
-wrong key 403, unknown user 404, body too large 413, malformed body or a request past a
-cap or the context 422 (with the fields named), overload or unlock throttling 429 (with
-Retry-After).
+wrong key 403, unknown user 404, body too large 413, malformed body, a request past a cap
+or the context, or an OpenAI option this server does not implement 422 (with the fields
+named), overload or unlock throttling 429 (with Retry-After).
 
 The key header takes three forms (parse_key): base64 of exactly 32 bytes is a raw key;
 `b64:` + base64 of a passphrase's UTF-8 bytes is that passphrase, any Unicode (what
@@ -79,6 +79,11 @@ class SamplingBody(BaseModel):
     tool_choice: Any = None
     function_call: Any = None
     response_format: Any = None
+
+    @property
+    def include_usage(self) -> bool:
+        """A stream's last chunk carries the usage (stream_options.include_usage)."""
+        return self.stream_options is not None and self.stream_options.include_usage
 
     @field_validator(*_OFF)
     @classmethod

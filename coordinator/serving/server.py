@@ -8,8 +8,10 @@ The body's `user` names whose prefix to use; that user's key comes in the header
 Unicode, from any client), or else the passphrase itself (api.parse_key). Without `user`
 the base runs with no prefix. Errors have OpenAI's shape, `{"error": {"message", "type",
 "code"}}`: bad key header 400, missing key 401, wrong key 403, unknown user 404, body
-too large 413, malformed body, a cap passed or prompt + max_tokens past the context 422
-(with the fields named), overload or unlock throttling 429 (with Retry-After).
+too large 413, malformed body, a cap passed, an OpenAI option not implemented here or
+prompt + max_tokens past the context 422 (with the fields named), overload or unlock
+throttling 429 (with Retry-After); an unreadable body 400, an unknown path 404, a wrong
+method 405.
 
 Every field is checked before anything is queued (caps: limits.py); a failed row never
 affects its batch mates; a client that goes away (stream or not) cancels its prompts,
@@ -310,7 +312,7 @@ async def completions(body: CompletionBody, request: Request):
     head = {"id": rid, "object": "text_completion", "created": created, "model": request.app.state.model_name}
     if body.stream:
         handle, events = submitted[0]
-        usage = body.stream_options is not None and body.stream_options.include_usage
+        usage = body.include_usage
 
         async def chunks():
             while (delta := await events.get()) is not None:
@@ -347,7 +349,7 @@ async def chat(body: ChatBody, request: Request):
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": rid, "created": created, "model": request.app.state.model_name}
     if body.stream:
-        usage = body.stream_options is not None and body.stream_options.include_usage
+        usage = body.include_usage
 
         async def chunks():
             chunk = {**head, "object": "chat.completion.chunk"}
