@@ -77,8 +77,6 @@ def serve(
           -d '{"prompt": "Hello", "user": "alice", "max_tokens": 20}'
     A passphrase with non-ASCII characters goes as: -H "X-Prefix-Key: b64:$(printf %s "$PASS" | base64)".
     """
-    if replicas < 1:
-        fail(FedPrefixError(f"--replicas must be 1 or more, got {replicas}"))
     if ray_address is None:  # on a Ray cluster the path is the workers' to check
         try:
             existing_store_folder(store)

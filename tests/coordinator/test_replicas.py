@@ -231,7 +231,7 @@ def test_invalid_replica_count_is_a_clear_error(tmp_path):
     from typer.testing import CliRunner
 
     result = CliRunner().invoke(app, ["serve", "--store", str(tmp_path), "--replicas", "0"])
-    assert result.exit_code == 1 and "--replicas must be 1 or more, got 0" in result.output
+    assert result.exit_code == 2 and "'--replicas': 0 is not in the range x>=1" in result.output
 
 
 def test_merge_sums_families_and_labels_replicas():
