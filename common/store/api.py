@@ -149,8 +149,9 @@ class PrefixStore:
         return self.root / f"{validate_store_name(name)}{FILE_SUFFIX}"
 
     def exists(self, name: str) -> bool:
-        """True when a prefix file exists for store name `name`."""
-        return self.path_for(name).is_file()
+        """True when anything is at store name `name`'s path: a part replaced by a folder, a FIFO
+        or a link is there, and refused when read, never skipped as if it were not stored."""
+        return os.path.lexists(self.path_for(name))
 
     def save(
         self, user_id: str, prefix: Prefix, key: Key, dtype: torch.dtype = torch.float32, *, part: str = "personal"
@@ -276,34 +277,55 @@ class PrefixStore:
                 fsync_dir(self.root)
 
     def change_passphrase(self, user_id: str, old_key: Key, new_key: Key) -> StoredPrefixInfo:
-        """Re-wrap the data key under `new_key` (passphrase or raw); the payload ciphertext is kept."""
+        """Re-wrap the data key of every stored part of `user_id` under `new_key` (passphrase or
+        raw), all parts in one step; the payload ciphertexts are kept."""
         old_key = check_key(user_id, old_key)
         new_key = check_key(user_id, new_key)
         with self._user_lock(user_id):
-            opened = self._decrypt(user_id, old_key, None, locked=True)
-            header, dek = opened.header, opened.dek
-            kdf, kek = self._kek_cache.new_kek(user_id, new_key, self.scrypt_n)
-            counter = header.counter + 1  # the record check passed: no counter is higher
-            wrapped = wrap_dek(user_id, header.key_id, kek, dek)
-            reuse = (unb64(header.payload_nonce), opened.ciphertext)
-            args = (header.prefix_config, header.dtype, counter, header.key_id, kdf, wrapped, dek)
-            header, data = seal(user_id, *args, reuse=reuse)
-            self._commit([(user_id, data)], [(user_id, make_record(user_id, header.key_id, counter, dek))])
-        return self._info_of(user_id, header)
+            sealed = {}
+            for name in self._stored_names(user_id):
+                opened = self._decrypt(name, old_key, None, locked=True)
+                header, dek = opened.header, opened.dek
+                kdf, kek = self._kek_cache.new_kek(name, new_key, self.scrypt_n)
+                counter = header.counter + 1  # the record check passed: no counter is higher
+                wrapped = wrap_dek(name, header.key_id, kek, dek)
+                reuse = (unb64(header.payload_nonce), opened.ciphertext)
+                args = (header.prefix_config, header.dtype, counter, header.key_id, kdf, wrapped, dek)
+                sealed[name] = (*seal(name, *args, reuse=reuse), make_record(name, header.key_id, counter, dek))
+            self._commit_sealed(sealed)
+        return self._first_info(sealed)
 
     def rotate_data_key(self, user_id: str, key: Key) -> StoredPrefixInfo:
-        """Make a new data key (new key id) and re-encrypt the prefix under it; same `key` unlocks it."""
+        """Make a new data key (new key id) for every stored part of `user_id` and re-encrypt
+        each under it, all parts in one step; the same `key` unlocks them."""
         key = check_key(user_id, key)
         with self._user_lock(user_id):
-            opened = self._decrypt(user_id, key, None, locked=True)
-            header, kek, plaintext = opened.header, opened.kek, opened.plaintext
-            counter, key_id, dek = header.counter + 1, new_key_id(), new_dek()
-            wrapped = wrap_dek(user_id, key_id, kek, dek)
-            header, data = seal(
-                user_id, header.prefix_config, header.dtype, counter, key_id, header.kdf, wrapped, dek, plaintext
-            )
-            self._commit([(user_id, data)], [(user_id, make_record(user_id, key_id, counter, dek))])
-        return self._info_of(user_id, header)
+            sealed = {}
+            for name in self._stored_names(user_id):
+                opened = self._decrypt(name, key, None, locked=True)
+                header, kek, plaintext = opened.header, opened.kek, opened.plaintext
+                counter, key_id, dek = header.counter + 1, new_key_id(), new_dek()
+                wrapped = wrap_dek(name, key_id, kek, dek)
+                args = (header.prefix_config, header.dtype, counter, key_id, header.kdf, wrapped, dek, plaintext)
+                sealed[name] = (*seal(name, *args), make_record(name, key_id, counter, dek))
+            self._commit_sealed(sealed)
+        return self._first_info(sealed)
+
+    def _stored_names(self, user_id: str) -> list[str]:
+        """The store names of every part of `user_id` that is stored; UnknownUserError if none."""
+        names = [store_name(user_id, part) for part in PARTS if self.exists(store_name(user_id, part))]
+        if not names:
+            raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id)
+        return names
+
+    def _commit_sealed(self, sealed: dict[str, tuple[FileHeader, bytes, bytes]]) -> None:
+        """Write {name: (header, file bytes, record)} in one commit (caller holds the user's lock)."""
+        self._commit([(n, data) for n, (_, data, _) in sealed.items()], [(n, rec) for n, (_, _, rec) in sealed.items()])
+
+    def _first_info(self, sealed: dict[str, tuple[FileHeader, bytes, bytes]]) -> StoredPrefixInfo:
+        """The info of the first part written (the personal one where there is one)."""
+        name, (header, _, _) = next(iter(sealed.items()))
+        return self._info_of(name, header)
 
     def reset_rollback(self, user_id: str, key: Key) -> list[StoredPrefixInfo]:
         """Re-anchor the rollback records of every stored part of `user_id` at the current files.

@@ -41,6 +41,7 @@ import base64
 import json
 import os
 import re
+import stat as stat_module
 import struct
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -340,29 +341,40 @@ def parse_file(data: bytes, user_id: str | None = None) -> tuple[FileHeader, byt
 # ---------------------------------------------------------------------------- reading from disk
 
 
-def read_file(path: Path, user_id: str) -> tuple[bytes, os.stat_result]:
-    """The whole file and its stat, from one open; UnknownUserError if there is none."""
+def open_regular(path: Path, user_id: str):
+    """`path` opened for reading, if it is a regular file (CorruptError otherwise: a FIFO put
+    there would block every reader, a link to a device such as /dev/zero never end);
+    UnknownUserError if nothing is there."""
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-            stat = os.fstat(fh.fileno())
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO must not wait for a writer
     except FileNotFoundError:
         raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id) from None
+    except IsADirectoryError:
+        fd = None
+    if fd is None or not stat_module.S_ISREG(os.fstat(fd).st_mode):
+        if fd is not None:
+            os.close(fd)
+        raise CorruptError(about(user_id, f"{path.name} is not a regular file"), user_id)
+    return os.fdopen(fd, "rb")
+
+
+def read_file(path: Path, user_id: str) -> tuple[bytes, os.stat_result]:
+    """The whole file and its stat, from one open; UnknownUserError if there is none."""
+    with open_regular(path, user_id) as fh:
+        data = fh.read()
+        stat = os.fstat(fh.fileno())
     return data, stat
 
 
 def read_header(path: Path, user_id: str) -> tuple[FileHeader, os.stat_result]:
     """Read only the header (and stat) of a file; checks the payload length against the size."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(PREFIX_LEN)
-            if len(head) == PREFIX_LEN and head[:4] == MAGIC:
-                size = struct.unpack(">I", head[4:8])[0]
-                if 1 <= size <= MAX_HEADER_BYTES:
-                    head += fh.read(size)
-            stat = os.fstat(fh.fileno())
-    except FileNotFoundError:
-        raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id) from None
+    with open_regular(path, user_id) as fh:
+        head = fh.read(PREFIX_LEN)
+        if len(head) == PREFIX_LEN and head[:4] == MAGIC:
+            size = struct.unpack(">I", head[4:8])[0]
+            if 1 <= size <= MAX_HEADER_BYTES:
+                head += fh.read(size)
+        stat = os.fstat(fh.fileno())
     header, end = parse_header(head, user_id)
     _check_payload_size(header, stat.st_size - end, user_id)
     return header, stat

@@ -192,15 +192,20 @@ def export_peft_cmd(
     key_file: KeyFileOpt = None,
     passphrase_env: PassEnvOpt = None,
 ) -> None:
-    """Decrypt one user's prefix and write it as a PEFT prefix-tuning adapter folder (unencrypted!).
+    """Decrypt one user's prefix ([shared ; personal], as served) and write it as a PEFT
+    prefix-tuning adapter folder (unencrypted!).
 
     Example: fedprefix store export-peft alice ./alice-adapter --store ./prefixes --passphrase-env FP_PASS
     """
     from fedprefix.common.peft_format import export_peft  # imports transformers; only this command needs it
+    from fedprefix.common.prefix import Prefix
+    from fedprefix.common.protocol import row_prefix
 
     try:
         key = _read_key(user_id, key_file, passphrase_env)
-        prefix = _open_store(store).load(user_id, key)
+        parts = _open_store(store).load_parts(user_id, key)
+        kv = row_prefix(*(parts[p].key_values().detach() if p in parts else None for p in ("shared", "personal")))
+        prefix = Prefix.from_key_values(kv, next(iter(parts.values())).config.base_fingerprint)
         folder = export_peft(prefix, out_dir)
     except (FedPrefixError, OSError) as exc:
         fail(exc)

@@ -486,6 +486,28 @@ def test_fuzz_mutated_headers(data):
 # ------------------------------------------------------------------ key management
 
 
+def test_change_passphrase_and_rotate_key_cover_every_part_of_a_user(store):
+    """A user with a shared and a personal part: both move to the new key together."""
+    shared, personal = make_prefix(), make_prefix()
+    with torch.no_grad():
+        shared.key_values().add_(1.0)
+    store.save_parts("erin", {"personal": personal, "shared": shared}, PASS)
+    store.change_passphrase("erin", PASS, "new-pass")
+    parts = store.load_parts("erin", "new-pass")
+    assert same(parts["personal"], personal) and same(parts["shared"], shared)
+    with pytest.raises(WrongKeyError):
+        store.load_parts("erin", PASS)
+    before = {name: parse_file(store.path_for(name).read_bytes())[0].key_id for name in ("erin", "erin@shared")}
+    store.rotate_data_key("erin", "new-pass")
+    after = {name: parse_file(store.path_for(name).read_bytes())[0].key_id for name in ("erin", "erin@shared")}
+    assert all(after[name] != before[name] for name in after), "every part gets a new data key"
+    parts = PrefixStore(store.root, scrypt_n=N).load_parts("erin", "new-pass")
+    assert same(parts["personal"], personal) and same(parts["shared"], shared)
+    store.save_parts("erin", {"personal": personal, "shared": shared}, "new-pass")  # and saves go on
+    with pytest.raises(UnknownUserError):
+        store.change_passphrase("nobody", PASS, "x" * 12)
+
+
 def test_change_passphrase_keeps_payload(store):
     store.save("alice", make_prefix(), PASS)
     before = store.path_for("alice").read_bytes()
@@ -656,3 +678,23 @@ def test_cli_export_peft(cli_store, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_cli_export_peft_writes_the_shared_and_the_personal_part(cli_store, tmp_path):
+    """As served and as Personalizer.export_peft writes it: [shared ; personal]."""
+    import json
+
+    from fedprefix.coordinator.cli.store import store_app
+
+    shared, personal = make_prefix(3), make_prefix(4)
+    cli_store.save_parts("jack", {"personal": personal, "shared": shared}, RAW)
+    (tmp_path / "jack.key").write_bytes(RAW)
+    out = tmp_path / "jack-adapter"
+    result = CliRunner().invoke(
+        store_app,
+        ["export-peft", "jack", str(out), "--store", str(cli_store.root), "--key-file", str(tmp_path / "jack.key")],
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "adapter_config.json").read_text())
+    tokens = shared.config.spec.num_virtual_tokens + personal.config.spec.num_virtual_tokens
+    assert config["num_virtual_tokens"] == tokens

@@ -270,3 +270,34 @@ def test_non_finite_refused(store, value):
     with pytest.raises(NonFiniteError, match="alice.*NaN or Inf.*nothing was saved"):
         store.save("alice", prefix, RAW, dtype=dtype)
     assert not store.exists("alice") and not list(store.root.rglob("*.tmp"))
+
+
+def test_a_fifo_a_device_or_a_folder_in_place_of_a_file_is_refused_not_waited_on(store):
+    """A FIFO would block every reader (and a save holding the user's lock); a link to /dev/zero
+    would be read forever. Each is refused as not a regular file, and listing goes on."""
+    import os
+
+    from fedprefix.common.store import CorruptError
+
+    store.save("alice", make_prefix(), RAW)
+    store.save_parts("jack", {"personal": make_prefix(1)}, RAW)
+    os.mkfifo(store.path_for("kate"))
+    os.mkfifo(store.path_for("jack@shared"))
+    os.symlink("/dev/zero", store.path_for("zed"))
+    store.path_for("lily").mkdir()
+    done = []
+
+    def work():
+        for name in ("kate", "zed", "lily"):
+            with pytest.raises(CorruptError, match="not a regular file"):
+                store.verify(name, RAW)
+        with pytest.raises(CorruptError, match="not a regular file"):  # never skipped as if not stored
+            store.load_parts("jack", RAW)
+        listed = {info.user_id: info.problem for info in store.list()}
+        assert listed["alice"] is None and all("not a regular file" in listed[n] for n in ("kate", "zed", "lily"))
+        done.append(True)
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert done == [True], "a reader hung on a FIFO or a device"
