@@ -18,6 +18,7 @@ prefix is the personal part alone (local fine-tuning of a federation's shared pr
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,13 +27,14 @@ import torch
 from fedprefix.common.base_model import DEFAULT_BASE, BaseModelHandle, load_base
 from fedprefix.common.chat import format_prompt, unicode_text
 from fedprefix.common.config import EvalReport, FitReport, TrainConfig
-from fedprefix.common.errors import ConfigError
+from fedprefix.common.errors import ConfigError, first_error
 from fedprefix.common.generation import SamplingParams, generate
 from fedprefix.common.peft_format import export_peft
 from fedprefix.common.prefix import Prefix, PrefixConfig
 from fedprefix.common.protocol import DEFAULT_INIT_TEXT, row_prefix, shared_store_id
 from fedprefix.common.protocol import init_text as repeated_init_text
 from fedprefix.common.store import PrefixStore, UnknownUserError, validate_user_id
+from pydantic import ValidationError
 
 from .data import read_rows, tokenize_rows
 from .training import Callback, evaluate_examples, split_examples, train
@@ -65,7 +67,7 @@ class Personalizer:
         self.base = base_model if isinstance(base_model, BaseModelHandle) else load_base(base_model)
         self.store = PrefixStore(store) if isinstance(store, (str, os.PathLike)) else store
         self.key = key
-        self.train_config = TrainConfig(**train_settings)
+        self.train_config = _train_config(train_settings)
         self.train_shared = train_shared
         self.personal_from_shared = personal_from_shared
         if personal_from_shared and (
@@ -185,8 +187,7 @@ class Personalizer:
         if self.personal_from_shared and self.personal is None and parts != "shared":
             self.personal = copy.deepcopy(self.shared)  # from here on the user's own copy, in place of the shared one
         parameters = self.trainable_parameters(parts)
-        config = self.train_config.model_copy(update=train_settings)
-        TrainConfig.model_validate(config.model_dump())  # validates the overrides
+        config = _train_config({**self.train_config.model_dump(), **train_settings})
         examples = self.prepare(local_data, config.max_length)
         train_set, eval_set = split_examples(examples, config.eval_fraction, config.seed)
         # A part not trained this call is frozen: no gradient is computed for it.
@@ -215,6 +216,8 @@ class Personalizer:
 
     def evaluate(self, data, parts: str = "all", batch_size: int = 16, accuracy: bool = True) -> EvalReport:
         """Loss and perplexity per completion token on `data`, and next-token accuracy (fp32, no autocast)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         examples = self.prepare(data)
         kv = self.key_values(parts)
         return evaluate_examples(self.base, None if kv is None else kv.detach(), examples, batch_size, accuracy)
@@ -245,9 +248,14 @@ class Personalizer:
         tok = self.base.tokenizer
         texts = [format_prompt(tok, p) if self.use_chat_template else p for p in prompts]
         ids = [tok(t, add_special_tokens=not self.use_chat_template).input_ids for t in texts]
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=list(stop or [])
-        )
+        stops = [stop] if isinstance(stop, str) else list(stop or [])  # one stop string, not its characters
+        try:
+            params = SamplingParams(
+                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stops
+            )
+        except ValidationError as exc:
+            field, message = first_error(exc, "setting")
+            raise ConfigError(f"generate: {field}: {message}") from None
         with torch.no_grad():
             kv = self.key_values(parts)
         outputs = generate(self.base.model, tok, ids, [kv] * len(ids), params)
@@ -318,3 +326,16 @@ class Personalizer:
             raise ConfigError("there is no prefix to export for parts='none'")
         prefix = Prefix.from_key_values(kv.detach(), self.base.fingerprint)
         return export_peft(prefix, folder, base_model_name_or_path=self.base.name)
+
+
+def _train_config(settings: dict) -> TrainConfig:
+    """`settings` as a TrainConfig, or a one-line ConfigError naming the first bad or unknown one."""
+    try:
+        return TrainConfig.model_validate(settings)
+    except ValidationError as exc:
+        field, message = first_error(exc, "setting")
+        if message == "Extra inputs are not permitted":
+            close = difflib.get_close_matches(field, TrainConfig.model_fields, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f"; settings: {', '.join(TrainConfig.model_fields)}"
+            raise ConfigError(f"unknown setting {field!r}{hint}") from None
+        raise ConfigError(f"setting {field}: {message}") from None

@@ -55,7 +55,9 @@ def read_records(path: str | os.PathLike) -> list[Record]:
 
 def _jsonl(path: Path, text: str) -> list[Record]:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines ends lines with \n (and \r\n) only: str.splitlines() would also split inside a
+    # string at U+2028, U+2029 or U+0085, which JSON writes as they are (ensure_ascii=False)
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

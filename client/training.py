@@ -44,7 +44,7 @@ def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int)
     """Seeded (train, held-out) split; held-out is empty with fewer than 5 examples."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    held = int(round(len(examples) * eval_fraction)) if len(examples) >= 5 else 0
+    held = min(int(round(len(examples) * eval_fraction)), len(examples) - 1) if len(examples) >= 5 else 0
     return [examples[i] for i in order[held:]], [examples[i] for i in order[:held]]
 
 

@@ -90,3 +90,11 @@ def test_chat_rows_use_the_template(tiny_llama):
 def test_a_single_row_or_a_bare_value_is_refused_before_training(local_data, message):
     with pytest.raises(DataError, match=message):
         read_rows(local_data)
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    """JSON writes U+2028, U+2029 and U+0085 as they are (ensure_ascii=False); only \\n ends a line."""
+    rows = [{"prompt": f"line{sep}break", "completion": "ok"} for sep in ("\u2028", "\u2029", "\u0085")]
+    path = tmp_path / "seps.jsonl"
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n", encoding="utf-8")
+    assert [row.prompt for row in read_rows(path)] == [r["prompt"] for r in rows]

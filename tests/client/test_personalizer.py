@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -262,3 +263,36 @@ def test_every_fit_warms_up_over_several_steps():
         ramp = [factor(step) for step in range(steps)]
         assert ramp[0] <= 0.5 and max(ramp) == 1.0, (steps, ramp[:6])
     assert warmup_cosine(TrainConfig(max_steps=10))(0) == 0.2  # 5 warm-up steps of 10
+
+
+def test_settings_are_checked_alike_in_the_constructor_and_in_fit_one_line_each(tiny_llama):
+    rows = [{"prompt": f"Q{i}", "completion": f"A{i}"} for i in range(10)]
+    for settings, message in (
+        ({"learning_rate": float("nan")}, "setting learning_rate: "),
+        ({"max_steps": 0}, "setting max_steps: "),
+        ({"max_step": 1}, "unknown setting 'max_step' (did you mean max_steps?)"),
+        ({"learning_rat": 5.0}, "unknown setting 'learning_rat' (did you mean learning_rate?)"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+            personalizer(tiny_llama, **settings)
+        assert "\n" not in str(caught.value)
+        p = personalizer(tiny_llama, max_steps=2)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            p.fit(rows, **settings)  # a typo in fit is refused too, never silently ignored
+    p = personalizer(tiny_llama, max_steps=3)
+    assert p.fit(rows, max_steps="1").steps == 1  # what validation accepts is what trains
+    assert p.fit(rows, eval_fraction=0.95, max_steps=1).steps == 1  # at least one row is left to train on
+
+
+def test_generate_and_evaluate_refuse_bad_settings_and_take_one_stop_string(tiny_llama):
+    p = personalizer(tiny_llama)
+    full = p.generate("Describe", max_new_tokens=12)
+    assert p.generate("Describe", max_new_tokens=12, stop=full[-3:]) == p.generate(
+        "Describe", max_new_tokens=12, stop=[full[-3:]]
+    )
+    for settings in ({"max_new_tokens": 0}, {"temperature": float("nan")}, {"top_p": 0}):
+        with pytest.raises(ConfigError, match="generate: "):
+            p.generate("Describe", **settings)
+    for batch_size in (0, -1, 2.5):
+        with pytest.raises(ConfigError, match="batch_size must be a whole number >= 1"):
+            p.evaluate([{"prompt": "Q", "completion": "A"}], batch_size=batch_size)
