@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from fedprefix.common.base_model import DEFAULT_BASE, BaseModelHandle, load_base
+from fedprefix.common.base_model import DEFAULT_BASE, BaseModelHandle, context_length, load_base
 from fedprefix.common.chat import format_prompt, unicode_text
 from fedprefix.common.config import EvalReport, FitReport, TrainConfig
 from fedprefix.common.errors import ConfigError, first_error
@@ -34,6 +34,7 @@ from fedprefix.common.prefix import Prefix, PrefixConfig
 from fedprefix.common.protocol import DEFAULT_INIT_TEXT, row_prefix, shared_store_id
 from fedprefix.common.protocol import init_text as repeated_init_text
 from fedprefix.common.store import PrefixStore, UnknownUserError, validate_user_id
+from fedprefix.common.store.keys import check_key
 from pydantic import ValidationError
 
 from .data import read_rows, tokenize_rows
@@ -66,7 +67,7 @@ class Personalizer:
         self.user_id = validate_user_id(user_id)
         self.base = base_model if isinstance(base_model, BaseModelHandle) else load_base(base_model)
         self.store = PrefixStore(store) if isinstance(store, (str, os.PathLike)) else store
-        self.key = key
+        self.key = None if key is None else check_key(self.user_id, key)  # refused now, not at save() after training
         self.train_config = _train_config(train_settings)
         self.train_shared = train_shared
         self.personal_from_shared = personal_from_shared
@@ -94,18 +95,35 @@ class Personalizer:
         # MLP-reparameterized by default (the benchmark report: at the same step budget it
         # learned style and content where a direct prefix learned neither fully); the shared
         # part stays direct, since its arrays travel every round.
-        self.shared = make(shared_virtual_tokens, 0, shared_projection) if shared_virtual_tokens > 0 else None
         # num_virtual_tokens=0 with a shared part: a shared-only prefix (federated "shared" mode).
         if num_virtual_tokens < 0 or shared_virtual_tokens < 0 or num_virtual_tokens + shared_virtual_tokens == 0:
             raise ConfigError(
                 f"num_virtual_tokens={num_virtual_tokens}, shared_virtual_tokens={shared_virtual_tokens}: "
                 "both must be >= 0 and at least one > 0"
             )
+        self._check_context(shared_virtual_tokens + num_virtual_tokens, self.train_config.max_length, "max_length")
+        self.shared = make(shared_virtual_tokens, 0, shared_projection) if shared_virtual_tokens > 0 else None
         self.personal = (
             make(num_virtual_tokens, shared_virtual_tokens, prefix_projection)
             if num_virtual_tokens > 0 and not personal_from_shared
             else None  # personal_from_shared: made by the first fit that trains it
         )
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Virtual tokens of [shared ; personal] (as a row is served)."""
+        parts = (None if self.copy_replaces_shared else self.shared, self.personal)
+        return sum(part.config.spec.num_virtual_tokens for part in parts if part is not None)
+
+    def _check_context(self, used: int, more: int, name: str, where: str = "") -> None:
+        """ConfigError where `used` positions (prefix, prompt) + `more` pass the base's context
+        (an absolute-position base such as GPT-2 fails on them, and serving refuses them)."""
+        context = context_length(self.base.model)
+        if context is not None and used + more > context:
+            raise ConfigError(
+                f"{where}{used} prefix and prompt tokens + {name} {more} exceed the base's context of {context} "
+                f"tokens: lower {name} or the prefix length"
+            )
 
     @property
     def copy_replaces_shared(self) -> bool:
@@ -188,6 +206,7 @@ class Personalizer:
             self.personal = copy.deepcopy(self.shared)  # from here on the user's own copy, in place of the shared one
         parameters = self.trainable_parameters(parts)
         config = _train_config({**self.train_config.model_dump(), **train_settings})
+        self._check_context(self.prefix_tokens, config.max_length, "max_length")
         examples = self.prepare(local_data, config.max_length)
         train_set, eval_set = split_examples(examples, config.eval_fraction, config.seed)
         # A part not trained this call is frozen: no gradient is computed for it.
@@ -256,6 +275,8 @@ class Personalizer:
         except ValidationError as exc:
             field, message = first_error(exc, "setting")
             raise ConfigError(f"generate: {field}: {message}") from None
+        for i, row in enumerate(ids):
+            self._check_context(self.prefix_tokens + len(row), max_new_tokens, "max_new_tokens", f"prompt {i}: ")
         with torch.no_grad():
             kv = self.key_values(parts)
         outputs = generate(self.base.model, tok, ids, [kv] * len(ids), params)

@@ -43,7 +43,8 @@ def read_records(path: str | os.PathLike) -> list[Record]:
     path = Path(path)
     suffix = path.suffix.lower()
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
+        what = "is not a regular file" if os.path.lexists(path) else "does not exist"  # a folder, a FIFO
+        raise DataError(f"data file {path} {what}")
     if suffix == ".parquet":
         return _parquet(path)
     try:

@@ -333,6 +333,16 @@ def load_base(
     return BaseModelHandle(name=label, model=model, tokenizer=tokenizer, fingerprint=fingerprint)
 
 
+def context_length(model) -> int | None:
+    """Positions the base can attend over (config max_position_embeddings or n_positions), if known."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def check_base(name_or_path: str | os.PathLike) -> None:
     """ConfigError where `load_base` could not find this base: before a run starts processes that
     would each fail on it (a registry base is fetched and converted here, once)."""

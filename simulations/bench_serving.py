@@ -31,13 +31,12 @@ import time
 from pathlib import Path
 
 import torch
-from fedprefix.common.base_model import load_base
+from fedprefix.common.base_model import context_length, load_base
 from fedprefix.common.generation import SamplingParams
 from fedprefix.common.precision import host_info, resolve_dtype
 from fedprefix.common.prefix import Prefix
 from fedprefix.common.store import PrefixStore
 from fedprefix.coordinator.serving import Engine, GenerationRequest
-from fedprefix.coordinator.serving.engine import context_length
 from fedprefix.coordinator.serving.server import KEY_HEADER, create_app, start_http
 from fedprefix.simulations.http_load import poisson_load
 from fedprefix.simulations.personas import make_record, record_prompt

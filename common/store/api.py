@@ -132,7 +132,10 @@ class PrefixStore:
         if type(scrypt_n) is not int or scrypt_n & (scrypt_n - 1) or not MIN_SCRYPT_N <= scrypt_n <= MAX_SCRYPT_N:
             raise ConfigError(f"scrypt_n must be a power of two in {MIN_SCRYPT_N}..{MAX_SCRYPT_N}, got {scrypt_n!r}")
         self.root = Path(path)
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except (FileExistsError, NotADirectoryError):
+            raise StoreError(f"prefix store: {self.root} is not a folder") from None
         self.scrypt_n = scrypt_n
         self.lock_timeout = lock_timeout
         self.durable = durable

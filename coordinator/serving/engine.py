@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 import torch
+from fedprefix.common.base_model import context_length
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.generation import eos_ids
 from fedprefix.common.store import PrefixStore
@@ -320,13 +321,3 @@ class Engine:
             self._pending.take(0)  # still fail the expired and the cancelled
             return []
         return self._pending.take(self.max_batch_size - self._batch.slots)
-
-
-def context_length(model) -> int | None:
-    """Positions the base can attend over (config max_position_embeddings or n_positions), if known."""
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None

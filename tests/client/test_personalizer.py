@@ -296,3 +296,31 @@ def test_generate_and_evaluate_refuse_bad_settings_and_take_one_stop_string(tiny
     for batch_size in (0, -1, 2.5):
         with pytest.raises(ConfigError, match="batch_size must be a whole number >= 1"):
             p.evaluate([{"prompt": "Q", "completion": "A"}], batch_size=batch_size)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_prefix_prompt_and_new_tokens_past_the_context_are_refused_not_an_index_error(name):
+    base = load_base(name)  # both have 512 positions
+    with pytest.raises(ConfigError, match="exceed the base's context of 512 tokens"):
+        Personalizer(base_model=base, num_virtual_tokens=400, max_length=256, progress=False)
+    p = Personalizer(base_model=base, num_virtual_tokens=8, max_length=128, progress=False, max_steps=1)
+    with pytest.raises(ConfigError, match="max_length 510 exceed"):
+        p.fit([{"prompt": "Q", "completion": "A"}], max_length=510)
+    with pytest.raises(ConfigError, match="prompt 1: .* max_new_tokens 400 exceed"):
+        p.generate(["short", "word " * 30], max_new_tokens=400)
+    assert isinstance(p.generate("short", max_new_tokens=4), str)
+
+
+def test_a_bad_key_or_a_store_path_that_is_a_file_is_refused_before_training(tiny_llama, tmp_path):
+    from fedprefix.common.store import BadKeyError
+
+    for key in (b"short", "", 42):
+        with pytest.raises(BadKeyError):
+            personalizer(tiny_llama, store=tmp_path / "store", key=key)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(StoreError, match="is not a folder"):
+        personalizer(tiny_llama, store=afile, key=KEY)
+    (tmp_path / "rows.jsonl").mkdir()
+    with pytest.raises(DataError, match="rows.jsonl is not a regular file"):
+        personalizer(tiny_llama).fit(tmp_path / "rows.jsonl")  # a folder where a data file was meant
