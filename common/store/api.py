@@ -13,6 +13,7 @@ unwrap: tampered) -> base fingerprint -> rollback record check.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -216,9 +217,9 @@ class PrefixStore:
         UnknownUserError if none is stored.
         """
         names = {part: store_name(user_id, part) for part in PARTS}
-        with self._user_lock(user_id):
+        with self._reader_lock(user_id) as locked:
             found = {
-                part: self._load(name, key, base_fingerprint, dtype, locked=True)
+                part: self._load(name, key, base_fingerprint, dtype, locked=locked)
                 for part, name in names.items()
                 if self.exists(name)
             }
@@ -450,6 +451,24 @@ class PrefixStore:
     def _info_of(self, name: str, header: FileHeader) -> StoredPrefixInfo:
         path = self.path_for(name)
         return _info(path, header, path.stat())
+
+    @contextmanager
+    def _reader_lock(self, name: str) -> Iterator[bool]:
+        """The user's lock for a reader (yields True), or none (False) where the store cannot be
+        written at all (a read-only mount, a folder of someone else's): no writer can be midway
+        there, and every file read is authenticated anyway."""
+        try:
+            lock = self._user_lock(name)
+            lock.__enter__()
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.__exit__(None, None, None)
 
     @contextmanager
     def _user_lock(self, name: str) -> Iterator[None]:
