@@ -46,6 +46,7 @@ SUPERLINK_NAME = "fedprefix-sim"
 CLIENT_APP = "fedprefix.client.app:app"  # the ClientApp every simulated node runs
 STARTUP_TIMEOUT_S = 60.0
 POLL_S = 0.5  # how often a running simulation reads its round records
+SIMULATION_MARK = ".fedprefix-simulation"  # in RUN_DIR/stores: a simulation made it, a rerun may empty it
 
 
 class SimulationError(FedPrefixError):
@@ -222,7 +223,7 @@ def simulate(
     here is stopped before this returns or raises (also on Ctrl-C and SIGTERM).
     """
     if not config.store_root:  # the run's own stores: a rerun into the same folder starts afresh
-        shutil.rmtree(config.node_store_root, ignore_errors=True)
+        fresh_node_stores(Path(config.node_store_root))
     config = config.model_copy(
         update={
             "run_dir": str(Path(config.run_dir).resolve()),
@@ -265,6 +266,21 @@ def simulate(
         raise SimulationError(f"the federation {info.status}: {info.error or 'no reason recorded'}; see {log_file}")
     require_accepted(rounds, run_dir)
     return rounds
+
+
+def fresh_node_stores(folder: Path) -> None:
+    """An empty folder for the run's node stores. What an earlier simulation left there goes
+    (its mark says so); a folder that no simulation made is never touched (SimulationError)."""
+    if folder.exists():
+        if not (folder / SIMULATION_MARK).is_file():
+            raise SimulationError(
+                f"{folder} exists and no simulation made it: choose another --out, or --set store-root=FOLDER"
+            )
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / SIMULATION_MARK).write_text(
+        "node stores of a fedprefix simulation: the next run into this folder removes them\n"
+    )
 
 
 def require_accepted(rounds: list[RoundRecord], run_dir: Path) -> None:

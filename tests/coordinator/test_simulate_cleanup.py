@@ -233,17 +233,26 @@ def test_each_run_keeps_its_nodes_stores_in_its_own_folder(tmp_path, monkeypatch
     config = FederationConfig(run_dir=str(run_dir))
     assert Path(config.node_store_root) == run_dir / "stores"
     assert FederationConfig(run_dir=str(run_dir), store_root="/elsewhere").node_store_root == "/elsewhere"
-    stale = run_dir / "stores" / "user001"
-    stale.mkdir(parents=True)
-    (stale / "user001.prefix").write_bytes(b"an earlier run's prefix")
 
     def stop_here(*args, **kwargs):
         raise RuntimeError("stop before Flower starts")
 
     monkeypatch.setattr(simulate_module, "write_app", stop_here)
-    with pytest.raises(RuntimeError, match="stop before Flower"):
+    stores = run_dir / "stores"
+    stores.mkdir(parents=True)
+    (stores / "alice.fpx").write_bytes(b"a folder no simulation made: never removed")
+    with pytest.raises(simulate_module.SimulationError, match="no simulation made it"):
         simulate_module.simulate(config)
-    assert not (run_dir / "stores").exists()
+    assert (stores / "alice.fpx").is_file()
+    (stores / "alice.fpx").unlink()
+    stores.rmdir()
+    with pytest.raises(RuntimeError, match="stop before Flower"):  # the first run makes and marks it
+        simulate_module.simulate(config)
+    (stores / "user001").mkdir()
+    (stores / "user001" / "user001.fpx").write_bytes(b"an earlier run's prefix")
+    with pytest.raises(RuntimeError, match="stop before Flower"):  # a rerun starts afresh
+        simulate_module.simulate(config)
+    assert not (stores / "user001").exists() and (stores / simulate_module.SIMULATION_MARK).is_file()
     mine = tmp_path / "mine"
     (mine / "user001").mkdir(parents=True)
     with pytest.raises(RuntimeError, match="stop before Flower"):  # a store root the user chose is never removed
