@@ -324,3 +324,7 @@ def test_a_bad_key_or_a_store_path_that_is_a_file_is_refused_before_training(tin
     (tmp_path / "rows.jsonl").mkdir()
     with pytest.raises(DataError, match="rows.jsonl is not a regular file"):
         personalizer(tiny_llama).fit(tmp_path / "rows.jsonl")  # a folder where a data file was meant
+    typo = tmp_path / "stroe"
+    with pytest.raises(StoreError, match="no store folder at"):
+        Personalizer.load(user_id="alice", store=typo, key=KEY, base_model=tiny_llama)
+    assert not typo.exists(), "loading must not create a store"
