@@ -22,11 +22,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from ..errors import ConfigError
 from ..files import fsync_dir
-from ..prefix import Prefix, PrefixConfig, PrefixSpec
+from ..prefix import Prefix, PrefixConfig
 from .errors import RollbackError, StoreError, UnknownUserError, WrongBaseError, WrongUserError, about
 from .format import (
     FILE_SUFFIX,
@@ -42,6 +41,7 @@ from .format import (
     validate_store_name,
     validate_user_id,
 )
+from .info import StoredPrefixInfo, info_of_header
 from .keys import DEFAULT_SCRYPT_N, MIN_SCRYPT_N, KekCache, Key, check_key, new_dek, new_key_id, unwrap_dek, wrap_dek
 from .locking import Staged, commit, discard, file_lock, remove_temp_files, stage
 from .payload import check_load_dtype, decode_payload, encode_payload, storage_dtype_name
@@ -49,45 +49,6 @@ from .rollback import RECORD_DIR, check_record, make_record, read_record, record
 from .seal import check_header_mac, open_payload, seal
 
 __all__ = ["PrefixStore", "StoredPrefixInfo"]
-
-
-class StoredPrefixInfo(BaseModel):
-    """What the header of one stored prefix says (readable without the key).
-
-    For a file that cannot be read, only user_id/path/size_bytes/modified are set and
-    ``problem`` says what is wrong.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    user_id: str
-    path: Path
-    size_bytes: int
-    modified: datetime
-    base_fingerprint: str | None = None
-    spec: PrefixSpec | None = None
-    prefix_projection: bool | None = None
-    dtype: str | None = None
-    counter: int | None = None
-    key_id: str | None = None
-    kdf: str | None = None
-    problem: str | None = None
-
-
-def _info(path: Path, header: FileHeader, stat: os.stat_result) -> StoredPrefixInfo:
-    return StoredPrefixInfo(
-        user_id=header.user_id,
-        path=path,
-        size_bytes=stat.st_size,
-        modified=datetime.fromtimestamp(stat.st_mtime, tz=UTC),
-        base_fingerprint=header.base_fingerprint,
-        spec=header.prefix_config.spec,
-        prefix_projection=header.prefix_config.prefix_projection,
-        dtype=header.dtype,
-        counter=header.counter,
-        key_id=header.key_id,
-        kdf=header.kdf.name,
-    )
 
 
 def _check_owner(user_id: str, header: FileHeader) -> None:
@@ -232,13 +193,13 @@ class PrefixStore:
         opened = self._decrypt(user_id, key, None)
         header = opened.header
         decode_payload(user_id, opened.plaintext, header.prefix_config, header.dtype, None)
-        return _info(self.path_for(user_id), header, opened.stat)
+        return info_of_header(self.path_for(user_id), header, opened.stat)
 
     def info(self, user_id: str) -> StoredPrefixInfo:
         """Header information of one stored prefix (no key needed, nothing authenticated)."""
         path = self.path_for(user_id)
         header, stat = read_header(path, user_id)
-        return _info(path, header, stat)
+        return info_of_header(path, header, stat)
 
     def list(self) -> list[StoredPrefixInfo]:
         """Headers of every stored prefix, sorted by name (no key needed); bad files get `problem`."""
@@ -265,7 +226,7 @@ class PrefixStore:
             except StoreError as exc:
                 infos.append(StoredPrefixInfo(**base, problem=str(exc)))
                 continue
-            infos.append(_info(path, header, stat))
+            infos.append(info_of_header(path, header, stat))
         return infos
 
     def delete(self, user_id: str) -> None:
@@ -351,7 +312,7 @@ class PrefixStore:
                 (name, make_record(name, o.header.key_id, o.header.counter, o.dek)) for name, o in opened.items()
             ]
             self._commit([], records)
-        return [_info(self.path_for(name), o.header, o.stat) for name, o in opened.items()]
+        return [info_of_header(self.path_for(name), o.header, o.stat) for name, o in opened.items()]
 
     def forget_keys(self) -> None:
         """Drop every cached KEK; the next use of each passphrase pays the KDF again."""
@@ -450,7 +411,7 @@ class PrefixStore:
 
     def _info_of(self, name: str, header: FileHeader) -> StoredPrefixInfo:
         path = self.path_for(name)
-        return _info(path, header, path.stat())
+        return info_of_header(path, header, path.stat())
 
     @contextmanager
     def _reader_lock(self, name: str) -> Iterator[bool]:

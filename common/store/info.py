@@ -1,0 +1,54 @@
+"""What a stored prefix's header tells without the key: StoredPrefixInfo (store list, info)."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from ..prefix import PrefixSpec
+from .format import FileHeader
+
+__all__ = ["StoredPrefixInfo", "info_of_header"]
+
+
+class StoredPrefixInfo(BaseModel):
+    """What the header of one stored prefix says (readable without the key).
+
+    For a file that cannot be read, only user_id/path/size_bytes/modified are set and
+    ``problem`` says what is wrong.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    user_id: str
+    path: Path
+    size_bytes: int
+    modified: datetime
+    base_fingerprint: str | None = None
+    spec: PrefixSpec | None = None
+    prefix_projection: bool | None = None
+    dtype: str | None = None
+    counter: int | None = None
+    key_id: str | None = None
+    kdf: str | None = None
+    problem: str | None = None
+
+
+def info_of_header(path: Path, header: FileHeader, stat: os.stat_result) -> StoredPrefixInfo:
+    """The info of the file at `path` (its parsed header, its stat)."""
+    return StoredPrefixInfo(
+        user_id=header.user_id,
+        path=path,
+        size_bytes=stat.st_size,
+        modified=datetime.fromtimestamp(stat.st_mtime, tz=UTC),
+        base_fingerprint=header.base_fingerprint,
+        spec=header.prefix_config.spec,
+        prefix_projection=header.prefix_config.prefix_projection,
+        dtype=header.dtype,
+        counter=header.counter,
+        key_id=header.key_id,
+        kdf=header.kdf.name,
+    )
