@@ -9,7 +9,8 @@ Node settings (``--node-config`` of ``flower-supernode``; simulation sets ``part
 - ``user-id``: the user's id (default: that user's id in the run's data, else ``user<partition-id>``);
 - ``data-path`` / ``eval-path``: the user's rows on this device, .jsonl, .csv or .parquet
   (client/user_data.py; no data: refused);
-- ``store``: the encrypted store folder (default ``<store-root>/<user-id>``);
+- ``store``: the encrypted store folder (default ``<store-root>/<user-id>``, and with no
+  store-root set ``<run-dir>/stores/<user-id>``);
 - ``key-file``: 32 raw bytes or 64 hex digits. Without it a *simulation* key is derived
   from the run's ``key-seed``, which is only fit for simulations.
 """

@@ -4,8 +4,9 @@ Each operation is built from the package's parts: file format (format.py), keys
 (keys.py), sealing (seal.py), payload (payload.py), locks (locking.py) and rollback
 state (rollback.py).
 
-Names: methods take a store name, a user id (its personal part) or `shared_store_id`
-of one (its shared part); writes take the user id and the part. Load order: rollback
+Names: reads take a store name, a user id (its personal part) or `shared_store_id`
+of one (its shared part); writes take the user id and the part; key changes
+(change_passphrase, rotate_data_key) take the user id and cover all of its parts. Load order: rollback
 record (read first, see rollback.py) -> parse strictly -> owner -> unwrap DEK (fails:
 wrong key, or a damaged key block) -> header MAC and payload tag (fail after a good
 unwrap: tampered) -> base fingerprint -> rollback record check.
@@ -173,14 +174,15 @@ class PrefixStore:
     def load_parts(
         self, user_id: str, key: Key, base_fingerprint: str | None = None, dtype: torch.dtype | None = torch.float32
     ) -> dict[str, Prefix]:
-        """Every stored part of `user_id` ({'personal': ..., 'shared': ...}), read together under the user's lock.
+        """Every stored part of `user_id` ({'personal': ..., 'shared': ...}), read together under the
+        user's lock (where the store can be written at all).
 
         UnknownUserError if none is stored.
         """
         names = {part: store_name(user_id, part) for part in PARTS}
-        with self._reader_lock(user_id) as locked:
+        with self._reader_lock(user_id):
             found = {
-                part: self._load(name, key, base_fingerprint, dtype, locked=locked)
+                part: self._load(name, key, base_fingerprint, dtype, locked=True)
                 for part, name in names.items()
                 if self.exists(name)
             }
@@ -342,7 +344,7 @@ class PrefixStore:
                 raise
         # Without the lock, a rotate-key between its two renames looks like a rollback for a
         # moment; under the lock no writer is midway, so a refusal now is about the files.
-        with self._user_lock(name):
+        with self._reader_lock(name):
             return self._read_checked(name, key, base_fingerprint)
 
     def _read_checked(self, name: str, key: Key, base_fingerprint: str | None) -> _Opened:
@@ -414,22 +416,22 @@ class PrefixStore:
         return info_of_header(path, header, path.stat())
 
     @contextmanager
-    def _reader_lock(self, name: str) -> Iterator[bool]:
-        """The user's lock for a reader (yields True), or none (False) where the store cannot be
-        written at all (a read-only mount, a folder of someone else's): no writer can be midway
-        there, and every file read is authenticated anyway."""
+    def _reader_lock(self, name: str) -> Iterator[None]:
+        """The user's lock for a reader; none where the store cannot be written at all (a
+        read-only mount, a folder of someone else's): no writer can be midway there either, and
+        every file read is authenticated anyway. Either way no write is midway inside."""
+        lock = self._user_lock(name)
         try:
-            lock = self._user_lock(name)
             lock.__enter__()
         except OSError as exc:
             if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise
-            yield False
-            return
+            lock = None
         try:
-            yield True
+            yield
         finally:
-            lock.__exit__(None, None, None)
+            if lock is not None:
+                lock.__exit__(None, None, None)
 
     @contextmanager
     def _user_lock(self, name: str) -> Iterator[None]:

@@ -348,6 +348,8 @@ def open_regular(path: Path, user_id: str):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO must not wait for a writer
     except FileNotFoundError:
+        if os.path.lexists(path):  # a link to nowhere: something is there, and it is not a prefix
+            raise CorruptError(about(user_id, f"{path.name} is a link to nothing"), user_id) from None
         raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id) from None
     except IsADirectoryError:
         fd = None

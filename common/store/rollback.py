@@ -41,8 +41,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .errors import RollbackError, RollbackStateError, about
-from .format import FileHeader, canonical_json
+from .errors import CorruptError, RollbackError, RollbackStateError, UnknownUserError, about
+from .format import FileHeader, canonical_json, open_regular
 
 __all__ = ["RECORD_DIR", "check_record", "make_record", "read_record", "record_path", "verified_counter"]
 
@@ -67,11 +67,16 @@ def make_record(name: str, key_id: str, counter: int, dek: bytes) -> bytes:
 
 
 def read_record(root: Path, name: str) -> bytes | None:
-    """The raw record of `name`, None if there is none."""
+    """The raw record of `name`, None if there is none; RollbackStateError if something that is
+    not a regular file is there (a FIFO would block every load of the user, a device never end)."""
+    path = record_path(root, name)
     try:
-        return record_path(root, name).read_bytes()
-    except FileNotFoundError:
+        with open_regular(path, name) as fh:
+            return fh.read()
+    except UnknownUserError:
         return None
+    except CorruptError:
+        raise RollbackStateError(about(name, f"its rollback record {path.name} is not a regular file"), name) from None
 
 
 def _reset_hint(name: str) -> str:

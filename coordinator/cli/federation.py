@@ -85,7 +85,7 @@ def simulate(
     try:  # before Flower and Ray start: each node would fail on it, and the reason end up in a log
         from fedprefix.common.base_model import check_base
 
-        check_base(base)
+        check_base(config.base)  # --set base=... may have replaced --base
     except FedPrefixError as exc:
         fail(exc)
     users, data = _federation_data(config, users, examples, Path(out), err_console if as_json else console)

@@ -75,13 +75,23 @@ def run() -> None:
 def require_free_port(host: str, port: int) -> None:
     """One clear line where `host:port` cannot be listened on (taken, or not an address of this
     machine), before anything loads; the server would otherwise log its own error first."""
+    import errno
     import socket
 
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            probe.bind((host, port))
+    bound = 0
+    try:  # as asyncio's create_server (uvicorn's) binds: every address of the host, skipping absent ones
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(address)
+                except OSError as exc:
+                    if exc.errno != errno.EADDRNOTAVAIL:
+                        raise
+                    continue
+                bound += 1
+        if not bound:
+            raise OSError(errno.EADDRNOTAVAIL, "no address of this machine")
     except OSError as exc:
         fail(FedPrefixError(f"could not listen on {host}:{port}: {exc.strerror or exc} (is the port in use?)"))
 

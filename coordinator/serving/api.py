@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from fedprefix.common.chat import ChatMessage, Text
 from fedprefix.common.store import BadUserIdError, StoreError, UnknownUserError, WrongKeyError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 KEY_HEADER = "X-Prefix-Key"
 PASSPHRASE_PREFIX = "b64:"  # X-Prefix-Key: b64:<base64 of the UTF-8 passphrase>
@@ -103,7 +103,8 @@ class SamplingBody(BaseModel):
 class CompletionBody(SamplingBody):
     """POST /v1/completions: a prompt, several, or token ids (one list, or one per prompt)."""
 
-    prompt: Text | list[Text] | list[int] | list[list[int]]
+    # strict ints: a lax union would read ["1", 2] or [true, false] as token ids
+    prompt: Text | list[Text] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: int | None = Field(16, ge=1, le=4096)  # null: OpenAI's default of 16
 
     def prompts(self) -> list[str | list[int]]:

@@ -94,24 +94,10 @@ class PrefixCache:
         if (kv := self._hit(entry_key, version)) is not None:
             return kv, owner
         if self.guard is None:
-            kv = self._load(user_id, key)
-        else:  # the guard runs a user's unlocks in turn: the one before may have cached it meanwhile
-            kv = self.guard.unlock(user_id, key, lambda: self._hit_or_load(entry_key, version, key))
-        size = kv.numel() * kv.element_size()
-        if size > self.max_bytes:  # larger than the whole cache: serve it, keep nothing
-            return kv, owner
-        with self._lock:
-            old = self._entries.pop(entry_key, None)
-            if old is not None:
-                self.stats.bytes -= old[1].numel() * old[1].element_size()
-            self._entries[entry_key] = (version, kv)
-            self.stats.bytes += size
-            while self.stats.bytes > self.max_bytes:
-                _, (_, evicted) = self._entries.popitem(last=False)
-                self.stats.bytes -= evicted.numel() * evicted.element_size()
-                self.stats.evictions += 1
-            self.stats.entries = len(self._entries)
-        return kv, owner
+            return self._load_and_keep(entry_key, version, key), owner
+        # the guard runs a user's unlocks in turn, and the entry is kept before the turn ends:
+        # the one before may have cached it meanwhile, and then no key is derived again
+        return self.guard.unlock(user_id, key, lambda: self._hit_or_load(entry_key, version, key)), owner
 
     def _hit(self, entry_key: tuple[str, bytes], version: tuple) -> torch.Tensor | None:
         """The cached prefix of this user and key at this version of its files, or None."""
@@ -133,7 +119,26 @@ class PrefixCache:
 
     def _hit_or_load(self, entry_key: tuple[str, bytes], version: tuple, key: bytes | str) -> torch.Tensor:
         kv = self._hit(entry_key, version)
-        return self._load(entry_key[0], key) if kv is None else kv
+        return self._load_and_keep(entry_key, version, key) if kv is None else kv
+
+    def _load_and_keep(self, entry_key: tuple[str, bytes], version: tuple, key: bytes | str) -> torch.Tensor:
+        """Decrypt the prefix and keep it (LRU, bounded in bytes; one larger than the whole cache is not kept)."""
+        kv = self._load(entry_key[0], key)
+        size = kv.numel() * kv.element_size()
+        if size > self.max_bytes:
+            return kv
+        with self._lock:
+            old = self._entries.pop(entry_key, None)
+            if old is not None:
+                self.stats.bytes -= old[1].numel() * old[1].element_size()
+            self._entries[entry_key] = (version, kv)
+            self.stats.bytes += size
+            while self.stats.bytes > self.max_bytes:
+                _, (_, evicted) = self._entries.popitem(last=False)
+                self.stats.bytes -= evicted.numel() * evicted.element_size()
+                self.stats.evictions += 1
+            self.stats.entries = len(self._entries)
+        return kv
 
     def _load(self, user_id: str, key: bytes | str) -> torch.Tensor:
         self.stats.misses += 1

@@ -13,7 +13,8 @@ guards, both answered HTTP 429 with Retry-After:
   A user's unlocks run one at a time, each after the outcome of the one before: a burst
   of concurrent guesses cannot all pass the backoff check before the first has failed.
 
-Raw 32-byte keys cost no derivation and pass the concurrency guard freely.
+Raw 32-byte keys cost no derivation and pass the concurrency guard freely (they still
+take their turn among the user's unlocks).
 """
 
 from __future__ import annotations

@@ -285,12 +285,20 @@ def test_a_fifo_a_device_or_a_folder_in_place_of_a_file_is_refused_not_waited_on
     os.mkfifo(store.path_for("jack@shared"))
     os.symlink("/dev/zero", store.path_for("zed"))
     store.path_for("lily").mkdir()
+    store.save("mona", make_prefix(2), RAW)
+    record(store, "mona").unlink()
+    os.mkfifo(record(store, "mona"))  # a FIFO where the rollback record was
+    os.symlink(store.root / "nowhere", store.path_for("nina"))
     done = []
 
     def work():
         for name in ("kate", "zed", "lily"):
             with pytest.raises(CorruptError, match="not a regular file"):
                 store.verify(name, RAW)
+        with pytest.raises(RollbackStateError, match="rollback record mona.json is not a regular file"):
+            store.load("mona", RAW)
+        with pytest.raises(CorruptError, match="a link to nothing"):  # not "no prefix is stored"
+            store.load("nina", RAW)
         with pytest.raises(CorruptError, match="not a regular file"):  # never skipped as if not stored
             store.load_parts("jack", RAW)
         listed = {info.user_id: info.problem for info in store.list()}
@@ -312,6 +320,8 @@ def test_a_read_only_store_still_loads_every_part(store, monkeypatch):
 
     shared, personal = make_prefix(1), make_prefix(2)
     store.save_parts("gina", {"personal": personal, "shared": shared}, RAW)
+    older = store.path_for("gina").read_bytes()
+    store.save_parts("gina", {"personal": personal, "shared": shared}, RAW)
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -321,3 +331,8 @@ def test_a_read_only_store_still_loads_every_part(store, monkeypatch):
     assert same(parts["personal"], personal) and same(parts["shared"], shared)
     with pytest.raises(OSError, match="Read-only"):
         store.save_parts("gina", {"personal": personal}, RAW)
+    store.path_for("gina").write_bytes(older)  # an older copy put back: still a rollback, not an OSError
+    with pytest.raises(RollbackError):
+        store.load_parts("gina", RAW)
+    with pytest.raises(RollbackError):
+        store.load("gina", RAW)
