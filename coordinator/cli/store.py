@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -43,7 +44,7 @@ UserArg = Annotated[str, typer.Argument(help="User id.")]
 
 
 def _read_key(user_id: str, key_file: Path | None, passphrase_env: str | None) -> str | bytes:
-    """The key from --key-file, --passphrase-env or a hidden prompt."""
+    """The key from --key-file, --passphrase-env, a hidden prompt, or stdin's first line when piped."""
     if key_file is not None and passphrase_env is not None:
         raise BadKeyError(f"give --key-file or --passphrase-env, not both (user {user_id!r})")
     if key_file is not None:
@@ -65,6 +66,11 @@ def _read_key(user_id: str, key_file: Path | None, passphrase_env: str | None) -
         if not value:
             raise BadKeyError(f"environment variable {passphrase_env} is not set or empty")
         return value
+    if not sys.stdin.isatty():  # piped in (no terminal to hide the input on): its first line
+        line = sys.stdin.readline().rstrip("\r\n")
+        if not line:
+            raise BadKeyError(f"no key for {user_id!r}: give --key-file or --passphrase-env, or pipe the passphrase in")
+        return line
     return typer.prompt(f"Passphrase for {user_id}", hide_input=True)
 
 

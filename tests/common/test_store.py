@@ -658,8 +658,11 @@ def test_cli_verify_rotate_and_errors(cli_store, tmp_path):
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "wrong key" in lines[0] and "alice" in lines[0]
-    result = runner.invoke(store_app, ["verify", "alice", "--store", root], input=PASS + "\n")  # prompt
+    result = runner.invoke(store_app, ["verify", "alice", "--store", root], input=PASS + "\n")  # piped in
     assert result.exit_code == 0, result.output
+    result = runner.invoke(store_app, ["verify", "alice", "--store", root], input="")  # nothing: one clear line
+    assert result.exit_code == 1 and "give --key-file or --passphrase-env" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     key_file = str(tmp_path / "bob.key")
     result = runner.invoke(store_app, ["rotate-key", "bob", "--store", root, "--key-file", key_file])
     assert result.exit_code == 0, result.output
