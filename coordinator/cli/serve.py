@@ -44,6 +44,7 @@ def serve(
     max_prompts: int = typer.Option(16, "--max-prompts", min=1, help="Prompts in one completions request (else 422)."),
     max_stops: int = typer.Option(8, "--max-stops", min=0, help="Stop strings in one request (else 422)."),
     max_stop_chars: int = typer.Option(64, "--max-stop-chars", min=1, help="Characters of one stop string (else 422)."),
+    max_messages: int = typer.Option(256, "--max-messages", min=1, help="Turns in one chat request (else 422)."),
     max_body_kib: int = typer.Option(1024, "--max-body-kib", min=1, help="Request body size in KiB (else 413)."),
     max_unlocks: int = typer.Option(
         4,
@@ -100,6 +101,7 @@ def serve(
             max_prompts=max_prompts,
             max_stops=max_stops,
             max_stop_chars=max_stop_chars,
+            max_messages=max_messages,
         )
         guard = UnlockGuard(max_concurrent=max_unlocks, max_failures=max_wrong_keys, backoff_s=wrong_key_backoff)
         if max_prefill_tokens < 1 or prompt_cache_mib < 0:

@@ -24,6 +24,7 @@ class ServingLimits(BaseModel):
     max_prompts: int = Field(16, ge=1)  # prompts in one /v1/completions request
     max_stops: int = Field(8, ge=0)  # stop strings in one request (OpenAI allows 4)
     max_stop_chars: int = Field(64, ge=1)  # characters of each stop string
+    max_messages: int = Field(256, ge=1)  # turns in one chat request (the chat template runs on the event loop)
 
 
 def check_request(limits: ServingLimits, prompts: int, stops: list[str]) -> tuple[str, str] | None:

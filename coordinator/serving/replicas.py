@@ -82,6 +82,7 @@ class ReplicaSettings(BaseModel):
     max_prompts: int = Field(16, ge=1)
     max_stops: int = Field(8, ge=0)
     max_stop_chars: int = Field(64, ge=1)
+    max_messages: int = Field(256, ge=1)
     max_body_kib: int = Field(1024, ge=1)
     max_unlocks: int = Field(4, ge=1)
     max_wrong_keys: int = Field(5, ge=1)
@@ -94,6 +95,7 @@ class ReplicaSettings(BaseModel):
             max_prompts=self.max_prompts,
             max_stops=self.max_stops,
             max_stop_chars=self.max_stop_chars,
+            max_messages=self.max_messages,
         )
 
 

@@ -337,6 +337,10 @@ async def completions(body: CompletionBody, request: Request):
 
 @router.post("/v1/chat/completions")
 async def chat(body: ChatBody, request: Request):
+    most = request.app.state.limits.max_messages
+    if len(body.messages) > most:  # before the chat template, which runs here on the event loop
+        message = f"messages: {len(body.messages)} messages, at most {most} (send the conversation's recent turns)"
+        raise ApiError(422, message, "limit_exceeded", field="messages")
     try:
         prompt = chat_prompt(request.app.state.engine.tokenizer, [message.turn() for message in body.messages])
     except Exception as exc:  # the chat template refused these turns (an order it does not allow)

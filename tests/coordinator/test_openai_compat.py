@@ -21,7 +21,7 @@ PLAIN = {"prompt": "hello there", "user": "alice", "max_tokens": 6, "temperature
 @pytest.fixture(scope="module")
 def client(served):  # noqa: F811
     base, store = served
-    limits = ServingLimits(max_body_bytes=4096)
+    limits = ServingLimits(max_body_bytes=4096, max_messages=4)
     with Engine(base, store=store) as engine, TestClient(create_app(engine, "tiny-llama", limits)) as test_client:
         yield test_client
 
@@ -179,3 +179,14 @@ def test_a_chat_too_long_for_the_context_names_messages_not_a_max_tokens_it_neve
     error = reply.json()["error"]
     assert reply.status_code == 422 and error["param"] == "messages"
     assert "leave no room for a reply" in error["message"] and "max_tokens" not in error["message"]
+
+
+def test_a_chat_of_more_turns_than_the_cap_is_refused_before_its_template_runs(client, monkeypatch):
+    from fedprefix.coordinator.serving import server
+
+    templated = []
+    monkeypatch.setattr(server, "chat_prompt", lambda *args: templated.append(1) or "x")
+    turns = [{"role": "user", "content": "hi"}] * 5
+    reply = client.post("/v1/chat/completions", json={"messages": turns, "max_tokens": 2})
+    assert reply.status_code == 422 and reply.json()["error"]["param"] == "messages"
+    assert "5 messages, at most 4" in reply.json()["error"]["message"] and templated == []

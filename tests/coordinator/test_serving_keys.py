@@ -188,7 +188,8 @@ def test_serve_has_the_settings_and_refuses_bad_ones_before_loading(tmp_path):
 
     runner = CliRunner()
     text = runner.invoke(app, ["serve", "--help"], terminal_width=200).output
-    for option in ("--max-prompts", "--max-stops", "--max-body-kib", "--max-queue-per-user", "--max-unlocks"):
+    options = ("--max-prompts", "--max-stops", "--max-messages", "--max-body-kib", "--max-queue-per-user")
+    for option in (*options, "--max-unlocks"):
         assert option in text
     result = runner.invoke(app, ["serve", "--base", "nope", "--store", str(tmp_path), "--max-prompts", "0"])
     assert result.exit_code == 2 and "--max-prompts" in result.output  # a usage error, before anything loads
