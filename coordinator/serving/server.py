@@ -57,7 +57,6 @@ from .unlock import UnlockThrottled
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")  # the routes below
 
 
 def create_app(engine: Engine, model_name: str, limits: ServingLimits | None = None) -> FastAPI:
@@ -111,7 +110,7 @@ def _endpoint(scope) -> str:
     """A request's metrics label: the path of the route it reached (or would reach: the body
     limit refuses before routing), or "other" (a path nobody serves must not add a label)."""
     route = getattr(scope.get("route"), "path", None)
-    return route or (scope.get("path") if scope.get("path") in _PATHS else "other")
+    return route or (scope.get("path") if scope.get("path") in {r.path for r in router.routes} else "other")
 
 
 def _count(request: Request, status: int | str) -> None:
