@@ -33,7 +33,7 @@ from fedprefix.common.peft_format import export_peft
 from fedprefix.common.prefix import Prefix, PrefixConfig
 from fedprefix.common.protocol import DEFAULT_INIT_TEXT, row_prefix, shared_store_id
 from fedprefix.common.protocol import init_text as repeated_init_text
-from fedprefix.common.store import PrefixStore, StoreError, UnknownUserError, validate_user_id
+from fedprefix.common.store import PrefixStore, UnknownUserError, existing_store_folder, validate_user_id
 from fedprefix.common.store.keys import check_key
 from pydantic import ValidationError
 
@@ -331,10 +331,8 @@ class Personalizer:
         **settings,
     ) -> Personalizer:
         """A Personalizer holding `user_id`'s stored prefix, decrypted with `key`, on `base_model`."""
-        if isinstance(store, (str, os.PathLike)):
-            if not Path(store).is_dir():  # a mistyped path must not create an empty store to load from
-                raise StoreError(f"prefix store: no store folder at {store}")
-            store = PrefixStore(store)
+        if isinstance(store, (str, os.PathLike)):  # loading never creates a store
+            store = PrefixStore(existing_store_folder(store))
         if not store.exists(user_id) and not store.exists(shared_store_id(user_id)):  # validates the id
             store.load(user_id, key)  # raises the store's "unknown user" error
         self = cls(base_model=base_model, user_id=user_id, store=store, key=key, init="zero", **settings)

@@ -47,7 +47,7 @@ part without a record is refused on load until its owner saves it again or runs
 ``fedprefix store reset-rollback USER`` once.
 """
 
-from .api import PrefixStore, StoredPrefixInfo
+from .api import PrefixStore, StoredPrefixInfo, existing_store_folder
 from .errors import (
     BadKeyError,
     BadUserIdError,
@@ -96,6 +96,7 @@ __all__ = [
     "FileHeader",
     "NonFiniteError",
     "PrefixStore",
+    "existing_store_folder",
     "RollbackError",
     "RollbackStateError",
     "StoreBusyError",

@@ -49,7 +49,14 @@ from .payload import check_load_dtype, decode_payload, encode_payload, storage_d
 from .rollback import RECORD_DIR, check_record, make_record, read_record, record_path, verified_counter
 from .seal import check_header_mac, open_payload, seal
 
-__all__ = ["PrefixStore", "StoredPrefixInfo"]
+__all__ = ["PrefixStore", "StoredPrefixInfo", "existing_store_folder"]
+
+
+def existing_store_folder(path: str | os.PathLike) -> Path:
+    """`path` if it is a folder: a typo must not silently create (and use) an empty store."""
+    if not Path(path).is_dir():
+        raise StoreError(f"prefix store: no store folder at {path}")
+    return Path(path)
 
 
 def _check_owner(user_id: str, header: FileHeader) -> None:

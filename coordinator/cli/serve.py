@@ -9,9 +9,9 @@ import typer
 from fedprefix.common import base_model
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.precision import resolve_dtype
+from fedprefix.common.store import existing_store_folder
 
 from .main import DTYPE_HELP, app, console, fail, require_free_port
-from .store import existing_store_folder
 
 
 @app.command()

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 from fedprefix.common.errors import FedPrefixError
-from fedprefix.common.store import KEY_BYTES, BadKeyError, PrefixStore, StoredPrefixInfo, StoreError
+from fedprefix.common.store import KEY_BYTES, BadKeyError, PrefixStore, StoredPrefixInfo, existing_store_folder
 from rich.table import Table
 from rich.text import Text
 
@@ -72,13 +72,6 @@ def _read_key(user_id: str, key_file: Path | None, passphrase_env: str | None) -
             raise BadKeyError(f"no key for {user_id!r}: give --key-file or --passphrase-env, or pipe the passphrase in")
         return line
     return typer.prompt(f"Passphrase for {user_id}", hide_input=True)
-
-
-def existing_store_folder(path: str | os.PathLike) -> Path:
-    """`path` if it is a folder: a typo must not silently create (and use) an empty store."""
-    if not Path(path).is_dir():
-        raise StoreError(f"prefix store: no store folder at {path}")
-    return Path(path)
 
 
 def _open_store(path: Path) -> PrefixStore:
