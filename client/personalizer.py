@@ -267,10 +267,9 @@ class Personalizer:
         tok = self.base.tokenizer
         texts = [format_prompt(tok, p) if self.use_chat_template else p for p in prompts]
         ids = [tok(t, add_special_tokens=not self.use_chat_template).input_ids for t in texts]
-        stops = [stop] if isinstance(stop, str) else list(stop or [])  # one stop string, not its characters
         try:
             params = SamplingParams(
-                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stops
+                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop
             )
         except ValidationError as exc:
             field, message = first_error(exc, "setting")

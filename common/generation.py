@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from .attention import decode_step, prefill, stack_prefixes
 from .errors import ConfigError
@@ -26,6 +26,12 @@ class SamplingParams(BaseModel):
     seed: int | None = None  # fixes sampling for this row alone, whatever its batch mates
     stop: list[str] = Field(default_factory=list)  # output is cut before the first stop string
     ignore_eos: bool = False  # keep going past EOS up to max_new_tokens (benchmarks, as vLLM's flag)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_or_many(cls, stop):
+        """A str is one stop string (as OpenAI's `stop`), not its characters; None is none."""
+        return [stop] if isinstance(stop, str) else [] if stop is None else stop
 
     @property
     def greedy(self) -> bool:

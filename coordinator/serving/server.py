@@ -253,9 +253,8 @@ async def _collect_all(request: Request, submitted) -> list[GenerationResult]:
 
 
 def _params_of(body, max_tokens: int) -> SamplingParams:
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return SamplingParams(
-        max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop
+        max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop
     )
 
 
