@@ -204,15 +204,23 @@ class GrowingLayer(DynamicLayer):
     def row_capacity(self) -> int:
         return self._keys.shape[0]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        new = key_states.shape[-2]
-        if self.length + new > self._keys.shape[2]:
-            capacity = max(2 * self._keys.shape[2], self.length + new)
+    @property
+    def slot_capacity(self) -> int:
+        return self._keys.shape[2]
+
+    def reserve(self, slots: int) -> None:
+        """Room for at least `slots` slots: the buffer doubles (a copy) when it has fewer."""
+        if slots > self._keys.shape[2]:
+            capacity = max(2 * self._keys.shape[2], slots)
             for name in ("_keys", "_values"):
                 old = getattr(self, name)
                 grown = old.new_empty(old.shape[0], old.shape[1], capacity, old.shape[3])
                 grown[: self.rows, :, : self.length] = old[: self.rows, :, : self.length]
                 setattr(self, name, grown)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        new = key_states.shape[-2]
+        self.reserve(self.length + new)
         self._keys[: self.rows, :, self.length : self.length + new] = key_states
         self._values[: self.rows, :, self.length : self.length + new] = value_states
         self.length += new

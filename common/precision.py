@@ -118,6 +118,26 @@ def resolve_dtype(name: str | torch.dtype = "auto", device: str | torch.device =
     return torch.bfloat16 if cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else torch.float32
 
 
+DEVICE_HELP = "auto (a CUDA GPU where torch sees one, else cpu), cpu, cuda or cuda:N"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The device for `name`: 'auto' (the first CUDA GPU where torch sees one, else the CPU),
+    'cpu', 'cuda' or 'cuda:N', checked to exist here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}; choose {DEVICE_HELP}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported; choose {DEVICE_HELP}")
+    seen = torch.cuda.device_count() if device.type == "cuda" and torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= seen:
+        raise ConfigError(f"device {name!r}: torch sees {seen} CUDA GPU(s) here")
+    return device
+
+
 class HostInfo(BaseModel):
     """The machine a figure was measured on."""
 

@@ -10,7 +10,8 @@
 4. memory per cached user prefix and users per GiB;
 5. a burst of long prompts while streams run: the streams' inter-token gaps, chunked prefill
    (2048 and 512 tokens per step) vs the whole burst in one prefill;
-6. what one request costs at each step: unlock, prefix cache, prefill, decode.
+6. what one request costs at each step: unlock, prefix cache, prefill, decode;
+7. on a GPU, decode steps replayed from CUDA graphs vs run eagerly.
 
     python -m fedprefix.simulations.bench_serving --base tiny-llama
     python -m fedprefix.simulations.bench_serving --base smollm2-135m-instruct --users 64 --peft-users 8
@@ -109,6 +110,34 @@ def mixed_vs_single(engine, users, prompts, params, repeats: int) -> dict:
     }
 
 
+def graphs_vs_eager(base, store, users, prompts, lengths: list[int], repeats: int) -> dict:
+    """On a GPU: the same batches with decode steps replayed from CUDA graphs and run eagerly,
+    alternating rounds (each engine warmed up first: its captures and cached prompts), and how
+    many rows' tokens the two agree on."""
+    engines = {
+        "graphs": Engine(base, store=store, max_batch_size=len(users)),
+        "eager": Engine(base, store=store, max_batch_size=len(users), cuda_graphs=False),
+    }
+    figures = {}
+    for length in lengths:
+        batch = requests_for(users, prompts, SamplingParams(max_new_tokens=length, ignore_eos=True))
+        first = {name: engine.generate(batch) for name, engine in engines.items()}
+        equal = sum(a.tokens == b.tokens for a, b in zip(first["graphs"], first["eager"], strict=True))
+        rates = {name: [] for name in engines}
+        for _ in range(repeats):
+            for name, engine in engines.items():
+                rates[name].append(tokens_per_second(engine, batch))
+        med = {name: statistics.median(v) for name, v in rates.items()}
+        figures[str(length)] = {
+            "graphs_tokens_per_s": round(med["graphs"], 1),
+            "eager_tokens_per_s": round(med["eager"], 1),
+            "ratio_graphs_over_eager": round(med["graphs"] / med["eager"], 2),
+            "rounds": {name: [round(r, 1) for r in v] for name, v in rates.items()},
+            "rows_with_equal_tokens": f"{equal}/{len(batch)}",
+        }
+    return figures
+
+
 def prefill_burst(base, store, users, prompts, max_prefill_tokens: int) -> dict:
     """16 streams running, then a burst of 48 long prompts: the gaps between the streams' tokens."""
     streams = SamplingParams(max_new_tokens=96, ignore_eos=True)
@@ -195,7 +224,16 @@ def request_costs(base, store, users, prompts) -> dict:
 
 
 def open_loop(
-    base, store, users, prompts, params, rate: float, seconds: float, continuous: bool, client_process: bool = False
+    base,
+    store,
+    users,
+    prompts,
+    params,
+    rate: float,
+    seconds: float,
+    continuous: bool,
+    client_process: bool = False,
+    cuda_graphs: bool = True,
 ) -> dict:
     """Poisson arrivals at `rate` requests/s for `seconds` against a live HTTP server.
 
@@ -208,7 +246,15 @@ def open_loop(
     import uvicorn
     from fedprefix.coordinator.simulate import free_port
 
-    engine = Engine(base, store=store, max_batch_size=64, max_queue=4096, max_wait_s=600, continuous=continuous)
+    engine = Engine(
+        base,
+        store=store,
+        max_batch_size=64,
+        max_queue=4096,
+        max_wait_s=600,
+        continuous=continuous,
+        cuda_graphs=cuda_graphs,
+    )
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=port, log_level="warning")
@@ -300,7 +346,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--rate", type=float, default=20.0, help="open-loop arrivals per second")
     parser.add_argument("--seconds", type=float, default=10.0, help="open-loop duration")
     parser.add_argument("--client-process", action="store_true", help="open loop: the load in a process of its own")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["mixed", "peft", "http", "memory", "burst", "costs"])
+    parser.add_argument(
+        "--no-cuda-graphs", action="store_true", help="on a GPU: eager decode steps (but in the graphs section)"
+    )
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["mixed", "peft", "http", "memory", "burst", "costs", "graphs"]
+    )
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -336,7 +387,13 @@ def main(argv=None) -> dict:
                     args.repeats,
                 )
                 print(json.dumps({length: result["engine_vs_peft"][str(length)]}), flush=True)
-        engine = Engine(served, store=store, max_batch_size=args.users)  # not started: runs on this thread
+        if "graphs" not in args.skip and served.device.type == "cuda":
+            result["cuda_graphs_vs_eager"] = graphs_vs_eager(
+                served, store, users, prompts, args.peft_lengths, args.repeats
+            )
+            print(json.dumps(result["cuda_graphs_vs_eager"]), flush=True)
+        # not started: runs on this thread
+        engine = Engine(served, store=store, max_batch_size=args.users, cuda_graphs=not args.no_cuda_graphs)
         if "mixed" not in args.skip:
             result["mixed_vs_single"] = mixed_vs_single(engine, users, prompts, params, args.repeats)
             print(json.dumps(result["mixed_vs_single"]), flush=True)
@@ -368,6 +425,7 @@ def main(argv=None) -> dict:
                             args.seconds,
                             continuous=mode == "continuous",
                             client_process=args.client_process,
+                            cuda_graphs=not args.no_cuda_graphs,
                         )
                     )
             result["open_loop_http"] = {mode: median_round(runs) for mode, runs in rounds.items()}

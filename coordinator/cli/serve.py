@@ -8,7 +8,7 @@ import time
 import typer
 from fedprefix.common import base_model
 from fedprefix.common.errors import FedPrefixError
-from fedprefix.common.precision import resolve_dtype
+from fedprefix.common.precision import DEVICE_HELP, resolve_device, resolve_dtype
 from fedprefix.common.store import existing_store_folder
 
 from .main import DTYPE_HELP, app, console, fail, require_free_port
@@ -41,6 +41,10 @@ def serve(
     ),
     static: bool = typer.Option(False, "--static-batching", help="Static instead of continuous batching."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    device: str = typer.Option("auto", "--device", help=f"Where the base runs: {DEVICE_HELP}."),
+    cuda_graphs: bool = typer.Option(
+        True, "--cuda-graphs/--no-cuda-graphs", help="On a GPU, replay decode steps from CUDA graphs."
+    ),
     max_prompts: int = typer.Option(16, "--max-prompts", min=1, help="Prompts in one completions request (else 422)."),
     max_stops: int = typer.Option(8, "--max-stops", min=0, help="Stop strings in one request (else 422)."),
     max_stop_chars: int = typer.Option(64, "--max-stop-chars", min=1, help="Characters of one stop string (else 422)."),
@@ -86,6 +90,8 @@ def serve(
     if ray_address is None:
         require_free_port(host, port)
     if replicas > 1 or ray_address is not None:
+        if device not in ("auto", "cpu"):  # replicas reserve Ray CPUs; GPU replicas are not built
+            fail(FedPrefixError(f"--device {device}: replicas (--replicas, --ray-address) run on CPUs only"))
         return _serve_replicas(locals())
     import uvicorn
     from fedprefix.common.store import PrefixStore
@@ -106,10 +112,11 @@ def serve(
         guard = UnlockGuard(max_concurrent=max_unlocks, max_failures=max_wrong_keys, backoff_s=wrong_key_backoff)
         if max_prefill_tokens < 1 or prompt_cache_mib < 0:
             raise ValueError("--max-prefill-tokens must be at least 1 and --prompt-cache-mib at least 0")
+        where = resolve_device(device)
     except (ValidationError, ValueError) as exc:
         fail(FedPrefixError(f"invalid serving setting: {exc}"))
     try:
-        loaded = base_model.load_base(base, dtype=resolve_dtype(dtype))
+        loaded = base_model.load_base(base, dtype=resolve_dtype(dtype, where), device=where)
         prefix_store = PrefixStore(store)
     except FedPrefixError as exc:
         fail(exc)
@@ -125,6 +132,7 @@ def serve(
         unlock_guard=guard,
         max_prefill_tokens=max_prefill_tokens,
         prompt_cache_bytes=prompt_cache_mib << 20,
+        cuda_graphs=cuda_graphs,
     )
     server = uvicorn.Server(uvicorn.Config(create_app(engine, base, limits), host=host, port=port, log_level="warning"))
     try:  # the engine computes on this (main) thread, the HTTP server answers on another: see Engine.run
@@ -132,7 +140,8 @@ def serve(
     except FedPrefixError as exc:
         fail(exc)
     console.print(
-        f"serving {base} ({loaded.dtype}) with prefixes from {store} on http://{host}:{port}/v1", markup=False
+        f"serving {base} ({loaded.dtype} on {where}) with prefixes from {store} on http://{host}:{port}/v1",
+        markup=False,
     )
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the same way on Ctrl-C and SIGTERM
     try:

@@ -75,6 +75,7 @@ class Engine:
         unlock_guard: UnlockGuard | None = None,
         max_prefill_tokens: int = 2048,
         prompt_cache_bytes: int = 256 << 20,
+        cuda_graphs: bool = True,
     ) -> None:
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}")
@@ -98,7 +99,7 @@ class Engine:
         self.prompts = PromptCache(prompt_cache_bytes) if store is not None and prompt_cache_bytes > 0 else None
         self.context_length = context_length(self.model)
         self.max_batch_size = max_batch_size
-        self._forward = serving_forward(self.model, max_batch_size)
+        self._forward = serving_forward(self.model, max_batch_size, cuda_graphs)
         self.max_queue = max_queue
         self.max_wait_s = max_wait_s
         self.continuous = continuous

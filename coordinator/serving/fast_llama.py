@@ -81,13 +81,19 @@ def unsupported_reason(model) -> str | None:
     return lean_unsupported_reason(model)
 
 
-def serving_forward(model, batch_hint: int = 64):
-    """The lean forward where the base is a plain Llama, else the transformers one."""
+def serving_forward(model, batch_hint: int = 64, cuda_graphs: bool = True):
+    """The lean forward where the base is a plain Llama, else the transformers one; on a GPU
+    (unless `cuda_graphs` is False) the lean forward's decode steps replay CUDA graphs."""
     reason = unsupported_reason(model)
     if reason is not None:
         log.info("serving through transformers' forward: %s", reason)
         return TransformersForward(model)
-    return FastLlama(model, batch_hint)
+    fast = FastLlama(model, batch_hint)
+    if cuda_graphs and model.device.type == "cuda":
+        from .cuda_graphs import GraphedDecode  # imports this module
+
+        return GraphedDecode(fast)
+    return fast
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int):

@@ -5,7 +5,7 @@ import torch
 from fedprefix.client import Personalizer
 from fedprefix.common import precision
 from fedprefix.common.errors import ConfigError
-from fedprefix.common.precision import describe_host, host_info, resolve_dtype
+from fedprefix.common.precision import describe_host, host_info, resolve_device, resolve_dtype
 
 
 @pytest.fixture
@@ -83,3 +83,17 @@ def test_the_probe_runs_on_one_thread_and_gives_the_callers_threads_back(monkeyp
     times = precision._linear_seconds((torch.float32, torch.float32), reps=2)
     assert set(seen) == {1} and len(seen) == 6 and all(t > 0 for t in times)
     assert torch.get_num_threads() == threads
+
+
+def test_the_device_is_a_gpu_only_where_torch_sees_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="torch sees 0 CUDA GPU"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ConfigError, match="'cuda:1': torch sees 1 CUDA GPU"):
+        resolve_device("cuda:1")
+    assert resolve_device("cpu") == torch.device("cpu")

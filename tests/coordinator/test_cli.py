@@ -163,3 +163,30 @@ def test_a_taken_port_is_one_line_before_the_dashboard_starts(monkeypatch, capsy
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: could not listen on 127.0.0.1:{port}") and err.count("\n") == 1, err
+
+
+def test_serve_refuses_a_device_it_cannot_use_before_loading(monkeypatch, capsys, tmp_path):
+    from fedprefix.coordinator.simulate import free_port
+
+    cases = {
+        ("--device", "banana"): "unknown device 'banana'",
+        ("--device", "meta"): "device 'meta' is not supported",
+        ("--device", "cuda:99"): "device 'cuda:99': torch sees",
+        ("--device", "cuda", "--replicas", "2"): "--device cuda: replicas (--replicas, --ray-address) run on CPUs only",
+    }
+    for extra, message in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            _run(
+                monkeypatch,
+                "serve",
+                "--base",
+                "no-such-model",
+                "--store",
+                str(tmp_path),
+                "--port",
+                str(free_port()),
+                *extra,
+            )
+        assert exit_.value.code == 1, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
