@@ -111,9 +111,8 @@ def mixed_vs_single(engine, users, prompts, params, repeats: int) -> dict:
 
 
 def graphs_vs_eager(base, store, users, prompts, lengths: list[int], repeats: int) -> dict:
-    """On a GPU: the same batches with decode steps replayed from CUDA graphs and run eagerly,
-    alternating rounds (each engine warmed up first: its captures and cached prompts), and how
-    many rows' tokens the two agree on."""
+    """On a GPU: the same batches with decode steps replayed from CUDA graphs and run eagerly, alternating
+    rounds (each engine warmed up first: its captures, cached prompts), and rows whose tokens agree."""
     engines = {
         "graphs": Engine(base, store=store, max_batch_size=len(users)),
         "eager": Engine(base, store=store, max_batch_size=len(users), cuda_graphs=False),
@@ -134,6 +133,7 @@ def graphs_vs_eager(base, store, users, prompts, lengths: list[int], repeats: in
             "ratio_graphs_over_eager": round(med["graphs"] / med["eager"], 2),
             "rounds": {name: [round(r, 1) for r in v] for name, v in rates.items()},
             "rows_with_equal_tokens": f"{equal}/{len(batch)}",
+            "graphs_off_because": getattr(engines["graphs"]._forward, "eager_reason", "no graphed forward"),
         }
     return figures
 

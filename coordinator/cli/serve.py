@@ -42,9 +42,7 @@ def serve(
     static: bool = typer.Option(False, "--static-batching", help="Static instead of continuous batching."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     device: str = typer.Option("auto", "--device", help=f"Where the base runs: {DEVICE_HELP}."),
-    cuda_graphs: bool = typer.Option(
-        True, "--cuda-graphs/--no-cuda-graphs", help="On a GPU, replay decode steps from CUDA graphs."
-    ),
+    eager: bool = typer.Option(False, "--no-cuda-graphs", help="On a GPU, run every decode step eagerly."),
     max_prompts: int = typer.Option(16, "--max-prompts", min=1, help="Prompts in one completions request (else 422)."),
     max_stops: int = typer.Option(8, "--max-stops", min=0, help="Stop strings in one request (else 422)."),
     max_stop_chars: int = typer.Option(64, "--max-stop-chars", min=1, help="Characters of one stop string (else 422)."),
@@ -132,7 +130,7 @@ def serve(
         unlock_guard=guard,
         max_prefill_tokens=max_prefill_tokens,
         prompt_cache_bytes=prompt_cache_mib << 20,
-        cuda_graphs=cuda_graphs,
+        cuda_graphs=not eager,
     )
     server = uvicorn.Server(uvicorn.Config(create_app(engine, base, limits), host=host, port=port, log_level="warning"))
     try:  # the engine computes on this (main) thread, the HTTP server answers on another: see Engine.run
@@ -158,10 +156,12 @@ def _serve_replicas(options: dict) -> None:
     import os
     import socket
 
+    cores, count, local = os.cpu_count() or 1, options["replicas"], options["ray_address"] is None
+    if local and "RAY_AUTH_MODE" not in os.environ:  # read when ray is imported: before the import below
+        _require_ray_token()
     from fedprefix.coordinator.serving import replicas
     from pydantic import ValidationError
 
-    cores, count, local = os.cpu_count() or 1, options["replicas"], options["ray_address"] is None
     fields = {k: v for k, v in options.items() if k in replicas.ReplicaSettings.model_fields}
     try:
         settings = replicas.ReplicaSettings(
@@ -184,9 +184,12 @@ def _serve_replicas(options: dict) -> None:
             probe.bind((host, port))
         except OSError:
             fail(FedPrefixError(f"could not listen on {host}:{port} (is the port in use?)"))
+
+    def stop_on_sigterm() -> None:  # as on Ctrl-C; installed once ray.init (which sets its own) is done
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
     try:
-        replicas.start(settings, host, port, options["ray_address"])
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # after ray.init, which sets its own
+        replicas.start(settings, host, port, options["ray_address"], after_init=stop_on_sigterm)
         where = "a local Ray" if local else f"the Ray cluster at {options['ray_address']}"
         console.print(
             f"serving {settings.base} with prefixes from {settings.store} on http://{host}:{port}/v1 "
@@ -198,3 +201,16 @@ def _serve_replicas(options: dict) -> None:
         pass
     finally:
         replicas.shutdown(local=local)
+
+
+def _require_ray_token() -> None:
+    """A local Ray of ours requires a token of its own, held in its processes' environment only.
+
+    Ray's control plane listens on every interface and by default runs whatever anyone who reaches
+    it submits, beside the replicas' keys and decrypted prefixes (Ray >= 2.52 has token
+    authentication, off by default). A RAY_AUTH_MODE already set, or a cluster's, is its owner's."""
+    import os
+    import secrets
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))

@@ -67,6 +67,7 @@ class RunningBatch:
         for handle in [f.handle for f in self.filling] + [row.handle for row in self.rows]:
             handle._fail(error)
         self.rows, self.cache, self.mask, self.filling = [], None, None, []
+        self._released()
 
     def step(self, joiners: list[RequestHandle]) -> None:
         try:
@@ -236,6 +237,13 @@ class RunningBatch:
                 self.rows = [self.rows[i] for i in order]
             else:
                 self.rows, self.cache, self.mask = [], None, None
+                self._released()
+
+    def _released(self) -> None:
+        """The batch's cache is gone: a forward that holds its buffers (CUDA graphs) lets them go."""
+        release = getattr(self.forward, "release", None)
+        if release is not None:
+            release()
 
     def _remember_finished(self, leaving: list[int]) -> None:
         """Cache the KV of prompt + fed tokens of rows that finished well: a chat's next turn reuses it."""

@@ -22,6 +22,7 @@ that it computes what the eager step does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import NamedTuple
 
@@ -57,7 +58,7 @@ class _SlotWriter:
 class _FixedStep:
     """One bucket's decode step over one set of cache buffers, with inputs in tensors of its own."""
 
-    def __init__(self, fast: FastLlama, cache_layers, bucket: int, capture: bool, pool) -> None:
+    def __init__(self, fast: FastLlama, cache_layers, bucket: int, capture: bool, pool, stream) -> None:
         first = cache_layers[0]
         device = first._keys.device
         self.fast, self.bucket = fast, bucket
@@ -67,7 +68,7 @@ class _FixedStep:
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         writers = [_SlotWriter(layer._keys[:bucket], layer._values[:bucket], self.slot) for layer in cache_layers]
         self.decode = Decode(self.tokens, self.mask, self.positions, _Layers(writers))
-        self.capture, self.pool = capture, pool
+        self.capture, self.pool, self.stream = capture, pool, stream
         self.graph = None
         self.logits: torch.Tensor | None = None
 
@@ -97,15 +98,17 @@ class _FixedStep:
 
     def _capture(self) -> torch.Tensor:
         """Capture this bucket's graph (self.graph, output self.logits) -> the step's logits, run eagerly."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # lazy initialisation (cuBLAS handles, workspaces) stays out of the graph
-            eager = self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (unlocking prefixes, copying them to the GPU) go on meanwhile
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            self.logits = self._step()
+        side, current = self.stream, torch.cuda.current_stream()
+        side.wait_stream(current)
+        # on a stream of our own, entered here: a capture that fails (torch.cuda.graph's exit raises
+        # before it restores the stream) still leaves the engine's thread on its own stream after
+        with torch.cuda.stream(side):
+            eager = self._step()  # lazy initialisation (cuBLAS handles, workspaces) stays out of the graph
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads (unlocking prefixes, copying them to the GPU) go on meanwhile
+            with torch.cuda.graph(graph, pool=self.pool, stream=side, capture_error_mode="thread_local"):
+                self.logits = self._step()
+        current.wait_stream(side)
         self.graph = graph
         return eager
 
@@ -123,9 +126,12 @@ class GraphedDecode:
 
     def __init__(self, fast: FastLlama, capture: bool = True) -> None:
         self.fast, self.capture = fast, capture
+        self.device = fast.embed.device
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.stream = torch.cuda.Stream(device=self.device) if capture else None
         self._steps: dict[int, _FixedStep] = {}  # by bucket, for the buffers in `_buffers`
         self._buffers: tuple | None = None
+        self.captures = self.padded_steps = 0  # graphs captured; steps that ran with padding rows
         self.eager_reason: str | None = None  # set when capturing failed: every step is eager since
 
     def prefill(self, input_ids, attention_mask, prefixes):
@@ -138,15 +144,22 @@ class GraphedDecode:
         """As FastLlama.step; a decode step without a chunk runs from its bucket's graph."""
         if chunk is not None or decode is None or self.eager_reason is not None:
             return self.fast.step(chunk, decode)
-        try:
+        if not self.capture:
             return None, self._fixed_step(decode)
+        try:
+            # streams, captures and syncs act on the current device (a CPU forward: the tests' stand-in)
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                return None, self._fixed_step(decode)
         except Exception as error:  # never the request's fault: run eagerly from now on
-            if not self.capture:
-                raise
-            self.eager_reason = f"capturing a CUDA graph failed: {error}"
+            self.eager_reason = f"CUDA graphs are off: {error}"
             log.warning("decode steps run eagerly: %s", self.eager_reason)
-            self._steps.clear()
+            self.release()
             return self.fast.step(None, decode)  # rewrites the same new slot, as the failed try may have
+
+    def release(self) -> None:
+        """Drop the graphs and with them the cache buffers they hold (the batch emptied or failed)."""
+        self._steps.clear()
+        self._buffers = None
 
     def _fixed_step(self, decode: Decode) -> torch.Tensor:
         layers = decode.cache.layers
@@ -157,16 +170,18 @@ class GraphedDecode:
             layer.reserve(length + 1)
         buffers = tuple((layer._keys.data_ptr(), layer._values.data_ptr(), *layer._keys.shape) for layer in layers)
         if buffers != self._buffers:  # a rebuilt or grown cache: the graphs of the old buffers go
-            self._steps.clear()
+            self.release()
             self._buffers = buffers
             for layer in layers:  # slots never written read as zeros (new_empty may hold NaN), masked anyway
                 for buffer in (layer._keys, layer._values):
                     buffer[layer.rows :].zero_()
                     buffer[:, :, length:].zero_()
         bucket = bucket_for(rows, layers[0].row_capacity)
+        self.padded_steps += bucket > rows
         step = self._steps.get(bucket)
         if step is None:
-            step = self._steps[bucket] = _FixedStep(self.fast, layers, bucket, self.capture, self.pool)
+            self.captures += self.capture
+            step = self._steps[bucket] = _FixedStep(self.fast, layers, bucket, self.capture, self.pool, self.stream)
         logits = step.run(decode)
         for layer in layers:
             layer.length += 1

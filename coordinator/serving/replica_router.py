@@ -16,8 +16,11 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fedprefix.common.errors import FedPrefixError
+from fedprefix.common.store import validate_user_id
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 
 from .limits import too_large_body
 from .metrics import Family, families_of
@@ -31,13 +34,23 @@ log = logging.getLogger(__name__)
 # its routes when the class is decorated, and with them only the globals defined by then.
 
 
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+
+
+def _error(message: str, code: str) -> dict:
+    return {"error": {"message": message, "type": "server_error", "code": code}}
+
+
 async def _relay(stream) -> AsyncIterator[bytes]:
-    """A stream's remaining chunks; a replica dying mid-stream ends it (the client sees no [DONE])."""
+    """A stream's remaining chunks; a replica dying mid-stream ends it with an error event, as the
+    single server ends a stream whose generation failed (the status line said 200 long ago)."""
     try:
         async for chunk in stream:
             yield chunk
     except (RayActorError, ActorUnavailableError) as exc:
         log.warning("a replica failed mid-stream: %s", type(exc).__name__)
+        error = _error(f"the replica serving this stream failed ({type(exc).__name__}); retry", "replica_unavailable")
+        yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
 
 
 async def _bounded_body(request: Request, max_bytes: int) -> bytes | None:
@@ -55,12 +68,13 @@ async def _bounded_body(request: Request, max_bytes: int) -> bytes | None:
 
 
 def _user_of(body: bytes) -> str | None:
-    """The body's `user`, the routing key; None where there is none (the replica judges the body)."""
+    """The body's `user`, the routing key; None where there is none or it is no valid user id (the
+    replica judges the body: 422, as the single server), so that no odd id reaches Ray's routing."""
     try:
         user = json.loads(body).get("user")
-    except (ValueError, AttributeError):
+        return validate_user_id(user)
+    except (ValueError, AttributeError, FedPrefixError):
         return None
-    return user if isinstance(user, str) and user else None
 
 
 # ------------------------------------------------------------------ metrics of all replicas
@@ -162,9 +176,11 @@ class Router:
     async def forward(self, request: Request):
         limit = self.settings.limits.max_body_bytes
         body = await _bounded_body(request, limit)
+        endpoint = request.url.path if request.url.path in ENDPOINTS else "other"  # the single server's labels
         if body is None:
+            self.failures.labels(endpoint, "413").inc()
             return Response(too_large_body(limit), 413, media_type="application/json")
-        user = _user_of(body) if request.url.path in ("/v1/completions", "/v1/chat/completions") else None
+        user = _user_of(body) if endpoint != "other" else None
         headers = [(k, v) for k, v in request.scope["headers"] if k.lower() not in DROPPED_HEADERS]
         call = (request.method, request.url.path, request.scope.get("query_string", b""), headers, body)
         handle = self.engine.options(stream=True, **({"multiplexed_model_id": user} if user else {}))
@@ -179,11 +195,15 @@ class Router:
                 chunks = [chunk async for chunk in stream]
                 kept.pop("content-length", None)  # Response sets it again
                 return Response(b"".join(chunks), status_code=status, headers=kept)
+            except BackPressureError:  # every replica the request could go to is full, and so is the wait
+                self.failures.labels(endpoint, "429").inc()
+                message = "the server is overloaded (every replica's queue is full); retry later"
+                error = {"message": message, "type": "invalid_request_error", "code": "overloaded"}
+                return JSONResponse({"error": error}, 429, headers={"Retry-After": "1"})
             except (RayActorError, ActorUnavailableError) as exc:  # the replica died: nothing reached the client
                 failure = exc
                 log.warning("a replica failed (attempt %d of %d): %s", attempt + 1, ATTEMPTS, type(exc).__name__)
                 await asyncio.sleep(0.2 * 2**attempt)
-        self.failures.labels(request.url.path, "503").inc()
+        self.failures.labels(endpoint, "503").inc()
         message = f"no serving replica could answer ({type(failure).__name__}); retry shortly"
-        error = {"message": message, "type": "server_error", "code": "replica_unavailable"}
-        return JSONResponse({"error": error}, 503, headers={"Retry-After": "1"})
+        return JSONResponse(_error(message, "replica_unavailable"), 503, headers={"Retry-After": "1"})

@@ -38,7 +38,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fedprefix.common import base_model
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5  # how often a replica reports its metrics and health to the board
 STALE_AFTER_S = 5.0  # a replica silent this long is gone (killed, or its node lost)
 ATTEMPTS = 3  # a request whose replica died before answering is sent again, at most this often
-DROPPED_HEADERS = {b"host", b"serve_multiplexed_model_id"}
+DROPPED_HEADERS = {b"serve_multiplexed_model_id"}  # the client's Host stays: the app's redirects name it
 
 
 class ReplicaSettings(BaseModel):
@@ -199,9 +199,11 @@ class EngineReplica:
     async def call(self, method: str, path: str, query: bytes, headers: list, body: bytes) -> AsyncIterator:
         """Run one HTTP request through this replica's app: ("start", status, headers), then body chunks."""
         user = serve.get_multiplexed_model_id()
-        if user:
-            await self._user_slot(user)  # tells Ray's router this replica holds the user
         async for item in asgi_call(self.app, method, path, query, headers, body):
+            if user and isinstance(item, tuple) and item[1] < 400:
+                # tells Ray's router this replica holds the user: only once the app accepted the
+                # request (key and body), so that refused requests cannot evict real users' slots
+                await self._user_slot(user)
             yield item
 
     def snapshot(self) -> dict:
@@ -315,6 +317,8 @@ def application(settings: ReplicaSettings) -> serve.Application:
             num_replicas=settings.replicas,
             # the engine queues and batches itself (429 past max_queue): let Ray hand it that many
             max_ongoing_requests=max(settings.max_queue + settings.max_batch_size, 1),
+            # past that, at most max_queue more wait in the router; beyond, 429 (BackPressureError)
+            max_queued_requests=max(settings.max_queue, 1),
             ray_actor_options={"num_cpus": settings.replica_cpus},
             logging_config=logging_config,
             health_check_period_s=2,
@@ -340,9 +344,17 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return application(ReplicaSettings.model_validate(args))
 
 
-def start(settings: ReplicaSettings, host: str, port: int, address: str | None = None, name: str = "fedprefix") -> None:
+def start(
+    settings: ReplicaSettings,
+    host: str,
+    port: int,
+    address: str | None = None,
+    name: str = "fedprefix",
+    after_init: Callable[[], None] | None = None,
+) -> None:
     """Start Ray (a local one, or join the cluster at `address`), Serve's proxy on host:port, and the
-    application; returns once every replica is up. Stop with `shutdown()`."""
+    application; returns once every replica is up. `after_init` runs once Ray is up (the CLI sets its
+    signal handlers there: ray.init sets its own). Stop with `shutdown()`."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray never reports anywhere
@@ -358,6 +370,8 @@ def start(settings: ReplicaSettings, host: str, port: int, address: str | None =
         )
     else:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
+    if after_init is not None:
+        after_init()
     serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
     serve.run(application(settings), name=name, route_prefix="/", blocking=False)
 

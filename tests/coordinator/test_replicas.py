@@ -40,7 +40,8 @@ def replicated(served):  # noqa: F811
     mark, port = uuid.uuid4().hex, free_port()
     cli = [str(Path(sys.executable).with_name("fedprefix")), "serve", "--base", "tiny-llama", "--dtype", "float32"]
     server = subprocess.Popen(
-        [*cli, "--store", str(store.root), "--port", str(port), "--replicas", "2", "--replica-cpus", "0.5"],
+        [*cli, "--store", str(store.root), "--port", str(port), "--replicas", "2", "--replica-cpus", "0.5"]
+        + ["--max-users-per-replica", "8"],  # few: refused requests must not evict real users (a test below)
         env={**os.environ, MARK: mark, "RAY_USAGE_STATS_ENABLED": "0"},
         preexec_fn=interruptible,
         text=True,
@@ -141,12 +142,39 @@ def test_answers_as_the_single_server(replicated, single, served):  # noqa: F811
         ("/v1/completions", completion("bob", prompt="x" * (2 << 20)), {}),  # 413
         ("/v1/chat/completions", {"messages": []}, {}),  # 422
     ]
+    # user ids that are no store's: a lone surrogate (valid JSON) hung the router; a long one was kept
+    errors += [("/v1/completions", completion(user), header("bob")) for user in ("\ud800", "A" * 1000, "a/b")]
     for path, body, headers in errors:
-        ours = httpx.post(f"{url}{path}", json=body, headers=headers, timeout=60)
-        theirs = single.post(path, json=body, headers=headers)
+        raw = {"content": json.dumps(body), "headers": {**headers, "Content-Type": "application/json"}}
+        ours = httpx.post(f"{url}{path}", **raw, timeout=60)
+        theirs = single.post(path, **raw)
         assert (ours.status_code, ours.json()) == (theirs.status_code, theirs.json()), (path, theirs.status_code)
     assert httpx.get(f"{url}/v1/models").json() == single.get("/v1/models").json()
     assert httpx.get(f"{url}/nowhere").status_code == 404
+    assert 'fedprefix_requests_total{endpoint="/v1/completions",status="413"}' in httpx.get(f"{url}/metrics").text
+    moved = httpx.post(f"{url}/v1/completions/", json=completion("bob"), headers=header("bob"), timeout=60)
+    assert moved.status_code == 307 and moved.headers["location"] == f"{url}/v1/completions"
+
+
+def test_refused_requests_do_not_evict_users(replicated):
+    """A replica holds at most 8 users here: 20 strangers' keyless requests (401) must not push out
+    the users it holds, whose decrypted prefixes it would then drop."""
+    url = replicated[0]
+    replies = asyncio.run(_post_all(url, [completion(u) for u in USERS]))
+    assert all(r.status_code == 200 for r in replies)
+    time.sleep(1.0)  # replicas report their caches
+    held = _cached_prefixes(url)
+    for i in range(20):
+        assert httpx.post(f"{url}/v1/completions", json=completion(f"stranger{i}"), timeout=60).status_code == 401
+    time.sleep(1.0)
+    assert _cached_prefixes(url) >= held >= len(USERS)
+
+
+def _cached_prefixes(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith('fedprefix_prefix_cache{stat="entries"}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no prefix cache entries in /metrics")
 
 
 def test_health_and_metrics_sum_the_replicas(replicated):
@@ -254,3 +282,27 @@ def test_serve_run_builder_reads_string_settings_and_names_bad_ones(tmp_path):
         build_app({"store": str(tmp_path), "max_prefill_tokens": "0"})
     with pytest.raises(ValidationError, match="replica_count"):
         build_app({"store": str(tmp_path), "replica_count": "2"})  # a misspelt field is refused, not ignored
+
+
+def test_the_router_routes_only_valid_user_ids():
+    from fedprefix.coordinator.serving.replica_router import _user_of
+
+    assert _user_of(b'{"user": "alice"}') == "alice"
+    for body in (b'{"user": "\\ud800"}', b'{"user": "a/b"}', json.dumps({"user": "A" * 200}).encode(), b"[1]", b"{"):
+        assert _user_of(body) is None, body
+
+
+def test_a_stream_whose_replica_dies_ends_with_an_error_event():
+    from fedprefix.coordinator.serving.replica_router import _relay
+    from ray.exceptions import RayActorError
+
+    async def dying():
+        yield b'data: {"choices": []}\n\n'
+        raise RayActorError()
+
+    async def relayed():
+        return [chunk async for chunk in _relay(dying())]
+
+    chunks = b"".join(asyncio.run(relayed())).decode()
+    events = [line[6:] for line in chunks.splitlines() if line.startswith("data: ")]
+    assert json.loads(events[1])["error"]["code"] == "replica_unavailable" and events[-1] == "[DONE]"
