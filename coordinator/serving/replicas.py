@@ -317,8 +317,9 @@ def application(settings: ReplicaSettings) -> serve.Application:
             num_replicas=settings.replicas,
             # the engine queues and batches itself (429 past max_queue): let Ray hand it that many
             max_ongoing_requests=max(settings.max_queue + settings.max_batch_size, 1),
-            # past that, at most max_queue more wait in the router; beyond, 429 (BackPressureError)
-            max_queued_requests=max(settings.max_queue, 1),
+            # what waits in the router beyond that: requests not yet handed to a replica count too, so
+            # the bound is what all replicas take plus max_queue; past it, 429 (BackPressureError)
+            max_queued_requests=settings.replicas * (settings.max_queue + settings.max_batch_size) + settings.max_queue,
             ray_actor_options={"num_cpus": settings.replica_cpus},
             logging_config=logging_config,
             health_check_period_s=2,
