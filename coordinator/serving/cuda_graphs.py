@@ -132,7 +132,7 @@ class GraphedDecode:
         self._steps: dict[int, _FixedStep] = {}  # by bucket, for the buffers in `_buffers`
         self._buffers: tuple | None = None
         self.captures = self.padded_steps = 0  # graphs captured; steps that ran with padding rows
-        self.eager_reason: str | None = None  # set when capturing failed: every step is eager since
+        self.eager_reason: str | None = None  # why graphs turned off (a failed or disagreeing capture)
 
     def prefill(self, input_ids, attention_mask, prefixes):
         return self.fast.prefill(input_ids, attention_mask, prefixes)

@@ -172,7 +172,7 @@ class Router:
         text = generate_latest(_Families(merge_metrics(reports, families_of(self.registry))))
         return Response(text, media_type="text/plain; version=0.0.4")
 
-    @_http.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
+    @_http.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD", "TRACE"])
     async def forward(self, request: Request):
         limit = self.settings.limits.max_body_bytes
         body = await _bounded_body(request, limit)

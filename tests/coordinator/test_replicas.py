@@ -151,6 +151,13 @@ def test_answers_as_the_single_server(replicated, single, served):  # noqa: F811
         assert (ours.status_code, ours.json()) == (theirs.status_code, theirs.json()), (path, theirs.status_code)
     assert httpx.get(f"{url}/v1/models").json() == single.get("/v1/models").json()
     assert httpx.get(f"{url}/nowhere").status_code == 404
+    for method in ("TRACE", "PUT"):  # a method nobody serves: the single server's 405, not FastAPI's
+        ours, theirs = httpx.request(method, f"{url}/v1/completions"), single.request(method, "/v1/completions")
+        assert (ours.status_code, ours.json(), ours.headers.get("allow")) == (
+            theirs.status_code,
+            theirs.json(),
+            theirs.headers.get("allow"),
+        )
     assert 'fedprefix_requests_total{endpoint="/v1/completions",status="413"}' in httpx.get(f"{url}/metrics").text
     moved = httpx.post(f"{url}/v1/completions/", json=completion("bob"), headers=header("bob"), timeout=60)
     assert moved.status_code == 307 and moved.headers["location"] == f"{url}/v1/completions"
@@ -306,3 +313,40 @@ def test_a_stream_whose_replica_dies_ends_with_an_error_event():
     chunks = b"".join(asyncio.run(relayed())).decode()
     events = [line[6:] for line in chunks.splitlines() if line.startswith("data: ")]
     assert json.loads(events[1])["error"]["code"] == "replica_unavailable" and events[-1] == "[DONE]"
+
+
+def test_the_router_answers_429_when_every_replica_and_its_wait_are_full(tmp_path):
+    """Ray Serve raises BackPressureError past max_queued_requests: the single server's 429, counted."""
+    from fastapi import Request
+    from fedprefix.coordinator.serving.replica_router import Router
+    from fedprefix.coordinator.serving.replicas import ReplicaSettings
+    from ray.serve.exceptions import BackPressureError
+
+    class FullStream:
+        async def __anext__(self):
+            raise BackPressureError(num_queued_requests=9, max_queued_requests=9)
+
+    class FullHandle:  # stands in for the engine replicas' DeploymentHandle
+        def options(self, **_):
+            return self
+
+        def __getattr__(self, name):  # handle.call.remote(...)
+            return self
+
+        def remote(self, *args):
+            return FullStream()
+
+    router = object.__new__(Router.func_or_class)
+    Router.func_or_class.__mro__[1].__init__(
+        router, ReplicaSettings(store=str(tmp_path)).model_dump(), FullHandle(), None
+    )
+    body = json.dumps(completion("alice")).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b""}
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    reply = asyncio.run(router.forward(Request(scope, receive)))
+    assert reply.status_code == 429 and reply.headers["retry-after"] == "1"
+    assert json.loads(reply.body)["error"]["code"] == "overloaded"
+    assert router.failures.labels("/v1/completions", "429")._value.get() == 1
