@@ -82,28 +82,32 @@ def test_engine_tokens_equal_with_fixed_shape_decode_steps():
     assert graphed.padded_steps > 0  # steps with padding rows did run
 
 
-def test_a_failed_capture_leaves_decode_steps_eager(monkeypatch, caplog):
+def eager_after_capture(monkeypatch, caplog, capture) -> GraphedDecode:
+    """Decode steps with `capture` in place of _FixedStep._capture, as on a GPU: the logits must
+    still equal the eager steps', with a warning. -> the GraphedDecode, for its reason."""
     base = load_base("tiny-llama")
     with torch.no_grad():
         eager, _, _ = decode_run(FastLlama(base.model), base, steps=3)
         graphed = GraphedDecode(FastLlama(base.model), capture=False)
-        graphed.capture = True  # as on a GPU, where capturing is what fails here
-
-        def refuse(self):
-            raise RuntimeError("operation not permitted when stream is capturing")
-
-        monkeypatch.setattr(cuda_graphs._FixedStep, "_capture", refuse)
+        graphed.capture = True  # what runs on a GPU, with the capture itself replaced
+        monkeypatch.setattr(cuda_graphs._FixedStep, "_capture", capture)
         with caplog.at_level(logging.WARNING):
             fixed, _, _ = decode_run(graphed, base, steps=3)
     for ours, theirs in zip(fixed, eager, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    assert "not permitted" in graphed.eager_reason
-    assert "decode steps run eagerly" in caplog.text
+    assert "decode steps run eagerly" in caplog.text and not graphed._steps
+    return graphed
+
+
+def test_a_failed_capture_leaves_decode_steps_eager(monkeypatch, caplog):
+    def refuse(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    assert "not permitted" in eager_after_capture(monkeypatch, caplog, refuse).eager_reason
 
 
 def test_a_graph_that_disagrees_with_its_eager_step_is_not_used(monkeypatch, caplog):
     """A first replay that reads the wrong memory shows as logits unlike the eager step's."""
-    base = load_base("tiny-llama")
 
     class WrongGraph:
         def __init__(self, step):
@@ -117,17 +121,7 @@ def test_a_graph_that_disagrees_with_its_eager_step_is_not_used(monkeypatch, cap
         self.logits, self.graph = torch.zeros_like(eager), WrongGraph(self)
         return eager
 
-    with torch.no_grad():
-        eager, _, _ = decode_run(FastLlama(base.model), base, steps=3)
-        graphed = GraphedDecode(FastLlama(base.model), capture=False)
-        graphed.capture = True
-        monkeypatch.setattr(cuda_graphs._FixedStep, "_capture", capture)
-        with caplog.at_level(logging.WARNING):
-            fixed, _, _ = decode_run(graphed, base, steps=3)
-    for ours, theirs in zip(fixed, eager, strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    assert "disagreed" in graphed.eager_reason
-    assert not graphed._steps
+    assert "disagreed" in eager_after_capture(monkeypatch, caplog, capture).eager_reason
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
