@@ -1,8 +1,11 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of either; and
+reads that take only a regular file."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -45,5 +48,25 @@ def fsync_dir(folder: str | os.PathLike) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_regular(path: str | os.PathLike, follow_links: bool = True) -> bytes:
+    """The bytes of `path` if it is a regular file, else OSError saying what it is: a FIFO would
+    block its reader, a device such as /dev/zero never end; `follow_links=False` also refuses a
+    symbolic link (one that leads out of a folder a server reads)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)  # opening a FIFO must not wait for a writer
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_links:
+            raise OSError(errno.ELOOP, "is a symbolic link (not followed)", str(path)) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "is not a regular file", str(path))
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            return fh.read()
     finally:
         os.close(fd)

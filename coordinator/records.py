@@ -11,14 +11,16 @@ a corrupt line by its number while still returning the others.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
+from typing import Annotated
 
 from fedprefix.common.errors import FedPrefixError, first_error
-from fedprefix.common.files import atomic_write_bytes
+from fedprefix.common.files import atomic_write_bytes, read_regular
 from fedprefix.common.protocol import SHARED_ARRAY_PREFIX
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
 RUN_FILE = "run.json"
 ROUNDS_FILE = "rounds.jsonl"
@@ -29,36 +31,48 @@ class RunFolderError(FedPrefixError):
     """A run folder is missing or unreadable."""
 
 
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+# What a record may hold: pages and JSON render every value, so none is NaN, infinite or beyond
+# what a date or a byte count can be (one run folder's odd values must not break every page).
+Loss = Annotated[float | None, BeforeValidator(_finite_or_none)]  # a diverged (NaN) loss reads as missing
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+UnixTime = Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
 class Rejection(BaseModel):
     node: int
     reason: str
 
 
 class PrivacyRecord(BaseModel):
-    noise_multiplier: float
-    clipping_norm: float
-    epsilon: float | None  # None where Flower's accountant cannot tell (see reason)
-    delta: float | None
+    noise_multiplier: NonNegative
+    clipping_norm: NonNegative
+    epsilon: Loss  # None where Flower's accountant cannot tell (see reason)
+    delta: Loss
     reason: str | None = None
 
 
 class RoundRecord(BaseModel):
     """What one round did."""
 
-    round: int
+    round: Count
     sampled_users: list[int]  # node ids sent a training message
-    replies_accepted: int
-    replies_rejected: int
+    replies_accepted: Count
+    replies_rejected: Count
     rejected: list[Rejection] = Field(default_factory=list)  # training and evaluation, with reasons
     clipped: list[int] = Field(default_factory=list)  # nodes whose update was clipped to the round's bound
-    train_loss: float | None
-    eval_loss_base: float | None
-    eval_loss_shared: float | None
-    eval_loss_personal: float | None
-    shared_update_norm: float | None  # L2 norm of this round's change of the shared prefix
-    uplink_bytes: int  # payload bytes clients sent: array data + 8 per metric value
-    train_seconds_sum: float  # sum of the clients' local training times
-    seconds: float  # wall time of the round at the coordinator
+    train_loss: Loss
+    eval_loss_base: Loss
+    eval_loss_shared: Loss
+    eval_loss_personal: Loss
+    shared_update_norm: Loss  # L2 norm of this round's change of the shared prefix
+    uplink_bytes: Count  # payload bytes clients sent: array data + 8 per metric value
+    train_seconds_sum: NonNegative  # sum of the clients' local training times
+    seconds: NonNegative  # wall time of the round at the coordinator
     privacy: PrivacyRecord | None = None
 
     @property
@@ -77,11 +91,11 @@ class RunInfo(BaseModel):
     config: dict
     base: str
     base_fingerprint: str
-    shared_prefix_parameters: int
+    shared_prefix_parameters: Count
     compute_dtype: str | None = None  # what config dtype resolved to on the coordinator's host
     host: dict | None = None  # the coordinator's host (common.precision.HostInfo); simulated nodes share it
-    started: float  # unix time
-    ended: float | None = None
+    started: UnixTime
+    ended: UnixTime | None = None
     error: str | None = None
 
 
@@ -111,25 +125,36 @@ class RunRecorder:
 
 
 def read_run(run_dir: str | os.PathLike) -> tuple[RunInfo, list[RoundRecord], list[str]]:
-    """(run info, rounds, problems): problems name each unreadable line by number."""
+    """(run info, rounds, problems): problems name each unreadable line by number.
+
+    Record files are read only as regular files in the folder itself: a link (out of the runs
+    folder a dashboard serves), a FIFO or a device is refused."""
     folder = Path(run_dir)
     info_path = folder / RUN_FILE
-    if not info_path.is_file():
+    if not os.path.lexists(info_path):
         raise RunFolderError(f"{folder} is not a run folder: {RUN_FILE} is missing")
     try:
-        info = RunInfo.model_validate_json(info_path.read_text())
+        info = RunInfo.model_validate_json(read_regular(info_path, follow_links=False))
+    except OSError as exc:
+        raise RunFolderError(f"{info_path} {exc.strerror}") from None
     except ValidationError as exc:
         raise RunFolderError(f"{info_path} is not a valid run record: {': '.join(first_error(exc, 'run'))}") from exc
     rounds, problems = [], []
     rounds_path = folder / ROUNDS_FILE
-    if rounds_path.is_file():
-        for number, line in enumerate(rounds_path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rounds.append(RoundRecord.model_validate(json.loads(line)))
-            except (json.JSONDecodeError, ValidationError) as exc:
-                problems.append(f"{rounds_path} line {number}: unreadable round record ({str(exc).splitlines()[0]})")
+    try:
+        data = read_regular(rounds_path, follow_links=False) if os.path.lexists(rounds_path) else b""
+    except OSError as exc:
+        return info, rounds, [f"{rounds_path} {exc.strerror}"]
+    lines = data.decode("utf-8", errors="replace").split("\n")
+    if info.status == "running":
+        lines = lines[:-1]  # after the last newline: nothing, or a round still being written
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rounds.append(RoundRecord.model_validate(json.loads(line)))
+        except (ValueError, ValidationError, RecursionError) as exc:  # ValueError: JSON, numbers past its limits
+            problems.append(f"{rounds_path} line {number}: unreadable round record ({str(exc).splitlines()[0]})")
     return info, rounds, problems
 
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from .records import RUN_FILE, RoundRecord, RunFolderError, RunInfo, read_run
 
-RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # fullmatch: `$` would let a trailing newline in
 
 
 class RunSummary(BaseModel):
@@ -32,7 +32,7 @@ class RunSummary(BaseModel):
 
 def is_run_id(name: str) -> bool:
     """Whether `name` can name a run folder (`show ID`, the dashboard's URLs): no way out of the runs folder."""
-    return bool(RUN_ID.match(name)) and name not in (".", "..")
+    return bool(RUN_ID.fullmatch(name)) and name not in (".", "..")
 
 
 def run_folder(runs_dir: str | os.PathLike, run_id: str) -> Path:
@@ -40,7 +40,9 @@ def run_folder(runs_dir: str | os.PathLike, run_id: str) -> Path:
     if not is_run_id(run_id):
         raise RunFolderError(f"invalid run id {run_id!r}")
     folder = Path(runs_dir) / run_id
-    if not (folder / RUN_FILE).is_file():
+    if folder.is_symlink():  # it may lead anywhere: the runs folder holds the runs it serves
+        raise RunFolderError(f"run {run_id!r} in {runs_dir} is a symbolic link (not followed)")
+    if not os.path.lexists(folder / RUN_FILE):
         raise RunFolderError(f"no run {run_id!r} in {runs_dir}")
     return folder
 
@@ -56,8 +58,8 @@ def summarize(run_id: str, info: RunInfo, rounds: list[RoundRecord], problems: l
         status=info.status,
         mode=str(info.config.get("mode", "?")),
         base=info.base,
-        users=int(info.config.get("num_users", 0)),
-        rounds_planned=int(info.config.get("num_rounds", 0)),
+        users=_count(info.config, "num_users", problems),
+        rounds_planned=_count(info.config, "num_rounds", problems),
         rounds_done=len(rounds),
         last_eval_loss_base=last.eval_loss_base if last else None,
         last_eval_loss_shared=last.eval_loss_shared if last else None,
@@ -67,14 +69,25 @@ def summarize(run_id: str, info: RunInfo, rounds: list[RoundRecord], problems: l
     )
 
 
+def _count(config: dict, key: str, problems: list[str]) -> int:
+    """A count from a run's config (a record the run wrote: still, an odd value is a problem, not an error)."""
+    value = config.get(key, 0)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    problems.append(f"run.json: config {key} is not a count ({str(value)[:40]!r})")
+    return 0
+
+
 def list_runs(runs_dir: str | os.PathLike) -> list[RunSummary]:
     """Every run folder under `runs_dir`, newest first; unreadable ones are listed with their problem."""
     root = Path(runs_dir)
     if not root.is_dir():
         raise RunFolderError(f"runs folder {root} does not exist")
     summaries = []
-    for folder in sorted(p for p in root.iterdir() if (p / RUN_FILE).is_file()):
+    for folder in sorted(p for p in root.iterdir() if os.path.lexists(p / RUN_FILE)):
         try:
+            if folder.is_symlink():
+                raise RunFolderError(f"{folder} is a symbolic link (not followed)")
             summary = summarize(folder.name, *read_run(folder))
             if not is_run_id(folder.name):  # listed, but `show ID` and the dashboard cannot name it
                 summary.problems.append(

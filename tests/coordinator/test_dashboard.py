@@ -142,3 +142,49 @@ def test_live_page_in_a_real_browser(runs, tmp_path):
     finally:
         browser.quit()
     assert shot.stat().st_size > 10_000
+
+
+def test_odd_run_folders_are_problems_not_errors_and_nothing_is_read_outside(runs, tmp_path):
+    """One bad run folder listed beside a good one: every page still answers, the bad one shows its
+    problem, and no link is followed out of the runs folder."""
+    root = tmp_path / "runs"
+    shutil.copytree(runs / "tiny", root / "tiny")
+    info = json.loads((runs / "tiny" / "run.json").read_text())
+    odd_infos = {
+        "latin1": None,  # a byte that is not UTF-8
+        "many": {**info, "config": {**info["config"], "num_users": "many"}},
+        "future": {**info, "started": 1e20},
+    }
+    for name, content in odd_infos.items():
+        shutil.copytree(runs / "tiny", root / name)
+        data = b'{"run_id": "caf\xe9"}' if content is None else json.dumps(content).encode()
+        (root / name / "run.json").write_bytes(data)
+    shutil.copytree(runs / "tiny", root / "nan")
+    rounds = (runs / "tiny" / "rounds.jsonl").read_text().splitlines()
+    rounds[0] = rounds[0].replace('"train_loss":', '"train_loss": NaN, "x":', 1)
+    rounds.append('{"round": ' + "9" * 5000 + "}")
+    rounds.append("[" * 100_000)
+    (root / "nan" / "rounds.jsonl").write_text("\n".join(rounds) + "\n")
+    outside = tmp_path / "outside" / "secret"
+    shutil.copytree(runs / "tiny", outside)
+    (outside / "run.json").write_text(json.dumps({**info, "base": "SECRET-OUTSIDE"}))
+    (root / "escape").symlink_to(outside)
+    shutil.copytree(runs / "tiny", root / "linked")
+    (root / "linked" / "rounds.jsonl").unlink()
+    (root / "linked" / "rounds.jsonl").symlink_to("/etc/passwd")
+
+    client = TestClient(create_dashboard(root))
+    listed = {r["id"]: r for r in client.get("/api/runs").json()}
+    assert client.get("/").status_code == 200 and "SECRET-OUTSIDE" not in client.get("/").text
+    assert listed["tiny"]["status"] == "finished" and not listed["tiny"]["problems"]
+    assert listed["latin1"]["status"] == "unreadable" and listed["future"]["status"] == "unreadable"
+    assert "config num_users is not a count" in listed["many"]["problems"][0]
+    assert listed["escape"]["status"] == "unreadable" and "symbolic link" in listed["escape"]["problems"][0]
+    assert any("symbolic link" in p for p in listed["linked"]["problems"])
+    assert client.get("/runs/escape").status_code == 404 and client.get("/api/runs/escape").status_code == 404
+    for run in ("many", "nan", "linked"):
+        assert client.get(f"/runs/{run}").status_code == 200 and client.get(f"/api/runs/{run}").status_code == 200
+    problems = client.get("/api/runs/nan/rounds").json()["problems"]
+    assert len(problems) == 2 and client.get("/api/runs/nan/rounds").json()["rounds"][0]["train_loss"] is None
+    assert runner.invoke(app, ["runs", "--runs", str(root)]).exit_code == 0
+    assert runner.invoke(app, ["show", "nan", "--runs", str(root)]).exit_code == 0
