@@ -108,37 +108,48 @@ def validate_row(raw, where: str) -> Row:
     return row
 
 
+# No token of a real vocabulary is longer than this many characters: a text cut to max_length times
+# as many keeps every token that tokenizing it whole would keep (only the cut end's token differs).
+CHARS_PER_TOKEN = 64
+
+
 def tokenize_rows(rows: Sequence[Row], tokenizer, max_length: int, use_chat_template: bool) -> list[Example]:
     """Token ids per row; over-long rows lose tokens from the left of the prompt (one warning).
 
     With `use_chat_template`, prompt/completion rows are framed as one user turn and the
     assistant's reply, as an instruct model expects; chat rows always are.
     """
-    examples, truncated = [], 0
+    examples, cut_prompts, cut_completions = [], 0, 0
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    chars = max_length * CHARS_PER_TOKEN  # a 50 MB row is cut before it is tokenized, not after
     for row in rows:
         prompt_text, completion_text = split_row(row, tokenizer, use_chat_template)
+        prompt_text, completion_text = prompt_text[-chars:], completion_text[:chars]
         prompt = tokenizer(prompt_text, add_special_tokens=False).input_ids if prompt_text else []
         if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
             prompt = [tokenizer.bos_token_id, *prompt]
         completion = tokenizer(completion_text, add_special_tokens=False).input_ids + eos
         overflow = len(prompt) + len(completion) - max_length
         if overflow > 0:
-            truncated += 1
             if overflow >= len(prompt):  # even an empty prompt is too long: keep the completion's start
+                cut_completions += 1
                 prompt, completion = [], completion[: max_length - 1]
             else:
+                cut_prompts += 1
                 prompt = prompt[overflow:]
         if not prompt:  # the first token needs context to be predicted from
             prompt, completion = completion[:1], completion[1:]
         if completion:
             examples.append(Example(prompt=prompt, completion=completion))
-    if truncated:
+    if cut_prompts or cut_completions:
         log.warning(
-            "%d of %d rows were longer than %d tokens and lost prompt tokens on the left",
-            truncated,
+            "%d of %d rows were longer than %d tokens: %d lost prompt tokens on the left, "
+            "%d (a completion alone too long) their whole prompt and completion tokens on the right",
+            cut_prompts + cut_completions,
             len(rows),
             max_length,
+            cut_prompts,
+            cut_completions,
         )
     if not examples:
         raise DataError("no row has any completion token left after tokenization")

@@ -25,6 +25,7 @@ files' (path, mtime, size) stay the same.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -117,17 +118,23 @@ def _source(path: Path) -> tuple[str, list[Path]]:
         check_format(path)
         return "file", [path]
     if not path.is_dir():
-        raise DataError(f"federation data {path} does not exist")
+        what = "is not a file or a folder" if os.path.lexists(path) else "does not exist"  # a FIFO, a device
+        raise DataError(f"federation data {path} {what}")
     entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-    folders = [p for p in entries if (p / TRAIN_FILE).is_file()]
+    # whatever is there counts: a FIFO or a folder named like a data file is refused, never skipped
+    folders = [p for p in entries if os.path.lexists(p / TRAIN_FILE)]
     files = [p for p in entries if p.is_file()]
+    named = [p for p in entries if is_row_file(p)] + [q for p in folders for q in (p / TRAIN_FILE, p / EVAL_FILE)]
+    for f in named:
+        if os.path.lexists(f) and not f.is_file():
+            raise DataError(f"federation data: {f} is not a regular file")
     if folders and any(is_row_file(f) for f in files):
         raise DataError(
             f"federation data folder {path} mixes user folders ({folders[0].name}/) and per-user files "
             f"({next(f.name for f in files if is_row_file(f))}): keep one layout"
         )
     if folders:
-        return "folders", [f for p in folders for f in (p / TRAIN_FILE, p / EVAL_FILE) if f.is_file()]
+        return "folders", [f for p in folders for f in (p / TRAIN_FILE, p / EVAL_FILE) if f.exists()]
     if not files:
         raise DataError(
             f"federation data folder {path} has no per-user files ({', '.join(FORMATS)}) "

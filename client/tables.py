@@ -62,10 +62,23 @@ def _jsonl(path: Path, text: str) -> list[Record]:
         if not line.strip():
             continue
         try:
-            records.append((f"{path} line {number}", json.loads(line)))
+            records.append((f"{path} line {number}", json.loads(line, object_pairs_hook=_unique_keys)))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from exc
+        except (ValueError, RecursionError) as exc:  # a repeated key, a number past the parser's limit, deep nesting
+            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise DataError(f"{path} line {number}: not a usable JSON row ({reason})") from None
     return records
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are all distinct: `{"user": "ann", "user": "ben"}` is refused, as CSV
+    and parquet refuse a repeated column, where json.loads would silently keep the last."""
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        repeated = next(key for key in keys if keys.count(key) > 1)
+        raise ValueError(f"the key {repeated!r} appears twice")
+    return dict(pairs)
 
 
 def _csv(path: Path, text: str) -> list[Record]:

@@ -127,11 +127,13 @@ def _federation_data(config, users: int, examples: int, out: Path, note: Console
 
         users = users or 4
         return users, str(write_federation_data(out / "data", users, examples or None))
-    from fedprefix.client.partition import partition_users, read_users
+    from fedprefix.client.partition import partition_users, read_users, user_split
 
     try:
-        available = len(partition_users(config.data, config.user_field, config.min_rows))
-        dropped = len(read_users(config.data, config.user_field)) - available
+        kept = partition_users(config.data, config.user_field, config.min_rows)
+        available, dropped = len(kept), len(read_users(config.data, config.user_field)) - len(kept)
+        for user in kept[: users or None]:  # each node splits its rows: a user it cannot split fails here, not there
+            user_split(config.data, user, config.user_field, config.min_rows, config.eval_fraction)
     except FedPrefixError as exc:
         fail(exc)
     if dropped:

@@ -164,6 +164,10 @@ def test_row_forms_in_tables(tmp_path):
         ("rows.csv", 'user,messages\na,"[{"\n', "line 2: column 'messages' is not valid JSON"),
         ("rows.csv", "user,user\na,b\n", "line 1: the header needs distinct, non-empty column names"),
         ("rows.parquet", "not parquet", "is not a readable parquet file"),
+        # json.loads keeps the last of a repeated key: this row would have trained as ben
+        ("rows.jsonl", '{"user": "ann", "user": "ben", "text": "x"}\n', "line 1: .*the key 'user' appears twice"),
+        ("rows.jsonl", '{"user": "a", "text": "x"}\n' + "[" * 100_000 + "\n", "line 2: not a usable JSON row"),
+        ("rows.jsonl", '{"user": ' + "9" * 5000 + ', "text": "x"}\n', "line 1: not a usable JSON row"),
     ],
 )
 def test_bad_input_is_refused_by_name(tmp_path, name, content, message):
@@ -229,3 +233,32 @@ def test_a_device_file_is_split_by_the_same_rule(tmp_path):
     assert node_rows({"data-path": rows}, config, "me") == (["t0", "t1"], ["t2", "t3", "t4"])
     given = _jsonl(tmp_path / "held.jsonl", ["h"])
     assert node_rows({"data-path": rows, "eval-path": given}, config, "me")[1] == ["h"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_a_fifo_or_folder_where_data_belongs_is_refused_not_skipped(tmp_path):
+    """Each of these was skipped without a word (a user dropped, an eval file ignored) or called missing."""
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(DataError, match="pipe.jsonl is not a file or a folder"):
+        read_users(tmp_path / "pipe.jsonl")
+    files, folders = tmp_path / "files", tmp_path / "folders"
+    files.mkdir()
+    _jsonl(files / "alice.jsonl", ["a", "b"])
+    os.mkfifo(files / "bob.jsonl")
+    with pytest.raises(DataError, match="bob.jsonl is not a regular file"):
+        read_users(files)
+    (files / "bob.jsonl").unlink()
+    (files / "bob.jsonl").mkdir()
+    with pytest.raises(DataError, match="bob.jsonl is not a regular file"):
+        read_users(files)
+    for user in ("alice", "bob"):
+        (folders / user).mkdir(parents=True)
+        _jsonl(folders / user / "train.jsonl", ["a", "b"])
+    os.mkfifo(folders / "bob" / "eval.jsonl")
+    with pytest.raises(DataError, match="bob/eval.jsonl is not a regular file"):
+        read_users(folders)
+    (folders / "bob" / "eval.jsonl").unlink()
+    (folders / "bob" / "train.jsonl").unlink()
+    os.mkfifo(folders / "bob" / "train.jsonl")
+    with pytest.raises(DataError, match="bob/train.jsonl is not a regular file"):
+        read_users(folders)

@@ -75,6 +75,8 @@ def test_simulate_checks_the_data_folder_before_starting(monkeypatch, capsys, tm
 def test_simulate_refuses_bad_own_data_before_starting(monkeypatch, capsys, tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(f'{{"who": "u{i % 3}", "text": "t{i}"}}\n' for i in range(9)))
+    lonely = tmp_path / "lonely.jsonl"  # ann has one row: nothing can be held out of it
+    lonely.write_text('{"user": "ann", "text": "a"}\n{"user": "ben", "text": "b"}\n{"user": "ben", "text": "c"}\n')
     (tmp_path / "rows.txt").write_text("x")
     out = tmp_path / "run"
     attempts = {
@@ -85,6 +87,8 @@ def test_simulate_refuses_bad_own_data_before_starting(monkeypatch, capsys, tmp_
         ("--data", str(tmp_path / "rows.txt")): "unknown file type '.txt'",
         ("--data", str(tmp_path / "nowhere.jsonl")): "nowhere.jsonl does not exist",
         ("--data", str(rows), "--eval-fraction", "1"): "setting eval_fraction",
+        # each node failed alone, and the run ended "finished" with nothing learned for ann
+        ("--data", str(lonely), "--min-rows", "1"): "user ann has 1 row: holding rows out needs at least 2",
     }
     for argv, message in attempts.items():
         with pytest.raises(SystemExit):
