@@ -105,6 +105,8 @@ def validate_row(raw, where: str) -> Row:
         raise DataError(f"{where}: field '{field}': {message}") from exc
     if isinstance(row, ChatRow) and row.messages[-1].role != "assistant":
         raise DataError(f"{where}: field 'messages': the last message must be the assistant's reply")
+    if isinstance(row, ChatRow) and not row.messages[-1].content:  # the completion, as an empty one is refused
+        raise DataError(f"{where}: field 'messages': the assistant's reply (the completion) is empty")
     return row
 
 

@@ -30,6 +30,10 @@ def test_accepts_all_row_forms(tmp_path):
         ([{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": ""}], "row 1: field 'completion'"),
         ([{"prompt": "p", "completion": "c", "extra": 1}], "row 0: field 'extra'"),
         ([{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}], "assistant's reply"),
+        (
+            [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}],
+            "(the completion) is empty",
+        ),
         ([{"messages": [{"role": "robot", "content": "a"}, {"role": "user", "content": "b"}]}], "messages.0.role"),
         ([3], "row 0: expected an object or a string, got int"),
         (["  "], "row 0: empty text"),
