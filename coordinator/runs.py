@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from .records import RUN_FILE, RoundRecord, RunFolderError, RunInfo, read_run
+from .records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunFolderError, RunInfo, read_run
 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # fullmatch: `$` would let a trailing newline in
 
@@ -48,7 +50,38 @@ def run_folder(runs_dir: str | os.PathLike, run_id: str) -> Path:
 
 
 def load_run(runs_dir: str | os.PathLike, run_id: str) -> tuple[RunInfo, list[RoundRecord], list[str]]:
-    return read_run(run_folder(runs_dir, run_id))
+    return read_run_cached(run_folder(runs_dir, run_id))
+
+
+CACHED_RUNS = 32
+_cache: OrderedDict[Path, tuple[tuple, tuple]] = OrderedDict()  # folder -> (record files' stats, read_run)
+_cache_lock = threading.Lock()  # the dashboard answers on several threads
+
+
+def read_run_cached(folder: Path) -> tuple[RunInfo, list[RoundRecord], list[str]]:
+    """read_run, reused while the folder's record files are unchanged (inode, size, mtime): the
+    dashboard's index reads every run on each request, and a run's page polls every 2 s."""
+    key = tuple(_stat_key(folder / name) for name in (RUN_FILE, ROUNDS_FILE))
+    with _cache_lock:
+        hit = _cache.get(folder)
+        if hit is not None and hit[0] == key:
+            _cache.move_to_end(folder)
+    if hit is None or hit[0] != key:
+        hit = (key, read_run(folder))  # an error is raised, never cached
+        with _cache_lock:
+            _cache[folder] = hit
+            while len(_cache) > CACHED_RUNS:
+                _cache.popitem(last=False)
+    info, rounds, problems = hit[1]
+    return info, list(rounds), list(problems)  # callers add problems to their copy
+
+
+def _stat_key(path: Path) -> tuple | None:
+    try:
+        stat = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def summarize(run_id: str, info: RunInfo, rounds: list[RoundRecord], problems: list[str]) -> RunSummary:
@@ -88,7 +121,7 @@ def list_runs(runs_dir: str | os.PathLike) -> list[RunSummary]:
         try:
             if folder.is_symlink():
                 raise RunFolderError(f"{folder} is a symbolic link (not followed)")
-            summary = summarize(folder.name, *read_run(folder))
+            summary = summarize(folder.name, *read_run_cached(folder))
             if not is_run_id(folder.name):  # listed, but `show ID` and the dashboard cannot name it
                 summary.problems.append(
                     f"{folder.name!r} is not a valid run id (letters, digits, '.', '_', '-'): "

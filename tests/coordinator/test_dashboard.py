@@ -188,3 +188,21 @@ def test_odd_run_folders_are_problems_not_errors_and_nothing_is_read_outside(run
     assert len(problems) == 2 and client.get("/api/runs/nan/rounds").json()["rounds"][0]["train_loss"] is None
     assert runner.invoke(app, ["runs", "--runs", str(root)]).exit_code == 0
     assert runner.invoke(app, ["show", "nan", "--runs", str(root)]).exit_code == 0
+
+
+def test_unchanged_runs_are_parsed_once_and_changes_are_seen(runs, tmp_path, monkeypatch):
+    from fedprefix.coordinator import runs as runs_module
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs / "tiny", root / "tiny")
+    reads = []
+    monkeypatch.setattr(runs_module, "read_run", lambda folder: reads.append(folder) or read_run(folder))
+    client = TestClient(create_dashboard(root))
+    for _ in range(3):
+        assert client.get("/").status_code == 200 and client.get("/api/runs/tiny").status_code == 200
+    assert len(reads) == 1
+    with open(root / "tiny" / "rounds.jsonl", "a") as fh:
+        fh.write('{"round": "bad"}\n')  # an appended round: seen at once
+    assert len(client.get("/api/runs/tiny/rounds").json()["problems"]) == 1 and len(reads) == 2
+    listed = client.get("/api/runs").json()[0]
+    assert len(listed["problems"]) == 1, "a caller's additions never reach the cached copy"
