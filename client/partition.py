@@ -160,9 +160,12 @@ def _user_id(value: object, where: str) -> str:
 def _from_column(path: Path, user_field: str) -> dict[str, UserRows]:
     """A single file's rows grouped by the value of `user_field`, in file order."""
     grouped: dict[str, list[Row]] = {}
-    for where, raw in read_records(path):
+    records = read_records(path)
+    for where, raw in records:
         if not isinstance(raw, dict):
             raise DataError(f"{where}: expected an object with a user column {user_field!r}, got {type(raw).__name__}")
+        if user_field not in raw and any(isinstance(r, dict) and user_field in r for _, r in records):
+            raise DataError(f"{where}: the user {user_field!r} is missing or empty (other rows have it)")  # a null cell
         if user_field not in raw:
             raise DataError(
                 f"{where}: no user column {user_field!r} (columns found: {', '.join(sorted(raw)) or 'none'}); "

@@ -181,6 +181,9 @@ def test_bad_parquet_row_and_missing_sources(tmp_path):
     bad = _parquet(tmp_path / "bad.parquet", [{"user": "a", "text": "x"}, {"user": "a", "text": " "}])
     with pytest.raises(DataError, match="bad.parquet row 1: empty text"):
         read_users(bad)
+    null = _parquet(tmp_path / "null.parquet", [{"user": "a", "text": "x"}, {"user": None, "text": "y"}])
+    with pytest.raises(DataError, match="null.parquet row 1: the user 'user' is missing or empty"):
+        read_users(null)  # it said "no user column 'user'", which the file has
     with pytest.raises(DataError, match="federation data .*nowhere does not exist"):
         read_users(tmp_path / "nowhere")
     with pytest.raises(DataError, match="data file .*gone.jsonl does not exist"):
