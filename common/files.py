@@ -52,21 +52,27 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def read_regular(path: str | os.PathLike, follow_links: bool = True) -> bytes:
-    """The bytes of `path` if it is a regular file, else OSError saying what it is: a FIFO would
-    block its reader, a device such as /dev/zero never end; `follow_links=False` also refuses a
-    symbolic link (one that leads out of a folder a server reads)."""
+def open_regular(path: str | os.PathLike, follow_links: bool = True):
+    """`path` opened for reading (binary) if it is a regular file, else OSError saying what it is:
+    a FIFO would block its reader, a device such as /dev/zero never end; `follow_links=False` also
+    refuses a symbolic link (one that leads out of a folder a server reads). EINVAL: not a regular
+    file; ELOOP: a link, not followed; FileNotFoundError: nothing there (or a link to nothing)."""
     flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags)  # opening a FIFO must not wait for a writer
+    except IsADirectoryError:
+        raise OSError(errno.EINVAL, "is not a regular file", str(path)) from None
     except OSError as exc:
         if exc.errno == errno.ELOOP and not follow_links:
             raise OSError(errno.ELOOP, "is a symbolic link (not followed)", str(path)) from None
         raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "is not a regular file", str(path))
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            return fh.read()
-    finally:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
+        raise OSError(errno.EINVAL, "is not a regular file", str(path))
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: str | os.PathLike, follow_links: bool = True) -> bytes:
+    """The bytes of `path`, if it is a regular file (see open_regular)."""
+    with open_regular(path, follow_links) as fh:
+        return fh.read()

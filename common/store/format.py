@@ -38,16 +38,17 @@ Parsing raises only StoreError subclasses, whatever the bytes; nothing here need
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import re
-import stat as stat_module
 import struct
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .. import files
 from ..errors import first_error
 from ..prefix import PrefixConfig
 from .errors import BadUserIdError, CorruptError, TruncatedError, UnknownUserError, UnknownVersionError, about
@@ -346,18 +347,15 @@ def open_regular(path: Path, user_id: str):
     there would block every reader, a link to a device such as /dev/zero never end);
     UnknownUserError if nothing is there."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO must not wait for a writer
+        return files.open_regular(path)
     except FileNotFoundError:
         if os.path.lexists(path):  # a link to nowhere: something is there, and it is not a prefix
             raise CorruptError(about(user_id, f"{path.name} is a link to nothing"), user_id) from None
         raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id) from None
-    except IsADirectoryError:
-        fd = None
-    if fd is None or not stat_module.S_ISREG(os.fstat(fd).st_mode):
-        if fd is not None:
-            os.close(fd)
-        raise CorruptError(about(user_id, f"{path.name} is not a regular file"), user_id)
-    return os.fdopen(fd, "rb")
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        raise CorruptError(about(user_id, f"{path.name} is not a regular file"), user_id) from None
 
 
 def read_file(path: Path, user_id: str) -> tuple[bytes, os.stat_result]:
