@@ -1,4 +1,5 @@
-"""Per-request caps of the server, and the body-size guard that enforces the first of them.
+"""Per-request caps of the server, the body-size guard that enforces the first of them, and the
+OpenAI-shaped error body that the server and the replicas' router both answer with.
 
 One request, or one user, must not be able to slow or starve everybody else: every cap
 here is checked before anything is queued or any key is derived. The defaults suit a
@@ -10,6 +11,7 @@ small shared server; `fedprefix serve` exposes each as an option.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -85,10 +87,14 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+def error_body(status: int, message: str, code: str, field: str | None = None) -> dict:
+    """An error answer in OpenAI's shape; `field` names the body field at fault."""
+    error = {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error", "code": code}
+    if field is not None:
+        error |= {"param": field, "fields": [{"field": f"body.{field}", "message": message}]}
+    return {"error": error}
+
+
 def too_large_body(max_bytes: int) -> bytes:
     """The 413 answer's body (also what the Ray Serve router of replicas.py answers)."""
-    return (
-        b'{"error": {"message": "request body larger than '
-        + str(max_bytes).encode()
-        + b' bytes", "type": "invalid_request_error", "code": "body_too_large"}}'
-    )
+    return json.dumps(error_body(413, f"request body larger than {max_bytes} bytes", "body_too_large")).encode()

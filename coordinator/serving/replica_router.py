@@ -22,7 +22,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from .limits import too_large_body
+from .limits import error_body, too_large_body
 from .metrics import Family, families_of
 from .replicas import ATTEMPTS, DROPPED_HEADERS, ReplicaSettings
 
@@ -37,10 +37,6 @@ log = logging.getLogger(__name__)
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 
 
-def _error(message: str, code: str) -> dict:
-    return {"error": {"message": message, "type": "server_error", "code": code}}
-
-
 async def _relay(stream) -> AsyncIterator[bytes]:
     """A stream's remaining chunks; a replica dying mid-stream ends it with an error event, as the
     single server ends a stream whose generation failed (the status line said 200 long ago)."""
@@ -49,7 +45,9 @@ async def _relay(stream) -> AsyncIterator[bytes]:
             yield chunk
     except (RayActorError, ActorUnavailableError) as exc:
         log.warning("a replica failed mid-stream: %s", type(exc).__name__)
-        error = _error(f"the replica serving this stream failed ({type(exc).__name__}); retry", "replica_unavailable")
+        error = error_body(
+            503, f"the replica serving this stream failed ({type(exc).__name__}); retry", "replica_unavailable"
+        )
         yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
 
 
@@ -198,12 +196,11 @@ class Router:
             except BackPressureError:  # every replica the request could go to is full, and so is the wait
                 self.failures.labels(endpoint, "429").inc()
                 message = "the server is overloaded (every replica's queue is full); retry later"
-                error = {"message": message, "type": "invalid_request_error", "code": "overloaded"}
-                return JSONResponse({"error": error}, 429, headers={"Retry-After": "1"})
+                return JSONResponse(error_body(429, message, "overloaded"), 429, headers={"Retry-After": "1"})
             except (RayActorError, ActorUnavailableError) as exc:  # the replica died: nothing reached the client
                 failure = exc
                 log.warning("a replica failed (attempt %d of %d): %s", attempt + 1, ATTEMPTS, type(exc).__name__)
                 await asyncio.sleep(0.2 * 2**attempt)
         self.failures.labels(endpoint, "503").inc()
         message = f"no serving replica could answer ({type(failure).__name__}); retry shortly"
-        return JSONResponse(_error(message, "replica_unavailable"), 503, headers={"Retry-After": "1"})
+        return JSONResponse(error_body(503, message, "replica_unavailable"), 503, headers={"Retry-After": "1"})

@@ -51,7 +51,7 @@ from .engine import (
     RequestCancelled,
 )
 from .handoff import LoopHandoff
-from .limits import BodySizeLimit, ServingLimits, check_request
+from .limits import BodySizeLimit, ServingLimits, check_request, error_body
 from .metrics import Metrics
 from .unlock import UnlockThrottled
 
@@ -117,22 +117,15 @@ def _count(request: Request, status: int | str) -> None:
     request.app.state.metrics.requests.labels(_endpoint(request.scope), str(status)).inc()
 
 
-def _error_body(status: int, message: str, code: str, field: str | None = None) -> dict:
-    error = {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error", "code": code}
-    if field is not None:
-        error |= {"param": field, "fields": [{"field": f"body.{field}", "message": message}]}
-    return {"error": error}
-
-
 async def _api_error(request: Request, exc: ApiError):
     _count(request, exc.status)
-    return JSONResponse(_error_body(exc.status, exc.message, exc.code, exc.field), exc.status, headers=exc.headers)
+    return JSONResponse(error_body(exc.status, exc.message, exc.code, exc.field), exc.status, headers=exc.headers)
 
 
 async def _http_error(request: Request, exc: HTTPException):
     _count(request, exc.status_code)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-    body = _error_body(exc.status_code, str(exc.detail), code)
+    body = error_body(exc.status_code, str(exc.detail), code)
     return JSONResponse(body, exc.status_code, headers=getattr(exc, "headers", None))
 
 
@@ -292,7 +285,7 @@ def _stream_end(handle, head: dict, usage: bool) -> list[dict]:
         result = handle.result(timeout=0)
     except FedPrefixError as exc:
         error = _engine_error(exc)
-        return [_error_body(error.status, error.message, error.code)]
+        return [error_body(error.status, error.message, error.code)]
     return [{**head, "choices": [], "usage": _usage([result])}] if usage else []
 
 
