@@ -131,7 +131,7 @@ class GraphedDecode:
         self.stream = torch.cuda.Stream(device=self.device) if capture else None
         self._steps: dict[int, _FixedStep] = {}  # by bucket, for the buffers in `_buffers`
         self._buffers: tuple | None = None
-        self.captures = self.padded_steps = 0  # graphs captured; steps that ran with padding rows
+        self.padded_steps = 0  # steps that ran with padding rows
         self.eager_reason: str | None = None  # why graphs turned off (a failed or disagreeing capture)
 
     def prefill(self, input_ids, attention_mask, prefixes):
@@ -180,7 +180,6 @@ class GraphedDecode:
         self.padded_steps += bucket > rows
         step = self._steps.get(bucket)
         if step is None:
-            self.captures += self.capture
             step = self._steps[bucket] = _FixedStep(self.fast, layers, bucket, self.capture, self.pool, self.stream)
         logits = step.run(decode)
         for layer in layers:
