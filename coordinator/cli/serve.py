@@ -154,7 +154,6 @@ def serve(
 def _serve_replicas(options: dict) -> None:
     """`fedprefix serve --replicas N`: N engine replicas behind Ray Serve, until Ctrl-C or SIGTERM."""
     import os
-    import socket
 
     cores, count, local = os.cpu_count() or 1, options["replicas"], options["ray_address"] is None
     if local and "RAY_AUTH_MODE" not in os.environ:  # read when ray is imported: before the import below
@@ -179,11 +178,8 @@ def _serve_replicas(options: dict) -> None:
     except FedPrefixError as exc:
         fail(exc)
     host, port = options["host"], options["port"]
-    with socket.socket() as probe:  # Serve's proxy would only log a taken port, and never answer
-        try:
-            probe.bind((host, port))
-        except OSError:
-            fail(FedPrefixError(f"could not listen on {host}:{port} (is the port in use?)"))
+    if not local:  # serve() checked a local one: Serve's proxy would only log a taken port, and never answer
+        require_free_port(host, port)
 
     def stop_on_sigterm() -> None:  # as on Ctrl-C; installed once ray.init (which sets its own) is done
         signal.signal(signal.SIGTERM, signal.default_int_handler)
