@@ -21,8 +21,14 @@ def make_console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=None if stream.isatty() else 120)
 
 
-def sparkline(values: Sequence[float | None]) -> str:
-    """One character per value, scaled between the smallest and largest; gaps for None."""
+def sparkline(values: Sequence[float | None], width: int = 60) -> str:
+    """At most `width` characters, scaled between the smallest and largest value; gaps for None.
+
+    Past `width` values, each character is the mean of an equal run of them (a run's gap only
+    where all of its values are missing)."""
+    if len(values) > width:
+        runs = [values[len(values) * i // width : len(values) * (i + 1) // width] for i in range(width)]
+        values = [sum(p) / len(p) if (p := [v for v in run if v is not None]) else None for run in runs]
     present = [v for v in values if v is not None]
     if not present:
         return ""
@@ -43,9 +49,14 @@ def mode_label(config: dict) -> str:
     return f"{mode} ({recipe})" if mode == "shared+personal" and recipe else mode
 
 
-def rounds_table(records: Sequence[RoundRecord], title: str = "rounds") -> Table:
+def rounds_table(records: Sequence[RoundRecord], title: str = "rounds", latest: int = 0) -> Table:
     """Round, users sampled, replies ok / rejected, train loss, held-out loss with the base, shared
-    and shared+personal prefix, personalization gain (base - personal), update norm, uplink, time."""
+    and shared+personal prefix, personalization gain (base - personal), update norm, uplink, time.
+
+    latest: only the latest N rounds (0: all); the title then says how many of how many."""
+    if 0 < latest < len(records):
+        title = f"{title} (the latest {latest} of {len(records)})"
+        records = records[-latest:]
     table = Table(title=title)
     for column in ("rnd", "users", "ok", "rej", "train", "base", "shared", "pers", "gain", "norm", "up kB", "s"):
         table.add_column(column, justify="right", no_wrap=True)

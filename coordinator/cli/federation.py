@@ -104,7 +104,7 @@ def simulate(
         return
     from fedprefix.coordinator.views import rounds_table
 
-    console.print(rounds_table(records))
+    console.print(rounds_table(records, latest=50))  # each round was printed as it ended
     console.print(f"run folder: {out}", markup=False)
 
 
@@ -187,6 +187,7 @@ def show_command(
     run: str = typer.Argument(..., help="Run id (folder name under --runs) or a path to a run folder."),
     runs: str = typer.Option("runs", "--runs", help="Folder holding run folders."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    last: int = typer.Option(50, "--last", min=0, help="Rounds in the table: the latest N (0: all)."),
 ) -> None:
     """One run: the per-round table, the personalization gain and a sparkline of the losses.
 
@@ -216,7 +217,7 @@ def show_command(
             f"{info.config.get('num_users')} users, {len(records)}/{info.config.get('num_rounds')} rounds"
         )
     )
-    console.print(rounds_table(records))
+    console.print(rounds_table(records, latest=last))
     for name in ("eval_loss_base", "eval_loss_shared", "eval_loss_personal", "train_loss"):
         values = [getattr(r, name) for r in records]
         console.print(

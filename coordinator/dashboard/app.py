@@ -25,6 +25,7 @@ from jinja2 import Environment, select_autoescape
 from .charts import line_chart
 
 POLL_MS = 2000
+TABLE_ROWS = 100  # the run page's tables show the latest rounds and rejections; the JSON has all
 
 _env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
 _env.filters["num"] = fmt_num
@@ -81,12 +82,14 @@ RUN_PAGE = _env.from_string("""<h1>Run {{ run_id }}</h1>
 
 PANEL = _env.from_string("""<p><span class="status-{{ info.status }}">{{ info.status }}</span> · mode {{ info.config | mode }}
 · base {{ info.base }} <span class="muted">({{ info.base_fingerprint[:12] }}…)</span> · {{ info.config.num_users }} users
-· {{ rounds | length }}/{{ info.config.num_rounds }} rounds · aggregator {{ info.config.aggregator }}
+· {{ rounds_done }}/{{ info.config.num_rounds }} rounds · aggregator {{ info.config.aggregator }}
 · started {{ info.started | when }}{% if info.ended %} · ended {{ info.ended | when }}{% endif %}</p>
 {% if info.error %}<p class="status-failed">error: {{ info.error }}</p>{% endif %}
 {% for p in problems %}<p class="status-failed">{{ p }}</p>{% endfor %}
 <div class="charts">{{ loss_chart | safe }}{{ norm_chart | safe }}{{ uplink_chart | safe }}</div>
 <h2>Rounds</h2>
+{% if rounds | length < rounds_done %}<p class="muted" id="rounds-note">The latest {{ rounds | length }} of {{ rounds_done }} rounds;
+all of them: <a href="/api/runs/{{ run_id }}/rounds">/api/runs/{{ run_id }}/rounds</a>.</p>{% endif %}
 <table id="rounds"><tr><th>round</th><th>users</th><th>accepted</th><th>rejected</th><th>train loss</th>
 <th>base</th><th>shared</th><th>personal</th><th>gain</th><th>update norm</th><th>uplink bytes</th><th>seconds</th>
 {% if dp %}<th>ε (δ)</th>{% endif %}</tr>
@@ -97,7 +100,8 @@ PANEL = _env.from_string("""<p><span class="status-{{ info.status }}">{{ info.st
 <td>{{ r.shared_update_norm | num }}</td><td>{{ "{:,}".format(r.uplink_bytes) }}</td><td>{{ r.seconds | num(1) }}</td>
 {% if dp %}<td>{% if r.privacy and r.privacy.epsilon is not none %}{{ r.privacy.epsilon | num(2) }} ({{ r.privacy.delta }}){% else %}{{ r.privacy.reason if r.privacy else "-" }}{% endif %}</td>{% endif %}
 </tr>{% endfor %}</table>
-{% if rejections %}<h2>Rejected replies</h2><table id="rejections"><tr><th>round</th><th>node</th><th>reason</th></tr>
+{% if rejections %}<h2>Rejected replies</h2>{% if rejections | length < rejections_total %}
+<p class="muted">The latest {{ rejections | length }} of {{ rejections_total }}.</p>{% endif %}<table id="rejections"><tr><th>round</th><th>node</th><th>reason</th></tr>
 {% for round, rej in rejections %}<tr><td>{{ round }}</td><td>{{ rej.node }}</td><td style="text-align:left">{{ rej.reason }}</td></tr>{% endfor %}
 </table>{% endif %}
 {% if dp %}<p>Differential privacy: noise multiplier {{ dp.noise_multiplier }}, clipping norm {{ dp.clipping_norm }}.</p>{% endif %}
@@ -136,12 +140,14 @@ def create_dashboard(runs_dir: str | os.PathLike) -> FastAPI:
         dp = next((r.privacy for r in reversed(rounds) if r.privacy is not None), None)
         html = PANEL.render(
             info=info,
-            rounds=rounds,
+            rounds=rounds[-TABLE_ROWS:],
+            rounds_done=len(rounds),
             problems=problems,
             loss_chart=loss,
             norm_chart=norm,
             uplink_chart=uplink,
-            rejections=rejections,
+            rejections=rejections[-TABLE_ROWS:],
+            rejections_total=len(rejections),
             dp=dp,
             run_id=run_id,
         )

@@ -1,11 +1,20 @@
-"""Inline SVG line charts rendered on the server: no JavaScript library, no CDN, works offline."""
+"""Inline SVG line charts rendered on the server: no JavaScript library, no CDN, works offline.
+
+A chart's size does not grow with the rounds: at most `MAX_TICKS` round labels, a dot per
+round only up to `MAX_DOTS` rounds, and where a line has more points than pixel columns it
+keeps each column's first, lowest, highest and last point (M4 decimation: the line drawn is
+the same). A run of 60,000 rounds drew a label and a dot for every round: a 103 MB page.
+"""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from html import escape
 
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
+MAX_TICKS = 8  # round labels on the x axis
+MAX_DOTS = 60  # rounds up to which each round gets a dot
 
 
 def line_chart(
@@ -46,7 +55,7 @@ def line_chart(
             f'<line x1="{left}" x2="{width - right}" y1="{y(value):.1f}" y2="{y(value):.1f}" class="grid"/>'
             f'<text x="{left - 4}" y="{y(value) + 4:.1f}" text-anchor="end" class="tick">{_short(value)}</text>'
         )
-    for r in rounds:
+    for r in round_ticks(first, last):
         parts.append(f'<text x="{x(r):.1f}" y="{height - bottom + 14}" text-anchor="middle" class="tick">{r}</text>')
     parts.append(
         f'<text x="{(left + width - right) / 2}" y="{height - 4}" text-anchor="middle" class="tick">round'
@@ -57,21 +66,41 @@ def line_chart(
         points = [(x(r), y(v)) for r, v in zip(rounds, vs, strict=True) if v is not None]
         if not points:
             continue
-        path = " ".join(f"{px:.1f},{py:.1f}" for px, py in points)
+        path = " ".join(f"{px:.1f},{py:.1f}" for px, py in decimate(points))
         parts.append(
             f'<polyline class="series" data-series="{escape(name)}" fill="none" stroke="{color}" '
             f'stroke-width="2" points="{path}"/>'
         )
-        parts.extend(
-            f'<circle class="point" data-series="{escape(name)}" cx="{px:.1f}" cy="{py:.1f}" r="3" fill="{color}"/>'
-            for px, py in points
-        )
+        if len(points) <= MAX_DOTS:
+            parts.extend(
+                f'<circle class="point" data-series="{escape(name)}" cx="{px:.1f}" cy="{py:.1f}" r="3" fill="{color}"/>'
+                for px, py in points
+            )
         parts.append(
             f'<rect x="{left + index * 100}" y="24" width="10" height="10" fill="{color}"/>'
             f'<text x="{left + 14 + index * 100}" y="33" class="legend">{escape(name)}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
+
+
+def round_ticks(first: int, last: int, most: int = MAX_TICKS) -> list[int]:
+    """Rounds to label between `first` and `last`: at most `most`, every 1, 2 or 5 times a power of ten."""
+    steps = (m * 10**e for e in itertools.count() for m in (1, 2, 5))
+    step = next(s for s in steps if (last - first) // s + 1 <= most)
+    start = -(-first // step) * step  # the first multiple of `step` from `first` on
+    return list(range(start, last + 1, step))
+
+
+def decimate(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points of a line, keeping per pixel column (x rounded down) its first, lowest,
+    highest and last point, in order: the same line as drawn, from at most 4 points a column."""
+    kept = []
+    for _, group in itertools.groupby(points, key=lambda p: int(p[0])):
+        column = list(group)
+        by_y = sorted(range(len(column)), key=lambda i: column[i][1])
+        kept.extend(column[i] for i in sorted({0, by_y[0], by_y[-1], len(column) - 1}))
+    return kept
 
 
 def _short(value: float) -> str:

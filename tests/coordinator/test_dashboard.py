@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -206,3 +207,38 @@ def test_unchanged_runs_are_parsed_once_and_changes_are_seen(runs, tmp_path, mon
     assert len(client.get("/api/runs/tiny/rounds").json()["problems"]) == 1 and len(reads) == 2
     listed = client.get("/api/runs").json()[0]
     assert len(listed["problems"]) == 1, "a caller's additions never reach the cached copy"
+
+
+def test_a_long_run_gives_pages_of_bounded_size_that_keep_its_extremes(runs, tmp_path):
+    """5,000 rounds: the page lists the latest 100 rounds, labels at most 8 rounds per chart and
+    draws no dots, yet the one spike in the losses stays on the line (a 60,000-round run made a
+    103 MB page); `show` prints the latest 50 rounds unless told --last 0."""
+    root = tmp_path / "runs"
+    shutil.copytree(runs / "tiny", root / "long")
+    record = read_run(root / "long")[1][0]
+    spike = 2_345
+    lines = [
+        record.model_copy(update={"round": n, "eval_loss_personal": 9.75 if n == spike else 1.0}).model_dump_json()
+        for n in range(1, 5_001)
+    ]
+    (root / "long" / "rounds.jsonl").write_text("\n".join(lines) + "\n")
+    page = TestClient(create_dashboard(root)).get("/runs/long").text
+    assert len(page) < 200_000, len(page)
+    assert page.count('<tr class="round">') == 100 and "<td>5000</td>" in page and "<td>4900</td>" not in page
+    assert "The latest 100 of 5000 rounds" in " ".join(page.split())
+    assert 'class="point"' not in page and page.count('class="tick">5000<') == 3  # the last label, each chart
+    ticks = [int(t) for t in re.findall(r'class="tick">(\d+)</text>', page)]
+    assert len(ticks) <= 3 * 8 + 3 * 5  # round labels plus the value axis' 5 labels a chart
+    personal = re.search(r'data-series="personal"[^>]*points="([^"]+)"', page).group(1).split()
+    assert len(personal) < 4 * 460
+    tops = {float(p.split(",")[1]) for p in personal}
+    assert len(tops) == 2, "the spike's height and the flat line's: the spike was kept"
+
+    shown = runner.invoke(app, ["show", "long", "--runs", str(root)])
+    assert shown.exit_code == 0 and "the latest 50 of 5000" in " ".join(shown.output.split())
+    table_rounds = re.findall(r"^│ +(\d+) │", shown.output, flags=re.M)
+    assert table_rounds == [str(n) for n in range(4_951, 5_001)]
+    everything = runner.invoke(app, ["show", "long", "--runs", str(root), "--last", "0"])
+    assert len(re.findall(r"^│ +(\d+) │", everything.output, flags=re.M)) == 5_000
+    sparks = [line for line in shown.output.splitlines() if line.startswith("eval_loss_personal")]
+    assert len(sparks[0].split()[1]) <= 60 and "█" in sparks[0]  # the spike's run of rounds
