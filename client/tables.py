@@ -12,12 +12,14 @@ Validation of what a record holds is client/data.py's job; this file only reads.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 from pathlib import Path
 
 from fedprefix.common.errors import DataError
+from fedprefix.common.files import open_regular
 
 FORMATS = (".jsonl", ".csv", ".parquet")
 PARQUET_HINT = "pip install 'fedprefix[parquet]'"
@@ -41,17 +43,22 @@ def read_records(path: str | os.PathLike) -> list[Record]:
     """Every record of the file at `path`, in file order; raises DataError naming the file and line."""
     check_format(path)
     path = Path(path)
-    suffix = path.suffix.lower()
-    if not path.is_file():
-        what = "is not a regular file" if os.path.lexists(path) else "does not exist"  # a folder, a FIFO
-        raise DataError(f"data file {path} {what}")
-    if suffix == ".parquet":
-        return _parquet(path)
+    try:  # opened once, as a regular file: a FIFO or folder put there between a check and a read is refused
+        with open_regular(path) as fh:
+            if path.suffix.lower() == ".parquet":
+                return _parquet(path, fh)
+            data = fh.read()
+    except FileNotFoundError:
+        raise DataError(f"data file {path} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # a folder, a FIFO, a device
+            raise DataError(f"data file {path} {exc.strerror}") from None
+        raise DataError(f"data file {path} cannot be read ({exc.strerror})") from None
     try:
-        text = path.read_bytes().decode("utf-8-sig")  # a BOM, as spreadsheet exports write, is not data
+        text = data.decode("utf-8-sig")  # a BOM, as spreadsheet exports write, is not data
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text (byte {exc.start} is invalid)") from exc
-    return _jsonl(path, text) if suffix == ".jsonl" else _csv(path, text)
+    return _jsonl(path, text) if path.suffix.lower() == ".jsonl" else _csv(path, text)
 
 
 def _jsonl(path: Path, text: str) -> list[Record]:
@@ -108,13 +115,13 @@ def _csv(path: Path, text: str) -> list[Record]:
     return records
 
 
-def _parquet(path: Path) -> list[Record]:
+def _parquet(path: Path, fh) -> list[Record]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"reading {path} needs pyarrow: {PARQUET_HINT}") from None
     try:
-        rows = pq.read_table(path).to_pylist()
+        rows = pq.read_table(fh).to_pylist()
     except Exception as exc:  # pyarrow raises its own error types for a damaged or foreign file
         raise DataError(f"{path} is not a readable parquet file ({type(exc).__name__}: {exc})") from exc
     return [(f"{path} row {i}", {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(rows)]
