@@ -18,6 +18,9 @@ from .main import DTYPE_HELP, app, console, fail, require_free_port
 def serve(
     base: str = typer.Option(base_model.DEFAULT_BASE, "--base", help="Base model: registry name, folder or hub id."),
     store: str = typer.Option(..., "--store", help="Encrypted prefix store folder (ciphertext only)."),
+    served_model_name: str = typer.Option(
+        None, "--served-model-name", help="The model name clients send and /v1/models lists (default: --base)."
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
     max_batch_size: int = typer.Option(64, "--max-batch-size", min=1, help="Rows per decode step."),
@@ -132,7 +135,9 @@ def serve(
         prompt_cache_bytes=prompt_cache_mib << 20,
         cuda_graphs=not eager,
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, base, limits), host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, served_model_name or base, limits), host=host, port=port, log_level="warning")
+    )
     try:  # the engine computes on this (main) thread, the HTTP server answers on another: see Engine.run
         http = start_http(engine, server)
     except FedPrefixError as exc:

@@ -152,10 +152,10 @@ class Router:
     async def health(self):
         reports = await self.board.live.remote()
         if not reports:
-            return JSONResponse({"status": "unavailable", "model": self.settings.base, "replicas": []}, 503)
+            return JSONResponse({"status": "unavailable", "model": self.settings.model_name, "replicas": []}, 503)
         return {
             "status": "ok",
-            "model": self.settings.base,
+            "model": self.settings.model_name,
             "dtype": reports[0]["dtype"],
             "queue_depth": sum(r["health"]["queue_depth"] for r in reports),
             "running": sum(r["health"]["running"] for r in reports),

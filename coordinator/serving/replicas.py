@@ -65,6 +65,7 @@ class ReplicaSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     base: str = base_model.DEFAULT_BASE
+    served_model_name: str | None = None  # what clients send as `model` (None: base)
     store: str  # a folder every replica can read: on a cluster, a shared filesystem
     dtype: str = "auto"
     replicas: int = Field(2, ge=1)
@@ -87,6 +88,11 @@ class ReplicaSettings(BaseModel):
     max_unlocks: int = Field(4, ge=1)
     max_wrong_keys: int = Field(5, ge=1)
     wrong_key_backoff: float = Field(1.0, gt=0)
+
+    @property
+    def model_name(self) -> str:
+        """The `model` clients send (and /v1/models lists)."""
+        return self.served_model_name or self.base
 
     @property
     def limits(self) -> ServingLimits:
@@ -181,7 +187,7 @@ class EngineReplica:
             max_prefill_tokens=s.max_prefill_tokens,
             prompt_cache_bytes=s.prompt_cache_mib << 20,
         ).start()
-        self.app = create_app(self.engine, s.base, s.limits)
+        self.app = create_app(self.engine, s.model_name, s.limits)
         self.dtype = dtype_name(loaded.dtype)
         self.name, self.node = serve.get_replica_context().replica_id.unique_id, _node_ip()
 

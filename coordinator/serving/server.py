@@ -292,8 +292,18 @@ def _stream_end(handle, head: dict, usage: bool) -> list[dict]:
 # ------------------------------------------------------------------ routes
 
 
+def _check_model(request: Request, model: str | None) -> None:
+    """404 for a `model` this server does not serve (as OpenAI and vLLM answer): a typo must not
+    get another model's answer. Absent: the served one. A user's prefix is chosen by `user`."""
+    served = request.app.state.model_name
+    if model is not None and model != served:
+        message = f"model {model!r} is not served here; this server serves {served!r} (GET /v1/models)"
+        raise ApiError(404, message, "model_not_found", field="model")
+
+
 @router.post("/v1/completions")
 async def completions(body: CompletionBody, request: Request):
+    _check_model(request, body.model)
     prompts = body.prompts()
     if not prompts or not all(prompts):
         raise ApiError(422, "prompt: give at least one prompt, none empty", "invalid_body", field="prompt")
@@ -328,6 +338,7 @@ async def completions(body: CompletionBody, request: Request):
 
 @router.post("/v1/chat/completions")
 async def chat(body: ChatBody, request: Request):
+    _check_model(request, body.model)
     most = request.app.state.limits.max_messages
     if len(body.messages) > most:  # before the chat template, which runs here on the event loop
         message = f"messages: {len(body.messages)} messages, at most {most} (send the conversation's recent turns)"

@@ -187,3 +187,19 @@ def test_a_chat_of_more_turns_than_the_cap_is_refused_before_its_template_runs(c
     reply = client.post("/v1/chat/completions", json={"messages": turns, "max_tokens": 2})
     assert reply.status_code == 422 and reply.json()["error"]["param"] == "messages"
     assert "5 messages, at most 4" in reply.json()["error"]["message"] and templated == []
+
+
+def test_a_model_this_server_does_not_serve_is_404_not_another_models_answer(client):
+    for path, body in (
+        ("/v1/completions", PLAIN),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ):
+        wrong = client.post(path, json={**body, "model": "tiny-lama"}, headers=header("alice"))
+        assert wrong.status_code == 404, wrong.text
+        error = wrong.json()["error"]
+        assert error["code"] == "model_not_found" and error["param"] == "model" and "'tiny-llama'" in error["message"]
+        right = client.post(path, json={**body, "model": "tiny-llama", "max_tokens": 2}, headers=header("alice"))
+        assert right.status_code == 200 and right.json()["model"] == "tiny-llama"
+    assert completion(client).status_code == 200  # no model: the served one
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-llama"]
+    assert 'endpoint="/v1/chat/completions",status="404"' in client.get("/metrics").text
