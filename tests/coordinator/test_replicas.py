@@ -248,6 +248,21 @@ def test_a_killed_replica_moves_its_users_and_fails_nobody_else(replicated):
     assert reply.status_code == 200
 
 
+def test_wrong_keys_for_a_user_meet_one_wrong_key_budget(replicated, served):  # noqa: F811
+    """16 concurrent wrong keys for a user no replica holds yet: Ray places them all on one replica,
+    so they meet one wrong-key budget (--max-wrong-keys 5 here), not one per replica."""
+    base, store = served
+    store.save("guessed", random_prefix(base, 3, seed=99), key_of("guessed"))
+
+    async def guesses() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=replicated[0], timeout=120) as http:
+            body, wrong = completion("guessed"), header("alice")
+            return await asyncio.gather(*[http.post("/v1/completions", json=body, headers=wrong) for _ in range(16)])
+
+    statuses = sorted(reply.status_code for reply in asyncio.run(guesses()))
+    assert statuses == [403] * 5 + [429] * 11, statuses
+
+
 def test_stops_cleanly_leaving_no_ray_process(replicated):
     url, server, mark = replicated
     assert marked_processes(mark), "Ray's processes carry the mark"
