@@ -70,9 +70,10 @@ def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], generato
     return chosen
 
 
-def stop_index(text: str, stops: Sequence[str]) -> int | None:
-    """Index where the first stop string starts in `text`, or None."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+def stop_index(text: str, stops: Sequence[str], new_from: int = 0) -> int | None:
+    """Index where the first stop string starts in `text`, or None; `new_from`: text before this
+    index was searched already, so only stop strings that end after it are looked for."""
+    hits = [i for i in (text.find(s, max(0, new_from - len(s) + 1)) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
 
 

@@ -105,7 +105,8 @@ class CompletionBody(SamplingBody):
 
     # strict ints: a lax union would read ["1", 2] or [true, false] as token ids
     prompt: Text | list[Text] | list[StrictInt] | list[list[StrictInt]]
-    max_tokens: int | None = Field(16, ge=1, le=4096)  # null: OpenAI's default of 16
+    # absent or null: OpenAI's default of 16, lowered to what the context leaves (not refused)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: text, or token ids."""

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 from fedprefix.common.protocol import row_prefix, shared_store_id
-from fedprefix.common.store import PrefixStore, UnknownUserError
+from fedprefix.common.store import PrefixStore
 
 from .unlock import UnlockGuard
 
@@ -68,16 +68,20 @@ class PrefixCache:
         self.guard = guard  # bounds the unlocks of misses (not hits: a cached prefix keeps serving)
 
     def _digest(self, key: bytes | str) -> bytes:
-        material = key.encode() if isinstance(key, str) else bytes(key)
+        # tagged by kind: a 32-character ASCII passphrase has the same bytes as a raw key, and
+        # the store tells them apart (one unlocked entry must not answer for the other)
+        material = b"passphrase:" + key.encode() if isinstance(key, str) else b"raw:" + bytes(key)
         return hashlib.sha256(self._salt + material).digest()
 
     def _version(self, user_id: str) -> tuple:
-        """What identifies the stored files' current contents (size and mtime of each)."""
+        """What identifies the stored files' current contents (inode, size and mtime of each: a
+        save writes a new file and renames it over the old one, so two saves within one tick of
+        a coarse clock still differ by inode)."""
         stamps = []
         for name in (user_id, shared_store_id(user_id)):
             try:
                 st = os.stat(self.store.path_for(name))
-                stamps.append((st.st_size, st.st_mtime_ns))
+                stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
             except FileNotFoundError:
                 stamps.append(None)
         return tuple(stamps)
@@ -141,16 +145,10 @@ class PrefixCache:
         return kv
 
     def _load(self, user_id: str, key: bytes | str) -> torch.Tensor:
+        """Both stored parts, read together (a save between two reads could pair one save's shared
+        part with another's personal part); UnknownUserError where none is stored."""
         self.stats.misses += 1
-        shared, personal = (self._load_part(name, key) for name in (shared_store_id(user_id), user_id))
-        kv = row_prefix(shared, personal)
-        if kv is None:
-            raise UnknownUserError(f"no stored prefix for user {user_id!r}", user_id=user_id)
-        return kv.to(dtype=self.dtype, device=self.device).contiguous()
-
-    def _load_part(self, name: str, key: bytes | str) -> torch.Tensor | None:
-        """One stored part's KV (L, 2, H, P, D), or None where that part is not stored."""
-        if not self.store.exists(name):
-            return None
         with torch.no_grad():
-            return self.store.load(name, key, self.base_fingerprint).key_values().detach()
+            parts = self.store.load_parts(user_id, key, self.base_fingerprint)
+            shared, personal = (parts[p].key_values().detach() if p in parts else None for p in ("shared", "personal"))
+        return row_prefix(shared, personal).to(dtype=self.dtype, device=self.device).contiguous()

@@ -1,5 +1,5 @@
 """One row of the running batch, and what happens to it at each step: its next token
-picked, streamed, or its end (EOS, a stop string, max tokens).
+picked, its text settled and streamed, or its end (EOS, a stop string, max tokens).
 
 A row that fails here (its sampling, decoding or stop handling raises) fails alone: its
 request gets the error and its batch mates go on (the engine's `_accept`).
@@ -21,6 +21,39 @@ from .requests import EngineStats, GenerationResult, RequestHandle
 log = logging.getLogger(__name__)
 
 
+class SettledText:
+    """A row's text as its tokens arrive, in the part later tokens cannot change (`settled`).
+
+    Decoding every token again at each step is not enough: a byte-fallback tokenizer (Llama 2,
+    Mistral, Gemma) decodes a run of byte tokens that is not yet valid UTF-8 as one U+FFFD per
+    byte, which rewrites text already decoded ('a中' -> 'a����' -> 'a中😀'), and the stream could
+    not take back what it sent. As in vLLM's detokenizer, only the tokens after the last settled
+    point are decoded again, behind the tokens settled before them (context: whether a
+    SentencePiece word starts with a space depends on what precedes it), and their text settles
+    once it does not end in U+FFFD. A row's result is its settled text, so a stream of the
+    settled text equals it."""
+
+    def __init__(self) -> None:
+        self.settled = ""
+        self._context = 0  # tokens[_context:_done] are decoded again as context
+        self._done = 0  # tokens whose text is in `settled`
+        self._context_chars = 0  # len(decode(tokens[_context:_done]))
+
+    def update(self, tokens: list[int], decode: Callable[[list[int]], str]) -> None:
+        """Settle what the tokens added since the last call allow (their text, unless unfinished)."""
+        window = decode(tokens[self._context :])
+        if len(window) > self._context_chars and not window.endswith("\ufffd"):
+            self.settled += window[self._context_chars :]
+            self._context, self._done = self._done, len(tokens)
+            self._context_chars = len(decode(tokens[self._context : self._done]))
+
+    def final(self, tokens: list[int], decode: Callable[[list[int]], str]) -> str:
+        """The text at the row's end: the settled text, then the unsettled tail as it decodes
+        now (an unfinished character as U+FFFD, as tokenizer.decode gives it)."""
+        window = decode(tokens[self._context :])
+        return self.settled + window[self._context_chars :]
+
+
 @dataclass
 class Row:
     """A request inside the running batch."""
@@ -30,7 +63,8 @@ class Row:
     generator: torch.Generator | None
     position: int  # position id of the next token fed to the model
     tokens: list[int] = field(default_factory=list)
-    emitted: int = 0  # characters of text already streamed
+    text: SettledText = field(default_factory=SettledText)
+    emitted: int = 0  # characters of text.settled already streamed
 
 
 @dataclass
@@ -94,14 +128,16 @@ def take_token(row: Row, token: int, decode: Callable[[list[int]], str], eos: se
         return finish(row, "stop", decode, stats)
     row.tokens.append(token)
     stats.tokens += 1
-    text = decode(row.tokens)
-    cut = stop_index(text, params.stop)
+    searched = len(row.text.settled)
+    row.text.update(row.tokens, decode)
+    text = row.text.settled
+    cut = stop_index(text, params.stop, searched)
     if cut is not None:
         return finish(row, "stop", decode, stats, text[:cut])
     if len(row.tokens) >= params.max_new_tokens:
-        return finish(row, "length", decode, stats, text)
-    # Stream only text that cannot still turn into a stop string or an unfinished
-    # multi-byte character, so streamed and non-streamed outputs are identical.
+        return finish(row, "length", decode, stats)
+    # Stream only settled text that cannot still turn into a stop string, so streamed and
+    # non-streamed outputs are identical.
     safe = len(text) - holdback(text, params.stop)
     if safe > row.emitted:
         handle._emit(text[row.emitted : safe])
@@ -109,9 +145,12 @@ def take_token(row: Row, token: int, decode: Callable[[list[int]], str], eos: se
 
 
 def finish(row: Row, reason: str, decode, stats: EngineStats, text: str | None = None) -> None:
-    """End `row` with its result; the rest of its text is streamed first."""
+    """End `row` with its result (`text`, or its final text, cut at a stop string in its
+    unsettled tail); the rest of its text is streamed first."""
     if text is None:
-        text = decode(row.tokens)
+        text = row.text.final(row.tokens, decode)
+        cut = stop_index(text, row.params.stop, len(row.text.settled))
+        text, reason = (text, reason) if cut is None else (text[:cut], "stop")
     row.handle._emit(text[row.emitted :])
     row.emitted = len(text)
     stats.finished += 1
@@ -123,8 +162,8 @@ def finish(row: Row, reason: str, decode, stats: EngineStats, text: str | None =
 
 
 def holdback(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters to hold back: a possible stop-string start or a partial character."""
-    hold = 1 if text.endswith("\ufffd") else 0
+    """How many trailing characters to hold back: the longest that could start a stop string."""
+    hold = 0
     for stop in stops:
         for size in range(min(len(stop) - 1, len(text)), 0, -1):
             if text.endswith(stop[:size]):

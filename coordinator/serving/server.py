@@ -310,7 +310,8 @@ async def completions(body: CompletionBody, request: Request):
     if body.stream and len(prompts) != 1:  # checked before anything is queued
         raise ApiError(422, "stream: streaming takes a single prompt", "invalid_body", field="stream")
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    submitted = await _submit(request, prompts, _params_of(body, max_tokens), body.user, body.stream)
+    fit = body.max_tokens is None  # a default the client did not choose: lowered to fit, not refused
+    submitted = await _submit(request, prompts, _params_of(body, max_tokens), body.user, body.stream, fit=fit)
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": request.app.state.model_name}
     if body.stream:

@@ -203,3 +203,18 @@ def test_a_model_this_server_does_not_serve_is_404_not_another_models_answer(cli
     assert completion(client).status_code == 200  # no model: the served one
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-llama"]
     assert 'endpoint="/v1/chat/completions",status="404"' in client.get("/metrics").text
+
+
+def test_a_completion_without_max_tokens_is_fitted_to_the_context_left(client):
+    """OpenAI's default of 16 is not the client's choice: with 5 tokens of room it gets 5, where
+    it was refused naming a max_tokens the client never sent; an explicit 16 is still refused."""
+    prompt = [7] * (512 - 2 - 5)  # alice's prefix: 2 tokens; the context: 512
+    fitted = client.post(
+        "/v1/completions", json={**PLAIN, "prompt": prompt, "max_tokens": None}, headers=header("alice")
+    )
+    assert fitted.status_code == 200, fitted.text
+    assert fitted.json()["usage"]["completion_tokens"] <= 5
+    body = {key: value for key, value in PLAIN.items() if key != "max_tokens"}
+    assert client.post("/v1/completions", json={**body, "prompt": prompt}, headers=header("alice")).status_code == 200
+    refused = completion(client, prompt=prompt, max_tokens=16)
+    assert refused.status_code == 422 and "max_tokens" in refused.json()["error"]["message"]

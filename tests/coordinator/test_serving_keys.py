@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from fedprefix.common.base_model import load_base
 from fedprefix.common.generation import SamplingParams, generate_tokens
@@ -14,6 +15,7 @@ from fedprefix.common.store import PrefixStore, WrongKeyError
 from fedprefix.common.store import keys as store_keys
 from fedprefix.coordinator.serving import Engine, GenerationRequest
 from fedprefix.coordinator.serving.api import ApiError, parse_key
+from fedprefix.coordinator.serving.prefix_cache import PrefixCache
 from fedprefix.coordinator.serving.server import KEY_HEADER, create_app
 from fedprefix.coordinator.serving.unlock import UnlockGuard, UnlockThrottled
 
@@ -135,7 +137,7 @@ def test_a_burst_of_concurrent_wrong_keys_gets_no_more_guesses_than_the_backoff_
 
 def test_concurrent_first_requests_of_a_user_derive_the_key_once(unicode_store, monkeypatch):
     base, store = unicode_store
-    loads, real = [], store.load
+    loads, real = [], store.load_parts
 
     def counted(*args, **kwargs):
         loads.append(args[0])
@@ -143,7 +145,7 @@ def test_concurrent_first_requests_of_a_user_derive_the_key_once(unicode_store, 
         return real(*args, **kwargs)
 
     with Engine(base, store=store) as engine:
-        monkeypatch.setattr(engine.prefixes.store, "load", counted)
+        monkeypatch.setattr(engine.prefixes.store, "load_parts", counted)
         handles = []
         threads = [
             threading.Thread(target=lambda: handles.append(engine.submit(GenerationRequest("x", "dora3", PASSPHRASE))))
@@ -193,3 +195,48 @@ def test_serve_has_the_settings_and_refuses_bad_ones_before_loading(tmp_path):
         assert option in text
     result = runner.invoke(app, ["serve", "--base", "nope", "--store", str(tmp_path), "--max-prompts", "0"])
     assert result.exit_code == 2 and "--max-prompts" in result.output  # a usage error, before anything loads
+
+
+def test_a_passphrase_and_a_raw_key_of_the_same_bytes_are_different_keys(tmp_path):
+    """A 32-character ASCII passphrase and the raw key of its bytes: the store refuses the raw
+    key, and so does the cache, also once the passphrase unlocked the user (it answered 200)."""
+    base = load_base("tiny-llama")
+    store = PrefixStore(tmp_path / "store", scrypt_n=2**12)
+    passphrase = "x" * 32
+    store.save("erin", random_prefix(base, 3, seed=8), passphrase)
+    cache = PrefixCache(store, base.fingerprint)
+    for key in (passphrase.encode(), passphrase, passphrase.encode()):
+        if isinstance(key, bytes):
+            with pytest.raises(WrongKeyError):
+                cache.get("erin", key)
+        else:
+            cache.get("erin", key)
+
+
+def test_a_save_during_a_load_never_pairs_parts_of_two_saves(tmp_path, monkeypatch):
+    """A user's shared and personal parts are read together: a save that lands between the two
+    reads waits, so the cache holds the parts of one save (it joined one save's shared part to
+    another's personal part, under load)."""
+    base = load_base("tiny-llama")
+    store = PrefixStore(tmp_path / "store", scrypt_n=2**12)
+    pair = lambda seed: {"shared": random_prefix(base, 2, seed=seed), "personal": random_prefix(base, 3, seed=seed + 1)}  # noqa: E731
+    first, second = pair(10), pair(20)
+    store.save_parts("finn", first, PASSPHRASE)
+    real_load, saver = store._load, []
+
+    def load_then_save(name, *args, **kwargs):  # the first part read, then another save starts
+        loaded = real_load(name, *args, **kwargs)
+        if not saver:
+            saver.append(threading.Thread(target=store.save_parts, args=("finn", second, PASSPHRASE)))
+            saver[0].start()
+            time.sleep(0.3)  # the save would be done by now, were it not waiting for the reader
+        return loaded
+
+    monkeypatch.setattr(store, "_load", load_then_save)
+    kv = PrefixCache(store, base.fingerprint).get("finn", PASSPHRASE)
+    saver[0].join()
+    expected = {
+        name: torch.cat([p["shared"].key_values(), p["personal"].key_values()], dim=3)
+        for name, p in (("first", first), ("second", second))
+    }
+    assert any(torch.allclose(kv, want) for want in expected.values()), "parts of two saves"
