@@ -19,8 +19,9 @@ the store folder but does not know the user's key:
 - rollback state cannot be reset from the folder: each part has a record
   (``.rollback/<name>.json``, rollback.py) authenticated under a key derived from that
   part's data key. A missing, damaged or foreign record, or one naming a newer write or
-  another data key, makes loads and ``verify`` refuse (RollbackError), until the owner
-  runs ``fedprefix store reset-rollback USER`` with the key (``reset_rollback``);
+  another data key, makes loads, saves and ``verify`` refuse (RollbackError), until the owner
+  runs ``fedprefix store reset-rollback USER`` with the key (``reset_rollback``, which
+  re-encrypts under a new data key: no copy from before it is accepted after it);
 - user ids cannot reach internal names: ids ending in ``@shared`` (any case) are refused,
   so ``<id>@shared``, the shared part, belongs to ``<id>`` only;
 - a save of several parts (``save_parts``) is all or nothing against any error before
@@ -43,7 +44,7 @@ Not protected:
   file still has the DEK after change_passphrase (call rotate_data_key too after a leak).
 
 Stores written before the rollback records: ``.counters.json`` is no longer read, and a
-part without a record is refused on load until its owner saves it again or runs
+part without a record is refused on load and save until its owner runs
 ``fedprefix store reset-rollback USER`` once.
 """
 

@@ -18,7 +18,6 @@ import errno
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,7 +37,6 @@ from .format import (
     read_header,
     split_store_name,
     store_name,
-    unb64,
     validate_store_name,
     validate_user_id,
 )
@@ -46,7 +44,8 @@ from .info import StoredPrefixInfo, info_of_header
 from .keys import DEFAULT_SCRYPT_N, MIN_SCRYPT_N, KekCache, Key, check_key, new_dek, new_key_id, unwrap_dek, wrap_dek
 from .locking import Staged, commit, discard, file_lock, remove_temp_files, stage
 from .payload import check_load_dtype, decode_payload, encode_payload, storage_dtype_name
-from .rollback import RECORD_DIR, check_record, make_record, read_record, record_path, verified_counter
+from .reseal import Opened, rewrapped, under_new_data_key
+from .rollback import RECORD_DIR, check_record, make_record, read_record, record_path
 from .seal import check_header_mac, open_payload, seal
 
 __all__ = ["PrefixStore", "StoredPrefixInfo", "existing_store_folder"]
@@ -64,18 +63,6 @@ def _check_owner(user_id: str, header: FileHeader) -> None:
         raise WrongUserError(
             about(user_id, f"the file holds the prefix of user {header.user_id!r} (copied or renamed)"), user_id
         )
-
-
-@dataclass(frozen=True)
-class _Opened:
-    """A decrypted file."""
-
-    header: FileHeader
-    ciphertext: bytes
-    dek: bytes
-    kek: bytes
-    plaintext: bytes
-    stat: os.stat_result
 
 
 class PrefixStore:
@@ -197,12 +184,18 @@ class PrefixStore:
             raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id)
         return found
 
-    def verify(self, user_id: str, key: Key) -> StoredPrefixInfo:
+    def verify(self, user_id: str, key: Key, locked: bool = False) -> StoredPrefixInfo:
         """Decrypt and check the prefix of store name `user_id` completely; returns its info or raises StoreError."""
-        opened = self._decrypt(user_id, key, None)
+        opened = self._decrypt(user_id, key, None, locked)
         header = opened.header
         decode_payload(user_id, opened.plaintext, header.prefix_config, header.dtype, None)
         return info_of_header(self.path_for(user_id), header, opened.stat)
+
+    def verify_user(self, user_id: str, key: Key) -> list[StoredPrefixInfo]:
+        """verify() of every stored part of `user_id`, read together under the user's lock."""
+        validate_user_id(user_id)
+        with self._reader_lock(user_id):
+            return [self.verify(name, key, locked=True) for name in self._stored_names(user_id)]
 
     def info(self, user_id: str) -> StoredPrefixInfo:
         """Header information of one stored prefix (no key needed, nothing authenticated)."""
@@ -217,8 +210,11 @@ class PrefixStore:
             name = path.name[: -len(FILE_SUFFIX)]
             try:
                 stat = path.stat()
-            except FileNotFoundError:  # deleted while listing
-                continue
+            except OSError:  # a link to nothing or a loop (read_header names it), or deleted while listing
+                try:
+                    stat = path.lstat()
+                except FileNotFoundError:
+                    continue
             base = {
                 "user_id": name,
                 "path": path,
@@ -257,15 +253,9 @@ class PrefixStore:
         new_key = check_key(user_id, new_key)
         with self._user_lock(user_id):
             sealed = {}
-            for name in self._stored_names(user_id):
+            for name in self._stored_names(user_id):  # the record checks pass: no counter is higher
                 opened = self._decrypt(name, old_key, None, locked=True)
-                header, dek = opened.header, opened.dek
-                kdf, kek = self._kek_cache.new_kek(name, new_key, self.scrypt_n)
-                counter = header.counter + 1  # the record check passed: no counter is higher
-                wrapped = wrap_dek(name, header.key_id, kek, dek)
-                reuse = (unb64(header.payload_nonce), opened.ciphertext)
-                args = (header.prefix_config, header.dtype, counter, header.key_id, kdf, wrapped, dek)
-                sealed[name] = (*seal(name, *args, reuse=reuse), make_record(name, header.key_id, counter, dek))
+                sealed[name] = rewrapped(name, opened, *self._kek_cache.new_kek(name, new_key, self.scrypt_n))
             self._commit_sealed(sealed)
         return self._first_info(sealed)
 
@@ -274,14 +264,8 @@ class PrefixStore:
         each under it, all parts in one step; the same `key` unlocks them."""
         key = check_key(user_id, key)
         with self._user_lock(user_id):
-            sealed = {}
-            for name in self._stored_names(user_id):
-                opened = self._decrypt(name, key, None, locked=True)
-                header, kek, plaintext = opened.header, opened.kek, opened.plaintext
-                counter, key_id, dek = header.counter + 1, new_key_id(), new_dek()
-                wrapped = wrap_dek(name, key_id, kek, dek)
-                args = (header.prefix_config, header.dtype, counter, key_id, header.kdf, wrapped, dek, plaintext)
-                sealed[name] = (*seal(name, *args), make_record(name, key_id, counter, dek))
+            opened = {name: self._decrypt(name, key, None, locked=True) for name in self._stored_names(user_id)}
+            sealed = {name: under_new_data_key(name, o) for name, o in opened.items()}
             self._commit_sealed(sealed)
         return self._first_info(sealed)
 
@@ -302,7 +286,10 @@ class PrefixStore:
         return self._info_of(name, header)
 
     def reset_rollback(self, user_id: str, key: Key) -> list[StoredPrefixInfo]:
-        """Re-anchor the rollback records of every stored part of `user_id` at the current files.
+        """Re-anchor the rollback records of every stored part of `user_id` at the current files,
+        re-encrypted under a new data key: no copy from before the reset is accepted after it,
+        whatever its counter (re-anchoring at an older copy put back would accept a newer
+        copy someone kept, and a save would have continued from it).
 
         Needs the key (each file is fully authenticated first). Use it when a load reports a
         missing or damaged rollback record and the current files are the ones to keep.
@@ -310,18 +297,10 @@ class PrefixStore:
         validate_user_id(user_id)
         key = check_key(user_id, key)
         with self._user_lock(user_id):
-            opened = {}
-            for part in PARTS:
-                name = store_name(user_id, part)
-                if self.exists(name):
-                    opened[name] = self._open(name, key)
-            if not opened:
-                raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id)
-            records = [
-                (name, make_record(name, o.header.key_id, o.header.counter, o.dek)) for name, o in opened.items()
-            ]
-            self._commit([], records)
-        return [info_of_header(self.path_for(name), o.header, o.stat) for name, o in opened.items()]
+            opened = {name: self._open(name, key) for name in self._stored_names(user_id)}
+            sealed = {name: under_new_data_key(name, o) for name, o in opened.items()}
+            self._commit_sealed(sealed)
+        return [self._info_of(name, header) for name, (header, _, _) in sealed.items()]
 
     def forget_keys(self) -> None:
         """Drop every cached KEK; the next use of each passphrase pays the KDF again."""
@@ -329,7 +308,7 @@ class PrefixStore:
 
     # ------------------------------------------------------------------ internals
 
-    def _open(self, name: str, key: Key) -> _Opened:
+    def _open(self, name: str, key: Key) -> Opened:
         """Read, parse, check the owner of, and decrypt one file (no base or rollback check)."""
         data, stat = read_file(self.path_for(name), name)
         header, ciphertext = parse_file(data, name)
@@ -338,9 +317,9 @@ class PrefixStore:
         dek = unwrap_dek(name, header, kek)
         dump = check_header_mac(name, header, dek)
         plaintext = open_payload(name, dump, dek, ciphertext)
-        return _Opened(header, ciphertext, dek, kek, plaintext, stat)
+        return Opened(header, ciphertext, dek, kek, plaintext, stat)
 
-    def _decrypt(self, name: str, key: Key, base_fingerprint: str | None, locked: bool = False) -> _Opened:
+    def _decrypt(self, name: str, key: Key, base_fingerprint: str | None, locked: bool = False) -> Opened:
         """Read, check (owner, base, rollback) and decrypt one file; `locked`: the caller holds the user's lock."""
         validate_store_name(name)
         key = check_key(name, key)
@@ -354,7 +333,7 @@ class PrefixStore:
         with self._reader_lock(name):
             return self._read_checked(name, key, base_fingerprint)
 
-    def _read_checked(self, name: str, key: Key, base_fingerprint: str | None) -> _Opened:
+    def _read_checked(self, name: str, key: Key, base_fingerprint: str | None) -> Opened:
         record = read_record(self.root, name)  # before the file: see rollback.py
         opened = self._open(name, key)
         header = opened.header
@@ -383,12 +362,16 @@ class PrefixStore:
         if path.exists():
             # Reuse the DEK (and KDF salt): unwrapping it proves the caller owns this
             # prefix, so nobody overwrites a user's prefix without their key.
+            record = read_record(self.root, name)  # before the file, as a load reads them
             header, _ = read_header(path, name)
             _check_owner(name, header)
             dek = unwrap_dek(name, header, self._kek_cache.kek(name, header.kdf, key))
             check_header_mac(name, header, dek)  # the counter we continue from is genuine
-            kdf, wrapped, key_id = header.kdf, header.wrapped_dek, header.key_id
-            counter = max(header.counter, verified_counter(self.root, name, header, dek)) + 1
+            # The file must be the newest this store wrote, as for a load: continuing from an
+            # older copy put back (its record deleted, or made for a retired data key) would
+            # record a counter below copies someone kept, or reuse a retired data key.
+            check_record(name, record, header, dek)
+            kdf, wrapped, key_id, counter = header.kdf, header.wrapped_dek, header.key_id, header.counter + 1
         else:
             kdf, kek = self._kek_cache.new_kek(name, key, self.scrypt_n)
             dek, key_id, counter = new_dek(), new_key_id(), 1

@@ -51,7 +51,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .. import files
 from ..errors import first_error
 from ..prefix import PrefixConfig
-from .errors import BadUserIdError, CorruptError, TruncatedError, UnknownUserError, UnknownVersionError, about
+from .errors import (
+    BadUserIdError,
+    CorruptError,
+    StoreError,
+    TruncatedError,
+    UnknownUserError,
+    UnknownVersionError,
+    about,
+)
 
 __all__ = [
     "FILE_SUFFIX",
@@ -353,9 +361,10 @@ def open_regular(path: Path, user_id: str):
             raise CorruptError(about(user_id, f"{path.name} is a link to nothing"), user_id) from None
         raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id) from None
     except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        raise CorruptError(about(user_id, f"{path.name} is not a regular file"), user_id) from None
+        if exc.errno == errno.EINVAL:
+            raise CorruptError(about(user_id, f"{path.name} is not a regular file"), user_id) from None
+        # unreadable (permissions), a link loop: every refusal of the store is a StoreError
+        raise StoreError(about(user_id, f"{path.name} cannot be read ({exc.strerror})"), user_id) from None
 
 
 def read_file(path: Path, user_id: str) -> tuple[bytes, os.stat_result]:

@@ -68,6 +68,10 @@ def check_key(user_id: str, key: object) -> Key:
     if isinstance(key, str):
         if not key:
             raise BadKeyError(about(user_id, "the passphrase is empty"), user_id)
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (bytes that are not UTF-8, read by Python)
+            raise BadKeyError(about(user_id, "the passphrase is not valid Unicode text"), user_id) from None
         return key
     if isinstance(key, (bytes, bytearray)):
         if len(key) != KEY_BYTES:

@@ -9,7 +9,8 @@ v1") of ``b"FPX1/rollback\\0"`` + canonical JSON of the other fields. Only the h
 the user's key can make a record, so none can be forged, moved to another user or part,
 or carried over to a new data key.
 
-A load refuses an authenticated file (RollbackError) when:
+A load, and a save that would continue from the file, refuse an authenticated file
+(RollbackError) when:
 
 - the record is missing, damaged or does not authenticate under the file's data key
   (RollbackStateError: deleted or replaced, or a crash in the middle of a rotate-key);
@@ -18,7 +19,8 @@ A load refuses an authenticated file (RollbackError) when:
 
 A file newer than its record (a crash between the two renames of a save) is accepted: it
 is authentic, and the next save records it. ``PrefixStore.reset_rollback`` (``fedprefix
-store reset-rollback``) needs the key and re-anchors the record at the current file.
+store reset-rollback``) needs the key and re-anchors the record at the current file,
+re-encrypted under a new data key so that no copy from before the reset is accepted.
 
 Order: writers rename the file first and the record second; readers read the record
 first and the file second. A reader that sees a new record therefore sees that file or a
@@ -44,7 +46,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from .errors import CorruptError, RollbackError, RollbackStateError, UnknownUserError, about
 from .format import FileHeader, canonical_json, open_regular
 
-__all__ = ["RECORD_DIR", "check_record", "make_record", "read_record", "record_path", "verified_counter"]
+__all__ = ["RECORD_DIR", "check_record", "make_record", "read_record", "record_path"]
 
 RECORD_DIR = ".rollback"
 _RECORD_FIELDS = {"counter", "format_version", "key_id", "mac", "user_id"}
@@ -122,15 +124,3 @@ def check_record(name: str, raw: bytes | None, header: FileHeader, dek: bytes) -
             ),
             name,
         )
-
-
-def verified_counter(root: Path, name: str, header: FileHeader, dek: bytes) -> int:
-    """The recorded counter of `name` if its record authenticates for this data key, else 0 (writers)."""
-    raw = read_record(root, name)
-    if raw is None:
-        return 0
-    try:
-        record = _parse(name, raw, dek)
-    except RollbackError:
-        return 0
-    return record["counter"] if record["key_id"] == header.key_id else 0

@@ -15,6 +15,8 @@ from typing import Annotated
 
 import typer
 from fedprefix.common.errors import FedPrefixError
+from fedprefix.common.files import open_regular
+from fedprefix.common.protocol import shared_store_id
 from fedprefix.common.store import KEY_BYTES, BadKeyError, PrefixStore, StoredPrefixInfo, existing_store_folder
 from rich.table import Table
 from rich.text import Text
@@ -40,18 +42,33 @@ KeyFileOpt = Annotated[
 PassEnvOpt = Annotated[
     str | None, typer.Option("--passphrase-env", help="Name of the environment variable holding the passphrase.")
 ]
+NewKeyFileOpt = Annotated[
+    Path | None, typer.Option("--new-key-file", help="File holding the new raw key (as --key-file).", dir_okay=False)
+]
+NewPassEnvOpt = Annotated[
+    str | None,
+    typer.Option("--new-passphrase-env", help="Name of the environment variable holding the new passphrase."),
+]
 UserArg = Annotated[str, typer.Argument(help="User id.")]
 
 
-def _read_key(user_id: str, key_file: Path | None, passphrase_env: str | None) -> str | bytes:
-    """The key from --key-file, --passphrase-env, a hidden prompt, or stdin's first line when piped."""
+KEY_FILE_MAX = 1024  # bytes read from a key file: a key is 32 bytes or 64 hex digits (/dev/zero never ends)
+
+
+def _read_key(user_id: str, key_file: Path | None, passphrase_env: str | None, new: bool = False) -> str | bytes:
+    """The key from --key-file, --passphrase-env, a hidden prompt, or stdin's next line when piped
+    (`new`: the --new-* options, and a prompt that asks twice)."""
+    options = "--new-key-file or --new-passphrase-env" if new else "--key-file or --passphrase-env"
     if key_file is not None and passphrase_env is not None:
-        raise BadKeyError(f"give --key-file or --passphrase-env, not both (user {user_id!r})")
+        raise BadKeyError(f"give {options}, not both (user {user_id!r})")
     if key_file is not None:
         try:
-            data = key_file.read_bytes()
+            with open_regular(key_file) as fh:
+                data = fh.read(KEY_FILE_MAX + 1)
         except OSError as exc:
             raise BadKeyError(f"cannot read key file {key_file}: {exc.strerror}") from None
+        if len(data) > KEY_FILE_MAX:
+            raise BadKeyError(f"key file {key_file} is larger than {KEY_FILE_MAX} bytes: not a key")
         if len(data) == KEY_BYTES:
             return data
         text = data.strip()
@@ -66,12 +83,13 @@ def _read_key(user_id: str, key_file: Path | None, passphrase_env: str | None) -
         if not value:
             raise BadKeyError(f"environment variable {passphrase_env} is not set or empty")
         return value
-    if not sys.stdin.isatty():  # piped in (no terminal to hide the input on): its first line
+    if not sys.stdin.isatty():  # piped in (no terminal to hide the input on): its next line
         line = sys.stdin.readline().rstrip("\r\n")
         if not line:
-            raise BadKeyError(f"no key for {user_id!r}: give --key-file or --passphrase-env, or pipe the passphrase in")
+            raise BadKeyError(f"no key for {user_id!r}: give {options}, or pipe the passphrase in")
         return line
-    return typer.prompt(f"Passphrase for {user_id}", hide_input=True)
+    what = "New passphrase" if new else "Passphrase"
+    return typer.prompt(f"{what} for {user_id}", hide_input=True, confirmation_prompt=new)
 
 
 def _open_store(path: Path) -> PrefixStore:
@@ -134,16 +152,16 @@ def list_cmd(
 def verify_cmd(
     user_id: UserArg, store: StoreOpt, key_file: KeyFileOpt = None, passphrase_env: PassEnvOpt = None
 ) -> None:
-    """Decrypt and check one user's prefix (key, integrity, owner, rollback).
+    """Decrypt and check every stored part of one user's prefix (key, integrity, owner, rollback).
 
     Example: FP_PASS=... fedprefix store verify alice --store ./prefixes --passphrase-env FP_PASS
     """
     try:
         key = _read_key(user_id, key_file, passphrase_env)
-        info = _open_store(store).verify(user_id, key)
+        infos = _open_store(store).verify_user(user_id, key)
     except (FedPrefixError, OSError) as exc:
         fail(exc)
-    console.print(_info_table([info], f"verified: prefix of {user_id} is intact"))
+    console.print(_info_table(infos, f"verified: every stored part of {user_id} is intact"))
 
 
 @store_app.command("rotate-key")
@@ -157,11 +175,42 @@ def rotate_key_cmd(
     try:
         key = _read_key(user_id, key_file, passphrase_env)
         prefixes = _open_store(store)
-        before = prefixes.info(user_id).key_id
-        info = prefixes.rotate_data_key(user_id, key)
+        prefixes.rotate_data_key(user_id, key)  # every stored part, the shared one included
+        infos = [prefixes.info(name) for name in _part_names(user_id) if prefixes.exists(name)]
     except (FedPrefixError, OSError) as exc:
         fail(exc)
-    console.print(_info_table([info], f"data key of {user_id}: {before} -> {info.key_id}"))
+    console.print(_info_table(infos, f"new data key for every stored part of {user_id}"))
+
+
+@store_app.command("change-passphrase")
+def change_passphrase_cmd(
+    user_id: UserArg,
+    store: StoreOpt,
+    key_file: KeyFileOpt = None,
+    passphrase_env: PassEnvOpt = None,
+    new_key_file: NewKeyFileOpt = None,
+    new_passphrase_env: NewPassEnvOpt = None,
+) -> None:
+    """Protect one user's prefix (every part) by a new passphrase or raw key; the old one stops working.
+
+    Only the data key is re-wrapped: after a leak run rotate-key too, since whoever kept a copy
+    of the old file and knew the old passphrase still has the data key.
+
+    Example: fedprefix store change-passphrase alice --store ./prefixes --passphrase-env OLD --new-passphrase-env NEW
+    """
+    try:
+        key = _read_key(user_id, key_file, passphrase_env)
+        new_key = _read_key(user_id, new_key_file, new_passphrase_env, new=True)
+        prefixes = _open_store(store)
+        prefixes.change_passphrase(user_id, key, new_key)
+        infos = [prefixes.info(name) for name in _part_names(user_id) if prefixes.exists(name)]
+    except (FedPrefixError, OSError) as exc:
+        fail(exc)
+    console.print(_info_table(infos, f"new key for every stored part of {user_id}"))
+
+
+def _part_names(user_id: str) -> list[str]:
+    return [user_id, shared_store_id(user_id)]
 
 
 @store_app.command("reset-rollback")
@@ -190,9 +239,11 @@ def export_peft_cmd(
     store: StoreOpt,
     key_file: KeyFileOpt = None,
     passphrase_env: PassEnvOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a folder that is not empty.")] = False,
 ) -> None:
     """Decrypt one user's prefix ([shared ; personal], as served) and write it as a PEFT
-    prefix-tuning adapter folder (unencrypted!).
+    prefix-tuning adapter folder (unencrypted!). A folder that is not empty (another adapter,
+    the current folder) is refused without --overwrite.
 
     Example: fedprefix store export-peft alice ./alice-adapter --store ./prefixes --passphrase-env FP_PASS
     """
@@ -201,6 +252,8 @@ def export_peft_cmd(
     from fedprefix.common.protocol import row_prefix
 
     try:
+        if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+            raise FedPrefixError(f"{out_dir} is not empty (an adapter there would be replaced): pass --overwrite")
         key = _read_key(user_id, key_file, passphrase_env)
         parts = _open_store(store).load_parts(user_id, key)
         kv = row_prefix(*(parts[p].key_values().detach() if p in parts else None for p in ("shared", "personal")))

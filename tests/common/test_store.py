@@ -701,3 +701,50 @@ def test_cli_export_peft_writes_the_shared_and_the_personal_part(cli_store, tmp_
     config = json.loads((out / "adapter_config.json").read_text())
     tokens = shared.config.spec.num_virtual_tokens + personal.config.spec.num_virtual_tokens
     assert config["num_virtual_tokens"] == tokens
+
+
+def test_cli_covers_every_part_and_refuses_odd_inputs_in_one_line(cli_store, tmp_path):
+    """verify checks the shared part too (a flipped byte there passed as "intact"); rotate-key
+    and change-passphrase work for a user with only a shared part; a key file that is a device
+    or too large, a passphrase that is not Unicode text, and an export into a folder that is
+    not empty are each refused in one line."""
+    from fedprefix.coordinator.cli.store import store_app
+
+    runner, root = CliRunner(), str(cli_store.root)
+    key_file = str(tmp_path / "bob.key")
+    cli_store.save_parts("kim", {"personal": make_prefix(5), "shared": make_prefix(6)}, RAW)
+    shared = cli_store.path_for("kim@shared")
+    data = bytearray(shared.read_bytes())
+    data[-3] ^= 1
+    shared.write_bytes(bytes(data))
+    result = runner.invoke(store_app, ["verify", "kim", "--store", root, "--key-file", key_file])
+    assert result.exit_code == 1 and "kim@shared" in result.stderr, result.output
+
+    cli_store.save("lou", make_prefix(7), PASS, part="shared")  # a shared part only
+    env = {"OLD": PASS, "NEW": "another passphrase"}
+    result = runner.invoke(store_app, ["rotate-key", "lou", "--store", root, "--passphrase-env", "OLD"], env=env)
+    assert result.exit_code == 0 and "lou@shared" in result.stdout, result.output
+    change = ["change-passphrase", "lou", "--store", root, "--passphrase-env", "OLD", "--new-passphrase-env", "NEW"]
+    result = runner.invoke(store_app, change, env=env)
+    assert result.exit_code == 0, result.output
+    assert same(cli_store.load("lou@shared", "another passphrase"), make_prefix(7))
+    with pytest.raises(WrongKeyError):
+        PrefixStore(cli_store.root).load("lou@shared", PASS)
+
+    for bad_key_file, reason in (("/dev/zero", "not a regular file"), (tmp_path / "big.key", "larger than")):
+        (tmp_path / "big.key").write_bytes(b"0" * 5000)
+        result = runner.invoke(store_app, ["verify", "bob", "--store", root, "--key-file", str(bad_key_file)])
+        assert result.exit_code == 1 and reason in result.stderr, result.output
+    bad = {"BAD": "pa\udcffss"}  # bytes that are not UTF-8, as Python reads them from the environment
+    result = runner.invoke(store_app, ["verify", "alice", "--store", root, "--passphrase-env", "BAD"], env=bad)
+    assert result.exit_code == 1 and "not valid Unicode" in result.stderr and "udcff" not in result.stderr
+
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")  # another user's adapter
+    export = ["export-peft", "bob", str(out), "--store", root, "--key-file", key_file]
+    result = runner.invoke(store_app, export)
+    assert (
+        result.exit_code == 1 and "--overwrite" in result.stderr and (out / "adapter_config.json").read_text() == "{}"
+    )
+    assert runner.invoke(store_app, [*export, "--overwrite"]).exit_code == 0

@@ -10,6 +10,7 @@ import torch
 from fedprefix.common.prefix import Prefix, PrefixConfig, PrefixSpec
 from fedprefix.common.protocol import shared_store_id
 from fedprefix.common.store import (
+    BadKeyError,
     BadUserIdError,
     NonFiniteError,
     PrefixStore,
@@ -98,6 +99,53 @@ def test_file_from_before_rotate_or_delete_is_refused(store):
     store.path_for("alice").write_bytes(old)
     with pytest.raises(RollbackError):
         store.load("alice", RAW)
+
+
+def test_a_save_never_continues_from_an_older_copy_or_a_retired_data_key(store):
+    """A save checks the file it continues from as a load does. Before, with the record deleted
+    (or naming another data key) it continued: from an older copy put back (counter 5, so a
+    newer copy kept by someone was accepted after the save), or with a retired, leaked data key
+    (a copy from between change_passphrase and rotate_data_key put back)."""
+    for n in range(1, 11):
+        store.save("alice", make_prefix(n), PASS)
+        if n == 5:
+            fifth = store.path_for("alice").read_bytes()
+    store.path_for("alice").write_bytes(fifth)
+    record(store, "alice").unlink()
+    with pytest.raises(RollbackStateError, match="missing.*reset-rollback alice"):
+        store.save("alice", make_prefix(11), PASS)
+
+    store.save("bob", make_prefix(1), PASS)
+    store.change_passphrase("bob", PASS, "new passphrase")
+    between = store.path_for("bob").read_bytes()  # the old data key, wrapped under the new passphrase
+    store.rotate_data_key("bob", "new passphrase")
+    store.path_for("bob").write_bytes(between)
+    with pytest.raises(RollbackError, match="data key"):
+        store.save("bob", make_prefix(2), "new passphrase")
+
+
+def test_after_reset_rollback_no_copy_from_before_it_is_accepted(store):
+    """Reset re-encrypts under a new data key: re-anchored at an older copy put back (counter 5),
+    a newer copy kept from before (counter 10) would otherwise pass."""
+    for n in range(1, 11):
+        store.save("alice", make_prefix(n), PASS)
+        if n == 5:
+            fifth = store.path_for("alice").read_bytes()
+    tenth = store.path_for("alice").read_bytes()
+    store.path_for("alice").write_bytes(fifth)
+    record(store, "alice").unlink()
+    store.reset_rollback("alice", PASS)
+    assert same(store.load("alice", PASS), make_prefix(5))
+    for copy in (tenth, fifth):
+        store.path_for("alice").write_bytes(copy)
+        with pytest.raises(RollbackError):
+            store.load("alice", PASS)
+
+
+def test_a_passphrase_that_is_not_unicode_text_is_refused_naming_it(store):
+    with pytest.raises(BadKeyError, match="alice.*not valid Unicode") as caught:
+        store.save("alice", make_prefix(1), "pa\udcffss")
+    assert "udcff" not in str(caught.value) and "\udcff" not in str(caught.value)
 
 
 def test_reset_rollback_needs_the_key(store):
