@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from fedprefix.common.chat import ChatMessage, Text, chat_prompt, format_prompt, unicode_text
+from fedprefix.common.chat import ChatMessage, Text, chat_prompt, format_prompt, leading_bos, prompt_ids, unicode_text
 from fedprefix.common.errors import DataError, first_error
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -123,13 +123,12 @@ def tokenize_rows(rows: Sequence[Row], tokenizer, max_length: int, use_chat_temp
     """
     examples, cut_prompts, cut_completions = [], 0, 0
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    bos = leading_bos(tokenizer)  # before plain text; a chat template writes its own
     chars = max_length * CHARS_PER_TOKEN  # a 50 MB row is cut before it is tokenized, not after
     for row in rows:
         prompt_text, completion_text = split_row(row, tokenizer, use_chat_template)
         prompt_text, completion_text = prompt_text[-chars:], completion_text[:chars]
-        prompt = tokenizer(prompt_text, add_special_tokens=False).input_ids if prompt_text else []
-        if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-            prompt = [tokenizer.bos_token_id, *prompt]
+        prompt = prompt_ids(tokenizer, prompt_text, None if templated(row, use_chat_template) else bos)
         completion = tokenizer(completion_text, add_special_tokens=False).input_ids + eos
         overflow = len(prompt) + len(completion) - max_length
         if overflow > 0:
@@ -156,6 +155,11 @@ def tokenize_rows(rows: Sequence[Row], tokenizer, max_length: int, use_chat_temp
     if not examples:
         raise DataError("no row has any completion token left after tokenization")
     return examples
+
+
+def templated(row: Row, use_chat_template: bool) -> bool:
+    """Whether split_row puts the row's prompt through the chat template (chat rows always are)."""
+    return isinstance(row, ChatRow) or (isinstance(row, PromptCompletion) and use_chat_template)
 
 
 def split_row(row: Row, tokenizer, use_chat_template: bool) -> tuple[str, str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from fedprefix.common.base_model import DEFAULT_BASE, BaseModelHandle, context_length, load_base
-from fedprefix.common.chat import format_prompt, unicode_text
+from fedprefix.common.chat import format_prompt, leading_bos, prompt_ids, unicode_text
 from fedprefix.common.config import EvalReport, FitReport, TrainConfig
 from fedprefix.common.errors import ConfigError, first_error
 from fedprefix.common.generation import SamplingParams, generate
@@ -266,7 +266,8 @@ class Personalizer:
                 raise ConfigError(f"prompt {i}: {exc}") from None
         tok = self.base.tokenizer
         texts = [format_prompt(tok, p) if self.use_chat_template else p for p in prompts]
-        ids = [tok(t, add_special_tokens=not self.use_chat_template).input_ids for t in texts]
+        bos = None if self.use_chat_template else leading_bos(tok)  # as training saw these prompts
+        ids = [prompt_ids(tok, t, bos) for t in texts]
         try:
             params = SamplingParams(
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop

@@ -41,6 +41,29 @@ def chat_prompt(tokenizer, messages: Sequence[ChatMessage | dict]) -> str:
     return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
 
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts before a text it encodes with its special tokens, or None.
+
+    Read from what its post-processor does, not from `add_bos_token`, which transformers 5
+    reports False also for tokenizers that add one (Llama 2 style)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    marked, plain = tokenizer("a").input_ids, tokenizer("a", add_special_tokens=False).input_ids
+    return bos if marked[:1] == [bos] and marked[1 : 1 + len(plain)] == plain else None
+
+
+def prompt_ids(tokenizer, text: str, bos: int | None) -> list[int]:
+    """A prompt's token ids: one rule for training rows, Personalizer.generate and serving.
+
+    Text a chat template wrote holds the special tokens the template puts in (a BOS where the
+    model wants one): it is tokenized as it is (`bos` None). Plain text gets the tokenizer's
+    BOS in front (`bos`: leading_bos(tokenizer)), as transformers, PEFT and vLLM's completions
+    give it, and nothing else (no EOS after a prompt)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids if text else []
+    return ids if bos is None else [bos, *ids]
+
+
 def format_prompt(tokenizer, text: str) -> str:
     """`text` as a single user turn in the tokenizer's chat template, ready for the reply."""
     return chat_prompt(tokenizer, [{"role": "user", "content": text}])

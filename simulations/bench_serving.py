@@ -74,8 +74,8 @@ def prompts_for(base, count: int, seed: int = 0) -> list[str]:
 
 
 def requests_for(users: list[str], prompts: list[str], params: SamplingParams) -> list[GenerationRequest]:
-    """One request per (user, prompt), each with that user's key."""
-    return [GenerationRequest(p, user=u, key=key_of(u), params=params) for u, p in zip(users, prompts, strict=True)]
+    """One request per (user, prompt), each with that user's key (prompts: chat template text)."""
+    return [GenerationRequest(p, u, key_of(u), params, templated=True) for u, p in zip(users, prompts, strict=True)]
 
 
 def tokens_per_second(engine: Engine, requests: list[GenerationRequest]) -> float:
@@ -89,7 +89,7 @@ def mixed_vs_single(engine, users, prompts, params, repeats: int) -> dict:
     repeated rounds would otherwise reuse the mixed side's cached prompts (one entry per user) far
     more than the single side's (64 prompts of one user, beyond its per-user bound)."""
     mixed = requests_for(users, prompts, params)
-    single = [GenerationRequest(p, user=users[0], key=key_of(users[0]), params=params) for p in prompts]
+    single = [GenerationRequest(p, users[0], key_of(users[0]), params, templated=True) for p in prompts]
 
     def cold_rate(requests) -> float:
         for user in users:
@@ -183,9 +183,8 @@ def request_costs(base, store, users, prompts) -> dict:
     engine.resolve_prefix(user, key)
 
     def alone(n: int, prompt: str = prompts[0], fresh: bool = True):
-        request = GenerationRequest(
-            prompt, user=user, key=key, params=SamplingParams(max_new_tokens=n, ignore_eos=True)
-        )
+        params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+        request = GenerationRequest(prompt, user=user, key=key, params=params, templated=True)
 
         def run():
             if fresh:  # no prompt KV of this user cached: the whole prompt is computed

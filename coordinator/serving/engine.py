@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 import torch
+from fedprefix.common import chat
 from fedprefix.common.base_model import context_length
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.generation import eos_ids
@@ -98,6 +99,7 @@ class Engine:
         # KV of users' earlier prompts (0 bytes: off); only behind a prefix, see prompt_cache.py
         self.prompts = PromptCache(prompt_cache_bytes) if store is not None and prompt_cache_bytes > 0 else None
         self.context_length = context_length(self.model)
+        self.bos = chat.leading_bos(self.tokenizer)  # before a text prompt, as Personalizer.fit and generate put it
         self.max_batch_size = max_batch_size
         self._forward = serving_forward(self.model, max_batch_size, cuda_graphs)
         self.max_queue = max_queue
@@ -245,8 +247,8 @@ class Engine:
 
         InvalidRequest names what is wrong: an empty prompt, token ids outside the vocabulary,
         or prompt + prefix + max_new_tokens longer than the base's context."""
-        if isinstance(request.prompt, str):
-            prompt_ids = self.tokenizer(request.prompt, add_special_tokens=False).input_ids
+        if isinstance(request.prompt, str):  # plain text gets the BOS training gave it (common/chat.py)
+            prompt_ids = chat.prompt_ids(self.tokenizer, request.prompt, None if request.templated else self.bos)
         else:
             prompt_ids = list(request.prompt)
             vocab = self.model.get_input_embeddings().num_embeddings

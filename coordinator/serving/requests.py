@@ -50,6 +50,8 @@ class GenerationRequest:
     # True: a max_new_tokens that does not fit the context is lowered to fit (a default the
     # caller did not choose); False: the request is refused (InvalidRequest)
     fit_context: bool = False
+    # True: `prompt` is text a chat template wrote, with its own special tokens (no BOS added)
+    templated: bool = False
 
 
 @dataclass

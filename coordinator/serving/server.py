@@ -151,13 +151,15 @@ async def _submit(
     stream: bool,
     fit=False,
     prompt_field="prompt",
+    templated=False,
 ):
     """Queue all prompts of one HTTP request together (all or none); (handle, events) per prompt.
 
     `stream`: the events are the text pieces, then None; otherwise only the None that ends
     each prompt (a wake-up per piece would resume the whole ASGI stack for nothing).
     `fit`: max_tokens was not given, so lower it to what the context leaves instead of refusing.
-    `prompt_field`: the body field the prompt came from, named in errors."""
+    `prompt_field`: the body field the prompt came from, named in errors.
+    `templated`: the prompt is a chat template's text (its own special tokens, no BOS added)."""
     engine: Engine = request.app.state.engine
     broken = check_request(request.app.state.limits, len(prompts), params.stop)
     if broken is not None:
@@ -170,7 +172,10 @@ async def _submit(
         )
     handoff = _handoff(request.app)
     queues = [asyncio.Queue() for _ in prompts]
-    generations = [GenerationRequest(prompt=p, user=user, key=key, params=params, fit_context=fit) for p in prompts]
+    generations = [
+        GenerationRequest(prompt=p, user=user, key=key, params=params, fit_context=fit, templated=templated)
+        for p in prompts
+    ]
     listeners = [handoff.listener(q, pieces=stream) for q in queues]  # called on the engine thread
     try:  # a passphrase may cost a key derivation: keep it off the event loop
         handles = await run_in_threadpool(_submit_single_threaded, engine, generations, listeners)
@@ -352,7 +357,14 @@ async def chat(body: ChatBody, request: Request):
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = _params_of(body, max_tokens or 256)
     submitted = await _submit(
-        request, [prompt], params, body.user, body.stream, fit=max_tokens is None, prompt_field="messages"
+        request,
+        [prompt],
+        params,
+        body.user,
+        body.stream,
+        fit=max_tokens is None,
+        prompt_field="messages",
+        templated=True,
     )
     ((handle, events),) = submitted
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
