@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ from pydantic import ValidationError
 
 from .data import read_rows, tokenize_rows
 from .training import Callback, evaluate_examples, split_examples, train
+
+log = logging.getLogger(__name__)
 
 
 class Personalizer:
@@ -319,6 +322,16 @@ class Personalizer:
             return False
         for attr, prefix in parts.items():
             setattr(self, attr, prefix)
+        kept = [attr for attr in ("shared", "personal") if attr not in parts and getattr(self, attr) is not None]
+        if kept == ["shared"] and self.copy_replaces_shared:
+            kept = []  # the stored personal copy replaced the shared part: it was dropped on purpose
+        if kept:  # dropped with a personal copy, or deleted: the store cannot tell which
+            log.warning(
+                "user %r: the store holds no %s part; this Personalizer keeps its new one beside the stored "
+                "part, where serving uses the stored part alone",
+                self.user_id,
+                kept[0],
+            )
         return True
 
     @classmethod

@@ -328,3 +328,23 @@ def test_a_bad_key_or_a_store_path_that_is_a_file_is_refused_before_training(tin
     with pytest.raises(StoreError, match="no store folder at"):
         Personalizer.load(user_id="alice", store=typo, key=KEY, base_model=tiny_llama)
     assert not typo.exists(), "loading must not create a store"
+
+
+def test_restore_warns_when_a_configured_part_is_not_stored(tiny_llama, store, caplog):
+    """The store cannot tell a deleted shared part from one never saved: a two-part Personalizer
+    restoring a personal-only user keeps its new shared part beside it (serving would use the
+    stored part alone), and says so; a personal copy that replaced the shared part does not."""
+    personalizer(tiny_llama, store=store, key=KEY).save()  # personal only
+    two_part = personalizer(tiny_llama, store=store, key=KEY, shared_virtual_tokens=2)
+    with caplog.at_level("WARNING"):
+        assert two_part.restore()
+    assert "holds no shared part" in caplog.text
+    caplog.clear()
+    copy = personalizer(tiny_llama, store=store, key=KEY, shared_virtual_tokens=4, personal_from_shared=True)
+    copy.fit(ROWS)
+    copy.save()
+    with caplog.at_level("WARNING"):
+        assert personalizer(
+            tiny_llama, store=store, key=KEY, shared_virtual_tokens=4, personal_from_shared=True
+        ).restore()
+    assert "holds no" not in caplog.text
