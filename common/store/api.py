@@ -14,7 +14,6 @@ unwrap: tampered) -> base fingerprint -> rollback record check.
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -42,7 +41,7 @@ from .format import (
 )
 from .info import StoredPrefixInfo, info_of_header
 from .keys import DEFAULT_SCRYPT_N, MIN_SCRYPT_N, KekCache, Key, check_key, new_dek, new_key_id, unwrap_dek, wrap_dek
-from .locking import Staged, commit, discard, file_lock, remove_temp_files, stage
+from .locking import READ_ONLY, Staged, commit, discard, file_lock, remove_temp_files, stage
 from .payload import check_load_dtype, decode_payload, encode_payload, storage_dtype_name
 from .reseal import Opened, rewrapped, under_new_data_key
 from .rollback import RECORD_DIR, check_record, make_record, read_record, record_path
@@ -414,7 +413,7 @@ class PrefixStore:
         try:
             lock.__enter__()
         except OSError as exc:
-            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            if exc.errno not in READ_ONLY:
                 raise
             lock = None
         try:

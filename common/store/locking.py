@@ -13,6 +13,7 @@ then refuses the other user's file rather than mixing them up.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,11 +22,14 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from ..files import fsync_dir, write_temp
-from .errors import StoreBusyError, about
+from .errors import StoreBusyError, StoreError, about
 
 __all__ = ["Staged", "commit", "discard", "file_lock", "remove_temp_files", "stage"]
 
 Staged = tuple[Path, Path]  # (temp file, target)
+
+
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)  # the lock file cannot be made: nobody can write here
 
 
 @contextmanager
@@ -38,6 +42,12 @@ def file_lock(path: Path, timeout: float, user_id: str | None) -> Iterator[None]
         raise StoreBusyError(
             about(user_id, f"{path.name} stayed locked for {timeout:g} s by another writer"), user_id
         ) from None
+    except OSError as exc:
+        if exc.errno in READ_ONLY:  # a store that cannot be written: readers go on without the lock
+            raise
+        # a link (loop) or a folder put where the lock file goes: every refusal is a StoreError
+        message = f"its lock file {path.name} cannot be used ({exc.strerror})"
+        raise StoreError(about(user_id, message), user_id) from None
     try:
         yield
     finally:

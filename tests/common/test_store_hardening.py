@@ -16,6 +16,7 @@ from fedprefix.common.store import (
     PrefixStore,
     RollbackError,
     RollbackStateError,
+    StoreError,
     WrongKeyError,
 )
 from fedprefix.common.store import locking as store_locking
@@ -384,3 +385,29 @@ def test_a_read_only_store_still_loads_every_part(store, monkeypatch):
         store.load_parts("gina", RAW)
     with pytest.raises(RollbackError):
         store.load("gina", RAW)
+
+
+def test_odd_files_in_the_folder_are_store_errors_naming_them(store):
+    """A link loop or folder where a lock, a record or a prefix goes, or `.rollback` as a file:
+    each a StoreError naming the file (they were raw OSErrors); `list` reports such a file as
+    a problem and lists the others (one unreadable file failed the whole listing)."""
+    store.save("alice", make_prefix(1), PASS)
+    store.save("bob", make_prefix(2), PASS)
+    lock = store.root / "bob.lock"
+    lock.unlink(missing_ok=True)
+    lock.symlink_to("bob.lock")  # a loop
+    with pytest.raises(StoreError, match="bob.lock cannot be used"):
+        store.save("bob", make_prefix(3), PASS)
+    lock.unlink()
+    lock.mkdir()
+    with pytest.raises(StoreError, match="bob.lock cannot be used"):
+        store.load_parts("bob", PASS)
+    lock.rmdir()
+    loop = store.root / "carl.fpx"
+    loop.symlink_to("carl.fpx")
+    listed = {info.user_id: info.problem for info in store.list()}
+    assert listed["alice"] is None and listed["bob"] is None and "carl.fpx cannot be read" in listed["carl"]
+    shutil.rmtree(store.root / ".rollback")
+    (store.root / ".rollback").write_text("not a folder")
+    with pytest.raises(StoreError, match="alice.json cannot be read"):
+        store.load("alice", PASS)
