@@ -183,18 +183,15 @@ class PrefixStore:
             raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id)
         return found
 
-    def verify(self, user_id: str, key: Key, locked: bool = False) -> StoredPrefixInfo:
+    def verify(self, user_id: str, key: Key) -> StoredPrefixInfo:
         """Decrypt and check the prefix of store name `user_id` completely; returns its info or raises StoreError."""
-        opened = self._decrypt(user_id, key, None, locked)
-        header = opened.header
-        decode_payload(user_id, opened.plaintext, header.prefix_config, header.dtype, None)
-        return info_of_header(self.path_for(user_id), header, opened.stat)
+        return self._verify(user_id, key, locked=False)
 
     def verify_user(self, user_id: str, key: Key) -> list[StoredPrefixInfo]:
         """verify() of every stored part of `user_id`, read together under the user's lock."""
         validate_user_id(user_id)
         with self._reader_lock(user_id):
-            return [self.verify(name, key, locked=True) for name in self._stored_names(user_id)]
+            return [self._verify(name, key, locked=True) for name in self._stored_names(user_id)]
 
     def info(self, user_id: str) -> StoredPrefixInfo:
         """Header information of one stored prefix (no key needed, nothing authenticated)."""
@@ -344,6 +341,12 @@ class PrefixStore:
             )
         check_record(name, record, header, opened.dek)
         return opened
+
+    def _verify(self, name: str, key: Key, locked: bool) -> StoredPrefixInfo:
+        opened = self._decrypt(name, key, None, locked)
+        header = opened.header
+        decode_payload(name, opened.plaintext, header.prefix_config, header.dtype, None)
+        return info_of_header(self.path_for(name), header, opened.stat)
 
     def _load(
         self, name: str, key: Key, base_fingerprint: str | None, dtype: torch.dtype | None, locked: bool
