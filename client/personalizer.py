@@ -34,7 +34,13 @@ from fedprefix.common.peft_format import export_peft
 from fedprefix.common.prefix import Prefix, PrefixConfig
 from fedprefix.common.protocol import DEFAULT_INIT_TEXT, row_prefix, shared_store_id
 from fedprefix.common.protocol import init_text as repeated_init_text
-from fedprefix.common.store import PrefixStore, UnknownUserError, existing_store_folder, validate_user_id
+from fedprefix.common.store import (
+    PrefixStore,
+    UnknownUserError,
+    WrongBaseError,
+    existing_store_folder,
+    validate_user_id,
+)
 from fedprefix.common.store.keys import check_key
 from pydantic import ValidationError
 
@@ -320,6 +326,9 @@ class Personalizer:
             parts = store.load_parts(self.user_id, self.key, self.base.fingerprint)
         except UnknownUserError:
             return False
+        except WrongBaseError as exc:
+            hint = f"; pass base_model= the base it was trained on (this Personalizer's is {self.base.name!r})"
+            raise WrongBaseError(str(exc) + hint, self.user_id) from None
         for attr, prefix in parts.items():
             setattr(self, attr, prefix)
         kept = [attr for attr in ("shared", "personal") if attr not in parts and getattr(self, attr) is not None]

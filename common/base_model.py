@@ -305,14 +305,18 @@ def _folder_fingerprint(folder: Path) -> str:
 def load_base(
     name_or_path: str | os.PathLike = DEFAULT_BASE,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> BaseModelHandle:
     """Load a frozen base: a registry name, a local HF folder, or a hub id.
 
+    `dtype`: a torch dtype or a name as everywhere else ("auto", "float32", "bfloat16");
     `seed` only matters for the tiny in-process models.
     """
+    from .precision import resolve_dtype  # one rule for dtype names (ConfigError naming the choices)
+
+    dtype = resolve_dtype(dtype, device)
     name = str(name_or_path)
     if name in REGISTRY and REGISTRY[name].builtin:
         model, tokenizer = build_tiny(name.removeprefix("tiny-"), seed=seed)

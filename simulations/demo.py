@@ -61,7 +61,8 @@ def compare(me: Personalizer, data: dict, title: str) -> None:
 
 def federated(args) -> None:
     work = Path(args.out)
-    for stale in ("run", "stores", "data"):  # a demo starts fresh: no prefixes or data of an earlier run
+    # a demo starts fresh: no prefixes or data of an earlier run ("run": where earlier versions wrote it)
+    for stale in ("run", "stores", "data"):
         shutil.rmtree(work / stale, ignore_errors=True)
     config = FederationConfig(
         base=args.base,
@@ -74,7 +75,7 @@ def federated(args) -> None:
         # [shared ; personal]: personas write in styles no other user shares, and on them a
         # personal part of its own behind the shared one is what was measured (make report-personas)
         personal_init="text",
-        run_dir=str(work / "run"),
+        run_dir=str(work),  # as `fedprefix simulate --out runs/demo`: `fedprefix show demo --runs runs` finds it
         store_root=str(work / "stores"),
     )
     console.print(

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .main import DTYPE_HELP, app, console, err_console, fail, require_free_port
+from .main import DTYPE_HELP, app, console, dtype_option, err_console, fail, require_free_port
 
 
 @app.command()
@@ -43,7 +43,7 @@ def simulate(
     examples: int = typer.Option(
         0, "--examples", min=0, help="personas: rows per user; 0 = non-IID sizes from 10 to 200."
     ),
-    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP, callback=dtype_option),
     dp_noise: float = typer.Option(0.0, "--dp-noise", min=0, help="DP noise multiplier (0 = off)."),
     dp_clip: float = typer.Option(1.0, "--dp-clip", help="DP clipping norm of each user's update."),
     setting: list[str] = typer.Option([], "--set", help="Any other run setting, KEY=VALUE (see pyproject)."),
@@ -155,6 +155,7 @@ def runs_command(
 
     Example: fedprefix runs --runs runs
     """
+    from fedprefix.coordinator.records import RUN_FILE
     from fedprefix.coordinator.runs import list_runs
 
     try:
@@ -177,6 +178,12 @@ def runs_command(
             fmt_num(s.last_eval_loss_personal),
         )
     console.print(table)
+    if not summaries and (nested := sorted(p.parent for p in Path(runs).glob(f"*/*/{RUN_FILE}"))):
+        err_console.print(  # e.g. --runs pointing one level above a folder of runs
+            f"no run folders in {escape(runs)}, but one level down in {escape(str(nested[0].parent))}: "
+            f"fedprefix runs --runs {escape(str(nested[0].parent))}",
+            highlight=False,
+        )
     for s in summaries:
         for problem in s.problems:
             err_console.print(f"[yellow]warning:[/yellow] {escape(f'{s.id}: {problem}')}", highlight=False)

@@ -31,6 +31,15 @@ DTYPE_HELP = (
 )
 
 
+def dtype_option(value: str) -> str:
+    """--dtype's check: a bad value is a usage error (exit 2, naming --help), before anything loads."""
+    from fedprefix.common.precision import DTYPE_CHOICES  # torch: only for the commands that take --dtype
+
+    if value not in DTYPE_CHOICES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    return value
+
+
 @app.callback()
 def main(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),

@@ -11,7 +11,16 @@ from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.precision import DEVICE_HELP, resolve_device, resolve_dtype
 from fedprefix.common.store import existing_store_folder
 
-from .main import DTYPE_HELP, app, console, fail, require_free_port
+from .main import DTYPE_HELP, app, console, dtype_option, fail, require_free_port
+
+
+def _device(value: str) -> str:
+    """--device's check: a bad value is a usage error (exit 2, naming --help), before anything loads."""
+    try:
+        resolve_device(value)
+    except FedPrefixError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
 
 
 @app.command()
@@ -43,8 +52,8 @@ def serve(
         2048, "--max-prefill-tokens", min=1, help="Prompt tokens computed per step beside decoding (chunked prefill)."
     ),
     static: bool = typer.Option(False, "--static-batching", help="Static instead of continuous batching."),
-    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
-    device: str = typer.Option("auto", "--device", help=f"Where the base runs: {DEVICE_HELP}."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP, callback=dtype_option),
+    device: str = typer.Option("auto", "--device", help=f"Where the base runs: {DEVICE_HELP}.", callback=_device),
     eager: bool = typer.Option(False, "--no-cuda-graphs", help="On a GPU, run every decode step eagerly."),
     max_prompts: int = typer.Option(16, "--max-prompts", min=1, help="Prompts in one completions request (else 422)."),
     max_stops: int = typer.Option(8, "--max-stops", min=0, help="Stop strings in one request (else 422)."),
@@ -81,7 +90,8 @@ def serve(
     Example: fedprefix serve --base smollm2-135m-instruct --store store --port 8000
     then: curl localhost:8000/v1/completions -H "X-Prefix-Key: $KEY_B64" -H "Content-Type: application/json"
           -d '{"prompt": "Hello", "user": "alice", "max_tokens": 20}'
-    A passphrase with non-ASCII characters goes as: -H "X-Prefix-Key: b64:$(printf %s "$PASS" | base64)".
+    (KEY_B64=$(base64 < alice.key | tr -d '\\n')); a passphrase with non-ASCII characters goes as:
+    -H "X-Prefix-Key: b64:$(printf %s "$PASS" | base64 | tr -d '\\n')".
     """
     if ray_address is None:  # on a Ray cluster the path is the workers' to check
         try:

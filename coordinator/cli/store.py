@@ -136,7 +136,7 @@ def list_cmd(
 ) -> None:
     """List stored prefixes from their headers (no key needed).
 
-    Example: fedprefix store list --store ./prefixes --json
+    Example: fedprefix store list --store store --json
     """
     try:
         infos = _open_store(store).list()
@@ -154,7 +154,7 @@ def verify_cmd(
 ) -> None:
     """Decrypt and check every stored part of one user's prefix (key, integrity, owner, rollback).
 
-    Example: FP_PASS=... fedprefix store verify alice --store ./prefixes --passphrase-env FP_PASS
+    Example: fedprefix store verify alice --store store --key-file alice.key
     """
     try:
         key = _read_key(user_id, key_file, passphrase_env)
@@ -170,7 +170,7 @@ def rotate_key_cmd(
 ) -> None:
     """Re-encrypt one user's prefix under a new data key (same passphrase or key unlocks it).
 
-    Example: fedprefix store rotate-key alice --store ./prefixes --key-file alice.key
+    Example: fedprefix store rotate-key alice --store store --key-file alice.key
     """
     try:
         key = _read_key(user_id, key_file, passphrase_env)
@@ -196,7 +196,7 @@ def change_passphrase_cmd(
     Only the data key is re-wrapped: after a leak run rotate-key too, since whoever kept a copy
     of the old file and knew the old passphrase still has the data key.
 
-    Example: fedprefix store change-passphrase alice --store ./prefixes --passphrase-env OLD --new-passphrase-env NEW
+    Example: fedprefix store change-passphrase alice --store store --key-file alice.key --new-passphrase-env NEW
     """
     try:
         key = _read_key(user_id, key_file, passphrase_env)
@@ -222,7 +222,7 @@ def reset_rollback_cmd(
     Use it only when a load reports a missing or damaged rollback record and you know the
     current files are the ones to keep (e.g. after restoring them on purpose).
 
-    Example: FP_PASS=... fedprefix store reset-rollback alice --store ./prefixes --passphrase-env FP_PASS
+    Example: fedprefix store reset-rollback alice --store store --key-file alice.key
     """
     try:
         key = _read_key(user_id, key_file, passphrase_env)
@@ -241,11 +241,11 @@ def export_peft_cmd(
     passphrase_env: PassEnvOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a folder that is not empty.")] = False,
 ) -> None:
-    """Decrypt one user's prefix ([shared ; personal], as served) and write it as a PEFT
+    """Decrypt one user's prefix (its shared part, then its personal part, as served) and write it as a PEFT
     prefix-tuning adapter folder (unencrypted!). A folder that is not empty (another adapter,
     the current folder) is refused without --overwrite.
 
-    Example: fedprefix store export-peft alice ./alice-adapter --store ./prefixes --passphrase-env FP_PASS
+    Example: fedprefix store export-peft alice alice-adapter --store store --key-file alice.key
     """
     from fedprefix.common.peft_format import export_peft  # imports transformers; only this command needs it
     from fedprefix.common.prefix import Prefix

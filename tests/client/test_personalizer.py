@@ -348,3 +348,12 @@ def test_restore_warns_when_a_configured_part_is_not_stored(tiny_llama, store, c
             tiny_llama, store=store, key=KEY, shared_virtual_tokens=4, personal_from_shared=True
         ).restore()
     assert "holds no" not in caplog.text
+
+
+def test_loading_on_another_base_says_which_base_to_pass(tiny_llama, store):
+    from fedprefix.common.base_model import load_base
+    from fedprefix.common.store import WrongBaseError
+
+    personalizer(tiny_llama, store=store, key=KEY).save()
+    with pytest.raises(WrongBaseError, match="pass base_model= the base it was trained on .*'tiny-qwen2'"):
+        Personalizer.load(user_id="alice", store=store, key=KEY, base_model=load_base("tiny-qwen2"), **FAST)

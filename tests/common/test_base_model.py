@@ -97,3 +97,14 @@ def test_builtin_smollm2_answers_paris():
     prompt = base.tokenizer(text, add_special_tokens=False).input_ids
     (answer,) = generate(base.model, base.tokenizer, [prompt], [None], SamplingParams(max_new_tokens=12))
     assert "Paris" in answer
+
+
+def test_load_base_takes_dtype_names_as_everywhere_else():
+    import torch
+    from fedprefix.common.base_model import load_base
+    from fedprefix.common.errors import ConfigError
+
+    assert load_base("tiny-llama", dtype="bfloat16").dtype == torch.bfloat16
+    assert load_base("tiny-llama", dtype="float32").dtype == torch.float32
+    with pytest.raises(ConfigError, match="unknown dtype 'float16'; choose auto, float32, bfloat16"):
+        load_base("tiny-llama", dtype="float16")

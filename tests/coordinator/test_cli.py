@@ -45,8 +45,8 @@ def test_a_project_error_is_one_line_without_its_type(monkeypatch, capsys):
 def test_an_unknown_dtype_is_refused_before_anything_is_written(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         _run(monkeypatch, "simulate", "--dtype", "float16", "--out", str(tmp_path / "unused"))
-    assert exit_.value.code == 1
-    assert "dtype" in capsys.readouterr().err
+    assert exit_.value.code == 2  # a value the option cannot take: a usage error
+    assert "--dtype" in capsys.readouterr().err
     assert not (tmp_path / "unused").exists(), "no data may be written for a refused run"
 
 
@@ -169,16 +169,21 @@ def test_a_taken_port_is_one_line_before_the_dashboard_starts(monkeypatch, capsy
     assert err.startswith(f"error: could not listen on 127.0.0.1:{port}") and err.count("\n") == 1, err
 
 
-def test_serve_refuses_a_device_it_cannot_use_before_loading(monkeypatch, capsys, tmp_path):
+def test_serve_refuses_a_device_or_dtype_it_cannot_use_before_loading(monkeypatch, capsys, tmp_path):
+    """Values an option cannot take are usage errors (exit 2, naming --help); a device that
+    exists but does not fit the other options, an error (exit 1)."""
+    import torch
     from fedprefix.coordinator.simulate import free_port
 
     cases = {
-        ("--device", "banana"): "unknown device 'banana'",
-        ("--device", "meta"): "device 'meta' is not supported",
-        ("--device", "cuda:99"): "device 'cuda:99': torch sees",
-        ("--device", "cuda", "--replicas", "2"): "--device cuda: replicas (--replicas, --ray-address) run on CPUs only",
+        ("--device", "banana"): (2, "unknown device 'banana'"),
+        ("--device", "meta"): (2, "device 'meta' is not supported"),
+        ("--device", "cuda:99"): (2, "device 'cuda:99': torch sees"),
+        ("--dtype", "float16"): (2, "'float16' is not one of auto, float32, bfloat16"),
     }
-    for extra, message in cases.items():
+    if torch.cuda.is_available():
+        cases[("--device", "cuda", "--replicas", "2")] = (1, "--device cuda: replicas (--replicas, --ray-address)")
+    for extra, (code, message) in cases.items():
         with pytest.raises(SystemExit) as exit_:
             _run(
                 monkeypatch,
@@ -191,6 +196,7 @@ def test_serve_refuses_a_device_it_cannot_use_before_loading(monkeypatch, capsys
                 str(free_port()),
                 *extra,
             )
-        assert exit_.value.code == 1, extra
+        assert exit_.value.code == code, extra
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+        assert code == 1 or "(see fedprefix serve --help)" in err

@@ -242,3 +242,10 @@ def test_a_long_run_gives_pages_of_bounded_size_that_keep_its_extremes(runs, tmp
     assert len(re.findall(r"^│ +(\d+) │", everything.output, flags=re.M)) == 5_000
     sparks = [line for line in shown.output.splitlines() if line.startswith("eval_loss_personal")]
     assert len(sparks[0].split()[1]) <= 60 and "█" in sparks[0]  # the spike's run of rounds
+
+
+def test_runs_points_one_level_down_where_the_runs_are(runs, tmp_path):
+    shutil.copytree(runs / "tiny", tmp_path / "project" / "tiny")
+    listed = runner.invoke(app, ["runs", "--runs", str(tmp_path)])
+    assert listed.exit_code == 0
+    assert f"fedprefix runs --runs {tmp_path / 'project'}" in " ".join(listed.output.split())
