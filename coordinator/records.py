@@ -124,6 +124,19 @@ class RunRecorder:
         self._write_info()
 
 
+def end_unfinished(run_dir: str | os.PathLike, status: str, error: str, ended: tuple[str, ...] = ("running",)) -> None:
+    """Give a run whose status is one of `ended` (by default: still running) its end (`status`:
+    interrupted, failed), as its ServerApp would have: one stopped from outside (Ctrl-C,
+    SIGTERM) never wrote it."""
+    try:
+        info = RunInfo.model_validate_json(read_regular(Path(run_dir) / RUN_FILE, follow_links=False))
+    except (OSError, ValidationError):
+        return  # nothing started, or nothing of ours to end
+    if info.status in ended:
+        info = info.model_copy(update={"status": status, "ended": time.time(), "error": error})
+        atomic_write_bytes(Path(run_dir) / RUN_FILE, info.model_dump_json(indent=2).encode())
+
+
 def read_run(run_dir: str | os.PathLike) -> tuple[RunInfo, list[RoundRecord], list[str]]:
     """(run info, rounds, problems): problems name each unreadable line by number.
 

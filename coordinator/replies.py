@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from collections.abc import Mapping
 
 import numpy as np
@@ -26,6 +27,7 @@ from fedprefix.common.protocol import (
     METRICS,
     NUM_EXAMPLES,
     TRAIN_METRICS,
+    TRAIN_SECONDS,
     unpack_shared,
 )
 from flwr.app import Array, ArrayRecord, Message
@@ -47,6 +49,7 @@ def _guarded(check):
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 MAX_REASON = 300  # characters of a node's error kept in the round record
+MAX_TRAIN_SECONDS = 1e6  # a node's reported local training time (11 days): beyond it, not a time
 
 
 def node_error(msg: Message) -> str:
@@ -74,6 +77,9 @@ def _metrics_problem(msg: Message, required: tuple[str, ...], config: Federation
             return f"metric {key!r} must be a number, got {type(value).__name__}"
         if not math.isfinite(value):
             return f"metric {key!r} is {value}, not a finite number"
+    seconds = metrics.get(TRAIN_SECONDS, 0.0)  # summed into the round's record: one node's value must fit
+    if not 0 <= seconds <= MAX_TRAIN_SECONDS:
+        return f"'{TRAIN_SECONDS}' = {seconds:g} is outside [0, {MAX_TRAIN_SECONDS:g}]"
     examples = metrics[NUM_EXAMPLES]
     if examples <= 0 or examples > config.max_num_examples:
         return (
@@ -126,8 +132,8 @@ def update_norm(arrays: Arrays, current: Arrays) -> float:
 
 
 def median_weight(replies: list[Message]) -> float:
-    """The median num-examples of accepted replies: what weights are capped against."""
-    return float(np.median([msg.content[METRICS][NUM_EXAMPLES] for msg in replies]))
+    """The (low) median num-examples of accepted replies: what weights are capped against."""
+    return float(statistics.median_low([msg.content[METRICS][NUM_EXAMPLES] for msg in replies]))
 
 
 def payload_bytes(message: Message) -> int:
@@ -145,8 +151,8 @@ def payload_bytes(message: Message) -> int:
 
 
 def bound_updates(replies: list[Message], current: Arrays, prefix: str, factor: float) -> dict[int, float]:
-    """Clip every accepted update to `factor` x the round's median update norm, and its weight
-    (num-examples) to `factor` x the median weight, in place.
+    """Clip every accepted update to `factor` x the round's (low) median update norm, and its
+    weight (num-examples) to `factor` x the (low) median weight, in place.
 
     No single reply can then move the shared prefix further than its capped weight share
     of that bound. Returns {node id: norm scale applied} for the replies whose update was clipped.
@@ -162,7 +168,8 @@ def bound_updates(replies: list[Message], current: Arrays, prefix: str, factor: 
         arrays = {name.removeprefix(prefix): a.numpy() for name, a in msg.content[ARRAYS].items()}
         deltas.append({k: arrays[k].astype(np.float64) - current[k] for k in current})
     norms = [math.sqrt(sum(float((d**2).sum()) for d in delta.values())) for delta in deltas]
-    bound = factor * float(np.median(norms))
+    # the low median: of two replies, the smaller (the mean of two lets either one set the bound)
+    bound = factor * float(statistics.median_low(norms))
     clipped = {}
     for msg, delta, norm in zip(replies, deltas, norms, strict=True):
         if norm > bound > 0:

@@ -38,7 +38,7 @@ from fedprefix.common.config import FederationConfig
 from fedprefix.common.errors import FedPrefixError
 
 from .processes import OwnedProcesses, owned_processes
-from .records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunFolderError, read_run
+from .records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunFolderError, end_unfinished, read_run
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +237,30 @@ def simulate(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_FILE).unlink(missing_ok=True)
     log_file = run_dir / "flower.log"
+    try:
+        returncode = _run_federation(config, clientapp, verbose, cpus_per_client, log_file, on_round)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every process is stopped; the record says so
+        end_unfinished(run_dir, "interrupted", "stopped by the user (Ctrl-C or SIGTERM)")
+        raise
+    except BaseException as exc:
+        end_unfinished(run_dir, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    if not (run_dir / RUN_FILE).is_file():
+        raise SimulationError(f"the federation did not start (flwr run exit code {returncode}); see {log_file}")
+    info, rounds, problems = read_run(run_dir)
+    if info.status != "finished":
+        raise SimulationError(f"the federation {info.status}: {info.error or 'no reason recorded'}; see {log_file}")
+    try:
+        require_accepted(rounds, run_dir)
+    except SimulationError as exc:  # nothing was learned: not "finished"
+        end_unfinished(run_dir, "failed", str(exc), ended=("finished",))
+        raise
+    return rounds
+
+
+def _run_federation(config, clientapp, verbose, cpus_per_client, log_file, on_round) -> int | None:
+    """flwr run on a SuperLink of our own until the run ends; its exit code (processes all stopped)."""
+    run_dir = Path(config.run_dir)
     with tempfile.TemporaryDirectory(prefix="fedprefix-sim-") as tmp, owned_processes() as owned:
         tmp = Path(tmp)
         app = write_app(tmp / "app", config, clientapp)
@@ -258,14 +282,7 @@ def simulate(
                     command, env=flower_env(flwr_home), stdout=None if verbose else log, stderr=subprocess.STDOUT
                 )
             wait_for_run(flwr_run, RoundWatcher(run_dir, on_round), owned)
-            returncode = flwr_run.returncode
-    if not (run_dir / RUN_FILE).is_file():
-        raise SimulationError(f"the federation did not start (flwr run exit code {returncode}); see {log_file}")
-    info, rounds, problems = read_run(run_dir)
-    if info.status != "finished":
-        raise SimulationError(f"the federation {info.status}: {info.error or 'no reason recorded'}; see {log_file}")
-    require_accepted(rounds, run_dir)
-    return rounds
+            return flwr_run.returncode
 
 
 def fresh_node_stores(folder: Path) -> None:

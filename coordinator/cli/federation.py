@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import typer
-from fedprefix.common.errors import FedPrefixError, first_error
+from fedprefix.common.errors import ConfigError, FedPrefixError, first_error
 from fedprefix.coordinator.views import fmt_num, mode_label
 from rich.console import Console
 from rich.markup import escape
@@ -62,26 +62,38 @@ def simulate(
         if not sep:
             fail(ValueError(f"--set expects KEY=VALUE, got {item!r}"))
         extra[key.replace("-", "_")] = value
-    settings = dict(
-        base=base,
-        num_rounds=rounds,
-        mode=mode,
-        run_dir=out,
-        aggregator=aggregator,
-        local_steps=local_steps,
-        data=data,
-        user_field=user_field,
-        min_rows=min_rows,
-        eval_fraction=eval_fraction,
-        users_per_round=users_per_round,
-        dp_noise_multiplier=dp_noise,
-        dp_clipping_norm=dp_clip,
-        dtype=dtype,
-        **extra,
-    )
+    if "num_users" in extra:  # --set num-users=N is --users N (the data may then lower it)
+        try:
+            users = int(extra.pop("num_users"))
+        except ValueError:
+            fail(ConfigError("--set num_users: expected a whole number of users"))
+    settings = (
+        dict(
+            base=base,
+            num_rounds=rounds,
+            mode=mode,
+            run_dir=out,
+            aggregator=aggregator,
+            local_steps=local_steps,
+            data=data,
+            user_field=user_field,
+            min_rows=min_rows,
+            eval_fraction=eval_fraction,
+            users_per_round=users_per_round,
+            dp_noise_multiplier=dp_noise,
+            dp_clipping_norm=dp_clip,
+            dtype=dtype,
+        )
+        | extra
+    )  # --set KEY=VALUE wins over the option of the same setting
+    out = str(settings["run_dir"])
+    try:
+        per_round = int(settings["users_per_round"])
+    except (TypeError, ValueError):
+        per_round = 0  # the check below names the bad value
     # Settings first, so that a bad one is refused before any data is read or written;
     # then again with the number of users the data holds.
-    config = _checked({**settings, "num_users": max(users, users_per_round, 1)})
+    config = _checked({**settings, "num_users": max(users, per_round, 1)})
     try:  # before Flower and Ray start: each node would fail on it, and the reason end up in a log
         from fedprefix.common.base_model import check_base
 
@@ -91,11 +103,13 @@ def simulate(
     users, data = _federation_data(config, users, examples, Path(out), err_console if as_json else console)
     config = _checked({**settings, "num_users": users, "data": data})
     try:
-        recipe = f", {config.personal_recipe}" if mode == "shared+personal" else ""
+        recipe = f", {config.personal_recipe}" if config.mode == "shared+personal" else ""
         secure = ", last round under secure aggregation" if config.secure_last_round else ""
-        title = f"simulating {users} users x {rounds} rounds on {base} ({mode}{recipe}{secure})"
+        title = (
+            f"simulating {users} users x {config.num_rounds} rounds on {config.base} ({config.mode}{recipe}{secure})"
+        )
         # Rounds as they end; with --json on stderr, so stdout stays JSON.
-        with round_progress(err_console if as_json else console, rounds, title) as on_round:
+        with round_progress(err_console if as_json else console, config.num_rounds, title) as on_round:
             records = run_simulation(config, on_round=on_round)
     except (FedPrefixError, RuntimeError) as exc:
         fail(exc)

@@ -200,3 +200,13 @@ def test_serve_refuses_a_device_or_dtype_it_cannot_use_before_loading(monkeypatc
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
         assert code == 1 or "(see fedprefix serve --help)" in err
+
+
+def test_simulate_set_overrides_the_option_of_the_same_setting(monkeypatch, capsys, tmp_path):
+    """--set base=... (any setting with its own option) was a TypeError: now it wins and is checked."""
+    for setting, message in (("base=nope", "unknown base model 'nope'"), ("num-users=x", "--set num_users")):
+        with pytest.raises(SystemExit) as exit_:
+            _run(monkeypatch, "simulate", "--set", setting, "--out", str(tmp_path / "unused"))
+        assert exit_.value.code == 1
+        err = capsys.readouterr().err
+        assert message in err and "TypeError" not in err and err.count("\n") == 1, err

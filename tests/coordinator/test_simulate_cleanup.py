@@ -94,6 +94,8 @@ def test_interrupted_simulation_leaves_no_process(tmp_path, sig):
         time.sleep(3)
         left = _marked(mark)
         assert not left, f"running 3 s after exit:\n{_describe(left)}"
+        info = RunInfo.model_validate_json((tmp_path / "run" / RUN_FILE).read_text())
+        assert info.status == "interrupted" and info.ended is not None, "the record says it was stopped"
     finally:
         _kill_all(cli, mark)
 
@@ -274,3 +276,18 @@ def test_a_run_that_accepted_no_reply_in_any_round_is_an_error(tmp_path):
     with pytest.raises(SimulationError, match="no node's reply was accepted in any round .*node 7: no rows"):
         require_accepted(rejected, tmp_path)
     require_accepted([rejected[0], _record(2)], tmp_path)  # one round that taught something is a run
+
+
+def test_a_run_stopped_from_outside_or_teaching_nothing_is_not_left_running_or_finished(tmp_path):
+    from fedprefix.coordinator.records import end_unfinished, read_run
+
+    _write_info(tmp_path, "running")
+    end_unfinished(tmp_path, "interrupted", "stopped by the user")
+    info = read_run(tmp_path)[0]
+    assert info.status == "interrupted" and info.error == "stopped by the user" and info.ended is not None
+    _write_info(tmp_path, "finished")
+    end_unfinished(tmp_path, "failed", "late")  # an ended run keeps its end
+    assert read_run(tmp_path)[0].status == "finished"
+    end_unfinished(tmp_path, "failed", "no reply accepted", ended=("finished",))
+    assert read_run(tmp_path)[0].status == "failed"
+    end_unfinished(tmp_path / "nowhere", "failed", "nothing started")  # no run.json: nothing to do

@@ -99,6 +99,8 @@ def test_malformed_replies_are_rejected_with_reason(arrays, examples, reason):
         ({"train-loss": [1.0, 2.0]}, "metric 'train-loss' must be a number, got list"),
         ({"dp-weight": float("nan")}, "'dp-weight' is nan"),
         ({"dp-weight": 2.0}, "'dp-weight' must be 1"),
+        ({"train-seconds": -1.0}, "'train-seconds' = -1 is outside [0, "),  # summed into the record: it ended the run
+        ({"train-seconds": 1e308}, "'train-seconds' = 1e+308 is outside [0, "),
     ],
 )
 def test_hostile_metrics_are_rejected_not_fatal(metrics, reason):
@@ -364,3 +366,16 @@ def test_a_halted_or_refused_secure_round_keeps_the_shared_prefix_and_still_ends
         rejected = [r.reason for r in strategy.pending["rejected"]]
         assert any(r.startswith("round:") for r in rejected) == (name != "applied"), name
         assert sum("no masked update" in r for r in rejected) == (0 if name == "halted" else 3 - len(outcome.nodes))
+
+
+def test_of_two_replies_neither_sets_the_bounds_alone():
+    """With two replies the median is their mean, so a hostile one sat under both caps: all-zero
+    arrays claiming 100,000 examples replaced the shared prefix. The low median is the smaller."""
+    strategy = _strategy()
+    strategy.current = {"embedding.weight": np.full(SHAPE, 1.0, np.float32)}
+    honest = _reply({"shared.embedding.weight": np.full(SHAPE, 1.01, np.float32)}, examples=5, node=1)
+    wiping = _reply({"shared.embedding.weight": np.zeros(SHAPE, np.float32)}, examples=100_000, node=2)
+    arrays, _ = strategy.aggregate_train(1, [honest, wiping])
+    assert strategy.pending["clipped"] == [2]
+    values = arrays["shared.embedding.weight"].numpy()
+    assert np.abs(values - 1.0).max() <= 3 * 0.01 + 1e-6, "moved at most the bound: 3x the honest update"
