@@ -129,6 +129,9 @@ class FederationConfig(BaseModel):
     # so that no single reply moves the shared prefix further than its weight share of that bound
     update_clip_factor: float = Field(3.0, ge=0)
     max_num_examples: int = Field(100_000, ge=1)  # a reply claiming more examples is rejected
+    # seconds a round (the secure one too) waits for its nodes' replies, then goes on with those
+    # it has: a stalled node holds no round longer (Flower's default for a round: 1 hour)
+    round_timeout: float = Field(3600.0, gt=0, allow_inf_nan=False)
     byzantine_nodes: int = Field(1, ge=0)  # krum / multikrum: malicious nodes to tolerate
     trim_fraction: float = Field(0.2, ge=0, lt=0.5)  # trimmedavg: share cut at each end per value
     dp_noise_multiplier: float = Field(0.0, ge=0)  # > 0 turns on client-side-clipping DP

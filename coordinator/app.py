@@ -59,6 +59,7 @@ def run_federation(grid: Grid, config: FederationConfig) -> None:
             grid=grid,
             initial_arrays=arrays,
             num_rounds=config.num_rounds,
+            timeout=config.round_timeout,
             train_config=ConfigRecord(),
             evaluate_config=ConfigRecord(),
             evaluate_fn=strategy.end_round,

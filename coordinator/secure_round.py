@@ -163,6 +163,7 @@ def secure_average(
         RECONSTRUCTION_THRESHOLD,
         clipping_range=bound,
         max_weight=settings.max_weight or float(config.max_num_examples),
+        timeout=config.round_timeout,  # Flower's default: wait for ever
     )
     workflow(counting, context)  # type: ignore[arg-type]  # duck-typed: send_and_receive only
     result = SecureResult(

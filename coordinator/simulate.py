@@ -197,13 +197,25 @@ class RoundWatcher:
         return info.status
 
 
+FINISH_GRACE_S = 10.0
+
+
 def wait_for_run(process: subprocess.Popen, watcher: RoundWatcher, owned: OwnedProcesses | None = None) -> str | None:
-    """Wait until `flwr run` ends or the run records "failed", polling the rounds; returns the run's status."""
+    """Wait until `flwr run` ends or the run records "failed", polling the rounds; returns the run's status.
+
+    Once the run records "finished" (its ServerApp is done), `flwr run` gets FINISH_GRACE_S more:
+    Flower's simulation waits for every node task still running, and one that stalled (past the
+    round timeout) held the ended run for minutes; the caller then stops every process."""
+    finished_at = None
     while True:
         ended = process.poll() is not None
         status = watcher.poll()  # after poll(): once it ended, every round is on disk
         if ended or status == "failed":
             return status
+        if status == "finished":
+            finished_at = finished_at or time.monotonic()
+            if time.monotonic() - finished_at > FINISH_GRACE_S:
+                return status
         if owned is not None:
             owned.remember()
         time.sleep(POLL_S)

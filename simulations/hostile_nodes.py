@@ -10,6 +10,8 @@ Every app here runs the real train/evaluate handlers; on the nodes it makes bad
   process exiting in even rounds.
 - `secure_dropout_app` (personal-init "interpolate"): the node fails in the secure round's
   training, after SecAgg+ has shared its keys: the other nodes' masks must be rebuilt.
+- `stalling_app`: the node stops answering in round 1's training (it sleeps for an hour):
+  the round must end at the run setting round-timeout with the other nodes' replies.
 - `garbage_mask_app` (personal-init "interpolate"): in the secure round the node replaces
   its masked vector with random numbers, skipping SecAgg+'s clipping: the one thing a
   node can do there that the coordinator cannot see in its reply.
@@ -20,6 +22,7 @@ Every app here runs the real train/evaluate handlers; on the nodes it makes bad
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 from fedprefix.client import app as real
@@ -110,3 +113,16 @@ def dropping_train(msg: Message, context: Context) -> Message:
 
 
 secure_dropout_app.evaluate()(real.evaluate)
+
+
+stalling_app = ClientApp(mods=[real.audit_mod, real.dp_clipping_mod, secure_aggregation_mod])
+
+
+@stalling_app.train()
+def stalling_train(msg: Message, context: Context) -> Message:
+    if is_bad(context) and int(msg.content["config"].get("server-round", 1)) == 1:
+        time.sleep(3600)  # a device that went quiet without failing
+    return real.train(msg, context)
+
+
+stalling_app.evaluate()(real.evaluate)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from fedprefix.coordinator.simulate import simulate
 
@@ -63,3 +65,15 @@ def test_a_node_dropping_out_of_the_secure_round_leaves_the_average_of_the_other
     assert secure.replies_accepted == 3 and secure.replies_rejected == 1
     assert "no masked update" in secure.rejected[0].reason
     assert secure.shared_update_norm > 0 and secure.eval_loss_shared < rounds[0].eval_loss_shared
+
+
+def test_a_node_that_stops_answering_holds_its_round_only_until_the_round_timeout(tmp_path):
+    """Flower's default wait for a round is an hour; round-timeout bounds it, and the round
+    goes on with the replies that came."""
+    config = federation_config(
+        tmp_path, num_users=4, num_rounds=1, local_steps=2, audit_dir="", mode="shared", round_timeout=20.0
+    )
+    started = time.monotonic()
+    rounds = simulate(config, clientapp=f"{HOSTILE}:stalling_app")
+    assert time.monotonic() - started < 300
+    assert len(rounds) == 1 and rounds[0].replies_accepted == 3 and rounds[0].seconds < 60
