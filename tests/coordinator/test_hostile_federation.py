@@ -71,9 +71,9 @@ def test_a_node_that_stops_answering_holds_its_round_only_until_the_round_timeou
     """Flower's default wait for a round is an hour; round-timeout bounds it, and the round
     goes on with the replies that came."""
     config = federation_config(
-        tmp_path, num_users=4, num_rounds=1, local_steps=2, audit_dir="", mode="shared", round_timeout=20.0
+        tmp_path, num_users=4, num_rounds=1, local_steps=2, audit_dir="", mode="shared", round_timeout=8.0
     )
     started = time.monotonic()
     rounds = simulate(config, clientapp=f"{HOSTILE}:stalling_app")
     assert time.monotonic() - started < 300
-    assert len(rounds) == 1 and rounds[0].replies_accepted == 3 and rounds[0].seconds < 60
+    assert len(rounds) == 1 and rounds[0].replies_accepted == 3 and rounds[0].seconds < 45
