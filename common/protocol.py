@@ -168,6 +168,13 @@ def row_prefix(shared: torch.Tensor | None, personal: torch.Tensor | None) -> to
     return concat_key_values(*present) if present else None
 
 
+def stored_row_prefix(parts: dict) -> torch.Tensor | None:
+    """row_prefix of a user's stored parts ({'shared': Prefix, 'personal': Prefix}, as
+    PrefixStore.load_parts gives them; either may be missing), detached."""
+    shared, personal = (parts[p].key_values().detach() if p in parts else None for p in ("shared", "personal"))
+    return row_prefix(shared, personal)
+
+
 # ------------------------------------------------------------------ initialization
 # Neutral text whose keys/values start a prefix: the model begins by behaving as if this
 # had been read before the conversation, i.e. close to the base, and follows prompts.

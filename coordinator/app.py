@@ -52,7 +52,7 @@ def run_federation(grid: Grid, config: FederationConfig) -> None:
         host=host_info(base.device).model_dump(),
         started=time.time(),
     )
-    recorder = RunRecorder(config.run_dir, info)
+    recorder = RunRecorder.start(config.run_dir, info)
     strategy = PrefixStrategy(build_inner_strategy(config), config, arrays, base.fingerprint, recorder)
     try:
         result = strategy.start(

@@ -100,14 +100,20 @@ class RunInfo(BaseModel):
 
 
 class RunRecorder:
-    """Writes a run folder as the ServerApp goes."""
+    """Writes a run folder as the ServerApp goes (`start`), or ends one written already."""
 
     def __init__(self, run_dir: str | os.PathLike, info: RunInfo) -> None:
         self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.info = info
-        (self.dir / ROUNDS_FILE).write_text("")  # a fresh run starts with no rounds
-        self._write_info()
+
+    @classmethod
+    def start(cls, run_dir: str | os.PathLike, info: RunInfo) -> RunRecorder:
+        """A fresh run folder: `info`, and no rounds."""
+        recorder = cls(run_dir, info)
+        recorder.dir.mkdir(parents=True, exist_ok=True)
+        (recorder.dir / ROUNDS_FILE).write_text("")
+        recorder._write_info()
+        return recorder
 
     def _write_info(self) -> None:
         atomic_write_bytes(self.dir / RUN_FILE, self.info.model_dump_json(indent=2).encode())
@@ -129,12 +135,24 @@ def end_unfinished(run_dir: str | os.PathLike, status: str, error: str, ended: t
     interrupted, failed), as its ServerApp would have: one stopped from outside (Ctrl-C,
     SIGTERM) never wrote it."""
     try:
-        info = RunInfo.model_validate_json(read_regular(Path(run_dir) / RUN_FILE, follow_links=False))
-    except (OSError, ValidationError):
+        info = read_info(run_dir)
+    except RunFolderError:
         return  # nothing started, or nothing of ours to end
     if info.status in ended:
-        info = info.model_copy(update={"status": status, "ended": time.time(), "error": error})
-        atomic_write_bytes(Path(run_dir) / RUN_FILE, info.model_dump_json(indent=2).encode())
+        RunRecorder(run_dir, info).finish(status, error)
+
+
+def read_info(run_dir: str | os.PathLike) -> RunInfo:
+    """run.json of `run_dir` (a regular file in the folder itself), or RunFolderError."""
+    info_path = Path(run_dir) / RUN_FILE
+    if not os.path.lexists(info_path):
+        raise RunFolderError(f"{run_dir} is not a run folder: {RUN_FILE} is missing")
+    try:
+        return RunInfo.model_validate_json(read_regular(info_path, follow_links=False))
+    except OSError as exc:
+        raise RunFolderError(f"{info_path} {exc.strerror}") from None
+    except ValidationError as exc:
+        raise RunFolderError(f"{info_path} is not a valid run record: {': '.join(first_error(exc, 'run'))}") from exc
 
 
 def read_run(run_dir: str | os.PathLike) -> tuple[RunInfo, list[RoundRecord], list[str]]:
@@ -143,15 +161,7 @@ def read_run(run_dir: str | os.PathLike) -> tuple[RunInfo, list[RoundRecord], li
     Record files are read only as regular files in the folder itself: a link (out of the runs
     folder a dashboard serves), a FIFO or a device is refused."""
     folder = Path(run_dir)
-    info_path = folder / RUN_FILE
-    if not os.path.lexists(info_path):
-        raise RunFolderError(f"{folder} is not a run folder: {RUN_FILE} is missing")
-    try:
-        info = RunInfo.model_validate_json(read_regular(info_path, follow_links=False))
-    except OSError as exc:
-        raise RunFolderError(f"{info_path} {exc.strerror}") from None
-    except ValidationError as exc:
-        raise RunFolderError(f"{info_path} is not a valid run record: {': '.join(first_error(exc, 'run'))}") from exc
+    info = read_info(folder)
     rounds, problems = [], []
     rounds_path = folder / ROUNDS_FILE
     try:

@@ -249,14 +249,14 @@ def export_peft_cmd(
     """
     from fedprefix.common.peft_format import export_peft  # imports transformers; only this command needs it
     from fedprefix.common.prefix import Prefix
-    from fedprefix.common.protocol import row_prefix
+    from fedprefix.common.protocol import stored_row_prefix
 
     try:
         if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
             raise FedPrefixError(f"{out_dir} is not empty (an adapter there would be replaced): pass --overwrite")
         key = _read_key(user_id, key_file, passphrase_env)
         parts = _open_store(store).load_parts(user_id, key)
-        kv = row_prefix(*(parts[p].key_values().detach() if p in parts else None for p in ("shared", "personal")))
+        kv = stored_row_prefix(parts)
         prefix = Prefix.from_key_values(kv, next(iter(parts.values())).config.base_fingerprint)
         folder = export_peft(prefix, out_dir)
     except (FedPrefixError, OSError) as exc:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from fedprefix.common.protocol import row_prefix, shared_store_id
+from fedprefix.common.protocol import shared_store_id, stored_row_prefix
 from fedprefix.common.store import PrefixStore
 
 from .unlock import UnlockGuard
@@ -149,6 +149,5 @@ class PrefixCache:
         part with another's personal part); UnknownUserError where none is stored."""
         self.stats.misses += 1
         with torch.no_grad():
-            parts = self.store.load_parts(user_id, key, self.base_fingerprint)
-            shared, personal = (parts[p].key_values().detach() if p in parts else None for p in ("shared", "personal"))
-        return row_prefix(shared, personal).to(dtype=self.dtype, device=self.device).contiguous()
+            kv = stored_row_prefix(self.store.load_parts(user_id, key, self.base_fingerprint))
+        return kv.to(dtype=self.dtype, device=self.device).contiguous()
