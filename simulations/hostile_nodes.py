@@ -10,8 +10,10 @@ Every app here runs the real train/evaluate handlers; on the nodes it makes bad
   process exiting in even rounds.
 - `secure_dropout_app` (personal-init "interpolate"): the node fails in the secure round's
   training, after SecAgg+ has shared its keys: the other nodes' masks must be rebuilt.
-- `stalling_app`: the node stops answering in round 1's training (it sleeps for an hour):
+- `stalling_app`: the node stops answering in round 2's training (it sleeps for an hour):
   the round must end at the run setting round-timeout with the other nodes' replies.
+  Round 2, not 1: round 1 also times the nodes' start-up (imports, base model), which a
+  loaded 2-core machine can stretch past a short timeout.
 - `garbage_mask_app` (personal-init "interpolate"): in the secure round the node replaces
   its masked vector with random numbers, skipping SecAgg+'s clipping: the one thing a
   node can do there that the coordinator cannot see in its reply.
@@ -120,7 +122,7 @@ stalling_app = ClientApp(mods=[real.audit_mod, real.dp_clipping_mod, secure_aggr
 
 @stalling_app.train()
 def stalling_train(msg: Message, context: Context) -> Message:
-    if is_bad(context) and int(msg.content["config"].get("server-round", 1)) == 1:
+    if is_bad(context) and int(msg.content["config"].get("server-round", 1)) == 2:
         time.sleep(3600)  # a device that went quiet without failing
     return real.train(msg, context)
 
