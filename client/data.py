@@ -105,8 +105,11 @@ def validate_row(raw, where: str) -> Row:
         raise DataError(f"{where}: field '{field}': {message}") from exc
     if isinstance(row, ChatRow) and row.messages[-1].role != "assistant":
         raise DataError(f"{where}: field 'messages': the last message must be the assistant's reply")
-    if isinstance(row, ChatRow) and not row.messages[-1].content:  # the completion, as an empty one is refused
-        raise DataError(f"{where}: field 'messages': the assistant's reply (the completion) is empty")
+    # A blank completion, as blank text, is refused: it would teach blank replies.
+    if isinstance(row, ChatRow) and not row.messages[-1].content.strip():
+        raise DataError(f"{where}: field 'messages': the assistant's reply (the completion) is empty or blank")
+    if isinstance(row, PromptCompletion) and not row.completion.strip():
+        raise DataError(f"{where}: field 'completion': empty or blank (only whitespace)")
     return row
 
 

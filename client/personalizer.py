@@ -74,6 +74,15 @@ class Personalizer:
     ) -> None:
         # the store's rule, also without a store: an id checked only at save() fails after training
         self.user_id = validate_user_id(user_id)
+        for name, value, minimum in (
+            ("num_virtual_tokens", num_virtual_tokens, 0),
+            ("shared_virtual_tokens", shared_virtual_tokens, 0),
+            ("encoder_hidden_size", 1 if encoder_hidden_size is None else encoder_hidden_size, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+        if init not in ("text", "random", "zero"):
+            raise ConfigError(f"init must be 'text', 'random' or 'zero', got {init!r}")
         self.base = base_model if isinstance(base_model, BaseModelHandle) else load_base(base_model)
         self.store = PrefixStore(store) if isinstance(store, (str, os.PathLike)) else store
         self.key = None if key is None else check_key(self.user_id, key)  # refused now, not at save() after training
@@ -105,11 +114,8 @@ class Personalizer:
         # learned style and content where a direct prefix learned neither fully); the shared
         # part stays direct, since its arrays travel every round.
         # num_virtual_tokens=0 with a shared part: a shared-only prefix (federated "shared" mode).
-        if num_virtual_tokens < 0 or shared_virtual_tokens < 0 or num_virtual_tokens + shared_virtual_tokens == 0:
-            raise ConfigError(
-                f"num_virtual_tokens={num_virtual_tokens}, shared_virtual_tokens={shared_virtual_tokens}: "
-                "both must be >= 0 and at least one > 0"
-            )
+        if num_virtual_tokens + shared_virtual_tokens == 0:
+            raise ConfigError("num_virtual_tokens and shared_virtual_tokens are both 0: at least one must be > 0")
         self._check_context(shared_virtual_tokens + num_virtual_tokens, self.train_config.max_length, "max_length")
         self.shared = make(shared_virtual_tokens, 0, shared_projection) if shared_virtual_tokens > 0 else None
         self.personal = (
@@ -211,13 +217,23 @@ class Personalizer:
         `proximal_mu` > 0 keeps the shared part near where this call started (FedProx).
         `parts`: 'all' (default), or only the 'personal' or the 'shared' part, the other frozen.
         """
-        if self.personal_from_shared and self.personal is None and parts != "shared":
-            self.personal = copy.deepcopy(self.shared)  # from here on the user's own copy, in place of the shared one
-        parameters = self.trainable_parameters(parts)
         config = _train_config({**self.train_config.model_dump(), **train_settings})
         self._check_context(self.prefix_tokens, config.max_length, "max_length")
         examples = self.prepare(local_data, config.max_length)
         train_set, eval_set = split_examples(examples, config.eval_fraction, config.seed)
+        copied = self.personal_from_shared and self.personal is None and parts != "shared"
+        if copied:
+            self.personal = copy.deepcopy(self.shared)  # from here on the user's own copy, in place of the shared one
+        try:
+            return self._train(parts, train_set, eval_set, config, progress, callback, proximal_mu)
+        except BaseException:  # a fit that raises changes nothing, the copy included
+            if copied:
+                self.personal = None
+            raise
+
+    def _train(self, parts, train_set, eval_set, config, progress, callback, proximal_mu) -> FitReport:
+        """fit()'s training of `parts` on prepared examples."""
+        parameters = self.trainable_parameters(parts)
         # A part not trained this call is frozen: no gradient is computed for it.
         trained = {id(p) for p in parameters}
         frozen = [p for part in (self.shared, self.personal) if part is not None for p in part.parameters()]
@@ -263,6 +279,8 @@ class Personalizer:
         parts: str = "all",
     ) -> str | list[str]:
         """Continue `prompt` (or each of a list, batched) behind this user's prefix."""
+        if not isinstance(prompt, (str, list, tuple)):  # a dict or bytes would iterate as something else
+            raise ConfigError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ConfigError("generate needs at least one prompt")
@@ -285,7 +303,7 @@ class Personalizer:
             field, message = first_error(exc, "setting")
             raise ConfigError(f"generate: {field}: {message}") from None
         for i, row in enumerate(ids):
-            self._check_context(self.prefix_tokens + len(row), max_new_tokens, "max_new_tokens", f"prompt {i}: ")
+            self._check_context(self.prefix_tokens + len(row), params.max_new_tokens, "max_new_tokens", f"prompt {i}: ")
         with torch.no_grad():
             kv = self.key_values(parts)
         outputs = generate(self.base.model, tok, ids, [kv] * len(ids), params)

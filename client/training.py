@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from fedprefix.common.attention import hidden_with_prefixes, stack_prefixes
 from fedprefix.common.config import EvalPoint, EvalReport, FitReport, TrainConfig
-from fedprefix.common.errors import DataError
+from fedprefix.common.errors import ConfigError, DataError
 from fedprefix.common.generation import left_pad
 from fedprefix.common.precision import dtype_name, resolve_dtype
 from fedprefix.common.train_forward import lean_completion_loss, unsupported_reason
@@ -214,6 +214,10 @@ def train(
     With `proximal_mu` > 0, `proximal_parameters` are pulled towards their starting
     values (FedProx's proximal term).
     """
+    if callback is not None and not callable(callback):
+        raise ConfigError(f"callback must be a function of StepInfo, got {type(callback).__name__}")
+    if isinstance(proximal_mu, bool) or not isinstance(proximal_mu, (int, float)) or not 0 <= proximal_mu < math.inf:
+        raise ConfigError(f"proximal_mu must be a finite number >= 0, got {proximal_mu!r}")  # NaN fails too
     parameters = list(parameters)
     proximal = None
     if proximal_mu > 0 and proximal_parameters:
@@ -231,57 +235,70 @@ def train(
             return None
         return evaluate_examples(work, kv_of().detach(), eval_set, config.batch_size).loss
 
-    eval_points = []
-    best = held_out()
-    if best is not None:
-        eval_points.append(EvalPoint(step=0, loss=best))
-    best_state = [p.detach().clone() for p in parameters]
-    stale, losses, seen, stop_reason = 0, [], 0, "max_steps"
-    batches = seeded_batches(train_set, config.batch_size, config.seed)
-    started = time.perf_counter()
-    with progress_bar(progress) as bar:
-        task = bar.add_task(f"{description} ({dtype_name(work.dtype)})", total=max_steps, loss="-")
-        for step in range(1, max_steps + 1):
-            batch = next(batches)
-            losses.append(train_step(work, kv_of, batch, optimizer, parameters, config.max_grad_norm, proximal))
-            if not math.isfinite(losses[-1]):  # never continue from, or keep, a non-finite prefix
-                _restore(parameters, best_state)
-                raise DataError(f"training step {step}: the loss is {losses[-1]}; the prefix keeps its last good state")
-            scheduler.step()
-            seen += len(batch)
-            eval_loss = None
-            if eval_set and (step % config.eval_every == 0 or step == max_steps):
-                eval_loss = held_out()
-                eval_points.append(EvalPoint(step=step, loss=eval_loss))
-                if eval_loss < best - 1e-4:
-                    best, stale = eval_loss, 0
-                    best_state = [p.detach().clone() for p in parameters]
-                else:
-                    stale += 1
-            bar.update(task, advance=1, loss=f"{losses[-1]:.3f}")
-            info = StepInfo(step, max_steps, losses[-1], scheduler.get_last_lr()[0], eval_loss)
-            if callback is not None and callback(info) is False:
-                stop_reason = "callback"
-                break
-            if stale >= config.patience:
-                stop_reason = "early_stopping"
-                break
-            if config.max_seconds is not None and time.perf_counter() - started >= config.max_seconds:
-                stop_reason = "max_seconds"
-                break
-    optimizer.zero_grad(set_to_none=True)  # the optimizer ends here: no gradients left on the prefix
-    if eval_set:  # keep the parameters that did best on held-out data
-        _restore(parameters, best_state)
-    seconds = time.perf_counter() - started
-    return FitReport(
-        steps=len(losses),
-        seconds=seconds,
-        examples_per_second=seen / max(seconds, 1e-9),
-        num_train_examples=len(train_set),
-        num_eval_examples=len(eval_set),
-        train_loss=losses,
-        eval_loss=eval_points,
-        best_eval_loss=best,
-        stop_reason="max_epochs" if stop_reason == "max_steps" and max_steps < config.max_steps else stop_reason,
-        dtype=dtype_name(work.dtype),
-    )
+    # A fit that raises (a non-finite step, Ctrl-C, a callback's exception) leaves the
+    # prefix as it was before the call: a later save() must not store half a fit.
+    start_state = [p.detach().clone() for p in parameters]
+    try:
+        eval_points = []
+        best = held_out()
+        if best is not None:
+            eval_points.append(EvalPoint(step=0, loss=best))
+        best_state = [p.detach().clone() for p in parameters]
+        stale, losses, seen, stop_reason = 0, [], 0, "max_steps"
+        batches = seeded_batches(train_set, config.batch_size, config.seed)
+        started = time.perf_counter()
+        with progress_bar(progress) as bar:
+            task = bar.add_task(f"{description} ({dtype_name(work.dtype)})", total=max_steps, loss="-")
+            for step in range(1, max_steps + 1):
+                batch = next(batches)
+                losses.append(train_step(work, kv_of, batch, optimizer, parameters, config.max_grad_norm, proximal))
+                if not math.isfinite(losses[-1]):  # never continue from, or keep, a non-finite prefix
+                    raise DataError(
+                        f"training step {step}: the loss is {losses[-1]}; the prefix is left as before this fit"
+                    )
+                if not all(bool(p.isfinite().all()) for p in parameters):  # the step itself overflowed
+                    raise DataError(
+                        f"training step {step} left NaN or Inf in the prefix; it is left as before this fit"
+                    )
+                scheduler.step()
+                seen += len(batch)
+                eval_loss = None
+                if eval_set and (step % config.eval_every == 0 or step == max_steps):
+                    eval_loss = held_out()
+                    eval_points.append(EvalPoint(step=step, loss=eval_loss))
+                    if eval_loss < best - 1e-4:
+                        best, stale = eval_loss, 0
+                        best_state = [p.detach().clone() for p in parameters]
+                    else:
+                        stale += 1
+                bar.update(task, advance=1, loss=f"{losses[-1]:.3f}")
+                info = StepInfo(step, max_steps, losses[-1], scheduler.get_last_lr()[0], eval_loss)
+                if callback is not None and callback(info) is False:
+                    stop_reason = "callback"
+                    break
+                if stale >= config.patience:
+                    stop_reason = "early_stopping"
+                    break
+                if config.max_seconds is not None and time.perf_counter() - started >= config.max_seconds:
+                    stop_reason = "max_seconds"
+                    break
+        if eval_set:  # keep the parameters that did best on held-out data
+            _restore(parameters, best_state)
+        seconds = time.perf_counter() - started
+        return FitReport(
+            steps=len(losses),
+            seconds=seconds,
+            examples_per_second=seen / max(seconds, 1e-9),
+            num_train_examples=len(train_set),
+            num_eval_examples=len(eval_set),
+            train_loss=losses,
+            eval_loss=eval_points,
+            best_eval_loss=best,
+            stop_reason="max_epochs" if stop_reason == "max_steps" and max_steps < config.max_steps else stop_reason,
+            dtype=dtype_name(work.dtype),
+        )
+    except BaseException:
+        _restore(parameters, start_state)
+        raise
+    finally:
+        optimizer.zero_grad(set_to_none=True)  # the optimizer ends here: no gradients left on the prefix

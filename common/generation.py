@@ -23,7 +23,8 @@ class SamplingParams(BaseModel):
     max_new_tokens: int = Field(64, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0.0, le=10.0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None  # fixes sampling for this row alone, whatever its batch mates
+    # fixes sampling for this row alone, whatever its batch mates; the range torch's generators take
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: list[str] = Field(default_factory=list)  # output is cut before the first stop string
     ignore_eos: bool = False  # keep going past EOS up to max_new_tokens (benchmarks, as vLLM's flag)
 

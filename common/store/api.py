@@ -41,7 +41,7 @@ from .format import (
 )
 from .info import StoredPrefixInfo, info_of_header
 from .keys import DEFAULT_SCRYPT_N, MIN_SCRYPT_N, KekCache, Key, check_key, new_dek, new_key_id, unwrap_dek, wrap_dek
-from .locking import READ_ONLY, Staged, commit, discard, file_lock, remove_temp_files, stage
+from .locking import READ_ONLY, Staged, commit, deferred_signals, discard, file_lock, remove_temp_files, stage
 from .payload import check_load_dtype, decode_payload, encode_payload, storage_dtype_name
 from .reseal import Opened, rewrapped, under_new_data_key
 from .rollback import RECORD_DIR, check_record, make_record, read_record, record_path
@@ -127,7 +127,8 @@ class PrefixStore:
         *,
         drop: Sequence[str] = (),
     ) -> dict[str, StoredPrefixInfo]:
-        """Store several parts of one user ({'personal': p, 'shared': s}) together: all are written or none changes.
+        """Store several parts of one user ({'personal': p, 'shared': s}) together: all are written or none
+        changes (Ctrl-C and SIGTERM wait for the renames; see locking.py for a process killed outright).
 
         `drop`: parts of this user to remove in the same locked step, once every new part is
         staged and before it is renamed into place (a copy that replaces the shared part: a crash
@@ -391,9 +392,10 @@ class PrefixStore:
             targets = [(self.path_for(n), d) for n, d in files] + [(record_path(self.root, n), d) for n, d in records]
             for target, data in targets:
                 staged.append(stage(target, data, self.durable))  # one by one: a failure discards the earlier
-            for name in dropped:  # rollback records are kept: a dropped file put back stays refused
-                self.path_for(name).unlink(missing_ok=True)
-            commit(staged, self.durable)
+            with deferred_signals():  # Ctrl-C waits: a save of two parts must not stop halfway
+                for name in dropped:  # rollback records are kept: a dropped file put back stays refused
+                    self.path_for(name).unlink(missing_ok=True)
+                commit(staged, self.durable)
         except BaseException:
             discard(staged)
             raise

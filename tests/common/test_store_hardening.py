@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import threading
 
 import pytest
@@ -308,6 +310,29 @@ def test_a_part_dropped_in_the_same_step_only_once_the_new_one_is_staged(store, 
     assert store.load_parts("dave", RAW).keys() == {"personal"}
     store.save_parts("dave", {"personal": make_prefix(3)}, RAW, drop=("shared",))  # nothing left to drop
     assert same(store.load("dave", RAW), make_prefix(3))
+
+
+def test_ctrl_c_between_the_renames_of_a_two_part_save_waits_for_the_last_one(store, monkeypatch):
+    """Ctrl-C (and SIGTERM) landing after the first rename used to stop the save there: the new
+    personal part beside the old shared one, which loads joined. Now the interrupt is raised
+    once every file is renamed."""
+    store.save_parts("dave", {"personal": make_prefix(1), "shared": make_prefix(2)}, RAW)
+    real_replace, renames = store_locking.os.replace, []
+
+    def interrupted_replace(src, dst):
+        real_replace(src, dst)
+        renames.append(dst)
+        if len(renames) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(store_locking.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        store.save_parts("dave", {"personal": make_prefix(3), "shared": make_prefix(4)}, RAW)
+    assert len(renames) == 4  # two parts and their two rollback records
+    monkeypatch.setattr(store_locking.os, "replace", real_replace)
+    parts = store.load_parts("dave", RAW)
+    assert same(parts["personal"], make_prefix(3)) and same(parts["shared"], make_prefix(4))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e6])
