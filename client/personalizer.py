@@ -166,6 +166,8 @@ class Personalizer:
         if parts not in chosen:
             raise ConfigError(f"parts must be 'all', 'shared', 'personal' or 'none', got {parts!r}")
         shared, personal = chosen[parts]
+        if parts != "all" and shared is None and personal is None:  # not the base alone, silently
+            raise ConfigError(f"user {self.user_id}: this prefix has no {parts} part")
         if parts == "all" and self.copy_replaces_shared:
             shared = None  # the personal part is the user's copy of the shared one: it replaces it
         return row_prefix(

@@ -136,3 +136,15 @@ def test_constructor_settings_are_refused_in_one_line(tiny_llama, setting, messa
 def test_a_blank_completion_is_refused_as_blank_text_is(row):
     with pytest.raises(DataError, match="row 1: field '(completion|messages)': .*blank"):
         read_rows([{"prompt": "a", "completion": "b"}, row])
+
+
+def test_a_part_the_prefix_lacks_is_refused_not_replaced_by_the_base_alone(tiny_llama, tmp_path):
+    p = Personalizer(base_model=tiny_llama, num_virtual_tokens=4, **FAST)
+    for call in (
+        lambda: p.evaluate(ROWS, parts="shared"),
+        lambda: p.generate("hi", max_new_tokens=2, parts="shared"),
+        lambda: p.export_peft(tmp_path / "peft", parts="shared"),
+    ):
+        with pytest.raises(ConfigError, match="this prefix has no shared part"):
+            call()
+    assert p.evaluate(ROWS, parts="personal").tokens > 0  # the part it has still works
