@@ -112,9 +112,12 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Held-out loss for base only, shared only and shared + personal."""
     node, _ = _setup(msg, context)
+    me = node.personalizer
+    # a run without a shared part (mode "personal") reports the base's loss as "shared"
+    chosen = {name: "none" if parts == "shared" and me.shared is None else parts for name, parts in EVAL_PARTS.items()}
     losses = {
-        eval_loss_key(name): node.personalizer.evaluate(node.eval_rows, parts=parts, accuracy=False).loss
-        for name, parts in EVAL_PARTS.items()
+        eval_loss_key(name): me.evaluate(node.eval_rows, parts=parts, accuracy=False).loss
+        for name, parts in chosen.items()
     }
     metrics = MetricRecord({NUM_EXAMPLES: len(node.eval_rows), **losses})
     return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
