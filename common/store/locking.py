@@ -94,8 +94,8 @@ def deferred_signals() -> Iterator[None]:
     """SIGINT and SIGTERM that arrive in the block take effect when it ends.
 
     Python runs signal handlers in the main thread only, so elsewhere nothing is deferred
-    (nor does a KeyboardInterrupt land there); a handler installed from C, which Python
-    cannot put back, is left alone.
+    (nor does a KeyboardInterrupt land there); an ignored signal, and a handler installed
+    from C, which Python cannot put back, are left alone.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -104,7 +104,7 @@ def deferred_signals() -> Iterator[None]:
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         handler = signal.getsignal(sig)
-        if handler is not None:
+        if handler not in (None, signal.SIG_IGN):
             previous[sig] = signal.signal(sig, lambda number, frame: caught.append(number))
     try:
         yield

@@ -318,6 +318,8 @@ def test_ctrl_c_between_the_renames_of_a_two_part_save_waits_for_the_last_one(st
     once every file is renamed."""
     store.save_parts("dave", {"personal": make_prefix(1), "shared": make_prefix(2)}, RAW)
     real_replace, renames = store_locking.os.replace, []
+    # a terminal's Ctrl-C (a suite started as a background job inherits SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def interrupted_replace(src, dst):
         real_replace(src, dst)
@@ -326,13 +328,16 @@ def test_ctrl_c_between_the_renames_of_a_two_part_save_waits_for_the_last_one(st
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(store_locking.os, "replace", interrupted_replace)
-    with pytest.raises(KeyboardInterrupt):
-        store.save_parts("dave", {"personal": make_prefix(3), "shared": make_prefix(4)}, RAW)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store.save_parts("dave", {"personal": make_prefix(3), "shared": make_prefix(4)}, RAW)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert len(renames) == 4  # two parts and their two rollback records
     monkeypatch.setattr(store_locking.os, "replace", real_replace)
     parts = store.load_parts("dave", RAW)
     assert same(parts["personal"], make_prefix(3)) and same(parts["shared"], make_prefix(4))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e6])
