@@ -32,9 +32,10 @@ def sparkline(values: Sequence[float | None], width: int = 60) -> str:
     present = [v for v in values if v is not None]
     if not present:
         return ""
-    low, high = min(present), max(present)
+    # halves: high - low of two huge losses (1e308, -1e308) overflows to inf, and inf / inf is NaN
+    low, high = min(present) / 2, max(present) / 2
     span = (high - low) or 1.0
-    return "".join(" " if v is None else SPARKS[int((v - low) / span * (len(SPARKS) - 1))] for v in values)
+    return "".join(" " if v is None else SPARKS[int((v / 2 - low) / span * (len(SPARKS) - 1))] for v in values)
 
 
 def fmt_num(value: float | None, digits: int = 3) -> str:

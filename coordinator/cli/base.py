@@ -13,7 +13,11 @@ from rich.table import Table
 
 from .main import app, console, fail
 
-base_app = typer.Typer(help="Base models: list the registry, fetch the built-in model, show one.", no_args_is_help=True)
+base_app = typer.Typer(
+    help="Base models: list the registry, fetch the built-in model, show one.",
+    no_args_is_help=True,
+    suggest_commands=False,
+)
 app.add_typer(base_app, name="base")
 
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .main import DTYPE_HELP, app, console, dtype_option, err_console, fail, require_free_port
+from .main import DTYPE_HELP, app, console, dtype_option, err_console, fail, non_empty_path, require_free_port
 
 
 @app.command()
@@ -23,7 +23,9 @@ def simulate(
     rounds: int = typer.Option(3, "--rounds", "-r", min=1, help="Federated rounds."),
     base: str = typer.Option("tiny-llama", "--base", help="Base model: registry name, folder or hub id."),
     mode: str = typer.Option("shared+personal", "--mode", help="personal | shared | shared+personal"),
-    out: str = typer.Option("runs/latest", "--out", help="Run folder to write (run.json, rounds.jsonl)."),
+    out: str = typer.Option(
+        "runs/latest", "--out", help="Run folder to write (run.json, rounds.jsonl).", callback=non_empty_path
+    ),
     aggregator: str = typer.Option("fedavg", "--aggregator", help="fedavg | fedadam | fedprox"),
     local_steps: int = typer.Option(10, "--local-steps", min=1, help="Optimizer steps per user per round."),
     data: str = typer.Option(
@@ -31,6 +33,7 @@ def simulate(
         "--data",
         help="'personas' (simulated), a .jsonl/.csv/.parquet file with a user column, "
         "or a folder of per-user files or per-user folders.",
+        callback=non_empty_path,
     ),
     user_field: str = typer.Option("user", "--user-field", help="The user column of a single data file."),
     min_rows: int = typer.Option(2, "--min-rows", min=1, help="Drop users with fewer rows."),
@@ -162,7 +165,7 @@ def _federation_data(config, users: int, examples: int, out: Path, note: Console
 
 @app.command("runs")
 def runs_command(
-    runs: str = typer.Option("runs", "--runs", help="Folder holding run folders."),
+    runs: str = typer.Option("runs", "--runs", help="Folder holding run folders.", callback=non_empty_path),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """List federated runs: id, mode, base, users, rounds done, last losses, status.
@@ -206,7 +209,7 @@ def runs_command(
 @app.command("show")
 def show_command(
     run: str = typer.Argument(..., help="Run id (folder name under --runs) or a path to a run folder."),
-    runs: str = typer.Option("runs", "--runs", help="Folder holding run folders."),
+    runs: str = typer.Option("runs", "--runs", help="Folder holding run folders.", callback=non_empty_path),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
     last: int = typer.Option(50, "--last", min=0, help="Rounds in the table: the latest N (0: all)."),
 ) -> None:
@@ -219,7 +222,9 @@ def show_command(
     from fedprefix.coordinator.views import rounds_table, sparkline
 
     try:
-        info, records, problems = read_run(run) if Path(run).is_dir() else load_run(runs, run)
+        # a run id under --runs first: a same-named folder in the current one must not stand in for it
+        by_id = Path(run).name == run and (Path(runs) / run).is_dir()
+        info, records, problems = read_run(run) if not by_id and Path(run).is_dir() else load_run(runs, run)
     except FedPrefixError as exc:
         fail(exc)
     if as_json:
@@ -248,15 +253,16 @@ def show_command(
     if records and (gain := records[-1].personalization_gain) is not None:
         last = records[-1]
         shared_gain = last.eval_loss_base - (last.eval_loss_shared or last.eval_loss_base)
+        share = f" ({gain / last.eval_loss_base:.1%})" if last.eval_loss_base > 0 else ""  # a loss of 0: no share
         console.print(
-            f"personalization gain (base - personal loss): {gain:.3f} "
-            f"({gain / last.eval_loss_base:.0%}); from the shared prefix alone: {shared_gain:.3f}"
+            f"personalization gain (base - personal loss): {gain:.3f}{share}; "
+            f"from the shared prefix alone: {shared_gain:.3f}"
         )
 
 
 @app.command("dashboard")
 def dashboard_command(
-    runs: str = typer.Option("runs", "--runs", help="Folder holding run folders."),
+    runs: str = typer.Option("runs", "--runs", help="Folder holding run folders.", callback=non_empty_path),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8050, "--port", min=1, max=65535, help="Port to listen on."),
 ) -> None:

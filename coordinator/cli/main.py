@@ -23,6 +23,7 @@ app = typer.Typer(
     help="Federated per-user personalization of a frozen language model with prefix tuning.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    suggest_commands=False,  # click already adds "Did you mean ...?": typer's would say it twice
 )
 
 _state = {"debug": False}
@@ -37,6 +38,23 @@ def dtype_option(value: str) -> str:
 
     if value not in DTYPE_CHOICES:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    return value
+
+
+def finite_option(value: float | None) -> float | None:
+    """A float option's check: NaN passes typer's min/max (every comparison with it is False),
+    and --wrong-key-backoff nan would switch the wrong-key lockout off."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value!r} is not a finite number")
+    return value
+
+
+def non_empty_path(value: str | None) -> str | None:
+    """A path option's check: an empty string would mean the current folder, silently."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("an empty path; name a folder (use . for the current one)")
     return value
 
 

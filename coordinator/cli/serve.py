@@ -11,7 +11,7 @@ from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.precision import DEVICE_HELP, resolve_device, resolve_dtype
 from fedprefix.common.store import existing_store_folder
 
-from .main import DTYPE_HELP, app, console, dtype_option, fail, require_free_port
+from .main import DTYPE_HELP, app, console, dtype_option, fail, finite_option, non_empty_path, require_free_port
 
 
 def _device(value: str) -> str:
@@ -26,7 +26,9 @@ def _device(value: str) -> str:
 @app.command()
 def serve(
     base: str = typer.Option(base_model.DEFAULT_BASE, "--base", help="Base model: registry name, folder or hub id."),
-    store: str = typer.Option(..., "--store", help="Encrypted prefix store folder (ciphertext only)."),
+    store: str = typer.Option(
+        ..., "--store", help="Encrypted prefix store folder (ciphertext only).", callback=non_empty_path
+    ),
     served_model_name: str = typer.Option(
         None, "--served-model-name", help="The model name clients send and /v1/models lists (default: --base)."
     ),
@@ -40,7 +42,9 @@ def serve(
         min=1,
         help="Waiting requests of one user (anonymous: one user) before answering 429.",
     ),
-    max_wait: float = typer.Option(30.0, "--max-wait", min=0.001, help="Seconds a request may wait for a batch slot."),
+    max_wait: float = typer.Option(
+        30.0, "--max-wait", min=0.001, help="Seconds a request may wait for a batch slot.", callback=finite_option
+    ),
     cache_mib: int = typer.Option(1024, "--prefix-cache-mib", min=1, help="Memory for decrypted prefixes (LRU)."),
     prompt_cache_mib: int = typer.Option(
         256,
@@ -70,7 +74,11 @@ def serve(
         5, "--max-wrong-keys", min=1, help="Wrong keys in a row for one user before its unlocks get 429 with backoff."
     ),
     wrong_key_backoff: float = typer.Option(
-        1.0, "--wrong-key-backoff", min=0, help="Seconds of the first backoff; doubles per further wrong key (max 300)."
+        1.0,
+        "--wrong-key-backoff",
+        min=0,
+        help="Seconds of the first backoff; doubles per further wrong key (max 300).",
+        callback=finite_option,
     ),
     replicas: int = typer.Option(
         1, "--replicas", min=1, help="Engine replicas behind Ray Serve, each user routed to one (1: a single process)."
@@ -79,7 +87,12 @@ def serve(
         None, "--ray-address", help="Deploy the replicas onto this Ray cluster (e.g. ray://head:10001 or auto)."
     ),
     replica_cpus: float = typer.Option(
-        None, "--replica-cpus", min=0.001, help="Ray CPUs per replica (default: this machine's cores / replicas)."
+        None,
+        "--replica-cpus",
+        min=0.001,
+        max=4096,
+        help="Ray CPUs per replica (default: this machine's cores / replicas).",
+        callback=finite_option,
     ),
     max_users_per_replica: int = typer.Option(
         1024, "--max-users-per-replica", min=1, help="Users one replica holds for routing (Ray Serve multiplexing LRU)."

@@ -27,6 +27,7 @@ store_app = typer.Typer(
     name="store",
     help="Encrypted per-user prefix store: list, verify, rotate keys, reset rollback records, export to PEFT.",
     no_args_is_help=True,
+    suggest_commands=False,  # click already suggests
 )
 app.add_typer(store_app, name="store")
 

@@ -249,3 +249,49 @@ def test_runs_points_one_level_down_where_the_runs_are(runs, tmp_path):
     listed = runner.invoke(app, ["runs", "--runs", str(tmp_path)])
     assert listed.exit_code == 0
     assert f"fedprefix runs --runs {tmp_path / 'project'}" in " ".join(listed.output.split())
+
+
+def _with_losses(runs, tmp_path, name: str, **losses) -> None:
+    """A copy of the tiny run whose rounds all carry `losses`."""
+    folder = tmp_path / name
+    shutil.copytree(runs / "tiny", folder)
+    lines = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
+    for i, record in enumerate(lines):
+        record.update({k: v[i % len(v)] for k, v in losses.items()})
+    (folder / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_show_reads_extreme_losses_as_runs_and_the_dashboard_do(runs, tmp_path):
+    """Losses of +-1e308 overflowed the sparkline's span to NaN, and a base loss of 0 divided
+    by zero: `show` failed where `runs` and the dashboard read the same folder."""
+    _with_losses(runs, tmp_path, "huge", eval_loss_base=[1e308, -1e308], train_loss=[-1e308, 1e308])
+    _with_losses(runs, tmp_path, "zero", eval_loss_base=[0.0])
+    for name in ("huge", "zero"):
+        shown = runner.invoke(app, ["show", name, "--runs", str(tmp_path)])
+        assert shown.exit_code == 0 and "personalization gain" in shown.output, shown.output
+
+
+def test_show_takes_the_run_id_under_runs_before_a_same_named_folder_here(runs, tmp_path, monkeypatch):
+    (tmp_path / "tiny").mkdir()  # not a run: a folder that happens to share the id
+    monkeypatch.chdir(tmp_path)
+    shown = runner.invoke(app, ["show", "tiny", "--runs", str(runs)])
+    assert shown.exit_code == 0 and "personalization gain" in shown.output, shown.output
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["runs", "--runs", ""], "Invalid value for '--runs': an empty path"),
+        (["simulate", "--out", " "], "Invalid value for '--out': an empty path"),
+        (["serve", "--store", ""], "Invalid value for '--store': an empty path"),
+        (["serve", "--store", "s", "--wrong-key-backoff", "nan"], "nan is not a finite number"),
+        (["serve", "--store", "s", "--max-wait", "inf"], "inf is not a finite number"),
+        (["simualte"], "Did you mean 'simulate'?"),
+    ],
+)
+def test_empty_paths_and_non_finite_numbers_are_usage_errors(argv, message):
+    """An empty --out wrote a whole run into the current folder; --wrong-key-backoff nan
+    switched the wrong-key lockout off (NaN passes typer's min)."""
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert result.output.count("Did you mean") <= 1  # click's suggestion, not also typer's
