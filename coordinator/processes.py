@@ -25,12 +25,12 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 
 import psutil
+from fedprefix.common.signals import signals_deferred
 
 logger = logging.getLogger(__name__)
 
 TAG_VAR = "FEDPREFIX_SIM_TAG"  # in the environment of every process an OwnedProcesses starts
 STOP_GRACE_S = 3.0  # between SIGTERM and SIGKILL (Ray's daemons often need the SIGKILL)
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def tagged_processes(tag: str) -> list[psutil.Process]:
@@ -114,22 +114,6 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-@contextmanager
-def signals_deferred():
-    """Hold SIGINT and SIGTERM off while a cleanup runs (main thread only); yields the list of
-    those that came meanwhile, for the caller to act on once the cleanup is done."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in _STOP_SIGNALS}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 class OwnedProcesses:

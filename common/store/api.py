@@ -15,6 +15,7 @@ unwrap: tampered) -> base fingerprint -> rollback record check.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ import torch
 from ..errors import ConfigError
 from ..files import fsync_dir
 from ..prefix import Prefix, PrefixConfig
+from ..signals import signals_deferred
 from .errors import RollbackError, StoreError, UnknownUserError, WrongBaseError, WrongUserError, about
 from .format import (
     FILE_SUFFIX,
@@ -41,7 +43,7 @@ from .format import (
 )
 from .info import StoredPrefixInfo, info_of_header
 from .keys import DEFAULT_SCRYPT_N, MIN_SCRYPT_N, KekCache, Key, check_key, new_dek, new_key_id, unwrap_dek, wrap_dek
-from .locking import READ_ONLY, Staged, commit, deferred_signals, discard, file_lock, remove_temp_files, stage
+from .locking import READ_ONLY, Staged, commit, discard, file_lock, remove_temp_files, stage
 from .payload import check_load_dtype, decode_payload, encode_payload, storage_dtype_name
 from .reseal import Opened, rewrapped, under_new_data_key
 from .rollback import RECORD_DIR, check_record, make_record, read_record, record_path
@@ -392,10 +394,12 @@ class PrefixStore:
             targets = [(self.path_for(n), d) for n, d in files] + [(record_path(self.root, n), d) for n, d in records]
             for target, data in targets:
                 staged.append(stage(target, data, self.durable))  # one by one: a failure discards the earlier
-            with deferred_signals():  # Ctrl-C waits: a save of two parts must not stop halfway
+            with signals_deferred() as received:  # Ctrl-C waits: a save of two parts must not stop halfway
                 for name in dropped:  # rollback records are kept: a dropped file put back stays refused
                     self.path_for(name).unlink(missing_ok=True)
                 commit(staged, self.durable)
+            for sig in dict.fromkeys(received):
+                signal.raise_signal(sig)  # to the handler put back: KeyboardInterrupt, or the exit
         except BaseException:
             discard(staged)
             raise

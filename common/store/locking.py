@@ -7,7 +7,7 @@ its target; only when all are ready are they renamed over their targets (parts f
 records second, see rollback.py), then the folders are fsynced. A failure before the
 renames removes the temps and changes nothing; a writer killed at any point leaves each
 file old or new, and perhaps temp files that the next writer of that user removes.
-Ctrl-C and SIGTERM wait for the renames to end (`deferred_signals`), so that a save of two
+Ctrl-C and SIGTERM wait for the renames to end (`common.signals`), so that a save of two
 parts is not stopped with one part new and the other old; only a writer killed outright
 (SIGKILL, a power loss) between two renames leaves that mix, each file authentic.
 On a case-insensitive filesystem 'Alice' and 'alice' share one file; the owner check
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +27,7 @@ from filelock import FileLock, Timeout
 from ..files import fsync_dir, write_temp
 from .errors import StoreBusyError, StoreError, about
 
-__all__ = ["Staged", "commit", "deferred_signals", "discard", "file_lock", "remove_temp_files", "stage"]
+__all__ = ["Staged", "commit", "discard", "file_lock", "remove_temp_files", "stage"]
 
 Staged = tuple[Path, Path]  # (temp file, target)
 
@@ -87,29 +85,3 @@ def commit(staged: Sequence[Staged], durable: bool) -> None:
     if durable:
         for folder in dict.fromkeys(target.parent for _, target in staged):
             fsync_dir(folder)
-
-
-@contextmanager
-def deferred_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM that arrive in the block take effect when it ends.
-
-    Python runs signal handlers in the main thread only, so elsewhere nothing is deferred
-    (nor does a KeyboardInterrupt land there); an ignored signal, and a handler installed
-    from C, which Python cannot put back, are left alone.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(sig)
-        if handler not in (None, signal.SIG_IGN):
-            previous[sig] = signal.signal(sig, lambda number, frame: caught.append(number))
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for sig in dict.fromkeys(caught):
-            signal.raise_signal(sig)  # now to the handler that was there (KeyboardInterrupt, exit)
