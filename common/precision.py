@@ -25,6 +25,7 @@ import time
 import torch
 from pydantic import BaseModel
 
+from .config import DEVICE_HELP
 from .errors import ConfigError
 
 # The project's one map of dtype names (compute dtypes here, storage dtypes in common/store).
@@ -116,9 +117,6 @@ def resolve_dtype(name: str | torch.dtype = "auto", device: str | torch.device =
     if device.type != "cpu" or not cpu_native_bf16():
         return torch.float32
     return torch.bfloat16 if cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else torch.float32
-
-
-DEVICE_HELP = "auto (a CUDA GPU where torch sees one, else cpu), cpu, cuda or cuda:N"
 
 
 def resolve_device(name: str = "auto") -> torch.device:

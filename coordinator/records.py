@@ -176,7 +176,10 @@ def read_run(run_dir: str | os.PathLike) -> tuple[RunInfo, list[RoundRecord], li
             continue
         try:
             rounds.append(RoundRecord.model_validate(json.loads(line)))
-        except (ValueError, ValidationError, RecursionError) as exc:  # ValueError: JSON, numbers past its limits
+        except ValidationError as exc:  # named: "field eval_loss_base: ..."
+            field, message = first_error(exc, "round")
+            problems.append(f"{rounds_path} line {number}: unreadable round record (field {field}: {message})")
+        except (ValueError, RecursionError) as exc:  # not JSON, or numbers past its limits
             problems.append(f"{rounds_path} line {number}: unreadable round record ({str(exc).splitlines()[0]})")
     return info, rounds, problems
 

@@ -111,11 +111,18 @@ def _count(config: dict, key: str, problems: list[str]) -> int:
     return 0
 
 
-def list_runs(runs_dir: str | os.PathLike) -> list[RunSummary]:
-    """Every run folder under `runs_dir`, newest first; unreadable ones are listed with their problem."""
+def require_runs_folder(runs_dir: str | os.PathLike) -> Path:
+    """`runs_dir` as a Path, or RunFolderError naming what is wrong with it."""
     root = Path(runs_dir)
     if not root.is_dir():
-        raise RunFolderError(f"runs folder {root} does not exist")
+        problem = "is not a folder" if root.exists() else "does not exist"
+        raise RunFolderError(f"runs folder {root} {problem}")
+    return root
+
+
+def list_runs(runs_dir: str | os.PathLike) -> list[RunSummary]:
+    """Every run folder under `runs_dir`, newest first; unreadable ones are listed with their problem."""
+    root = require_runs_folder(runs_dir)
     summaries = []
     for folder in sorted(p for p in root.iterdir() if os.path.lexists(p / RUN_FILE)):
         try:

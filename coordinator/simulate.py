@@ -234,8 +234,9 @@ def simulate(
     another ClientApp for the nodes ("module:attribute"; experiments wrap the real one). Every process started
     here is stopped before this returns or raises (also on Ctrl-C and SIGTERM).
     """
+    check_run_folder(config)
     if not config.store_root:  # the run's own stores: a rerun into the same folder starts afresh
-        fresh_node_stores(Path(config.node_store_root))
+        _fresh_node_stores(Path(config.node_store_root))
     config = config.model_copy(
         update={
             "run_dir": str(Path(config.run_dir).resolve()),
@@ -297,14 +298,26 @@ def _run_federation(config, clientapp, verbose, cpus_per_client, log_file, on_ro
             return flwr_run.returncode
 
 
-def fresh_node_stores(folder: Path) -> None:
+def check_run_folder(config: FederationConfig) -> None:
+    """SimulationError where the run cannot go into `config.run_dir`: a file there, or node stores
+    that no simulation made (which a run would empty). The CLI asks before it writes any data."""
+    run_dir = Path(config.run_dir)
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise SimulationError(f"run folder {run_dir}: {folder} is a file, not a folder")
+            break
+    stores = Path(config.node_store_root)
+    if not config.store_root and stores.exists() and not (stores / SIMULATION_MARK).is_file():
+        raise SimulationError(
+            f"{stores} exists and no simulation made it: choose another --out, or --set store-root=FOLDER"
+        )
+
+
+def _fresh_node_stores(folder: Path) -> None:
     """An empty folder for the run's node stores. What an earlier simulation left there goes
-    (its mark says so); a folder that no simulation made is never touched (SimulationError)."""
+    (its mark says so); a folder that no simulation made is never touched (check_run_folder)."""
     if folder.exists():
-        if not (folder / SIMULATION_MARK).is_file():
-            raise SimulationError(
-                f"{folder} exists and no simulation made it: choose another --out, or --set store-root=FOLDER"
-            )
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     (folder / SIMULATION_MARK).write_text(

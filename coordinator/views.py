@@ -59,9 +59,12 @@ def rounds_table(records: Sequence[RoundRecord], title: str = "rounds", latest: 
         title = f"{title} (the latest {latest} of {len(records)})"
         records = records[-latest:]
     table = Table(title=title)
-    for column in ("rnd", "users", "ok", "rej", "train", "base", "shared", "pers", "gain", "norm", "up kB", "s"):
+    dp = any(r.privacy is not None for r in records)  # a DP run: its epsilon so far, beside each round
+    columns = ("rnd", "users", "ok", "rej", "train", "base", "shared", "pers", "gain", "norm", "up kB", "s")
+    for column in (*columns, *(["DP eps"] if dp else [])):
         table.add_column(column, justify="right", no_wrap=True)
     for r in records:
+        epsilon = [fmt_num(r.privacy.epsilon if r.privacy else None, 3)] if dp else []
         table.add_row(
             str(r.round),
             str(len(r.sampled_users)),
@@ -75,6 +78,7 @@ def rounds_table(records: Sequence[RoundRecord], title: str = "rounds", latest: 
             fmt_num(r.shared_update_norm, 2),
             f"{r.uplink_bytes / 1000:.1f}",
             f"{r.seconds:.1f}",
+            *epsilon,
         )
     return table
 
@@ -84,8 +88,19 @@ def round_line(record: RoundRecord, total: int) -> str:
     return (
         f"round {record.round}/{total}: train loss {fmt_num(record.train_loss)}, "
         f"held-out loss base {fmt_num(record.eval_loss_base)} shared {fmt_num(record.eval_loss_shared)} "
-        f"personal {fmt_num(record.eval_loss_personal)}"
+        f"personal {fmt_num(record.eval_loss_personal)}{privacy_text(record)}"
     )
+
+
+def privacy_text(record: RoundRecord) -> str:
+    """ ", DP epsilon 1.23 at delta 1e-05" for a round under differential privacy, else ""."""
+    dp = record.privacy
+    if dp is None:
+        return ""
+    if dp.epsilon is None:
+        return f", DP epsilon unknown ({dp.reason or 'no accountant'})"
+    delta = f" at delta {dp.delta:.0e}" if dp.delta is not None else ""
+    return f", DP epsilon {dp.epsilon:.3g}{delta}"
 
 
 @contextmanager

@@ -183,7 +183,7 @@ class PrefixStore:
                 if self.exists(name)
             }
         if not found:
-            raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id)
+            raise UnknownUserError.of(user_id)
         return found
 
     def verify(self, user_id: str, key: Key) -> StoredPrefixInfo:
@@ -240,7 +240,7 @@ class PrefixStore:
             try:
                 path.unlink()
             except FileNotFoundError:
-                raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id) from None
+                raise UnknownUserError.of(user_id) from None
             self._remove_temps(user_id)
             if self.durable:
                 fsync_dir(self.root)
@@ -272,7 +272,7 @@ class PrefixStore:
         """The store names of every part of `user_id` that is stored; UnknownUserError if none."""
         names = [store_name(user_id, part) for part in PARTS if self.exists(store_name(user_id, part))]
         if not names:
-            raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id)
+            raise UnknownUserError.of(user_id)
         return names
 
     def _commit_sealed(self, sealed: dict[str, tuple[FileHeader, bytes, bytes]]) -> None:
@@ -417,7 +417,13 @@ class PrefixStore:
     def _reader_lock(self, name: str) -> Iterator[None]:
         """The user's lock for a reader; none where the store cannot be written at all (a
         read-only mount, a folder of someone else's): no writer can be midway there either, and
-        every file read is authenticated anyway. Either way no write is midway inside."""
+        every file read is authenticated anyway. Either way no write is midway inside.
+
+        UnknownUserError, and no lock file made, where no part of the user is stored: a reader
+        of made-up user ids (a server's requests) would otherwise leave a lock file for each."""
+        owner, _ = split_store_name(name)
+        if not any(self.exists(store_name(owner, part)) for part in PARTS):
+            raise UnknownUserError.of(owner)
         lock = self._user_lock(name)
         try:
             lock.__enter__()

@@ -103,6 +103,10 @@ class UnknownUserError(StoreError):
 
     reason = "unknown_user"
 
+    @classmethod
+    def of(cls, user_id: str) -> UnknownUserError:
+        return cls(about(user_id, "no prefix is stored for this user"), user_id)
+
 
 class BadUserIdError(StoreError, ValueError):
     """The user id is not a valid store name."""

@@ -359,7 +359,7 @@ def open_regular(path: Path, user_id: str):
     except FileNotFoundError:
         if os.path.lexists(path):  # a link to nowhere: something is there, and it is not a prefix
             raise CorruptError(about(user_id, f"{path.name} is a link to nothing"), user_id) from None
-        raise UnknownUserError(about(user_id, "no prefix is stored for this user"), user_id) from None
+        raise UnknownUserError.of(user_id) from None
     except OSError as exc:
         if exc.errno == errno.EINVAL:
             raise CorruptError(about(user_id, f"{path.name} is not a regular file"), user_id) from None

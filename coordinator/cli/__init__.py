@@ -5,9 +5,39 @@ base.py        fedprefix base list | fetch | info
 federation.py  fedprefix simulate | runs | show | dashboard
 serve.py       fedprefix serve
 store.py       fedprefix store list | verify | rotate-key | export-peft
+
+Importing the commands needs no torch (each command imports what it needs when it runs), so
+`fedprefix --help` answers at once. The entry point imports them under its Ctrl-C handling.
 """
 
-from . import base, federation, serve, store  # noqa: F401  (each module registers its commands on the app)
-from .main import app, run
+from __future__ import annotations
+
+import sys
+
+
+def _load_commands():
+    """The app with every command registered on it (each module adds its own)."""
+    from . import base, federation, serve, store  # noqa: F401
+    from .main import app, run
+
+    return app, run
+
+
+def run() -> None:
+    """The console entry point: Ctrl-C while the commands import is `aborted` too, not a traceback."""
+    try:
+        _, run_app = _load_commands()
+    except KeyboardInterrupt:
+        sys.stderr.write("aborted\n")
+        raise SystemExit(1) from None
+    run_app()
+
+
+def __getattr__(name: str):
+    """`from fedprefix.coordinator.cli import app`: the app with its commands (PEP 562)."""
+    if name == "app":
+        return _load_commands()[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["app", "run"]

@@ -6,7 +6,7 @@ import json
 import time
 
 import typer
-from fedprefix.common import base_model
+from fedprefix.common.config import DEFAULT_BASE
 from fedprefix.common.errors import FedPrefixError
 from rich.markup import escape
 from rich.table import Table
@@ -27,6 +27,8 @@ def base_list(as_json: bool = typer.Option(False, "--json", help="Print JSON for
 
     Example: fedprefix base list
     """
+    from fedprefix.common import base_model  # torch and transformers: only when a command needs them
+
     rows = []
     for entry in base_model.REGISTRY.values():
         ready = entry.builtin or (base_model.registry_folder(entry.name) / "config.json").is_file()
@@ -44,11 +46,13 @@ def base_list(as_json: bool = typer.Option(False, "--json", help="Print JSON for
 
 
 @base_app.command("fetch")
-def base_fetch(name: str = typer.Argument(base_model.DEFAULT_BASE, help="Registry name.")) -> None:
+def base_fetch(name: str = typer.Argument(DEFAULT_BASE, help="Registry name.")) -> None:
     """Make a registry model available offline (converts the built-in GGUF once, ~30 s).
 
     Example: fedprefix base fetch smollm2-135m-instruct
     """
+    from fedprefix.common import base_model
+
     try:
         started = time.perf_counter()
         with console.status(f"fetching {name} (first time: download and convert, about 30 s)"):
@@ -62,7 +66,7 @@ def base_fetch(name: str = typer.Argument(base_model.DEFAULT_BASE, help="Registr
 
 @base_app.command("info")
 def base_info(
-    name: str = typer.Argument(base_model.DEFAULT_BASE, help="Registry name, folder or hub id."),
+    name: str = typer.Argument(DEFAULT_BASE, help="Registry name, folder or hub id."),
     tokens: int = typer.Option(16, "--tokens", "-p", help="Prefix length P to size."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
@@ -70,6 +74,8 @@ def base_info(
 
     Example: fedprefix base info tiny-llama --tokens 8
     """
+    from fedprefix.common import base_model
+
     try:
         base = base_model.load_base(name)
         spec = base.prefix_spec(tokens)

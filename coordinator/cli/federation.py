@@ -6,13 +6,25 @@ import json
 from pathlib import Path
 
 import typer
-from fedprefix.common.errors import ConfigError, FedPrefixError, first_error
+from fedprefix.common.errors import FedPrefixError, first_error
 from fedprefix.coordinator.views import fmt_num, mode_label
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .main import DTYPE_HELP, app, console, dtype_option, err_console, fail, non_empty_path, require_free_port
+from .main import (
+    DTYPE_HELP,
+    app,
+    console,
+    dtype_option,
+    err_console,
+    fail,
+    non_empty_path,
+    require_free_port,
+    usage_error,
+)
+
+PERSONA_USERS = 4  # simulated personas without --users
 
 
 @app.command()
@@ -63,13 +75,13 @@ def simulate(
     for item in setting:
         key, sep, value = item.partition("=")
         if not sep:
-            fail(ValueError(f"--set expects KEY=VALUE, got {item!r}"))
+            usage_error(f"--set expects KEY=VALUE, got {item!r}")
         extra[key.replace("-", "_")] = value
     if "num_users" in extra:  # --set num-users=N is --users N (the data may then lower it)
         try:
             users = int(extra.pop("num_users"))
         except ValueError:
-            fail(ConfigError("--set num_users: expected a whole number of users"))
+            usage_error("--set num_users: expected a whole number of users")
     settings = (
         dict(
             base=base,
@@ -97,10 +109,21 @@ def simulate(
     # Settings first, so that a bad one is refused before any data is read or written;
     # then again with the number of users the data holds.
     config = _checked({**settings, "num_users": max(users, per_round, 1)})
+    if config.data == "personas":
+        from fedprefix.simulations.personas import MAX_ROWS, MAX_ROWS_PER_USER
+
+        users = users or PERSONA_USERS
+        if users * (examples or MAX_ROWS_PER_USER) > MAX_ROWS:  # before any is written
+            usage_error(
+                f"--users {users} x --examples {examples or f'up to {MAX_ROWS_PER_USER}'}: the simulated "
+                f"personas hold at most {MAX_ROWS:,} rows in all (your own data: --data)"
+            )
     try:  # before Flower and Ray start: each node would fail on it, and the reason end up in a log
         from fedprefix.common.base_model import check_base
+        from fedprefix.coordinator.simulate import check_run_folder
 
         check_base(config.base)  # --set base=... may have replaced --base
+        check_run_folder(config)  # before the personas' data is written into it
     except FedPrefixError as exc:
         fail(exc)
     users, data = _federation_data(config, users, examples, Path(out), err_console if as_json else console)
@@ -132,9 +155,9 @@ def _checked(values: dict):
 
     try:
         return FederationConfig.model_validate(values)
-    except ValidationError as exc:
+    except ValidationError as exc:  # a value no option's own check sees: a usage error too (exit 2)
         field, message = first_error(exc, "config")
-        fail(ValueError(f"setting {field}: {message}"))
+        usage_error(f"setting {field}: {message}")
 
 
 def _federation_data(config, users: int, examples: int, out: Path, note: Console) -> tuple[int, str]:
@@ -142,7 +165,6 @@ def _federation_data(config, users: int, examples: int, out: Path, note: Console
     if config.data == "personas":
         from fedprefix.simulations.personas import write_federation_data
 
-        users = users or 4
         return users, str(write_federation_data(out / "data", users, examples or None))
     from fedprefix.client.partition import partition_users, read_users, user_split
 
@@ -272,9 +294,12 @@ def dashboard_command(
     """
     import uvicorn
     from fedprefix.coordinator.dashboard.app import create_dashboard
+    from fedprefix.coordinator.runs import require_runs_folder
 
-    if not Path(runs).is_dir():
-        fail(FedPrefixError(f"runs folder {runs} does not exist"))
+    try:
+        require_runs_folder(runs)
+    except FedPrefixError as exc:
+        fail(exc)
     require_free_port(host, port)
     console.print(f"dashboard of {runs} on http://{host}:{port}", markup=False)
     uvicorn.run(create_dashboard(runs), host=host, port=port, log_level="warning")

@@ -8,6 +8,7 @@ traceback instead.
 from __future__ import annotations
 
 import logging
+from typing import NoReturn
 
 import click
 import typer
@@ -49,6 +50,12 @@ def finite_option(value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"{value!r} is not a finite number")
     return value
+
+
+def usage_error(message: str) -> NoReturn:
+    """A value that no option's own check could judge (a run setting's rule, a --set pair): exit 2
+    and one line naming the command's --help, as click's own usage errors."""
+    raise click.UsageError(message, ctx=click.get_current_context(silent=True))
 
 
 def non_empty_path(value: str | None) -> str | None:
@@ -120,7 +127,9 @@ def require_free_port(host: str, port: int) -> None:
         if not bound:
             raise OSError(errno.EADDRNOTAVAIL, "no address of this machine")
     except OSError as exc:
-        fail(FedPrefixError(f"could not listen on {host}:{port}: {exc.strerror or exc} (is the port in use?)"))
+        why = {errno.EADDRINUSE: " (is the port in use?)", errno.EADDRNOTAVAIL: " (not an address of this machine)"}
+        reason = "unknown host" if isinstance(exc, socket.gaierror) else (exc.strerror or str(exc))
+        fail(FedPrefixError(f"could not listen on {host}:{port}: {reason}{why.get(exc.errno, '')}"))
 
 
 def fail(exc: Exception) -> None:

@@ -6,16 +6,16 @@ import signal
 import time
 
 import typer
-from fedprefix.common import base_model
+from fedprefix.common.config import DEFAULT_BASE, DEVICE_HELP
 from fedprefix.common.errors import FedPrefixError
-from fedprefix.common.precision import DEVICE_HELP, resolve_device, resolve_dtype
-from fedprefix.common.store import existing_store_folder
 
 from .main import DTYPE_HELP, app, console, dtype_option, fail, finite_option, non_empty_path, require_free_port
 
 
 def _device(value: str) -> str:
     """--device's check: a bad value is a usage error (exit 2, naming --help), before anything loads."""
+    from fedprefix.common.precision import resolve_device  # torch: imported by the command that needs it only
+
     try:
         resolve_device(value)
     except FedPrefixError as exc:
@@ -25,7 +25,7 @@ def _device(value: str) -> str:
 
 @app.command()
 def serve(
-    base: str = typer.Option(base_model.DEFAULT_BASE, "--base", help="Base model: registry name, folder or hub id."),
+    base: str = typer.Option(DEFAULT_BASE, "--base", help="Base model: registry name, folder or hub id."),
     store: str = typer.Option(
         ..., "--store", help="Encrypted prefix store folder (ciphertext only).", callback=non_empty_path
     ),
@@ -106,6 +106,8 @@ def serve(
     (KEY_B64=$(base64 < alice.key | tr -d '\\n')); a passphrase with non-ASCII characters goes as:
     -H "X-Prefix-Key: b64:$(printf %s "$PASS" | base64 | tr -d '\\n')".
     """
+    from fedprefix.common.store import existing_store_folder
+
     if ray_address is None:  # on a Ray cluster the path is the workers' to check
         try:
             existing_store_folder(store)
@@ -118,6 +120,8 @@ def serve(
             fail(FedPrefixError(f"--device {device}: replicas (--replicas, --ray-address) run on CPUs only"))
         return _serve_replicas(locals())
     import uvicorn
+    from fedprefix.common import base_model
+    from fedprefix.common.precision import resolve_device, resolve_dtype
     from fedprefix.common.store import PrefixStore
     from fedprefix.coordinator.serving import Engine
     from fedprefix.coordinator.serving.limits import ServingLimits
@@ -186,6 +190,7 @@ def _serve_replicas(options: dict) -> None:
     cores, count, local = os.cpu_count() or 1, options["replicas"], options["ray_address"] is None
     if local and "RAY_AUTH_MODE" not in os.environ:  # read when ray is imported: before the import below
         _require_ray_token()
+    from fedprefix.common.precision import resolve_dtype
     from fedprefix.coordinator.serving import replicas
     from pydantic import ValidationError
 

@@ -11,17 +11,20 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.files import open_regular
-from fedprefix.common.protocol import shared_store_id
-from fedprefix.common.store import KEY_BYTES, BadKeyError, PrefixStore, StoredPrefixInfo, existing_store_folder
 from rich.table import Table
 from rich.text import Text
 
 from .main import app, console, fail
+
+if TYPE_CHECKING:  # the store imports torch: each command imports it when it runs, so --help stays quick
+    from fedprefix.common.store import PrefixStore, StoredPrefixInfo
+
+KEY_BYTES = 32  # a raw key's size (common/store/keys.py; a test checks they agree)
 
 store_app = typer.Typer(
     name="store",
@@ -59,6 +62,8 @@ KEY_FILE_MAX = 1024  # bytes read from a key file: a key is 32 bytes or 64 hex d
 def _read_key(user_id: str, key_file: Path | None, passphrase_env: str | None, new: bool = False) -> str | bytes:
     """The key from --key-file, --passphrase-env, a hidden prompt, or stdin's next line when piped
     (`new`: the --new-* options, and a prompt that asks twice)."""
+    from fedprefix.common.store import BadKeyError
+
     options = "--new-key-file or --new-passphrase-env" if new else "--key-file or --passphrase-env"
     if key_file is not None and passphrase_env is not None:
         raise BadKeyError(f"give {options}, not both (user {user_id!r})")
@@ -94,6 +99,8 @@ def _read_key(user_id: str, key_file: Path | None, passphrase_env: str | None, n
 
 
 def _open_store(path: Path) -> PrefixStore:
+    from fedprefix.common.store import PrefixStore, existing_store_folder
+
     return PrefixStore(existing_store_folder(path))
 
 
@@ -211,6 +218,8 @@ def change_passphrase_cmd(
 
 
 def _part_names(user_id: str) -> list[str]:
+    from fedprefix.common.protocol import shared_store_id
+
     return [user_id, shared_store_id(user_id)]
 
 

@@ -351,6 +351,15 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return application(ReplicaSettings.model_validate(args))
 
 
+class _NotOurHttpOptions(logging.Filter):
+    """Drops Ray's "The new client HTTP config differs from the existing one" warning: serve.run()
+    compares its own default HTTP options with the proxy that serve.start() set up on our host and
+    port, and warns on every start, though ours are the ones in use."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "client HTTP config differs" not in record.getMessage()
+
+
 def start(
     settings: ReplicaSettings,
     host: str,
@@ -366,7 +375,10 @@ def start(
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray never reports anywhere
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # and does not warn about GPUs it leaves alone
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve_log = logging.getLogger("ray.serve")
+    serve_log.setLevel(logging.WARNING)
+    if not any(isinstance(f, _NotOurHttpOptions) for f in serve_log.filters):
+        serve_log.addFilter(_NotOurHttpOptions())
     if address is None:
         ray.init(
             num_cpus=os.cpu_count(),

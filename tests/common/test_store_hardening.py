@@ -19,6 +19,7 @@ from fedprefix.common.store import (
     RollbackError,
     RollbackStateError,
     StoreError,
+    UnknownUserError,
     WrongKeyError,
 )
 from fedprefix.common.store import locking as store_locking
@@ -441,3 +442,18 @@ def test_odd_files_in_the_folder_are_store_errors_naming_them(store):
     (store.root / ".rollback").write_text("not a folder")
     with pytest.raises(StoreError, match="alice.json cannot be read"):
         store.load("alice", PASS)
+
+
+def test_readers_of_an_unknown_user_leave_no_lock_file(store):
+    """A server asked for made-up user ids made a lock file for each (and `store verify` for a typo)."""
+    from fedprefix.coordinator.cli.store import store_app
+
+    store.save("alice", make_prefix(), RAW)
+    before = files(store.root)
+    for read in (store.load_parts, store.verify_user):
+        with pytest.raises(UnknownUserError, match="no prefix is stored for this user"):
+            read("mallory", RAW)
+    result = CliRunner().invoke(store_app, ["verify", "mallory", "--store", str(store.root)], input="pass\n")
+    assert result.exit_code == 1 and "no prefix is stored" in result.output, result.output
+    assert files(store.root) == before and not (store.root / "mallory.lock").exists()
+    assert same(store.load_parts("alice", RAW)["personal"], make_prefix())  # a known user's reads are as before

@@ -1,5 +1,6 @@
 """The CLI's promise: every error is one line on stderr and exit code 1; --debug shows the traceback."""
 
+import subprocess
 import sys
 
 import pytest
@@ -204,9 +205,93 @@ def test_serve_refuses_a_device_or_dtype_it_cannot_use_before_loading(monkeypatc
 
 def test_simulate_set_overrides_the_option_of_the_same_setting(monkeypatch, capsys, tmp_path):
     """--set base=... (any setting with its own option) was a TypeError: now it wins and is checked."""
-    for setting, message in (("base=nope", "unknown base model 'nope'"), ("num-users=x", "--set num_users")):
+    cases = (("base=nope", 1, "unknown base model 'nope'"), ("num-users=x", 2, "--set num_users"))
+    for setting, code, message in cases:
         with pytest.raises(SystemExit) as exit_:
             _run(monkeypatch, "simulate", "--set", setting, "--out", str(tmp_path / "unused"))
-        assert exit_.value.code == 1
+        assert exit_.value.code == code
         err = capsys.readouterr().err
         assert message in err and "TypeError" not in err and err.count("\n") == 1, err
+
+
+def test_the_commands_load_without_torch_so_help_answers_at_once():
+    """Every command imported torch and transformers (2-3 s, and a traceback on Ctrl-C meanwhile)."""
+    probe = (
+        "import sys; from fedprefix.coordinator.cli import app; from typer.testing import CliRunner; "
+        "out = CliRunner().invoke(app, ['--help']).output; "
+        "print(all(c in out for c in ('simulate', 'serve', 'store', 'base', 'dashboard', 'runs', 'show'))); "
+        "print(sorted(m for m in ('torch', 'transformers', 'flwr', 'ray') if m in sys.modules))"
+    )
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert shown.stdout.split("\n")[:2] == ["True", "[]"], shown.stdout + shown.stderr
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load_commands", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        _run(monkeypatch, "runs")
+    assert exit_.value.code == 1 and capsys.readouterr().err == "aborted\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--users", "100000"], "--users 100000 x --examples up to 200: the simulated personas hold at most"),
+        (["--users", "200", "--examples", "10000"], "personas hold at most 1,000,000 rows"),
+        (["--rounds", "1000000"], "setting num_rounds: Input should be less than or equal to 100000"),
+        (["--users", "2000000", "--data", "chats.jsonl"], "setting num_users: Input should be less than or equal"),
+        (["--eval-fraction", "1"], "setting eval_fraction"),
+        (["--set", "rounds"], "--set expects KEY=VALUE, got 'rounds'"),
+        (["--set", "no-such-setting=1"], "setting no_such_setting: Extra inputs are not permitted"),
+    ],
+)
+def test_simulate_settings_out_of_bounds_are_usage_errors_before_anything_is_written(
+    monkeypatch, capsys, tmp_path, argv, message
+):
+    """--users 1e9 wrote persona folders until the disk was full; a setting's own rule exited 1."""
+    with pytest.raises(SystemExit) as exit_:
+        _run(monkeypatch, "simulate", *argv, "--out", str(tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in " ".join(err.split()), err
+    assert "(see fedprefix simulate --help)" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists(), "nothing may be written for a refused run"
+
+
+def test_a_run_folder_that_cannot_be_used_is_refused_before_the_data_is_written(monkeypatch, capsys, tmp_path):
+    foreign = tmp_path / "run"
+    (foreign / "stores").mkdir(parents=True)  # node stores no simulation made: a run would empty them
+    (foreign / "stores" / "alice.fpx").write_bytes(b"someone's prefix")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    cases = {
+        str(foreign): "exists and no simulation made it",
+        str(a_file): f"run folder {a_file}: {a_file} is a file, not a folder",  # was a raw NotADirectoryError
+        str(a_file / "run"): f"{a_file} is a file, not a folder",
+    }
+    for out, message in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            _run(monkeypatch, "simulate", "--out", out)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in foreign.iterdir()) == ["stores"], "no persona data may be written into it"
+    assert (foreign / "stores" / "alice.fpx").read_bytes() == b"someone's prefix"
+
+
+def test_a_runs_path_that_is_a_file_or_a_foreign_host_is_named_as_such(monkeypatch, capsys, tmp_path):
+    a_file = tmp_path / "runs.txt"
+    a_file.write_text("x")
+    cases = {
+        ("runs", "--runs", str(a_file)): f"runs folder {a_file} is not a folder",
+        ("dashboard", "--runs", str(a_file)): f"runs folder {a_file} is not a folder",
+        # TEST-NET-3 (RFC 5737): an address no machine of ours has; it said "is the port in use?"
+        ("dashboard", "--runs", str(tmp_path), "--host", "203.0.113.7"): "(not an address of this machine)",
+    }
+    for argv, message in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            _run(monkeypatch, *argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and message in err and err.count("\n") == 1, err
+        assert "port in use" not in err

@@ -295,3 +295,14 @@ def test_empty_paths_and_non_finite_numbers_are_usage_errors(argv, message):
     result = runner.invoke(app, argv)
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
     assert result.output.count("Did you mean") <= 1  # click's suggestion, not also typer's
+
+
+def test_an_unreadable_round_names_its_field(runs, tmp_path):
+    """The warning quoted pydantic's first line ("1 validation error for RoundRecord"), not the field."""
+    shutil.copytree(runs / "tiny", tmp_path / "typed")
+    rounds = (runs / "tiny" / "rounds.jsonl").read_text().splitlines()
+    rounds[1] = rounds[1].replace('"replies_accepted":', '"replies_accepted": "two", "was":', 1)
+    (tmp_path / "typed" / "rounds.jsonl").write_text("\n".join(rounds) + "\n")
+    _, records, problems = read_run(tmp_path / "typed")
+    assert len(records) == ROUNDS - 1 and len(problems) == 1, problems
+    assert "line 2: unreadable round record (field replies_accepted: Input should be a valid integer" in problems[0]

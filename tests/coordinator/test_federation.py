@@ -23,6 +23,8 @@ from fedprefix.coordinator import cli
 from fedprefix.coordinator.cli import main as cli_main
 from fedprefix.coordinator.records import load_shared_prefix, read_run
 from fedprefix.coordinator.simulate import simulate
+from fedprefix.coordinator.views import round_line, rounds_table
+from rich.console import Console
 
 from tests.conftest import MARK, federation_config, marked_processes
 
@@ -139,6 +141,12 @@ def test_dp_run_reports_privacy_spent(tmp_path):
     epsilons = [r.privacy.epsilon for r in rounds]
     assert all(e is not None and np.isfinite(e) for e in epsilons) and epsilons[1] > epsilons[0]
     assert rounds[-1].privacy.noise_multiplier == 0.5
+    shown = round_line(rounds[-1], len(rounds))  # what `fedprefix simulate` prints as each round ends
+    assert shown.endswith(f", DP epsilon {epsilons[-1]:.3g} at delta 1e-05"), shown
+    console = Console(width=200, record=True)
+    console.print(rounds_table(rounds))
+    table = console.export_text()
+    assert "DP eps" in table and f"{epsilons[-1]:.3f}" in table, table
 
 
 def test_own_jsonl_file_one_node_per_user_k_users_per_round(tmp_path, monkeypatch, capsys):

@@ -32,9 +32,12 @@ USERS = ["alice", "bob", "carol", "u3", "u4", "u5"]
 
 
 @pytest.fixture(scope="module")
-def replicated(served):  # noqa: F811
-    """`fedprefix serve --replicas 2` over the served store (plus three more users); its URL."""
+def replicated(served, tmp_path_factory):  # noqa: F811
+    """`fedprefix serve --replicas 2` over the served store (plus three more users); its URL, the
+    process, its processes' mark and the file holding its stderr."""
     base, store = served
+    errors = tmp_path_factory.mktemp("replicas") / "stderr.txt"
+    log = errors.open("w")
     for seed, user in enumerate(USERS[3:], start=10):
         store.save(user, random_prefix(base, 3, seed=seed, scale=3.0), key_of(user))
     mark, port = uuid.uuid4().hex, free_port()
@@ -44,6 +47,7 @@ def replicated(served):  # noqa: F811
         + ["--max-users-per-replica", "8"],  # few: refused requests must not evict real users (a test below)
         env={**os.environ, MARK: mark, "RAY_USAGE_STATS_ENABLED": "0"},
         preexec_fn=interruptible,
+        stderr=log,
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -58,7 +62,7 @@ def replicated(served):  # noqa: F811
                 pass
             assert server.poll() is None and time.monotonic() < deadline, "the replicas did not come up"
             time.sleep(0.5)
-        yield url, server, mark
+        yield url, server, mark, errors
     finally:
         if server.poll() is None:
             server.send_signal(signal.SIGINT)
@@ -69,6 +73,7 @@ def replicated(served):  # noqa: F811
                 server.wait()
         for process in marked_processes(mark):  # never leave Ray behind, even when a test failed
             process.kill()
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -264,10 +269,12 @@ def test_wrong_keys_for_a_user_meet_one_wrong_key_budget(replicated, served):  #
 
 
 def test_stops_cleanly_leaving_no_ray_process(replicated):
-    url, server, mark = replicated
+    url, server, mark, errors = replicated
     assert marked_processes(mark), "Ray's processes carry the mark"
     server.send_signal(signal.SIGINT)
     assert server.wait(timeout=60) == 0, "Ctrl-C must stop the replicas cleanly"
+    # Ray Serve warned on every start that its own default HTTP options were ignored for ours
+    assert "HTTP config differs" not in errors.read_text(), errors.read_text()[-2000:]
     deadline = time.monotonic() + 30
     while (left := marked_processes(mark)) and time.monotonic() < deadline:
         time.sleep(0.5)
