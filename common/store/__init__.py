@@ -22,6 +22,10 @@ the store folder but does not know the user's key:
   another data key, makes loads, saves and ``verify`` refuse (RollbackError), until the owner
   runs ``fedprefix store reset-rollback USER`` with the key (``reset_rollback``, which
   re-encrypts under a new data key: no copy from before it is accepted after it);
+- a user's parts belong together: each file's authenticated header lists every part the
+  user had after that write, so one part deleted alone, or a dropped one put back, is
+  refused on load (PartsMismatchError, rollback.check_parts); all of a user's parts are
+  under one key, and ``delete`` removes them all;
 - user ids cannot reach internal names: ids ending in ``@shared`` (any case) are refused,
   so ``<id>@shared``, the shared part, belongs to ``<id>`` only;
 - a save of several parts (``save_parts``) is all or nothing against any error before
@@ -33,8 +37,8 @@ Not protected:
   restoring a backup of the whole folder, or of one user's files) is not detected: that
   needs state kept outside the folder, which this store does not keep;
 - a crash between the renames of a two-part save may leave one part new and the other
-  old (each is whole); a crash inside ``rotate_data_key`` may leave a record that needs
-  ``reset-rollback``;
+  old (each is whole; where the save added or dropped a part, refused until reset); a
+  crash inside ``rotate_data_key`` may leave a record that needs ``reset-rollback``;
 - the header is plaintext (user id, base fingerprint, prefix shape, counter, size,
   timestamps are visible); anyone with write access can delete or damage files, or make
   loads refuse (detected, not prevented);
@@ -42,6 +46,9 @@ Not protected:
   the ``PrefixStore`` instance, see ``forget_keys``); weak passphrases (scrypt makes each
   guess expensive, no more); someone who knew an old passphrase and kept a copy of the old
   file still has the DEK after change_passphrase (call rotate_data_key too after a leak).
+
+Files of format 1 (before the parts lists) load as before, unchecked for parts; the next
+write of their user rewrites each of its files as format 2.
 
 Stores written before the rollback records: ``.counters.json`` is no longer read, and a
 part without a record is refused on load and save until its owner runs
@@ -54,6 +61,7 @@ from .errors import (
     BadUserIdError,
     CorruptError,
     NonFiniteError,
+    PartsMismatchError,
     RollbackError,
     RollbackStateError,
     StoreBusyError,
@@ -99,6 +107,7 @@ __all__ = [
     "PrefixStore",
     "existing_store_folder",
     "RollbackError",
+    "PartsMismatchError",
     "RollbackStateError",
     "StoreBusyError",
     "StoreError",

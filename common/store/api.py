@@ -15,7 +15,6 @@ unwrap: tampered) -> base fingerprint -> rollback record check.
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -26,7 +25,6 @@ import torch
 from ..errors import ConfigError
 from ..files import fsync_dir
 from ..prefix import Prefix, PrefixConfig
-from ..signals import signals_deferred
 from .errors import RollbackError, StoreError, UnknownUserError, WrongBaseError, WrongUserError, about
 from .format import (
     FILE_SUFFIX,
@@ -43,10 +41,10 @@ from .format import (
 )
 from .info import StoredPrefixInfo, info_of_header
 from .keys import DEFAULT_SCRYPT_N, MIN_SCRYPT_N, KekCache, Key, check_key, new_dek, new_key_id, unwrap_dek, wrap_dek
-from .locking import READ_ONLY, Staged, commit, discard, file_lock, remove_temp_files, stage
+from .locking import READ_ONLY, file_lock, remove_temp_files, write_all
 from .payload import check_load_dtype, decode_payload, encode_payload, storage_dtype_name
-from .reseal import Opened, rewrapped, under_new_data_key
-from .rollback import RECORD_DIR, check_record, make_record, read_record, record_path
+from .reseal import Opened, relisted, rewrapped, under_new_data_key
+from .rollback import RECORD_DIR, check_parts, check_record, make_record, read_record, record_path
 from .seal import check_header_mac, open_payload, seal
 
 __all__ = ["PrefixStore", "StoredPrefixInfo", "existing_store_folder"]
@@ -139,20 +137,22 @@ class PrefixStore:
         names = {part: store_name(user_id, part) for part in parts}  # validates the id once, for every name
         if not names:
             raise ConfigError(f"user {user_id!r}: save_parts got no parts to save")
-        dropped = [store_name(user_id, part) for part in drop if part not in names]
         key = check_key(user_id, key)
         dtype_name = storage_dtype_name(dtype)
         plaintexts = {part: encode_payload(parts[part], dtype_name, name) for part, name in names.items()}
         sealed: dict[str, tuple[FileHeader, bytes, bytes]] = {}
-        with self._user_lock(user_id):
-            for part, name in names.items():  # every check and encryption before anything is written
-                sealed[part] = self._seal_next(name, parts[part].config, dtype_name, key, plaintexts[part])
-            self._commit(
-                [(names[part], data) for part, (_, data, _) in sealed.items()],
-                [(names[part], record) for part, (_, _, record) in sealed.items()],
-                dropped,
-            )
-        return {part: self._info_of(names[part], header) for part, (header, _, _) in sealed.items()}
+        with self._user_lock(user_id):  # every check and encryption before anything is written
+            stored = self._stored_parts(user_id)
+            after = sorted((set(stored) | set(names)) - set(drop))
+            for part, name in names.items():
+                sealed[name] = self._seal_next(name, parts[part].config, dtype_name, key, plaintexts[part], after)
+            for part in set(after) - set(names):  # the user's other part lists the parts anew, same key
+                name = store_name(user_id, part)
+                opened = self._decrypt(name, key, None, locked=True)  # and is the newest, listing what is stored
+                if opened.header.parts != after:
+                    sealed[name] = relisted(name, opened, after)
+            self._commit(sealed, [store_name(user_id, part) for part in set(stored) - set(after)])
+        return {part: self._info_of(name, sealed[name][0]) for part, name in names.items()}
 
     def load(
         self,
@@ -234,14 +234,13 @@ class PrefixStore:
         return infos
 
     def delete(self, user_id: str) -> None:
-        """Remove a prefix file (its rollback record is kept, so the deleted file put back stays refused)."""
-        path = self.path_for(user_id)
+        """Remove every part of the user (their rollback records are kept: see rollback.py)."""
+        validate_user_id(user_id)
         with self._user_lock(user_id):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                raise UnknownUserError.of(user_id) from None
-            self._remove_temps(user_id)
+            names = self._stored_names(user_id)
+            for name in names:
+                self.path_for(name).unlink(missing_ok=True)
+                self._remove_temps(name)
             if self.durable:
                 fsync_dir(self.root)
 
@@ -252,10 +251,12 @@ class PrefixStore:
         new_key = check_key(user_id, new_key)
         with self._user_lock(user_id):
             sealed = {}
+            stored = self._stored_parts(user_id)
             for name in self._stored_names(user_id):  # the record checks pass: no counter is higher
                 opened = self._decrypt(name, old_key, None, locked=True)
-                sealed[name] = rewrapped(name, opened, *self._kek_cache.new_kek(name, new_key, self.scrypt_n))
-            self._commit_sealed(sealed)
+                kdf, kek = self._kek_cache.new_kek(name, new_key, self.scrypt_n)
+                sealed[name] = rewrapped(name, opened, kdf, kek, stored)
+            self._commit(sealed)
         return self._first_info(sealed)
 
     def rotate_data_key(self, user_id: str, key: Key) -> StoredPrefixInfo:
@@ -264,20 +265,21 @@ class PrefixStore:
         key = check_key(user_id, key)
         with self._user_lock(user_id):
             opened = {name: self._decrypt(name, key, None, locked=True) for name in self._stored_names(user_id)}
-            sealed = {name: under_new_data_key(name, o) for name, o in opened.items()}
-            self._commit_sealed(sealed)
+            stored = self._stored_parts(user_id)
+            sealed = {name: under_new_data_key(name, o, stored) for name, o in opened.items()}
+            self._commit(sealed)
         return self._first_info(sealed)
+
+    def _stored_parts(self, user_id: str) -> list[str]:
+        """The parts of `user_id` that are stored (anything at their paths), in PARTS order."""
+        return [part for part in PARTS if self.exists(store_name(user_id, part))]
 
     def _stored_names(self, user_id: str) -> list[str]:
         """The store names of every part of `user_id` that is stored; UnknownUserError if none."""
-        names = [store_name(user_id, part) for part in PARTS if self.exists(store_name(user_id, part))]
+        names = [store_name(user_id, part) for part in self._stored_parts(user_id)]
         if not names:
             raise UnknownUserError.of(user_id)
         return names
-
-    def _commit_sealed(self, sealed: dict[str, tuple[FileHeader, bytes, bytes]]) -> None:
-        """Write {name: (header, file bytes, record)} in one commit (caller holds the user's lock)."""
-        self._commit([(n, data) for n, (_, data, _) in sealed.items()], [(n, rec) for n, (_, _, rec) in sealed.items()])
 
     def _first_info(self, sealed: dict[str, tuple[FileHeader, bytes, bytes]]) -> StoredPrefixInfo:
         """The info of the first part written (the personal one where there is one)."""
@@ -297,8 +299,9 @@ class PrefixStore:
         key = check_key(user_id, key)
         with self._user_lock(user_id):
             opened = {name: self._open(name, key) for name in self._stored_names(user_id)}
-            sealed = {name: under_new_data_key(name, o) for name, o in opened.items()}
-            self._commit_sealed(sealed)
+            stored = self._stored_parts(user_id)  # as they are: the parts lists are re-anchored too
+            sealed = {name: under_new_data_key(name, o, stored) for name, o in opened.items()}
+            self._commit(sealed)
         return [self._info_of(name, header) for name, (header, _, _) in sealed.items()]
 
     def forget_keys(self) -> None:
@@ -343,6 +346,7 @@ class PrefixStore:
                 name,
             )
         check_record(name, record, header, opened.dek)
+        check_parts(name, header, self._stored_parts(split_store_name(name)[0]))
         return opened
 
     def _verify(self, name: str, key: Key, locked: bool) -> StoredPrefixInfo:
@@ -359,7 +363,7 @@ class PrefixStore:
         return decode_payload(name, opened.plaintext, opened.header.prefix_config, opened.header.dtype, dtype)
 
     def _seal_next(
-        self, name: str, config: PrefixConfig, dtype_name: str, key: Key, plaintext: bytes
+        self, name: str, config: PrefixConfig, dtype_name: str, key: Key, plaintext: bytes, parts: list[str]
     ) -> tuple[FileHeader, bytes, bytes]:
         """The next version of `name` sealed (header, file bytes, rollback record); caller holds the lock."""
         path = self.path_for(name)
@@ -376,33 +380,22 @@ class PrefixStore:
             # older copy put back (its record deleted, or made for a retired data key) would
             # record a counter below copies someone kept, or reuse a retired data key.
             check_record(name, record, header, dek)
+            check_parts(name, header, self._stored_parts(split_store_name(name)[0]))  # nor from a part lost
             kdf, wrapped, key_id, counter = header.kdf, header.wrapped_dek, header.key_id, header.counter + 1
         else:
             kdf, kek = self._kek_cache.new_kek(name, key, self.scrypt_n)
             dek, key_id, counter = new_dek(), new_key_id(), 1
             wrapped = wrap_dek(name, key_id, kek, dek)
-        header, data = seal(name, config, dtype_name, counter, key_id, kdf, wrapped, dek, plaintext)
+        header, data = seal(name, config, dtype_name, counter, key_id, kdf, wrapped, dek, parts, plaintext)
         return header, data, make_record(name, key_id, counter, dek)
 
-    def _commit(
-        self, files: list[tuple[str, bytes]], records: list[tuple[str, bytes]], dropped: Sequence[str] = ()
-    ) -> None:
-        """Stage every file and record, remove the `dropped` files, then rename the staged ones
-        (files first); failing before the removal changes nothing."""
-        staged: list[Staged] = []
-        try:
-            targets = [(self.path_for(n), d) for n, d in files] + [(record_path(self.root, n), d) for n, d in records]
-            for target, data in targets:
-                staged.append(stage(target, data, self.durable))  # one by one: a failure discards the earlier
-            with signals_deferred() as received:  # Ctrl-C waits: a save of two parts must not stop halfway
-                for name in dropped:  # rollback records are kept: a dropped file put back stays refused
-                    self.path_for(name).unlink(missing_ok=True)
-                commit(staged, self.durable)
-            for sig in dict.fromkeys(received):
-                signal.raise_signal(sig)  # to the handler put back: KeyboardInterrupt, or the exit
-        except BaseException:
-            discard(staged)
-            raise
+    def _commit(self, sealed: Mapping[str, tuple[FileHeader, bytes, bytes]], dropped: Sequence[str] = ()) -> None:
+        """Write {name: (header, file bytes, record)} in one step, removing the `dropped` parts'
+        files (their records are kept: a dropped file put back stays refused); files before
+        records (rollback.py). The caller holds the user's lock."""
+        files = [(self.path_for(n), data) for n, (_, data, _) in sealed.items()]
+        records = [(record_path(self.root, n), record) for n, (_, _, record) in sealed.items()]
+        write_all(files + records, [self.path_for(n) for n in dropped], self.durable)
 
     def _remove_temps(self, name: str) -> None:
         """Temp files a killed writer of `name` left (caller holds the user's lock)."""
@@ -422,7 +415,7 @@ class PrefixStore:
         UnknownUserError, and no lock file made, where no part of the user is stored: a reader
         of made-up user ids (a server's requests) would otherwise leave a lock file for each."""
         owner, _ = split_store_name(name)
-        if not any(self.exists(store_name(owner, part)) for part in PARTS):
+        if not self._stored_parts(owner):
             raise UnknownUserError.of(owner)
         lock = self._user_lock(name)
         try:

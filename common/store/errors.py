@@ -13,6 +13,7 @@ __all__ = [
     "BadUserIdError",
     "CorruptError",
     "NonFiniteError",
+    "PartsMismatchError",
     "RollbackError",
     "RollbackStateError",
     "StoreBusyError",
@@ -84,6 +85,12 @@ class RollbackStateError(RollbackError):
     """The user's rollback record is missing, damaged or not theirs: loads stay refused until reset."""
 
     reason = "rollback_state"
+
+
+class PartsMismatchError(RollbackStateError):
+    """The user's files list other parts than are stored: one deleted, or put back, outside the store."""
+
+    reason = "parts_mismatch"
 
 
 class NonFiniteError(StoreError, ValueError):

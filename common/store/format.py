@@ -17,8 +17,12 @@ once, before anything is written. (Stores written before this rule: an id that e
 
 Header fields (``FileHeader``)::
 
-    format_version   1
+    format_version   2 (1: files written before `parts`; read, and rewritten as 2 by the next write)
     user_id          store name: the owner's id, or <id>@shared for the shared part
+    parts            the parts the user had after this write, sorted: ["personal"], ["shared"] or
+                     ["personal", "shared"]; every write keeps it equal in each of the user's
+                     files, so a part deleted or put back outside the store is refused
+                     (rollback.check_parts). Absent in format 1.
     base_fingerprint base model the prefix belongs to
     prefix_config    PrefixConfig.model_dump()
     dtype            "float32" | "float16" | "bfloat16", dtype of the stored tensors
@@ -66,6 +70,8 @@ __all__ = [
     "FORMAT_VERSION",
     "KEY_BYTES",
     "MAGIC",
+    "PARTS",
+    "READ_VERSIONS",
     "FileHeader",
     "RawKdf",
     "ScryptKdf",
@@ -85,7 +91,8 @@ __all__ = [
 ]
 
 MAGIC = b"FPX1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what every write writes
+READ_VERSIONS = (1, 2)  # what a load reads
 FILE_SUFFIX = ".fpx"
 SHARED_SUFFIX = "@shared"  # store name of a user's shared part: <user_id>@shared
 PARTS = ("personal", "shared")
@@ -230,8 +237,9 @@ class FileHeader(BaseModel):
     """The plaintext header of a ``.fpx`` file (see the module docstring)."""
 
     model_config = _STRICT
-    format_version: Literal[1]
+    format_version: Literal[1, 2]
     user_id: str
+    parts: list[Literal["personal", "shared"]] | None = None  # None only in format 1
     base_fingerprint: str = Field(max_length=256)
     prefix_config: PrefixConfig
     dtype: Literal["float32", "float16", "bfloat16"]
@@ -242,6 +250,20 @@ class FileHeader(BaseModel):
     payload_nonce: str
     payload_length: int = Field(ge=TAG_BYTES, le=MAX_PAYLOAD_BYTES)
     header_mac: str
+
+    @model_validator(mode="after")
+    def _parts(self) -> FileHeader:
+        if (self.parts is None) != (self.format_version == 1):
+            raise ValueError(f"format {self.format_version} {'has no' if self.format_version == 1 else 'needs'} parts")
+        if self.parts is not None:
+            own = split_store_name(self.user_id)[1]
+            if self.parts != sorted(set(self.parts)) or own not in self.parts:
+                raise ValueError(f"parts must list this part ({own}) and be sorted, without repeats")
+        return self
+
+    def fields(self) -> dict[str, Any]:
+        """The header as JSON values, as written and authenticated (format 1 has no `parts` key)."""
+        return self.model_dump(mode="json", exclude={"parts"} if self.parts is None else None)
 
     @field_validator("header_mac")
     @classmethod
@@ -312,9 +334,9 @@ def parse_header(data: bytes, user_id: str | None = None) -> tuple[FileHeader, i
     version = obj.get("format_version")
     if type(version) is not int:  # bool is an int subclass; refuse it here
         raise CorruptError(about(user_id, "header has no format_version"), user_id)
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise UnknownVersionError(
-            about(user_id, f"unknown file format version {version} (this code reads version {FORMAT_VERSION})"),
+            about(user_id, f"unknown file format version {version} (this code reads versions 1 and 2)"),
             user_id,
         )
     try:
@@ -322,7 +344,7 @@ def parse_header(data: bytes, user_id: str | None = None) -> tuple[FileHeader, i
     except ValidationError as exc:
         where, message = first_error(exc, "header")
         raise CorruptError(about(user_id, f"malformed header ({where}: {message})"), user_id) from None
-    if canonical_json(header.model_dump(mode="json")) != raw:
+    if canonical_json(header.fields()) != raw:
         # Only the canonical encoding is accepted, so the authenticated values fix every byte.
         raise CorruptError(about(user_id, "header is not in canonical form"), user_id)
     return header, end

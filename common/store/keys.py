@@ -5,7 +5,7 @@
 - KEK: scrypt(passphrase, NFC-normalized UTF-8; random 16-byte salt; n, r, p as recorded
   in the header) or 32 raw bytes the application supplies. The DEK is wrapped by
   AES-256-GCM under the KEK, associated data = ``b"FPX1/dek\\0"`` + canonical JSON
-  {format_version, user_id, key_id}, so a key block only opens for its user and key id.
+  {format_version: 1, user_id, key_id}, so a key block only opens for its user and key id.
   Saves reuse the wrapped DEK as is; change_passphrase re-wraps it.
 - Derived KEKs are cached per ``KekCache`` (one per PrefixStore), keyed by an HMAC under a
   per-instance secret, so the scrypt cost is paid once per unlock, not on every save/load.
@@ -27,7 +27,6 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from .errors import BadKeyError, StoreError, WrongKeyError, about
 from .format import (
-    FORMAT_VERSION,
     KEY_BYTES,
     NONCE_BYTES,
     SALT_BYTES,
@@ -95,7 +94,8 @@ def new_key_id() -> str:
 
 def _wrap_aad(user_id: str, key_id: str) -> bytes:
     """Associated data of the DEK wrap: the key block only opens for this user and key id."""
-    return b"FPX1/dek\0" + canonical_json({"format_version": FORMAT_VERSION, "user_id": user_id, "key_id": key_id})
+    # The key block's own version, 1 in file formats 1 and 2: a format-1 data key re-wrapped stays readable
+    return b"FPX1/dek\0" + canonical_json({"format_version": 1, "user_id": user_id, "key_id": key_id})
 
 
 def wrap_dek(user_id: str, key_id: str, kek: bytes, dek: bytes) -> WrappedKey:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,9 +26,10 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from ..files import fsync_dir, write_temp
+from ..signals import signals_deferred
 from .errors import StoreBusyError, StoreError, about
 
-__all__ = ["Staged", "commit", "discard", "file_lock", "remove_temp_files", "stage"]
+__all__ = ["Staged", "commit", "discard", "file_lock", "remove_temp_files", "stage", "write_all"]
 
 Staged = tuple[Path, Path]  # (temp file, target)
 
@@ -85,3 +87,22 @@ def commit(staged: Sequence[Staged], durable: bool) -> None:
     if durable:
         for folder in dict.fromkeys(target.parent for _, target in staged):
             fsync_dir(folder)
+
+
+def write_all(files: Sequence[tuple[Path, bytes]], removed: Sequence[Path], durable: bool) -> None:
+    """Stage every (target, data), remove the `removed` files, then rename the staged ones in
+    order; failing before the removal changes nothing. Ctrl-C and SIGTERM wait for the renames
+    (a save of two parts must not stop halfway) and reach their handlers after them."""
+    staged: list[Staged] = []
+    try:
+        for target, data in files:
+            staged.append(stage(target, data, durable))  # one by one: a failure discards the earlier
+        with signals_deferred() as received:
+            for path in removed:
+                path.unlink(missing_ok=True)
+            commit(staged, durable)
+        for sig in dict.fromkeys(received):
+            signal.raise_signal(sig)  # to the handler put back: KeyboardInterrupt, or the exit
+    except BaseException:
+        discard(staged)
+        raise

@@ -24,8 +24,17 @@ re-encrypted under a new data key so that no copy from before the reset is accep
 
 Order: writers rename the file first and the record second; readers read the record
 first and the file second. A reader that sees a new record therefore sees that file or a
-newer one, so a load racing a save never looks like a rollback. Deleting a prefix keeps
-its record, so the deleted file put back stays refused.
+newer one, so a load racing a save never looks like a rollback. Deleting a user keeps the
+records, so a deleted file put back is refused once the user saved again (new data key);
+put back before that, it is the user's own newest file, and accepted.
+
+Parts (``check_parts``): each file's authenticated header also lists every part the user
+had after that write, and every write keeps that list equal in all of the user's files
+(a save of one part re-seals the other with the new list, under the same key). A load
+refuses a file whose list differs from the parts stored: one part deleted, or a dropped
+part put back, outside the store, which would otherwise serve the other part alone or
+join a stale one to it. A process killed outright between the renames of a write that
+adds or drops a part leaves the lists unequal too: refused, until reset-rollback.
 
 Limit: whoever kept older copies of BOTH a part's file and its record (e.g. a backup of
 the folder) can put both back; without state kept outside the folder this is not
@@ -38,15 +47,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .errors import CorruptError, RollbackError, RollbackStateError, UnknownUserError, about
+from .errors import CorruptError, PartsMismatchError, RollbackError, RollbackStateError, UnknownUserError, about
 from .format import FileHeader, canonical_json, open_regular
 
-__all__ = ["RECORD_DIR", "check_record", "make_record", "read_record", "record_path"]
+__all__ = ["RECORD_DIR", "check_parts", "check_record", "make_record", "read_record", "record_path"]
 
 RECORD_DIR = ".rollback"
 _RECORD_FIELDS = {"counter", "format_version", "key_id", "mac", "user_id"}
@@ -121,6 +131,20 @@ def check_record(name: str, raw: bytes | None, header: FileHeader, dek: bytes) -
                 name,
                 f"file has data key {header.key_id} and write counter {header.counter}, but this store "
                 f"already wrote {record['key_id']} / {record['counter']}: an older copy was put back (rollback)",
+            ),
+            name,
+        )
+
+
+def check_parts(name: str, header: FileHeader, stored: Sequence[str]) -> None:
+    """Refuse the authenticated file `header` unless the parts it lists are the user's parts
+    `stored` now: one deleted, or a dropped one put back, outside the store (format 1: no list)."""
+    if header.parts is not None and header.parts != sorted(stored):
+        raise PartsMismatchError(
+            about(
+                name,
+                f"written with the parts {', '.join(header.parts)}; stored now: {', '.join(sorted(stored)) or 'none'} "
+                f"(a part deleted or put back outside the store); {_reset_hint(name)}",
             ),
             name,
         )

@@ -6,11 +6,13 @@
   prefix_config, dtype, key_id, payload_nonce, payload_length).
 - header_mac = HMAC-SHA256 under HKDF-SHA256(DEK, info "fedprefix header mac v1") of
   ``b"FPX1/header\\0"`` + canonical JSON of every other header field. It covers what the
-  payload's associated data leaves out (counter, kdf, wrapped DEK), and binds them to this
+  payload's associated data leaves out (counter, parts, kdf, wrapped DEK), and binds them to this
   payload (its nonce), so e.g. a newer counter cannot be spliced onto an older payload.
   Why not the whole header as the payload's associated data: change_passphrase must
   re-wrap the DEK and bump the counter without touching the payload ciphertext (with a
-  new associated data it would have to re-encrypt, and reusing the nonce is forbidden).
+  new associated data it would have to re-encrypt, and reusing the nonce is forbidden),
+  and a save must list a new part in the user's other files the same way. (A format-1
+  payload is re-encrypted when its file is rewritten: its associated data names format 1.)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -80,10 +83,12 @@ def seal(
     kdf: ScryptKdf | RawKdf,
     wrapped: WrappedKey,
     dek: bytes,
+    parts: Sequence[str],
     plaintext: bytes | None = None,
     reuse: tuple[bytes, bytes] | None = None,
 ) -> tuple[FileHeader, bytes]:
-    """Encrypt `plaintext` (or keep `reuse` = (nonce, ciphertext)), MAC the header, build the file."""
+    """Encrypt `plaintext` (or keep `reuse` = (nonce, ciphertext) of a file of this format), MAC
+    the header, build the file. `parts`: every part the user has once this write is done."""
     if reuse is None:
         assert plaintext is not None
         nonce = os.urandom(NONCE_BYTES)  # fresh for every encryption under this DEK
@@ -94,6 +99,7 @@ def seal(
     fields: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "user_id": user_id,
+        "parts": sorted(set(parts)),
         "base_fingerprint": config.base_fingerprint,
         "prefix_config": config.model_dump(mode="json"),
         "dtype": dtype_name,
@@ -112,7 +118,7 @@ def seal(
     except ValidationError as exc:  # e.g. an overlong base fingerprint in the prefix's config
         where, message = first_error(exc, "header")
         raise ConfigError(f"prefix of user {user_id!r}: cannot store it ({where}: {message})") from None
-    dump = header.model_dump(mode="json")
+    dump = header.fields()
     if dump != fields:  # load recomputes the AAD and the MAC from the parsed header
         raise AssertionError("header does not round-trip")
     return header, encode_file(dump, ciphertext)
@@ -120,7 +126,7 @@ def seal(
 
 def check_header_mac(user_id: str, header: FileHeader, dek: bytes) -> dict[str, Any]:
     """Raise TamperedError unless header_mac matches; returns the header's JSON dump."""
-    dump = header.model_dump(mode="json")
+    dump = header.fields()
     if not hmac.compare_digest(_header_mac(dek, dump), header.header_mac):
         raise TamperedError(
             about(user_id, "the key is right but the header fails authentication (tampered or damaged)"), user_id

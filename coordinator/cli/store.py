@@ -229,8 +229,9 @@ def reset_rollback_cmd(
 ) -> None:
     """Accept a user's current files as the newest: re-anchor their rollback records (needs the key).
 
-    Use it only when a load reports a missing or damaged rollback record and you know the
-    current files are the ones to keep (e.g. after restoring them on purpose).
+    Use it only when a load reports a missing or damaged rollback record, or a part deleted or
+    put back, and you know the current files are the ones to keep (e.g. after restoring them
+    on purpose).
 
     Example: fedprefix store reset-rollback alice --store store --key-file alice.key
     """

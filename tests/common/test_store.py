@@ -137,7 +137,7 @@ def test_file_layout(store):
     assert data[:4] == b"FPX1"
     header, ciphertext = parse_file(data)
     start, end = header_span(data)
-    assert json.loads(data[start:end])["format_version"] == 1
+    assert json.loads(data[start:end])["format_version"] == 2 and header.parts == ["personal"]
     assert header.kdf.name == "scrypt" and header.kdf.n == N and header.kdf.r == 8 and header.kdf.p == 1
     assert len(ciphertext) == header.payload_length and data.endswith(ciphertext)
     assert PASS.encode() not in data
@@ -214,7 +214,9 @@ def test_flip_each_region_refused(store):
         (lambda h: h.update(dtype="float16"), TamperedError),
         (lambda h: h.update(header_mac="0" * 64), TamperedError),
         (lambda h: h["prefix_config"].update(prefix_projection=True), TamperedError),
-        (lambda h: h.update(format_version=2), UnknownVersionError),
+        (lambda h: h.update(format_version=3), UnknownVersionError),
+        (lambda h: h.update(format_version=1), CorruptError),  # format 1 has no parts list
+        (lambda h: h.update(parts=["personal", "shared"]), TamperedError),  # a part listed that was never there
         (lambda h: h.update(extra=1), CorruptError),
         (lambda h: h.update(counter=1.0), CorruptError),
         (lambda h: h.update(user_id="bob"), WrongUserError),

@@ -295,3 +295,10 @@ def test_a_runs_path_that_is_a_file_or_a_foreign_host_is_named_as_such(monkeypat
         err = capsys.readouterr().err
         assert exit_.value.code == 1 and message in err and err.count("\n") == 1, err
         assert "port in use" not in err
+
+
+def test_the_cli_names_the_stores_key_size():
+    from fedprefix.common import store
+    from fedprefix.coordinator.cli import store as store_commands
+
+    assert store_commands.KEY_BYTES == store.KEY_BYTES  # its own copy: the store imports torch

@@ -1,0 +1,134 @@
+"""A user's parts belong together: each file's authenticated header lists every part the user had
+after that write, so a part deleted, or a dropped one put back, outside the store is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from fedprefix.common.store import (
+    PartsMismatchError,
+    PrefixStore,
+    RollbackError,
+    UnknownUserError,
+    WrongKeyError,
+)
+from fedprefix.common.store.format import read_header
+
+from tests.common.test_store_hardening import PASS, RAW, RAW2, files, make_prefix, record, same
+
+V1_STORE = Path(__file__).parent / "data" / "store_v1"  # written by fedprefix before parts lists (format 1)
+
+
+@pytest.fixture
+def store(tmp_path) -> PrefixStore:
+    return PrefixStore(tmp_path / "store", scrypt_n=2**10)
+
+
+def header(store: PrefixStore, name: str):
+    return read_header(store.path_for(name), name)[0]
+
+
+def both(store: PrefixStore, user: str = "alice") -> None:
+    store.save_parts(user, {"personal": make_prefix(1), "shared": make_prefix(2)}, RAW)
+
+
+@pytest.mark.parametrize("gone", ["alice", "alice@shared"])
+def test_a_part_deleted_outside_the_store_is_refused(store, gone):
+    """The user's other part was served alone: a personal prefix without the shared one it was
+    trained behind, or the shared one as if it were the user's."""
+    both(store)
+    store.save("bob", make_prefix(3), RAW)
+    store.path_for(gone).unlink()
+    reads = (
+        lambda: store.load_parts("alice", RAW),
+        lambda: store.verify_user("alice", RAW),
+        lambda: store.load("alice" if gone != "alice" else "alice@shared", RAW),
+    )
+    for read in reads:
+        with pytest.raises(PartsMismatchError, match="written with the parts personal, shared; stored now: "):
+            read()
+    record(store, gone).unlink()  # its rollback record too: the other part still lists it
+    with pytest.raises(PartsMismatchError):
+        store.load_parts("alice", RAW)
+    assert same(store.load_parts("bob", RAW)["personal"], make_prefix(3)), "other users are untouched"
+
+
+def test_a_dropped_part_put_back_is_refused(store):
+    both(store)
+    old_shared = {p: p.read_bytes() for p in (store.path_for("alice@shared"), record(store, "alice@shared"))}
+    store.save_parts("alice", {"personal": make_prefix(4)}, RAW, drop=("shared",))
+    assert header(store, "alice").parts == ["personal"]
+    for path, data in old_shared.items():  # file and record, both authentic
+        path.write_bytes(data)
+    with pytest.raises(PartsMismatchError, match="stored now: personal, shared"):
+        store.load_parts("alice", RAW)
+
+
+def test_saving_one_part_lists_it_in_the_other(store):
+    store.save("alice", make_prefix(1), RAW)
+    assert header(store, "alice").parts == ["personal"] and header(store, "alice").counter == 1
+    store.save("alice", make_prefix(2), RAW, part="shared")  # the personal part is re-sealed with it
+    assert header(store, "alice").parts == ["personal", "shared"] and header(store, "alice").counter == 2
+    before = header(store, "alice@shared")
+    store.save("alice", make_prefix(5), RAW)  # both listed already: the shared part is not written again
+    assert header(store, "alice@shared") == before
+    parts = store.load_parts("alice", RAW)
+    assert same(parts["personal"], make_prefix(5)) and same(parts["shared"], make_prefix(2))
+    store.path_for("alice@shared").unlink()
+    with pytest.raises(PartsMismatchError):
+        store.load_parts("alice", RAW)
+
+
+def test_every_part_of_a_user_is_under_one_key(store):
+    store.save("alice", make_prefix(1), RAW)
+    before = files(store.root)
+    with pytest.raises(WrongKeyError):  # load_parts takes one key for all of a user's parts
+        store.save("alice", make_prefix(2), RAW2, part="shared")
+    assert files(store.root) == before
+
+
+def test_reset_rollback_accepts_the_parts_as_they_are(store):
+    both(store)
+    store.path_for("alice@shared").unlink()
+    with pytest.raises(RollbackError):
+        store.load_parts("alice", RAW)
+    store.reset_rollback("alice", RAW)
+    assert list(store.load_parts("alice", RAW)) == ["personal"]
+
+
+def test_key_changes_keep_the_list(store):
+    both(store)
+    store.change_passphrase("alice", RAW, PASS)
+    store.rotate_data_key("alice", PASS)
+    assert header(store, "alice").parts == header(store, "alice@shared").parts == ["personal", "shared"]
+    assert same(store.load_parts("alice", PASS)["shared"], make_prefix(2))
+
+
+def test_delete_removes_every_part_of_the_user(store):
+    both(store)
+    store.save("bob", make_prefix(3), RAW)
+    store.delete("alice")
+    assert not store.exists("alice") and not store.exists("alice@shared") and store.exists("bob")
+    with pytest.raises(UnknownUserError):
+        store.load_parts("alice", RAW)
+    with pytest.raises(UnknownUserError):
+        store.delete("alice")
+
+
+def test_a_store_from_before_parts_lists_still_loads_and_upgrades_on_its_next_write(tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(V1_STORE, root)
+    store = PrefixStore(root, scrypt_n=2**10)
+    assert header(store, "alice").format_version == 1 and header(store, "alice").parts is None
+    parts = store.load_parts("alice", RAW)
+    assert same(parts["personal"], make_prefix(1)) and same(parts["shared"], make_prefix(2))
+    store.change_passphrase("alice", RAW, PASS)  # re-wraps; a format-1 payload is re-encrypted for format 2
+    store.save("alice", make_prefix(6), PASS)
+    for name in ("alice", "alice@shared"):
+        assert header(store, name).format_version == 2 and header(store, name).parts == ["personal", "shared"]
+    assert json.loads(record(store, "alice").read_bytes())["counter"] == header(store, "alice").counter
+    parts = store.load_parts("alice", PASS)
+    assert same(parts["personal"], make_prefix(6)) and same(parts["shared"], make_prefix(2))
