@@ -23,9 +23,10 @@ the store folder but does not know the user's key:
   runs ``fedprefix store reset-rollback USER`` with the key (``reset_rollback``, which
   re-encrypts under a new data key: no copy from before it is accepted after it);
 - a user's parts belong together: each file's authenticated header lists every part the
-  user had after that write, so one part deleted alone, or a dropped one put back, is
-  refused on load (PartsMismatchError, rollback.check_parts); all of a user's parts are
-  under one key, and ``delete`` removes them all;
+  user had after that write and the write's id, and every write re-seals all of them, so one
+  part deleted alone, a dropped one put back, or an older copy of one part put back with
+  its record is refused on load (PartsMismatchError, rollback.check_parts); all of a user's
+  parts are under one key, and ``delete`` removes them all;
 - user ids cannot reach internal names: ids ending in ``@shared`` (any case) are refused,
   so ``<id>@shared``, the shared part, belongs to ``<id>`` only;
 - a save of several parts (``save_parts``) is all or nothing against any error before
@@ -33,11 +34,11 @@ the store folder but does not know the user's key:
 
 Not protected:
 
-- putting back older copies of BOTH a part's file and its rollback record together (e.g.
-  restoring a backup of the whole folder, or of one user's files) is not detected: that
+- putting back older copies of ALL of a user's files and their rollback records together
+  (e.g. restoring a backup of the whole folder, or of one user's files) is not detected: that
   needs state kept outside the folder, which this store does not keep;
-- a crash between the renames of a two-part save may leave one part new and the other
-  old (each is whole; where the save added or dropped a part, refused until reset); a
+- a crash between the renames of a two-part save leaves one part new and the other old
+  (each whole, refused together until reset); a
   crash inside ``rotate_data_key`` may leave a record that needs ``reset-rollback``;
 - the header is plaintext (user id, base fingerprint, prefix shape, counter, size,
   timestamps are visible); anyone with write access can delete or damage files, or make

@@ -5,11 +5,11 @@ Each operation is built from the package's parts: file format (format.py), keys
 state (rollback.py).
 
 Names: reads take a store name, a user id (its personal part) or `shared_store_id`
-of one (its shared part); writes take the user id and the part; key changes
-(change_passphrase, rotate_data_key) take the user id and cover all of its parts. Load order: rollback
-record (read first, see rollback.py) -> parse strictly -> owner -> unwrap DEK (fails:
-wrong key, or a damaged key block) -> header MAC and payload tag (fail after a good
-unwrap: tampered) -> base fingerprint -> rollback record check.
+of one (its shared part); writes take the user id and the part; key changes and delete
+take the user id and cover all of its parts. Load order: rollback record (read first, see
+rollback.py) -> parse strictly -> owner -> unwrap DEK (fails: wrong key, or a damaged key
+block) -> header MAC and payload tag (fail after a good unwrap: tampered) -> base
+fingerprint -> rollback record check -> parts check (every part from one write).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from .format import (
     MAX_SCRYPT_N,
     PARTS,
     FileHeader,
+    UserWrite,
+    check_owner,
     parse_file,
     read_file,
     read_header,
@@ -43,7 +45,7 @@ from .info import StoredPrefixInfo, info_of_header
 from .keys import DEFAULT_SCRYPT_N, MIN_SCRYPT_N, KekCache, Key, check_key, new_dek, new_key_id, unwrap_dek, wrap_dek
 from .locking import READ_ONLY, file_lock, remove_temp_files, write_all
 from .payload import check_load_dtype, decode_payload, encode_payload, storage_dtype_name
-from .reseal import Opened, relisted, rewrapped, under_new_data_key
+from .reseal import Opened, resealed, rewrapped, under_new_data_key
 from .rollback import RECORD_DIR, check_parts, check_record, make_record, read_record, record_path
 from .seal import check_header_mac, open_payload, seal
 
@@ -55,13 +57,6 @@ def existing_store_folder(path: str | os.PathLike) -> Path:
     if not Path(path).is_dir():
         raise StoreError(f"prefix store: no store folder at {path}")
     return Path(path)
-
-
-def _check_owner(user_id: str, header: FileHeader) -> None:
-    if header.user_id != user_id:
-        raise WrongUserError(
-            about(user_id, f"the file holds the prefix of user {header.user_id!r} (copied or renamed)"), user_id
-        )
 
 
 class PrefixStore:
@@ -143,15 +138,13 @@ class PrefixStore:
         sealed: dict[str, tuple[FileHeader, bytes, bytes]] = {}
         with self._user_lock(user_id):  # every check and encryption before anything is written
             stored = self._stored_parts(user_id)
-            after = sorted((set(stored) | set(names)) - set(drop))
+            write = UserWrite.new((set(stored) | set(names)) - set(drop))
             for part, name in names.items():
-                sealed[name] = self._seal_next(name, parts[part].config, dtype_name, key, plaintexts[part], after)
-            for part in set(after) - set(names):  # the user's other part lists the parts anew, same key
+                sealed[name] = self._seal_next(name, parts[part].config, dtype_name, key, plaintexts[part], write)
+            for part in set(write.parts) - set(names):  # the user's other part joins this write, same key
                 name = store_name(user_id, part)
-                opened = self._decrypt(name, key, None, locked=True)  # and is the newest, listing what is stored
-                if opened.header.parts != after:
-                    sealed[name] = relisted(name, opened, after)
-            self._commit(sealed, [store_name(user_id, part) for part in set(stored) - set(after)])
+                sealed[name] = resealed(name, self._decrypt(name, key, None, locked=True), write)
+            self._commit(sealed, [store_name(user_id, part) for part in set(stored) - set(write.parts)])
         return {part: self._info_of(name, sealed[name][0]) for part, name in names.items()}
 
     def load(
@@ -251,11 +244,11 @@ class PrefixStore:
         new_key = check_key(user_id, new_key)
         with self._user_lock(user_id):
             sealed = {}
-            stored = self._stored_parts(user_id)
+            write = UserWrite.new(self._stored_parts(user_id))
             for name in self._stored_names(user_id):  # the record checks pass: no counter is higher
                 opened = self._decrypt(name, old_key, None, locked=True)
                 kdf, kek = self._kek_cache.new_kek(name, new_key, self.scrypt_n)
-                sealed[name] = rewrapped(name, opened, kdf, kek, stored)
+                sealed[name] = rewrapped(name, opened, kdf, kek, write)
             self._commit(sealed)
         return self._first_info(sealed)
 
@@ -265,14 +258,27 @@ class PrefixStore:
         key = check_key(user_id, key)
         with self._user_lock(user_id):
             opened = {name: self._decrypt(name, key, None, locked=True) for name in self._stored_names(user_id)}
-            stored = self._stored_parts(user_id)
-            sealed = {name: under_new_data_key(name, o, stored) for name, o in opened.items()}
+            write = UserWrite.new(self._stored_parts(user_id))
+            sealed = {name: under_new_data_key(name, o, write) for name, o in opened.items()}
             self._commit(sealed)
         return self._first_info(sealed)
 
     def _stored_parts(self, user_id: str) -> list[str]:
         """The parts of `user_id` that are stored (anything at their paths), in PARTS order."""
         return [part for part in PARTS if self.exists(store_name(user_id, part))]
+
+    def _write_ids(self, name: str, header: FileHeader) -> dict[str, str | None]:
+        """{part: write id} of every stored part of `name`'s user: its own from `header` (authenticated),
+        the other's read from its header here (authenticated when that part is loaded)."""
+        user_id, own = split_store_name(name)
+        ids = {own: header.write_id}
+        for part in set(self._stored_parts(user_id)) - {own}:
+            try:
+                other = store_name(user_id, part)
+                ids[part] = read_header(self.path_for(other), other)[0].write_id
+            except UnknownUserError:  # dropped meanwhile: the lists then differ, and a reader retries locked
+                pass
+        return ids
 
     def _stored_names(self, user_id: str) -> list[str]:
         """The store names of every part of `user_id` that is stored; UnknownUserError if none."""
@@ -299,8 +305,8 @@ class PrefixStore:
         key = check_key(user_id, key)
         with self._user_lock(user_id):
             opened = {name: self._open(name, key) for name in self._stored_names(user_id)}
-            stored = self._stored_parts(user_id)  # as they are: the parts lists are re-anchored too
-            sealed = {name: under_new_data_key(name, o, stored) for name, o in opened.items()}
+            write = UserWrite.new(self._stored_parts(user_id))  # the parts as they are, one write again
+            sealed = {name: under_new_data_key(name, o, write) for name, o in opened.items()}
             self._commit(sealed)
         return [self._info_of(name, header) for name, (header, _, _) in sealed.items()]
 
@@ -314,7 +320,7 @@ class PrefixStore:
         """Read, parse, check the owner of, and decrypt one file (no base or rollback check)."""
         data, stat = read_file(self.path_for(name), name)
         header, ciphertext = parse_file(data, name)
-        _check_owner(name, header)
+        check_owner(name, header)
         kek = self._kek_cache.kek(name, header.kdf, key)
         dek = unwrap_dek(name, header, kek)
         dump = check_header_mac(name, header, dek)
@@ -346,7 +352,7 @@ class PrefixStore:
                 name,
             )
         check_record(name, record, header, opened.dek)
-        check_parts(name, header, self._stored_parts(split_store_name(name)[0]))
+        check_parts(name, header, self._write_ids(name, header))
         return opened
 
     def _verify(self, name: str, key: Key, locked: bool) -> StoredPrefixInfo:
@@ -363,7 +369,7 @@ class PrefixStore:
         return decode_payload(name, opened.plaintext, opened.header.prefix_config, opened.header.dtype, dtype)
 
     def _seal_next(
-        self, name: str, config: PrefixConfig, dtype_name: str, key: Key, plaintext: bytes, parts: list[str]
+        self, name: str, config: PrefixConfig, dtype_name: str, key: Key, plaintext: bytes, write: UserWrite
     ) -> tuple[FileHeader, bytes, bytes]:
         """The next version of `name` sealed (header, file bytes, rollback record); caller holds the lock."""
         path = self.path_for(name)
@@ -373,20 +379,20 @@ class PrefixStore:
             # prefix, so nobody overwrites a user's prefix without their key.
             record = read_record(self.root, name)  # before the file, as a load reads them
             header, _ = read_header(path, name)
-            _check_owner(name, header)
+            check_owner(name, header)
             dek = unwrap_dek(name, header, self._kek_cache.kek(name, header.kdf, key))
             check_header_mac(name, header, dek)  # the counter we continue from is genuine
             # The file must be the newest this store wrote, as for a load: continuing from an
             # older copy put back (its record deleted, or made for a retired data key) would
             # record a counter below copies someone kept, or reuse a retired data key.
             check_record(name, record, header, dek)
-            check_parts(name, header, self._stored_parts(split_store_name(name)[0]))  # nor from a part lost
+            check_parts(name, header, self._write_ids(name, header))  # nor from a part lost or stale
             kdf, wrapped, key_id, counter = header.kdf, header.wrapped_dek, header.key_id, header.counter + 1
         else:
             kdf, kek = self._kek_cache.new_kek(name, key, self.scrypt_n)
             dek, key_id, counter = new_dek(), new_key_id(), 1
             wrapped = wrap_dek(name, key_id, kek, dek)
-        header, data = seal(name, config, dtype_name, counter, key_id, kdf, wrapped, dek, parts, plaintext)
+        header, data = seal(name, config, dtype_name, counter, key_id, kdf, wrapped, dek, write, plaintext)
         return header, data, make_record(name, key_id, counter, dek)
 
     def _commit(self, sealed: Mapping[str, tuple[FileHeader, bytes, bytes]], dropped: Sequence[str] = ()) -> None:

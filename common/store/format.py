@@ -20,9 +20,10 @@ Header fields (``FileHeader``)::
     format_version   2 (1: files written before `parts`; read, and rewritten as 2 by the next write)
     user_id          store name: the owner's id, or <id>@shared for the shared part
     parts            the parts the user had after this write, sorted: ["personal"], ["shared"] or
-                     ["personal", "shared"]; every write keeps it equal in each of the user's
-                     files, so a part deleted or put back outside the store is refused
-                     (rollback.check_parts). Absent in format 1.
+                     ["personal", "shared"]. Absent in format 1.
+    write_id         16 hex digits, random per write of the user, the same in each of its files:
+                     every write re-seals all of the user's parts, so a part deleted, put back
+                     or left from another write is refused (rollback.check_parts). Absent in format 1.
     base_fingerprint base model the prefix belongs to
     prefix_config    PrefixConfig.model_dump()
     dtype            "float32" | "float16" | "bfloat16", dtype of the stored tensors
@@ -46,9 +47,11 @@ import errno
 import json
 import os
 import re
+import secrets
 import struct
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -62,6 +65,7 @@ from .errors import (
     TruncatedError,
     UnknownUserError,
     UnknownVersionError,
+    WrongUserError,
     about,
 )
 
@@ -74,10 +78,12 @@ __all__ = [
     "READ_VERSIONS",
     "FileHeader",
     "RawKdf",
+    "UserWrite",
     "ScryptKdf",
     "WrappedKey",
     "b64",
     "canonical_json",
+    "check_owner",
     "encode_file",
     "parse_file",
     "parse_header",
@@ -240,6 +246,7 @@ class FileHeader(BaseModel):
     format_version: Literal[1, 2]
     user_id: str
     parts: list[Literal["personal", "shared"]] | None = None  # None only in format 1
+    write_id: str | None = None  # None only in format 1
     base_fingerprint: str = Field(max_length=256)
     prefix_config: PrefixConfig
     dtype: Literal["float32", "float16", "bfloat16"]
@@ -253,8 +260,12 @@ class FileHeader(BaseModel):
 
     @model_validator(mode="after")
     def _parts(self) -> FileHeader:
-        if (self.parts is None) != (self.format_version == 1):
-            raise ValueError(f"format {self.format_version} {'has no' if self.format_version == 1 else 'needs'} parts")
+        for field, value in (("parts", self.parts), ("write_id", self.write_id)):
+            if (value is None) != (self.format_version == 1):
+                verb = "has no" if self.format_version == 1 else "needs"
+                raise ValueError(f"format {self.format_version} {verb} {field}")
+        if self.write_id is not None and not _KEY_ID_RE.fullmatch(self.write_id):
+            raise ValueError("write_id must be 16 lowercase hex digits")
         if self.parts is not None:
             own = split_store_name(self.user_id)[1]
             if self.parts != sorted(set(self.parts)) or own not in self.parts:
@@ -262,8 +273,8 @@ class FileHeader(BaseModel):
         return self
 
     def fields(self) -> dict[str, Any]:
-        """The header as JSON values, as written and authenticated (format 1 has no `parts` key)."""
-        return self.model_dump(mode="json", exclude={"parts"} if self.parts is None else None)
+        """The header as JSON values, as written and authenticated (format 1 has no parts or write_id)."""
+        return self.model_dump(mode="json", exclude={"parts", "write_id"} if self.format_version == 1 else None)
 
     @field_validator("header_mac")
     @classmethod
@@ -297,6 +308,25 @@ class FileHeader(BaseModel):
 
 
 # ---------------------------------------------------------------------------- bytes <-> header
+
+
+def check_owner(user_id: str, header: FileHeader) -> None:
+    """WrongUserError unless the file at `user_id`'s name holds `user_id`'s prefix."""
+    if header.user_id != user_id:
+        raise WrongUserError(
+            about(user_id, f"the file holds the prefix of user {header.user_id!r} (copied or renamed)"), user_id
+        )
+
+
+class UserWrite(NamedTuple):
+    """What one write of a user puts in each of its files: the user's parts after it, and its id."""
+
+    parts: list[str]
+    write_id: str
+
+    @classmethod
+    def new(cls, parts: Iterable[str]) -> UserWrite:
+        return cls(sorted(set(parts)), secrets.token_hex(8))
 
 
 def encode_file(header_fields: dict[str, Any], ciphertext: bytes) -> bytes:

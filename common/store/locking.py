@@ -9,7 +9,8 @@ renames removes the temps and changes nothing; a writer killed at any point leav
 file old or new, and perhaps temp files that the next writer of that user removes.
 Ctrl-C and SIGTERM wait for the renames to end (`common.signals`), so that a save of two
 parts is not stopped with one part new and the other old; only a writer killed outright
-(SIGKILL, a power loss) between two renames leaves that mix, each file authentic.
+(SIGKILL, a power loss) between two renames leaves that mix, each file authentic, and
+loads refuse it (the parts carry different write ids, rollback.check_parts) until reset.
 On a case-insensitive filesystem 'Alice' and 'alice' share one file; the owner check
 then refuses the other user's file rather than mixing them up.
 """

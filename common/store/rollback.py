@@ -29,15 +29,16 @@ records, so a deleted file put back is refused once the user saved again (new da
 put back before that, it is the user's own newest file, and accepted.
 
 Parts (``check_parts``): each file's authenticated header also lists every part the user
-had after that write, and every write keeps that list equal in all of the user's files
-(a save of one part re-seals the other with the new list, under the same key). A load
-refuses a file whose list differs from the parts stored: one part deleted, or a dropped
-part put back, outside the store, which would otherwise serve the other part alone or
-join a stale one to it. A process killed outright between the renames of a write that
-adds or drops a part leaves the lists unequal too: refused, until reset-rollback.
+had after that write and carries the write's random id; every write re-seals all of the
+user's parts (a save of one part re-seals the other, under the same key), so their ids
+are equal. A load refuses a file whose list differs from the parts stored, or whose id
+differs from the other part's: one part deleted, a dropped part put back, an older copy
+of one part put back with its record, outside the store, which would otherwise serve the
+other part alone or join a stale one to it. A process killed outright between the
+renames of a write leaves unequal ids too: refused, until reset-rollback.
 
-Limit: whoever kept older copies of BOTH a part's file and its record (e.g. a backup of
-the folder) can put both back; without state kept outside the folder this is not
+Limit: whoever kept older copies of ALL of a user's files and records (e.g. a backup of
+the folder) can put them back; without state kept outside the folder this is not
 detectable. ``.counters.json`` (unauthenticated, written before these records) is no
 longer read.
 """
@@ -47,7 +48,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
@@ -136,15 +137,21 @@ def check_record(name: str, raw: bytes | None, header: FileHeader, dek: bytes) -
         )
 
 
-def check_parts(name: str, header: FileHeader, stored: Sequence[str]) -> None:
+def check_parts(name: str, header: FileHeader, stored: Mapping[str, str | None]) -> None:
     """Refuse the authenticated file `header` unless the parts it lists are the user's parts
-    `stored` now: one deleted, or a dropped one put back, outside the store (format 1: no list)."""
-    if header.parts is not None and header.parts != sorted(stored):
-        raise PartsMismatchError(
-            about(
-                name,
-                f"written with the parts {', '.join(header.parts)}; stored now: {', '.join(sorted(stored)) or 'none'} "
-                f"(a part deleted or put back outside the store); {_reset_hint(name)}",
-            ),
-            name,
+    stored now, {part: write id in its header}, all from its write (format 1: no list)."""
+    if header.parts is None:
+        return
+    if header.parts != sorted(stored):
+        problem = (
+            f"written with the parts {', '.join(header.parts)}; stored now: {', '.join(sorted(stored)) or 'none'} "
+            "(a part deleted or put back outside the store)"
         )
+    elif other := next((part for part, write_id in stored.items() if write_id != header.write_id), None):
+        problem = (
+            f"its {other} part is from another write (an older copy put back, or a process killed between "
+            "the renames of a save)"
+        )
+    else:
+        return
+    raise PartsMismatchError(about(name, f"{problem}; {_reset_hint(name)}"), name)

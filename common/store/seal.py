@@ -6,12 +6,12 @@
   prefix_config, dtype, key_id, payload_nonce, payload_length).
 - header_mac = HMAC-SHA256 under HKDF-SHA256(DEK, info "fedprefix header mac v1") of
   ``b"FPX1/header\\0"`` + canonical JSON of every other header field. It covers what the
-  payload's associated data leaves out (counter, parts, kdf, wrapped DEK), and binds them to this
+  payload's associated data leaves out (counter, parts, write id, kdf, wrapped DEK), and binds them to this
   payload (its nonce), so e.g. a newer counter cannot be spliced onto an older payload.
   Why not the whole header as the payload's associated data: change_passphrase must
   re-wrap the DEK and bump the counter without touching the payload ciphertext (with a
   new associated data it would have to re-encrypt, and reusing the nonce is forbidden),
-  and a save must list a new part in the user's other files the same way. (A format-1
+  and a save must re-seal the user's other part the same way (new write id). (A format-1
   payload is re-encrypted when its file is rewritten: its associated data names format 1.)
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -40,6 +39,7 @@ from .format import (
     FileHeader,
     RawKdf,
     ScryptKdf,
+    UserWrite,
     WrappedKey,
     b64,
     canonical_json,
@@ -83,12 +83,12 @@ def seal(
     kdf: ScryptKdf | RawKdf,
     wrapped: WrappedKey,
     dek: bytes,
-    parts: Sequence[str],
+    write: UserWrite,
     plaintext: bytes | None = None,
     reuse: tuple[bytes, bytes] | None = None,
 ) -> tuple[FileHeader, bytes]:
     """Encrypt `plaintext` (or keep `reuse` = (nonce, ciphertext) of a file of this format), MAC
-    the header, build the file. `parts`: every part the user has once this write is done."""
+    the header, build the file. `write`: the user's parts once this write is done, and its id."""
     if reuse is None:
         assert plaintext is not None
         nonce = os.urandom(NONCE_BYTES)  # fresh for every encryption under this DEK
@@ -99,7 +99,8 @@ def seal(
     fields: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "user_id": user_id,
-        "parts": sorted(set(parts)),
+        "parts": write.parts,
+        "write_id": write.write_id,
         "base_fingerprint": config.base_fingerprint,
         "prefix_config": config.model_dump(mode="json"),
         "dtype": dtype_name,

@@ -67,19 +67,60 @@ def test_a_dropped_part_put_back_is_refused(store):
         store.load_parts("alice", RAW)
 
 
-def test_saving_one_part_lists_it_in_the_other(store):
+def test_saving_one_part_reseals_the_other_in_the_same_write(store):
     store.save("alice", make_prefix(1), RAW)
     assert header(store, "alice").parts == ["personal"] and header(store, "alice").counter == 1
     store.save("alice", make_prefix(2), RAW, part="shared")  # the personal part is re-sealed with it
     assert header(store, "alice").parts == ["personal", "shared"] and header(store, "alice").counter == 2
+    assert header(store, "alice").write_id == header(store, "alice@shared").write_id
     before = header(store, "alice@shared")
-    store.save("alice", make_prefix(5), RAW)  # both listed already: the shared part is not written again
-    assert header(store, "alice@shared") == before
+    store.save("alice", make_prefix(5), RAW)
+    after = header(store, "alice@shared")
+    assert after.counter == before.counter + 1 and after.write_id == header(store, "alice").write_id
+    assert after.payload_nonce == before.payload_nonce, "the other part's ciphertext is kept, not re-encrypted"
     parts = store.load_parts("alice", RAW)
     assert same(parts["personal"], make_prefix(5)) and same(parts["shared"], make_prefix(2))
     store.path_for("alice@shared").unlink()
     with pytest.raises(PartsMismatchError):
         store.load_parts("alice", RAW)
+
+
+def test_an_older_copy_of_one_part_put_back_with_its_record_is_refused(store):
+    """Each part's record alone rules out an older copy of that part only without its record."""
+    both(store)
+    old = {p: p.read_bytes() for p in (store.path_for("alice@shared"), record(store, "alice@shared"))}
+    store.save_parts("alice", {"personal": make_prefix(4), "shared": make_prefix(5)}, RAW)
+    for path, data in old.items():
+        path.write_bytes(data)
+    for read in (lambda: store.load_parts("alice", RAW), lambda: store.load("alice", RAW)):
+        with pytest.raises(PartsMismatchError, match="its shared part is from another write"):
+            read()
+    with pytest.raises(PartsMismatchError):  # nor does a save continue from it
+        store.save("alice", make_prefix(6), RAW)
+
+
+def test_a_save_killed_between_its_renames_is_refused_until_reset(store, monkeypatch):
+    """SIGKILL or a power loss between the renames left one part new beside the other old, joined."""
+    from fedprefix.common.store import locking
+
+    both(store)
+    real_replace, renames = locking.os.replace, []
+
+    def killed_after_the_first(src, dst):
+        if renames:
+            raise SystemExit("killed")  # as a process killed here: the renamed file stays renamed
+        renames.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(locking.os, "replace", killed_after_the_first)
+    with pytest.raises(SystemExit):
+        store.save_parts("alice", {"personal": make_prefix(4), "shared": make_prefix(5)}, RAW)
+    monkeypatch.setattr(locking.os, "replace", real_replace)
+    with pytest.raises(PartsMismatchError, match="from another write"):
+        store.load_parts("alice", RAW)
+    store.reset_rollback("alice", RAW)  # the owner accepts the files as they are
+    parts = store.load_parts("alice", RAW)
+    assert same(parts["personal"], make_prefix(4)) and same(parts["shared"], make_prefix(2))
 
 
 def test_every_part_of_a_user_is_under_one_key(store):
