@@ -155,7 +155,7 @@ class FederationConfig(BaseModel):
     # users sampled per round, for training and evaluation alike (0: fraction-train decides)
     users_per_round: int = Field(0, ge=0)
     data_seed: int = 0  # node i trains with seed data_seed + i
-    run_dir: str = "runs/latest"
+    run_dir: str = Field("runs/latest", pattern=r"\S")  # blank would be the current folder
     # simulation: each node's encrypted store lives below; "" = RUN_DIR/stores, so runs never share
     # a node's prefixes (a second run would start from the first one's)
     store_root: str = ""

@@ -39,7 +39,9 @@ Not protected:
   needs state kept outside the folder, which this store does not keep;
 - a crash between the renames of a two-part save leaves one part new and the other old
   (each whole, refused together until reset); a
-  crash inside ``rotate_data_key`` may leave a record that needs ``reset-rollback``;
+  crash inside ``rotate_data_key`` may leave a record that needs ``reset-rollback``; one
+  inside ``change_passphrase`` (between its renames: SIGKILL, power loss) leaves the parts
+  under the old and the new key, which nothing here mends (delete the user and save again);
 - the header is plaintext (user id, base fingerprint, prefix shape, counter, size,
   timestamps are visible); anyone with write access can delete or damage files, or make
   loads refuse (detected, not prevented);

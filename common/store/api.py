@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ import torch
 from ..errors import ConfigError
 from ..files import fsync_dir
 from ..prefix import Prefix, PrefixConfig
-from .errors import RollbackError, StoreError, UnknownUserError, WrongBaseError, WrongUserError, about
+from .errors import RollbackError, StoreError, UnknownUserError, WrongBaseError, WrongKeyError, about
 from .format import (
     FILE_SUFFIX,
     MAX_SCRYPT_N,
@@ -41,11 +40,11 @@ from .format import (
     validate_store_name,
     validate_user_id,
 )
-from .info import StoredPrefixInfo, info_of_header
+from .info import StoredPrefixInfo, info_of_header, list_infos
 from .keys import DEFAULT_SCRYPT_N, MIN_SCRYPT_N, KekCache, Key, check_key, new_dek, new_key_id, unwrap_dek, wrap_dek
 from .locking import READ_ONLY, file_lock, remove_temp_files, write_all
 from .payload import check_load_dtype, decode_payload, encode_payload, storage_dtype_name
-from .reseal import Opened, resealed, rewrapped, under_new_data_key
+from .reseal import Opened, resealed, retired, rewrapped, under_new_data_key
 from .rollback import RECORD_DIR, check_parts, check_record, make_record, read_record, record_path
 from .seal import check_header_mac, open_payload, seal
 
@@ -125,26 +124,28 @@ class PrefixStore:
         """Store several parts of one user ({'personal': p, 'shared': s}) together: all are written or none
         changes (Ctrl-C and SIGTERM wait for the renames; see locking.py for a process killed outright).
 
-        `drop`: parts of this user to remove in the same locked step, once every new part is
-        staged and before it is renamed into place (a copy that replaces the shared part: a crash
-        between the two leaves the user without that part, never the stale part joined to the new one).
+        `drop`: parts of this user to remove in the same step (a copy that replaces the shared
+        part), under the same key: each is opened first, and its rollback record moved past it,
+        so that the dropped file put back is refused even where it is the user's only file.
         """
         names = {part: store_name(user_id, part) for part in parts}  # validates the id once, for every name
         if not names:
             raise ConfigError(f"user {user_id!r}: save_parts got no parts to save")
+        dropped = {part: store_name(user_id, part) for part in drop if part not in names}
         key = check_key(user_id, key)
         dtype_name = storage_dtype_name(dtype)
         plaintexts = {part: encode_payload(parts[part], dtype_name, name) for part, name in names.items()}
         sealed: dict[str, tuple[FileHeader, bytes, bytes]] = {}
         with self._user_lock(user_id):  # every check and encryption before anything is written
             stored = self._stored_parts(user_id)
-            write = UserWrite.new((set(stored) | set(names)) - set(drop))
+            write = UserWrite.new((set(stored) | set(names)) - set(dropped))
             for part, name in names.items():
                 sealed[name] = self._seal_next(name, parts[part].config, dtype_name, key, plaintexts[part], write)
-            for part in set(write.parts) - set(names):  # the user's other part joins this write, same key
+            for part in set(stored) - set(names):  # the user's other part joins this write, same key
                 name = store_name(user_id, part)
-                sealed[name] = resealed(name, self._decrypt(name, key, None, locked=True), write)
-            self._commit(sealed, [store_name(user_id, part) for part in set(stored) - set(write.parts)])
+                opened = self._opened_with(name, key)
+                sealed[name] = resealed(name, opened, write) if part in write.parts else retired(name, opened)
+            self._commit(sealed, list(dropped.values()))
         return {part: self._info_of(name, sealed[name][0]) for part, name in names.items()}
 
     def load(
@@ -197,34 +198,7 @@ class PrefixStore:
 
     def list(self) -> list[StoredPrefixInfo]:
         """Headers of every stored prefix, sorted by name (no key needed); bad files get `problem`."""
-        infos = []
-        for path in sorted(self.root.glob(f"*{FILE_SUFFIX}")):
-            name = path.name[: -len(FILE_SUFFIX)]
-            try:
-                stat = path.stat()
-            except OSError:  # a link to nothing or a loop (read_header names it), or deleted while listing
-                try:
-                    stat = path.lstat()
-                except FileNotFoundError:
-                    continue
-            base = {
-                "user_id": name,
-                "path": path,
-                "size_bytes": stat.st_size,
-                "modified": datetime.fromtimestamp(stat.st_mtime, tz=UTC),
-            }
-            try:
-                validate_store_name(name)
-                header, stat = read_header(path, name)
-                if header.user_id != name:
-                    raise WrongUserError(about(name, f"file holds the prefix of user {header.user_id!r}"), name)
-            except UnknownUserError:  # deleted while listing
-                continue
-            except StoreError as exc:
-                infos.append(StoredPrefixInfo(**base, problem=str(exc)))
-                continue
-            infos.append(info_of_header(path, header, stat))
-        return infos
+        return list_infos(self.root)
 
     def delete(self, user_id: str) -> None:
         """Remove every part of the user (their rollback records are kept: see rollback.py)."""
@@ -266,6 +240,17 @@ class PrefixStore:
     def _stored_parts(self, user_id: str) -> list[str]:
         """The parts of `user_id` that are stored (anything at their paths), in PARTS order."""
         return [part for part in PARTS if self.exists(store_name(user_id, part))]
+
+    def _opened_with(self, name: str, key: Key) -> Opened:
+        """_decrypt of a part a write of its user re-seals or drops, naming a part under another key."""
+        try:
+            return self._decrypt(name, key, None, locked=True)
+        except WrongKeyError as exc:
+            raise WrongKeyError(
+                f"{exc}; every part of a user is under one key: put {name} under this one with "
+                f"fedprefix store change-passphrase (its key as the old one, this as the new)",
+                name,
+            ) from None
 
     def _write_ids(self, name: str, header: FileHeader) -> dict[str, str | None]:
         """{part: write id} of every stored part of `name`'s user: its own from `header` (authenticated),
@@ -395,11 +380,13 @@ class PrefixStore:
         header, data = seal(name, config, dtype_name, counter, key_id, kdf, wrapped, dek, write, plaintext)
         return header, data, make_record(name, key_id, counter, dek)
 
-    def _commit(self, sealed: Mapping[str, tuple[FileHeader, bytes, bytes]], dropped: Sequence[str] = ()) -> None:
+    def _commit(
+        self, sealed: Mapping[str, tuple[FileHeader, bytes | None, bytes]], dropped: Sequence[str] = ()
+    ) -> None:
         """Write {name: (header, file bytes, record)} in one step, removing the `dropped` parts'
-        files (their records are kept: a dropped file put back stays refused); files before
-        records (rollback.py). The caller holds the user's lock."""
-        files = [(self.path_for(n), data) for n, (_, data, _) in sealed.items()]
+        files (file bytes None: only their records are written, see reseal.retired); files
+        before records (rollback.py). The caller holds the user's lock."""
+        files = [(self.path_for(n), data) for n, (_, data, _) in sealed.items() if data is not None]
         records = [(record_path(self.root, n), record) for n, (_, _, record) in sealed.items()]
         write_all(files + records, [self.path_for(n) for n in dropped], self.durable)
 

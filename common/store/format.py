@@ -409,7 +409,9 @@ def open_regular(path: Path, user_id: str):
     try:
         return files.open_regular(path)
     except FileNotFoundError:
-        if os.path.lexists(path):  # a link to nowhere: something is there, and it is not a prefix
+        # a link to nowhere: something is there, and it is not a prefix (a regular file that
+        # appeared since the open, a writer's rename, is no link: the user was not stored then)
+        if os.path.islink(path) and not os.path.exists(path):
             raise CorruptError(about(user_id, f"{path.name} is a link to nothing"), user_id) from None
         raise UnknownUserError.of(user_id) from None
     except OSError as exc:

@@ -1,4 +1,4 @@
-"""What a stored prefix's header tells without the key: StoredPrefixInfo (store list, info)."""
+"""What a stored prefix's header tells without the key: StoredPrefixInfo (store list, info), the listing."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from ..prefix import PrefixSpec
-from .format import FileHeader
+from .errors import StoreError, UnknownUserError
+from .format import FILE_SUFFIX, FileHeader, check_owner, read_header, validate_store_name
 
-__all__ = ["StoredPrefixInfo", "info_of_header"]
+__all__ = ["StoredPrefixInfo", "info_of_header", "list_infos"]
 
 
 class StoredPrefixInfo(BaseModel):
@@ -52,3 +53,34 @@ def info_of_header(path: Path, header: FileHeader, stat: os.stat_result) -> Stor
         key_id=header.key_id,
         kdf=header.kdf.name,
     )
+
+
+def list_infos(root: Path) -> list[StoredPrefixInfo]:
+    """The info of every ``.fpx`` file in `root`, sorted by name; bad files get `problem`."""
+    infos = []
+    for path in sorted(root.glob(f"*{FILE_SUFFIX}")):
+        name = path.name[: -len(FILE_SUFFIX)]
+        try:
+            stat = path.stat()
+        except OSError:  # a link to nothing or a loop (read_header names it), or deleted while listing
+            try:
+                stat = path.lstat()
+            except FileNotFoundError:
+                continue
+        base = {
+            "user_id": name,
+            "path": path,
+            "size_bytes": stat.st_size,
+            "modified": datetime.fromtimestamp(stat.st_mtime, tz=UTC),
+        }
+        try:
+            validate_store_name(name)
+            header, stat = read_header(path, name)
+            check_owner(name, header)
+        except UnknownUserError:  # deleted while listing
+            continue
+        except StoreError as exc:
+            infos.append(StoredPrefixInfo(**base, problem=str(exc)))
+            continue
+        infos.append(info_of_header(path, header, stat))
+    return infos

@@ -46,6 +46,13 @@ def resealed(name: str, opened: Opened, write: UserWrite) -> tuple[FileHeader, b
     return rewrapped(name, opened, opened.header.kdf, opened.kek, write)
 
 
+def retired(name: str, opened: Opened) -> tuple[FileHeader, None, bytes]:
+    """A dropped part: no file, and a rollback record one write past it, so that the file put
+    back is refused as an older copy (its counter is below the record's)."""
+    header = opened.header
+    return header, None, make_record(name, header.key_id, header.counter + 1, opened.dek)
+
+
 def under_new_data_key(name: str, opened: Opened, write: UserWrite) -> tuple[FileHeader, bytes, bytes]:
     """The part re-encrypted under a new data key (new key id), wrapped under the same key."""
     header = opened.header

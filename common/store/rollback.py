@@ -24,9 +24,11 @@ re-encrypted under a new data key so that no copy from before the reset is accep
 
 Order: writers rename the file first and the record second; readers read the record
 first and the file second. A reader that sees a new record therefore sees that file or a
-newer one, so a load racing a save never looks like a rollback. Deleting a user keeps the
-records, so a deleted file put back is refused once the user saved again (new data key);
-put back before that, it is the user's own newest file, and accepted.
+newer one, so a load racing a save never looks like a rollback. Dropping one part of a
+user (save_parts' `drop`, with the user's key) moves its record one write past the file,
+so the file put back is refused. Deleting a user keeps the records, so a deleted file put
+back is refused once the user saved again (new data key); put back before that, it is the
+user's own newest file, and accepted.
 
 Parts (``check_parts``): each file's authenticated header also lists every part the user
 had after that write and carries the write's random id; every write re-seals all of the
@@ -145,7 +147,7 @@ def check_parts(name: str, header: FileHeader, stored: Mapping[str, str | None])
     if header.parts != sorted(stored):
         problem = (
             f"written with the parts {', '.join(header.parts)}; stored now: {', '.join(sorted(stored)) or 'none'} "
-            "(a part deleted or put back outside the store)"
+            "(a part deleted or put back outside the store, or a save adding or dropping one stopped halfway)"
         )
     elif other := next((part for part, write_id in stored.items() if write_id != header.write_id), None):
         problem = (

@@ -102,17 +102,21 @@ def simulate(
         | extra
     )  # --set KEY=VALUE wins over the option of the same setting
     out = str(settings["run_dir"])
+    for name in ("run_dir", "data"):  # as --out and --data: blank would be the current folder
+        if not str(settings[name]).strip():
+            usage_error(f"--set {name}: an empty path; name a folder (use . for the current one)")
     try:
         per_round = int(settings["users_per_round"])
     except (TypeError, ValueError):
         per_round = 0  # the check below names the bad value
-    # Settings first, so that a bad one is refused before any data is read or written;
-    # then again with the number of users the data holds.
-    config = _checked({**settings, "num_users": max(users, per_round, 1)})
-    if config.data == "personas":
+    personas = settings["data"] == "personas"
+    users = (users or PERSONA_USERS) if personas else users
+    # Settings first, so that a bad one is refused before any data is read or written (own data:
+    # with as many users as needed, until it is read); then again with the users the data holds.
+    config = _checked({**settings, "num_users": users if personas else max(users, per_round, 1)})
+    if personas:
         from fedprefix.simulations.personas import MAX_ROWS, MAX_ROWS_PER_USER
 
-        users = users or PERSONA_USERS
         if users * (examples or MAX_ROWS_PER_USER) > MAX_ROWS:  # before any is written
             usage_error(
                 f"--users {users} x --examples {examples or f'up to {MAX_ROWS_PER_USER}'}: the simulated "

@@ -110,11 +110,14 @@ def require_free_port(host: str, port: int) -> None:
     """One clear line where `host:port` cannot be listened on (taken, or not an address of this
     machine), before anything loads; the server would otherwise log its own error first."""
     import errno
+    import os
     import socket
 
     bound = 0
     try:  # as asyncio's create_server (uvicorn's) binds: every address of the host, skipping absent ones
-        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        # "" is every interface to uvicorn (asyncio), as AI_PASSIVE makes it here
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in found:
             with socket.socket(family, kind, proto) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
@@ -125,7 +128,7 @@ def require_free_port(host: str, port: int) -> None:
                     continue
                 bound += 1
         if not bound:
-            raise OSError(errno.EADDRNOTAVAIL, "no address of this machine")
+            raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
     except OSError as exc:
         why = {errno.EADDRINUSE: " (is the port in use?)", errno.EADDRNOTAVAIL: " (not an address of this machine)"}
         reason = "unknown host" if isinstance(exc, socket.gaierror) else (exc.strerror or str(exc))

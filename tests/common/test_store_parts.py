@@ -173,3 +173,43 @@ def test_a_store_from_before_parts_lists_still_loads_and_upgrades_on_its_next_wr
     assert json.loads(record(store, "alice").read_bytes())["counter"] == header(store, "alice").counter
     parts = store.load_parts("alice", PASS)
     assert same(parts["personal"], make_prefix(6)) and same(parts["shared"], make_prefix(2))
+
+
+def test_a_dropped_part_needs_the_key_and_stays_refused_when_put_back_alone(store, tmp_path):
+    store.save("vera", make_prefix(5), RAW, part="shared")
+    with pytest.raises(WrongKeyError, match="every part of a user is under one key"):
+        store.save_parts("vera", {"personal": make_prefix(6)}, RAW2, drop=("shared",))  # not vera's key
+    assert same(store.load_parts("vera", RAW)["shared"], make_prefix(5))
+    # a format-1 user: its shared part dropped, then put back (its record kept) with the personal one deleted
+    root = tmp_path / "v1"
+    shutil.copytree(V1_STORE, root)
+    old = PrefixStore(root, scrypt_n=2**10)
+    shared_v1 = old.path_for("alice@shared").read_bytes()
+    old.save_parts("alice", {"personal": make_prefix(7)}, RAW, drop=("shared",))
+    old.path_for("alice@shared").write_bytes(shared_v1)
+    old.path_for("alice").unlink()
+    with pytest.raises(RollbackError, match="an older copy was put back"):
+        old.load_parts("alice", RAW)
+
+
+def test_drop_names_real_parts_and_never_the_one_saved(store):
+    from fedprefix.common.store import BadUserIdError
+
+    with pytest.raises(BadUserIdError, match="part must be one of"):
+        store.save_parts("alice", {"personal": make_prefix(1)}, RAW, drop=("bogus",))
+    store.save_parts("alice", {"shared": make_prefix(2)}, RAW, drop=("shared",))  # the saved part is kept
+    assert list(store.load_parts("alice", RAW)) == ["shared"]
+
+
+def test_a_file_that_appears_while_a_reader_opens_it_is_not_a_link_to_nothing(store, monkeypatch):
+    """A lockless reader got ENOENT, a writer's rename then put the file there: 'a link to nothing'."""
+    from fedprefix.common import files as common_files
+
+    store.save("alice", make_prefix(1), RAW)
+
+    def not_yet(path):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(common_files, "open_regular", not_yet)
+    with pytest.raises(UnknownUserError):
+        store.load("alice", RAW)

@@ -246,6 +246,11 @@ def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
         (["--eval-fraction", "1"], "setting eval_fraction"),
         (["--set", "rounds"], "--set expects KEY=VALUE, got 'rounds'"),
         (["--set", "no-such-setting=1"], "setting no_such_setting: Extra inputs are not permitted"),
+        # the personas' 4 users were settled only after the first check: their data was written first
+        (["--users-per-round", "10", "--examples", "5"], "users_per_round 10 is more than num_users 4"),
+        (["--users", "3", "-k", "10"], "users_per_round 10 is more than num_users 3"),
+        (["--set", "run_dir="], "--set run_dir: an empty path"),  # the current folder, past --out's check
+        (["--set", "data= "], "--set data: an empty path"),
     ],
 )
 def test_simulate_settings_out_of_bounds_are_usage_errors_before_anything_is_written(
