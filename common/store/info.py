@@ -35,6 +35,7 @@ class StoredPrefixInfo(BaseModel):
     counter: int | None = None
     key_id: str | None = None
     kdf: str | None = None
+    parts: list[str] | None = None  # the user's parts at this file's write (None: format 1)
     problem: str | None = None
 
 
@@ -52,6 +53,7 @@ def info_of_header(path: Path, header: FileHeader, stat: os.stat_result) -> Stor
         counter=header.counter,
         key_id=header.key_id,
         kdf=header.kdf.name,
+        parts=header.parts,
     )
 
 

@@ -114,11 +114,12 @@ def _size(n: int) -> str:
 
 def _info_table(infos: list[StoredPrefixInfo], title: str) -> Table:
     table = Table(title=title)
-    for column in ("user", "base", "L×H×D", "P", "proj", "dtype", "counter", "key id", "kdf", "size", "modified"):
+    columns = ("user", "base", "L×H×D", "P", "proj", "dtype", "counter", "parts", "key id", "kdf", "size", "modified")
+    for column in columns:
         table.add_column(column)
     for info in infos:
         if info.problem is not None:
-            table.add_row(info.user_id, Text(info.problem, style="red"), *[""] * 8, f"{info.modified:%Y-%m-%d %H:%M}")
+            table.add_row(info.user_id, Text(info.problem, style="red"), *[""] * 9, f"{info.modified:%Y-%m-%d %H:%M}")
             continue
         spec = info.spec
         table.add_row(
@@ -129,6 +130,7 @@ def _info_table(infos: list[StoredPrefixInfo], title: str) -> Table:
             "yes" if info.prefix_projection else "no",
             info.dtype,
             str(info.counter),
+            "+".join(info.parts) if info.parts else "- (format 1)",
             info.key_id,
             info.kdf,
             _size(info.size_bytes),

@@ -164,12 +164,14 @@ def test_a_store_from_before_parts_lists_still_loads_and_upgrades_on_its_next_wr
     shutil.copytree(V1_STORE, root)
     store = PrefixStore(root, scrypt_n=2**10)
     assert header(store, "alice").format_version == 1 and header(store, "alice").parts is None
+    assert [info.parts for info in store.list()] == [None, None]
     parts = store.load_parts("alice", RAW)
     assert same(parts["personal"], make_prefix(1)) and same(parts["shared"], make_prefix(2))
     store.change_passphrase("alice", RAW, PASS)  # re-wraps; a format-1 payload is re-encrypted for format 2
     store.save("alice", make_prefix(6), PASS)
     for name in ("alice", "alice@shared"):
         assert header(store, name).format_version == 2 and header(store, name).parts == ["personal", "shared"]
+    assert [info.parts for info in store.list()] == [["personal", "shared"]] * 2  # `fedprefix store list` shows it
     assert json.loads(record(store, "alice").read_bytes())["counter"] == header(store, "alice").counter
     parts = store.load_parts("alice", PASS)
     assert same(parts["personal"], make_prefix(6)) and same(parts["shared"], make_prefix(2))
