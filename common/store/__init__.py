@@ -41,7 +41,7 @@ Not protected:
   (each whole, refused together until reset); a
   crash inside ``rotate_data_key`` may leave a record that needs ``reset-rollback``; one
   inside ``change_passphrase`` (between its renames: SIGKILL, power loss) leaves the parts
-  under the old and the new key, which nothing here mends (delete the user and save again);
+  under the old and the new key: the same change run again completes it;
 - the header is plaintext (user id, base fingerprint, prefix shape, counter, size,
   timestamps are visible); anyone with write access can delete or damage files, or make
   loads refuse (detected, not prevented);

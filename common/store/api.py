@@ -213,16 +213,27 @@ class PrefixStore:
 
     def change_passphrase(self, user_id: str, old_key: Key, new_key: Key) -> StoredPrefixInfo:
         """Re-wrap the data key of every stored part of `user_id` under `new_key` (passphrase or
-        raw), all parts in one step; the payload ciphertexts are kept."""
+        raw), all parts in one step; the payload ciphertexts are kept.
+
+        A part already under `new_key` is taken as it is: run again, this completes a change
+        killed between its renames (the parts then under both keys, from two writes), or puts
+        parts stored under two keys (before format 2) under one."""
         old_key = check_key(user_id, old_key)
         new_key = check_key(user_id, new_key)
         with self._user_lock(user_id):
-            sealed = {}
-            write = UserWrite.new(self._stored_parts(user_id))
+            opened, moved = {}, []
             for name in self._stored_names(user_id):  # the record checks pass: no counter is higher
-                opened = self._decrypt(name, old_key, None, locked=True)
-                kdf, kek = self._kek_cache.new_kek(name, new_key, self.scrypt_n)
-                sealed[name] = rewrapped(name, opened, kdf, kek, write)
+                try:
+                    opened[name] = self._decrypt(name, old_key, None, locked=True, one_write=False)
+                except WrongKeyError:  # only the key's owner could have put it under new_key
+                    opened[name] = self._decrypt(name, new_key, None, locked=True, one_write=False)
+                    moved.append(name)
+            if not 0 < len(moved) < len(opened):  # no change stopped halfway: from one write, as a load checks
+                for name, o in opened.items():
+                    check_parts(name, o.header, self._write_ids(name, o.header))
+            write, sealed = UserWrite.new(self._stored_parts(user_id)), {}
+            for name, o in opened.items():
+                sealed[name] = rewrapped(name, o, *self._kek_cache.new_kek(name, new_key, self.scrypt_n), write)
             self._commit(sealed)
         return self._first_info(sealed)
 
@@ -312,21 +323,24 @@ class PrefixStore:
         plaintext = open_payload(name, dump, dek, ciphertext)
         return Opened(header, ciphertext, dek, kek, plaintext, stat)
 
-    def _decrypt(self, name: str, key: Key, base_fingerprint: str | None, locked: bool = False) -> Opened:
-        """Read, check (owner, base, rollback) and decrypt one file; `locked`: the caller holds the user's lock."""
+    def _decrypt(
+        self, name: str, key: Key, base_fingerprint: str | None, locked: bool = False, one_write: bool = True
+    ) -> Opened:
+        """Read, check (owner, base, rollback, parts) and decrypt one file; `locked`: the caller holds
+        the user's lock; not `one_write`: the parts' lists checked, not their write ids."""
         validate_store_name(name)
         key = check_key(name, key)
         try:
-            return self._read_checked(name, key, base_fingerprint)
+            return self._read_checked(name, key, base_fingerprint, one_write)
         except RollbackError:
             if locked:
                 raise
         # Without the lock, a rotate-key between its two renames looks like a rollback for a
         # moment; under the lock no writer is midway, so a refusal now is about the files.
         with self._reader_lock(name):
-            return self._read_checked(name, key, base_fingerprint)
+            return self._read_checked(name, key, base_fingerprint, one_write)
 
-    def _read_checked(self, name: str, key: Key, base_fingerprint: str | None) -> Opened:
+    def _read_checked(self, name: str, key: Key, base_fingerprint: str | None, one_write: bool = True) -> Opened:
         record = read_record(self.root, name)  # before the file: see rollback.py
         opened = self._open(name, key)
         header = opened.header
@@ -337,7 +351,8 @@ class PrefixStore:
                 name,
             )
         check_record(name, record, header, opened.dek)
-        check_parts(name, header, self._write_ids(name, header))
+        ids = self._write_ids(name, header)
+        check_parts(name, header, ids if one_write else dict.fromkeys(ids, header.write_id))
         return opened
 
     def _verify(self, name: str, key: Key, locked: bool) -> StoredPrefixInfo:

@@ -215,3 +215,41 @@ def test_a_file_that_appears_while_a_reader_opens_it_is_not_a_link_to_nothing(st
     monkeypatch.setattr(common_files, "open_regular", not_yet)
     with pytest.raises(UnknownUserError):
         store.load("alice", RAW)
+
+
+def test_a_key_change_killed_between_its_renames_completes_when_run_again(store, monkeypatch):
+    from fedprefix.common.store import locking
+
+    both(store)
+    real_replace, renames = locking.os.replace, []
+
+    def killed_after_the_first(src, dst):
+        if renames:
+            raise SystemExit("killed")
+        renames.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(locking.os, "replace", killed_after_the_first)
+    with pytest.raises(SystemExit):
+        store.change_passphrase("alice", RAW, PASS)
+    monkeypatch.setattr(locking.os, "replace", real_replace)
+    for key in (RAW, PASS):  # one part under each key now, from two writes
+        with pytest.raises((WrongKeyError, PartsMismatchError)):
+            store.load_parts("alice", key)
+    with pytest.raises(WrongKeyError):  # the way out needs both keys
+        store.change_passphrase("alice", RAW2, PASS)
+    store.change_passphrase("alice", RAW, PASS)  # run again: completes it
+    parts = store.load_parts("alice", PASS)
+    assert same(parts["personal"], make_prefix(1)) and same(parts["shared"], make_prefix(2))
+
+
+def test_a_key_change_does_not_bless_parts_of_two_writes(store):
+    """Only a part under the new key (its owner's doing) excuses a second write; an older copy
+    of one part put back with its record stays refused by a key change as by a load."""
+    both(store)
+    old = {p: p.read_bytes() for p in (store.path_for("alice@shared"), record(store, "alice@shared"))}
+    both(store)
+    for path, data in old.items():
+        path.write_bytes(data)
+    with pytest.raises(PartsMismatchError, match="from another write"):
+        store.change_passphrase("alice", RAW, PASS)
