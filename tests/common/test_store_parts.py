@@ -4,10 +4,11 @@ after that write, so a part deleted, or a dropped one put back, outside the stor
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fedprefix.common.store import (
     PartsMismatchError,
     PrefixStore,
@@ -15,11 +16,44 @@ from fedprefix.common.store import (
     UnknownUserError,
     WrongKeyError,
 )
-from fedprefix.common.store.format import read_header
+from fedprefix.common.store.format import NONCE_BYTES, TAG_BYTES, b64, encode_file, read_header, store_name
+from fedprefix.common.store.keys import KekCache, new_dek, new_key_id, wrap_dek
+from fedprefix.common.store.payload import encode_payload
+from fedprefix.common.store.rollback import make_record
+from fedprefix.common.store.seal import _header_mac, _payload_aad
 
 from tests.common.test_store_hardening import PASS, RAW, RAW2, files, make_prefix, record, same
 
-V1_STORE = Path(__file__).parent / "data" / "store_v1"  # written by fedprefix before parts lists (format 1)
+
+def format1_store(root: Path) -> PrefixStore:
+    """A store as fedprefix wrote it before parts lists (format 1: no `parts`, no `write_id`):
+    alice's personal part make_prefix(1) and shared part make_prefix(2), each under RAW, counter 1.
+    Built here from the store's own primitives, sealed as seal() did in format 1."""
+    store = PrefixStore(root, scrypt_n=2**10)
+    for part, prefix in (("personal", make_prefix(1)), ("shared", make_prefix(2))):
+        name = store_name("alice", part)
+        kdf, kek = KekCache().new_kek(name, RAW, store.scrypt_n)
+        dek, key_id, nonce = new_dek(), new_key_id(), os.urandom(NONCE_BYTES)
+        plaintext = encode_payload(prefix, "float32", name)
+        fields = {
+            "format_version": 1,
+            "user_id": name,
+            "base_fingerprint": prefix.config.base_fingerprint,
+            "prefix_config": prefix.config.model_dump(mode="json"),
+            "dtype": "float32",
+            "key_id": key_id,
+            "payload_nonce": b64(nonce),
+            "payload_length": len(plaintext) + TAG_BYTES,
+            "counter": 1,
+            "kdf": kdf.model_dump(mode="json"),
+            "wrapped_dek": wrap_dek(name, key_id, kek, dek).model_dump(mode="json"),
+        }
+        ciphertext = AESGCM(dek).encrypt(nonce, plaintext, _payload_aad(fields))
+        fields["header_mac"] = _header_mac(dek, fields)
+        store.path_for(name).write_bytes(encode_file(fields, ciphertext))
+        record(store, name).parent.mkdir(exist_ok=True)
+        record(store, name).write_bytes(make_record(name, key_id, 1, dek))
+    return store
 
 
 @pytest.fixture
@@ -160,9 +194,7 @@ def test_delete_removes_every_part_of_the_user(store):
 
 
 def test_a_store_from_before_parts_lists_still_loads_and_upgrades_on_its_next_write(tmp_path):
-    root = tmp_path / "store"
-    shutil.copytree(V1_STORE, root)
-    store = PrefixStore(root, scrypt_n=2**10)
+    store = format1_store(tmp_path / "store")
     assert header(store, "alice").format_version == 1 and header(store, "alice").parts is None
     assert [info.parts for info in store.list()] == [None, None]
     parts = store.load_parts("alice", RAW)
@@ -183,9 +215,7 @@ def test_a_dropped_part_needs_the_key_and_stays_refused_when_put_back_alone(stor
         store.save_parts("vera", {"personal": make_prefix(6)}, RAW2, drop=("shared",))  # not vera's key
     assert same(store.load_parts("vera", RAW)["shared"], make_prefix(5))
     # a format-1 user: its shared part dropped, then put back (its record kept) with the personal one deleted
-    root = tmp_path / "v1"
-    shutil.copytree(V1_STORE, root)
-    old = PrefixStore(root, scrypt_n=2**10)
+    old = format1_store(tmp_path / "v1")
     shared_v1 = old.path_for("alice@shared").read_bytes()
     old.save_parts("alice", {"personal": make_prefix(7)}, RAW, drop=("shared",))
     old.path_for("alice@shared").write_bytes(shared_v1)
