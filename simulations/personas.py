@@ -188,14 +188,20 @@ MAX_ROWS = 1_000_000  # persona rows one federation's data may hold (about 200 M
 MAX_ROWS_PER_USER = 200  # the largest of examples_for's non-IID sizes
 
 
+def too_many_rows(num_users: int, num_examples: int | None) -> bool:
+    """True where `num_users` persona users of `num_examples` rows each (None: up to the largest
+    non-IID size) could hold more than MAX_ROWS rows in all."""
+    return num_users * (num_examples or MAX_ROWS_PER_USER) > MAX_ROWS
+
+
 def write_federation_data(
     folder: str | Path, num_users: int, num_examples: int | None = None, seed: int = 0, test_size: int = 8
 ) -> Path:
     """Persona users 0..n-1 as a federation data folder (client/user_data.py): FOLDER/user000/train.jsonl
     (train + val rows) and eval.jsonl (the held-out test rows). Returns the folder."""
-    rows = num_users * (num_examples or MAX_ROWS_PER_USER)
-    if rows > MAX_ROWS:
-        raise ValueError(f"{num_users} persona users of up to {rows // num_users} rows: more than {MAX_ROWS:,} rows")
+    if too_many_rows(num_users, num_examples):
+        per_user = num_examples or MAX_ROWS_PER_USER
+        raise ValueError(f"{num_users} persona users of up to {per_user} rows: more than {MAX_ROWS:,} rows")
     folder = Path(folder)
     for index in range(num_users):
         data = user_dataset(index, num_examples, seed=seed, test_size=test_size)

@@ -365,9 +365,9 @@ def parse_header(data: bytes, user_id: str | None = None) -> tuple[FileHeader, i
     if type(version) is not int:  # bool is an int subclass; refuse it here
         raise CorruptError(about(user_id, "header has no format_version"), user_id)
     if version not in READ_VERSIONS:
+        readable = " and ".join(map(str, READ_VERSIONS))
         raise UnknownVersionError(
-            about(user_id, f"unknown file format version {version} (this code reads versions 1 and 2)"),
-            user_id,
+            about(user_id, f"unknown file format version {version} (this code reads versions {readable})"), user_id
         )
     try:
         header = FileHeader.model_validate(obj)

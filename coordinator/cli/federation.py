@@ -115,9 +115,9 @@ def simulate(
     # with as many users as needed, until it is read); then again with the users the data holds.
     config = _checked({**settings, "num_users": users if personas else max(users, per_round, 1)})
     if personas:
-        from fedprefix.simulations.personas import MAX_ROWS, MAX_ROWS_PER_USER
+        from fedprefix.simulations.personas import MAX_ROWS, MAX_ROWS_PER_USER, too_many_rows
 
-        if users * (examples or MAX_ROWS_PER_USER) > MAX_ROWS:  # before any is written
+        if too_many_rows(users, examples or None):  # before any is written
             usage_error(
                 f"--users {users} x --examples {examples or f'up to {MAX_ROWS_PER_USER}'}: the simulated "
                 f"personas hold at most {MAX_ROWS:,} rows in all (your own data: --data)"
