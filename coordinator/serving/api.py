@@ -16,15 +16,22 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fedprefix.common.chat import ChatMessage, Text
 from fedprefix.common.store import BadUserIdError, StoreError, UnknownUserError, WrongKeyError
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 KEY_HEADER = "X-Prefix-Key"
 PASSPHRASE_PREFIX = "b64:"  # X-Prefix-Key: b64:<base64 of the UTF-8 passphrase>
 MAX_SEED = 2**63 - 1  # torch generators take 64 bits; OpenAI's seed is a signed 64-bit integer
+MAX_FIELD_ERRORS = 8  # a 422 names at most this many faults (a 1 MiB body can hold a million)
+
+
+def ListOf(item):  # noqa: N802 (a type)
+    """list[item], validated up to its first bad item: a body of a million bad items costs one
+    error, not a million (each also repeated per branch of a union)."""
+    return Annotated[list[item], Field(fail_fast=True)]
 
 
 # OpenAI fields this server does not implement, and the values that ask for nothing: any
@@ -50,7 +57,7 @@ _OFF = {
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False  # a last chunk with the usage and no choices
+    include_usage: StrictBool = False  # a last chunk with the usage and no choices
 
 
 class SamplingBody(BaseModel):
@@ -58,11 +65,12 @@ class SamplingBody(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    stop: Text | list[Text] | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stream: bool = False
+    # strict scalars, as OpenAI's: "3" or true is no number, "yes" no boolean
+    temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    stop: Text | ListOf(Text) | None = None
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None  # whose prefix to use; None: the base alone
     n: Any = None
@@ -104,9 +112,9 @@ class CompletionBody(SamplingBody):
     """POST /v1/completions: a prompt, several, or token ids (one list, or one per prompt)."""
 
     # strict ints: a lax union would read ["1", 2] or [true, false] as token ids
-    prompt: Text | list[Text] | list[StrictInt] | list[list[StrictInt]]
+    prompt: Text | ListOf(Text) | ListOf(StrictInt) | ListOf(ListOf(StrictInt))
     # absent or null: OpenAI's default of 16, lowered to what the context leaves (not refused)
-    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_tokens: StrictInt | None = Field(None, ge=1, le=4096)
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: text, or token ids."""
@@ -129,7 +137,7 @@ class ApiChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    content: Text | ListOf(TextPart)
 
     def turn(self) -> ChatMessage:
         content = self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
@@ -139,9 +147,9 @@ class ApiChatMessage(BaseModel):
 class ChatBody(SamplingBody):
     """POST /v1/chat/completions."""
 
-    messages: list[ApiChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, le=4096)
-    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    messages: list[ApiChatMessage] = Field(min_length=1, fail_fast=True)
+    max_tokens: StrictInt | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=4096)
 
 
 class ApiError(Exception):
@@ -194,5 +202,48 @@ def store_error(exc: StoreError) -> ApiError:
     if isinstance(exc, UnknownUserError):
         return ApiError(404, str(exc), "unknown_user")
     if isinstance(exc, BadUserIdError):
-        return ApiError(422, str(exc), "bad_user_id")
+        return ApiError(422, str(exc), "bad_user_id", field="user")
     return ApiError(500, str(exc), getattr(exc, "reason", "store_error"))
+
+
+def _is_branch_tag(part) -> bool:
+    """Whether a pydantic error location part names a branch of a union ("str", "list[int]",
+    "function-after[unicode_text(), str]", "TextPart"), not a field: our fields are snake_case."""
+    if not isinstance(part, str):
+        return False  # a list index
+    return not part.isidentifier() or part in {"str", "int", "float", "bool"} or part[:1].isupper()
+
+
+def field_errors(errors: list[dict]) -> list[dict]:
+    """Pydantic's errors of a body as what a client can act on: one entry per field (union
+    branches merged: "Input should be a valid string or a valid list"; a branch whose type did
+    not fit dropped where another got further), at most MAX_FIELD_ERRORS of them."""
+    merged: dict[str, list[str]] = {}
+    deeper = set()  # fields where some union branch got past the value's type
+    parsed = []
+    for error in errors:
+        loc, message = tuple(error["loc"]), error["msg"].removeprefix("Value error, ")
+        if error["type"] == "json_invalid":  # ("body", <character offset>)
+            reason = (error.get("ctx") or {}).get("error", "")
+            parsed.append(("body", f"not valid JSON at character {loc[-1]}: {reason}".rstrip(": "), False))
+            continue
+        tag = next((i for i, part in enumerate(loc) if _is_branch_tag(part)), None)
+        field = ".".join(str(part) for part in loc if not _is_branch_tag(part))
+        type_only = tag is not None and tag == len(loc) - 1 and error["type"].endswith("_type")
+        if tag is not None and not type_only:
+            deeper.add(".".join(str(part) for part in loc[:tag]))
+        parsed.append((field, message, type_only))
+    for field, message, type_only in parsed:
+        if type_only and field in deeper:
+            continue
+        messages = merged.setdefault(field, [])
+        if message not in messages:
+            messages.append(message)
+    fields = [
+        {"field": field, "message": " or ".join([ms[0]] + [m.removeprefix("Input should be ") for m in ms[1:]])}
+        for field, ms in merged.items()
+    ]
+    if len(fields) > MAX_FIELD_ERRORS:
+        more = len(fields) - MAX_FIELD_ERRORS
+        fields = fields[:MAX_FIELD_ERRORS] + [{"field": "body", "message": f"and {more} more faults"}]
+    return fields

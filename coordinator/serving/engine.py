@@ -180,7 +180,8 @@ class Engine:
 
     @property
     def batch_size(self) -> int:
-        return len(self._batch.rows)
+        """Requests in the batch: decoding, or still prefilling their prompt (chunked)."""
+        return self._batch.slots
 
     # ------------------------------------------------------------------ requests
 
@@ -201,7 +202,7 @@ class Engine:
         if user is None:
             return None, None
         if self.prefixes is None:
-            raise FedPrefixError("this engine has no prefix store; requests must not name a user")
+            raise InvalidRequest("user", "this engine has no prefix store; leave `user` out")
         return self.prefixes.lookup(user, key)
 
     def submit(self, request: GenerationRequest, listener: Callable[[str | None], None] | None = None) -> RequestHandle:

@@ -23,7 +23,7 @@ class Metrics:
         self.tokens = Gauge("fedprefix_generated_tokens", "Tokens generated since start", registry=r)
         self.rate = Gauge("fedprefix_tokens_per_second", "Generated tokens per second, last 10 s", registry=r)
         self.queue = Gauge("fedprefix_queue_depth", "Requests waiting for a batch slot", registry=r)
-        self.running = Gauge("fedprefix_running_requests", "Requests in the running batch", registry=r)
+        self.running = Gauge("fedprefix_running_requests", "Requests in the batch (decoding or prefilling)", registry=r)
         self.cache = Gauge("fedprefix_prefix_cache", "Decrypted-prefix cache", ["stat"], registry=r)
         self.prompts = Gauge(
             "fedprefix_prompt_cache",

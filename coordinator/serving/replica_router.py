@@ -71,7 +71,7 @@ def _user_of(body: bytes) -> str | None:
     try:
         user = json.loads(body).get("user")
         return validate_user_id(user)
-    except (ValueError, AttributeError, FedPrefixError):
+    except (ValueError, AttributeError, RecursionError, FedPrefixError):  # RecursionError: JSON nested too deep
         return None
 
 

@@ -40,7 +40,7 @@ from fedprefix.common.store import StoreError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .api import KEY_HEADER, ApiError, ChatBody, CompletionBody, parse_key, store_error
+from .api import KEY_HEADER, ApiError, ChatBody, CompletionBody, field_errors, parse_key, store_error
 from .engine import (
     Engine,
     EngineOverloaded,
@@ -131,10 +131,12 @@ async def _http_error(request: Request, exc: HTTPException):
 
 async def _invalid_body(request: Request, exc: RequestValidationError):
     _count(request, 422)
-    fields = [
-        {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"].removeprefix("Value error, ")}
-        for e in exc.errors()
-    ]
+    content_type = request.headers.get("content-type", "")
+    if content_type and "json" not in content_type.lower():  # FastAPI then reads no JSON (curl -d sends a form)
+        reason = f"send the body as JSON, with Content-Type: application/json (not {content_type!r})"
+        fields = [{"field": "body", "message": reason}]
+    else:
+        fields = field_errors(exc.errors())
     message = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
     body = {"error": {"message": message, "type": "invalid_request_error", "code": "invalid_body", "fields": fields}}
     return JSONResponse(body, status_code=422)
@@ -165,7 +167,13 @@ async def _submit(
     if broken is not None:
         field, message = broken
         raise ApiError(422, f"{field}: {message}", "limit_exceeded", field=field)
-    key = parse_key(request.headers.get(KEY_HEADER))
+    keys = request.headers.getlist(KEY_HEADER)
+    if len(keys) > 1:  # which one to try is a guess, and a wrong guess counts against the user
+        raise ApiError(400, f"{len(keys)} {KEY_HEADER} headers; send one", "bad_key_header")
+    key = parse_key(keys[0] if keys else None)
+    if user is None and key is not None:  # not silently the base model for a client that meant a user
+        message = f"a {KEY_HEADER} header came without `user`: name the user whose prefix it opens"
+        raise ApiError(422, message, "missing_user", field="user")
     if user is not None and key is None:
         raise ApiError(
             401, f"user {user!r} needs the {KEY_HEADER} header (base64 of 32 bytes, or a passphrase)", "missing_key"
@@ -183,8 +191,8 @@ async def _submit(
         raise store_error(exc) from exc
     except FedPrefixError as exc:
         error = _engine_error(exc)
-        if error.field == "prompt":
-            error.field = prompt_field
+        if error.field == "prompt":  # a chat's prompt is its messages
+            error.field, error.message = prompt_field, f"{prompt_field}: {str(exc).removeprefix('prompt: ')}"
         raise error from exc
     except Exception as exc:  # a bug, not the client's fault: still an answer in OpenAI's shape
         log.exception("could not queue a request")
@@ -414,7 +422,7 @@ async def health(request: Request):
         "model": request.app.state.model_name,
         "dtype": dtype_name(engine.base.dtype),
         "queue_depth": engine.queue_depth,
-        "running": engine.batch_size,
+        "running": engine.batch_size,  # decoding or still prefilling
     }
     return JSONResponse(body, status_code=200 if running else 503)
 

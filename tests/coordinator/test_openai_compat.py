@@ -179,6 +179,7 @@ def test_a_chat_too_long_for_the_context_names_messages_not_a_max_tokens_it_neve
     error = reply.json()["error"]
     assert reply.status_code == 422 and error["param"] == "messages"
     assert "leave no room for a reply" in error["message"] and "max_tokens" not in error["message"]
+    assert error["message"].startswith("messages: ")  # the field it sent, not the prompt made of it
 
 
 def test_a_chat_of_more_turns_than_the_cap_is_refused_before_its_template_runs(client, monkeypatch):
@@ -195,7 +196,7 @@ def test_a_chat_of_more_turns_than_the_cap_is_refused_before_its_template_runs(c
 def test_a_model_this_server_does_not_serve_is_404_not_another_models_answer(client):
     for path, body in (
         ("/v1/completions", PLAIN),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "user": "alice"}),
     ):
         wrong = client.post(path, json={**body, "model": "tiny-lama"}, headers=header("alice"))
         assert wrong.status_code == 404, wrong.text
