@@ -63,7 +63,7 @@ def test_two_rounds_with_superlink_and_supernodes(tmp_path):
                     env=flower_env(flwr_home),
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    timeout=240,
+                    timeout=900,  # each message starts a ClientApp process that imports torch: 143 s seen under load
                     check=False,
                 )
         finally:

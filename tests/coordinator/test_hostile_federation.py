@@ -71,7 +71,7 @@ def test_a_node_that_stops_answering_holds_its_round_only_until_the_round_timeou
     """Flower's default wait for a round is an hour; round-timeout bounds it, and the round
     goes on with the replies that came. The node stalls in round 2, when the others are
     warm and answer within a second, so the timeout alone decides which replies count."""
-    timeout = 15.0
+    timeout = 30.0  # also round 1's, whose nodes start cold: 16.6 s seen on a loaded 2-core box
     config = federation_config(
         tmp_path, num_users=4, num_rounds=2, local_steps=2, audit_dir="", mode="shared", round_timeout=timeout
     )
@@ -80,4 +80,4 @@ def test_a_node_that_stops_answering_holds_its_round_only_until_the_round_timeou
     assert time.monotonic() - started < 300
     assert [r.round for r in rounds] == [1, 2]
     stalled = rounds[1]
-    assert stalled.replies_accepted == 3 and timeout <= stalled.seconds < timeout + 30
+    assert stalled.replies_accepted == 3 and timeout <= stalled.seconds < timeout + 60

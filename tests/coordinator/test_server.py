@@ -7,6 +7,7 @@ import base64
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -187,24 +188,30 @@ def test_key_header_forms():
 
 
 class LoopbackServer:
-    """uvicorn on 127.0.0.1 in a thread, stopped on exit."""
+    """uvicorn on 127.0.0.1 in a thread, stopped on exit; `config`: more uvicorn.Config settings.
 
-    def __init__(self, app):
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+    Its socket is bound here, before uvicorn starts: a port picked free and bound later may
+    be taken in between, and uvicorn's thread would then end without ever starting."""
+
+    def __init__(self, app, **config):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self):
         self.thread.start()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
             time.sleep(0.05)
         return f"http://127.0.0.1:{self.port}"
 
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        self.socket.close()
 
 
 def test_openai_client_and_concurrent_load(served):  # noqa: F811

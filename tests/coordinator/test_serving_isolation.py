@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -107,7 +108,14 @@ def test_a_cancelled_request_leaves_the_batch_within_one_step(served):  # noqa: 
     with Engine(base, store=store) as engine:
         slow_decode(engine)
         engine._batch.eos = set()  # never ends on its own
-        long = engine.submit(request("alice", "long", max_new_tokens=400))
+        failed_at, ended = [], threading.Event()  # the step count as the row ends, read on the engine's thread
+
+        def listener(piece):
+            if piece is None:
+                failed_at.append(engine.stats.steps)
+                ended.set()
+
+        long = engine.submit(request("alice", "long", max_new_tokens=400), listener)
         mate = engine.submit(request("bob", "mate", max_new_tokens=20))
         waiting = engine.submit(request(None, "queued", max_new_tokens=5))
         waiting.cancel()
@@ -117,7 +125,7 @@ def test_a_cancelled_request_leaves_the_batch_within_one_step(served):  # noqa: 
         cancelled_at = engine.stats.steps
         with pytest.raises(RequestCancelled):
             long.result(timeout=10)
-        assert engine.stats.steps - cancelled_at <= 1
+        assert ended.wait(10) and failed_at[0] - cancelled_at <= 1
         with pytest.raises(RequestCancelled):
             waiting.result(timeout=10)
         assert mate.result(timeout=60).tokens == reference(

@@ -4,13 +4,11 @@ connections reused, a connection the server closed while idle retried, 429s coun
 import asyncio
 import json
 import queue
-import threading
-import time
 
 import pytest
-import uvicorn
-from fedprefix.coordinator.simulate import free_port
 from fedprefix.simulations.http_load import Connections, poisson_load
+
+from tests.coordinator.test_server import LoopbackServer
 
 
 class App:
@@ -49,21 +47,14 @@ def serve():
     started = []
 
     def start(app, keep_alive_s: float = 5):
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=keep_alive_s)
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.01)
-        started.append((server, thread))
-        return port
+        server = LoopbackServer(app, timeout_keep_alive=keep_alive_s)
+        server.__enter__()
+        started.append(server)
+        return server.port
 
     yield start
-    for server, thread in started:
-        server.should_exit = True
-        thread.join(timeout=10)
+    for server in started:
+        server.__exit__(None, None, None)
 
 
 def test_hundreds_of_requests_are_in_flight_at_once(serve):
@@ -85,7 +76,7 @@ def test_hundreds_of_requests_are_in_flight_at_once(serve):
 
 def test_connections_are_reused_and_one_closed_while_idle_is_retried(serve):
     app = App()
-    port = serve(app, keep_alive_s=0.2)
+    port = serve(app, keep_alive_s=1.0)
 
     async def run():
         connections = Connections(port)
@@ -93,7 +84,7 @@ def test_connections_are_reused_and_one_closed_while_idle_is_retried(serve):
             for _ in range(3):
                 assert await connections.post("/x", {}, {}) == (200, {"usage": {"completion_tokens": 3}})
             assert len(app.clients) == 1  # one connection for all three
-            await asyncio.sleep(0.5)  # the server closes it; the client still holds it as idle
+            await asyncio.sleep(2.0)  # the server closes it; the client still holds it as idle
             assert await connections.post("/x", {}, {}) == (200, {"usage": {"completion_tokens": 3}})
         finally:
             connections.close()
