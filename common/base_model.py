@@ -53,8 +53,16 @@ CHATML_TEMPLATE = (
 
 
 def cache_dir() -> Path:
-    """Where converted models and fingerprints live: $FEDPREFIX_CACHE or ~/.cache/fedprefix."""
-    return Path(os.environ.get("FEDPREFIX_CACHE") or Path.home() / ".cache" / "fedprefix")
+    """Where converted models and fingerprints live: $FEDPREFIX_CACHE; else, run from a source
+    checkout (`make demo`'s editable install), its git-ignored .cache/fedprefix, where `make`
+    puts them, so the SDK and CLI run by hand find the base that `make demo` fetched; else
+    ~/.cache/fedprefix."""
+    if chosen := os.environ.get("FEDPREFIX_CACHE"):
+        return Path(chosen)
+    checkout = Path(__file__).resolve().parents[1]  # common/ sits at the top of a checkout
+    if (checkout / "Makefile").is_file() and (checkout / "common" / "base_model.py").is_file():
+        return checkout / ".cache" / "fedprefix"
+    return Path.home() / ".cache" / "fedprefix"
 
 
 @dataclass

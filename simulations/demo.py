@@ -40,6 +40,7 @@ def compare(me: Personalizer, data: dict, title: str) -> None:
     """Base vs personalized outputs and metrics on held-out prompts."""
     test = data["test"][:4]
     prompts = [row["prompt"] for row in test]
+    console.print(f"answering {len(prompts)} held-out prompts with the base alone, then personalized ...")
     before = me.generate(prompts, max_new_tokens=60, parts="none")
     after = me.generate(prompts, max_new_tokens=60)
     table = Table(title=title)
@@ -48,6 +49,7 @@ def compare(me: Personalizer, data: dict, title: str) -> None:
     for b, a in zip(before, after, strict=True):
         table.add_row(b, a)
     console.print(table)
+    console.print(f"held-out loss of the base and the personalized model on {len(data['test'])} rows ...")
     summary = Table(title=f"held-out metrics (style: {data['style']})")
     for column in ("", "loss / token", "style followed", "slots realized"):
         summary.add_column(column)
@@ -75,8 +77,9 @@ def federated(args) -> None:
         # [shared ; personal]: personas write in styles no other user shares, and on them a
         # personal part of its own behind the shared one is what was measured (make report-personas)
         personal_init="text",
-        run_dir=str(work),  # as `fedprefix simulate --out runs/demo`: `fedprefix show demo --runs runs` finds it
-        store_root=str(work / "stores"),
+        # as `fedprefix simulate --out runs/demo`: `fedprefix show demo --runs runs` finds it, and its
+        # node stores (run_dir/stores) carry the mark that lets a later simulate reuse the folder
+        run_dir=str(work),
     )
     console.print(
         f"[bold]federation[/bold]: {args.users} users x {args.rounds} rounds on {args.base}, "
@@ -89,7 +92,7 @@ def federated(args) -> None:
     user = "user001"
     me = Personalizer.load(
         user_id=user,
-        store=Path(config.store_root) / user,
+        store=Path(config.node_store_root) / user,
         key=simulation_key(config, user),
         base_model=load_base(args.base),
     )

@@ -32,7 +32,7 @@ def base_list(as_json: bool = typer.Option(False, "--json", help="Print JSON for
     rows = []
     for entry in base_model.REGISTRY.values():
         ready = entry.builtin or (base_model.registry_folder(entry.name) / "config.json").is_file()
-        rows.append({"name": entry.name, "ready": ready, "builtin": entry.builtin, "description": entry.description})
+        rows.append({"name": entry.name, "ready": ready, "in_process": entry.builtin, "description": entry.description})
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -40,7 +40,7 @@ def base_list(as_json: bool = typer.Option(False, "--json", help="Print JSON for
     for column in ("name", "ready", "description"):
         table.add_column(column)
     for row in rows:
-        status = "in-process" if row["builtin"] else ("fetched" if row["ready"] else "run: fedprefix base fetch")
+        status = "in-process" if row["in_process"] else ("fetched" if row["ready"] else "run: fedprefix base fetch")
         table.add_row(row["name"], status, row["description"])
     console.print(table)
 

@@ -38,7 +38,9 @@ def simulate(
     out: str = typer.Option(
         "runs/latest", "--out", help="Run folder to write (run.json, rounds.jsonl).", callback=non_empty_path
     ),
-    aggregator: str = typer.Option("fedavg", "--aggregator", help="fedavg | fedadam | fedprox"),
+    aggregator: str = typer.Option(
+        "fedavg", "--aggregator", help="fedavg | fedadam | fedprox, or robust: krum | multikrum | trimmedavg | median"
+    ),
     local_steps: int = typer.Option(10, "--local-steps", min=1, help="Optimizer steps per user per round."),
     data: str = typer.Option(
         "personas",

@@ -108,3 +108,20 @@ def test_load_base_takes_dtype_names_as_everywhere_else():
     assert load_base("tiny-llama", dtype="float32").dtype == torch.float32
     with pytest.raises(ConfigError, match="unknown dtype 'float16'; choose auto, float32, bfloat16"):
         load_base("tiny-llama", dtype="float16")
+
+
+def test_the_cache_is_the_checkouts_own_unless_chosen_or_installed(tmp_path, monkeypatch):
+    """Run from this checkout, the SDK finds the base `make demo` fetched into .cache/fedprefix."""
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parents[2]
+    monkeypatch.delenv("FEDPREFIX_CACHE", raising=False)
+    assert base_model.cache_dir() == checkout / ".cache" / "fedprefix"
+    monkeypatch.setenv("FEDPREFIX_CACHE", str(tmp_path / "mine"))
+    assert base_model.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("FEDPREFIX_CACHE")
+    installed = tmp_path / "site-packages" / "fedprefix" / "common" / "base_model.py"  # a wheel's layout
+    installed.parent.mkdir(parents=True)
+    installed.touch()
+    monkeypatch.setattr(base_model, "__file__", str(installed))
+    assert base_model.cache_dir() == Path.home() / ".cache" / "fedprefix"
