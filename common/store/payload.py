@@ -78,24 +78,23 @@ def decode_payload(
 
 
 def _prefix_from_state(config: PrefixConfig, tensors: dict[str, torch.Tensor]) -> Prefix:
-    """``Prefix.from_state`` without its throwaway initialization.
+    """``Prefix.from_state`` with the decrypted tensors assigned as they are, not copied in.
 
-    from_state builds the module with real (random, then zeroed) parameters and copies the
-    tensors in; for a 30-layer prefix that costs milliseconds, most of a load. Here the
-    module is built on the meta device and the decrypted tensors are assigned as they are.
-    Anything unexpected falls back to from_state, which stays the reference.
+    Built on the CPU, not the meta device: a module initialized on the meta device sends its
+    random init through torch's Python reference kernels, which import torch._dynamo, 1.4 s on
+    the first load of a process that has not imported it yet (the store's CLI commands, a
+    process that only reads prefixes; transformers imports it anyway). The throwaway CPU init
+    of a 30-layer prefix takes about a millisecond, a load 3-8 ms in all. Anything unexpected
+    falls back to from_state, which stays the reference.
     """
     try:
-        with torch.device("meta"):
-            prefix = Prefix(config, init="zero")
+        prefix = Prefix(config, init="zero")
         if "anchor" in tensors:
-            prefix.anchor = torch.empty_like(tensors["anchor"], device="meta")
+            prefix.anchor = torch.empty_like(tensors["anchor"])
         expected = {name: tuple(t.shape) for name, t in prefix.state_dict().items()}
         if expected != {name: tuple(t.shape) for name, t in tensors.items()}:
             raise ShapeError("shape mismatch")  # from_state words the error
         prefix.load_state_dict(tensors, strict=True, assign=True)
-        if any(t.is_meta for t in prefix.state_dict().values()):
-            raise ShapeError("tensor left on the meta device")
         return prefix
     except Exception:  # the reference path raises the proper error
         return Prefix.from_state(config, tensors)

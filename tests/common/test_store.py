@@ -750,3 +750,25 @@ def test_cli_covers_every_part_and_refuses_odd_inputs_in_one_line(cli_store, tmp
         result.exit_code == 1 and "--overwrite" in result.stderr and (out / "adapter_config.json").read_text() == "{}"
     )
     assert runner.invoke(store_app, [*export, "--overwrite"]).exit_code == 0
+
+
+def test_a_processs_first_load_imports_no_compiler(tmp_path):
+    """A load builds the prefix on the CPU: one built on the meta device ran its init through
+    torch's reference kernels, importing torch._dynamo (1.4 s) on the first load of a process
+    without transformers (`fedprefix store verify`), and readers racing saves never finished
+    a load before the saves ended."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from fedprefix.common.prefix import Prefix, PrefixConfig, PrefixSpec
+        from fedprefix.common.store import PrefixStore
+        spec = PrefixSpec(num_layers=30, num_kv_heads=3, head_dim=64, num_virtual_tokens=16)
+        store = PrefixStore({str(tmp_path)!r}, scrypt_n=2**10)
+        store.save("alice", Prefix(PrefixConfig(spec=spec, base_fingerprint="f" * 64)), b"k" * 32)
+        assert "torch._dynamo" not in sys.modules
+        PrefixStore({str(tmp_path)!r}).load("alice", b"k" * 32)
+        print("torch._dynamo" in sys.modules)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]
