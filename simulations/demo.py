@@ -21,6 +21,7 @@ from fedprefix.client import Personalizer
 from fedprefix.client.node import simulation_key
 from fedprefix.common.base_model import DEFAULT_BASE, load_base
 from fedprefix.common.config import FederationConfig
+from fedprefix.coordinator.records import RUN_FILE
 from fedprefix.coordinator.simulate import simulate
 from fedprefix.coordinator.views import make_console, round_progress, rounds_table
 from fedprefix.simulations.personas import (
@@ -63,7 +64,12 @@ def compare(me: Personalizer, data: dict, title: str) -> None:
 
 def federated(args) -> None:
     work = Path(args.out)
-    # a demo starts fresh: no prefixes or data of an earlier run ("run": where earlier versions wrote it)
+    # a demo starts fresh: no prefixes or data of an earlier run ("run": where earlier versions wrote
+    # it), but only in a folder a demo made (one stopped early has data/ and stores/ alone):
+    # `--out .` must not take the checkout's data/ with it
+    entries = {entry.name for entry in work.iterdir()} if work.is_dir() else set()
+    if entries - {"data", "stores"} and not ((work / RUN_FILE).is_file() or (work / "run").is_dir()):
+        raise SystemExit(f"--out {work}: a folder that no run made (no {RUN_FILE}); choose another")
     for stale in ("run", "stores", "data"):
         shutil.rmtree(work / stale, ignore_errors=True)
     config = FederationConfig(

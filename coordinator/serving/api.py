@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import reprlib
 from typing import Annotated, Any, Literal
 
 from fedprefix.common.chat import ChatMessage, Text
@@ -26,6 +27,14 @@ KEY_HEADER = "X-Prefix-Key"
 PASSPHRASE_PREFIX = "b64:"  # X-Prefix-Key: b64:<base64 of the UTF-8 passphrase>
 MAX_SEED = 2**63 - 1  # torch generators take 64 bits; OpenAI's seed is a signed 64-bit integer
 MAX_FIELD_ERRORS = 8  # a 422 names at most this many faults (a 1 MiB body can hold a million)
+MAX_MESSAGE_CHARS = 300  # of each fault: a reply never echoes a large value back
+_SHORT = reprlib.Repr()  # (keyword settings need Python 3.12)
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict = 40, 40, 4, 4
+
+
+def short(value: Any) -> str:
+    """repr of a client's value, cut to a few dozen characters (for error messages)."""
+    return _SHORT.repr(value)
 
 
 def ListOf(item):  # noqa: N802 (a type)
@@ -93,17 +102,24 @@ class SamplingBody(BaseModel):
         """A stream's last chunk carries the usage (stream_options.include_usage)."""
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @field_validator("temperature", "top_p", "stream", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value: Any, info) -> Any:
+        """OpenAI's API takes null for these (the openai client sends it for an explicit None)."""
+        return cls.model_fields[info.field_name].default if value is None else value
+
     @field_validator(*_OFF)
     @classmethod
     def _not_implemented(cls, value: Any, info) -> Any:
         if not _OFF[info.field_name](value):
-            raise ValueError(f"{value!r} is not supported by this server; leave {info.field_name} out")
+            raise ValueError(f"{short(value)} is not supported by this server; leave {info.field_name} out")
         return value
 
     @field_validator("stream_options")
     @classmethod
     def _only_when_streaming(cls, value: StreamOptions | None, info) -> StreamOptions | None:
-        if value is not None and not info.data.get("stream"):
+        # where `stream` itself was refused, that is the fault to name
+        if value is not None and "stream" in info.data and not info.data["stream"]:
             raise ValueError("only allowed with stream: true")
         return value
 
@@ -215,34 +231,42 @@ def _is_branch_tag(part) -> bool:
 
 
 def field_errors(errors: list[dict]) -> list[dict]:
-    """Pydantic's errors of a body as what a client can act on: one entry per field (union
-    branches merged: "Input should be a valid string or a valid list"; a branch whose type did
-    not fit dropped where another got further), at most MAX_FIELD_ERRORS of them."""
-    merged: dict[str, list[str]] = {}
-    deeper = set()  # fields where some union branch got past the value's type
-    parsed = []
+    """Pydantic's errors of a body as what a client can act on: one entry per field, at most
+    MAX_FIELD_ERRORS of them. Of a union (a prompt: text, texts, token ids or lists of them),
+    only the branches that got furthest into the value speak: ["a", 1] is "prompt.1: should be
+    a valid string", not also "prompt.0: should be a valid integer"; where none got past the
+    value's type, their expectations are merged ("a valid string or a valid list")."""
+    found: list[tuple[str, str]] = []
+    branches: dict[str, list[tuple[tuple, str, str]]] = {}  # union path -> (progress, field, message)
     for error in errors:
         loc, message = tuple(error["loc"]), error["msg"].removeprefix("Value error, ")
         if error["type"] == "json_invalid":  # ("body", <character offset>)
             reason = (error.get("ctx") or {}).get("error", "")
-            parsed.append(("body", f"not valid JSON at character {loc[-1]}: {reason}".rstrip(": "), False))
+            found.append(("body", f"not valid JSON at character {loc[-1]}: {reason}".rstrip(": ")))
             continue
-        tag = next((i for i, part in enumerate(loc) if _is_branch_tag(part)), None)
         field = ".".join(str(part) for part in loc if not _is_branch_tag(part))
-        type_only = tag is not None and tag == len(loc) - 1 and error["type"].endswith("_type")
-        if tag is not None and not type_only:
-            deeper.add(".".join(str(part) for part in loc[:tag]))
-        parsed.append((field, message, type_only))
-    for field, message, type_only in parsed:
-        if type_only and field in deeper:
+        tag = next((i for i, part in enumerate(loc) if _is_branch_tag(part)), None)
+        if tag is None:
+            found.append((field, message))
             continue
-        messages = merged.setdefault(field, [])
-        if message not in messages:
-            messages.append(message)
+        inside = loc[tag + 1 :]  # how far into the value this branch got before it failed
+        first = inside[0] if inside and isinstance(inside[0], int) else -1
+        progress = (len(inside) > 0, first, len(inside), not error["type"].endswith("_type"))
+        branches.setdefault(".".join(map(str, loc[:tag])), []).append((progress, field, message))
+    for candidates in branches.values():
+        furthest = max(progress for progress, _, _ in candidates)
+        found += [(field, message) for progress, field, message in candidates if progress == furthest]
+    merged: dict[str, list[str]] = {}
+    for field, message in found:
+        if message not in merged.setdefault(field, []):
+            merged[field].append(message)
     fields = [
         {"field": field, "message": " or ".join([ms[0]] + [m.removeprefix("Input should be ") for m in ms[1:]])}
         for field, ms in merged.items()
     ]
+    for entry in fields:
+        if len(entry["message"]) > MAX_MESSAGE_CHARS:
+            entry["message"] = entry["message"][: MAX_MESSAGE_CHARS - 3] + "..."
     if len(fields) > MAX_FIELD_ERRORS:
         more = len(fields) - MAX_FIELD_ERRORS
         fields = fields[:MAX_FIELD_ERRORS] + [{"field": "body", "message": f"and {more} more faults"}]

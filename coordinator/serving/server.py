@@ -40,7 +40,7 @@ from fedprefix.common.store import StoreError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .api import KEY_HEADER, ApiError, ChatBody, CompletionBody, field_errors, parse_key, store_error
+from .api import KEY_HEADER, ApiError, ChatBody, CompletionBody, field_errors, parse_key, short, store_error
 from .engine import (
     Engine,
     EngineOverloaded,
@@ -125,7 +125,10 @@ async def _api_error(request: Request, exc: ApiError):
 async def _http_error(request: Request, exc: HTTPException):
     _count(request, exc.status_code)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-    body = error_body(exc.status_code, str(exc.detail), code)
+    detail = str(exc.detail)
+    if detail == "There was an error parsing the body":  # FastAPI's words for JSON it could not decode
+        detail = "body: not JSON this server can read (not UTF-8, or nested too deep)"
+    body = error_body(exc.status_code, detail, code)
     return JSONResponse(body, exc.status_code, headers=getattr(exc, "headers", None))
 
 
@@ -172,7 +175,7 @@ async def _submit(
         raise ApiError(400, f"{len(keys)} {KEY_HEADER} headers; send one", "bad_key_header")
     key = parse_key(keys[0] if keys else None)
     if user is None and key is not None:  # not silently the base model for a client that meant a user
-        message = f"a {KEY_HEADER} header came without `user`: name the user whose prefix it opens"
+        message = f"an {KEY_HEADER} header came without `user`: name the user whose prefix it opens"
         raise ApiError(422, message, "missing_user", field="user")
     if user is not None and key is None:
         raise ApiError(
@@ -310,7 +313,7 @@ def _check_model(request: Request, model: str | None) -> None:
     get another model's answer. Absent: the served one. A user's prefix is chosen by `user`."""
     served = request.app.state.model_name
     if model is not None and model != served:
-        message = f"model {model!r} is not served here; this server serves {served!r} (GET /v1/models)"
+        message = f"model {short(model)} is not served here; this server serves {served!r} (GET /v1/models)"
         raise ApiError(404, message, "model_not_found", field="model")
 
 

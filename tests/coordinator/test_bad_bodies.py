@@ -61,6 +61,12 @@ def test_a_body_of_many_bad_items_gets_a_short_answer_naming_the_first(client):
 def test_a_union_field_of_the_wrong_type_is_one_entry_naming_what_fits(client):
     error = refused(client, {**PLAIN, "prompt": None})
     assert error["fields"] == [{"field": "body.prompt", "message": "Input should be a valid string or a valid list"}]
+    assert refused(client, {**PLAIN, "prompt": ["a", 1]})["fields"] == [  # texts: the branch that got furthest
+        {"field": "body.prompt.1", "message": "Input should be a valid string"}
+    ]
+    assert refused(client, {**PLAIN, "prompt": [[1, "x"]]})["fields"] == [
+        {"field": "body.prompt.0.1", "message": "Input should be a valid integer"}
+    ]
     error = refused(client, {**PLAIN, "prompt": [{}]})  # every list branch reached the item: each says what fits
     assert error["fields"] == [
         {"field": "body.prompt.0", "message": "Input should be a valid string or a valid integer or a valid list"}
@@ -131,3 +137,29 @@ def test_a_request_still_prefilling_counts_as_running(served):  # noqa: F811
             time.sleep(0.002)  # leave the engine's thread the interpreter
         handle.result(timeout=60)
     assert seen.count(1) > 5, seen[-20:]
+
+
+def test_an_error_never_echoes_a_large_value_back(client):
+    for body in ({**PLAIN, "n": "x" * 100_000}, {**PLAIN, "tools": [{"type": "function"}] * 5000}):
+        reply = client.post("/v1/completions", json=body, headers=header("alice"))
+        assert reply.status_code == 422 and len(reply.content) < 2000, len(reply.content)
+    reply = client.post("/v1/completions", json={**PLAIN, "model": "m" * 100_000}, headers=header("alice"))
+    assert reply.status_code == 404 and len(reply.content) < 2000
+
+
+def test_null_is_openais_default_for_temperature_top_p_and_stream(client):
+    """The openai client sends null for an explicit None: OpenAI reads it as the default."""
+    nulls = {**PLAIN, "temperature": None, "top_p": None, "stream": None, "seed": 1}
+    reply = client.post("/v1/completions", json=nulls, headers=header("alice"))
+    seeded = client.post("/v1/completions", json={**PLAIN, "temperature": 1.0, "seed": 1}, headers=header("alice"))
+    assert reply.status_code == 200 and reply.json()["choices"] == seeded.json()["choices"]
+
+
+def test_a_refused_stream_is_the_one_fault_named_not_its_options_too(client):
+    error = refused(client, {**PLAIN, "stream": "true", "stream_options": {"include_usage": True}})
+    assert [f["field"] for f in error["fields"]] == ["body.stream"]
+
+
+def test_a_body_that_is_not_utf8_says_so(client):
+    reply = client.post("/v1/completions", content=b'{"prompt": "\xff"}', headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and "not UTF-8" in reply.json()["error"]["message"]

@@ -307,3 +307,16 @@ def test_the_cli_names_the_stores_key_size():
     from fedprefix.coordinator.cli import store as store_commands
 
     assert store_commands.KEY_BYTES == store.KEY_BYTES  # its own copy: the store imports torch
+
+
+def test_base_list_json_says_which_bases_are_built_in_process(monkeypatch, capsys, tmp_path):
+    import json
+
+    monkeypatch.setenv("FEDPREFIX_CACHE", str(tmp_path))  # nothing fetched
+    with pytest.raises(SystemExit) as exit_:
+        _run(monkeypatch, "base", "list", "--json")
+    assert exit_.value.code in (0, None)
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["tiny-llama"]["in_process"] and rows["tiny-llama"]["ready"]
+    smollm2 = rows[base_model.DEFAULT_BASE]  # the built-in base: from a PyPI package, converted once
+    assert not smollm2["in_process"] and not smollm2["ready"]

@@ -178,10 +178,22 @@ def test_refused_requests_do_not_evict_users(replicated):
     while (held := _cached_prefixes(url)) < len(USERS):  # replicas report their caches every 0.5 s
         assert time.monotonic() < deadline, f"the replicas report {held} cached prefixes"
         time.sleep(0.2)
+    refused_before = _metric(url, 'fedprefix_requests_total{endpoint="/v1/completions",status="401"}')
     for i in range(20):
         assert httpx.post(f"{url}/v1/completions", json=completion(f"stranger{i}"), timeout=60).status_code == 401
-    time.sleep(2.0)  # a report made after the strangers
+    deadline = time.monotonic() + 30  # a report made after the strangers: it counts their 401s
+    while _metric(url, 'fedprefix_requests_total{endpoint="/v1/completions",status="401"}') < refused_before + 20:
+        assert time.monotonic() < deadline, "no replica report counts the strangers' requests"
+        time.sleep(0.2)
     assert _cached_prefixes(url) >= held >= len(USERS)
+
+
+def _metric(url: str, series: str) -> float:
+    """One series of the router's merged /metrics; 0 where it is not there (yet)."""
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def _cached_prefixes(url: str) -> float:

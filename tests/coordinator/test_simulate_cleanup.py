@@ -163,6 +163,9 @@ def test_rounds_reach_on_round_as_they_are_written(tmp_path):
             time.sleep(0.6)
             with open(tmp_path / ROUNDS_FILE, "a") as fh:
                 fh.write(_record(number).model_dump_json() + "\n")
+            deadline = time.monotonic() + 60
+            while number == 1 and not got and time.monotonic() < deadline:  # seen before the run can end
+                time.sleep(0.05)
         with open(tmp_path / ROUNDS_FILE, "a") as fh:
             fh.write('{"round": 4, "sampled')  # a partial last line is not a round yet
         done.touch()

@@ -19,3 +19,12 @@ def test_the_demo_run_folder_is_one_simulate_may_run_into_again(tmp_path, monkey
     assert (out / "stores" / simulate_module.SIMULATION_MARK).is_file()
     # what the README shows next: `fedprefix simulate --users 4 --rounds 3 --out runs/demo`
     simulate_module.check_run_folder(FederationConfig(base="tiny-llama", num_users=4, num_rounds=3, run_dir=str(out)))
+
+
+def test_the_demo_never_empties_a_folder_no_run_made(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.jsonl").write_text("{}\n")
+    (tmp_path / "pyproject.toml").write_text("")  # say, a checkout
+    with pytest.raises(SystemExit, match="no run made"):
+        demo.main(["--base", "tiny-llama", "--out", str(tmp_path)])
+    assert (tmp_path / "data" / "mine.jsonl").is_file()
