@@ -72,9 +72,8 @@ def test_a_union_field_of_the_wrong_type_is_one_entry_naming_what_fits(client):
         {"field": "body.prompt.0", "message": "Input should be a valid string or a valid integer or a valid list"}
     ]
     surrogate = json.dumps({**PLAIN, "prompt": "a\ud800"})  # valid JSON, not valid Unicode
-    error = refused(
-        client, content=surrogate, headers={"content-type": "application/json"}
-    )  # the string branch's reason
+    error = refused(client, content=surrogate, headers={"content-type": "application/json"})
+    # the string branch's own reason, not the list branches' "a valid list"
     assert len(error["fields"]) == 1 and "surrogate" in error["fields"][0]["message"]
 
 

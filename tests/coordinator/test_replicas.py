@@ -197,10 +197,7 @@ def _metric(url: str, series: str) -> float:
 
 
 def _cached_prefixes(url: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith('fedprefix_prefix_cache{stat="entries"}'):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("no prefix cache entries in /metrics")
+    return _metric(url, 'fedprefix_prefix_cache{stat="entries"}')
 
 
 def test_health_and_metrics_sum_the_replicas(replicated):
