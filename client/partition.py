@@ -134,6 +134,7 @@ def _source(path: Path) -> tuple[str, list[Path]]:
             f"({next(f.name for f in files if is_row_file(f))}): keep one layout"
         )
     if folders:
+        _check_user_folders(path, entries, folders)
         return "folders", [f for p in folders for f in (p / TRAIN_FILE, p / EVAL_FILE) if f.exists()]
     if not files:
         raise DataError(
@@ -146,6 +147,21 @@ def _source(path: Path) -> tuple[str, list[Path]]:
     if twice := sorted({s for s in stems if stems.count(s) > 1}):
         raise DataError(f"federation data folder {path}: user {twice[0]} has more than one file")
     return "files", files
+
+
+def _check_user_folders(path: Path, entries: list[Path], folders: list[Path]) -> None:
+    """DataError for a folder beside the user folders that is no user's (bob/ with a train.csv:
+    a user silently dropped) or a file in a user folder that is not train or eval data (an
+    EVAL.jsonl: held-out rows silently split from the training rows instead)."""
+    known = {TRAIN_FILE, EVAL_FILE}
+    layout = f"a user folder holds {TRAIN_FILE} and optionally {EVAL_FILE}"
+    for entry in entries:
+        if entry.is_dir() and entry not in folders:
+            raise DataError(f"federation data folder {path}: {entry.name}/ has no {TRAIN_FILE} ({layout})")
+    for folder in folders:
+        for entry in sorted(folder.iterdir()):
+            if not entry.name.startswith(".") and entry.name not in known:
+                raise DataError(f"federation data: {entry} is not {TRAIN_FILE} or {EVAL_FILE} ({layout})")
 
 
 def _user_id(value: object, where: str) -> str:

@@ -84,6 +84,8 @@ class Personalizer:
         if init not in ("text", "random", "zero"):
             raise ConfigError(f"init must be 'text', 'random' or 'zero', got {init!r}")
         self.base = base_model if isinstance(base_model, BaseModelHandle) else load_base(base_model)
+        if store is not None and not isinstance(store, (str, os.PathLike, PrefixStore)):  # not after training
+            raise ConfigError(f"store must be a folder path or a PrefixStore, not {type(store).__name__}")
         self.store = PrefixStore(store) if isinstance(store, (str, os.PathLike)) else store
         self.key = None if key is None else check_key(self.user_id, key)  # refused now, not at save() after training
         self.train_config = _train_config(train_settings)
@@ -375,6 +377,8 @@ class Personalizer:
         """A Personalizer holding `user_id`'s stored prefix, decrypted with `key`, on `base_model`."""
         if isinstance(store, (str, os.PathLike)):  # loading never creates a store
             store = PrefixStore(existing_store_folder(store))
+        elif not isinstance(store, PrefixStore):
+            raise ConfigError(f"store must be a folder path or a PrefixStore, not {type(store).__name__}")
         if not store.exists(user_id) and not store.exists(shared_store_id(user_id)):  # validates the id
             store.load(user_id, key)  # raises the store's "unknown user" error
         self = cls(base_model=base_model, user_id=user_id, store=store, key=key, init="zero", **settings)

@@ -89,7 +89,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 def _csv(path: Path, text: str) -> list[Record]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # a stray quote is an error, not one huge cell
     try:
         header = next(reader, None)
         if header is None:
@@ -111,7 +111,8 @@ def _csv(path: Path, text: str) -> list[Record]:
                     raise DataError(f"{where}: column 'messages' is not valid JSON ({exc.msg})") from exc
             records.append((where, record))
     except csv.Error as exc:
-        raise DataError(f"{path} line {reader.line_num}: not valid CSV ({exc})") from exc
+        hint = ": a quoted cell is never closed" if "unexpected end of data" in str(exc) else ""
+        raise DataError(f"{path} line {reader.line_num}: not valid CSV ({exc}){hint}") from exc
     return records
 
 

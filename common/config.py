@@ -28,7 +28,7 @@ class TrainConfig(BaseModel):
     max_steps: int = Field(60, ge=1)  # optimizer steps; the device budget
     # ... and at most this many passes over the training rows: on real text (the Shakespeare
     # report) a user with 10 rows lost the prefix's gain, and more, after 30 epochs
-    max_epochs: float | None = Field(10.0, gt=0)
+    max_epochs: float | None = Field(10.0, gt=0, le=1e6)  # a step count must come out of it
     max_seconds: float | None = Field(None, gt=0)  # wall-clock budget; stops after the step that crosses it
     batch_size: int = Field(8, ge=1)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)  # linear warm-up, then cosine decay to 10%
@@ -45,7 +45,7 @@ class TrainConfig(BaseModel):
     # Compute dtype of the frozen base while training (common/precision.py): "auto" is bfloat16
     # only where the hardware computes it natively and faster; prefix parameters stay float32.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    seed: int = 0  # fixes data order, split and init: same data + seed = same prefix
+    seed: int = Field(0, ge=0, le=2**63 - 1)  # fixes data order, split and init: same data + seed = same prefix
 
 
 class EvalPoint(BaseModel):

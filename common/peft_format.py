@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,15 +28,31 @@ from .prefix import Prefix
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FEDPREFIX_META = "fedprefix.json"
+ADAPTER_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, FEDPREFIX_META}
 PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose format this writes and is tested against
 
 
 def export_peft(prefix: Prefix, folder: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write `prefix` as a PEFT adapter folder; returns the folder."""
+    """Write `prefix` as a PEFT adapter folder; returns the folder.
+
+    All or nothing: the files are written into a new folder beside it that then takes its
+    place, so a failure (a full disk) leaves the folder as it was. ConfigError, before anything
+    is written, for a prefix holding NaN or Inf, an empty path, a file, or a folder holding
+    anything but a previous export (its files would sit beside the adapter)."""
+    if os.fspath(folder) == "":
+        raise ConfigError("export folder: give a folder path, not an empty string")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    target = folder.resolve()
     spec = prefix.spec
     flat = prefix.folded().flat().detach().to(torch.float32).contiguous()  # (P, 2*L*H*D)
+    if not bool(torch.isfinite(flat).all()):
+        raise ConfigError("the prefix holds NaN or Inf; nothing was exported")
+    if target == Path.cwd().resolve():  # it is moved aside and replaced: not the folder a process runs in
+        raise ConfigError(f"export folder {folder} is the current folder: give a folder inside it")
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"export folder {folder} is a file")
+    if target.is_dir() and (foreign := sorted(p.name for p in target.iterdir() if p.name not in ADAPTER_FILES)):
+        raise ConfigError(f"export folder {folder} holds {foreign[0]}, not only an adapter: give a new or empty folder")
     config = {
         "task_type": "CAUSAL_LM",
         "peft_type": "PREFIX_TUNING",
@@ -54,9 +72,22 @@ def export_peft(prefix: Prefix, folder: str | os.PathLike, base_model_name_or_pa
         "prefix_projection": False,  # folded on export
     }
     meta = {"base_fingerprint": prefix.base_fingerprint, "spec": spec.model_dump()}
-    atomic_write_bytes(folder / ADAPTER_WEIGHTS, save({"prompt_embeddings": flat}))
-    atomic_write_bytes(folder / FEDPREFIX_META, json.dumps(meta, indent=2).encode())
-    atomic_write_bytes(folder / ADAPTER_CONFIG, json.dumps(config, indent=2).encode())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        atomic_write_bytes(staging / ADAPTER_WEIGHTS, save({"prompt_embeddings": flat}))
+        atomic_write_bytes(staging / FEDPREFIX_META, json.dumps(meta, indent=2).encode())
+        atomic_write_bytes(staging / ADAPTER_CONFIG, json.dumps(config, indent=2).encode())
+        if target.exists():  # empty, or a previous export: moved aside, then removed
+            previous = staging.with_name(staging.name + ".previous")
+            os.replace(target, previous)
+            os.replace(staging, target)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return folder
 
 

@@ -21,7 +21,7 @@ import errno
 import os
 import signal
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -82,9 +82,23 @@ def discard(staged: Sequence[Staged]) -> None:
 
 
 def commit(staged: Sequence[Staged], durable: bool) -> None:
-    """Rename every staged file over its target, in order; then make the renames durable."""
-    for tmp, target in staged:
-        os.replace(tmp, target)
+    """Rename every staged file over its target, in order; then make the renames durable.
+
+    An exception once the first rename is made (a signal handler's other than Ctrl-C's and
+    SIGTERM's, which write_all defers) finishes the renames before it goes on: a user's parts
+    stay one write, where a half-made one would be refused until `reset-rollback`."""
+    renamed = 0
+    try:
+        for tmp, target in staged:
+            os.replace(tmp, target)
+            renamed += 1
+    except BaseException:
+        if renamed or (staged and not staged[0][0].exists()):  # the first is in: finish the rest
+            for tmp, target in staged:
+                with suppress(OSError):
+                    if tmp.exists():
+                        os.replace(tmp, target)
+        raise
     if durable:
         for folder in dict.fromkeys(target.parent for _, target in staged):
             fsync_dir(folder)

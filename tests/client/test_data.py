@@ -116,3 +116,15 @@ def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
     path = tmp_path / "seps.jsonl"
     path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n", encoding="utf-8")
     assert [row.prompt for row in read_rows(path)] == [r["prompt"] for r in rows]
+
+
+def test_a_stray_quote_in_a_csv_is_an_error_not_one_cell_holding_the_rest(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text('prompt,completion\na,"b\nc,d\ne,f\n')  # the quote before b never closes
+    with pytest.raises(DataError, match="rows.csv line .*a quoted cell is never closed"):
+        read_rows(str(path))
+    path.write_text('prompt,completion\n"a"x,b\n')
+    with pytest.raises(DataError, match="not valid CSV"):
+        read_rows(str(path))
+    path.write_text('prompt,completion\na,"b ""q"" c"\n')  # doubled quotes inside a quoted cell: fine
+    assert [(r.prompt, r.completion) for r in read_rows(str(path))] == [("a", 'b "q" c')]

@@ -265,3 +265,21 @@ def test_a_fifo_or_folder_where_data_belongs_is_refused_not_skipped(tmp_path):
     os.mkfifo(folders / "bob" / "train.jsonl")
     with pytest.raises(DataError, match="bob/train.jsonl is not a regular file"):
         read_users(folders)
+
+
+def test_user_folders_drop_no_user_and_no_held_out_file_silently(tmp_path):
+    folders = tmp_path / "users"
+    (folders / "alice").mkdir(parents=True)
+    _jsonl(folders / "alice" / "train.jsonl", ["a", "b"])
+    (folders / "bob").mkdir()
+    (folders / "bob" / "train.csv").write_text("text\nx\n")  # a user in a form this layout does not read
+    with pytest.raises(DataError, match="bob/ has no train.jsonl"):
+        read_users(folders)
+    (folders / "bob" / "train.csv").unlink()
+    (folders / "bob").rmdir()
+    _jsonl(folders / "alice" / "EVAL.jsonl", ["held out"])  # not eval.jsonl: would be split from train
+    with pytest.raises(DataError, match="EVAL.jsonl is not train.jsonl or eval.jsonl"):
+        read_users(folders)
+    (folders / "alice" / "EVAL.jsonl").unlink()
+    (folders / "alice" / ".hidden").write_text("skipped")
+    assert list(read_users(folders)) == ["alice"]

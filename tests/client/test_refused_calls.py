@@ -148,3 +148,16 @@ def test_a_part_the_prefix_lacks_is_refused_not_replaced_by_the_base_alone(tiny_
         with pytest.raises(ConfigError, match="this prefix has no shared part"):
             call()
     assert p.evaluate(ROWS, parts="personal").tokens > 0  # the part it has still works
+
+
+def test_settings_no_fit_could_run_and_a_store_that_is_no_store_are_refused_before_training(tiny_llama, tmp_path):
+    p = Personalizer(base_model=tiny_llama, user_id="u1", init="zero", **FAST)
+    before = values(p)
+    for bad, field in (({"max_epochs": 1e308}, "max_epochs"), ({"seed": 2**64}, "seed"), ({"seed": -1}, "seed")):
+        with pytest.raises(ConfigError, match=field):  # not OverflowError from a step count or torch's seed
+            p.fit(ROWS, **bad)
+    assert unchanged(p, before)
+    with pytest.raises(ConfigError, match="store must be a folder path or a PrefixStore, not int"):
+        Personalizer(base_model=tiny_llama, user_id="u1", store=5, key=KEY)
+    with pytest.raises(ConfigError, match="not NoneType"):
+        Personalizer.load("u1", None, KEY, base_model=tiny_llama)

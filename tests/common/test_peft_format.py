@@ -77,3 +77,42 @@ def test_import_errors_name_the_problem(tiny_llama, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(ConfigError, match="expected 'PREFIX_TUNING'"):
         import_peft(tmp_path, tiny_llama)
+
+
+def test_an_export_is_all_or_nothing_and_writes_only_an_adapter_folder(tiny_base, tmp_path, monkeypatch):
+    from fedprefix.common import peft_format
+
+    out = tmp_path / "adapter"
+    first = random_prefix(tiny_base, 5, seed=1)
+    export_peft(first, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def disk_full_at_the_second_file(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    real = peft_format.atomic_write_bytes
+    monkeypatch.setattr(peft_format, "atomic_write_bytes", disk_full_at_the_second_file)
+    with pytest.raises(OSError, match="No space"):
+        export_peft(random_prefix(tiny_base, 3, seed=2), out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous export, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging folder left
+    export_peft(random_prefix(tiny_base, 3, seed=2), out)  # a previous export is replaced
+    assert import_peft(out, tiny_base).spec.num_virtual_tokens == 3
+
+    nan = random_prefix(tiny_base, 3, seed=3)
+    with torch.no_grad():
+        nan.embedding.weight[0, 0] = float("nan")
+    with pytest.raises(ConfigError, match="NaN or Inf; nothing was exported"):
+        export_peft(nan, tmp_path / "nan")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not an adapter")
+    with pytest.raises(ConfigError, match="holds notes.txt, not only an adapter"):
+        export_peft(first, tmp_path / "mine")
+    with pytest.raises(ConfigError, match="not an empty string"):
+        export_peft(first, "")
+    assert not (tmp_path / "nan").exists() and sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -197,19 +198,19 @@ def test_loads_during_saves_see_old_or_new_never_an_error(store):
     store.save("alice", known[0], PASS, part="shared")
     errors: list[BaseException] = []
     done = threading.Event()
+    loads = [0]
 
     def writer() -> None:
-        try:
-            for i in range(40):
-                p = known[i % 4]
+        try:  # at least 40 saves, and on until readers have raced 20 of them (at most 20 s)
+            deadline, i = time.monotonic() + 20, 0
+            while i < 40 or (loads[0] < 20 and time.monotonic() < deadline):
+                p, i = known[i % 4], i + 1
                 store.save_parts("alice", {"personal": p, "shared": p}, PASS)
                 store.rotate_data_key("alice", PASS) if i % 10 == 0 else None
         except BaseException as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
         finally:
             done.set()
-
-    loads = [0]
 
     def reader(reader_store: PrefixStore) -> None:
         while not done.is_set():

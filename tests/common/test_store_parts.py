@@ -157,6 +157,29 @@ def test_a_save_killed_between_its_renames_is_refused_until_reset(store, monkeyp
     assert same(parts["personal"], make_prefix(4)) and same(parts["shared"], make_prefix(2))
 
 
+def test_an_exception_after_the_first_rename_finishes_the_write_before_it_goes_on(store, monkeypatch):
+    """A signal handler that raises (a SIGALRM time limit, say) lands between two renames: the
+    exception still reaches the caller, but the parts stay one write that loads."""
+    from fedprefix.common.store import locking
+
+    both(store)
+    real_replace, raised = locking.os.replace, []
+
+    def interrupted_after_the_first(src, dst):
+        real_replace(src, dst)
+        if not raised:
+            raised.append(dst)
+            raise TimeoutError("the handler of a time limit")
+
+    monkeypatch.setattr(locking.os, "replace", interrupted_after_the_first)
+    with pytest.raises(TimeoutError):
+        store.save_parts("alice", {"personal": make_prefix(4), "shared": make_prefix(5)}, RAW)
+    monkeypatch.setattr(locking.os, "replace", real_replace)
+    parts = store.load_parts("alice", RAW)
+    assert same(parts["personal"], make_prefix(4)) and same(parts["shared"], make_prefix(5))
+    assert not list(store.root.rglob("*.tmp"))
+
+
 def test_every_part_of_a_user_is_under_one_key(store):
     store.save("alice", make_prefix(1), RAW)
     before = files(store.root)
