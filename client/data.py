@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from fedprefix.common.chat import ChatMessage, Text, chat_prompt, format_prompt, leading_bos, prompt_ids, unicode_text
 from fedprefix.common.errors import DataError, first_error
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .tables import is_row_file, read_records
 
@@ -28,7 +28,14 @@ class PromptCompletion(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     prompt: Text
-    completion: Text = Field(min_length=1)
+    completion: Text  # not empty (below): a min_length would test the length before the text is Unicode
+
+    @field_validator("completion")
+    @classmethod
+    def _not_empty(cls, completion: str) -> str:
+        if not completion:
+            raise ValueError("the completion is empty: nothing to learn")
+        return completion
 
 
 class ChatRow(BaseModel):

@@ -23,6 +23,7 @@ from fedprefix.common.files import open_regular
 
 FORMATS = (".jsonl", ".csv", ".parquet")
 PARQUET_HINT = "pip install 'fedprefix[parquet]'"
+CSV_CELL_LIMIT = 1 << 26  # characters of one csv cell (the csv module's default, 128 Ki, refused long texts)
 
 Record = tuple[str, object]  # (where: "PATH line 3" / "PATH row 0", the raw value)
 
@@ -89,6 +90,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 def _csv(path: Path, text: str) -> list[Record]:
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_CELL_LIMIT))  # a long text is data, as in .jsonl
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # a stray quote is an error, not one huge cell
     try:
         header = next(reader, None)
@@ -96,6 +98,10 @@ def _csv(path: Path, text: str) -> list[Record]:
             return []
         if len(set(header)) != len(header) or not all(header):
             raise DataError(f"{path} line 1: the header needs distinct, non-empty column names, got {header}")
+        if not ({"prompt", "completion"} <= set(header) or {"text", "messages"} & set(header)):
+            raise DataError(
+                f"{path} line 1: columns {header}; rows need prompt and completion, text, or messages columns"
+            )
         records, start = [], reader.line_num + 1
         for cells in reader:
             where, start = f"{path} line {start}", reader.line_num + 1

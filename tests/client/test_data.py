@@ -128,3 +128,12 @@ def test_a_stray_quote_in_a_csv_is_an_error_not_one_cell_holding_the_rest(tmp_pa
         read_rows(str(path))
     path.write_text('prompt,completion\na,"b ""q"" c"\n')  # doubled quotes inside a quoted cell: fine
     assert [(r.prompt, r.completion) for r in read_rows(str(path))] == [("a", 'b "q" c')]
+
+
+def test_a_csv_header_of_no_known_form_names_its_columns_and_long_cells_are_data(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("prompt, completion\na,b\n")  # the space belongs to the column's name
+    with pytest.raises(DataError, match=r"line 1: columns \['prompt', ' completion'\]; rows need prompt and"):
+        read_rows(str(path))
+    path.write_text("prompt,completion\na," + "b" * 200_000 + "\n")  # past the csv module's 128 Ki default
+    assert len(read_rows(str(path))[0].completion) == 200_000
