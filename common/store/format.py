@@ -85,6 +85,7 @@ __all__ = [
     "canonical_json",
     "check_owner",
     "encode_file",
+    "new_key_id",
     "parse_file",
     "parse_header",
     "read_file",
@@ -113,7 +114,7 @@ MAX_SCRYPT_N = 2**20
 MAX_SCRYPT_MEMORY = 1 << 30  # 128*n*r*p bytes; caps what a forged header can make us allocate
 
 _USER_ID_RE = re.compile(r"[A-Za-z0-9._@-]{1,128}")
-_KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
+_KEY_ID_RE = re.compile(r"[0-9a-f]{16}")  # a key id or a write id: new_key_id's shape
 _MAC_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -318,6 +319,11 @@ def check_owner(user_id: str, header: FileHeader) -> None:
         )
 
 
+def new_key_id() -> str:
+    """A fresh random id of 16 hex digits: a data key's id, or a write's."""
+    return secrets.token_hex(8)
+
+
 class UserWrite(NamedTuple):
     """What one write of a user puts in each of its files: the user's parts after it, and its id."""
 
@@ -326,7 +332,7 @@ class UserWrite(NamedTuple):
 
     @classmethod
     def new(cls, parts: Iterable[str]) -> UserWrite:
-        return cls(sorted(set(parts)), secrets.token_hex(8))
+        return cls(sorted(set(parts)), new_key_id())
 
 
 def encode_file(header_fields: dict[str, Any], ciphertext: bytes) -> bytes:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import secrets
 import threading
 import unicodedata
 from collections import OrderedDict
@@ -36,6 +35,7 @@ from .format import (
     WrappedKey,
     b64,
     canonical_json,
+    new_key_id,
     unb64,
 )
 
@@ -85,11 +85,6 @@ def check_key(user_id: str, key: object) -> Key:
 def new_dek() -> bytes:
     """A fresh random data key."""
     return os.urandom(KEY_BYTES)
-
-
-def new_key_id() -> str:
-    """A fresh random key id (16 hex digits)."""
-    return secrets.token_hex(8)
 
 
 def _wrap_aad(user_id: str, key_id: str) -> bytes:
