@@ -84,9 +84,7 @@ class Personalizer:
         if init not in ("text", "random", "zero"):
             raise ConfigError(f"init must be 'text', 'random' or 'zero', got {init!r}")
         self.base = base_model if isinstance(base_model, BaseModelHandle) else load_base(base_model)
-        if store is not None and not isinstance(store, (str, os.PathLike, PrefixStore)):  # not after training
-            raise ConfigError(f"store must be a folder path or a PrefixStore, not {type(store).__name__}")
-        self.store = PrefixStore(store) if isinstance(store, (str, os.PathLike)) else store
+        self.store = _as_store(store)  # a wrong type refused now, not at save() after training
         self.key = None if key is None else check_key(self.user_id, key)  # refused now, not at save() after training
         self.train_config = _train_config(train_settings)
         self.train_shared = train_shared
@@ -375,10 +373,7 @@ class Personalizer:
         **settings,
     ) -> Personalizer:
         """A Personalizer holding `user_id`'s stored prefix, decrypted with `key`, on `base_model`."""
-        if isinstance(store, (str, os.PathLike)):  # loading never creates a store
-            store = PrefixStore(existing_store_folder(store))
-        elif not isinstance(store, PrefixStore):
-            raise ConfigError(f"store must be a folder path or a PrefixStore, not {type(store).__name__}")
+        store = _as_store(store, existing=True)  # loading never creates a store
         if not store.exists(user_id) and not store.exists(shared_store_id(user_id)):  # validates the id
             store.load(user_id, key)  # raises the store's "unknown user" error
         self = cls(base_model=base_model, user_id=user_id, store=store, key=key, init="zero", **settings)
@@ -394,6 +389,16 @@ class Personalizer:
             raise ConfigError("there is no prefix to export for parts='none'")
         prefix = Prefix.from_key_values(kv.detach(), self.base.fingerprint)
         return export_peft(prefix, folder, base_model_name_or_path=self.base.name)
+
+
+def _as_store(store, existing: bool = False) -> PrefixStore | None:
+    """`store` as a PrefixStore: a folder path opened (`existing`: it must be there already), a
+    PrefixStore as it is, None kept where a store is optional; ConfigError for anything else."""
+    if isinstance(store, (str, os.PathLike)):
+        return PrefixStore(existing_store_folder(store) if existing else store)
+    if isinstance(store, PrefixStore) or (store is None and not existing):
+        return store
+    raise ConfigError(f"store must be a folder path or a PrefixStore, not {type(store).__name__}")
 
 
 def _train_config(settings: dict) -> TrainConfig:
