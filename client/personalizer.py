@@ -81,6 +81,14 @@ class Personalizer:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+        _check_flags(
+            prefix_projection=prefix_projection,
+            shared_projection=shared_projection,
+            train_shared=train_shared,
+            personal_from_shared=personal_from_shared,
+            progress=progress,
+            **({} if use_chat_template is None else {"use_chat_template": use_chat_template}),
+        )
         if init not in ("text", "random", "zero"):
             raise ConfigError(f"init must be 'text', 'random' or 'zero', got {init!r}")
         self.base = base_model if isinstance(base_model, BaseModelHandle) else load_base(base_model)
@@ -219,6 +227,7 @@ class Personalizer:
         `proximal_mu` > 0 keeps the shared part near where this call started (FedProx).
         `parts`: 'all' (default), or only the 'personal' or the 'shared' part, the other frozen.
         """
+        _check_flags(**({} if progress is None else {"progress": progress}))
         config = _train_config({**self.train_config.model_dump(), **train_settings})
         self._check_context(self.prefix_tokens, config.max_length, "max_length")
         examples = self.prepare(local_data, config.max_length)
@@ -264,6 +273,7 @@ class Personalizer:
         """Loss and perplexity per completion token on `data`, and next-token accuracy (fp32, no autocast)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        _check_flags(accuracy=accuracy)
         examples = self.prepare(data)
         kv = self.key_values(parts)
         return evaluate_examples(self.base, None if kv is None else kv.detach(), examples, batch_size, accuracy)
@@ -389,6 +399,13 @@ class Personalizer:
             raise ConfigError("there is no prefix to export for parts='none'")
         prefix = Prefix.from_key_values(kv.detach(), self.base.fingerprint)
         return export_peft(prefix, folder, base_model_name_or_path=self.base.name)
+
+
+def _check_flags(**flags) -> None:
+    """Refuses a flag that is not True or False: "no" would be taken as true, by its truthiness."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be True or False, got {value!r}")
 
 
 def _as_store(store, existing: bool = False) -> PrefixStore | None:

@@ -1,4 +1,4 @@
-"""The store's public face: ``PrefixStore`` (save, load, verify, list, delete, key changes).
+"""The store's public face: ``PrefixStore`` (save, load, verify, list, delete; its key changes are in key_changes.py).
 
 Each operation is built from the package's parts: file format (format.py), keys
 (keys.py), sealing (seal.py), payload (payload.py), locks (locking.py) and rollback
@@ -24,7 +24,16 @@ import torch
 from ..errors import ConfigError
 from ..files import fsync_dir
 from ..prefix import Prefix, PrefixConfig
-from .errors import RollbackError, StoreError, UnknownUserError, WrongBaseError, WrongKeyError, about
+from .errors import (
+    RollbackError,
+    StoreError,
+    StoreIOError,
+    UnknownUserError,
+    WrongBaseError,
+    WrongKeyError,
+    about,
+    naming_io_errors,
+)
 from .format import (
     FILE_SUFFIX,
     MAX_SCRYPT_N,
@@ -41,10 +50,11 @@ from .format import (
     validate_user_id,
 )
 from .info import StoredPrefixInfo, info_of_header, list_infos
+from .key_changes import KeyChanges
 from .keys import DEFAULT_SCRYPT_N, MIN_SCRYPT_N, KekCache, Key, check_key, new_dek, new_key_id, unwrap_dek, wrap_dek
 from .locking import READ_ONLY, file_lock, remove_temp_files, write_all
 from .payload import check_load_dtype, decode_payload, encode_payload, storage_dtype_name
-from .reseal import Opened, resealed, retired, rewrapped, under_new_data_key
+from .reseal import Opened, resealed, retired
 from .rollback import RECORD_DIR, check_parts, check_record, make_record, read_record, record_path
 from .seal import check_header_mac, open_payload, seal
 
@@ -58,7 +68,7 @@ def existing_store_folder(path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-class PrefixStore:
+class PrefixStore(KeyChanges):
     """Encrypted prefixes, one file per user, in folder `path`.
 
     Example:
@@ -86,6 +96,8 @@ class PrefixStore:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         except (FileExistsError, NotADirectoryError):
             raise StoreError(f"prefix store: {self.root} is not a folder") from None
+        except OSError as exc:
+            raise StoreIOError.of(None, exc) from exc
         self.scrypt_n = scrypt_n
         self.lock_timeout = lock_timeout
         self.durable = durable
@@ -112,6 +124,7 @@ class PrefixStore:
         """Encrypt and store `prefix` as `user_id`'s `part` ('personal', 'shared'); its existing key must match."""
         return self.save_parts(user_id, {part: prefix}, key, dtype)[part]
 
+    @naming_io_errors
     def save_parts(
         self,
         user_id: str,
@@ -148,6 +161,7 @@ class PrefixStore:
             self._commit(sealed, list(dropped.values()))
         return {part: self._info_of(name, sealed[name][0]) for part, name in names.items()}
 
+    @naming_io_errors
     def load(
         self,
         user_id: str,
@@ -161,6 +175,7 @@ class PrefixStore:
         """
         return self._load(user_id, key, base_fingerprint, dtype, locked=False)
 
+    @naming_io_errors
     def load_parts(
         self, user_id: str, key: Key, base_fingerprint: str | None = None, dtype: torch.dtype | None = torch.float32
     ) -> dict[str, Prefix]:
@@ -180,26 +195,31 @@ class PrefixStore:
             raise UnknownUserError.of(user_id)
         return found
 
+    @naming_io_errors
     def verify(self, user_id: str, key: Key) -> StoredPrefixInfo:
         """Decrypt and check the prefix of store name `user_id` completely; returns its info or raises StoreError."""
         return self._verify(user_id, key, locked=False)
 
+    @naming_io_errors
     def verify_user(self, user_id: str, key: Key) -> list[StoredPrefixInfo]:
         """verify() of every stored part of `user_id`, read together under the user's lock."""
         validate_user_id(user_id)
         with self._reader_lock(user_id):
             return [self._verify(name, key, locked=True) for name in self._stored_names(user_id)]
 
+    @naming_io_errors
     def info(self, user_id: str) -> StoredPrefixInfo:
         """Header information of one stored prefix (no key needed, nothing authenticated)."""
         path = self.path_for(user_id)
         header, stat = read_header(path, user_id)
         return info_of_header(path, header, stat)
 
+    @naming_io_errors
     def list(self) -> list[StoredPrefixInfo]:
         """Headers of every stored prefix, sorted by name (no key needed); bad files get `problem`."""
         return list_infos(self.root)
 
+    @naming_io_errors
     def delete(self, user_id: str) -> None:
         """Remove every part of the user (their rollback records are kept: see rollback.py)."""
         validate_user_id(user_id)
@@ -210,43 +230,6 @@ class PrefixStore:
                 self._remove_temps(name)
             if self.durable:
                 fsync_dir(self.root)
-
-    def change_passphrase(self, user_id: str, old_key: Key, new_key: Key) -> StoredPrefixInfo:
-        """Re-wrap the data key of every stored part of `user_id` under `new_key` (passphrase or
-        raw), all parts in one step; the payload ciphertexts are kept.
-
-        A part already under `new_key` is taken as it is: run again, this completes a change
-        killed between its renames (the parts then under both keys, from two writes), or puts
-        parts stored under two keys (before format 2) under one."""
-        old_key = check_key(user_id, old_key)
-        new_key = check_key(user_id, new_key)
-        with self._user_lock(user_id):
-            opened, moved = {}, []
-            for name in self._stored_names(user_id):  # the record checks pass: no counter is higher
-                try:
-                    opened[name] = self._decrypt(name, old_key, None, locked=True, one_write=False)
-                except WrongKeyError:  # only the key's owner could have put it under new_key
-                    opened[name] = self._decrypt(name, new_key, None, locked=True, one_write=False)
-                    moved.append(name)
-            if not 0 < len(moved) < len(opened):  # no change stopped halfway: from one write, as a load checks
-                for name, o in opened.items():
-                    check_parts(name, o.header, self._write_ids(name, o.header))
-            write, sealed = UserWrite.new(self._stored_parts(user_id)), {}
-            for name, o in opened.items():
-                sealed[name] = rewrapped(name, o, *self._kek_cache.new_kek(name, new_key, self.scrypt_n), write)
-            self._commit(sealed)
-        return self._first_info(sealed)
-
-    def rotate_data_key(self, user_id: str, key: Key) -> StoredPrefixInfo:
-        """Make a new data key (new key id) for every stored part of `user_id` and re-encrypt
-        each under it, all parts in one step; the same `key` unlocks them."""
-        key = check_key(user_id, key)
-        with self._user_lock(user_id):
-            opened = {name: self._decrypt(name, key, None, locked=True) for name in self._stored_names(user_id)}
-            write = UserWrite.new(self._stored_parts(user_id))
-            sealed = {name: under_new_data_key(name, o, write) for name, o in opened.items()}
-            self._commit(sealed)
-        return self._first_info(sealed)
 
     def _stored_parts(self, user_id: str) -> list[str]:
         """The parts of `user_id` that are stored (anything at their paths), in PARTS order."""
@@ -287,24 +270,6 @@ class PrefixStore:
         """The info of the first part written (the personal one where there is one)."""
         name, (header, _, _) = next(iter(sealed.items()))
         return self._info_of(name, header)
-
-    def reset_rollback(self, user_id: str, key: Key) -> list[StoredPrefixInfo]:
-        """Re-anchor the rollback records of every stored part of `user_id` at the current files,
-        re-encrypted under a new data key: no copy from before the reset is accepted after it,
-        whatever its counter (re-anchoring at an older copy put back would accept a newer
-        copy someone kept, and a save would have continued from it).
-
-        Needs the key (each file is fully authenticated first). Use it when a load reports a
-        missing or damaged rollback record and the current files are the ones to keep.
-        """
-        validate_user_id(user_id)
-        key = check_key(user_id, key)
-        with self._user_lock(user_id):
-            opened = {name: self._open(name, key) for name in self._stored_names(user_id)}
-            write = UserWrite.new(self._stored_parts(user_id))  # the parts as they are, one write again
-            sealed = {name: under_new_data_key(name, o, write) for name, o in opened.items()}
-            self._commit(sealed)
-        return [self._info_of(name, header) for name, (header, _, _) in sealed.items()]
 
     def forget_keys(self) -> None:
         """Drop every cached KEK; the next use of each passphrase pays the KDF again."""

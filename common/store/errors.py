@@ -6,6 +6,10 @@ message says which user's prefix and what is wrong.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
 from ..errors import FedPrefixError, FingerprintMismatchError
 
 __all__ = [
@@ -18,6 +22,7 @@ __all__ = [
     "RollbackStateError",
     "StoreBusyError",
     "StoreError",
+    "StoreIOError",
     "TamperedError",
     "TruncatedError",
     "UnknownUserError",
@@ -26,6 +31,7 @@ __all__ = [
     "WrongKeyError",
     "WrongUserError",
     "about",
+    "naming_io_errors",
 ]
 
 
@@ -131,6 +137,43 @@ class StoreBusyError(StoreError):
     """Another process held the user's lock for too long."""
 
     reason = "busy"
+
+
+class StoreIOError(StoreError, OSError):
+    """The filesystem failed a read or write of the store (a full disk, a read-only or unreadable
+    folder, a disk error). A write that failed changed nothing stored (locking.py). Also an
+    OSError with the original errno, for callers that catch those."""
+
+    reason = "io_error"
+
+    @classmethod
+    def of(cls, user_id: str | None, exc: OSError, problem: str | None = None) -> StoreIOError:
+        """`exc` about `user_id`'s prefix (None: the store's); `problem` replaces the default wording."""
+        where = f" at {exc.filename}" if exc.filename else ""
+        error = cls(about(user_id, problem or f"the filesystem failed{where}: {exc.strerror or exc}"), user_id)
+        error.errno = exc.errno
+        return error
+
+
+Method = TypeVar("Method", bound=Callable)
+NOT_FILESYSTEM = (TimeoutError, InterruptedError, ConnectionError)  # OSErrors, but not about files
+
+
+def naming_io_errors(method: Method) -> Method:
+    """`method(self, user_id, ...)` with the OSErrors of the filesystem below it raised as
+    StoreIOError, which names the user (a raw OSError names only a file)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as exc:
+            if isinstance(exc, (StoreError, *NOT_FILESYSTEM)) or exc.errno is None:
+                raise  # ours, or not the filesystem's (a time limit's handler raising TimeoutError)
+            user_id = args[0] if args else kwargs.get("user_id")
+            raise StoreIOError.of(user_id, exc) from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 def about(user_id: str | None, problem: str) -> str:

@@ -61,7 +61,7 @@ from ..prefix import PrefixConfig
 from .errors import (
     BadUserIdError,
     CorruptError,
-    StoreError,
+    StoreIOError,
     TruncatedError,
     UnknownUserError,
     UnknownVersionError,
@@ -423,8 +423,8 @@ def open_regular(path: Path, user_id: str):
     except OSError as exc:
         if exc.errno == errno.EINVAL:
             raise CorruptError(about(user_id, f"{path.name} is not a regular file"), user_id) from None
-        # unreadable (permissions), a link loop: every refusal of the store is a StoreError
-        raise StoreError(about(user_id, f"{path.name} cannot be read ({exc.strerror})"), user_id) from None
+        # unreadable (permissions, a disk error), a link loop: every refusal of the store is a StoreError
+        raise StoreIOError.of(user_id, exc, f"{path.name} cannot be read ({exc.strerror})") from None
 
 
 def read_file(path: Path, user_id: str) -> tuple[bytes, os.stat_result]:

@@ -3,7 +3,8 @@
 Errors have OpenAI's shape, `{"error": {"message", "type", "code"}}`: missing key 401,
 wrong key 403, unknown user 404, body too large 413, malformed body, a request past a cap
 or the context, or an OpenAI option this server does not implement 422 (with the fields
-named), overload or unlock throttling 429 (with Retry-After).
+named), overload or unlock throttling 429 (with Retry-After), the server's store failing on its
+disk 500 (the files and the OS's reason only in the server's log).
 
 The key header takes three forms (parse_key): base64 of exactly 32 bytes is a raw key;
 `b64:` + base64 of a passphrase's UTF-8 bytes is that passphrase, any Unicode (what
@@ -16,12 +17,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import reprlib
 from typing import Annotated, Any, Literal
 
 from fedprefix.common.chat import ChatMessage, Text
-from fedprefix.common.store import BadUserIdError, StoreError, UnknownUserError, WrongKeyError
+from fedprefix.common.store import BadUserIdError, StoreError, StoreIOError, UnknownUserError, WrongKeyError
+from fedprefix.common.store.errors import about
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
+
+log = logging.getLogger(__name__)
 
 KEY_HEADER = "X-Prefix-Key"
 PASSPHRASE_PREFIX = "b64:"  # X-Prefix-Key: b64:<base64 of the UTF-8 passphrase>
@@ -219,6 +224,9 @@ def store_error(exc: StoreError) -> ApiError:
         return ApiError(404, str(exc), "unknown_user")
     if isinstance(exc, BadUserIdError):
         return ApiError(422, str(exc), "bad_user_id", field="user")
+    if isinstance(exc, StoreIOError):  # the server's disk failed, not the request: its paths stay in its log
+        log.error("%s", exc)
+        return ApiError(500, about(exc.user_id, "the server could not read its prefix store"), exc.reason)
     return ApiError(500, str(exc), getattr(exc, "reason", "store_error"))
 
 

@@ -118,6 +118,11 @@ def test_generate_checks_its_settings_as_they_are_used(tiny_llama):
         ({"prefix_projection": True, "encoder_hidden_size": -1}, "encoder_hidden_size must be a whole number >= 1"),
         ({"init": "bogus"}, "init must be 'text', 'random' or 'zero'"),
         ({"num_virtual_tokens": 0}, "at least one must be > 0"),
+        # a flag's truthiness would read "no" as true
+        ({"personal_from_shared": "no"}, "personal_from_shared must be True or False, got 'no'"),
+        ({"prefix_projection": "false"}, "prefix_projection must be True or False, got 'false'"),
+        ({"use_chat_template": 0}, "use_chat_template must be True or False, got 0"),
+        ({"progress": "off"}, "progress must be True or False"),
     ],
 )
 def test_constructor_settings_are_refused_in_one_line(tiny_llama, setting, message):
@@ -161,3 +166,12 @@ def test_settings_no_fit_could_run_and_a_store_that_is_no_store_are_refused_befo
         Personalizer(base_model=tiny_llama, user_id="u1", store=5, key=KEY)
     with pytest.raises(ConfigError, match="not NoneType"):
         Personalizer.load("u1", None, KEY, base_model=tiny_llama)
+
+
+def test_flags_of_fit_and_evaluate_are_true_or_false(tiny_llama):
+    personalizer = Personalizer(base_model=tiny_llama, **{"num_virtual_tokens": 4, **FAST})
+    rows = [{"prompt": "a", "completion": "b"}] * 2
+    with pytest.raises(ConfigError, match="progress must be True or False, got 'no'"):
+        personalizer.fit(rows, progress="no")
+    with pytest.raises(ConfigError, match="accuracy must be True or False, got 1"):
+        personalizer.evaluate(rows, accuracy=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import threading
 import time
 
@@ -11,10 +12,10 @@ import torch
 from fastapi.testclient import TestClient
 from fedprefix.common.base_model import load_base
 from fedprefix.common.generation import SamplingParams, generate_tokens
-from fedprefix.common.store import PrefixStore, WrongKeyError
+from fedprefix.common.store import PrefixStore, StoreIOError, WrongKeyError
 from fedprefix.common.store import keys as store_keys
 from fedprefix.coordinator.serving import Engine, GenerationRequest
-from fedprefix.coordinator.serving.api import ApiError, parse_key
+from fedprefix.coordinator.serving.api import ApiError, parse_key, store_error
 from fedprefix.coordinator.serving.prefix_cache import PrefixCache
 from fedprefix.coordinator.serving.server import KEY_HEADER, create_app
 from fedprefix.coordinator.serving.unlock import UnlockGuard, UnlockThrottled
@@ -240,3 +241,11 @@ def test_a_save_during_a_load_never_pairs_parts_of_two_saves(tmp_path, monkeypat
         for name, p in (("first", first), ("second", second))
     }
     assert any(torch.allclose(kv, want) for want in expected.values()), "parts of two saves"
+
+
+def test_the_http_reply_to_a_failing_store_keeps_its_paths_in_the_log(caplog):
+    error = StoreIOError.of("alice", OSError(errno.EIO, "Input/output error", "/srv/secret/alice.fpx"))
+    reply = store_error(error)
+    assert reply.status == 500 and reply.code == "io_error"
+    assert "/srv/secret" not in str(reply.message) and "'alice'" in str(reply.message)
+    assert "/srv/secret/alice.fpx" in caplog.text

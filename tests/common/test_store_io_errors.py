@@ -1,0 +1,85 @@
+"""The filesystem failing under the store (a full disk, a read-only folder, a disk error): a
+StoreError that names the user and the file, still an OSError, and nothing stored changed."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+from fedprefix.common import files as common_files
+from fedprefix.common.store import PrefixStore, StoreError, StoreIOError
+from fedprefix.common.store import locking as store_locking
+
+from tests.common.test_store_hardening import RAW, files, make_prefix, same
+
+
+def os_error(code: int, filename: str | None = None) -> OSError:
+    return OSError(code, os.strerror(code), filename) if filename else OSError(code, os.strerror(code))
+
+
+@pytest.fixture
+def store(tmp_path) -> PrefixStore:
+    store = PrefixStore(tmp_path / "store", scrypt_n=2**10)
+    store.save_parts("alice", {"personal": make_prefix(1), "shared": make_prefix(2)}, RAW)
+    return store
+
+
+def test_a_full_disk_fails_a_save_naming_the_user_and_changes_nothing(store, monkeypatch):
+    before = files(store.root)
+
+    def full(fd):
+        raise os_error(errno.ENOSPC)
+
+    monkeypatch.setattr(common_files.os, "fsync", full)  # where a full disk or a lost write shows
+    with pytest.raises(StoreIOError) as caught:
+        store.save_parts("alice", {"personal": make_prefix(3), "shared": make_prefix(4)}, RAW)
+    error = caught.value
+    assert isinstance(error, StoreError) and isinstance(error, OSError) and error.errno == errno.ENOSPC
+    assert error.reason == "io_error" and error.user_id == "alice"
+    assert str(error) == "prefix of user 'alice': the filesystem failed: No space left on device"
+    monkeypatch.undo()
+    assert files(store.root) == before  # no temp file left, no part or record changed
+    parts = store.load_parts("alice", RAW)
+    assert same(parts["personal"], make_prefix(1)) and same(parts["shared"], make_prefix(2))
+
+
+def test_a_read_only_store_fails_a_save_naming_the_file_and_still_loads(store, monkeypatch):
+    def read_only(self, *args, **kwargs):
+        raise os_error(errno.EROFS, self.lock_file)
+
+    monkeypatch.setattr(store_locking.FileLock, "acquire", read_only)
+    with pytest.raises(StoreIOError) as caught:
+        store.save("alice", make_prefix(3), RAW)
+    lock = store.root / "alice.lock"
+    assert str(caught.value) == f"prefix of user 'alice': the filesystem failed at {lock}: Read-only file system"
+    assert same(store.load("alice", RAW), make_prefix(1))  # readers go on without the lock
+    with pytest.raises(StoreIOError, match="'alice'.*Read-only"):
+        store.delete("alice")
+
+
+def test_a_disk_error_while_reading_names_the_user(store, monkeypatch):
+    real_open = common_files.os.open
+
+    def disk_error(path, *args, **kwargs):
+        if str(path).endswith("alice.fpx"):
+            raise os_error(errno.EIO, str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(common_files.os, "open", disk_error)
+    reads = (lambda: store.load("alice", RAW), lambda: store.verify_user("alice", RAW), lambda: store.info("alice"))
+    for read in reads:
+        with pytest.raises(StoreIOError, match=r"^prefix of user 'alice': alice.fpx cannot be read \(Input/output"):
+            read()
+    assert "alice.fpx cannot be read" in {info.user_id: info.problem for info in store.list()}["alice"]
+
+
+def test_a_store_folder_that_cannot_be_made(tmp_path, monkeypatch):
+    target = tmp_path / "no" / "store"
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(type(target), "mkdir", denied)
+    with pytest.raises(StoreIOError, match=rf"^prefix store: the filesystem failed at {target}: Permission denied$"):
+        PrefixStore(target)
