@@ -11,8 +11,15 @@ from fedprefix.common.base_model import load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.prefix import Prefix, PrefixConfig
 from fedprefix.simulations.personas import write_federation_data
+from hypothesis import settings
 
 TINY_BASES = ("tiny-gpt2", "tiny-llama", "tiny-qwen2")
+
+# The property tests draw the same examples every run, so that a red CI means a change, not a
+# draw; HYPOTHESIS_PROFILE=fuzz draws new ones each run (run it a few times after changing a parser).
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("fuzz", database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.fixture(scope="session", autouse=True)
