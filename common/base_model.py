@@ -35,6 +35,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from .config import DEFAULT_BASE
+from .cores import fit_torch_threads
 from .errors import ConfigError
 from .prefix import PrefixSpec
 
@@ -324,6 +325,7 @@ def load_base(
     """
     from .precision import resolve_dtype  # one rule for dtype names (ConfigError naming the choices)
 
+    fit_torch_threads()  # before any compute: a container's CPU quota, which torch does not read
     dtype = resolve_dtype(dtype, device)
     name = str(name_or_path)
     if name in REGISTRY and REGISTRY[name].builtin:

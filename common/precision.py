@@ -18,7 +18,6 @@ carries `host_info()`: CPU model, cores, native bf16, the torch version.
 from __future__ import annotations
 
 import functools
-import os
 import platform
 import time
 
@@ -26,6 +25,7 @@ import torch
 from pydantic import BaseModel
 
 from .config import DEVICE_HELP
+from .cores import usable_cores
 from .errors import ConfigError
 
 # The project's one map of dtype names (compute dtypes here, storage dtypes in common/store).
@@ -140,7 +140,7 @@ class HostInfo(BaseModel):
     """The machine a figure was measured on."""
 
     cpu: str  # model name as the OS reports it
-    cores: int  # logical CPUs this process may use
+    cores: int  # logical CPUs this process may use: its affinity, capped by a cgroup CPU quota
     torch_threads: int
     native_bf16: bool  # oneDNN's bf16 path (AVX512-BF16 or AMX) or a bf16 GPU
     isa: str  # torch's vector ISA for its own kernels (AVX2, AVX512, ...)
@@ -162,10 +162,9 @@ def _cpu_model() -> str:
 def host_info(device: str | torch.device = "cpu") -> HostInfo:
     """CPU model, cores, native bf16 and versions: recorded beside every measured figure."""
     device = torch.device(device)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return HostInfo(
         cpu=_cpu_model(),
-        cores=cores,
+        cores=usable_cores(),
         torch_threads=torch.get_num_threads(),
         native_bf16=native_bf16(device),
         isa=torch.backends.cpu.get_cpu_capability(),

@@ -187,7 +187,9 @@ def _serve_replicas(options: dict) -> None:
     """`fedprefix serve --replicas N`: N engine replicas behind Ray Serve, until Ctrl-C or SIGTERM."""
     import os
 
-    cores, count, local = os.cpu_count() or 1, options["replicas"], options["ray_address"] is None
+    from fedprefix.common.cores import usable_cores
+
+    cores, count, local = usable_cores(), options["replicas"], options["ray_address"] is None
     if local and "RAY_AUTH_MODE" not in os.environ:  # read when ray is imported: before the import below
         _require_ray_token()
     from fedprefix.common.precision import resolve_dtype

@@ -42,6 +42,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fedprefix.common import base_model
+from fedprefix.common.cores import usable_cores
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -381,7 +382,7 @@ def start(
         serve_log.addFilter(_NotOurHttpOptions())
     if address is None:
         ray.init(
-            num_cpus=os.cpu_count(),
+            num_cpus=usable_cores(),  # a container's CPU quota, not the host's cores
             include_dashboard=False,
             logging_level=logging.WARNING,
             log_to_driver=False,
