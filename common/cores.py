@@ -14,8 +14,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-import torch
-
 __all__ = ["cpu_quota", "fit_torch_threads", "usable_cores"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -74,6 +72,8 @@ def usable_cores() -> int:
 def fit_torch_threads() -> int:
     """Lower torch's threads to usable_cores() where torch counted more (a quota it does not
     read); never raises them, so a lower setting of the caller's stays. Returns the count."""
+    import torch  # here: the CLI reads the cores without loading torch
+
     cores = usable_cores()
     if torch.get_num_threads() > cores:
         torch.set_num_threads(cores)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import httpx
 from fedprefix.common.config import FederationConfig
+from fedprefix.common.cores import usable_cores
 from fedprefix.common.errors import FedPrefixError
 
 from .processes import OwnedProcesses, owned_processes
@@ -280,7 +282,12 @@ def _run_federation(config, clientapp, verbose, cpus_per_client, log_file, on_ro
         flwr_home = tmp / "flwr-home"
         with local_superlink(flwr_home, log_file, owned=owned):
             cpus = int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client
-            federation = f"num-supernodes={config.num_users} client-resources-num-cpus={cpus}"
+            # Ray's CPUs: those this process may use (a container's quota too, which Ray reads
+            # only at the cgroup root), at least one node's share so that a node can start
+            ray_cpus = max(usable_cores(), math.ceil(cpus))
+            federation = (
+                f"num-supernodes={config.num_users} client-resources-num-cpus={cpus} init-args-num-cpus={ray_cpus}"
+            )
             command = [
                 flower_bin("flwr"),
                 "run",
