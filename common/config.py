@@ -231,6 +231,14 @@ class FederationConfig(BaseModel):
         return None
 
     @property
+    def round_sizes(self) -> tuple[int, int]:
+        """(users trained, users evaluated) per round: `users_per_round` where set (LEAF's clients
+        per round; evaluation samples as many, or fewer if fraction_evaluate says so), else the fractions."""
+        train_nodes = self.users_per_round or sample_size(self.fraction_train, self.num_users)
+        eval_nodes = sample_size(self.fraction_evaluate, self.num_users) if self.fraction_evaluate > 0 else 0
+        return train_nodes, min(eval_nodes, train_nodes) if self.users_per_round else eval_nodes
+
+    @property
     def personal_recipe(self) -> str:
         """personal_init with "auto" resolved: "interpolate" where this run allows a secure last
         round (FedAvg, no DP, 2+ users per round), else "shared"."""

@@ -223,15 +223,25 @@ def wait_for_run(process: subprocess.Popen, watcher: RoundWatcher, owned: OwnedP
         time.sleep(POLL_S)
 
 
+def node_cpus(config: FederationConfig, cores: int) -> int:
+    """CPUs (and torch threads) per simulated node: the cores shared among the nodes of one round.
+
+    Flower's pool holds one Ray actor per share of the machine's CPUs, whatever the number of
+    nodes, and each actor loads its own copy of the base once it runs a node: one CPU each made
+    64 actors (64 copies of the base) on a 64-core host for a round of 4 nodes, each on 1 thread."""
+    return max(1, cores // max(config.round_sizes))
+
+
 def simulate(
     config: FederationConfig,
-    cpus_per_client: float = 1.0,
+    cpus_per_client: float | None = None,
     verbose: bool = False,
     on_round: Callable[[RoundRecord], None] | None = None,
     clientapp: str = CLIENT_APP,
 ) -> list[RoundRecord]:
     """Run `config` with `config.num_users` simulated nodes; returns the rounds recorded.
 
+    `cpus_per_client`: Ray CPUs (and torch threads) per node; None: node_cpus of this machine.
     `on_round(record)` is called once per round, as each round ends. `clientapp` names
     another ClientApp for the nodes ("module:attribute"; experiments wrap the real one). Every process started
     here is stopped before this returns or raises (also on Ctrl-C and SIGTERM).
@@ -252,6 +262,8 @@ def simulate(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_FILE).unlink(missing_ok=True)
     log_file = run_dir / "flower.log"
+    if cpus_per_client is None:
+        cpus_per_client = node_cpus(config, usable_cores())
     try:
         returncode = _run_federation(config, clientapp, verbose, cpus_per_client, log_file, on_round)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every process is stopped; the record says so

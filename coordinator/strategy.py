@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 
 import numpy as np
-from fedprefix.common.config import FederationConfig, sample_size
+from fedprefix.common.config import FederationConfig
 from fedprefix.common.protocol import (
     DP_WEIGHT,
     FINALIZE,
@@ -60,17 +60,9 @@ from .secure_round import finalize_message, secure_average
 log = logging.getLogger(__name__)
 
 
-def round_sizes(config: FederationConfig) -> tuple[int, int]:
-    """(users trained, users evaluated) per round: `users_per_round` where set (LEAF's clients
-    per round; evaluation samples as many, or fewer if fraction_evaluate says so), else the fractions."""
-    train_nodes = config.users_per_round or sample_size(config.fraction_train, config.num_users)
-    eval_nodes = sample_size(config.fraction_evaluate, config.num_users) if config.fraction_evaluate > 0 else 0
-    return train_nodes, min(eval_nodes, train_nodes) if config.users_per_round else eval_nodes
-
-
 def build_inner_strategy(config: FederationConfig) -> Strategy:
     """Flower's strategy for `config.aggregator`, with DP around it if asked for."""
-    train_nodes, eval_nodes = round_sizes(config)
+    train_nodes, eval_nodes = config.round_sizes
     dp = config.dp_noise_multiplier > 0
     common = dict(
         # Flower samples max(int(fraction x nodes), min_nodes) of the nodes connected: with the
@@ -190,7 +182,7 @@ class PrefixStrategy(Strategy):
             max_weight=self._secure_max_weight(),
         )
         result = secure_average(
-            grid, self.config, self.current, settings, server_round, round_sizes(self.config)[0], self.last_norm
+            grid, self.config, self.current, settings, server_round, self.config.round_sizes[0], self.last_norm
         )
         self.pending.update(sampled=result.sampled, uplink=result.uplink)
         for node in sorted(set(result.sampled) - set(result.nodes)) if result.nodes else []:

@@ -13,7 +13,6 @@ from fedprefix.coordinator.strategy import (
     PrefixStrategy,
     build_inner_strategy,
     payload_bytes,
-    round_sizes,
 )
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
@@ -200,9 +199,9 @@ def test_users_per_round_samples_exactly_k_distinct_users_each_round():
             seen.update(trained)
         assert len(seen) > k or k == users, "users are sampled afresh each round"
     # fraction-evaluate still lowers (or turns off) the users evaluated per round
-    assert round_sizes(FederationConfig(num_users=10, users_per_round=4, fraction_evaluate=0.2)) == (4, 2)
-    assert round_sizes(FederationConfig(num_users=10, users_per_round=4, fraction_evaluate=0)) == (4, 0)
-    assert round_sizes(FederationConfig(num_users=10, fraction_train=0.25)) == (3, 10)
+    assert FederationConfig(num_users=10, users_per_round=4, fraction_evaluate=0.2).round_sizes == (4, 2)
+    assert FederationConfig(num_users=10, users_per_round=4, fraction_evaluate=0).round_sizes == (4, 0)
+    assert FederationConfig(num_users=10, fraction_train=0.25).round_sizes == (3, 10)
     with pytest.raises(ValueError, match="users_per_round 5 is more than num_users 4"):
         FederationConfig(num_users=4, users_per_round=5)
     with pytest.raises(ValueError, match="set users_per_round or fraction_train, not both"):
