@@ -23,6 +23,7 @@ from fedprefix.common.protocol import SHARED_ARRAY_PREFIX
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
 RUN_FILE = "run.json"
+MAX_PROBLEMS = 20  # unreadable round lines named one by one; the rest are counted
 ROUNDS_FILE = "rounds.jsonl"
 SHARED_PREFIX_FILE = "shared_prefix.safetensors"  # the final aggregated shared prefix (shared.* tensors)
 
@@ -175,12 +176,20 @@ def read_run(run_dir: str | os.PathLike) -> tuple[RunInfo, list[RoundRecord], li
         if not line.strip():
             continue
         try:
-            rounds.append(RoundRecord.model_validate(json.loads(line)))
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            json.dumps(record, ensure_ascii=False).encode()  # UnicodeEncodeError: a lone surrogate ("\udcff")
+            rounds.append(RoundRecord.model_validate(record))
         except ValidationError as exc:  # named: "field eval_loss_base: ..."
             field, message = first_error(exc, "round")
             problems.append(f"{rounds_path} line {number}: unreadable round record (field {field}: {message})")
+        except UnicodeEncodeError:  # JSON may escape one, but no page, reply or terminal can carry it
+            problems.append(f"{rounds_path} line {number}: unreadable round record (text with a lone surrogate)")
         except (ValueError, RecursionError) as exc:  # not JSON, or numbers past its limits
             problems.append(f"{rounds_path} line {number}: unreadable round record ({str(exc).splitlines()[0]})")
+    if len(problems) > MAX_PROBLEMS:  # each is printed, and a page that lists them is polled
+        problems[MAX_PROBLEMS:] = [f"{rounds_path}: {len(problems) - MAX_PROBLEMS} more unreadable lines"]
     return info, rounds, problems
 
 

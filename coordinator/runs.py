@@ -120,6 +120,12 @@ def require_runs_folder(runs_dir: str | os.PathLike) -> Path:
     return root
 
 
+def _unicode(text: str) -> str:
+    """`text` with the lone surrogates of a name that is not UTF-8 (b"\\xff" reads as "\\udcff") as
+    U+FFFD: no page or JSON reply can encode them, and one such folder failed the whole list."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", text)
+
+
 def list_runs(runs_dir: str | os.PathLike) -> list[RunSummary]:
     """Every run folder under `runs_dir`, newest first; unreadable ones are listed with their problem."""
     root = require_runs_folder(runs_dir)
@@ -152,4 +158,6 @@ def list_runs(runs_dir: str | os.PathLike) -> list[RunSummary]:
                     problems=[str(exc)],
                 )
             )
+    for summary in summaries:
+        summary.id, summary.problems = _unicode(summary.id), [_unicode(problem) for problem in summary.problems]
     return sorted(summaries, key=lambda s: s.started, reverse=True)

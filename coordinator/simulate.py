@@ -40,7 +40,7 @@ from fedprefix.common.cores import usable_cores
 from fedprefix.common.errors import FedPrefixError
 
 from .processes import OwnedProcesses, owned_processes
-from .records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunFolderError, end_unfinished, read_run
+from .records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunFolderError, end_unfinished, read_info, read_run
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ CLIENT_APP = "fedprefix.client.app:app"  # the ClientApp every simulated node ru
 STARTUP_TIMEOUT_S = 60.0
 POLL_S = 0.5  # how often a running simulation reads its round records
 SIMULATION_MARK = ".fedprefix-simulation"  # in RUN_DIR/stores: a simulation made it, a rerun may empty it
+RUN_MARK = ".fedprefix-run"  # in RUN_DIR: a run claimed it before writing there; a rerun may write into it
 
 
 class SimulationError(FedPrefixError):
@@ -246,7 +247,7 @@ def simulate(
     another ClientApp for the nodes ("module:attribute"; experiments wrap the real one). Every process started
     here is stopped before this returns or raises (also on Ctrl-C and SIGTERM).
     """
-    check_run_folder(config)
+    claim_run_folder(config)
     if not config.store_root:  # the run's own stores: a rerun into the same folder starts afresh
         _fresh_node_stores(Path(config.node_store_root))
     config = config.model_copy(
@@ -331,6 +332,30 @@ def check_run_folder(config: FederationConfig) -> None:
         raise SimulationError(
             f"{stores} exists and no simulation made it: choose another --out, or --set store-root=FOLDER"
         )
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not _made_by_a_run(run_dir):
+        raise SimulationError(
+            f"run folder {run_dir} holds files that no fedprefix run made (a run writes data/, run.json "
+            f"and more into it): choose a new or empty --out folder"
+        )
+
+
+def claim_run_folder(config: FederationConfig) -> None:
+    """check_run_folder, then make the run folder and mark it as a run's, before anything is
+    written into it (a run's data, say): a rerun then knows a run made what it finds there."""
+    check_run_folder(config)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_MARK).write_text("a fedprefix run's folder: a later run into it replaces what runs wrote\n")
+
+
+def _made_by_a_run(folder: Path) -> bool:
+    """Whether a run made `folder`: its mark, its run record (runs before the mark), or its node
+    stores' mark (one of those stopped before its record)."""
+    try:
+        read_info(folder)
+        return True
+    except RunFolderError:
+        return (folder / RUN_MARK).is_file() or (folder / "stores" / SIMULATION_MARK).is_file()
 
 
 def _fresh_node_stores(folder: Path) -> None:

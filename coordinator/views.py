@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -28,7 +30,8 @@ def sparkline(values: Sequence[float | None], width: int = 60) -> str:
     where all of its values are missing)."""
     if len(values) > width:
         runs = [values[len(values) * i // width : len(values) * (i + 1) // width] for i in range(width)]
-        values = [sum(p) / len(p) if (p := [v for v in run if v is not None]) else None for run in runs]
+        # each value divided before the sum: a sum of losses near 1e308 overflows to inf
+        values = [sum(v / len(p) for v in p) if (p := [v for v in run if v is not None]) else None for run in runs]
     present = [v for v in values if v is not None]
     if not present:
         return ""
@@ -36,6 +39,20 @@ def sparkline(values: Sequence[float | None], width: int = 60) -> str:
     low, high = min(present) / 2, max(present) / 2
     span = (high - low) or 1.0
     return "".join(" " if v is None else SPARKS[int((v / 2 - low) / span * (len(SPARKS) - 1))] for v in values)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: object) -> str:
+    """`text` with its control characters shown as \\xNN: a run record, a folder or a file name
+    (a node's error reply, say) must not send a terminal escape codes (clear the screen, retitle it)."""
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", str(text))
+
+
+def plain(text: object) -> str:
+    """`text` for rich output: printable, and its [brackets] not read as rich markup."""
+    return escape(printable(text))
 
 
 def fmt_num(value: float | None, digits: int = 3) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 from fedprefix.common.errors import FedPrefixError, first_error
-from fedprefix.coordinator.views import fmt_num, mode_label
+from fedprefix.coordinator.views import fmt_num, mode_label, plain
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -169,8 +169,10 @@ def _checked(values: dict):
 def _federation_data(config, users: int, examples: int, out: Path, note: Console) -> tuple[int, str]:
     """(users, data): simulated personas written beside the run, or the given data read and checked."""
     if config.data == "personas":
+        from fedprefix.coordinator.simulate import claim_run_folder
         from fedprefix.simulations.personas import write_federation_data
 
+        claim_run_folder(config)  # marked a run's before the data goes in: a rerun may use it
         return users, str(write_federation_data(out / "data", users, examples or None))
     from fedprefix.client.partition import partition_users, read_users, user_split
 
@@ -215,7 +217,7 @@ def runs_command(
         table.add_column(column)
     for s in summaries:
         table.add_row(
-            *(escape(str(text)) for text in (s.id, s.status, s.mode, s.base)),  # from run folders: not markup
+            *(plain(text) for text in (s.id, s.status, s.mode, s.base)),  # from run folders: no markup, no escapes
             str(s.users),
             f"{s.rounds_done}/{s.rounds_planned}",
             fmt_num(s.last_eval_loss_base),
@@ -231,7 +233,7 @@ def runs_command(
         )
     for s in summaries:
         for problem in s.problems:
-            err_console.print(f"[yellow]warning:[/yellow] {escape(f'{s.id}: {problem}')}", highlight=False)
+            err_console.print(f"[yellow]warning:[/yellow] {plain(f'{s.id}: {problem}')}", highlight=False)
 
 
 @app.command("show")
@@ -263,10 +265,10 @@ def show_command(
         )
         return
     for problem in problems:
-        err_console.print(f"[yellow]warning:[/yellow] {escape(problem)}", highlight=False)
+        err_console.print(f"[yellow]warning:[/yellow] {plain(problem)}", highlight=False)
     console.print(
-        f"[bold]{escape(run)}[/bold]: "
-        + escape(
+        f"[bold]{plain(run)}[/bold]: "
+        + plain(
             f"{info.status}, mode {mode_label(info.config)}, base {info.base}, "
             f"{info.config.get('num_users')} users, {len(records)}/{info.config.get('num_rounds')} rounds"
         )

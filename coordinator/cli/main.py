@@ -13,8 +13,7 @@ from typing import NoReturn
 import click
 import typer
 from fedprefix.common.errors import FedPrefixError
-from fedprefix.coordinator.views import make_console
-from rich.markup import escape
+from fedprefix.coordinator.views import make_console, plain
 
 console = make_console()
 err_console = make_console(stderr=True)
@@ -76,8 +75,9 @@ def main(
 
 def _print_error(exc: BaseException, hint: str = "") -> None:
     message = " ".join(str(exc).split()) or type(exc).__name__
-    # escaped: a message quoting a path or a hint such as 'fedprefix[parquet]' is not rich markup
-    err_console.print(f"[red]error:[/red] {escape(message + hint)}", highlight=False, soft_wrap=True)
+    # plain: a message quoting a path or a hint such as 'fedprefix[parquet]' is not rich markup,
+    # nor may a name in it (a run's, a file's) send the terminal escape codes
+    err_console.print(f"[red]error:[/red] {plain(message + hint)}", highlight=False, soft_wrap=True)
 
 
 def run() -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.files import open_regular
+from fedprefix.coordinator.views import printable
 from rich.table import Table
 from rich.text import Text
 
@@ -119,11 +120,12 @@ def _info_table(infos: list[StoredPrefixInfo], title: str) -> Table:
         table.add_column(column)
     for info in infos:
         if info.problem is not None:
-            table.add_row(info.user_id, Text(info.problem, style="red"), *[""] * 9, f"{info.modified:%Y-%m-%d %H:%M}")
+            problem = Text(printable(info.problem), style="red")
+            table.add_row(Text(printable(info.user_id)), problem, *[""] * 9, f"{info.modified:%Y-%m-%d %H:%M}")
             continue
         spec = info.spec
         table.add_row(
-            info.user_id,
+            Text(printable(info.user_id)),  # a file's name: no markup, no escape codes
             f"{info.base_fingerprint[:12]}…",
             f"{spec.num_layers}×{spec.num_kv_heads}×{spec.head_dim}",
             str(spec.num_virtual_tokens),

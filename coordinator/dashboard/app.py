@@ -111,7 +111,8 @@ all of them: <a href="/api/runs/{{ run_id }}/rounds">/api/runs/{{ run_id }}/roun
 
 def create_dashboard(runs_dir: str | os.PathLike) -> FastAPI:
     """The dashboard app over the run folders in `runs_dir`."""
-    app = FastAPI(title="fedprefix dashboard", description=__doc__)
+    # no /docs: FastAPI's pages load Swagger from a CDN, and the dashboard works offline
+    app = FastAPI(title="fedprefix dashboard", docs_url=None, redoc_url=None, openapi_url=None)
 
     def page(title: str, body: str) -> HTMLResponse:
         return HTMLResponse(LAYOUT.render(title=title, style=STYLE, body=body))

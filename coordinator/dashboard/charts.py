@@ -46,11 +46,11 @@ def line_chart(
     def x(r: int) -> float:
         return left + (r - first) / span_x * (width - left - right)
 
-    def y(v: float) -> float:
-        return top + (high - v) / (high - low) * (height - top - bottom)
+    def y(v: float) -> float:  # in halves: high - low of losses near +-1e308 overflows to inf, and inf / inf is NaN
+        return top + (high / 2 - v / 2) / (high / 2 - low / 2) * (height - top - bottom)
 
     for i in range(5):  # horizontal grid with value labels
-        value = low + (high - low) * i / 4
+        value = low + (high / 2 - low / 2) * i / 2
         parts.append(
             f'<line x1="{left}" x2="{width - right}" y1="{y(value):.1f}" y2="{y(value):.1f}" class="grid"/>'
             f'<text x="{left - 4}" y="{y(value) + 4:.1f}" text-anchor="end" class="tick">{_short(value)}</text>'

@@ -62,6 +62,16 @@ def test_store_commands_share_the_error_printer_and_debug(monkeypatch, capsys, t
         _run(monkeypatch, "--debug", "store", "list", "--store", missing)
 
 
+def test_store_list_prints_file_names_as_written_not_as_markup_or_escape_codes(monkeypatch, capsys, tmp_path):
+    (tmp_path / "[bold red]boom.fpx").write_bytes(b"not a prefix")
+    (tmp_path / "\x1b[2Jclear.fpx").write_bytes(b"not a prefix")
+    with pytest.raises(SystemExit) as exit_:
+        _run(monkeypatch, "store", "list", "--store", str(tmp_path))
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "[bold red]boom" in out and "\\x1b[2Jclear" in out and "\x1b" not in out, out
+
+
 def test_simulate_checks_the_data_folder_before_starting(monkeypatch, capsys, tmp_path):
     (tmp_path / "data" / "alice").mkdir(parents=True)
     (tmp_path / "data" / "alice" / "train.jsonl").write_text('{"prompt": "p", "completion": "c"}\n' * 2)

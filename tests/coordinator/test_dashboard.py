@@ -306,3 +306,55 @@ def test_an_unreadable_round_names_its_field(runs, tmp_path):
     _, records, problems = read_run(tmp_path / "typed")
     assert len(records) == ROUNDS - 1 and len(problems) == 1, problems
     assert "line 2: unreadable round record (field replies_accepted: Input should be a valid integer" in problems[0]
+
+
+def test_hostile_names_and_records_reach_no_terminal_or_page_raw(runs, tmp_path):
+    """A folder name that is not UTF-8, a lone surrogate escaped in rounds.jsonl, and escape codes
+    in a record (a node's error reply, say): every page answers, and no terminal gets them raw."""
+    root = tmp_path / "runs"
+    shutil.copytree(runs / "tiny", root / "tiny")
+    shutil.copytree(runs / "tiny", root / "\udcff")  # the folder name b"\xff"
+    shutil.copytree(runs / "tiny", root / "odd")
+    rounds = (root / "odd" / "rounds.jsonl").read_text().splitlines()
+    rounds[0] = rounds[0].replace('"rejected":[]', '"rejected":[{"node":1,"reason":"\\udcff"}]', 1)
+    assert "udcff" in rounds[0]
+    (root / "odd" / "rounds.jsonl").write_text("\n".join([*rounds, "[]"]) + "\n")
+    info = json.loads((root / "odd" / "run.json").read_text())
+    (root / "odd" / "run.json").write_text(json.dumps({**info, "base": "\x1b[2Jcleared", "error": "\x1b]0;title\x07"}))
+
+    client = TestClient(create_dashboard(root))
+    assert client.get("/").status_code == 200
+    listed = {r["id"]: r for r in client.get("/api/runs").json()}
+    assert listed["tiny"]["status"] == "finished" and listed["\ufffd"]["problems"]
+    for path in ("/runs/odd", "/runs/odd/panel", "/api/runs/odd", "/api/runs/odd/rounds"):
+        assert client.get(path).status_code == 200, path
+    problems = client.get("/api/runs/odd/rounds").json()["problems"]
+    assert "line 1: unreadable round record (text with a lone surrogate)" in problems[0]
+    assert f"line {len(rounds) + 1}: unreadable round record (not a JSON object)" in problems[1]
+    assert client.get("/docs").status_code == 404  # FastAPI's docs load Swagger from a CDN
+
+    for argv in (["runs", "--runs", str(root)], ["show", "odd", "--runs", str(root)]):
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 0 and "\x1b" not in result.output, result.output
+    shown = runner.invoke(app, ["show", "odd", "--runs", str(root)])
+    assert "\\x1b[2Jcleared" in shown.output  # shown, harmless
+
+
+def test_unreadable_lines_past_twenty_are_counted_not_listed(runs, tmp_path):
+    shutil.copytree(runs / "tiny", tmp_path / "many")
+    with open(tmp_path / "many" / "rounds.jsonl", "a") as fh:
+        fh.write("{}\n" * 5000)
+    _, records, problems = read_run(tmp_path / "many")
+    assert len(records) == ROUNDS and len(problems) == 21 and problems[-1].endswith(": 4980 more unreadable lines")
+
+
+def test_show_averages_many_huge_losses_without_overflow(runs, tmp_path):
+    shutil.copytree(runs / "tiny", tmp_path / "long")
+    line = json.loads((runs / "tiny" / "rounds.jsonl").read_text().splitlines()[0])
+    records = [{**line, "round": i, "eval_loss_base": 1e308, "train_loss": -1e308} for i in range(1, 130)]
+    (tmp_path / "long" / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    shown = runner.invoke(app, ["show", "long", "--runs", str(tmp_path)])
+    assert shown.exit_code == 0 and "eval_loss_base" in shown.output, shown.output
+    from fedprefix.coordinator.dashboard.charts import line_chart
+
+    assert "nan" not in line_chart("loss", [1, 2], {"a": [1e308, -1e308]})

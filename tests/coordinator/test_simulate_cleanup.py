@@ -306,3 +306,23 @@ def test_a_round_s_nodes_share_the_cores_so_flower_starts_no_actor_per_core():
     assert node_cpus(FederationConfig(num_users=100, users_per_round=10), cores=40) == 4
     # evaluation samples more nodes than training here: the larger round sets the share
     assert node_cpus(FederationConfig(num_users=20, fraction_train=0.1), cores=40) == 2
+
+
+def test_a_folder_no_run_made_is_refused_and_left_as_it_was(tmp_path):
+    """A run writes data/, run.json, rounds.jsonl and more into its folder: never into someone's."""
+    from fedprefix.coordinator import simulate as simulate_module
+
+    project = tmp_path / "project"
+    (project / "data" / "user000").mkdir(parents=True)
+    (project / "data" / "user000" / "train.jsonl").write_text('{"prompt": "mine", "completion": "x"}\n')
+    (project / "run.json").write_text('{"tool": "other"}')  # not a run record of ours
+    before = {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
+    for folder in (project, tmp_path):
+        with pytest.raises(simulate_module.SimulationError, match="holds files that no fedprefix run made"):
+            simulate_module.claim_run_folder(FederationConfig(run_dir=str(folder)))
+    assert {p: p.read_bytes() for p in project.rglob("*") if p.is_file()} == before
+    (tmp_path / "empty").mkdir()
+    for fine in ("new", "empty"):  # claimed: marked before a run writes its data there, so its rerun may
+        simulate_module.claim_run_folder(FederationConfig(run_dir=str(tmp_path / fine)))
+        (tmp_path / fine / "data").mkdir()
+        simulate_module.claim_run_folder(FederationConfig(run_dir=str(tmp_path / fine)))
