@@ -361,8 +361,16 @@ def check_base(name_or_path: str | os.PathLike) -> None:
     """ConfigError where `load_base` could not find this base: before a run starts processes that
     would each fail on it (a registry base is fetched and converted here, once)."""
     name = str(name_or_path)
-    if not (name in REGISTRY and REGISTRY[name].builtin):
-        _resolve_folder(name)
+    if name in REGISTRY and REGISTRY[name].builtin:
+        return
+    folder = _resolve_folder(name)
+    try:  # its config and tokenizer, as each node would read them (a second or so, no weights)
+        config = AutoConfig.from_pretrained(folder)
+        AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # transformers raises many types for a folder it cannot read
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"base model folder {folder} cannot be loaded: {reason}") from exc
+    PrefixSpec.from_model_config(config, 1)  # an architecture prefixes do not support
 
 
 def _resolve_folder(name: str) -> Path:

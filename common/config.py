@@ -97,7 +97,7 @@ class FederationConfig(BaseModel):
     personal_tokens: int = Field(8, ge=0)
     shared_tokens: int = Field(8, ge=0)
     personal_projection: bool = False  # MLP-reparameterized personal prefix: off, as measured on real text
-    local_steps: int = Field(10, ge=1)  # optimizer steps per user per round
+    local_steps: int = Field(10, ge=1, le=1_000_000)  # optimizer steps per user per round
     # shared+personal: the first rounds train the shared part only (-1, the default: every round
     # but the personal ones, or with personal_init "text" every round but the last), the rounds
     # after them both parts (personal_init "text" only), and the last personal-only-rounds the

@@ -67,7 +67,7 @@ def base_fetch(name: str = typer.Argument(DEFAULT_BASE, help="Registry name.")) 
 @base_app.command("info")
 def base_info(
     name: str = typer.Argument(DEFAULT_BASE, help="Registry name, folder or hub id."),
-    tokens: int = typer.Option(16, "--tokens", "-p", help="Prefix length P to size."),
+    tokens: int = typer.Option(16, "--tokens", "-p", min=1, max=1_000_000, help="Prefix length P to size."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Show a base's architecture, fingerprint and the size of a prefix for it.

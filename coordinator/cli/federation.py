@@ -41,7 +41,9 @@ def simulate(
     aggregator: str = typer.Option(
         "fedavg", "--aggregator", help="fedavg | fedadam | fedprox, or robust: krum | multikrum | trimmedavg | median"
     ),
-    local_steps: int = typer.Option(10, "--local-steps", min=1, help="Optimizer steps per user per round."),
+    local_steps: int = typer.Option(
+        10, "--local-steps", min=1, max=1_000_000, help="Optimizer steps per user per round."
+    ),
     data: str = typer.Option(
         "personas",
         "--data",

@@ -23,6 +23,12 @@ def _device(value: str) -> str:
     return value
 
 
+def _non_blank_name(value: str | None) -> str | None:
+    if value is not None and not value.strip():  # would silently fall back to --base
+        raise typer.BadParameter("an empty name; leave the option out to serve under --base")
+    return value
+
+
 @app.command()
 def serve(
     base: str = typer.Option(DEFAULT_BASE, "--base", help="Base model: registry name, folder or hub id."),
@@ -30,11 +36,14 @@ def serve(
         ..., "--store", help="Encrypted prefix store folder (ciphertext only).", callback=non_empty_path
     ),
     served_model_name: str = typer.Option(
-        None, "--served-model-name", help="The model name clients send and /v1/models lists (default: --base)."
+        None,
+        "--served-model-name",
+        help="The model name clients send and /v1/models lists (default: --base).",
+        callback=_non_blank_name,
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
-    max_batch_size: int = typer.Option(64, "--max-batch-size", min=1, help="Rows per decode step."),
+    max_batch_size: int = typer.Option(64, "--max-batch-size", min=1, max=4096, help="Rows per decode step."),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="Waiting requests (all users) before answering 429."),
     max_queue_per_user: int = typer.Option(
         64,
@@ -185,6 +194,7 @@ def serve(
 
 def _serve_replicas(options: dict) -> None:
     """`fedprefix serve --replicas N`: N engine replicas behind Ray Serve, until Ctrl-C or SIGTERM."""
+    import contextlib
     import os
 
     from fedprefix.common.cores import usable_cores
@@ -230,8 +240,11 @@ def _serve_replicas(options: dict) -> None:
             time.sleep(1)
     except KeyboardInterrupt:
         pass
-    finally:
-        replicas.shutdown(local=local)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the start's error is the one to report, not the shutdown's after it
+            replicas.shutdown(local=local)
+        raise
+    replicas.shutdown(local=local)
 
 
 def _require_ray_token() -> None:

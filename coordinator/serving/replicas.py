@@ -43,6 +43,7 @@ from typing import Any
 
 from fedprefix.common import base_model
 from fedprefix.common.cores import usable_cores
+from fedprefix.common.errors import FedPrefixError
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -389,7 +390,10 @@ def start(
             configure_logging=False,
         )
     else:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
+        except Exception as exc:  # Ray raises many types for an address it cannot reach
+            raise FedPrefixError(f"could not join the Ray cluster at {address!r}: {exc}") from exc
     if after_init is not None:
         after_init()
     serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})

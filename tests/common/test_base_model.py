@@ -68,6 +68,21 @@ def test_missing_folder_is_a_clear_error(tmp_path):
         load_base(tmp_path)
 
 
+def test_a_folder_check_reads_its_config_and_tokenizer_as_each_node_would(tmp_path, tiny_llama):
+    """check_base (before a run starts Flower and Ray) passed a folder whose config.json was {}:
+    the run then failed on every node, its reason only in a log."""
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=rf"^base model folder {tmp_path} cannot be loaded: Unrecognized model"):
+        base_model.check_base(tmp_path)
+    good = tmp_path / "good"
+    tiny_llama.model.save_pretrained(good)
+    tiny_llama.tokenizer.save_pretrained(good)
+    base_model.check_base(good)
+    (good / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot be loaded"):
+        base_model.check_base(good)
+
+
 def test_unsupported_architecture_in_folder(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 

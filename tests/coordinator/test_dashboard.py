@@ -287,6 +287,11 @@ def test_show_takes_the_run_id_under_runs_before_a_same_named_folder_here(runs, 
         (["serve", "--store", "s", "--wrong-key-backoff", "nan"], "nan is not a finite number"),
         (["serve", "--store", "s", "--max-wait", "inf"], "inf is not a finite number"),
         (["simualte"], "Did you mean 'simulate'?"),
+        # values past any use were taken: a server under the name "" served as --base, silently
+        (["serve", "--store", "s", "--served-model-name", " "], "'--served-model-name': an empty name"),
+        (["serve", "--store", "s", "--max-batch-size", "99999"], "99999 is not in the range 1<=x<=4096"),
+        (["simulate", "--local-steps", "9" * 20], "Invalid value for '--local-steps'"),
+        (["base", "info", "tiny-llama", "--tokens", "9" * 20], "Invalid value for '--tokens'"),
     ],
 )
 def test_empty_paths_and_non_finite_numbers_are_usage_errors(argv, message):

@@ -390,3 +390,18 @@ def test_the_router_answers_429_when_every_replica_and_its_wait_are_full(tmp_pat
     assert reply.status_code == 429 and reply.headers["retry-after"] == "1"
     assert json.loads(reply.body)["error"]["code"] == "overloaded"
     assert router.failures.labels("/v1/completions", "429")._value.get() == 1
+
+
+def test_a_cluster_address_ray_cannot_join_is_named_in_the_error(tmp_path, monkeypatch):
+    """Ray's own error ("Module: bogus does not exist") was hidden behind the one Serve's shutdown
+    raised after it, which never named the address."""
+    import ray
+    from fedprefix.common.errors import FedPrefixError
+    from fedprefix.coordinator.serving import replicas
+
+    def cannot_join(*args, **kwargs):
+        raise ValueError("Module: bogus does not exist.")
+
+    monkeypatch.setattr(ray, "init", cannot_join)
+    with pytest.raises(FedPrefixError, match=r"^could not join the Ray cluster at 'bogus://x': Module: bogus"):
+        replicas.start(replicas.ReplicaSettings(store=str(tmp_path)), "127.0.0.1", 1, address="bogus://x")
