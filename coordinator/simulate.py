@@ -233,6 +233,16 @@ def node_cpus(config: FederationConfig, cores: int) -> int:
     return max(1, cores // max(config.round_sizes))
 
 
+def federation_config(config: FederationConfig, cpus_per_node: float, cores: int) -> str:
+    """`flwr run --federation-config`: the nodes, each node's CPUs, and Ray's CPUs. Ray gets the
+    cores this process may use (a container's quota too, which Ray reads only at the cgroup root),
+    but no more than one round's nodes take, so that Flower's pool of Ray CPUs / node CPUs actors
+    is no larger than a round; and at least one node's share, so that a node can start."""
+    ray_cpus = max(math.ceil(cpus_per_node), min(cores, math.ceil(cpus_per_node) * max(config.round_sizes)))
+    cpus = int(cpus_per_node) if float(cpus_per_node).is_integer() else cpus_per_node
+    return f"num-supernodes={config.num_users} client-resources-num-cpus={cpus} init-args-num-cpus={ray_cpus}"
+
+
 def simulate(
     config: FederationConfig,
     cpus_per_client: float | None = None,
@@ -294,13 +304,7 @@ def _run_federation(config, clientapp, verbose, cpus_per_client, log_file, on_ro
         app = write_app(tmp / "app", config, clientapp)
         flwr_home = tmp / "flwr-home"
         with local_superlink(flwr_home, log_file, owned=owned):
-            cpus = int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client
-            # Ray's CPUs: those this process may use (a container's quota too, which Ray reads
-            # only at the cgroup root), at least one node's share so that a node can start
-            ray_cpus = max(usable_cores(), math.ceil(cpus))
-            federation = (
-                f"num-supernodes={config.num_users} client-resources-num-cpus={cpus} init-args-num-cpus={ray_cpus}"
-            )
+            federation = federation_config(config, cpus_per_client, usable_cores())
             command = [
                 flower_bin("flwr"),
                 "run",
@@ -319,8 +323,9 @@ def _run_federation(config, clientapp, verbose, cpus_per_client, log_file, on_ro
 
 
 def check_run_folder(config: FederationConfig) -> None:
-    """SimulationError where the run cannot go into `config.run_dir`: a file there, or node stores
-    that no simulation made (which a run would empty). The CLI asks before it writes any data."""
+    """SimulationError where the run cannot go into `config.run_dir`: a file there, node stores
+    that no simulation made (which a run would empty), or a folder holding files that no run made
+    (a run writes data/ and run.json into it). The CLI asks before it writes any data."""
     run_dir = Path(config.run_dir)
     for folder in (run_dir, *run_dir.parents):
         if folder.exists():
@@ -332,7 +337,7 @@ def check_run_folder(config: FederationConfig) -> None:
         raise SimulationError(
             f"{stores} exists and no simulation made it: choose another --out, or --set store-root=FOLDER"
         )
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not _made_by_a_run(run_dir):
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not made_by_a_run(run_dir):
         raise SimulationError(
             f"run folder {run_dir} holds files that no fedprefix run made (a run writes data/, run.json "
             f"and more into it): choose a new or empty --out folder"
@@ -348,7 +353,7 @@ def claim_run_folder(config: FederationConfig) -> None:
     (run_dir / RUN_MARK).write_text("a fedprefix run's folder: a later run into it replaces what runs wrote\n")
 
 
-def _made_by_a_run(folder: Path) -> bool:
+def made_by_a_run(folder: Path) -> bool:
     """Whether a run made `folder`: its mark, its run record (runs before the mark), or its node
     stores' mark (one of those stopped before its record)."""
     try:

@@ -41,7 +41,9 @@ def sparkline(values: Sequence[float | None], width: int = 60) -> str:
     return "".join(" " if v is None else SPARKS[int((v / 2 - low) / span * (len(SPARKS) - 1))] for v in values)
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0 and C1 controls (not \t, \n), line and paragraph separators, and the invisible format
+# characters (soft hyphen, zero-width, bidi overrides and isolates, word joiners, BOM)
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 
 def printable(text: object) -> str:

@@ -22,7 +22,7 @@ from fedprefix.client.node import simulation_key
 from fedprefix.common.base_model import DEFAULT_BASE, load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.coordinator.records import RUN_FILE
-from fedprefix.coordinator.simulate import RUN_MARK, claim_run_folder, simulate
+from fedprefix.coordinator.simulate import claim_run_folder, made_by_a_run, simulate
 from fedprefix.coordinator.views import make_console, round_progress, rounds_table
 from fedprefix.simulations.personas import (
     slot_realization,
@@ -68,7 +68,7 @@ def federated(args) -> None:
     # it), but only in a folder a demo made (one stopped early has data/ and stores/ alone):
     # `--out .` must not take the checkout's data/ with it
     entries = {entry.name for entry in work.iterdir()} if work.is_dir() else set()
-    if entries - {"data", "stores", RUN_MARK} and not ((work / RUN_FILE).is_file() or (work / "run").is_dir()):
+    if entries - {"data", "stores"} and not (made_by_a_run(work) or (work / "run").is_dir()):
         raise SystemExit(f"--out {work}: a folder that no run made (no {RUN_FILE}); choose another")
     for stale in ("run", "stores", "data"):
         shutil.rmtree(work / stale, ignore_errors=True)

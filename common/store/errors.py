@@ -141,10 +141,14 @@ class StoreBusyError(StoreError):
 
 class StoreIOError(StoreError, OSError):
     """The filesystem failed a read or write of the store (a full disk, a read-only or unreadable
-    folder, a disk error). A write that failed changed nothing stored (locking.py). Also an
-    OSError with the original errno, for callers that catch those."""
+    folder, a disk error); the message names the user, and the file where the OS named it. A
+    write that failed changed nothing stored (locking.py). Also an OSError with the original
+    errno, for callers that catch those (kept when pickled, as Ray and multiprocessing do)."""
 
     reason = "io_error"
+
+    def __reduce__(self):
+        return _rebuilt_io_error, (str(self), self.user_id, self.errno)
 
     @classmethod
     def of(cls, user_id: str | None, exc: OSError, problem: str | None = None) -> StoreIOError:
@@ -155,8 +159,22 @@ class StoreIOError(StoreError, OSError):
         return error
 
 
+def _rebuilt_io_error(message: str, user_id: str | None, errno: int | None) -> StoreIOError:
+    error = StoreIOError(message, user_id)
+    error.errno = errno
+    return error
+
+
 Method = TypeVar("Method", bound=Callable)
-NOT_FILESYSTEM = (TimeoutError, InterruptedError, ConnectionError)  # OSErrors, but not about files
+# OSErrors, but not about files: a time limit's handler, a signal, a socket, a child process
+NOT_FILESYSTEM = (
+    TimeoutError,
+    InterruptedError,
+    ConnectionError,
+    BlockingIOError,
+    ChildProcessError,
+    ProcessLookupError,
+)
 
 
 def naming_io_errors(method: Method) -> Method:

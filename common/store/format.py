@@ -423,7 +423,9 @@ def open_regular(path: Path, user_id: str):
     except OSError as exc:
         if exc.errno == errno.EINVAL:
             raise CorruptError(about(user_id, f"{path.name} is not a regular file"), user_id) from None
-        # unreadable (permissions, a disk error), a link loop: every refusal of the store is a StoreError
+        if exc.errno == errno.ELOOP:  # a link loop: the folder's layout, not the disk
+            raise CorruptError(about(user_id, f"{path.name} cannot be read (a link loop)"), user_id) from None
+        # unreadable (permissions, a disk error): every refusal of the store is a StoreError
         raise StoreIOError.of(user_id, exc, f"{path.name} cannot be read ({exc.strerror})") from None
 
 

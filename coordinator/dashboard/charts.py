@@ -9,6 +9,7 @@ the same). A run of 60,000 rounds drew a label and a dot for every round: a 103 
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Sequence
 from html import escape
 
@@ -37,9 +38,9 @@ def line_chart(
         parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data yet</text></svg>')
         return "".join(parts)
     low, high = min(values), max(values)
-    if high == low:  # a flat series: give it a visible band around its value
+    if high == low:  # a flat series: give it a visible band around its value (within floats)
         pad = max(abs(low) * 0.05, 0.5)
-        low, high = low - pad, high + pad
+        low, high = max(low - pad, -sys.float_info.max), min(high + pad, sys.float_info.max)
     first, last = min(rounds), max(rounds)
     span_x = max(last - first, 1)
 
@@ -50,7 +51,7 @@ def line_chart(
         return top + (high / 2 - v / 2) / (high / 2 - low / 2) * (height - top - bottom)
 
     for i in range(5):  # horizontal grid with value labels
-        value = low + (high / 2 - low / 2) * i / 2
+        value = low * (1 - i / 4) + high * (i / 4)
         parts.append(
             f'<line x1="{left}" x2="{width - right}" y1="{y(value):.1f}" y2="{y(value):.1f}" class="grid"/>'
             f'<text x="{left - 4}" y="{y(value) + 4:.1f}" text-anchor="end" class="tick">{_short(value)}</text>'

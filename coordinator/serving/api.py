@@ -226,7 +226,8 @@ def store_error(exc: StoreError) -> ApiError:
         return ApiError(422, str(exc), "bad_user_id", field="user")
     if isinstance(exc, StoreIOError):  # the server's disk failed, not the request: its paths stay in its log
         log.error("%s", exc)
-        return ApiError(500, about(exc.user_id, "the server could not read its prefix store"), exc.reason)
+        problem = "the server could not read its prefix store" if exc.user_id else "the server could not read it"
+        return ApiError(500, about(exc.user_id, problem), exc.reason)
     return ApiError(500, str(exc), getattr(exc, "reason", "store_error"))
 
 

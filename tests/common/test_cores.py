@@ -86,3 +86,16 @@ def test_torch_threads_are_lowered_to_the_quota_never_raised(cgroups):
         assert cores.fit_torch_threads() == 1  # a lower setting of the caller's stays
     finally:
         torch.set_num_threads(threads)
+
+
+def test_load_base_fits_torch_threads_before_any_compute(monkeypatch):
+    from fedprefix.common.base_model import load_base
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(cores, "usable_cores", lambda: 1)
+    try:
+        torch.set_num_threads(2)
+        load_base("tiny-llama")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

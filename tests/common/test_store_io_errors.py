@@ -83,3 +83,24 @@ def test_a_store_folder_that_cannot_be_made(tmp_path, monkeypatch):
     monkeypatch.setattr(type(target), "mkdir", denied)
     with pytest.raises(StoreIOError, match=rf"^prefix store: the filesystem failed at {target}: Permission denied$"):
         PrefixStore(target)
+
+
+def test_a_store_io_error_keeps_its_user_and_errno_when_pickled():
+    """As Ray and multiprocessing send it between processes."""
+    import pickle
+
+    error = StoreIOError.of("alice", os_error(errno.ENOSPC, "/s/alice.fpx"))
+    copy = pickle.loads(pickle.dumps(error))
+    assert (str(copy), copy.user_id, copy.errno) == (str(error), "alice", errno.ENOSPC)
+    assert isinstance(copy, OSError) and copy.reason == "io_error"
+
+
+@pytest.mark.parametrize("kind", [BlockingIOError, ChildProcessError, TimeoutError])
+def test_oserrors_that_are_not_about_files_pass_through(store, monkeypatch, kind):
+    def not_a_file_error(fd):
+        raise kind(errno.EAGAIN, "not about files")
+
+    monkeypatch.setattr(common_files.os, "fsync", not_a_file_error)
+    with pytest.raises(kind) as caught:
+        store.save("alice", make_prefix(3), RAW)
+    assert not isinstance(caught.value, StoreError)

@@ -330,3 +330,10 @@ def test_base_list_json_says_which_bases_are_built_in_process(monkeypatch, capsy
     assert rows["tiny-llama"]["in_process"] and rows["tiny-llama"]["ready"]
     smollm2 = rows[base_model.DEFAULT_BASE]  # the built-in base: from a PyPI package, converted once
     assert not smollm2["in_process"] and not smollm2["ready"]
+
+
+def test_printable_shows_hidden_characters_and_keeps_text():
+    from fedprefix.coordinator.views import printable
+
+    assert printable("naïve 鍵 tab\there\nline") == "naïve 鍵 tab\there\nline"
+    assert printable("\x1b[2J \u2028 \u202e \u200b \x9b") == "\\x1b[2J \\x2028 \\x202e \\x200b \\x9b"

@@ -362,4 +362,6 @@ def test_show_averages_many_huge_losses_without_overflow(runs, tmp_path):
     assert shown.exit_code == 0 and "eval_loss_base" in shown.output, shown.output
     from fedprefix.coordinator.dashboard.charts import line_chart
 
-    assert "nan" not in line_chart("loss", [1, 2], {"a": [1e308, -1e308]})
+    for values in ([1e308, -1e308], [1.7e308, 1.7e308], [-1.7e308, -1.7e308]):
+        svg = line_chart("loss", [1, 2], {"a": values})
+        assert "nan" not in svg and "inf" not in svg, values

@@ -28,3 +28,20 @@ def test_the_demo_never_empties_a_folder_no_run_made(tmp_path):
     with pytest.raises(SystemExit, match="no run made"):
         demo.main(["--base", "tiny-llama", "--out", str(tmp_path)])
     assert (tmp_path / "data" / "mine.jsonl").is_file()
+
+
+def test_the_demo_reruns_into_its_folder_after_a_ctrl_c_before_any_record(tmp_path, monkeypatch):
+    """Stopped in round 1: data/, stores/, flower.log and the run's mark, but no run.json."""
+    out = tmp_path / "demo"
+
+    def stop_here(*args, **kwargs):
+        raise RuntimeError("stop before Flower starts")
+
+    monkeypatch.setattr(simulate_module, "write_app", stop_here)
+    argv = ["--base", "tiny-llama", "--users", "2", "--rounds", "1", "--examples", "6", "--out", str(out)]
+    with pytest.raises(RuntimeError, match="stop before Flower"):
+        demo.main(argv)
+    (out / "flower.log").write_text("interrupted\n")
+    assert not (out / "run.json").exists()
+    with pytest.raises(RuntimeError, match="stop before Flower"):  # not refused as a folder no run made
+        demo.main(argv)
