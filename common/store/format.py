@@ -421,11 +421,10 @@ def open_regular(path: Path, user_id: str):
             raise CorruptError(about(user_id, f"{path.name} is a link to nothing"), user_id) from None
         raise UnknownUserError.of(user_id) from None
     except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            raise CorruptError(about(user_id, f"{path.name} is not a regular file"), user_id) from None
-        if exc.errno == errno.ELOOP:  # a link loop: the folder's layout, not the disk
-            raise CorruptError(about(user_id, f"{path.name} cannot be read (a link loop)"), user_id) from None
-        # unreadable (permissions, a disk error): every refusal of the store is a StoreError
+        # not a regular file, a link loop: the folder's layout; else the disk (permissions, an I/O error)
+        if exc.errno in (errno.EINVAL, errno.ELOOP):
+            problem = "is not a regular file" if exc.errno == errno.EINVAL else "cannot be read (a link loop)"
+            raise CorruptError(about(user_id, f"{path.name} {problem}"), user_id) from None
         raise StoreIOError.of(user_id, exc, f"{path.name} cannot be read ({exc.strerror})") from None
 
 

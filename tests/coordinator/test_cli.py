@@ -130,7 +130,7 @@ def test_a_bad_option_or_value_is_one_line_with_usage_exit_code(monkeypatch, cap
         ("simulate", "--bogus"): "No such option '--bogus'",
         ("serve", "--store", ".", "--port", "99999"): "99999 is not in the range 1<=x<=65535",
         # values that started a server which then failed or hung on every request
-        ("serve", "--store", ".", "--max-batch-size", "0"): "0 is not in the range x>=1",
+        ("serve", "--store", ".", "--max-batch-size", "0"): "0 is not in the range 1<=x<=4096",
         ("serve", "--store", ".", "--max-queue", "-1"): "-1 is not in the range x>=1",
         ("serve", "--store", ".", "--max-wait", "-5"): "-5.0 is not in the range x>=0.001",
         ("simulate", "--examples", "-5"): "-5 is not in the range x>=0",
