@@ -71,30 +71,8 @@ def decode_payload(
             raise ShapeError(f"tensors are not all {dtype_name}")
         if dtype is not None:
             tensors = {name: t.to(dtype) for name, t in tensors.items()}
-        return _prefix_from_state(config, tensors)
+        return Prefix.from_state(config, tensors)
     except (SafetensorError, ShapeError, RuntimeError, ValueError, KeyError) as exc:
         # Authenticated, so written by this code with the key: a bug or a format clash.
         raise CorruptError(about(user_id, f"stored tensors do not form the prefix ({exc})"), user_id) from None
 
-
-def _prefix_from_state(config: PrefixConfig, tensors: dict[str, torch.Tensor]) -> Prefix:
-    """``Prefix.from_state`` with the decrypted tensors assigned as they are, not copied in.
-
-    Built on the CPU, not the meta device: a module initialized on the meta device sends its
-    random init through torch's Python reference kernels, which import torch._dynamo, 1.4 s on
-    the first load of a process that has not imported it yet (the store's CLI commands, a
-    process that only reads prefixes; transformers imports it anyway). The throwaway CPU init
-    of a 30-layer prefix takes about a millisecond, a load 3-8 ms in all. Anything unexpected
-    falls back to from_state, which stays the reference.
-    """
-    try:
-        prefix = Prefix(config, init="zero")
-        if "anchor" in tensors:
-            prefix.anchor = torch.empty_like(tensors["anchor"])
-        expected = {name: tuple(t.shape) for name, t in prefix.state_dict().items()}
-        if expected != {name: tuple(t.shape) for name, t in tensors.items()}:
-            raise ShapeError("shape mismatch")  # from_state words the error
-        prefix.load_state_dict(tensors, strict=True, assign=True)
-        return prefix
-    except Exception:  # the reference path raises the proper error
-        return Prefix.from_state(config, tensors)
