@@ -75,4 +75,3 @@ def decode_payload(
     except (SafetensorError, ShapeError, RuntimeError, ValueError, KeyError) as exc:
         # Authenticated, so written by this code with the key: a bug or a format clash.
         raise CorruptError(about(user_id, f"stored tensors do not form the prefix ({exc})"), user_id) from None
-
