@@ -269,8 +269,7 @@ def simulate(
             **({"data": str(Path(config.data).resolve())} if config.data else {}),
         }
     )
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(config.run_dir)  # made by claim_run_folder
     (run_dir / RUN_FILE).unlink(missing_ok=True)
     log_file = run_dir / "flower.log"
     if cpus_per_client is None:
