@@ -148,18 +148,19 @@ class StoreIOError(StoreError, OSError):
     reason = "io_error"
 
     def __reduce__(self):
-        return _rebuilt_io_error, (str(self), self.user_id, self.errno)
+        return _io_error, (str(self), self.user_id, self.errno)
 
     @classmethod
     def of(cls, user_id: str | None, exc: OSError, problem: str | None = None) -> StoreIOError:
         """`exc` about `user_id`'s prefix (None: the store's); `problem` replaces the default wording."""
         where = f" at {exc.filename}" if exc.filename else ""
-        error = cls(about(user_id, problem or f"the filesystem failed{where}: {exc.strerror or exc}"), user_id)
-        error.errno = exc.errno
-        return error
+        return _io_error(
+            about(user_id, problem or f"the filesystem failed{where}: {exc.strerror or exc}"), user_id, exc.errno
+        )
 
 
-def _rebuilt_io_error(message: str, user_id: str | None, errno: int | None) -> StoreIOError:
+def _io_error(message: str, user_id: str | None, errno: int | None) -> StoreIOError:
+    """A StoreIOError carrying `errno` (OSError's own argument parsing is off: StoreError has an __init__)."""
     error = StoreIOError(message, user_id)
     error.errno = errno
     return error
