@@ -20,6 +20,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -35,9 +36,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from .config import DEFAULT_BASE
-from .cores import fit_torch_threads
 from .errors import ConfigError
 from .prefix import PrefixSpec
+from .resources import fit_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +372,28 @@ def check_base(name_or_path: str | os.PathLike) -> None:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"base model folder {folder} cannot be loaded: {reason}") from exc
     PrefixSpec.from_model_config(config, 1)  # an architecture prefixes do not support
+
+
+def parameter_count(name_or_path: str | os.PathLike) -> int:
+    """A base's parameters, without loading it: from its safetensors headers; weights in another
+    format, or unreadable, count their bytes / 2 (as if bfloat16: an estimate on the high side)."""
+    name = str(name_or_path)
+    if name in REGISTRY and REGISTRY[name].builtin:
+        return sum(p.numel() for p in build_tiny(name.removeprefix("tiny-"))[0].parameters())
+    suffixes = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+    weights = [p for p in _resolve_folder(name).iterdir() if p.suffix in suffixes]
+    try:
+        from safetensors import safe_open
+
+        count = 0
+        for path in (p for p in weights if p.suffix == ".safetensors"):
+            with safe_open(path, framework="pt") as tensors:
+                count += sum(math.prod(tensors.get_slice(key).get_shape()) for key in tensors.keys())
+        if count:
+            return count
+    except Exception:  # safetensors raises several types for a damaged header; the estimate below holds
+        log.debug("could not read the safetensors headers of %s", name, exc_info=True)
+    return sum(p.stat().st_size for p in weights) // 2
 
 
 def _resolve_folder(name: str) -> Path:

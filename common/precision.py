@@ -25,8 +25,8 @@ import torch
 from pydantic import BaseModel
 
 from .config import DEVICE_HELP
-from .cores import usable_cores
 from .errors import ConfigError
+from .resources import usable_cores
 
 # The project's one map of dtype names (compute dtypes here, storage dtypes in common/store).
 DTYPE_BY_NAME: dict[str, torch.dtype] = {

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -36,9 +35,10 @@ from pathlib import Path
 
 import httpx
 from fedprefix.common.config import FederationConfig
-from fedprefix.common.cores import usable_cores
 from fedprefix.common.errors import FedPrefixError
+from fedprefix.common.resources import available_memory, usable_cores
 
+from .node_sizing import NodePlan, plan_for_machine, plan_nodes
 from .processes import OwnedProcesses, owned_processes
 from .records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunFolderError, end_unfinished, read_info, read_run
 
@@ -224,39 +224,29 @@ def wait_for_run(process: subprocess.Popen, watcher: RoundWatcher, owned: OwnedP
         time.sleep(POLL_S)
 
 
-def node_cpus(config: FederationConfig, cores: int) -> int:
-    """CPUs (and torch threads) per simulated node: the cores shared among the nodes of one round.
-
-    Flower's pool holds one Ray actor per share of the machine's CPUs, whatever the number of
-    nodes, and each actor loads its own copy of the base once it runs a node: one CPU each made
-    64 actors (64 copies of the base) on a 64-core host for a round of 4 nodes, each on 1 thread."""
-    return max(1, cores // max(config.round_sizes))
-
-
-def federation_config(config: FederationConfig, cpus_per_node: float, cores: int) -> str:
-    """`flwr run --federation-config`: the nodes, each node's CPUs, and Ray's CPUs. Ray gets the
-    cores this process may use (a container's quota too, which Ray reads only at the cgroup root),
-    but no more than one round's nodes take, so that Flower's pool of Ray CPUs / node CPUs actors
-    is no larger than a round; and at least one node's share, so that a node can start."""
-    ray_cpus = max(math.ceil(cpus_per_node), min(cores, math.ceil(cpus_per_node) * max(config.round_sizes)))
-    cpus = int(cpus_per_node) if float(cpus_per_node).is_integer() else cpus_per_node
-    return f"num-supernodes={config.num_users} client-resources-num-cpus={cpus} init-args-num-cpus={ray_cpus}"
-
-
 def simulate(
     config: FederationConfig,
-    cpus_per_client: float | None = None,
+    cpus_per_client: int | None = None,
     verbose: bool = False,
     on_round: Callable[[RoundRecord], None] | None = None,
     clientapp: str = CLIENT_APP,
 ) -> list[RoundRecord]:
     """Run `config` with `config.num_users` simulated nodes; returns the rounds recorded.
 
-    `cpus_per_client`: Ray CPUs (and torch threads) per node; None: node_cpus of this machine.
+    `cpus_per_client`: Ray CPUs (and torch threads) per node; None: the cores shared among the
+    nodes of a round that this machine's memory holds (node_sizing.py).
     `on_round(record)` is called once per round, as each round ends. `clientapp` names
     another ClientApp for the nodes ("module:attribute"; experiments wrap the real one). Every process started
     here is stopped before this returns or raises (also on Ctrl-C and SIGTERM).
     """
+    # the plan first: a base that cannot be read stops the run before its folder is touched
+    cores = usable_cores()
+    if cpus_per_client is None:
+        from fedprefix.common.base_model import parameter_count  # torch: only once a run starts
+
+        plan = plan_for_machine(config, cores, parameter_count(config.base), available_memory())
+    else:
+        plan = plan_nodes(config, cores, cpus=cpus_per_client)
     claim_run_folder(config)
     if not config.store_root:  # the run's own stores: a rerun into the same folder starts afresh
         _fresh_node_stores(Path(config.node_store_root))
@@ -272,10 +262,8 @@ def simulate(
     run_dir = Path(config.run_dir)  # made by claim_run_folder
     (run_dir / RUN_FILE).unlink(missing_ok=True)
     log_file = run_dir / "flower.log"
-    if cpus_per_client is None:
-        cpus_per_client = node_cpus(config, usable_cores())
     try:
-        returncode = _run_federation(config, clientapp, verbose, cpus_per_client, log_file, on_round)
+        returncode = _run_federation(config, clientapp, verbose, plan, log_file, on_round)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every process is stopped; the record says so
         end_unfinished(run_dir, "interrupted", "stopped by the user (Ctrl-C or SIGTERM)")
         raise
@@ -295,7 +283,7 @@ def simulate(
     return rounds
 
 
-def _run_federation(config, clientapp, verbose, cpus_per_client, log_file, on_round) -> int | None:
+def _run_federation(config, clientapp, verbose, plan: NodePlan, log_file, on_round) -> int | None:
     """flwr run on a SuperLink of our own until the run ends; its exit code (processes all stopped)."""
     run_dir = Path(config.run_dir)
     with tempfile.TemporaryDirectory(prefix="fedprefix-sim-") as tmp, owned_processes() as owned:
@@ -303,7 +291,7 @@ def _run_federation(config, clientapp, verbose, cpus_per_client, log_file, on_ro
         app = write_app(tmp / "app", config, clientapp)
         flwr_home = tmp / "flwr-home"
         with local_superlink(flwr_home, log_file, owned=owned):
-            federation = federation_config(config, cpus_per_client, usable_cores())
+            federation = plan.federation_config(config)
             command = [
                 flower_bin("flwr"),
                 "run",

@@ -197,7 +197,7 @@ def _serve_replicas(options: dict) -> None:
     import contextlib
     import os
 
-    from fedprefix.common.cores import usable_cores
+    from fedprefix.common.resources import usable_cores
 
     cores, count, local = usable_cores(), options["replicas"], options["ray_address"] is None
     if local and "RAY_AUTH_MODE" not in os.environ:  # read when ray is imported: before the import below

@@ -42,8 +42,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fedprefix.common import base_model
-from fedprefix.common.cores import usable_cores
 from fedprefix.common.errors import FedPrefixError
+from fedprefix.common.resources import usable_cores
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 

@@ -56,6 +56,25 @@ def test_changed_weights_change_folder_fingerprint(tmp_path, tiny_llama):
     assert load_base(first).fingerprint != load_base(second).fingerprint
 
 
+def test_parameter_count_reads_headers_not_weights(tmp_path, tiny_llama):
+    """What a simulation sizes its nodes by: exact from safetensors headers, an estimate from the
+    bytes of other weight files or of a damaged header, never an error for a folder that loads."""
+    count = tiny_llama.num_parameters()
+    assert base_model.parameter_count("tiny-llama") == count
+    tiny_llama.model.save_pretrained(tmp_path)
+    tiny_llama.tokenizer.save_pretrained(tmp_path)
+    # tied embeddings are saved once: at most the whole model's count
+    assert 0 < base_model.parameter_count(tmp_path) <= count
+    weights = tmp_path / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(b"\xff" * size)  # a header that is not one
+    assert base_model.parameter_count(tmp_path) == size // 2
+    weights.rename(tmp_path / "pytorch_model.bin")
+    assert base_model.parameter_count(tmp_path) == size // 2
+    with pytest.raises(ConfigError, match="does not exist"):
+        base_model.parameter_count(tmp_path / "missing")
+
+
 def test_unknown_name_lists_the_registry():
     with pytest.raises(ConfigError, match="registry names: smollm2-135m-instruct, tiny-gpt2"):
         load_base("no-such-model")

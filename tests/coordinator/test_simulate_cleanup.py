@@ -18,7 +18,7 @@ import pytest
 from fedprefix.common.config import FederationConfig
 from fedprefix.coordinator.processes import TAG_VAR, alive, owned_processes
 from fedprefix.coordinator.records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunInfo
-from fedprefix.coordinator.simulate import RoundWatcher, federation_config, node_cpus, wait_for_run
+from fedprefix.coordinator.simulate import RoundWatcher, wait_for_run
 
 from tests.conftest import MARK, interruptible
 from tests.conftest import marked_processes as _marked
@@ -297,22 +297,6 @@ def test_a_run_stopped_from_outside_or_teaching_nothing_is_not_left_running_or_f
     end_unfinished(tmp_path, "failed", "no reply accepted", ended=("finished",))
     assert read_run(tmp_path)[0].status == "failed"
     end_unfinished(tmp_path / "nowhere", "failed", "nothing started")  # no run.json: nothing to do
-
-
-def test_a_round_s_nodes_share_the_cores_so_flower_starts_no_actor_per_core():
-    """Flower's pool is cores / node CPUs actors, whatever the nodes; each loads its own base."""
-    assert node_cpus(FederationConfig(num_users=4), cores=64) == 16  # 4 actors, 16 threads each
-    assert node_cpus(FederationConfig(num_users=4), cores=2) == 1  # fewer cores than nodes: one each
-    assert node_cpus(FederationConfig(num_users=100, users_per_round=10), cores=40) == 4
-    # evaluation samples more nodes than training here: the larger round sets the share
-    assert node_cpus(FederationConfig(num_users=20, fraction_train=0.1), cores=40) == 2
-    # Ray gets no more CPUs than one round's nodes take: 16 cores, 6 nodes of 2 would pool 8 actors
-    six = FederationConfig(num_users=6)
-    assert federation_config(six, node_cpus(six, 16), 16) == (
-        "num-supernodes=6 client-resources-num-cpus=2 init-args-num-cpus=12"
-    )
-    assert federation_config(FederationConfig(num_users=4), 1, 2).endswith("init-args-num-cpus=2")
-    assert federation_config(FederationConfig(num_users=4), 4.0, 2).endswith("num-cpus=4 init-args-num-cpus=4")
 
 
 def test_a_folder_no_run_made_is_refused_and_left_as_it_was(tmp_path):
