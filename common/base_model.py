@@ -375,25 +375,32 @@ def check_base(name_or_path: str | os.PathLike) -> None:
 
 
 def parameter_count(name_or_path: str | os.PathLike) -> int:
-    """A base's parameters, without loading it: from its safetensors headers; weights in another
-    format, or unreadable, count their bytes / 2 (as if bfloat16: an estimate on the high side)."""
+    """A base's parameters, without loading its weights: from the headers of the weight files
+    load_base reads (`*.safetensors`, else `pytorch_model*.bin`, memory-mapped); a file that
+    cannot be read counts its bytes / 2 (as if bfloat16: an estimate on the high side)."""
     name = str(name_or_path)
     if name in REGISTRY and REGISTRY[name].builtin:
         return sum(p.numel() for p in build_tiny(name.removeprefix("tiny-"))[0].parameters())
-    suffixes = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-    weights = [p for p in _resolve_folder(name).iterdir() if p.suffix in suffixes]
-    try:
+    folder = _resolve_folder(name)
+    count = 0
+    for path in sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin")):
+        try:
+            count += _stored_elements(path)
+        except Exception:  # a damaged header or file (many types); its size says about as much
+            log.debug("could not read the tensors of %s", path, exc_info=True)
+            count += path.stat().st_size // 2 if path.is_file() else 0
+    return count
+
+
+def _stored_elements(path: Path) -> int:
+    """Elements of the tensors in one weight file, read from its header (safetensors) or index (.bin)."""
+    if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        count = 0
-        for path in (p for p in weights if p.suffix == ".safetensors"):
-            with safe_open(path, framework="pt") as tensors:
-                count += sum(math.prod(tensors.get_slice(key).get_shape()) for key in tensors.keys())
-        if count:
-            return count
-    except Exception:  # safetensors raises several types for a damaged header; the estimate below holds
-        log.debug("could not read the safetensors headers of %s", name, exc_info=True)
-    return sum(p.stat().st_size for p in weights) // 2
+        with safe_open(path, framework="pt") as tensors:
+            return sum(math.prod(tensors.get_slice(key).get_shape()) for key in tensors.keys())
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
 
 
 def _resolve_folder(name: str) -> Path:

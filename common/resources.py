@@ -7,7 +7,7 @@ one CPU, a decode-shaped loop took 165 ms on 1 thread, 219 ms on 2 and 405 ms on
 quota counts here as that many cores (rounded down, at least one).
 
 Likewise a container's memory limit is not in the OS's free memory (`/proc/meminfo` is the
-host's): what its cgroup leaves counts too, as Ray counts it.
+host's): what its cgroup leaves counts too.
 """
 
 from __future__ import annotations
@@ -100,24 +100,26 @@ def fit_torch_threads() -> int:
 
 
 def _field(text: str | None, name: str) -> int | None:
-    """The number after `name` in a `name value` listing (/proc/meminfo, memory.stat)."""
+    """The number after `name` in a `name value` or `name: value unit` listing (memory.stat,
+    /proc/meminfo)."""
     for line in (text or "").splitlines():
-        key, _, value = line.partition(" ") if " " in line else line.partition(":")
-        if key.rstrip(":") == name:
-            return _int(value.split()[0]) if value.split() else None
+        parts = line.replace(":", " ", 1).split()
+        if parts and parts[0] == name:
+            return _int(parts[1]) if len(parts) > 1 else None
     return None
 
 
 def _cgroup_room(version: int, folder: Path) -> int | None:
-    """Bytes a cgroup's memory limit leaves: limit - usage, its reclaimable file cache not
-    counted as used (as Ray and the kernel's own OOM accounting see it); None: no limit here."""
+    """Bytes a cgroup's memory limit leaves: limit - usage, its inactive file cache (which the
+    kernel reclaims first) not counted as used; None: no limit here. (Ray leaves the active file
+    cache out of the usage too; counting it keeps this on the safe side.)"""
     if version == 2:
         limit, usage = _int(_read(folder / "memory.max")), _int(_read(folder / "memory.current"))
         cache = _field(_read(folder / "memory.stat"), "inactive_file")
     else:
         limit, usage = _int(_read(folder / "memory.limit_in_bytes")), _int(_read(folder / "memory.usage_in_bytes"))
         cache = _field(_read(folder / "memory.stat"), "total_inactive_file")
-    if limit is None or usage is None or limit >= NO_LIMIT:
+    if limit is None or usage is None or limit <= 0 or limit >= NO_LIMIT:
         return None
     return max(0, limit - max(0, usage - (cache or 0)))
 

@@ -20,15 +20,17 @@ logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
 # Measured on the 2-core EPYC (cgroup memory peaks, page cache included, of `fedprefix simulate`
-# with 4 users, 1 round, 1 and 2 nodes at once): a second node added 0.41 GiB with tiny-llama
-# and 1.20 GiB with the built-in base (134.5 M parameters: 6.3 bytes each: a bfloat16 copy, a
-# training step's activations; the float32 weights are read from the page cache the nodes
-# share); the rest of a run (the CLI, the ServerApp with the base in float32, Ray) took 1.27 GiB
-# and 1.82 GiB. The constants below leave some room above that.
+# with 4 users, 1 round, 1 and 2 nodes at once, bfloat16 nodes): a second node added 0.41 GiB
+# with tiny-llama and 1.20 GiB with the built-in base, so 6.3 bytes per parameter of the
+# built-in base's 134.5 M beyond tiny-llama (a bfloat16 copy, a training step's activations;
+# the float32 weights are read from the page cache the nodes share). The rest of a run (the
+# ServerApp with the base in float32, Ray) took 1.01 GiB and 1.56 GiB beside the CLI's own
+# 0.26 GiB, which the free memory counted at planning time already leaves out: 4.4 bytes per
+# parameter. The constants below leave some room above that.
 NODE_BYTES = GIB // 2
 NODE_BYTES_PER_PARAMETER = 8
-RESERVED_BYTES = 3 * GIB // 2
-RESERVED_BYTES_PER_PARAMETER = 4
+RESERVED_BYTES = 5 * GIB // 4
+RESERVED_BYTES_PER_PARAMETER = 5
 
 
 def node_memory(parameters: int) -> int:
@@ -93,6 +95,6 @@ def plan_for_machine(config: FederationConfig, cores: int, parameters: int, avai
             plan.at_once,
             max(config.round_sizes),
             plan.cpus,
-            "; even one may not fit, and the run may be stopped for lack of memory" if fitting == 0 else "",
+            "; the estimate leaves room for none, so the run may be stopped for lack of memory" if fitting == 0 else "",
         )
     return plan

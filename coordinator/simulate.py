@@ -239,11 +239,12 @@ def simulate(
     another ClientApp for the nodes ("module:attribute"; experiments wrap the real one). Every process started
     here is stopped before this returns or raises (also on Ctrl-C and SIGTERM).
     """
-    # the plan first: a base that cannot be read stops the run before its folder is touched
+    from fedprefix.common.base_model import check_base, parameter_count  # torch: only once a run starts
+
+    # before the run's folder is touched: a base each node would fail to load stops the run here
+    check_base(config.base)
     cores = usable_cores()
     if cpus_per_client is None:
-        from fedprefix.common.base_model import parameter_count  # torch: only once a run starts
-
         plan = plan_for_machine(config, cores, parameter_count(config.base), available_memory())
     else:
         plan = plan_nodes(config, cores, cpus=cpus_per_client)

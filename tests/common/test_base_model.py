@@ -57,19 +57,20 @@ def test_changed_weights_change_folder_fingerprint(tmp_path, tiny_llama):
 
 
 def test_parameter_count_reads_headers_not_weights(tmp_path, tiny_llama):
-    """What a simulation sizes its nodes by: exact from safetensors headers, an estimate from the
-    bytes of other weight files or of a damaged header, never an error for a folder that loads."""
+    """What a simulation sizes its nodes by: exact from the weight files load_base reads, an
+    estimate from the bytes of a damaged one, never an error for a folder that loads."""
     count = tiny_llama.num_parameters()
     assert base_model.parameter_count("tiny-llama") == count
     tiny_llama.model.save_pretrained(tmp_path)
     tiny_llama.tokenizer.save_pretrained(tmp_path)
-    # tied embeddings are saved once: at most the whole model's count
-    assert 0 < base_model.parameter_count(tmp_path) <= count
+    (tmp_path / "optimizer.pt").write_bytes(b"\0" * 10_000_000)  # a trainer's file, not weights
+    assert base_model.parameter_count(tmp_path) == count  # tied embeddings are stored once
     weights = tmp_path / "model.safetensors"
-    size = weights.stat().st_size
-    weights.write_bytes(b"\xff" * size)  # a header that is not one
-    assert base_model.parameter_count(tmp_path) == size // 2
-    weights.rename(tmp_path / "pytorch_model.bin")
+    weights.rename(tmp_path / "saved.safetensors.old")
+    torch.save(tiny_llama.model.state_dict(), tmp_path / "pytorch_model.bin")  # float32, as most .bin files
+    assert base_model.parameter_count(tmp_path) == sum(t.numel() for t in tiny_llama.model.state_dict().values())
+    size = (tmp_path / "pytorch_model.bin").stat().st_size
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\xff" * size)  # damaged
     assert base_model.parameter_count(tmp_path) == size // 2
     with pytest.raises(ConfigError, match="does not exist"):
         base_model.parameter_count(tmp_path / "missing")

@@ -125,12 +125,15 @@ def test_a_cgroup_v2_limit_leaves_less_and_its_file_cache_counts_as_free(cgroups
     assert resources.available_memory() == (1 << 30) + (1 << 29)
 
 
-def test_a_cgroup_v1_limit(cgroups):
-    cgroups("/proc/meminfo", MEMINFO)
+def test_a_cgroup_v1_limit_counts_its_hierarchy_s_inactive_file_cache_as_free(cgroups):
+    cgroups("/proc/meminfo", "MemAvailable:\t8388608 kB\n\n")  # a tab, a blank line: still read
     cgroups("/proc/self/cgroup", "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n")
-    cgroups("memory/docker/abc/memory.limit_in_bytes", f"{2 << 30}\n")
-    cgroups("memory/docker/abc/memory.usage_in_bytes", f"{3 << 30}\n")  # over its limit: nothing left
-    cgroups("memory/docker/abc/memory.stat", "cache 5\ntotal_inactive_file 0\n")
+    cgroups("memory/docker/abc/memory.limit_in_bytes", f"{4 << 30}\n")
+    cgroups("memory/docker/abc/memory.usage_in_bytes", f"{3 << 30}\n")
+    # v1 counts a group's own cache in inactive_file and its whole subtree's in total_inactive_file
+    cgroups("memory/docker/abc/memory.stat", f"cache 5\ninactive_file 0\ntotal_inactive_file {1 << 30}\n")
+    assert resources.available_memory() == 2 << 30
+    cgroups("memory/docker/abc/memory.usage_in_bytes", f"{6 << 30}\n")  # over its limit: nothing left
     assert resources.available_memory() == 0
 
 
@@ -140,6 +143,7 @@ def test_a_cgroup_v1_limit(cgroups):
         ("", {}),  # not Linux: nothing to read
         ("0::/x\n", {"/proc/meminfo": "MemAvailable: lots kB\n", "x/memory.max": "garbage"}),
         ("0::/x\n", {"x/memory.max": "1000"}),  # a limit without its usage
+        ("0::/x\n", {"x/memory.max": "-1", "x/memory.current": "5"}),  # not a limit
     ],
 )
 def test_unreadable_memory_files_mean_unknown(cgroups, proc, files):

@@ -70,3 +70,29 @@ def test_a_machine_short_of_memory_says_so(caplog):
         assert plan_for_machine(four, 2, BUILT_IN, 64 * GIB) == NodePlan(cpus=1, at_once=2)  # the cores decide
         assert plan_for_machine(four, 2, BUILT_IN, None) == NodePlan(cpus=1, at_once=2)  # memory not known
     assert not caplog.records
+
+
+def test_simulate_refuses_a_base_that_cannot_load_before_it_touches_the_run_folder(tmp_path):
+    from fedprefix.common.errors import ConfigError
+    from fedprefix.coordinator.simulate import simulate
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match="does not exist"):
+        simulate(FederationConfig(base=str(tmp_path / "no-base"), run_dir=str(run_dir)))
+    assert not run_dir.exists()
+
+
+def test_simulate_runs_flower_with_the_plan_for_this_machine(tmp_path, monkeypatch):
+    from fedprefix.common import base_model
+    from fedprefix.coordinator import simulate as simulate_module
+
+    plans = []
+    monkeypatch.setattr(simulate_module, "usable_cores", lambda: 16)
+    monkeypatch.setattr(simulate_module, "available_memory", lambda: 6 * GIB)
+    monkeypatch.setattr(base_model, "parameter_count", lambda name: BUILT_IN)
+    monkeypatch.setattr(simulate_module, "_run_federation", lambda *args: plans.append(args[3]) or 1)
+    config = FederationConfig(num_users=4, run_dir=str(tmp_path / "run"))
+    for cpus, plan in ((None, NodePlan(cpus=8, at_once=2)), (4, NodePlan(cpus=4, at_once=4))):
+        with pytest.raises(simulate_module.SimulationError, match="did not start"):
+            simulate_module.simulate(config, cpus_per_client=cpus)
+        assert plans.pop() == plan
