@@ -60,23 +60,6 @@ def test_cgroup_v1_quota(cgroups):
     assert resources.cpu_quota() == 1.0 and resources.usable_cores() == 1
 
 
-@pytest.mark.parametrize(
-    "proc, files",
-    [
-        ("", {}),  # not Linux: nothing to read
-        ("garbage line\n0::/x\n", {"x/cpu.max": "lots 100000"}),
-        ("0::/x\n", {"x/cpu.max": "0 100000"}),
-        ("3:cpu:/x\n", {"cpu/x/cpu.cfs_quota_us": "100000"}),  # no period
-    ],
-)
-def test_unreadable_or_odd_files_mean_no_quota(cgroups, proc, files):
-    if proc:
-        cgroups("/proc/self/cgroup", proc)
-    for path, text in files.items():
-        cgroups(path, text)
-    assert resources.cpu_quota() is None
-
-
 def test_torch_threads_are_lowered_to_the_quota_never_raised(cgroups):
     threads = torch.get_num_threads()
     cgroups("/proc/self/cgroup", "0::/\n")
@@ -138,17 +121,21 @@ def test_a_cgroup_v1_limit_counts_its_hierarchy_s_inactive_file_cache_as_free(cg
 
 
 @pytest.mark.parametrize(
-    "proc, files",
+    "reading, proc, files",
     [
-        ("", {}),  # not Linux: nothing to read
-        ("0::/x\n", {"/proc/meminfo": "MemAvailable: lots kB\n", "x/memory.max": "garbage"}),
-        ("0::/x\n", {"x/memory.max": "1000"}),  # a limit without its usage
-        ("0::/x\n", {"x/memory.max": "-1", "x/memory.current": "5"}),  # not a limit
+        ("cpu_quota", "", {}),  # not Linux: nothing to read
+        ("cpu_quota", "garbage line\n0::/x\n", {"x/cpu.max": "lots 100000"}),
+        ("cpu_quota", "0::/x\n", {"x/cpu.max": "0 100000"}),
+        ("cpu_quota", "3:cpu:/x\n", {"cpu/x/cpu.cfs_quota_us": "100000"}),  # no period
+        ("available_memory", "", {}),
+        ("available_memory", "0::/x\n", {"/proc/meminfo": "MemAvailable: lots kB\n", "x/memory.max": "garbage"}),
+        ("available_memory", "0::/x\n", {"x/memory.max": "1000"}),  # a limit without its usage
+        ("available_memory", "0::/x\n", {"x/memory.max": "-1", "x/memory.current": "5"}),  # not a limit
     ],
 )
-def test_unreadable_memory_files_mean_unknown(cgroups, proc, files):
+def test_unreadable_or_odd_files_mean_no_limit(cgroups, reading, proc, files):
     if proc:
         cgroups("/proc/self/cgroup", proc)
     for path, text in files.items():
         cgroups(path, text)
-    assert resources.available_memory() is None
+    assert getattr(resources, reading)() is None
