@@ -273,15 +273,37 @@ def simulate(
         raise
     if not (run_dir / RUN_FILE).is_file():
         raise SimulationError(f"the federation did not start (flwr run exit code {returncode}); see {log_file}")
+    died = died_node_note(log_file)
+    if died:  # the run may still have finished: its other nodes went on
+        logger.warning(died)
     info, rounds, problems = read_run(run_dir)
     if info.status != "finished":
-        raise SimulationError(f"the federation {info.status}: {info.error or 'no reason recorded'}; see {log_file}")
+        reason = f"the federation {info.status}: {info.error or 'no reason recorded'}; see {log_file}"
+        raise SimulationError("; ".join(filter(None, (reason, died))))
     try:
         require_accepted(rounds, run_dir)
     except SimulationError as exc:  # nothing was learned: not "finished"
-        end_unfinished(run_dir, "failed", str(exc), ended=("finished",))
-        raise
+        message = "; ".join(filter(None, (str(exc), died)))
+        end_unfinished(run_dir, "failed", message, ended=("finished",))
+        raise SimulationError(message) from None
     return rounds
+
+
+def died_node_note(log_file: Path) -> str:
+    """A note where Flower's log shows that a node's process died (Ray's ActorDiedError), which
+    the round records show only as nodes that failed or never replied; Ray names the kernel's OOM
+    killer first among the causes. '' where it shows none."""
+    try:
+        with open(log_file, "rb") as log:
+            died = any(b"ActorDiedError" in line for line in log)
+    except OSError:
+        return ""
+    if not died:
+        return ""
+    return (
+        f"a node's process died during the run (Ray's ActorDiedError in {log_file}); the kernel kills one "
+        "where memory runs short: free some, or train fewer users per round (--users-per-round)"
+    )
 
 
 def _run_federation(config, clientapp, verbose, plan: NodePlan, log_file, on_round) -> int | None:

@@ -317,3 +317,33 @@ def test_a_folder_no_run_made_is_refused_and_left_as_it_was(tmp_path):
         simulate_module.claim_run_folder(FederationConfig(run_dir=str(tmp_path / fine)))
         (tmp_path / fine / "data").mkdir()
         simulate_module.claim_run_folder(FederationConfig(run_dir=str(tmp_path / fine)))
+
+
+def test_a_node_process_that_died_is_named_beside_what_the_rounds_recorded(tmp_path, monkeypatch, caplog):
+    """A node's Ray actor killed (the OOM killer, say) shows in the rounds only as nodes that did
+    not reply; the run's error, its record and a warning say that a node's process died."""
+    from fedprefix.coordinator import simulate as simulate_module
+    from fedprefix.coordinator.records import Rejection, read_run
+
+    quiet = tmp_path / "quiet.log"
+    quiet.write_bytes(b"INFO: round 1\n\xff not UTF-8\n")
+    assert simulate_module.died_node_note(quiet) == "" == simulate_module.died_node_note(tmp_path / "none.log")
+    run_dir = tmp_path / "run"
+    rejected = _record(1).model_copy(
+        update={"replies_accepted": 0, "rejected": [Rejection(node=3, reason="secure aggregation halted")]}
+    )
+
+    def killed_run(config, *args):
+        (run_dir / "flower.log").write_text("ERROR: ray.exceptions.ActorDiedError: The actor died unexpectedly\n")
+        _write_info(run_dir, "finished")
+        (run_dir / ROUNDS_FILE).write_text(rejected.model_dump_json() + "\n")
+        return 0
+
+    monkeypatch.setattr(simulate_module, "_run_federation", killed_run)
+    with pytest.raises(simulate_module.SimulationError) as caught:
+        simulate_module.simulate(FederationConfig(num_users=2, run_dir=str(run_dir)))
+    message = str(caught.value)
+    assert "node 3: secure aggregation halted" in message and "a node's process died during the run" in message
+    assert "--users-per-round" in message and "ActorDiedError" in caplog.text
+    info = read_run(run_dir)[0]
+    assert info.status == "failed" and "a node's process died" in info.error
