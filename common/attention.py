@@ -27,6 +27,9 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .errors import ShapeError
 
 CACHE_KWARG = "cache"  # transformers < 5.24 called it past_key_values
+# a running batch's leading columns that are padding in every row go once they are this share
+# of its width (drop_rows), so its width stays below PADDING_TRIM / (PADDING_TRIM - 1) x its widest row's
+PADDING_TRIM = 8
 
 
 @dataclass
@@ -190,10 +193,13 @@ class GrowingLayer(DynamicLayer):
     `keys` / `values` are views of its first `rows` rows and first `length` slots.
     """
 
-    def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int, rows: int) -> None:
+    def __init__(
+        self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int, rows: int, budget: int | None = None
+    ) -> None:
         super().__init__()
         self._keys, self._values = key_buffer, value_buffer  # (row capacity, H, slot capacity, D)
         self.length, self.rows, self.device, self.is_initialized = length, rows, key_buffer.device, True
+        self.budget = budget  # row capacity x slot capacity stays within it where rows x slots do (None: no bound)
         self._expose()
 
     def _expose(self) -> None:
@@ -209,12 +215,16 @@ class GrowingLayer(DynamicLayer):
         return self._keys.shape[2]
 
     def reserve(self, slots: int) -> None:
-        """Room for at least `slots` slots: the buffer doubles (a copy) when it has fewer."""
+        """Room for at least `slots` slots: the buffer doubles (a copy) when it has fewer; within a
+        budget, it grows less, and gives up spare rows, before it passes the budget."""
         if slots > self._keys.shape[2]:
-            capacity = max(2 * self._keys.shape[2], slots)
+            capacity, row_capacity = max(2 * self._keys.shape[2], slots), self.row_capacity
+            if self.budget is not None:
+                capacity = max(slots, min(capacity, self.budget // max(1, self.rows)))
+                row_capacity = max(self.rows, min(row_capacity, self.budget // capacity))
             for name in ("_keys", "_values"):
                 old = getattr(self, name)
-                grown = old.new_empty(old.shape[0], old.shape[1], capacity, old.shape[3])
+                grown = old.new_empty(row_capacity, old.shape[1], capacity, old.shape[3])
                 grown[: self.rows, :, : self.length] = old[: self.rows, :, : self.length]
                 setattr(self, name, grown)
 
@@ -255,14 +265,17 @@ def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]], headroom:
     return batch_cache([(layers, None, None)], headroom)[0]
 
 
-def batch_cache(parts, headroom: int = 64, row_capacity: int = 0) -> tuple[Cache, torch.Tensor | None]:
+def batch_cache(
+    parts, headroom: int = 64, row_capacity: int = 0, budget: int | None = None
+) -> tuple[Cache, torch.Tensor | None]:
     """A running batch's cache, built in one copy from groups of rows stacked in order.
 
     parts: each (layers: per layer (keys, values) (B_i, H, T_i, D), mask (B_i, T_i) or None,
     rows: indices of the group's rows to take, or None for all). With masks, columns that are
     padding in every taken row of a group are dropped, and each group is left-padded with
     masked zero slots up to the widest. Room is left for `headroom` more slots and up to
-    `row_capacity` rows in all. -> (the cache, its mask (B, T) or None).
+    `row_capacity` rows in all, less of both where rows x slots would pass `budget` (row-slots;
+    never fewer than the rows and slots taken). -> (the cache, its mask (B, T) or None).
     """
     groups = []
     for layers, mask, rows in parts:
@@ -277,12 +290,16 @@ def batch_cache(parts, headroom: int = 64, row_capacity: int = 0) -> tuple[Cache
         for _, mask, _, start, kept in groups
         if mask is not None
     ]
+    sizes = [len(rows) if rows is not None else layers[0][0].shape[0] for layers, _, rows, _, _ in groups]
+    taken = sum(sizes)
+    slots, capacity = width + headroom, max(taken, row_capacity)
+    if budget is not None:
+        slots = max(width, min(slots, budget // max(1, taken)))
+        capacity = max(taken, min(capacity, budget // max(1, slots)))
     cache = []
     for i in range(len(groups[0][0])):
-        sizes = [len(rows) if rows is not None else layers[i][0].shape[0] for layers, _, rows, _, _ in groups]
-        batch, heads, _, dim = groups[0][0][i][0].shape
-        capacity = max(sum(sizes), row_capacity)
-        buffers = [groups[0][0][i][0].new_empty(capacity, heads, width + headroom, dim) for _ in range(2)]
+        _, heads, _, dim = groups[0][0][i][0].shape
+        buffers = [groups[0][0][i][0].new_empty(capacity, heads, slots, dim) for _ in range(2)]
         offset = 0
         for (layers, _, rows, start, kept), size in zip(groups, sizes, strict=True):
             for buffer, source in zip(buffers, layers[i], strict=True):
@@ -291,17 +308,25 @@ def batch_cache(parts, headroom: int = 64, row_capacity: int = 0) -> tuple[Cache
                 buffer[offset : offset + size, :, : width - kept].zero_()  # masked slots: finite
                 buffer[offset : offset + size, :, width - kept : width] = source[:, :, start:]
             offset += size
-        cache.append(GrowingLayer(*buffers, width, sum(sizes)))
+        cache.append(GrowingLayer(*buffers, width, taken, budget))
     return Cache(layers=cache), (torch.cat(masks) if masks else None)
 
 
-def join_rows(cache: Cache | None, mask, layers, new_mask: torch.Tensor, rows: torch.Tensor, max_rows: int):
+def join_rows(
+    cache: Cache | None,
+    mask,
+    layers,
+    new_mask: torch.Tensor,
+    rows: torch.Tensor,
+    max_rows: int,
+    budget: int | None = None,
+):
     """A running batch (cache, mask) with rows `rows` of a prefill's (layers, new_mask) appended.
 
     The joiners are written into the batch's spare rows (no copy of the running rows); only
     when they need more rows than are free, or more slots than the batch has, is the cache
-    built anew in one copy, with room for twice its rows (at most `max_rows`).
-    -> (cache, mask (B, T)).
+    built anew in one copy, with room for twice its rows (at most `max_rows`, and within
+    `budget` row-slots: see batch_cache). -> (cache, mask (B, T)).
     """
     new_mask = new_mask.index_select(0, rows)
     start = _padding_columns(new_mask)
@@ -310,7 +335,7 @@ def join_rows(cache: Cache | None, mask, layers, new_mask: torch.Tensor, rows: t
     if first is None or width > first.length or first.rows + len(rows) > first.row_capacity:
         running = [] if cache is None else [(cache_layers(cache), mask, None)]
         total = len(rows) + (0 if mask is None else mask.shape[0])
-        return batch_cache([*running, (layers, new_mask, rows)], row_capacity=min(max_rows, 2 * total))
+        return batch_cache([*running, (layers, new_mask, rows)], row_capacity=min(max_rows, 2 * total), budget=budget)
     for layer, (keys, values) in zip(cache.layers, layers, strict=True):
         layer.add_rows(keys.index_select(0, rows)[:, :, start:], values.index_select(0, rows)[:, :, start:])
     padding = new_mask.new_zeros(len(rows), mask.shape[1] - width)
@@ -320,7 +345,7 @@ def join_rows(cache: Cache | None, mask, layers, new_mask: torch.Tensor, rows: t
 def drop_rows(cache: Cache, mask: torch.Tensor, keep: list[int]) -> tuple[Cache, torch.Tensor, list[int]]:
     """Only rows `keep` (ascending) of a running batch stay, in place: each gap left by a row
     that goes is filled by one of the last kept rows (one row's copy, not the batch's).
-    When the columns that are padding in every kept row reach an eighth of the width, they go
+    When the columns that are padding in every kept row reach 1/PADDING_TRIM of the width, they go
     (one copy of the cache): each decode step's attention reads every column, and in a batch
     that rows keep joining and leaving such columns pile up by one a step.
     -> (cache, mask, order): order[i] = the old index of the row now at i."""
@@ -336,9 +361,11 @@ def drop_rows(cache: Cache, mask: torch.Tensor, keep: list[int]) -> tuple[Cache,
         layer.move_rows(sources, targets, stay)
     mask = mask.index_select(0, torch.tensor(order, device=device))
     start = _padding_columns(mask)
-    if start and 8 * start >= mask.shape[1]:
-        capacity = cache.layers[0].row_capacity
-        cache, mask = batch_cache([(cache_layers(cache), mask, None)], row_capacity=capacity)
+    if start and PADDING_TRIM * start >= mask.shape[1]:
+        first = cache.layers[0]
+        cache, mask = batch_cache(
+            [(cache_layers(cache), mask, None)], row_capacity=first.row_capacity, budget=first.budget
+        )
     return cache, mask, order
 
 

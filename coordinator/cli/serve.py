@@ -64,6 +64,13 @@ def serve(
     max_prefill_tokens: int = typer.Option(
         2048, "--max-prefill-tokens", min=1, help="Prompt tokens computed per step beside decoding (chunked prefill)."
     ),
+    kv_cache_mib: int = typer.Option(
+        None,
+        "--kv-cache-mib",
+        min=1,
+        help="Memory for the running batch's KV cache; requests wait for room, or are refused if one "
+        "alone does not fit (default: a quarter of the memory free at start, less the caches).",
+    ),
     static: bool = typer.Option(False, "--static-batching", help="Static instead of continuous batching."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP, callback=dtype_option),
     device: str = typer.Option("auto", "--device", help=f"Where the base runs: {DEVICE_HELP}.", callback=_device),
@@ -170,6 +177,7 @@ def serve(
         max_prefill_tokens=max_prefill_tokens,
         prompt_cache_bytes=prompt_cache_mib << 20,
         cuda_graphs=not eager,
+        kv_cache_bytes=None if kv_cache_mib is None else kv_cache_mib << 20,
     )
     server = uvicorn.Server(
         uvicorn.Config(create_app(engine, served_model_name or base, limits), host=host, port=port, log_level="warning")
@@ -179,7 +187,8 @@ def serve(
     except FedPrefixError as exc:
         fail(exc)
     console.print(
-        f"serving {base} ({loaded.dtype} on {where}) with prefixes from {store} on http://{host}:{port}/v1",
+        f"serving {base} ({loaded.dtype} on {where}, KV cache up to {engine.kv_budget.describe()}) "
+        f"with prefixes from {store} on http://{host}:{port}/v1",
         markup=False,
     )
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the same way on Ctrl-C and SIGTERM
@@ -215,6 +224,7 @@ def _serve_replicas(options: dict) -> None:
                 "prefix_cache_mib": options["cache_mib"],
                 "replica_cpus": options["replica_cpus"] or (cores / count if local else 1.0),
                 "torch_threads": max(1, cores // count) if local else 1,
+                "kv_cache_mib": options["kv_cache_mib"] or (_kv_share_mib(options, count) if local else None),
             }
         )
         resolve_dtype(settings.dtype)
@@ -245,6 +255,17 @@ def _serve_replicas(options: dict) -> None:
             replicas.shutdown(local=local)
         raise
     replicas.shutdown(local=local)
+
+
+def _kv_share_mib(options: dict, count: int) -> int | None:
+    """Each of `count` replicas on this machine: its share of the KV budget one server would get
+    (they start at once, and each would see the same free memory); None where that is unknown."""
+    import torch
+    from fedprefix.coordinator.serving.kv_budget import MIB, auto_budget_bytes
+
+    held = count * ((options["cache_mib"] + options["prompt_cache_mib"]) << 20)
+    total = auto_budget_bytes(torch.device("cpu"), held)
+    return None if total is None else max(1, total // count // MIB)
 
 
 def _require_ray_token() -> None:

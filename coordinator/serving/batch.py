@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from fedprefix.common.attention import cache_layers, drop_rows, join_rows, rewind, row_key_values, stack_prefixes
@@ -21,6 +22,7 @@ from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.generation import left_pad, make_generator
 
 from .fast_llama import Decode, Prefill
+from .kv_budget import KvBudget, reach
 from .prompt_cache import PromptCache
 from .requests import EngineStats, InvalidRequest, RequestCancelled, RequestHandle
 from .rows import Filling, Row, pick, take_token, text_decoder
@@ -40,12 +42,14 @@ class RunningBatch:
         prompts: PromptCache | None,
         max_prefill_tokens: int,
         max_rows: int,
+        budget: KvBudget | None = None,
     ) -> None:
         self.base, self.tokenizer, self.forward = base, base.tokenizer, forward
         self.decode = text_decoder(base.tokenizer)
         self.stats, self.eos, self.prompts = stats, eos, prompts
         self.max_prefill_tokens = max_prefill_tokens  # prompt tokens computed per step
         self.max_rows = max_rows  # the most rows the cache makes room for
+        self.budget = budget  # bounds rows x slots of the cache (None: no bound)
         self.rows: list[Row] = []
         self.cache = None  # a transformers Cache of GrowingLayers, (B, H, T, D) per layer
         self.mask: torch.Tensor | None = None  # (B, T)
@@ -61,6 +65,31 @@ class RunningBatch:
     def slots(self) -> int:
         """Batch slots taken: running rows and joiners still prefilling."""
         return len(self.rows) + len(self.filling)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the batch's KV cache buffers, spare room included."""
+        if self.cache is None:
+            return 0
+        return sum(2 * layer._keys.numel() * layer._keys.element_size() for layer in self.cache.layers)
+
+    def admission(self) -> Callable[[RequestHandle], bool]:
+        """A check for the queue's next requests, in turn: does one more fit beside the batch and
+        those it accepted before? (Within the KV budget: see kv_budget.py.)"""
+        if self.budget is None:
+            return lambda handle: True
+        handles = [f.handle for f in self.filling] + [row.handle for row in self.rows]
+        rows, widest = len(handles), max((reach(h) for h in handles), default=0)
+
+        def fits(handle: RequestHandle) -> bool:
+            nonlocal rows, widest
+            wider = max(widest, reach(handle))
+            if not self.budget.fits(rows + 1, wider):
+                return False
+            rows, widest = rows + 1, wider
+            return True
+
+        return fits
 
     def fail_all(self, error: BaseException) -> None:
         """End every request in the batch with `error` and empty it."""
@@ -168,7 +197,8 @@ class RunningBatch:
         rows = [self._new_row(f.handle, int(positions[i]), device) for f, i in zip(joined, complete, strict=True)]
         tokens = pick(logits.index_select(0, index), rows)
         # into the cache's spare rows: the running rows are not copied
-        self.cache, self.mask = join_rows(self.cache, self.mask, layers, new_mask, index, self.max_rows)
+        slots = None if self.budget is None else self.budget.slots
+        self.cache, self.mask = join_rows(self.cache, self.mask, layers, new_mask, index, self.max_rows, slots)
         self.filling = [f for f in self.filling if f not in joined]
         self.rows.extend(rows)
         self._accept(tokens, rows)

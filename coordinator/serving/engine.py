@@ -35,6 +35,7 @@ from fedprefix.common.store import PrefixStore
 
 from .batch import RunningBatch
 from .fast_llama import serving_forward
+from .kv_budget import FALLBACK_BYTES, KvBudget, auto_budget_bytes, slot_bytes
 from .prefix_cache import PrefixCache
 from .prompt_cache import PromptCache
 from .requests import (  # re-exported: the engine's public names
@@ -77,9 +78,12 @@ class Engine:
         max_prefill_tokens: int = 2048,
         prompt_cache_bytes: int = 256 << 20,
         cuda_graphs: bool = True,
+        kv_cache_bytes: int | None = None,
     ) -> None:
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}")
+        if kv_cache_bytes is not None and kv_cache_bytes < 0:
+            raise ValueError(f"kv_cache_bytes must be at least 0, got {kv_cache_bytes}")
         self.base = base
         self.model, self.tokenizer = base.model, base.tokenizer
         self.store = store
@@ -99,6 +103,7 @@ class Engine:
         # KV of users' earlier prompts (0 bytes: off); only behind a prefix, see prompt_cache.py
         self.prompts = PromptCache(prompt_cache_bytes) if store is not None and prompt_cache_bytes > 0 else None
         self.context_length = context_length(self.model)
+        self.kv_budget = self._kv_budget(kv_cache_bytes, prefix_cache_bytes, prompt_cache_bytes)
         self.bos = chat.leading_bos(self.tokenizer)  # before a text prompt, as Personalizer.fit and generate put it
         self.max_batch_size = max_batch_size
         self._forward = serving_forward(self.model, max_batch_size, cuda_graphs)
@@ -117,8 +122,20 @@ class Engine:
         self._threads = torch.get_num_threads()  # the creating thread's setting, applied where the scheduler runs
         eos = eos_ids(self.model, self.tokenizer)
         self._batch = RunningBatch(  # touched by the scheduler thread only
-            base, self._forward, self.stats, eos, self.prompts, max_prefill_tokens, max_batch_size
+            base, self._forward, self.stats, eos, self.prompts, max_prefill_tokens, max_batch_size, self.kv_budget
         )
+
+    def _kv_budget(self, chosen: int | None, prefix_cache_bytes: int, prompt_cache_bytes: int) -> KvBudget:
+        """`chosen` bytes for the running batch's KV, or (None) a share of the memory free now,
+        never less than one row of the base's whole context."""
+        slot = slot_bytes(self.model.config, self.base.dtype)
+        if chosen is not None:
+            return KvBudget.of_bytes(chosen, slot)
+        held = (prefix_cache_bytes if self.prefixes is not None else 0) + (prompt_cache_bytes if self.prompts else 0)
+        free_share = auto_budget_bytes(torch.device(self.base.device), held)
+        auto = KvBudget.of_bytes(FALLBACK_BYTES if free_share is None else free_share, slot)
+        one_row = KvBudget.row_slots(self.context_length) if self.context_length else 0
+        return auto if auto.slots >= one_row else KvBudget(one_row, slot)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -177,6 +194,11 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes the running batch's KV cache holds now (read from another thread: a snapshot)."""
+        return self._batch.kv_bytes
 
     @property
     def batch_size(self) -> int:
@@ -247,7 +269,7 @@ class Engine:
         """Tokenize and check the request, then unlock the prefix, before taking the queue's lock.
 
         InvalidRequest names what is wrong: an empty prompt, token ids outside the vocabulary,
-        or prompt + prefix + max_new_tokens longer than the base's context."""
+        or prompt + prefix + max_new_tokens longer than the base's context or the KV budget allows."""
         if isinstance(request.prompt, str):  # plain text gets the BOS training gave it (common/chat.py)
             prompt_ids = chat.prompt_ids(self.tokenizer, request.prompt, None if request.templated else self.bos)
         else:
@@ -266,10 +288,16 @@ class Engine:
         return handle
 
     def _fit_context(self, request: GenerationRequest, prompt_tokens: int, prefix_tokens: int) -> None:
-        """Refuse (or, with fit_context, shorten) a request that would run past the base's positions."""
-        if self.context_length is None:
-            return
-        room = self.context_length - prefix_tokens - prompt_tokens
+        """Refuse (or, with fit_context, shorten) a request that would run past the base's positions
+        or past what one row may hold in the batch's KV budget."""
+        limit = self.kv_budget.longest_alone()
+        bound = (
+            f"the {limit} tokens one request may hold in this server's KV cache budget of "
+            f"{self.kv_budget.describe()} (--kv-cache-mib)"
+        )
+        if self.context_length is not None and self.context_length <= limit:
+            limit, bound = self.context_length, f"the base's context of {self.context_length} tokens"
+        room = limit - prefix_tokens - prompt_tokens
         wanted = request.params.max_new_tokens
         if request.fit_context and room >= 1 and wanted > room:
             request.params = request.params.model_copy(update={"max_new_tokens": room})
@@ -278,13 +306,12 @@ class Engine:
             if request.fit_context:  # max_tokens was not the caller's: the prompt alone is too long
                 raise InvalidRequest(
                     "prompt",
-                    f"{prompt_tokens} prompt tokens{mine} leave no room for a reply in the base's context of "
-                    f"{self.context_length} tokens: shorten the prompt",
+                    f"{prompt_tokens} prompt tokens{mine} leave no room for a reply in {bound}: shorten the prompt",
                 )
             raise InvalidRequest(
                 "prompt",
-                f"{prompt_tokens} prompt tokens{mine} + max_tokens {wanted} exceed the base's context of "
-                f"{self.context_length} tokens: shorten the prompt or lower max_tokens",
+                f"{prompt_tokens} prompt tokens{mine} + max_tokens {wanted} exceed {bound}: "
+                "shorten the prompt or lower max_tokens",
             )
 
     def _enqueue(self, handles: list[RequestHandle]) -> list[RequestHandle]:
@@ -324,4 +351,4 @@ class Engine:
         if not self.continuous and self._batch.busy:
             self._pending.take(0)  # still fail the expired and the cancelled
             return []
-        return self._pending.take(self.max_batch_size - self._batch.slots)
+        return self._pending.take(self.max_batch_size - self._batch.slots, self._batch.admission())

@@ -31,6 +31,12 @@ class Metrics:
             ["stat"],
             registry=r,
         )
+        self.kv = Gauge(
+            "fedprefix_kv_cache",
+            "The running batch's KV cache: bytes held now, and its budget (budget_bytes)",
+            ["stat"],
+            registry=r,
+        )
         self.prefilled = Gauge("fedprefix_prefill_tokens", "Prompt tokens computed since start", registry=r)
         self.gaps = Histogram(
             "fedprefix_inter_token_seconds",
@@ -50,6 +56,8 @@ class Metrics:
         self.rate.set(stats.tokens_per_second())
         self.queue.set(self.engine.queue_depth)
         self.running.set(self.engine.batch_size)
+        self.kv.labels("bytes").set(self.engine.kv_bytes)
+        self.kv.labels("budget_bytes").set(self.engine.kv_budget.bytes)
         if self.engine.prefixes is not None:
             cache = self.engine.prefixes.stats
             for stat in ("hits", "misses", "evictions", "bytes", "entries"):

@@ -80,6 +80,7 @@ class ReplicaSettings(BaseModel):
     max_wait: float = Field(30.0, gt=0)
     prefix_cache_mib: int = Field(1024, ge=0)
     prompt_cache_mib: int = Field(256, ge=0)  # users' prompt KV (0: off)
+    kv_cache_mib: int | None = Field(None, ge=1)  # the running batch's KV (None: from the memory free at start)
     max_prefill_tokens: int = Field(2048, ge=1)  # chunked prefill: prompt tokens per step
     static_batching: bool = False
     max_prompts: int = Field(16, ge=1)
@@ -188,6 +189,7 @@ class EngineReplica:
             unlock_guard=guard,
             max_prefill_tokens=s.max_prefill_tokens,
             prompt_cache_bytes=s.prompt_cache_mib << 20,
+            kv_cache_bytes=None if s.kv_cache_mib is None else s.kv_cache_mib << 20,
         ).start()
         self.app = create_app(self.engine, s.model_name, s.limits)
         self.dtype = dtype_name(loaded.dtype)

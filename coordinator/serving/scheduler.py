@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 from .requests import EngineOverloaded, RequestCancelled, RequestHandle
 
@@ -63,14 +64,18 @@ class FairQueue:
         self._arrivals.extend(handles)
         self._size += len(handles)
 
-    def take(self, room: int) -> list[RequestHandle]:
-        """Up to `room` handles, one per user in turn; expired and cancelled ones are failed on the way."""
+    def take(self, room: int, fits: Callable[[RequestHandle], bool] | None = None) -> list[RequestHandle]:
+        """Up to `room` handles, one per user in turn, stopping at the first that `fits` refuses (it
+        stays first in turn, so smaller requests do not pass it); expired and cancelled ones are
+        failed on the way."""
         now = time.monotonic()
         if self._cancelled or now - self._oldest_queued_at(now) > self.max_wait_s:
             self._drop_dead(now)
         taken: list[RequestHandle] = []
         while room > len(taken) and self._queues:
             owner, queue = next(iter(self._queues.items()))
+            if fits is not None and not fits(queue[0]):
+                break
             taken.append(_leave(queue.popleft()))
             self._size -= 1
             del self._queues[owner]

@@ -191,6 +191,7 @@ def test_serve_refuses_a_device_or_dtype_it_cannot_use_before_loading(monkeypatc
         ("--device", "meta"): (2, "device 'meta' is not supported"),
         ("--device", "cuda:99"): (2, "device 'cuda:99': torch sees"),
         ("--dtype", "float16"): (2, "'float16' is not one of auto, float32, bfloat16"),
+        ("--kv-cache-mib", "0"): (2, "0 is not in the range x>=1"),
     }
     if torch.cuda.is_available():
         cases[("--device", "cuda", "--replicas", "2")] = (1, "--device cuda: replicas (--replicas, --ray-address)")

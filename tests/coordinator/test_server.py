@@ -162,6 +162,7 @@ SERVER_METRICS = (
     'fedprefix_prompt_cache{stat="tokens_saved"}',
     "fedprefix_inter_token_seconds_bucket",
     "fedprefix_prefill_tokens",
+    'fedprefix_kv_cache{stat="budget_bytes"}',
 )
 
 

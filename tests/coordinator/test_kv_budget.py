@@ -1,0 +1,118 @@
+"""The running batch's KV budget: requests that cannot fit are refused by name, the others wait
+for room, the cache's buffers never pass the budget, and every row still equals its user alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fedprefix.common.attention import batch_cache
+from fedprefix.common.generation import SamplingParams
+from fedprefix.coordinator.serving import Engine, GenerationRequest
+from fedprefix.coordinator.serving import kv_budget as kv
+from fedprefix.coordinator.serving.engine import InvalidRequest
+from fedprefix.coordinator.serving.scheduler import FairQueue
+
+from tests.coordinator.test_engine import reference, request, served  # noqa: F401  (fixture)
+
+
+def budget_for(engine_or_base, rows: int, widest: int) -> int:
+    """Bytes that hold `rows` rows whose widest reaches `widest` slots, and not one row more."""
+    base = getattr(engine_or_base, "base", engine_or_base)
+    return rows * kv.KvBudget.row_slots(widest) * kv.slot_bytes(base.model.config, base.dtype)
+
+
+def test_a_request_that_cannot_fit_alone_is_refused_naming_the_budget(served):  # noqa: F811
+    base, store = served
+    with Engine(base, store=store, kv_cache_bytes=budget_for(base, 1, 40)) as engine:
+        assert engine.kv_budget.longest_alone() == 40
+        with pytest.raises(InvalidRequest, match=r"exceed the 40 tokens one request may hold.*--kv-cache-mib"):
+            engine.submit(request("bob", "word " * 30, max_new_tokens=20))  # bob's prefix: 5 tokens
+        # a max_tokens the caller did not choose is lowered to fit, as it is for the base's context
+        fitted = GenerationRequest("hello there", params=SamplingParams(max_new_tokens=500), fit_context=True)
+        result = engine.submit(fitted).result(timeout=60)
+    prompt_tokens = result.prompt_tokens
+    assert fitted.params.max_new_tokens == 40 - prompt_tokens
+    assert len(result.tokens) <= 40 - prompt_tokens
+
+
+def test_the_batch_stays_within_its_budget_and_every_row_equals_its_user_alone(served):  # noqa: F811
+    """One long request among short ones: no more rows run than the budget holds at the long
+    one's width, the buffers (spare room included) never pass it, and nothing else changes."""
+    base, store = served
+    users = ["alice", "bob", None, "carol"]
+    long_case = ("bob", "a long prompt " + "word " * 60, 40)
+    cases = [long_case] + [(users[i % 4], f"short {i}", 6 + i % 5) for i in range(9)]
+    budget = budget_for(base, 3, 130)  # three rows as wide as the long one (~105 slots)
+    seen: list[tuple[int, int]] = []
+    with Engine(base, store=store, max_batch_size=8, kv_cache_bytes=budget) as engine:
+        batch, step = engine._batch, engine._batch.step
+
+        def watched_step(joiners):
+            step(joiners)
+            seen.append((batch.kv_bytes, batch.slots))
+
+        batch.step = watched_step
+        results = engine.generate([request(u, p, max_new_tokens=n) for u, p, n in cases])
+    assert max(b for b, _ in seen) <= budget
+    assert 1 < max(s for _, s in seen) < len(cases)  # bounded by the budget, not serialized
+    for (user, prompt, n), result in zip(cases, results, strict=True):
+        assert result.tokens == reference(base, store, prompt, user, SamplingParams(max_new_tokens=n))
+
+
+def test_a_request_that_does_not_fit_yet_is_not_passed_by_smaller_ones():
+    """Admission stops at the first request in turn that does not fit: it keeps its place, so a
+    stream of short requests cannot starve a long one."""
+
+    class Handle:
+        def __init__(self, user: str, size: int) -> None:
+            self.request = type("R", (), {"user": user})()
+            self.size, self.cancelled, self.done = size, False, False
+
+    queue = FairQueue(max_total=10, max_per_user=10, max_wait_s=60)
+    long, short_a, short_b = Handle("a", 9), Handle("b", 1), Handle("c", 1)
+    queue.add([long, short_a, short_b])
+    assert queue.take(3, lambda h: h.size < 5) == []  # the long one first in turn: nobody passes it
+    assert len(queue) == 3
+    assert queue.take(3, lambda h: True) == [long, short_a, short_b]
+
+
+def test_growing_buffers_shed_spare_rows_and_grow_less_within_a_budget():
+    layers = [(torch.randn(2, 1, 10, 4), torch.randn(2, 1, 10, 4))]
+    cache, _ = batch_cache([(layers, None, None)], headroom=6, row_capacity=8, budget=64)
+    layer = cache.layers[0]
+    assert (layer.row_capacity, layer.slot_capacity) == (4, 16)  # 8 spare rows would pass 64 row-slots
+    layer.reserve(20)  # doubling to 32 slots would hold 4 x 32: it grows to what 2 rows allow
+    assert layer.slot_capacity == 32 and layer.row_capacity == 2
+    assert torch.equal(layer.keys, layers[0][0])  # the rows' KV is kept
+    layer.reserve(40)  # past the budget for the rows it holds: still grown, as correctness needs
+    assert layer.slot_capacity == 40 and layer.row_capacity == 2
+    unbounded, _ = batch_cache([(layers, None, None)], headroom=6, row_capacity=8)
+    unbounded.layers[0].reserve(20)
+    assert (unbounded.layers[0].row_capacity, unbounded.layers[0].slot_capacity) == (8, 32)
+
+
+def test_the_default_budget_is_a_share_of_free_memory_and_holds_one_full_context_row(served, monkeypatch):  # noqa: F811
+    base, store = served
+    slot = kv.slot_bytes(base.model.config, base.dtype)
+    caches = (1 << 20) + (2 << 20)
+    monkeypatch.setattr(kv, "available_memory", lambda: 400 << 20)
+    engine = Engine(base, store=store, prefix_cache_bytes=1 << 20, prompt_cache_bytes=2 << 20)
+    assert engine.kv_budget.slots == int(((400 << 20) - caches) * kv.AUTO_SHARE) // slot
+    monkeypatch.setattr(kv, "available_memory", lambda: None)  # unreadable (no /proc): a fixed share
+    assert Engine(base, store=store).kv_budget.bytes == kv.FALLBACK_BYTES // slot * slot
+    monkeypatch.setattr(kv, "available_memory", lambda: 0)  # nothing free: still one row of the whole context
+    assert Engine(base, store=store).kv_budget.longest_alone() >= engine.context_length
+    with pytest.raises(ValueError, match="kv_cache_bytes"):
+        Engine(base, store=store, kv_cache_bytes=-1)
+
+
+def test_replicas_on_one_machine_share_the_budget_one_server_would_get(monkeypatch):
+    from fedprefix.coordinator.cli.serve import _kv_share_mib
+
+    options = {"cache_mib": 1024, "prompt_cache_mib": 256}
+    monkeypatch.setattr(kv, "available_memory", lambda: 20 << 30)
+    one = _kv_share_mib(options, 1)
+    assert one == int(((20 << 30) - (1280 << 20)) * kv.AUTO_SHARE) >> 20
+    assert _kv_share_mib(options, 4) == int(((20 << 30) - 4 * (1280 << 20)) * kv.AUTO_SHARE) // 4 >> 20
+    monkeypatch.setattr(kv, "available_memory", lambda: None)
+    assert _kv_share_mib(options, 4) is None  # each replica then falls back on its own
