@@ -72,6 +72,9 @@ def _metrics_problem(msg: Message, required: tuple[str, ...], config: Federation
     missing = [key for key in required if key not in metrics]
     if missing:
         return f"missing metrics {missing}"
+    unexpected = sorted(set(metrics) - set(required))
+    if unexpected:  # Flower refuses to aggregate replies whose keys differ: one such reply would void the round
+        return f"unexpected metrics {unexpected[:5]}"
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"metric {key!r} must be a number, got {type(value).__name__}"
@@ -172,7 +175,7 @@ def bound_updates(replies: list[Message], current: Arrays, prefix: str, factor: 
     bound = factor * float(statistics.median_low(norms))
     clipped = {}
     for msg, delta, norm in zip(replies, deltas, norms, strict=True):
-        if norm > bound > 0:
+        if norm > bound:  # a bound of 0 (most updates did not move) holds the others still too
             scale = bound / norm
             msg.content[ARRAYS] = ArrayRecord(
                 {prefix + k: Array((current[k] + scale * d).astype(np.float32)) for k, d in delta.items()}

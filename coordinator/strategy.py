@@ -213,8 +213,10 @@ class PrefixStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        accepted = [m for m in replies if self._accept(m, self.check_train_reply(m))]
+        replies, senders = list(replies), set()
+        accepted = [
+            m for m in replies if self._accept(m, self._sender_problem(m, senders) or self.check_train_reply(m))
+        ]
         if accepted:
             self.last_weight = median_weight(accepted)
         if self.round_sends_shared:
@@ -256,6 +258,17 @@ class PrefixStrategy(Strategy):
         log.warning("round %s: rejected %sreply of node %d: %s", self.pending.get("round"), stage, node, problem)
         self.pending.setdefault("rejected", []).append(Rejection(node=node, reason=stage + problem))
         return False
+
+    def _sender_problem(self, msg: Message, senders: set[int]) -> str | None:
+        """A reply from a node this round did not sample, or a node's second reply (Flower's
+        SuperLink sends neither; a check here does not rest on it)."""
+        node, sampled = msg.metadata.src_node_id, self.pending.get("sampled")
+        if sampled is not None and node not in sampled:
+            return "the node was not sampled for this round"
+        if node in senders:
+            return "the node already replied in this round"
+        senders.add(node)
+        return None
 
     def _reject_round(self, reason: str) -> None:
         self.pending.setdefault("rejected", []).append(Rejection(node=0, reason=f"round: {reason}"))

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedprefix.common.config import FederationConfig, sample_size
+from fedprefix.coordinator.replies import bound_updates
 from fedprefix.coordinator.secure_round import average_problem, clipping_range
 from fedprefix.coordinator.strategy import (
     PrefixStrategy,
@@ -100,6 +101,7 @@ def test_malformed_replies_are_rejected_with_reason(arrays, examples, reason):
         ({"dp-weight": 2.0}, "'dp-weight' must be 1"),
         ({"train-seconds": -1.0}, "'train-seconds' = -1 is outside [0, "),  # summed into the record: it ended the run
         ({"train-seconds": 1e308}, "'train-seconds' = 1e+308 is outside [0, "),
+        ({"extra": 1.0}, "unexpected metrics ['extra']"),  # Flower would refuse to aggregate the round
     ],
 )
 def test_hostile_metrics_are_rejected_not_fatal(metrics, reason):
@@ -128,6 +130,38 @@ def test_one_hostile_reply_cannot_end_the_round_or_poison_the_average():
     assert strategy.pending["clipped"] == [3]  # clipped to 3x the median update norm, not rejected
     moved = np.abs(arrays["shared.embedding.weight"].numpy()).max()
     assert np.isfinite(arrays["shared.embedding.weight"].numpy()).all() and moved <= 3 * 0.01 + 1e-6
+
+
+@pytest.mark.parametrize("aggregator", ["fedavg", "trimmedavg", "median"])
+def test_a_reply_with_a_metric_of_its_own_cannot_void_the_round(aggregator):
+    """Flower aggregates only replies whose metric keys agree: an extra key in one reply made it
+    refuse the whole round, so one node kept the shared prefix from ever moving."""
+    strategy = _strategy(aggregator=aggregator)
+    replies = [_reply(_good(), node=n) for n in (1, 2, 3)] + [_reply(_good(), node=9, extra=1.0)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None and [r.node for r in strategy.pending["rejected"]] == [9]
+
+
+def test_only_the_first_reply_of_each_sampled_node_counts():
+    strategy = _strategy()
+    strategy.pending["sampled"] = [1, 2, 3]
+    far = {"shared.embedding.weight": np.full(SHAPE, 0.02, np.float32)}
+    replies = [_reply(_good(), node=1), _reply(_good(), node=2), _reply(far, node=2), _reply(far, node=8)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    reasons = {(r.node, r.reason) for r in strategy.pending["rejected"]}
+    assert reasons == {(2, "the node already replied in this round"), (8, "the node was not sampled for this round")}
+    assert np.allclose(arrays["shared.embedding.weight"].numpy(), 0.01)  # neither second voice moved the average
+
+
+def test_updates_are_held_still_where_the_median_update_did_not_move():
+    """A clipping bound of 0 (the low median of the norms) clipped nothing before: one node's
+    update then went into the average whole."""
+    current = {"embedding.weight": np.zeros(SHAPE, np.float32)}
+    still = {"shared.embedding.weight": np.zeros(SHAPE, np.float32)}
+    far = {"shared.embedding.weight": np.full(SHAPE, 5.0, np.float32)}
+    replies = [_reply(still, node=1), _reply(still, node=2), _reply(far, node=3)]
+    assert bound_updates(replies, current, "shared.", 3.0) == {3: 0.0}
+    assert not replies[2].content["arrays"]["shared.embedding.weight"].numpy().any()
 
 
 def test_evaluation_replies_are_checked_too():
