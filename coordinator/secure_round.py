@@ -25,15 +25,19 @@ interpolate toward that instead.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.protocol import ARRAYS, CONFIG, RoundSettings, secure_round_order
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.common import FitIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import FitIns, Parameters, bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -44,6 +48,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from .replies import payload_bytes
+
+log = logging.getLogger(__name__)
 
 # SecAgg+ settings. Every node shares its secrets with every other (num_shares 1.0 = all),
 # and half of the shares rebuild a dropped node's masks: up to half the nodes may drop out
@@ -106,18 +112,69 @@ class _SampleAndCollect(LegacyStrategy):
         return None
 
 
-class _CountingGrid:
-    """The grid, counting the bytes of every reply (the workflow only calls send_and_receive)."""
+class _CheckingGrid:
+    """The grid as the workflow sees it (it only calls send_and_receive): it counts the bytes of
+    every reply, and turns a reply the workflow could not read into an error reply, which
+    SecAgg+ treats as that node dropping out. Flower's workflow reads replies unchecked: one
+    masked vector of the wrong length, or a reply without its record, raised out of it and
+    ended the run."""
 
-    def __init__(self, grid: Grid) -> None:
-        self.grid, self.uplink = grid, 0
+    def __init__(self, grid: Grid, shapes: list[tuple[int, ...]], strategy: _SampleAndCollect) -> None:
+        self.grid, self.shapes, self.strategy, self.uplink = grid, shapes, strategy, 0
 
     def send_and_receive(self, messages, *, timeout=None):
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        for reply in replies:
-            if not reply.has_error():
-                self.uplink += reply_bytes(reply)
+        messages = list(messages)
+        sent = {m.metadata.dst_node_id: m for m in messages}
+        stage = messages[0].content.config_records[RECORD_KEY_CONFIGS][SecAggKey.STAGE] if messages else None
+        replies = []
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if node not in sent:  # not asked, or a second reply: the workflow would count it
+                log.warning("secure round: reply of node %d dropped: no message of this stage awaits it", node)
+                continue
+            request = sent.pop(node)
+            if reply.has_error():
+                replies.append(reply)
+                continue
+            self.uplink += reply_bytes(reply)
+            problem = _unreadable(reply, stage, self.shapes, set(self.strategy.sampled))
+            if problem is not None:
+                log.warning("secure round: %s reply of node %d counts as a dropout: %s", stage, node, problem)
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=problem), reply_to=request)
+            replies.append(reply)
         return replies
+
+
+def _unreadable(reply: Message, stage: str, shapes: list[tuple[int, ...]], sampled: set[int]) -> str | None:
+    """Why SecAggPlusWorkflow could not read a reply of `stage` (what each stage takes from it)."""
+    try:
+        record = reply.content.config_records[RECORD_KEY_CONFIGS]
+        if stage == Stage.SETUP:
+            keys = [record[SecAggKey.PUBLIC_KEY_1], record[SecAggKey.PUBLIC_KEY_2]]
+            return None if all(isinstance(k, bytes) for k in keys) else "public keys that are not bytes"
+        if stage == Stage.SHARE_KEYS:
+            return _paired(record[SecAggKey.DESTINATION_LIST], record[SecAggKey.CIPHERTEXT_LIST], None)
+        if stage == Stage.UNMASK:
+            return _paired(record[SecAggKey.NODE_ID_LIST], record[SecAggKey.SHARE_LIST], sampled)
+        if stage == Stage.COLLECT_MASKED_VECTORS:
+            vectors = [bytes_to_ndarray(b) for b in record[SecAggKey.MASKED_PARAMETERS]]
+            if [v.shape for v in vectors] != shapes or any(v.dtype.kind not in "iu" for v in vectors):
+                return f"masked vectors of shapes {[v.shape for v in vectors][:4]}, expected integers of {shapes[:4]}"
+            compat.recorddict_to_fitres(reply.content, keep_input=True)  # the workflow reads its FitRes too
+    except Exception as exc:  # anything the workflow would have raised on
+        return f"unreadable ({type(exc).__name__}: {exc})"[:200]
+    return None
+
+
+def _paired(nodes, values, allowed: set[int] | None) -> str | None:
+    """A node list and a bytes list of equal length (node ids among `allowed`, where given)."""
+    if not (isinstance(nodes, list) and isinstance(values, list) and len(nodes) == len(values)):
+        return "node and value lists that do not pair up"
+    if not all(isinstance(v, bytes) for v in values) or not all(type(n) is int for n in nodes):
+        return "node ids that are not integers or values that are not bytes"
+    if allowed is not None and not set(nodes) <= allowed:
+        return "shares of nodes that were not sampled"
+    return None
 
 
 def reply_bytes(reply: Message) -> int:
@@ -157,7 +214,8 @@ def secure_average(
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
     context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(parameters, True)
     bound = clipping_range(config, settings.learning_rate or config.learning_rate)
-    counting = _CountingGrid(grid)
+    # a masked reply is the node's weight (one value), then its weighted update, tensor by tensor
+    counting = _CheckingGrid(grid, [(1,)] + [tuple(current[name].shape) for name in names], strategy)
     workflow = SecAggPlusWorkflow(
         NUM_SHARES,
         RECONSTRUCTION_THRESHOLD,
@@ -165,13 +223,16 @@ def secure_average(
         max_weight=settings.max_weight or float(config.max_num_examples),
         timeout=config.round_timeout,  # Flower's default: wait for ever
     )
-    workflow(counting, context)  # type: ignore[arg-type]  # duck-typed: send_and_receive only
-    result = SecureResult(
-        average=None,
-        nodes=strategy.nodes,
-        sampled=strategy.sampled,
-        uplink=counting.uplink,
-    )
+    result = SecureResult(average=None, nodes=[], sampled=[], uplink=0)
+    try:
+        workflow(counting, context)  # type: ignore[arg-type]  # duck-typed: send_and_receive only
+    except Exception as exc:  # what nodes sent may still break it (e.g. shares that do not combine)
+        log.error("secure round %d failed: %s: %s", server_round, type(exc).__name__, exc)
+        result.problem = f"secure aggregation failed ({type(exc).__name__}); shared prefix kept"
+    result.nodes, result.sampled, result.uplink = strategy.nodes, strategy.sampled, counting.uplink
+    if result.problem is not None:
+        result.nodes = []  # no average: the round halted
+        return result
     if strategy.average is None:
         result.problem = "secure aggregation halted (too few nodes replied); shared prefix kept"
         return result
