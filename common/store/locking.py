@@ -105,17 +105,24 @@ def commit(staged: Sequence[Staged], durable: bool) -> None:
 
 
 def write_all(files: Sequence[tuple[Path, bytes]], removed: Sequence[Path], durable: bool) -> None:
-    """Stage every (target, data), remove the `removed` files, then rename the staged ones in
-    order; failing before the removal changes nothing. Ctrl-C and SIGTERM wait for the renames
-    (a save of two parts must not stop halfway) and reach their handlers after them."""
+    """Stage every (target, data), rename the staged ones in order, then remove the `removed`
+    files; failing before the first rename changes nothing (a save that dropped a part first
+    lost it when the rename then failed). Ctrl-C and SIGTERM wait for the renames (a save of
+    two parts must not stop halfway) and reach their handlers after them."""
     staged: list[Staged] = []
     try:
         for target, data in files:
             staged.append(stage(target, data, durable))  # one by one: a failure discards the earlier
         with signals_deferred() as received:
-            for path in removed:
-                path.unlink(missing_ok=True)
-            commit(staged, durable)
+            try:
+                commit(staged, durable)
+            finally:  # once the first new file is in, the removed ones go, even if a later rename failed
+                if not staged or not staged[0][0].exists():
+                    for path in removed:
+                        path.unlink(missing_ok=True)
+                    if durable:
+                        for folder in dict.fromkeys(path.parent for path in removed):
+                            fsync_dir(folder)
         for sig in dict.fromkeys(received):
             signal.raise_signal(sig)  # to the handler put back: KeyboardInterrupt, or the exit
     except BaseException:

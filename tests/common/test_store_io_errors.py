@@ -44,6 +44,25 @@ def test_a_full_disk_fails_a_save_naming_the_user_and_changes_nothing(store, mon
     assert same(parts["personal"], make_prefix(1)) and same(parts["shared"], make_prefix(2))
 
 
+def test_a_save_that_drops_a_part_and_fails_to_rename_keeps_every_part(store, monkeypatch):
+    """The dropped part was removed before the renames: a rename that then failed left the old
+    personal file beside no shared part, a user nobody could load."""
+    before = files(store.root)
+
+    def broken(src, dst):
+        raise os_error(errno.EIO)
+
+    monkeypatch.setattr(store_locking.os, "replace", broken)
+    with pytest.raises(StoreIOError):
+        store.save_parts("alice", {"personal": make_prefix(3)}, RAW, drop=("shared",))
+    monkeypatch.undo()
+    assert files(store.root) == before
+    parts = store.load_parts("alice", RAW)
+    assert same(parts["personal"], make_prefix(1)) and same(parts["shared"], make_prefix(2))
+    store.save_parts("alice", {"personal": make_prefix(3)}, RAW, drop=("shared",))  # and when it works
+    assert list(store.load_parts("alice", RAW)) == ["personal"]
+
+
 def test_a_read_only_store_fails_a_save_naming_the_file_and_still_loads(store, monkeypatch):
     def read_only(self, *args, **kwargs):
         raise os_error(errno.EROFS, self.lock_file)
