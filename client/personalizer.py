@@ -328,21 +328,31 @@ class Personalizer:
             raise ConfigError("this Personalizer has no store and key; pass store=... and key=... to save or load")
         return self.store
 
-    def save(self):
+    def save(self, drop_other_parts: bool = False):
         """Encrypt and store the personal prefix and the shared one beside it, together: both or neither.
 
         With personal_from_shared, once the copy exists only it is stored (any stored shared part
-        of this user is removed in the same step), so every reader sees the row prefix this user has."""
+        of this user is removed in the same step), so every reader sees the row prefix this user has.
+        A stored part this Personalizer does not have (say a shared part, saved by one built with
+        shared_virtual_tokens > 0) would be put beside a prefix trained without it: the save is
+        refused, unless `drop_other_parts` removes that part in the same step."""
         store = self._require_store()
         both = (("personal", self.personal), ("shared", self.shared))
         parts = {name: part for name, part in both if part is not None}
-        replaced = self.copy_replaces_shared
-        if replaced:  # a stored shared part would be joined in front of the copy that replaced it
+        drop = ("shared",) if self.copy_replaces_shared else ()
+        if drop:  # a stored shared part would be joined in front of the copy that replaced it
             del parts["shared"]
+        others = [part for part in store.stored_parts(self.user_id) if part not in parts and part not in drop]
+        if others and not drop_other_parts:
+            raise ConfigError(
+                f"user {self.user_id}: the store holds a {' and a '.join(others)} part this Personalizer does not "
+                f"have, which readers would put beside a prefix trained without it; nothing was saved: "
+                f"save(drop_other_parts=True) removes it, or build the Personalizer with that part"
+            )
         for name, part in parts.items():
             if not all(torch.isfinite(t).all() for t in part.state_tensors().values()):
                 raise ConfigError(f"user {self.user_id}: the {name} prefix holds NaN or Inf; nothing was saved")
-        infos = store.save_parts(self.user_id, parts, self.key, drop=("shared",) if replaced else ())
+        infos = store.save_parts(self.user_id, parts, self.key, drop=(*drop, *others))
         return infos.get("personal") or infos.get("shared")
 
     def restore(self) -> bool:

@@ -150,7 +150,7 @@ class PrefixStore(KeyChanges):
         plaintexts = {part: encode_payload(parts[part], dtype_name, name) for part, name in names.items()}
         sealed: dict[str, tuple[FileHeader, bytes, bytes]] = {}
         with self._user_lock(user_id):  # every check and encryption before anything is written
-            stored = self._stored_parts(user_id)
+            stored = self.stored_parts(user_id)
             write = UserWrite.new((set(stored) | set(names)) - set(dropped))
             for part, name in names.items():
                 sealed[name] = self._seal_next(name, parts[part].config, dtype_name, key, plaintexts[part], write)
@@ -231,7 +231,7 @@ class PrefixStore(KeyChanges):
             if self.durable:
                 fsync_dir(self.root)
 
-    def _stored_parts(self, user_id: str) -> list[str]:
+    def stored_parts(self, user_id: str) -> list[str]:
         """The parts of `user_id` that are stored (anything at their paths), in PARTS order."""
         return [part for part in PARTS if self.exists(store_name(user_id, part))]
 
@@ -251,7 +251,7 @@ class PrefixStore(KeyChanges):
         the other's read from its header here (authenticated when that part is loaded)."""
         user_id, own = split_store_name(name)
         ids = {own: header.write_id}
-        for part in set(self._stored_parts(user_id)) - {own}:
+        for part in set(self.stored_parts(user_id)) - {own}:
             try:
                 other = store_name(user_id, part)
                 ids[part] = read_header(self.path_for(other), other)[0].write_id
@@ -261,7 +261,7 @@ class PrefixStore(KeyChanges):
 
     def _stored_names(self, user_id: str) -> list[str]:
         """The store names of every part of `user_id` that is stored; UnknownUserError if none."""
-        names = [store_name(user_id, part) for part in self._stored_parts(user_id)]
+        names = [store_name(user_id, part) for part in self.stored_parts(user_id)]
         if not names:
             raise UnknownUserError.of(user_id)
         return names
@@ -388,7 +388,7 @@ class PrefixStore(KeyChanges):
         UnknownUserError, and no lock file made, where no part of the user is stored: a reader
         of made-up user ids (a server's requests) would otherwise leave a lock file for each."""
         owner, _ = split_store_name(name)
-        if not self._stored_parts(owner):
+        if not self.stored_parts(owner):
             raise UnknownUserError.of(owner)
         lock = self._user_lock(name)
         try:

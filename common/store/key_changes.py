@@ -38,7 +38,7 @@ class KeyChanges:
             if not 0 < len(moved) < len(opened):  # no change stopped halfway: from one write, as a load checks
                 for name, o in opened.items():
                     check_parts(name, o.header, self._write_ids(name, o.header))
-            write, sealed = UserWrite.new(self._stored_parts(user_id)), {}
+            write, sealed = UserWrite.new(self.stored_parts(user_id)), {}
             for name, o in opened.items():
                 sealed[name] = rewrapped(name, o, *self._kek_cache.new_kek(name, new_key, self.scrypt_n), write)
             self._commit(sealed)
@@ -51,7 +51,7 @@ class KeyChanges:
         key = check_key(user_id, key)
         with self._user_lock(user_id):
             opened = {name: self._decrypt(name, key, None, locked=True) for name in self._stored_names(user_id)}
-            write = UserWrite.new(self._stored_parts(user_id))
+            write = UserWrite.new(self.stored_parts(user_id))
             sealed = {name: under_new_data_key(name, o, write) for name, o in opened.items()}
             self._commit(sealed)
         return self._first_info(sealed)
@@ -70,7 +70,7 @@ class KeyChanges:
         key = check_key(user_id, key)
         with self._user_lock(user_id):
             opened = {name: self._open(name, key) for name in self._stored_names(user_id)}
-            write = UserWrite.new(self._stored_parts(user_id))  # the parts as they are, one write again
+            write = UserWrite.new(self.stored_parts(user_id))  # the parts as they are, one write again
             sealed = {name: under_new_data_key(name, o, write) for name, o in opened.items()}
             self._commit(sealed)
         return [self._info_of(name, header) for name, (header, _, _) in sealed.items()]

@@ -169,6 +169,23 @@ def test_save_load_resume(tiny_llama, store):
     assert loaded.evaluate(ROWS).loss < before
 
 
+def test_a_save_without_a_stored_part_is_refused_unless_it_drops_that_part(tiny_llama, store):
+    """A stored shared part was re-sealed beside the personal part of a Personalizer built without
+    one: every later load put it in front of a prefix trained without it."""
+    two_part = personalizer(tiny_llama, store=store, key=KEY, shared_virtual_tokens=2)
+    two_part.save()
+    before = {p: p.read_bytes() for p in store.root.rglob("*") if p.is_file()}
+    alone = personalizer(tiny_llama, store=store, key=KEY)
+    alone.fit(ROWS)
+    with pytest.raises(ConfigError, match="the store holds a shared part this Personalizer does not have"):
+        alone.save()
+    assert {p: p.read_bytes() for p in store.root.rglob("*") if p.is_file()} == before  # nothing changed
+    alone.save(drop_other_parts=True)
+    assert store.stored_parts("alice") == ["personal"]
+    loaded = Personalizer.load(user_id="alice", store=store, key=KEY, base_model=tiny_llama, **FAST)
+    assert torch.equal(loaded.key_values(), alone.key_values())
+
+
 def test_wrong_key_and_other_base_are_refused(tiny_llama, store):
     p = personalizer(tiny_llama, store=store, key=KEY)
     p.save()
