@@ -248,11 +248,12 @@ class Engine:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Run `requests` and wait for all of them: batched with whatever else is running, or,
-        on an engine that is not running, on the calling thread (offline batch inference)."""
+        on an engine that is not running, on the calling thread (offline batch inference: the
+        queue's caps and max_wait_s, there to protect a server, do not apply to them)."""
         if not self._claim():
             return [h.result() for h in self.submit_many(requests)]
         try:
-            handles = self._enqueue([self._prepare(r) for r in requests])
+            handles = self._enqueue([self._prepare(r) for r in requests], bounded=False)
         except BaseException:
             with self._wake:
                 self._running = False
@@ -314,9 +315,9 @@ class Engine:
                 "shorten the prompt or lower max_tokens",
             )
 
-    def _enqueue(self, handles: list[RequestHandle]) -> list[RequestHandle]:
+    def _enqueue(self, handles: list[RequestHandle], bounded: bool = True) -> list[RequestHandle]:
         with self._wake:
-            self._pending.add(handles)
+            self._pending.add(handles, bounded)
             self._wake.notify()
         return handles
 

@@ -16,6 +16,7 @@ Not thread-safe on its own: the engine calls it under its lock.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -40,9 +41,10 @@ class FairQueue:
     def __len__(self) -> int:
         return self._size
 
-    def add(self, handles: list[RequestHandle]) -> None:
-        """Queue handles (all or none); EngineOverloaded if a cap would be passed."""
-        if self._size + len(handles) > self.max_total:
+    def add(self, handles: list[RequestHandle], bounded: bool = True) -> None:
+        """Queue handles (all or none); EngineOverloaded if a cap would be passed. Unbounded
+        (an offline caller's own batch): no cap applies and none of them expires."""
+        if bounded and self._size + len(handles) > self.max_total:
             raise EngineOverloaded(
                 f"the queue is full ({self._size} of {self.max_total} requests waiting); retry later"
             )
@@ -51,12 +53,12 @@ class FairQueue:
             wanted[_owner(handle)] = wanted.get(_owner(handle), 0) + 1
         for owner, count in wanted.items():
             waiting = len(self._queues.get(owner, ()))
-            if waiting + count > self.max_per_user:
+            if bounded and waiting + count > self.max_per_user:
                 who = "anonymous requests" if owner == ANONYMOUS else f"user {owner!r}"
                 raise EngineOverloaded(
                     f"{who} already have {waiting} of {self.max_per_user} requests waiting; retry later"
                 )
-        now = time.monotonic()  # the wait for a slot starts here, not before a key's unlock
+        now = time.monotonic() if bounded else math.inf  # the wait for a slot starts here, not at an unlock
         for handle in handles:
             self._queues.setdefault(_owner(handle), deque()).append(handle)
             handle.waiting, handle.queued_at = True, now

@@ -201,6 +201,20 @@ def test_generate_on_an_engine_not_running_computes_on_the_calling_thread(served
     assert not engine.running and engine.generate([request(None, "again", max_new_tokens=2)])[0].tokens
 
 
+def test_offline_generate_takes_any_number_of_requests_and_none_expires(served):
+    """The queue's caps and wait limit protect a server from its clients; an offline caller's
+    own batch failed with 'the queue is full' past max_queue, or 'waited more than' once the
+    rows ahead of it took longer than max_wait_s."""
+    base, store = served
+    cases = [(("alice", "bob", None)[i % 3], f"offline {i}", 8 + i % 4) for i in range(10)]
+    engine = Engine(base, store=store, max_batch_size=2, max_queue=3, max_queue_per_user=2, max_wait_s=0.01)
+    results = engine.generate([request(u, p, max_new_tokens=n) for u, p, n in cases])
+    for (user, prompt, n), result in zip(cases, results, strict=True):
+        assert result.tokens == reference(base, store, prompt, user, SamplingParams(max_new_tokens=n))
+    with engine, pytest.raises(EngineOverloaded, match="the queue is full"):  # a server still has its caps
+        engine.submit_many([request(None, f"online {i}", max_new_tokens=4) for i in range(4)])
+
+
 def test_run_serves_on_the_calling_thread_until_stopped_elsewhere(served):
     """What `fedprefix serve` does: the scheduler on the main thread, requests from others."""
     base, store = served
