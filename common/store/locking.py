@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import signal
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -105,26 +106,53 @@ def commit(staged: Sequence[Staged], durable: bool) -> None:
 
 
 def write_all(files: Sequence[tuple[Path, bytes]], removed: Sequence[Path], durable: bool) -> None:
-    """Stage every (target, data), rename the staged ones in order, then remove the `removed`
-    files; failing before the first rename changes nothing (a save that dropped a part first
-    lost it when the rename then failed). Ctrl-C and SIGTERM wait for the renames (a save of
-    two parts must not stop halfway) and reach their handlers after them."""
+    """Stage every (target, data), set the `removed` files aside (renamed to temp names), then
+    rename the staged ones in order; failing before the first rename puts the removed files
+    back and changes nothing (a save that deleted a dropped part first lost it when a rename
+    then failed). A writer killed after the renames leaves the set-aside file as a temp file,
+    not as a part (deleting it only then kept it a part). Ctrl-C and SIGTERM wait for the
+    renames (a save of two parts must not stop halfway) and reach their handlers after them."""
     staged: list[Staged] = []
     try:
         for target, data in files:
             staged.append(stage(target, data, durable))  # one by one: a failure discards the earlier
         with signals_deferred() as received:
+            aside = _set_aside(removed)
             try:
                 commit(staged, durable)
-            finally:  # once the first new file is in, the removed ones go, even if a later rename failed
-                if not staged or not staged[0][0].exists():
-                    for path in removed:
-                        path.unlink(missing_ok=True)
-                    if durable:
-                        for folder in dict.fromkeys(path.parent for path in removed):
-                            fsync_dir(folder)
+            except BaseException:
+                if staged and staged[0][0].exists():  # no new file went in: the removed ones come back
+                    _put_back(aside)
+                raise
+            for tmp, _ in aside:
+                with suppress(OSError):  # a leftover is a temp file, which the user's next writer removes
+                    tmp.unlink()
         for sig in dict.fromkeys(received):
             signal.raise_signal(sig)  # to the handler put back: KeyboardInterrupt, or the exit
     except BaseException:
         discard(staged)
         raise
+
+
+def _set_aside(paths: Sequence[Path]) -> list[Staged]:
+    """Rename each of `paths` that exists to a temp name beside it (as stage names them);
+    -> [(temp name, path)]. A failure puts back the ones already renamed."""
+    moved: list[Staged] = []
+    try:
+        for path in paths:
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+            try:
+                os.replace(path, tmp)
+            except FileNotFoundError:
+                continue
+            moved.append((tmp, path))
+    except BaseException:
+        _put_back(moved)
+        raise
+    return moved
+
+
+def _put_back(moved: Sequence[Staged]) -> None:
+    for tmp, path in moved:
+        with suppress(OSError):
+            os.replace(tmp, path)

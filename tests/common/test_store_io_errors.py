@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 from fedprefix.common import files as common_files
@@ -47,20 +51,48 @@ def test_a_full_disk_fails_a_save_naming_the_user_and_changes_nothing(store, mon
 def test_a_save_that_drops_a_part_and_fails_to_rename_keeps_every_part(store, monkeypatch):
     """The dropped part was removed before the renames: a rename that then failed left the old
     personal file beside no shared part, a user nobody could load."""
-    before = files(store.root)
+    before, real, failed = files(store.root), os.replace, []
 
-    def broken(src, dst):
-        raise os_error(errno.EIO)
+    def broken(src, dst):  # the first rename of a new file fails; setting aside and putting back work
+        if str(src).endswith(".tmp") and not failed:
+            failed.append(src)
+            raise os_error(errno.EIO)
+        real(src, dst)
 
     monkeypatch.setattr(store_locking.os, "replace", broken)
     with pytest.raises(StoreIOError):
         store.save_parts("alice", {"personal": make_prefix(3)}, RAW, drop=("shared",))
     monkeypatch.undo()
-    assert files(store.root) == before
+    assert failed and files(store.root) == before
     parts = store.load_parts("alice", RAW)
     assert same(parts["personal"], make_prefix(1)) and same(parts["shared"], make_prefix(2))
     store.save_parts("alice", {"personal": make_prefix(3)}, RAW, drop=("shared",))  # and when it works
     assert list(store.load_parts("alice", RAW)) == ["personal"]
+
+
+def test_a_writer_killed_after_the_renames_of_a_save_that_drops_a_part_leaves_the_new_state(store):
+    """The dropped part is set aside before the renames, not deleted after them: a writer killed
+    in between left it a part, which the new personal file did not list, so loads were refused
+    and reset-rollback brought the dropped part back in front of the copy that replaced it."""
+    writer = textwrap.dedent(
+        f"""
+        import os
+        from fedprefix.common.store import PrefixStore, locking
+        from tests.common.test_store_hardening import RAW, make_prefix
+        real = locking.commit
+        def killed_after(staged, durable):
+            real(staged, durable)
+            os._exit(9)  # no cleanup runs, as under SIGKILL
+        locking.commit = killed_after
+        PrefixStore({str(store.root)!r}, scrypt_n=2**10).save_parts(
+            "alice", {{"personal": make_prefix(3)}}, RAW, drop=("shared",)
+        )
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", writer], cwd=Path(__file__).parents[2], check=False)
+    assert done.returncode == 9
+    parts = store.load_parts("alice", RAW)
+    assert list(parts) == ["personal"] and same(parts["personal"], make_prefix(3))
 
 
 def test_a_read_only_store_fails_a_save_naming_the_file_and_still_loads(store, monkeypatch):
