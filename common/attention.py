@@ -321,25 +321,42 @@ def join_rows(
     max_rows: int,
     budget: int | None = None,
 ):
-    """A running batch (cache, mask) with rows `rows` of a prefill's (layers, new_mask) appended.
+    """A running batch (cache, mask) with rows `rows` of a prefill's (layers, new_mask) appended,
+    each packed first (pack_rows).
 
     The joiners are written into the batch's spare rows (no copy of the running rows); only
     when they need more rows than are free, or more slots than the batch has, is the cache
     built anew in one copy, with room for twice its rows (at most `max_rows`, and within
     `budget` row-slots: see batch_cache). -> (cache, mask (B, T)).
     """
-    new_mask = new_mask.index_select(0, rows)
-    start = _padding_columns(new_mask)
-    width = new_mask.shape[1] - start
+    layers, new_mask = pack_rows(layers, new_mask, rows)
+    count, width = new_mask.shape
     first = None if cache is None else cache.layers[0]
-    if first is None or width > first.length or first.rows + len(rows) > first.row_capacity:
+    if first is None or width > first.length or first.rows + count > first.row_capacity:
         running = [] if cache is None else [(cache_layers(cache), mask, None)]
-        total = len(rows) + (0 if mask is None else mask.shape[0])
-        return batch_cache([*running, (layers, new_mask, rows)], row_capacity=min(max_rows, 2 * total), budget=budget)
+        total = count + (0 if mask is None else mask.shape[0])
+        return batch_cache([*running, (layers, new_mask, None)], row_capacity=min(max_rows, 2 * total), budget=budget)
     for layer, (keys, values) in zip(cache.layers, layers, strict=True):
-        layer.add_rows(keys.index_select(0, rows)[:, :, start:], values.index_select(0, rows)[:, :, start:])
-    padding = new_mask.new_zeros(len(rows), mask.shape[1] - width)
-    return cache, torch.cat([mask, torch.cat([padding, new_mask[:, start:]], dim=1)])
+        layer.add_rows(keys, values)
+    padding = new_mask.new_zeros(count, mask.shape[1] - width)
+    return cache, torch.cat([mask, torch.cat([padding, new_mask], dim=1)])
+
+
+def pack_rows(layers, mask: torch.Tensor, rows: torch.Tensor):
+    """Rows `rows` of a prefill's (layers, mask), each row's real slots moved together to its
+    right end, in order. In a chunk a joiner's context (prefix and earlier prompt) is padded to
+    the chunk's longest and its last piece to the longest piece: left as it is, a long context
+    with a short piece made the row nearly twice as wide as its tokens, past the KV budget.
+    -> (per layer (keys, values) (n, H, w, D), mask (n, w)), w the most real slots of a row."""
+    mask = mask.index_select(0, rows)
+    width = int(mask.sum(dim=1).max())
+    # a stable sort of 0/1 puts each row's padding first and its real slots after, both in order
+    order = torch.sort(mask.long(), dim=1, stable=True).indices[:, mask.shape[1] - width :]  # (n, w)
+    packed = []
+    for keys, values in layers:
+        index = order[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+        packed.append(tuple(t.index_select(0, rows).gather(2, index) for t in (keys, values)))
+    return packed, mask.gather(1, order)
 
 
 def drop_rows(cache: Cache, mask: torch.Tensor, keep: list[int]) -> tuple[Cache, torch.Tensor, list[int]]:

@@ -143,7 +143,10 @@ class GraphedDecode:
     def step(self, chunk, decode: Decode | None):
         """As FastLlama.step; a decode step without a chunk runs from its bucket's graph."""
         if chunk is not None or decode is None or self.eager_reason is not None:
-            return self.fast.step(chunk, decode)
+            result = self.fast.step(chunk, decode)
+            if decode is not None and _buffers_of(decode.cache.layers) != self._buffers:
+                self.release()  # the batch's cache was rebuilt or grew: the graphs' old buffers go now
+            return result
         if not self.capture:
             return None, self._fixed_step(decode)
         try:
@@ -168,7 +171,7 @@ class GraphedDecode:
             raise ValueError("a decode step's mask must cover the cache's rows and slots plus the new slot")
         for layer in layers:
             layer.reserve(length + 1)
-        buffers = tuple((layer._keys.data_ptr(), layer._values.data_ptr(), *layer._keys.shape) for layer in layers)
+        buffers = _buffers_of(layers)
         if buffers != self._buffers:  # a rebuilt or grown cache: the graphs of the old buffers go
             self.release()
             self._buffers = buffers
@@ -186,3 +189,8 @@ class GraphedDecode:
             layer.length += 1
             layer._expose()
         return logits
+
+
+def _buffers_of(layers) -> tuple:
+    """Which buffers a cache's layers hold: graphs captured over other buffers are stale."""
+    return tuple((layer._keys.data_ptr(), layer._values.data_ptr(), *layer._keys.shape) for layer in layers)

@@ -77,9 +77,19 @@ def test_engine_tokens_equal_with_fixed_shape_decode_steps():
     eager = Engine(base, max_batch_size=4).generate(requests)
     engine = Engine(base, max_batch_size=4)
     engine._batch.forward = graphed = GraphedDecode(engine._forward, capture=False)
+    step, stale = graphed.step, []
+
+    def watched_step(chunk, decode):  # the graphs never keep the buffers of a cache the batch dropped
+        result = step(chunk, decode)
+        if decode is not None and graphed._buffers not in (None, cuda_graphs._buffers_of(decode.cache.layers)):
+            stale.append(chunk is not None)
+        return result
+
+    graphed.step = watched_step
     fixed = engine.generate(requests)
     assert [r.tokens for r in fixed] == [r.tokens for r in eager]
     assert graphed.padded_steps > 0  # steps with padding rows did run
+    assert not stale
 
 
 def eager_after_capture(monkeypatch, caplog, capture) -> GraphedDecode:

@@ -116,3 +116,26 @@ def test_replicas_on_one_machine_share_the_budget_one_server_would_get(monkeypat
     assert _kv_share_mib(options, 4) == int(((20 << 30) - 4 * (1280 << 20)) * kv.AUTO_SHARE) // 4 >> 20
     monkeypatch.setattr(kv, "available_memory", lambda: None)
     assert _kv_share_mib(options, 4) is None  # each replica then falls back on its own
+
+
+def test_rows_whose_context_and_last_piece_were_padded_apart_in_a_chunk_stay_within_the_budget(served):  # noqa: F811
+    """A joiner with a long context (an earlier chunk) and a short last piece, in the chunk of
+    one with a long piece: padded in the chunk to (longest context + longest piece), its row
+    was nearly twice as wide as its tokens, and the cache went 1.3x past the budget."""
+    base, _ = served
+    first, second = [5 + i % 50 for i in range(205)], [7 + i % 50 for i in range(195)]  # read 200, then 5 + 195
+    params = SamplingParams(max_new_tokens=5)
+    budget = budget_for(base, 2, len(first) + 5)  # exactly the two rows at the widest reach
+    seen = []
+    engine = Engine(base, max_batch_size=4, kv_cache_bytes=budget, max_prefill_tokens=200)
+    batch, step = engine._batch, engine._batch.step
+
+    def watched_step(joiners):
+        step(joiners)
+        seen.append((batch.kv_bytes, batch.slots))
+
+    batch.step = watched_step
+    results = engine.generate([GenerationRequest(p, params=params) for p in (first, second)])
+    assert max(b for b, _ in seen) <= budget and max(s for _, s in seen) == 2
+    for prompt, result in zip((first, second), results, strict=True):
+        assert result.tokens == Engine(base).generate([GenerationRequest(prompt, params=params)])[0].tokens
