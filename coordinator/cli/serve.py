@@ -164,21 +164,24 @@ def serve(
         prefix_store = PrefixStore(store)
     except FedPrefixError as exc:
         fail(exc)
-    engine = Engine(
-        loaded,
-        store=prefix_store,
-        max_batch_size=max_batch_size,
-        max_queue=max_queue,
-        max_wait_s=max_wait,
-        continuous=not static,
-        prefix_cache_bytes=cache_mib << 20,
-        max_queue_per_user=max_queue_per_user,
-        unlock_guard=guard,
-        max_prefill_tokens=max_prefill_tokens,
-        prompt_cache_bytes=prompt_cache_mib << 20,
-        cuda_graphs=not eager,
-        kv_cache_bytes=None if kv_cache_mib is None else kv_cache_mib << 20,
-    )
+    try:  # a --kv-cache-mib that holds no request is refused here, before anything listens
+        engine = Engine(
+            loaded,
+            store=prefix_store,
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+            max_wait_s=max_wait,
+            continuous=not static,
+            prefix_cache_bytes=cache_mib << 20,
+            max_queue_per_user=max_queue_per_user,
+            unlock_guard=guard,
+            max_prefill_tokens=max_prefill_tokens,
+            prompt_cache_bytes=prompt_cache_mib << 20,
+            cuda_graphs=not eager,
+            kv_cache_bytes=None if kv_cache_mib is None else kv_cache_mib << 20,
+        )
+    except ValueError as exc:
+        fail(FedPrefixError(f"invalid serving setting: {exc}"))
     server = uvicorn.Server(
         uvicorn.Config(create_app(engine, served_model_name or base, limits), host=host, port=port, log_level="warning")
     )

@@ -69,9 +69,10 @@ class RunningBatch:
     @property
     def kv_bytes(self) -> int:
         """Bytes of the batch's KV cache buffers, spare room included."""
-        if self.cache is None:
+        cache = self.cache  # once: the scheduler thread may drop it meanwhile
+        if cache is None:
             return 0
-        return sum(2 * layer._keys.numel() * layer._keys.element_size() for layer in self.cache.layers)
+        return sum(2 * layer._keys.numel() * layer._keys.element_size() for layer in cache.layers)
 
     def admission(self) -> Callable[[RequestHandle], bool]:
         """A check for the queue's next requests, in turn: does one more fit beside the batch and

@@ -82,8 +82,6 @@ class Engine:
     ) -> None:
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}")
-        if kv_cache_bytes is not None and kv_cache_bytes < 0:
-            raise ValueError(f"kv_cache_bytes must be at least 0, got {kv_cache_bytes}")
         self.base = base
         self.model, self.tokenizer = base.model, base.tokenizer
         self.store = store
@@ -130,7 +128,14 @@ class Engine:
         never less than one row of the base's whole context."""
         slot = slot_bytes(self.model.config, self.base.dtype)
         if chosen is not None:
-            return KvBudget.of_bytes(chosen, slot)
+            budget = KvBudget.of_bytes(chosen, slot)
+            if budget.longest_alone() < 1:
+                least = KvBudget(KvBudget.row_slots(1), slot)
+                raise ValueError(
+                    f"a KV cache budget of {max(chosen, 0) / 2**20:.2f} MiB holds no request: one takes at least "
+                    f"{least.bytes / 2**20:.2f} MiB (kv_cache_bytes, --kv-cache-mib)"
+                )
+            return budget
         held = (prefix_cache_bytes if self.prefixes is not None else 0) + (prompt_cache_bytes if self.prompts else 0)
         free_share = auto_budget_bytes(torch.device(self.base.device), held)
         auto = KvBudget.of_bytes(FALLBACK_BYTES if free_share is None else free_share, slot)

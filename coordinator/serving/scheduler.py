@@ -63,7 +63,8 @@ class FairQueue:
             self._queues.setdefault(_owner(handle), deque()).append(handle)
             handle.waiting, handle.queued_at = True, now
             handle.on_cancel = self._note_cancel
-        self._arrivals.extend(handles)
+        if bounded:  # the others never expire: the oldest-waiting check must not see them
+            self._arrivals.extend(handles)
         self._size += len(handles)
 
     def take(self, room: int, fits: Callable[[RequestHandle], bool] | None = None) -> list[RequestHandle]:

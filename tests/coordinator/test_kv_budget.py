@@ -3,6 +3,8 @@ for room, the cache's buffers never pass the budget, and every row still equals 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from fedprefix.common.attention import batch_cache
@@ -76,6 +78,25 @@ def test_a_request_that_does_not_fit_yet_is_not_passed_by_smaller_ones():
     assert queue.take(3, lambda h: True) == [long, short_a, short_b]
 
 
+def test_an_offline_batch_never_expires_and_does_not_keep_later_requests_from_expiring():
+    class Handle:
+        def __init__(self, user: str | None) -> None:
+            self.request = type("R", (), {"user": user})()
+            self.cancelled, self.done, self.error = False, False, None
+
+        def _fail(self, error) -> None:
+            self.done, self.error = True, error
+
+    queue = FairQueue(max_total=10, max_per_user=10, max_wait_s=0.01)
+    offline, online = [Handle(None) for _ in range(3)], Handle("u")
+    queue.add(offline, bounded=False)
+    queue.add([online])
+    time.sleep(0.05)
+    assert queue.take(5, lambda h: False) == []  # nothing fits: every one still waits, or expires
+    assert "waited more than" in str(online.error) and not any(h.done for h in offline)
+    assert len(queue) == 3
+
+
 def test_growing_buffers_shed_spare_rows_and_grow_less_within_a_budget():
     layers = [(torch.randn(2, 1, 10, 4), torch.randn(2, 1, 10, 4))]
     cache, _ = batch_cache([(layers, None, None)], headroom=6, row_capacity=8, budget=64)
@@ -102,8 +123,9 @@ def test_the_default_budget_is_a_share_of_free_memory_and_holds_one_full_context
     assert Engine(base, store=store).kv_budget.bytes == kv.FALLBACK_BYTES // slot * slot
     monkeypatch.setattr(kv, "available_memory", lambda: 0)  # nothing free: still one row of the whole context
     assert Engine(base, store=store).kv_budget.longest_alone() >= engine.context_length
-    with pytest.raises(ValueError, match="kv_cache_bytes"):
-        Engine(base, store=store, kv_cache_bytes=-1)
+    for hopeless in (-1, 0, slot * kv.HEADROOM):  # a budget that holds no request is refused at once
+        with pytest.raises(ValueError, match="holds no request: one takes at least"):
+            Engine(base, store=store, kv_cache_bytes=hopeless)
 
 
 def test_replicas_on_one_machine_share_the_budget_one_server_would_get(monkeypatch):
