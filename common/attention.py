@@ -283,14 +283,18 @@ def batch_cache(
         if mask is not None:
             mask = mask if rows is None else mask.index_select(0, rows)
             start = _padding_columns(mask)
-        groups.append((layers, mask, rows, start, layers[0][0].shape[2] - start))
+        columns = mask.shape[1] if mask is not None else layers[0][0].shape[2]
+        groups.append((layers, mask, rows, start, columns - start))
     width = max(group[4] for group in groups)
     masks = [
         torch.cat([mask.new_zeros(mask.shape[0], width - kept), mask[:, start:]], dim=1)
         for _, mask, _, start, kept in groups
         if mask is not None
     ]
-    sizes = [len(rows) if rows is not None else layers[0][0].shape[0] for layers, _, rows, _, _ in groups]
+    sizes = [
+        len(rows) if rows is not None else mask.shape[0] if mask is not None else layers[0][0].shape[0]
+        for layers, mask, rows, _, _ in groups
+    ]
     taken = sum(sizes)
     slots, capacity = width + headroom, max(taken, row_capacity)
     if budget is not None:
@@ -298,11 +302,12 @@ def batch_cache(
         capacity = max(taken, min(capacity, budget // max(1, slots)))
     cache = []
     for i in range(len(groups[0][0])):
-        _, heads, _, dim = groups[0][0][i][0].shape
-        buffers = [groups[0][0][i][0].new_empty(capacity, heads, slots, dim) for _ in range(2)]
+        sources = [layers[i] for layers, _, _, _, _ in groups]  # read once: a PackedRows layer is a copy
+        _, heads, _, dim = sources[0][0].shape
+        buffers = [sources[0][0].new_empty(capacity, heads, slots, dim) for _ in range(2)]
         offset = 0
-        for (layers, _, rows, start, kept), size in zip(groups, sizes, strict=True):
-            for buffer, source in zip(buffers, layers[i], strict=True):
+        for (_, _, rows, start, kept), size, layer in zip(groups, sizes, sources, strict=True):
+            for buffer, source in zip(buffers, layer, strict=True):
                 if rows is not None:
                     source = source.index_select(0, rows)
                 buffer[offset : offset + size, :, : width - kept].zero_()  # masked slots: finite
@@ -342,21 +347,33 @@ def join_rows(
     return cache, torch.cat([mask, torch.cat([padding, new_mask], dim=1)])
 
 
-def pack_rows(layers, mask: torch.Tensor, rows: torch.Tensor):
+def pack_rows(layers, mask: torch.Tensor, rows: torch.Tensor) -> tuple[PackedRows, torch.Tensor]:
     """Rows `rows` of a prefill's (layers, mask), each row's real slots moved together to its
     right end, in order. In a chunk a joiner's context (prefix and earlier prompt) is padded to
     the chunk's longest and its last piece to the longest piece: left as it is, a long context
     with a short piece made the row nearly twice as wide as its tokens, past the KV budget.
-    -> (per layer (keys, values) (n, H, w, D), mask (n, w)), w the most real slots of a row."""
+    -> (the layers, each packed when read, (n, H, w, D)), mask (n, w)), w the most real slots of a row."""
     mask = mask.index_select(0, rows)
     width = int(mask.sum(dim=1).max())
     # a stable sort of 0/1 puts each row's padding first and its real slots after, both in order
     order = torch.sort(mask.long(), dim=1, stable=True).indices[:, mask.shape[1] - width :]  # (n, w)
-    packed = []
-    for keys, values in layers:
-        index = order[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
-        packed.append(tuple(t.index_select(0, rows).gather(2, index) for t in (keys, values)))
-    return packed, mask.gather(1, order)
+    return PackedRows(layers, rows, order), mask.gather(1, order)
+
+
+class PackedRows(Sequence):
+    """Per layer (keys, values) of some rows, gathered as `order` says when the layer is read:
+    one layer's copy at a time, where packing every layer first held a whole copy more."""
+
+    def __init__(self, layers, rows: torch.Tensor, order: torch.Tensor) -> None:
+        self.layers, self.rows, self.order = layers, rows, order
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.layers[i]
+        index = self.order[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+        return keys.index_select(0, self.rows).gather(2, index), values.index_select(0, self.rows).gather(2, index)
 
 
 def drop_rows(cache: Cache, mask: torch.Tensor, keep: list[int]) -> tuple[Cache, torch.Tensor, list[int]]:
