@@ -69,7 +69,7 @@ def serve(
         "--kv-cache-mib",
         min=1,
         help="Memory for the running batch's KV cache; requests wait for room, or are refused if one "
-        "alone does not fit (default: a quarter of the memory free at start, less the caches).",
+        "alone does not fit (default: a fifth of the memory free at start, less the caches).",
     ),
     static: bool = typer.Option(False, "--static-batching", help="Static instead of continuous batching."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP, callback=dtype_option),

@@ -26,9 +26,10 @@ from .requests import RequestHandle
 MIB = 1 << 20
 HEADROOM = 64  # slots a rebuilt cache gets beyond its width (attention.batch_cache's default)
 # Of the memory free once the base and the prefix and prompt caches are counted: the batch's
-# KV may take a quarter, as a step that joins rows holds more for a moment (the chunk's padded
-# KV, the old and the new rectangle): 2.4x the budget at the peak of the run above.
-AUTO_SHARE = 0.25
+# KV may take a fifth, as a step that joins rows holds more for a moment (the chunk's padded
+# KV, the joiners' contexts, the old and the new rectangle): 3.3x the budget at the peak of
+# the run above, so about two thirds of the free memory at the peak.
+AUTO_SHARE = 0.2
 FALLBACK_BYTES = 2 << 30  # where free memory cannot be read (no /proc, as on macOS)
 
 
