@@ -30,6 +30,7 @@ CACHE_KWARG = "cache"  # transformers < 5.24 called it past_key_values
 # a running batch's leading columns that are padding in every row go once they are this share
 # of its width (drop_rows), so its width stays below PADDING_TRIM / (PADDING_TRIM - 1) x its widest row's
 PADDING_TRIM = 8
+HEADROOM = 64  # slots a running batch's cache gets beyond its width when it is built
 
 
 @dataclass
@@ -260,13 +261,13 @@ class GrowingLayer(DynamicLayer):
         return self.length
 
 
-def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]], headroom: int = 64) -> Cache:
+def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]], headroom: int = HEADROOM) -> Cache:
     """A cache holding `layers` (per layer (keys, values), each (B, H, T, D)) with room to grow."""
     return batch_cache([(layers, None, None)], headroom)[0]
 
 
 def batch_cache(
-    parts, headroom: int = 64, row_capacity: int = 0, budget: int | None = None
+    parts, headroom: int = HEADROOM, row_capacity: int = 0, budget: int | None = None
 ) -> tuple[Cache, torch.Tensor | None]:
     """A running batch's cache, built in one copy from groups of rows stacked in order.
 

@@ -79,7 +79,7 @@ class RunningBatch:
         those it accepted before? (Within the KV budget: see kv_budget.py.)"""
         if self.budget is None:
             return lambda handle: True
-        handles = [f.handle for f in self.filling] + [row.handle for row in self.rows]
+        handles = self._handles()
         rows, widest = len(handles), max((reach(h) for h in handles), default=0)
 
         def fits(handle: RequestHandle) -> bool:
@@ -92,9 +92,13 @@ class RunningBatch:
 
         return fits
 
+    def _handles(self) -> list[RequestHandle]:
+        """The requests in the batch: joiners still prefilling, then running rows."""
+        return [f.handle for f in self.filling] + [row.handle for row in self.rows]
+
     def fail_all(self, error: BaseException) -> None:
         """End every request in the batch with `error` and empty it."""
-        for handle in [f.handle for f in self.filling] + [row.handle for row in self.rows]:
+        for handle in self._handles():
             handle._fail(error)
         self.rows, self.cache, self.mask, self.filling = [], None, None, []
         self._released()

@@ -35,7 +35,7 @@ from fedprefix.common.store import PrefixStore
 
 from .batch import RunningBatch
 from .fast_llama import serving_forward
-from .kv_budget import FALLBACK_BYTES, KvBudget, auto_budget_bytes, slot_bytes
+from .kv_budget import FALLBACK_BYTES, MIB, KvBudget, auto_budget_bytes, slot_bytes
 from .prefix_cache import PrefixCache
 from .prompt_cache import PromptCache
 from .requests import (  # re-exported: the engine's public names
@@ -132,8 +132,8 @@ class Engine:
             if budget.longest_alone() < 1:
                 least = KvBudget(KvBudget.row_slots(1), slot)
                 raise ValueError(
-                    f"a KV cache budget of {max(chosen, 0) / 2**20:.2f} MiB holds no request: one takes at least "
-                    f"{least.bytes / 2**20:.2f} MiB (kv_cache_bytes, --kv-cache-mib)"
+                    f"a KV cache budget of {max(chosen, 0) / MIB:.2f} MiB holds no request: one takes at least "
+                    f"{least.bytes / MIB:.2f} MiB (kv_cache_bytes, --kv-cache-mib)"
                 )
             return budget
         held = (prefix_cache_bytes if self.prefixes is not None else 0) + (prompt_cache_bytes if self.prompts else 0)

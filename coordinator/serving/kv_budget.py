@@ -18,13 +18,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-from fedprefix.common.attention import PADDING_TRIM
+from fedprefix.common.attention import HEADROOM, PADDING_TRIM
+from fedprefix.common.prefix import PrefixSpec
 from fedprefix.common.resources import available_memory
 
 from .requests import RequestHandle
 
 MIB = 1 << 20
-HEADROOM = 64  # slots a rebuilt cache gets beyond its width (attention.batch_cache's default)
 # Of the memory free once the base and the prefix and prompt caches are counted: the batch's
 # KV may take a fifth, as a step that joins rows holds more for a moment (the chunk's padded
 # KV, the joiners' contexts, the old and the new rectangle): 3.3x the budget at the peak of
@@ -34,10 +34,8 @@ FALLBACK_BYTES = 2 << 30  # where free memory cannot be read (no /proc, as on ma
 
 
 def slot_bytes(config, dtype: torch.dtype) -> int:
-    """Bytes of one row's keys and values at one position, over all layers."""
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers * 2 * heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    """Bytes of one row's keys and values at one position, over all layers: one prefix token's."""
+    return PrefixSpec.from_model_config(config, 1).flat_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def auto_budget_bytes(device: torch.device, held_elsewhere: int) -> int | None:
