@@ -99,7 +99,11 @@ class Engine:
             else None
         )
         # KV of users' earlier prompts (0 bytes: off); only behind a prefix, see prompt_cache.py
-        self.prompts = PromptCache(prompt_cache_bytes) if store is not None and prompt_cache_bytes > 0 else None
+        self.prompts = (
+            PromptCache(prompt_cache_bytes, current_version=self.prefixes.version)
+            if self.prefixes is not None and prompt_cache_bytes > 0
+            else None
+        )
         self.context_length = context_length(self.model)
         self.kv_budget = self._kv_budget(kv_cache_bytes, prefix_cache_bytes, prompt_cache_bytes)
         self.bos = chat.leading_bos(self.tokenizer)  # before a text prompt, as Personalizer.fit and generate put it

@@ -73,7 +73,7 @@ class PrefixCache:
         material = b"passphrase:" + key.encode() if isinstance(key, str) else b"raw:" + bytes(key)
         return hashlib.sha256(self._salt + material).digest()
 
-    def _version(self, user_id: str) -> tuple:
+    def version(self, user_id: str) -> tuple:
         """What identifies the stored files' current contents (inode, size and mtime of each: a
         save writes a new file and renames it over the old one, so two saves within one tick of
         a coarse clock still differ by inode)."""
@@ -93,7 +93,7 @@ class PrefixCache:
     def lookup(self, user_id: str, key: bytes | str) -> tuple[torch.Tensor, Owner]:
         """(the user's prefix, its Owner), decrypting on a miss; raises the store's errors."""
         entry_key = (user_id, self._digest(key))
-        version = self._version(user_id)
+        version = self.version(user_id)
         owner = Owner(user_id, entry_key[1], version)
         if (kv := self._hit(entry_key, version)) is not None:
             return kv, owner

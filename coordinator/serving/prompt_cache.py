@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,9 +53,17 @@ def common_length(a: Sequence[int], b: Sequence[int]) -> int:
 class PromptCache:
     """owner + token ids -> KV (L, 2, H, n, D) of those tokens behind the owner's prefix; LRU bounded in bytes."""
 
-    def __init__(self, max_bytes: int = 256 << 20, max_entries_per_owner: int = 16) -> None:
+    def __init__(
+        self,
+        max_bytes: int = 256 << 20,
+        max_entries_per_owner: int = 16,
+        current_version: Callable[[str], tuple] | None = None,
+    ) -> None:
         self.max_bytes = max_bytes
         self.max_entries_per_owner = max_entries_per_owner  # bounds the work of one match
+        # user -> the version of their stored prefix now (PrefixCache.version); without it the
+        # newest store is taken as current
+        self.current_version = current_version
         self._entries: OrderedDict[tuple[Owner, tuple[int, ...]], torch.Tensor] = OrderedDict()  # LRU first
         self._by_owner: dict[Owner, list[tuple[int, ...]]] = {}
         self._by_user: dict[str, set[Owner]] = {}  # a user's owners (keys, prefix versions) with entries
@@ -88,8 +96,13 @@ class PromptCache:
         size = key_values.numel() * key_values.element_size()
         if not tokens or size > self.max_bytes:
             return
+        # A request that ran behind a prefix since replaced finishes after its user's newer ones
+        # stored their KV: it must neither keep its own (never matched again) nor free theirs.
+        current = owner.version if self.current_version is None else self.current_version(owner.user)
         with self._lock:
-            self._drop_stale(owner)
+            self._drop_stale(owner.user, current)
+            if owner.version != current:
+                return
             for old in list(self._by_owner.get(owner, ())):
                 if old[: len(tokens)] == tokens:  # already covered
                     self._entries.move_to_end((owner, old))
@@ -113,10 +126,10 @@ class PromptCache:
         with self._lock:
             self._remove_owners(list(self._by_user.get(user, ())))
 
-    def _drop_stale(self, owner: Owner) -> None:
-        """A user's entries from an older prefix version can never match again: free them now.
-        (Looked up by user: a scan of every owner here cost O(users) per finished request.)"""
-        self._remove_owners([o for o in self._by_user.get(owner.user, ()) if o.version != owner.version])
+    def _drop_stale(self, user: str, current: tuple) -> None:
+        """A user's entries from another prefix version than `current` can never match again: free
+        them now. (Looked up by user: a scan of every owner here cost O(users) per finished request.)"""
+        self._remove_owners([o for o in self._by_user.get(user, ()) if o.version != current])
 
     def _remove_owners(self, owners: list[Owner]) -> None:
         """Remove every entry of `owners`."""

@@ -54,6 +54,19 @@ def test_entries_never_cross_users_keys_or_prefix_versions():
     assert cache.stats.entries == 1 and cache.stats.bytes == kv(2).numel() * 4
 
 
+def test_a_request_of_a_replaced_prefix_that_finishes_late_keeps_nothing_and_frees_nothing_newer():
+    current = {"alice": (2,)}
+    cache = PromptCache(max_bytes=1 << 20, current_version=current.__getitem__)
+    retrained, old = Owner("alice", b"a", (2,)), Owner("alice", b"a", (1,))
+    cache.store(retrained, [5, 6], kv(2))
+    cache.store(old, [1, 2, 3], kv(3))  # began before the save, finished after it
+    assert cache.stats.entries == 1 and cache.match(retrained, [5, 6, 0])[0] == 2
+    assert cache.match(old, [1, 2, 3, 4])[0] == 0
+    current["alice"] = (3,)  # saved again: the next store frees version 2, whoever's it is
+    cache.store(Owner("alice", b"other key", (3,)), [9, 9], kv(2))
+    assert cache.stats.entries == 1 and cache.match(retrained, [5, 6, 0])[0] == 0
+
+
 def test_extending_entries_replace_covered_ones_and_bytes_stay_bounded():
     one = kv(1).numel() * 4  # bytes per token slot
     cache = PromptCache(max_bytes=10 * one)
