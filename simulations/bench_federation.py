@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 from fedprefix.common.config import FederationConfig
 from fedprefix.coordinator.simulate import simulate
+from fedprefix.simulations.arguments import positive
 from fedprefix.simulations.memory import PeakMemory
 from fedprefix.simulations.personas import write_federation_data
 
@@ -28,10 +29,10 @@ def _is_client(proc) -> bool:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="tiny-llama")
-    parser.add_argument("--users", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=10)
-    parser.add_argument("--examples", type=int, default=40)
+    parser.add_argument("--users", type=positive, default=4)
+    parser.add_argument("--rounds", type=positive, default=3)
+    parser.add_argument("--local-steps", type=positive, default=10)
+    parser.add_argument("--examples", type=positive, default=40)
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fedprefix-bench-") as tmp:

@@ -39,6 +39,7 @@ from fedprefix.common.prefix import Prefix
 from fedprefix.common.store import PrefixStore
 from fedprefix.coordinator.serving import Engine, GenerationRequest
 from fedprefix.coordinator.serving.server import KEY_HEADER, create_app, start_http
+from fedprefix.simulations.arguments import positive
 from fedprefix.simulations.http_load import poisson_load
 from fedprefix.simulations.personas import make_record, record_prompt
 
@@ -329,18 +330,18 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="tiny-llama")
     parser.add_argument("--device", default="cpu", help="where the base runs: cpu, cuda, cuda:1, ...")
-    parser.add_argument("--users", type=int, default=64)
-    parser.add_argument("--tokens", type=int, default=16, help="prefix length P of every user")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--users", type=positive, default=64)
+    parser.add_argument("--tokens", type=positive, default=16, help="prefix length P of every user")
+    parser.add_argument("--max-tokens", type=positive, default=32)
     parser.add_argument(
         "--repeats",
-        type=int,
+        type=positive,
         default=3,
         help="alternating rounds of each side-by-side comparison (ratios, HTTP open loop)",
     )
-    parser.add_argument("--peft-users", type=int, default=16, help="users timed for the PEFT loop (it is slow)")
+    parser.add_argument("--peft-users", type=positive, default=16, help="users timed for the PEFT loop (it is slow)")
     parser.add_argument(
-        "--peft-lengths", type=int, nargs="+", default=[32, 128], help="new tokens per request, engine vs PEFT"
+        "--peft-lengths", type=positive, nargs="+", default=[32, 128], help="new tokens per request, engine vs PEFT"
     )
     parser.add_argument("--rate", type=float, default=20.0, help="open-loop arrivals per second")
     parser.add_argument("--seconds", type=float, default=10.0, help="open-loop duration")

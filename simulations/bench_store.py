@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from fedprefix.common.precision import host_info
 from fedprefix.common.prefix import Prefix, PrefixConfig, PrefixSpec
 from fedprefix.common.store import DEFAULT_SCRYPT_N, SCRYPT_P, SCRYPT_R, PrefixStore
+from fedprefix.simulations.arguments import positive
 
 SPEC = PrefixSpec(num_layers=30, num_kv_heads=3, head_dim=64, num_virtual_tokens=16)  # built-in SmolLM2
 FINGERPRINT = "ab" * 32
@@ -80,8 +81,8 @@ def machine_info(folder: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print a table, return the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=50, help="timed saves/loads per case (median reported)")
-    parser.add_argument("--kdf-repeats", type=int, default=5, help="timed scrypt derivations")
+    parser.add_argument("--repeats", type=positive, default=50, help="timed saves/loads per case (median reported)")
+    parser.add_argument("--kdf-repeats", type=positive, default=5, help="timed scrypt derivations")
     parser.add_argument("--dir", type=Path, default=None, help="folder for the store (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)

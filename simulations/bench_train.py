@@ -32,6 +32,7 @@ from fedprefix.common.base_model import load_base
 from fedprefix.common.generation import left_pad
 from fedprefix.common.precision import DTYPE_CHOICES, describe_host, dtype_name, host_info, resolve_dtype
 from fedprefix.common.prefix import Prefix
+from fedprefix.simulations.arguments import positive
 from fedprefix.simulations.memory import PeakMemory
 from fedprefix.simulations.personas import training_rows, user_dataset
 from torch.utils.flop_counter import FlopCounterMode
@@ -77,9 +78,11 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="smollm2-135m-instruct")
     parser.add_argument("--device", default="cpu", help="where the base runs: cpu, cuda, cuda:1, ...")
-    parser.add_argument("--tokens", type=int, default=16, help="prefix length P")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per variant (after 2 warm-up steps)")
+    parser.add_argument("--tokens", type=positive, default=16, help="prefix length P")
+    parser.add_argument("--batch-size", type=positive, default=8)
+    parser.add_argument(
+        "--steps", type=positive, default=10, help="optimizer steps per variant (after 2 warm-up steps)"
+    )
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--data", choices=["personas", "shakespeare"], default="personas")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="fedprefix's compute dtype")

@@ -21,9 +21,11 @@ from fedprefix.client import Personalizer
 from fedprefix.client.node import simulation_key
 from fedprefix.common.base_model import DEFAULT_BASE, load_base
 from fedprefix.common.config import FederationConfig
+from fedprefix.common.errors import FedPrefixError
 from fedprefix.coordinator.records import RUN_FILE
-from fedprefix.coordinator.simulate import claim_run_folder, made_by_a_run, simulate
+from fedprefix.coordinator.simulate import check_run_folder, claim_run_folder, made_by_a_run, simulate
 from fedprefix.coordinator.views import make_console, round_progress, rounds_table
+from fedprefix.simulations.arguments import positive
 from fedprefix.simulations.personas import (
     slot_realization,
     style_ok,
@@ -64,13 +66,12 @@ def compare(me: Personalizer, data: dict, title: str) -> None:
 
 def federated(args) -> None:
     work = Path(args.out)
-    # a demo starts fresh: no prefixes or data of an earlier run ("run": where earlier versions wrote
-    # it), but only in a folder a demo made (one stopped early has data/ and stores/ alone):
-    # `--out .` must not take the checkout's data/ with it
-    entries = {entry.name for entry in work.iterdir()} if work.is_dir() else set()
-    if entries - {"data", "stores"} and not (made_by_a_run(work) or (work / "run").is_dir()):
-        raise SystemExit(f"--out {work}: a folder that no run made (no {RUN_FILE}); choose another")
-    for stale in ("run", "stores", "data"):
+    # A demo starts fresh (no data or prefixes of an earlier run), but removes nothing before it
+    # knows the folder is a run's and every check passed: `--out .` must not take a checkout's data/.
+    if work.is_dir() and any(work.iterdir()) and not made_by_a_run(work):
+        raise SystemExit(f"error: --out {work}: a folder that no run made (no {RUN_FILE}); choose another")
+    check_run_folder(FederationConfig(run_dir=str(work)))
+    for stale in ("stores", "data"):
         shutil.rmtree(work / stale, ignore_errors=True)
     claim_run_folder(FederationConfig(run_dir=str(work)))  # before its data is written into it
     config = FederationConfig(
@@ -96,7 +97,8 @@ def federated(args) -> None:
     with round_progress(console, args.rounds, description) as on_round:
         rounds = simulate(config, on_round=on_round)
     console.print(rounds_table(rounds, title="rounds: held-out loss with base / shared / shared+personal"))
-    user = "user001"
+    index = min(1, args.users - 1)  # the second user, or the only one
+    user = f"user{index:03d}"
     me = Personalizer.load(
         user_id=user,
         store=Path(config.node_store_root) / user,
@@ -105,7 +107,7 @@ def federated(args) -> None:
     )
     compare(
         me,
-        user_dataset(1, args.examples, test_size=EVAL_SIZE),
+        user_dataset(index, args.examples, test_size=EVAL_SIZE),
         f"{user}, personal prefix unlocked from its encrypted store",
     )
 
@@ -131,14 +133,17 @@ def local(args) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=DEFAULT_BASE)
-    parser.add_argument("--users", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=10)
-    parser.add_argument("--examples", type=int, default=40, help="rows per user")
+    parser.add_argument("--users", type=positive, default=4)
+    parser.add_argument("--rounds", type=positive, default=3)
+    parser.add_argument("--local-steps", type=positive, default=10)
+    parser.add_argument("--examples", type=positive, default=40, help="rows per user")
     parser.add_argument("--out", default="runs/demo", help="run folder and node stores")
     parser.add_argument("--local", action="store_true", help="one device, no federation")
     args = parser.parse_args(argv)
-    local(args) if args.local else federated(args)
+    try:
+        local(args) if args.local else federated(args)
+    except FedPrefixError as exc:  # one line, as the CLI's (a refused folder, a failed federation)
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

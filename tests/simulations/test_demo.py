@@ -21,13 +21,37 @@ def test_the_demo_run_folder_is_one_simulate_may_run_into_again(tmp_path, monkey
     simulate_module.check_run_folder(FederationConfig(base="tiny-llama", num_users=4, num_rounds=3, run_dir=str(out)))
 
 
-def test_the_demo_never_empties_a_folder_no_run_made(tmp_path):
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "mine.jsonl").write_text("{}\n")
-    (tmp_path / "pyproject.toml").write_text("")  # say, a checkout
+@pytest.mark.parametrize(
+    "layout", [("data/mine.jsonl", "pyproject.toml"), ("run/notes.txt", "data/thesis.txt"), ("data/x",)]
+)
+def test_the_demo_never_empties_a_folder_no_run_made(tmp_path, layout):
+    """A checkout, a folder with a run/ of its own (once taken for an old demo's), one with data/ alone."""
+    for name in layout:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}\n")
     with pytest.raises(SystemExit, match="no run made"):
         demo.main(["--base", "tiny-llama", "--out", str(tmp_path)])
-    assert (tmp_path / "data" / "mine.jsonl").is_file()
+    assert all((tmp_path / name).is_file() for name in layout)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({name.split("/")[0] for name in layout})  # no mark
+
+
+@pytest.mark.parametrize("flag", ["--users", "--rounds", "--local-steps", "--examples"])
+def test_the_demo_refuses_counts_below_one_before_touching_anything(tmp_path, flag, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        demo.main(["--base", "tiny-llama", flag, "0", "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2 and "'0' is not a whole number of at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_one_user_demo_unlocks_that_user(tmp_path, monkeypatch):
+    """The demo unlocked user001 whatever --users said: with one user it failed after the federation."""
+    unlocked = []
+    monkeypatch.setattr(demo, "simulate", lambda config, on_round: [])
+    monkeypatch.setattr(demo.Personalizer, "load", lambda **kw: unlocked.append(kw["user_id"]) or "me")
+    monkeypatch.setattr(demo, "compare", lambda me, data, title: None)
+    argv = ["--base", "tiny-llama", "--users", "1", "--rounds", "1", "--examples", "6"]
+    demo.main([*argv, "--out", str(tmp_path / "d")])
+    assert unlocked == ["user000"]
 
 
 def test_the_demo_reruns_into_its_folder_after_a_ctrl_c_before_any_record(tmp_path, monkeypatch):
