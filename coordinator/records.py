@@ -15,7 +15,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fedprefix.common.errors import FedPrefixError, first_error
 from fedprefix.common.files import atomic_write_bytes, read_regular
@@ -42,6 +42,18 @@ Loss = Annotated[float | None, BeforeValidator(_finite_or_none)]  # a diverged (
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 UnixTime = Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
+RunStatus = Literal["running", "finished", "failed", "interrupted"]  # a page's header and poll read it
+
+
+def _finite_json(value):
+    """`value` (parsed JSON) with every NaN or infinite number read as missing (None)."""
+    try:  # the encoder writes them as NaN / Infinity tokens, which parse_constant then replaces
+        return json.loads(json.dumps(value), parse_constant=lambda _: None)
+    except (RecursionError, TypeError, ValueError) as exc:
+        raise ValueError(f"not plain JSON: {type(exc).__name__}") from None
+
+
+FiniteDict = Annotated[dict, BeforeValidator(_finite_json)]
 
 
 class Rejection(BaseModel):
@@ -88,13 +100,13 @@ class RunInfo(BaseModel):
     """run.json."""
 
     run_id: str
-    status: str  # running, finished, failed
-    config: dict
+    status: RunStatus
+    config: FiniteDict
     base: str
     base_fingerprint: str
     shared_prefix_parameters: Count
     compute_dtype: str | None = None  # what config dtype resolved to on the coordinator's host
-    host: dict | None = None  # the coordinator's host (common.precision.HostInfo); simulated nodes share it
+    host: FiniteDict | None = None  # the coordinator's host (common.precision.HostInfo); simulated nodes share it
     started: UnixTime
     ended: UnixTime | None = None
     error: str | None = None
@@ -109,9 +121,10 @@ class RunRecorder:
 
     @classmethod
     def start(cls, run_dir: str | os.PathLike, info: RunInfo) -> RunRecorder:
-        """A fresh run folder: `info`, and no rounds."""
+        """A fresh run folder: `info`, and no rounds (nor an earlier run's shared prefix)."""
         recorder = cls(run_dir, info)
         recorder.dir.mkdir(parents=True, exist_ok=True)
+        clear_run_outputs(recorder.dir)
         (recorder.dir / ROUNDS_FILE).write_text("")
         recorder._write_info()
         return recorder
@@ -191,6 +204,13 @@ def read_run(run_dir: str | os.PathLike) -> tuple[RunInfo, list[RoundRecord], li
     if len(problems) > MAX_PROBLEMS:  # each is printed, and a page that lists them is polled
         problems[MAX_PROBLEMS:] = [f"{rounds_path}: {len(problems) - MAX_PROBLEMS} more unreadable lines"]
     return info, rounds, problems
+
+
+def clear_run_outputs(run_dir: Path) -> None:
+    """Remove what a run writes into its folder (record, rounds, shared prefix): a rerun into the
+    folder must not pass off an earlier run's shared prefix or rounds as its own, even if it fails."""
+    for name in (RUN_FILE, ROUNDS_FILE, SHARED_PREFIX_FILE):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def save_shared_prefix(arrays, run_dir: str | os.PathLike) -> None:

@@ -40,7 +40,16 @@ from fedprefix.common.resources import available_memory, usable_cores
 
 from .node_sizing import NodePlan, plan_for_machine, plan_nodes
 from .processes import OwnedProcesses, owned_processes
-from .records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunFolderError, end_unfinished, read_info, read_run
+from .records import (
+    ROUNDS_FILE,
+    RUN_FILE,
+    RoundRecord,
+    RunFolderError,
+    clear_run_outputs,
+    end_unfinished,
+    read_info,
+    read_run,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +270,7 @@ def simulate(
         }
     )
     run_dir = Path(config.run_dir)  # made by claim_run_folder
-    (run_dir / RUN_FILE).unlink(missing_ok=True)
+    clear_run_outputs(run_dir)
     log_file = run_dir / "flower.log"
     try:
         returncode = _run_federation(config, clientapp, verbose, plan, log_file, on_round)

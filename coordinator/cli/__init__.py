@@ -29,7 +29,7 @@ def run() -> None:
         _, run_app = _load_commands()
     except KeyboardInterrupt:
         sys.stderr.write("aborted\n")
-        raise SystemExit(1) from None
+        raise SystemExit(130) from None  # as main.INTERRUPTED (not imported: the import is what stopped)
     run_app()
 
 

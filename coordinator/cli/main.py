@@ -27,6 +27,7 @@ app = typer.Typer(
 )
 
 _state = {"debug": False}
+INTERRUPTED = 130  # the exit code of a command Ctrl-C or SIGTERM stopped (the shell's for SIGINT)
 DTYPE_HELP = (
     "Compute dtype: auto (bfloat16 only where this hardware computes it natively and faster), float32, bfloat16."
 )
@@ -84,7 +85,8 @@ def run() -> None:
     """The console entry point: an error nobody caught is still one line (the traceback with --debug).
 
     Click's own handling is off (standalone_mode=False) so that a bad option or value is one
-    line too, not a usage box; its exit codes stay: 2 for usage, 1 for Ctrl-C at a prompt.
+    line too, not a usage box; its exit codes stay: 2 for usage, and 130 (the shell's for SIGINT)
+    with "aborted" wherever Ctrl-C or SIGTERM stopped a command.
     """
     try:
         code = app(standalone_mode=False, prog_name="fedprefix")
@@ -94,15 +96,16 @@ def run() -> None:
         where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
         _print_error(exc.format_message(), where)
         raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Abort:  # Ctrl-C outside a command's own handling
-        err_console.print("aborted", highlight=False)
-        raise SystemExit(1) from None
+    except click.exceptions.Abort:  # Ctrl-C while the commands load, or at a prompt
+        code = INTERRUPTED
     except Exception as exc:  # errors from dependencies too (a missing package, a refused file)
         if _state["debug"]:
             raise
         named = exc if isinstance(exc, FedPrefixError) else f"{type(exc).__name__}: {exc}"
         _print_error(named, " (run with --debug for the traceback)")
         raise SystemExit(1) from None
+    if code == INTERRUPTED:  # typer ends a command that Ctrl-C or SIGTERM stopped so: say why
+        err_console.print("aborted", highlight=False)
     raise SystemExit(code if isinstance(code, int) else 0)  # typer.Exit(code), e.g. fail(): 1; as click's own exit
 
 

@@ -114,7 +114,7 @@ def _size(n: int) -> str:
 
 
 def _info_table(infos: list[StoredPrefixInfo], title: str) -> Table:
-    table = Table(title=title)
+    table = Table(title=Text(printable(title)))  # names a path or a user: not markup
     columns = ("user", "base", "L×H×D", "P", "proj", "dtype", "counter", "parts", "key id", "kdf", "size", "modified")
     for column in columns:
         table.add_column(column)

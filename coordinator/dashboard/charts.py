@@ -38,7 +38,7 @@ def line_chart(
         parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data yet</text></svg>')
         return "".join(parts)
     low, high = min(values), max(values)
-    if high == low:  # a flat series: give it a visible band around its value (within floats)
+    if high / 2 - low / 2 == 0:  # flat (or apart by less than y() can divide by): a visible band (within floats)
         pad = max(abs(low) * 0.05, 0.5)
         low, high = max(low - pad, -sys.float_info.max), min(high + pad, sys.float_info.max)
     first, last = min(rounds), max(rounds)

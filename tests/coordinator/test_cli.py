@@ -63,13 +63,16 @@ def test_store_commands_share_the_error_printer_and_debug(monkeypatch, capsys, t
 
 
 def test_store_list_prints_file_names_as_written_not_as_markup_or_escape_codes(monkeypatch, capsys, tmp_path):
-    (tmp_path / "[bold red]boom.fpx").write_bytes(b"not a prefix")
-    (tmp_path / "\x1b[2Jclear.fpx").write_bytes(b"not a prefix")
+    store = tmp_path / "odd[" / "b]"  # the folder's own name in the title: `closing tag '[/b]'` failed the command
+    store.mkdir(parents=True)
+    (store / "[bold red]boom.fpx").write_bytes(b"not a prefix")
+    (store / "\x1b[2Jclear.fpx").write_bytes(b"not a prefix")
     with pytest.raises(SystemExit) as exit_:
-        _run(monkeypatch, "store", "list", "--store", str(tmp_path))
+        _run(monkeypatch, "store", "list", "--store", str(store))
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "[bold red]boom" in out and "\\x1b[2Jclear" in out and "\x1b" not in out, out
+    assert "odd[/b]" in "".join(out.split()), out
 
 
 def test_simulate_checks_the_data_folder_before_starting(monkeypatch, capsys, tmp_path):
@@ -244,7 +247,7 @@ def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_load_commands", interrupted)
     with pytest.raises(SystemExit) as exit_:
         _run(monkeypatch, "runs")
-    assert exit_.value.code == 1 and capsys.readouterr().err == "aborted\n"
+    assert exit_.value.code == 130 and capsys.readouterr().err == "aborted\n"
 
 
 @pytest.mark.parametrize(

@@ -271,6 +271,31 @@ def test_show_reads_extreme_losses_as_runs_and_the_dashboard_do(runs, tmp_path):
         assert shown.exit_code == 0 and "personalization gain" in shown.output, shown.output
 
 
+def test_records_json_cannot_render_and_losses_apart_by_a_subnormal_still_give_pages(runs, tmp_path):
+    """NaN or 1e999 in a record's config or host made /api/runs/ID answer 500 (JSON has no NaN); a
+    free-text status broke the panel's X-Run-Status header; losses 5e-324 apart divided by zero."""
+    info = json.loads((runs / "tiny" / "run.json").read_text())
+    for name, text in {
+        "nonfinite": json.dumps({**info, "config": {**info["config"], "lr": float("nan")}})[:-1]
+        + ', "host": {"x": 1e999}}',
+        "arrow": json.dumps({**info, "status": "runn\u2192ing\r\nX-Evil: 1"}),
+    }.items():
+        shutil.copytree(runs / "tiny", tmp_path / name)
+        (tmp_path / name / "run.json").write_text(text)
+    _with_losses(runs, tmp_path, "subnormal", eval_loss_base=[1.5e-323, 2e-323])
+    client = TestClient(create_dashboard(tmp_path))
+    for run in ("nonfinite", "subnormal"):
+        for path in (f"/runs/{run}", f"/runs/{run}/panel", f"/api/runs/{run}", f"/api/runs/{run}/rounds"):
+            assert client.get(path).status_code == 200, path
+    record = client.get("/api/runs/nonfinite").json()["run"]
+    assert record["config"]["lr"] is None and record["host"] == {"x": None}
+    listed = {r["id"]: r for r in client.get("/api/runs").json()}
+    assert listed["arrow"]["status"] == "unreadable" and "status" in listed["arrow"]["problems"][0]
+    assert client.get("/runs/arrow/panel").status_code == 404
+    shown = runner.invoke(app, ["show", "nonfinite", "--runs", str(tmp_path), "--json"])
+    assert shown.exit_code == 0 and "NaN" not in shown.output and "Infinity" not in shown.output
+
+
 def test_show_takes_the_run_id_under_runs_before_a_same_named_folder_here(runs, tmp_path, monkeypatch):
     (tmp_path / "tiny").mkdir()  # not a run: a folder that happens to share the id
     monkeypatch.chdir(tmp_path)

@@ -89,7 +89,7 @@ def test_interrupted_simulation_leaves_no_process(tmp_path, sig):
         signalled = time.monotonic()
         output = cli.communicate(timeout=90)[0].decode()  # ~6 s here
         print(f"exited {time.monotonic() - signalled:.1f} s after {sig.name}; output tail:\n{output[-600:]}")
-        assert cli.returncode != 0, output[-2000:]
+        assert cli.returncode == 130 and "aborted" in output, output[-2000:]  # the shell's code for SIGINT
         left = _marked(mark) + [p for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert not left, f"still running after exit:\n{_describe(left)}"
         time.sleep(3)
@@ -258,9 +258,13 @@ def test_each_run_keeps_its_nodes_stores_in_its_own_folder(tmp_path, monkeypatch
         simulate_module.simulate(config)
     (stores / "user001").mkdir()
     (stores / "user001" / "user001.fpx").write_bytes(b"an earlier run's prefix")
-    with pytest.raises(RuntimeError, match="stop before Flower"):  # a rerun starts afresh
+    outputs = ("run.json", "rounds.jsonl", "shared_prefix.safetensors")  # a shared run's, say
+    for name in outputs:
+        (run_dir / name).write_bytes(b"an earlier run's")
+    with pytest.raises(RuntimeError, match="stop before Flower"):  # a rerun starts afresh, even one that fails
         simulate_module.simulate(config)
     assert not (stores / "user001").exists() and (stores / simulate_module.SIMULATION_MARK).is_file()
+    assert not any((run_dir / name).exists() for name in outputs)  # never passed off as this run's
     mine = tmp_path / "mine"
     (mine / "user001").mkdir(parents=True)
     with pytest.raises(RuntimeError, match="stop before Flower"):  # a store root the user chose is never removed
@@ -347,3 +351,18 @@ def test_a_node_process_that_died_is_named_beside_what_the_rounds_recorded(tmp_p
     assert "--users-per-round" in message and "ActorDiedError" in caplog.text
     info = read_run(run_dir)[0]
     assert info.status == "failed" and "a node's process died" in info.error
+
+
+def test_a_deployment_run_into_an_earlier_runs_folder_starts_without_its_shared_prefix(tmp_path):
+    """`flwr run` on a Deployment Engine writes its folder through RunRecorder.start alone."""
+    from fedprefix.coordinator.records import RunInfo, RunRecorder, load_shared_prefix, read_run
+
+    (tmp_path / "shared_prefix.safetensors").write_bytes(b"an earlier shared run's")
+    (tmp_path / "rounds.jsonl").write_text('{"round": 1}\n')
+    info = RunInfo(
+        run_id="r", status="running", config={}, base="b", base_fingerprint="f", shared_prefix_parameters=0, started=1.0
+    )
+    RunRecorder.start(tmp_path, info)
+    with pytest.raises(Exception, match="no shared_prefix.safetensors"):
+        load_shared_prefix(tmp_path)
+    assert read_run(tmp_path)[1] == []
