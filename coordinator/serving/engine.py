@@ -82,6 +82,8 @@ class Engine:
     ) -> None:
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}")
+        if store is not None and not isinstance(store, PrefixStore):  # a folder's name, say: never created here
+            raise TypeError(f"store must be a PrefixStore (fedprefix.common.store), e.g. PrefixStore({str(store)!r})")
         self.base = base
         self.model, self.tokenizer = base.model, base.tokenizer
         self.store = store

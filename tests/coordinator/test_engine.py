@@ -267,3 +267,10 @@ def test_the_engines_decoder_gives_the_tokenizers_text():
     ids = cleaned("hello, world! it's me.", add_special_tokens=False).input_ids
     assert text_decoder(cleaned)(ids) == cleaned.decode(ids, skip_special_tokens=True) == "hello, world! it's me."
     assert cleaned.backend_tokenizer.decode(ids) != "hello, world! it's me."  # the clean-up is what differs
+
+
+def test_a_store_given_as_a_folder_name_is_refused_by_name(served, tmp_path):
+    base, _ = served
+    with pytest.raises(TypeError, match=r"store must be a PrefixStore .*PrefixStore\('st'\)"):
+        Engine(base, "st")
+    assert not (tmp_path / "st").exists()
