@@ -98,7 +98,10 @@ class PromptCache:
             return
         # A request that ran behind a prefix since replaced finishes after its user's newer ones
         # stored their KV: it must neither keep its own (never matched again) nor free theirs.
-        current = owner.version if self.current_version is None else self.current_version(owner.user)
+        try:
+            current = owner.version if self.current_version is None else self.current_version(owner.user)
+        except OSError:  # the store's folder unreadable now: keep nothing rather than fail the step
+            return
         with self._lock:
             self._drop_stale(owner.user, current)
             if owner.version != current:

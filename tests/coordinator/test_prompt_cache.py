@@ -66,6 +66,13 @@ def test_a_request_of_a_replaced_prefix_that_finishes_late_keeps_nothing_and_fre
     cache.store(Owner("alice", b"other key", (3,)), [9, 9], kv(2))
     assert cache.stats.entries == 1 and cache.match(retrained, [5, 6, 0])[0] == 0
 
+    def unreadable(user):
+        raise PermissionError(f"store folder of {user}")
+
+    cache.current_version = unreadable  # nothing is kept, and nothing raises into the engine's step
+    cache.store(Owner("alice", b"a", (3,)), [4], kv(1))
+    assert cache.stats.entries == 1
+
 
 def test_extending_entries_replace_covered_ones_and_bytes_stay_bounded():
     one = kv(1).numel() * 4  # bytes per token slot
