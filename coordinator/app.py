@@ -44,12 +44,12 @@ def run_federation(grid: Grid, config: FederationConfig) -> None:
         run_id=uuid.uuid4().hex[:12],
         status="running",
         # the simulation key seed is a secret; personal_init as it ran ("auto" resolved)
-        config=config.model_dump(exclude={"key_seed"}) | {"personal_init": config.personal_recipe},
+        config=config.model_dump(mode="json", exclude={"key_seed"}) | {"personal_init": config.personal_recipe},
         base=config.base,
         base_fingerprint=base.fingerprint,
         shared_prefix_parameters=sum(int(torch.tensor(a.shape).prod()) for a in arrays.values()),
         compute_dtype=dtype_name(resolve_dtype(config.dtype, base.device)),
-        host=host_info(base.device).model_dump(),
+        host=host_info(base.device).model_dump(mode="json"),
         started=time.time(),
     )
     recorder = RunRecorder.start(config.run_dir, info)
