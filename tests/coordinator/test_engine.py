@@ -269,8 +269,9 @@ def test_the_engines_decoder_gives_the_tokenizers_text():
     assert cleaned.backend_tokenizer.decode(ids) != "hello, world! it's me."  # the clean-up is what differs
 
 
-def test_a_store_given_as_a_folder_name_is_refused_by_name(served, tmp_path):
+def test_a_store_given_as_a_folder_name_is_refused_by_name(served, tmp_path, monkeypatch):
     base, _ = served
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(TypeError, match=r"store must be a PrefixStore .*PrefixStore\('st'\)"):
         Engine(base, "st")
     assert not (tmp_path / "st").exists()
