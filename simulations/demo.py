@@ -22,8 +22,7 @@ from fedprefix.client.node import simulation_key
 from fedprefix.common.base_model import DEFAULT_BASE, load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.errors import FedPrefixError
-from fedprefix.coordinator.records import RUN_FILE
-from fedprefix.coordinator.simulate import check_run_folder, claim_run_folder, made_by_a_run, simulate
+from fedprefix.coordinator.simulate import check_run_folder, claim_run_folder, simulate
 from fedprefix.coordinator.views import make_console, round_progress, rounds_table
 from fedprefix.simulations.arguments import positive
 from fedprefix.simulations.personas import (
@@ -66,14 +65,14 @@ def compare(me: Personalizer, data: dict, title: str) -> None:
 
 def federated(args) -> None:
     work = Path(args.out)
-    # A demo starts fresh (no data or prefixes of an earlier run), but removes nothing before it
-    # knows the folder is a run's and every check passed: `--out .` must not take a checkout's data/.
-    if work.is_dir() and any(work.iterdir()) and not made_by_a_run(work):
-        raise SystemExit(f"error: --out {work}: a folder that no run made (no {RUN_FILE}); choose another")
-    check_run_folder(FederationConfig(run_dir=str(work)))
+    # A demo starts fresh (no data or prefixes of an earlier run), but removes nothing before
+    # check_run_folder has passed, which refuses a folder no run made: `--out .` must not take a
+    # checkout's data/.
+    folder = FederationConfig(run_dir=str(work))
+    check_run_folder(folder)
     for stale in ("stores", "data"):
         shutil.rmtree(work / stale, ignore_errors=True)
-    claim_run_folder(FederationConfig(run_dir=str(work)))  # before its data is written into it
+    claim_run_folder(folder)  # before its data is written into it
     config = FederationConfig(
         base=args.base,
         num_users=args.users,

@@ -29,7 +29,7 @@ def test_the_demo_never_empties_a_folder_no_run_made(tmp_path, layout):
     for name in layout:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("{}\n")
-    with pytest.raises(SystemExit, match="no run made"):
+    with pytest.raises(SystemExit, match="no fedprefix run made"):
         demo.main(["--base", "tiny-llama", "--out", str(tmp_path)])
     assert all((tmp_path / name).is_file() for name in layout)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({name.split("/")[0] for name in layout})  # no mark
