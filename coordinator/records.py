@@ -124,7 +124,8 @@ class RunRecorder:
         """A fresh run folder: `info`, and no rounds (nor an earlier run's shared prefix)."""
         recorder = cls(run_dir, info)
         recorder.dir.mkdir(parents=True, exist_ok=True)
-        clear_run_outputs(recorder.dir)
+        # rounds are emptied and the record replaced atomically just below; only the prefix goes
+        (recorder.dir / SHARED_PREFIX_FILE).unlink(missing_ok=True)
         (recorder.dir / ROUNDS_FILE).write_text("")
         recorder._write_info()
         return recorder

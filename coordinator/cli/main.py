@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 
 _state = {"debug": False}
-INTERRUPTED = 130  # the exit code of a command Ctrl-C or SIGTERM stopped (the shell's for SIGINT)
+INTERRUPTED = 130  # the exit code of a command Ctrl-C stopped (the shell's for SIGINT; simulate's SIGTERM too)
 DTYPE_HELP = (
     "Compute dtype: auto (bfloat16 only where this hardware computes it natively and faster), float32, bfloat16."
 )
@@ -86,7 +86,7 @@ def run() -> None:
 
     Click's own handling is off (standalone_mode=False) so that a bad option or value is one
     line too, not a usage box; its exit codes stay: 2 for usage, and 130 (the shell's for SIGINT)
-    with "aborted" wherever Ctrl-C or SIGTERM stopped a command.
+    with "aborted" where Ctrl-C stopped a command (SIGTERM too, within simulate).
     """
     try:
         code = app(standalone_mode=False, prog_name="fedprefix")
@@ -104,7 +104,7 @@ def run() -> None:
         named = exc if isinstance(exc, FedPrefixError) else f"{type(exc).__name__}: {exc}"
         _print_error(named, " (run with --debug for the traceback)")
         raise SystemExit(1) from None
-    if code == INTERRUPTED:  # typer ends a command that Ctrl-C or SIGTERM stopped so: say why
+    if code == INTERRUPTED:  # typer ends a command that KeyboardInterrupt stopped so: say why
         err_console.print("aborted", highlight=False)
     raise SystemExit(code if isinstance(code, int) else 0)  # typer.Exit(code), e.g. fail(): 1; as click's own exit
 
