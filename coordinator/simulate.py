@@ -272,6 +272,7 @@ def simulate(
     run_dir = Path(config.run_dir)  # made by claim_run_folder
     clear_run_outputs(run_dir)
     log_file = run_dir / "flower.log"
+    log_file.unlink(missing_ok=True)  # appended to while it runs: an earlier run's dead node is not this run's
     try:
         returncode = _run_federation(config, clientapp, verbose, plan, log_file, on_round)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every process is stopped; the record says so
@@ -385,12 +386,27 @@ def made_by_a_run(folder: Path) -> bool:
 def _fresh_node_stores(folder: Path) -> None:
     """An empty folder for the run's node stores. What an earlier simulation left there goes
     (its mark says so); a folder that no simulation made is never touched (check_run_folder)."""
-    if folder.exists():
-        shutil.rmtree(folder)
+    remove_node_stores(folder)
     folder.mkdir(parents=True)
     (folder / SIMULATION_MARK).write_text(
         "node stores of a fedprefix simulation: the next run into this folder removes them\n"
     )
+
+
+def remove_node_stores(folder: Path) -> None:
+    """Remove a simulation's node stores, their mark last: a removal stopped midway (Ctrl-C)
+    leaves a folder the next run still knows as a simulation's, and so may empty."""
+    if not folder.exists():
+        return
+    for child in folder.iterdir():
+        if child.name == SIMULATION_MARK:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    (folder / SIMULATION_MARK).unlink(missing_ok=True)
+    folder.rmdir()
 
 
 def require_accepted(rounds: list[RoundRecord], run_dir: Path) -> None:

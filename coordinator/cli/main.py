@@ -96,7 +96,10 @@ def run() -> None:
         where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
         _print_error(exc.format_message(), where)
         raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Abort:  # Ctrl-C while the commands load, or at a prompt
+    except click.exceptions.Abort as exc:  # Ctrl-C while the commands load, or Ctrl-C / Ctrl-D at a prompt
+        if isinstance(exc.__context__, EOFError):  # the input ended: nothing was interrupted, nothing given
+            _print_error("the input ended at a prompt (Ctrl-D): nothing was done", "")
+            raise SystemExit(1) from None
         code = INTERRUPTED
     except Exception as exc:  # errors from dependencies too (a missing package, a refused file)
         if _state["debug"]:

@@ -251,6 +251,25 @@ def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize(
+    ("typed", "code", "err"), [(EOFError, 1, "error: the input ended at a prompt"), (KeyboardInterrupt, 130, "aborted")]
+)
+def test_ctrl_d_at_the_passphrase_prompt_is_an_error_and_ctrl_c_aborts(monkeypatch, capsys, tmp_path, typed, code, err):
+    """Ctrl-D ends the input (exit 1, as any refused command); only Ctrl-C is an interruption (130)."""
+    import click.termui
+
+    def at_the_prompt(prompt):
+        raise typed
+
+    (tmp_path / "store").mkdir()
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(click.termui, "hidden_prompt_func", at_the_prompt)
+    with pytest.raises(SystemExit) as exit_:
+        _run(monkeypatch, "store", "verify", "alice", "--store", str(tmp_path / "store"))
+    assert exit_.value.code == code
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(err)
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--users", "100000"], "--users 100000 x --examples up to 200: the simulated personas hold at most"),

@@ -258,7 +258,7 @@ def test_each_run_keeps_its_nodes_stores_in_its_own_folder(tmp_path, monkeypatch
         simulate_module.simulate(config)
     (stores / "user001").mkdir()
     (stores / "user001" / "user001.fpx").write_bytes(b"an earlier run's prefix")
-    outputs = ("run.json", "rounds.jsonl", "shared_prefix.safetensors")  # a shared run's, say
+    outputs = ("run.json", "rounds.jsonl", "shared_prefix.safetensors", "flower.log")  # a shared run's, say
     for name in outputs:
         (run_dir / name).write_bytes(b"an earlier run's")
     with pytest.raises(RuntimeError, match="stop before Flower"):  # a rerun starts afresh, even one that fails
@@ -366,3 +366,34 @@ def test_a_deployment_run_into_an_earlier_runs_folder_starts_without_its_shared_
     with pytest.raises(Exception, match="no shared_prefix.safetensors"):
         load_shared_prefix(tmp_path)
     assert read_run(tmp_path)[1] == []
+
+
+def test_node_stores_removal_stopped_midway_leaves_a_folder_the_next_run_may_empty(tmp_path, monkeypatch):
+    """Ctrl-C inside the removal of an earlier run's node stores: the folder keeps its mark
+    (removed last), so the rerun is not refused as "no simulation made it" and empties it."""
+    from fedprefix.coordinator import simulate as simulate_module
+
+    config = FederationConfig(run_dir=str(tmp_path / "run"))
+    stores = Path(config.node_store_root)
+    for user in ("user000", "user001", "user002"):
+        (stores / user).mkdir(parents=True)
+        (stores / user / f"{user}.fpx").write_bytes(b"an earlier run's prefix")
+    (stores / simulate_module.SIMULATION_MARK).write_text("made by a simulation\n")
+    real_rmtree = simulate_module.shutil.rmtree
+    removed = []
+
+    def interrupted_after_one(path, *args, **kwargs):
+        if removed:
+            raise KeyboardInterrupt
+        removed.append(path)
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(simulate_module.shutil, "rmtree", interrupted_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        simulate_module.remove_node_stores(stores)
+    monkeypatch.setattr(simulate_module.shutil, "rmtree", real_rmtree)
+    assert len(removed) == 1 and (stores / simulate_module.SIMULATION_MARK).is_file()
+    simulate_module.check_run_folder(config)  # not refused
+    simulate_module.remove_node_stores(stores)
+    assert not stores.exists()
+    simulate_module.remove_node_stores(stores)  # nothing there: nothing to do
