@@ -227,7 +227,7 @@ def _serve_replicas(options: dict) -> None:
                 "prefix_cache_mib": options["cache_mib"],
                 "replica_cpus": options["replica_cpus"] or (cores / count if local else 1.0),
                 "torch_threads": max(1, cores // count) if local else 1,
-                "kv_cache_mib": options["kv_cache_mib"] or (_kv_share_mib(options, count) if local else None),
+                "replicas_per_machine": count if local else 1,
             }
         )
         resolve_dtype(settings.dtype)
@@ -235,6 +235,8 @@ def _serve_replicas(options: dict) -> None:
         fail(FedPrefixError(f"invalid serving setting: {exc}"))
     except FedPrefixError as exc:
         fail(exc)
+    if local:  # a cluster's nodes are its owner's to size
+        _check_replicas_fit(settings, count)
     host, port = options["host"], options["port"]
     if not local:  # serve() checked a local one: Serve's proxy would only log a taken port, and never answer
         require_free_port(host, port)
@@ -260,15 +262,17 @@ def _serve_replicas(options: dict) -> None:
     replicas.shutdown(local=local)
 
 
-def _kv_share_mib(options: dict, count: int) -> int | None:
-    """Each of `count` replicas on this machine: its share of the KV budget one server would get
-    (they start at once, and each would see the same free memory); None where that is unknown."""
-    import torch
-    from fedprefix.coordinator.serving.kv_budget import MIB, auto_budget_bytes
+def _check_replicas_fit(settings, count: int) -> None:
+    """One line, before Ray starts, where `count` replicas of the base would not fit in the memory free."""
+    from fedprefix.common.base_model import parameter_count
+    from fedprefix.common.resources import available_memory
+    from fedprefix.coordinator.serving.replica_sizing import check_replicas_fit
 
-    held = count * ((options["cache_mib"] + options["prompt_cache_mib"]) << 20)
-    total = auto_budget_bytes(torch.device("cpu"), held)
-    return None if total is None else max(1, total // count // MIB)
+    try:
+        caches = settings.prefix_cache_mib + settings.prompt_cache_mib
+        check_replicas_fit(count, parameter_count(settings.base), caches, available_memory())
+    except FedPrefixError as exc:  # the base not fetched, say, or too many replicas
+        fail(exc)
 
 
 def _require_ray_token() -> None:

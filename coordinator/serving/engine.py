@@ -61,7 +61,9 @@ class Engine:
     (scheduler.py); `max_queue_per_user` (default: max_queue) caps one user's waiting
     requests, anonymous ones counting as one user. Passphrase unlocks run under
     `unlock_guard` (unlock.py). A request that fails (a bad row, a cancelled one) leaves
-    the batch alone; its batch mates go on.
+    the batch alone; its batch mates go on. `kv_cache_bytes` bounds the running batch's KV
+    (kv_budget.py; None: a share of the memory free at start, split among `kv_cache_sharers`
+    engines started alike on this machine).
     """
 
     def __init__(
@@ -79,9 +81,12 @@ class Engine:
         prompt_cache_bytes: int = 256 << 20,
         cuda_graphs: bool = True,
         kv_cache_bytes: int | None = None,
+        kv_cache_sharers: int = 1,
     ) -> None:
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}")
+        if kv_cache_sharers < 1:
+            raise ValueError(f"kv_cache_sharers must be at least 1, got {kv_cache_sharers}")
         if store is not None and not isinstance(store, PrefixStore):  # a folder's name, say: never created here
             raise TypeError(f"store must be a PrefixStore (fedprefix.common.store), e.g. PrefixStore({str(store)!r})")
         self.base = base
@@ -107,7 +112,7 @@ class Engine:
             else None
         )
         self.context_length = context_length(self.model)
-        self.kv_budget = self._kv_budget(kv_cache_bytes, prefix_cache_bytes, prompt_cache_bytes)
+        self.kv_budget = self._kv_budget(kv_cache_bytes, prefix_cache_bytes, prompt_cache_bytes, kv_cache_sharers)
         self.bos = chat.leading_bos(self.tokenizer)  # before a text prompt, as Personalizer.fit and generate put it
         self.max_batch_size = max_batch_size
         self._forward = serving_forward(self.model, max_batch_size, cuda_graphs)
@@ -129,9 +134,12 @@ class Engine:
             base, self._forward, self.stats, eos, self.prompts, max_prefill_tokens, max_batch_size, self.kv_budget
         )
 
-    def _kv_budget(self, chosen: int | None, prefix_cache_bytes: int, prompt_cache_bytes: int) -> KvBudget:
+    def _kv_budget(
+        self, chosen: int | None, prefix_cache_bytes: int, prompt_cache_bytes: int, sharers: int
+    ) -> KvBudget:
         """`chosen` bytes for the running batch's KV, or (None) a share of the memory free now,
-        never less than one row of the base's whole context."""
+        split among `sharers` engines alike on this machine (replicas, which start at once and
+        each see the same free memory), never less than one row of the base's whole context."""
         slot = slot_bytes(self.model.config, self.base.dtype)
         if chosen is not None:
             budget = KvBudget.of_bytes(chosen, slot)
@@ -143,8 +151,8 @@ class Engine:
                 )
             return budget
         held = (prefix_cache_bytes if self.prefixes is not None else 0) + (prompt_cache_bytes if self.prompts else 0)
-        free_share = auto_budget_bytes(torch.device(self.base.device), held)
-        auto = KvBudget.of_bytes(FALLBACK_BYTES if free_share is None else free_share, slot)
+        free_share = auto_budget_bytes(torch.device(self.base.device), sharers * held)
+        auto = KvBudget.of_bytes((FALLBACK_BYTES if free_share is None else free_share) // sharers, slot)
         one_row = KvBudget.row_slots(self.context_length) if self.context_length else 0
         return auto if auto.slots >= one_row else KvBudget(one_row, slot)
 

@@ -81,6 +81,7 @@ class ReplicaSettings(BaseModel):
     prefix_cache_mib: int = Field(1024, ge=0)
     prompt_cache_mib: int = Field(256, ge=0)  # users' prompt KV (0: off)
     kv_cache_mib: int | None = Field(None, ge=1)  # the running batch's KV (None: from the memory free at start)
+    replicas_per_machine: int = Field(1, ge=1)  # replicas splitting one machine's free memory for that KV
     max_prefill_tokens: int = Field(2048, ge=1)  # chunked prefill: prompt tokens per step
     static_batching: bool = False
     max_prompts: int = Field(16, ge=1)
@@ -190,6 +191,7 @@ class EngineReplica:
             max_prefill_tokens=s.max_prefill_tokens,
             prompt_cache_bytes=s.prompt_cache_mib << 20,
             kv_cache_bytes=None if s.kv_cache_mib is None else s.kv_cache_mib << 20,
+            kv_cache_sharers=s.replicas_per_machine,
         ).start()
         self.app = create_app(self.engine, s.model_name, s.limits)
         self.dtype = dtype_name(loaded.dtype)

@@ -128,16 +128,22 @@ def test_the_default_budget_is_a_share_of_free_memory_and_holds_one_full_context
             Engine(base, store=store, kv_cache_bytes=hopeless)
 
 
-def test_replicas_on_one_machine_share_the_budget_one_server_would_get(monkeypatch):
-    from fedprefix.coordinator.cli.serve import _kv_share_mib
-
-    options = {"cache_mib": 1024, "prompt_cache_mib": 256}
-    monkeypatch.setattr(kv, "available_memory", lambda: 20 << 30)
-    one = _kv_share_mib(options, 1)
-    assert one == int(((20 << 30) - (1280 << 20)) * kv.AUTO_SHARE) >> 20
-    assert _kv_share_mib(options, 4) == int(((20 << 30) - 4 * (1280 << 20)) * kv.AUTO_SHARE) // 4 >> 20
-    monkeypatch.setattr(kv, "available_memory", lambda: None)
-    assert _kv_share_mib(options, 4) is None  # each replica then falls back on its own
+def test_replicas_on_one_machine_split_the_budget_one_server_would_get_down_to_one_full_row(served, monkeypatch):  # noqa: F811
+    """Replicas start at once and each sees the same free memory: each takes its share of what
+    one server would get (every replica's caches counted), but never less than one row of the
+    base's whole context (a share of a few MiB refused every long prompt)."""
+    base, store = served
+    slot = kv.slot_bytes(base.model.config, base.dtype)
+    caches = (1 << 20) + (2 << 20)
+    monkeypatch.setattr(kv, "available_memory", lambda: 400 << 20)
+    engine = Engine(base, store=store, prefix_cache_bytes=1 << 20, prompt_cache_bytes=2 << 20, kv_cache_sharers=4)
+    assert engine.kv_budget.slots == int(((400 << 20) - 4 * caches) * kv.AUTO_SHARE) // 4 // slot
+    monkeypatch.setattr(kv, "available_memory", lambda: 1 << 20)
+    assert Engine(base, store=store, kv_cache_sharers=4).kv_budget.longest_alone() >= engine.context_length
+    monkeypatch.setattr(kv, "available_memory", lambda: None)  # unreadable: the fixed share, split
+    assert Engine(base, store=store, kv_cache_sharers=2).kv_budget.slots == kv.FALLBACK_BYTES // 2 // slot
+    with pytest.raises(ValueError, match="kv_cache_sharers must be at least 1"):
+        Engine(base, store=store, kv_cache_sharers=0)
 
 
 def test_rows_whose_context_and_last_piece_were_padded_apart_in_a_chunk_stay_within_the_budget(served):  # noqa: F811

@@ -309,6 +309,27 @@ def test_invalid_replica_count_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "'--replicas': 0 is not in the range x>=1" in result.output
 
 
+def test_more_replicas_than_the_memory_holds_are_refused_before_ray_starts(tmp_path, monkeypatch):
+    import ray
+    from fedprefix.common import resources
+    from fedprefix.common.errors import FedPrefixError
+    from fedprefix.coordinator.cli import app
+    from fedprefix.coordinator.serving.replica_sizing import GIB, SERVE_BYTES, check_replicas_fit, replica_memory
+    from typer.testing import CliRunner
+
+    each = replica_memory(134_515_008, 1280)  # the built-in base, default caches
+    assert 2.5 * GIB < each < 3 * GIB
+    check_replicas_fit(2, 134_515_008, 1280, SERVE_BYTES + 2 * each)
+    check_replicas_fit(64, 134_515_008, 1280, None)  # free memory unknown (no /proc): not checked
+    with pytest.raises(FedPrefixError, match=r"3 replicas need about .* is free: at most 2 would fit"):
+        check_replicas_fit(3, 134_515_008, 1280, SERVE_BYTES + 2 * each)
+    monkeypatch.setattr(resources, "available_memory", lambda: 4 * GIB)
+    cli = ["serve", "--base", "tiny-llama", "--store", str(tmp_path), "--replicas", "4", "--port", str(free_port())]
+    result = CliRunner().invoke(app, cli)
+    assert result.exit_code == 1 and "4 replicas need about" in result.output and "--replicas" in result.output
+    assert not ray.is_initialized()
+
+
 def test_merge_sums_families_and_labels_replicas():
     gauge = ("fedprefix_queue_depth", "Requests waiting", "gauge", [("fedprefix_queue_depth", {}, 2.0)])
     reports = [{"replica": "a", "families": [gauge]}, {"replica": "b", "families": [gauge]}]
