@@ -1,4 +1,5 @@
-"""Holding Ctrl-C and SIGTERM off for a few steps that must not stop halfway."""
+"""Holding Ctrl-C and SIGTERM off for a few steps that must not stop halfway, and SIGTERM
+stopping work as Ctrl-C does (so that cleanups run)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,20 @@ def signals_deferred() -> Iterator[list[int]]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, so cleanups run as on Ctrl-C (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -19,13 +19,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterable
 from contextlib import contextmanager
 
 import psutil
-from fedprefix.common.signals import signals_deferred
+from fedprefix.common.signals import signals_deferred, sigterm_as_interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -97,23 +96,6 @@ def _describe(processes: Iterable[psutil.Process]) -> str:
         except psutil.Error:
             names.append(str(process.pid))
     return ", ".join(names)
-
-
-@contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM raises KeyboardInterrupt meanwhile, so cleanups run as on Ctrl-C (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class OwnedProcesses:

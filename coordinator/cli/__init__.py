@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import sys
 
+from fedprefix.common.signals import sigterm_as_interrupt
+
 
 def _load_commands():
     """The app with every command registered on it (each module adds its own)."""
@@ -24,13 +26,17 @@ def _load_commands():
 
 
 def run() -> None:
-    """The console entry point: Ctrl-C while the commands import is `aborted` too, not a traceback."""
-    try:
-        _, run_app = _load_commands()
-    except KeyboardInterrupt:
-        sys.stderr.write("aborted\n")
-        raise SystemExit(130) from None  # as main.INTERRUPTED (not imported: the import is what stopped)
-    run_app()
+    """The console entry point: Ctrl-C while the commands import is `aborted` too, not a traceback.
+
+    SIGTERM stops a command as Ctrl-C does, so that its cleanups run (a base's half-converted
+    folder, say); `serve` and `dashboard` set their own handlers, which stop them cleanly."""
+    with sigterm_as_interrupt():
+        try:
+            _, run_app = _load_commands()
+        except KeyboardInterrupt:
+            sys.stderr.write("aborted\n")
+            raise SystemExit(130) from None  # as main.INTERRUPTED (not imported: the import is what stopped)
+        run_app()
 
 
 def __getattr__(name: str):

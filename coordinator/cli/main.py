@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 
 _state = {"debug": False}
-INTERRUPTED = 130  # the exit code of a command Ctrl-C stopped (the shell's for SIGINT; simulate's SIGTERM too)
+INTERRUPTED = 130  # the exit code of a command that Ctrl-C or SIGTERM stopped (the shell's for SIGINT)
 DTYPE_HELP = (
     "Compute dtype: auto (bfloat16 only where this hardware computes it natively and faster), float32, bfloat16."
 )
@@ -86,7 +86,7 @@ def run() -> None:
 
     Click's own handling is off (standalone_mode=False) so that a bad option or value is one
     line too, not a usage box; its exit codes stay: 2 for usage, and 130 (the shell's for SIGINT)
-    with "aborted" where Ctrl-C stopped a command (SIGTERM too, within simulate).
+    with "aborted" where Ctrl-C stopped a command (SIGTERM too: see run in __init__.py).
     """
     try:
         code = app(standalone_mode=False, prog_name="fedprefix")

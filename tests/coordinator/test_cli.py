@@ -1,7 +1,9 @@
 """The CLI's promise: every error is one line on stderr and exit code 1; --debug shows the traceback."""
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from fedprefix.common import base_model
@@ -360,3 +362,34 @@ def test_printable_shows_hidden_characters_and_keeps_text():
 
     assert printable("naïve 鍵 tab\there\nline") == "naïve 鍵 tab\there\nline"
     assert printable("\x1b[2J \u2028 \u202e \u200b \x9b") == "\\x1b[2J \\x2028 \\x202e \\x200b \\x9b"
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does_so_its_cleanup_runs(tmp_path):
+    """SIGTERM killed store and base commands outright: a fetch's half-converted temp folder
+    (0.5 GiB) stayed behind. Now it is `aborted`, exit 130, with the command's finally run."""
+    script = (
+        "import sys, time; from pathlib import Path; from fedprefix.coordinator import cli; "
+        "from fedprefix.coordinator.cli.main import app\n"
+        "@app.command('hold')\n"
+        "def hold(path: str) -> None:\n"
+        "    Path(path).write_text('working')\n"
+        "    try:\n"
+        "        time.sleep(60)\n"
+        "    finally:\n"
+        "        Path(path).unlink()\n"
+        "sys.argv = ['fedprefix', 'hold', sys.argv[1]]; cli.run()\n"
+    )
+    working = tmp_path / "working"
+    held = subprocess.Popen([sys.executable, "-c", script, str(working)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not working.exists() and time.monotonic() < deadline and held.poll() is None:
+            time.sleep(0.05)
+        assert working.exists(), held.stderr.read() if held.poll() is not None else "the command never started"
+        held.send_signal(signal.SIGTERM)
+        assert held.wait(timeout=20) == 130
+        assert held.stderr.read().strip().splitlines()[-1] == "aborted"
+        assert not working.exists()
+    finally:
+        held.kill()
+        held.wait()
