@@ -125,9 +125,20 @@ def _cgroup_room(version: int, folder: Path) -> int | None:
 
 
 def available_memory() -> int | None:
-    """Bytes this process could still take: the OS's available memory (MemAvailable), capped by
-    what each cgroup memory limit along its path leaves; None where neither can be read."""
+    """Bytes this process could still take: the OS's available memory (MemAvailable; psutil's
+    where there is no /proc, as on macOS), capped by what each cgroup memory limit along its
+    path leaves; None where none can be read."""
     kib = _field(_read(MEMINFO), "MemAvailable")
-    rooms = [kib * 1024 if kib is not None else None]
+    rooms = [kib * 1024 if kib is not None else _psutil_available()]
     rooms += [_cgroup_room(version, folder) for version, folder in _cgroup_folders("memory")]
     return min((room for room in rooms if room is not None), default=None)
+
+
+def _psutil_available() -> int | None:
+    """psutil's estimate of the memory available (macOS, the BSDs, Windows); None where it fails."""
+    import psutil
+
+    try:
+        return int(psutil.virtual_memory().available)
+    except Exception:  # psutil raises several types where a platform hides the figures
+        return None

@@ -30,7 +30,7 @@ MIB = 1 << 20
 # KV, the joiners' contexts, the old and the new rectangle): 3.3x the budget at the peak of
 # the run above, so about two thirds of the free memory at the peak.
 AUTO_SHARE = 0.2
-FALLBACK_BYTES = 2 << 30  # where free memory cannot be read (no /proc, as on macOS)
+FALLBACK_BYTES = 2 << 30  # where free memory cannot be read (neither /proc nor psutil gave a figure)
 
 
 def slot_bytes(config, dtype: torch.dtype) -> int:

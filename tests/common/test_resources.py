@@ -17,6 +17,7 @@ def cgroups(tmp_path, monkeypatch):
     monkeypatch.setattr(resources, "CGROUP_ROOT", root)
     monkeypatch.setattr(resources, "OWN_CGROUPS", own)
     monkeypatch.setattr(resources, "MEMINFO", tmp_path / "meminfo")
+    monkeypatch.setattr(resources, "_psutil_available", lambda: None)  # no figure beside the files written
 
     def write(relative: str, text: str) -> None:
         path = {"/proc/self/cgroup": own, "/proc/meminfo": tmp_path / "meminfo"}.get(relative, root / relative)
@@ -139,3 +140,15 @@ def test_unreadable_or_odd_files_mean_no_limit(cgroups, reading, proc, files):
     for path, text in files.items():
         cgroups(path, text)
     assert getattr(resources, reading)() is None
+
+
+def test_without_proc_meminfo_the_memory_free_is_psutils_capped_by_a_limit(cgroups, monkeypatch):
+    """macOS has no /proc: the KV budget, node and replica sizing then read psutil's figure."""
+    monkeypatch.setattr(resources, "_psutil_available", lambda: 8 << 30)
+    assert resources.available_memory() == 8 << 30
+    cgroups("/proc/self/cgroup", "0::/box\n")
+    cgroups("box/memory.max", f"{4 << 30}\n")
+    cgroups("box/memory.current", f"{3 << 30}\n")
+    assert resources.available_memory() == 1 << 30
+    monkeypatch.undo()
+    assert resources._psutil_available() > 0  # the real one, on this machine
