@@ -91,6 +91,12 @@ class Personalizer:
         )
         if init not in ("text", "random", "zero"):
             raise ConfigError(f"init must be 'text', 'random' or 'zero', got {init!r}")
+        if not isinstance(init_text, str):  # the tokenizer's own errors name neither the setting nor the problem
+            raise ConfigError(f"init_text must be a string, got {type(init_text).__name__}")
+        try:
+            unicode_text(init_text)
+        except ValueError as exc:
+            raise ConfigError(f"init_text: {exc}") from None
         self.base = base_model if isinstance(base_model, BaseModelHandle) else load_base(base_model)
         self.store = _as_store(store)  # a wrong type refused now, not at save() after training
         self.key = None if key is None else check_key(self.user_id, key)  # refused now, not at save() after training

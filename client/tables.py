@@ -69,14 +69,20 @@ def _jsonl(path: Path, text: str) -> list[Record]:
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            records.append((f"{path} line {number}", json.loads(line, object_pairs_hook=_unique_keys)))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from exc
-        except (ValueError, RecursionError) as exc:  # a repeated key, a number past the parser's limit, deep nesting
-            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-            raise DataError(f"{path} line {number}: not a usable JSON row ({reason})") from None
+        records.append((f"{path} line {number}", _json_value(line, f"{path} line {number}", "JSON row")))
     return records
+
+
+def _json_value(text: str, where: str, what: str):
+    """`text` parsed as JSON (`what`: a .jsonl line's row, a CSV cell's chat messages), or a
+    DataError naming `where` and the problem, the same for both."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg})") from exc
+    except (ValueError, RecursionError) as exc:  # a repeated key, a number past the parser's limit, deep nesting
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise DataError(f"{where}: not a usable {what} ({reason})") from None
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -111,10 +117,7 @@ def _csv(path: Path, text: str) -> list[Record]:
                 raise DataError(f"{where}: {len(cells)} cells, but the header has {len(header)} columns {header}")
             record = dict(zip(header, cells, strict=True))
             if "messages" in record:
-                try:
-                    record["messages"] = json.loads(record["messages"])
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: column 'messages' is not valid JSON ({exc.msg})") from exc
+                record["messages"] = _json_value(record["messages"], f"{where}: column 'messages'", "JSON value")
             records.append((where, record))
     except csv.Error as exc:
         hint = ": a quoted cell is never closed" if "unexpected end of data" in str(exc) else ""

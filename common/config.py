@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The registry's default base (common/base_model.py) and the devices one may name
 # (common/precision.py): here, beside the settings, so that the CLI's options and help need no torch.
@@ -17,6 +17,14 @@ DEVICE_HELP = "auto (a CUDA GPU where torch sees one, else cpu), cpu, cuda or cu
 def sample_size(fraction: float, num_users: int) -> int:
     """Nodes to sample: the fraction of all users, at least one."""
     return max(1, math.ceil(fraction * num_users))
+
+
+def a_number(value):
+    """A setting's number as given, refusing True and "2": pydantic's lax mode reads them as 1
+    and 2 (a fit with max_steps=True ran one step), while numpy's numbers pass as numbers."""
+    if isinstance(value, bool | str | bytes):
+        raise ValueError(f"must be a number, got {type(value).__name__} {value!r}")
+    return value
 
 
 class TrainConfig(BaseModel):
@@ -46,6 +54,13 @@ class TrainConfig(BaseModel):
     # only where the hardware computes it natively and faster; prefix parameters stay float32.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     seed: int = Field(0, ge=0, le=2**63 - 1)  # fixes data order, split and init: same data + seed = same prefix
+
+    _numbers = field_validator(
+        *("learning_rate", "max_steps", "max_epochs", "max_seconds", "batch_size", "warmup_fraction"),
+        *("min_warmup_steps", "weight_decay", "max_grad_norm", "eval_fraction", "eval_every", "patience"),
+        *("max_length", "seed"),
+        mode="before",
+    )(a_number)
 
 
 class EvalPoint(BaseModel):

@@ -11,15 +11,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .attention import decode_step, prefill, stack_prefixes
+from .config import a_number
 from .errors import ConfigError
 
 
 class SamplingParams(BaseModel):
     """How to pick tokens for one request."""
 
+    model_config = ConfigDict(allow_inf_nan=False)  # a NaN temperature was refused as "more than 10"
     max_new_tokens: int = Field(64, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0.0, le=10.0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -27,6 +29,8 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: list[str] = Field(default_factory=list)  # output is cut before the first stop string
     ignore_eos: bool = False  # keep going past EOS up to max_new_tokens (benchmarks, as vLLM's flag)
+
+    _numbers = field_validator("max_new_tokens", "temperature", "top_p", "seed", mode="before")(a_number)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from math import inf
 from pathlib import Path
 
 import torch
@@ -61,9 +62,17 @@ from .seal import check_header_mac, open_payload, seal
 __all__ = ["PrefixStore", "StoredPrefixInfo", "existing_store_folder"]
 
 
+def _named_folder(path: str | os.PathLike) -> Path:
+    """`path` as a Path, refusing a blank one: Path("") is the current folder, which an unset
+    setting (`os.environ.get("STORE", "")`) would fill with prefixes and lock files."""
+    if isinstance(path, str | os.PathLike) and not str(os.fspath(path)).strip():
+        raise ConfigError("prefix store: the store folder's path is empty: name a folder ('.' for this one)")
+    return Path(path)
+
+
 def existing_store_folder(path: str | os.PathLike) -> Path:
     """`path` if it is a folder: a typo must not silently create (and use) an empty store."""
-    if not Path(path).is_dir():
+    if not _named_folder(path).is_dir():
         raise StoreError(f"prefix store: no store folder at {path}")
     return Path(path)
 
@@ -91,7 +100,12 @@ class PrefixStore(KeyChanges):
         """
         if type(scrypt_n) is not int or scrypt_n & (scrypt_n - 1) or not MIN_SCRYPT_N <= scrypt_n <= MAX_SCRYPT_N:
             raise ConfigError(f"scrypt_n must be a power of two in {MIN_SCRYPT_N}..{MAX_SCRYPT_N}, got {scrypt_n!r}")
-        self.root = Path(path)
+        # checked now, not at the first save after training (filelock takes a negative one as "forever")
+        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, int | float) or not 0 <= lock_timeout < inf:
+            raise ConfigError(f"lock_timeout must be a finite number of seconds >= 0, got {lock_timeout!r}")
+        if not isinstance(durable, bool):  # "no" would be taken as true
+            raise ConfigError(f"durable must be True or False, got {durable!r}")
+        self.root = _named_folder(path)
         try:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         except (FileExistsError, NotADirectoryError):
@@ -223,7 +237,7 @@ class PrefixStore(KeyChanges):
     def delete(self, user_id: str) -> None:
         """Remove every part of the user (their rollback records are kept: see rollback.py)."""
         validate_user_id(user_id)
-        with self._user_lock(user_id):
+        with self._stored_user_lock(user_id):
             names = self._stored_names(user_id)
             for name in names:
                 self.path_for(name).unlink(missing_ok=True)
@@ -295,6 +309,8 @@ class PrefixStore(KeyChanges):
         the user's lock; not `one_write`: the parts' lists checked, not their write ids."""
         validate_store_name(name)
         key = check_key(name, key)
+        if base_fingerprint is not None and not isinstance(base_fingerprint, str):
+            raise ConfigError(f"base_fingerprint must be a base's fingerprint (str) or None, got {base_fingerprint!r}")
         try:
             return self._read_checked(name, key, base_fingerprint, one_write)
         except RollbackError:
@@ -387,9 +403,7 @@ class PrefixStore(KeyChanges):
 
         UnknownUserError, and no lock file made, where no part of the user is stored: a reader
         of made-up user ids (a server's requests) would otherwise leave a lock file for each."""
-        owner, _ = split_store_name(name)
-        if not self.stored_parts(owner):
-            raise UnknownUserError.of(owner)
+        self._require_stored(name)
         lock = self._user_lock(name)
         try:
             lock.__enter__()
@@ -402,6 +416,19 @@ class PrefixStore(KeyChanges):
         finally:
             if lock is not None:
                 lock.__exit__(None, None, None)
+
+    @contextmanager
+    def _stored_user_lock(self, user_id: str) -> Iterator[None]:
+        """_user_lock for a change to a stored user (a delete, a key change): UnknownUserError,
+        and no lock file made, for a user of whom nothing is stored."""
+        self._require_stored(user_id)
+        with self._user_lock(user_id):
+            yield
+
+    def _require_stored(self, name: str) -> None:
+        owner, _ = split_store_name(name)
+        if not self.stored_parts(owner):
+            raise UnknownUserError.of(owner)
 
     @contextmanager
     def _user_lock(self, name: str) -> Iterator[None]:

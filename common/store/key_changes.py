@@ -27,7 +27,7 @@ class KeyChanges:
         parts stored under two keys (before format 2) under one."""
         old_key = check_key(user_id, old_key)
         new_key = check_key(user_id, new_key)
-        with self._user_lock(user_id):
+        with self._stored_user_lock(user_id):
             opened, moved = {}, []
             for name in self._stored_names(user_id):  # the record checks pass: no counter is higher
                 try:
@@ -49,7 +49,7 @@ class KeyChanges:
         """Make a new data key (new key id) for every stored part of `user_id` and re-encrypt
         each under it, all parts in one step; the same `key` unlocks them."""
         key = check_key(user_id, key)
-        with self._user_lock(user_id):
+        with self._stored_user_lock(user_id):
             opened = {name: self._decrypt(name, key, None, locked=True) for name in self._stored_names(user_id)}
             write = UserWrite.new(self.stored_parts(user_id))
             sealed = {name: under_new_data_key(name, o, write) for name, o in opened.items()}
@@ -68,7 +68,7 @@ class KeyChanges:
         """
         validate_user_id(user_id)
         key = check_key(user_id, key)
-        with self._user_lock(user_id):
+        with self._stored_user_lock(user_id):
             opened = {name: self._open(name, key) for name in self._stored_names(user_id)}
             write = UserWrite.new(self.stored_parts(user_id))  # the parts as they are, one write again
             sealed = {name: under_new_data_key(name, o, write) for name, o in opened.items()}

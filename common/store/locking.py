@@ -5,7 +5,8 @@ reading the old headers to renaming the new files. A write is staged: every new 
 (each part and its rollback record) is first written and fsynced as a temp file beside
 its target; only when all are ready are they renamed over their targets (parts first,
 records second, see rollback.py), then the folders are fsynced. A failure before the
-renames removes the temps and changes nothing; a writer killed at any point leaves each
+renames removes the temps and changes nothing (one after them says what it left: commit);
+a writer killed at any point leaves each
 file old or new, and perhaps temp files that the next writer of that user removes.
 Ctrl-C and SIGTERM wait for the renames to end (`common.signals`), so that a save of two
 parts is not stopped with one part new and the other old; only a writer killed outright
@@ -87,22 +88,42 @@ def commit(staged: Sequence[Staged], durable: bool) -> None:
 
     An exception once the first rename is made (a signal handler's other than Ctrl-C's and
     SIGTERM's, which write_all defers) finishes the renames before it goes on: a user's parts
-    stay one write, where a half-made one would be refused until `reset-rollback`."""
+    stay one write, where a half-made one would be refused until `reset-rollback`. A rename
+    the filesystem failed once and then made is no failure; one it kept failing is raised
+    saying that the write is partly made, as is a sync that failed after the renames."""
     renamed = 0
     try:
         for tmp, target in staged:
             os.replace(tmp, target)
             renamed += 1
-    except BaseException:
-        if renamed or (staged and not staged[0][0].exists()):  # the first is in: finish the rest
-            for tmp, target in staged:
-                with suppress(OSError):
-                    if tmp.exists():
-                        os.replace(tmp, target)
-        raise
+    except BaseException as exc:
+        if not (renamed or (staged and not staged[0][0].exists())):  # nothing went in
+            raise
+        for tmp, target in staged:  # the first is in: finish the rest
+            with suppress(OSError):
+                if tmp.exists():
+                    os.replace(tmp, target)
+        if not isinstance(exc, OSError) or exc.errno is None:  # not the filesystem's (a time limit's TimeoutError)
+            raise
+        if any(tmp.exists() for tmp, _ in staged):
+            raise _partly(
+                exc,
+                "the write stopped between its renames, so its files may be part new, part old: "
+                "if loads refuse them, `fedprefix store reset-rollback` keeps what is there",
+            ) from exc
     if durable:
-        for folder in dict.fromkeys(target.parent for _, target in staged):
-            fsync_dir(folder)
+        try:
+            for folder in dict.fromkeys(target.parent for _, target in staged):
+                fsync_dir(folder)
+        except OSError as exc:
+            raise _partly(
+                exc, "the write is in place, but a power loss may still undo it (the folder could not be synced)"
+            ) from exc
+
+
+def _partly(exc: OSError, what: str) -> OSError:
+    """`exc` (its errno and file kept) saying what of the write was made."""
+    return OSError(exc.errno, f"{exc.strerror or exc}; {what}", exc.filename)
 
 
 def write_all(files: Sequence[tuple[Path, bytes]], removed: Sequence[Path], durable: bool) -> None:

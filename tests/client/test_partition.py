@@ -161,13 +161,21 @@ def test_row_forms_in_tables(tmp_path):
         ("rows.jsonl", "\n\n", "rows.jsonl has no rows"),
         ("rows.csv", "user,text\na,x\nb,y,z\n", r"line 3: 3 cells, but the header has 2 columns"),
         ("rows.csv", "user,text\na,x\nb,\n", "line 3: empty text"),
-        ("rows.csv", 'user,messages\na,"[{"\n', "line 2: column 'messages' is not valid JSON"),
+        ("rows.csv", 'user,messages\na,"[{"\n', "line 2: column 'messages': not valid JSON"),
         ("rows.csv", "user,user\na,b\n", "line 1: the header needs distinct, non-empty column names"),
         ("rows.parquet", "not parquet", "is not a readable parquet file"),
         # json.loads keeps the last of a repeated key: this row would have trained as ben
         ("rows.jsonl", '{"user": "ann", "user": "ben", "text": "x"}\n', "line 1: .*the key 'user' appears twice"),
         ("rows.jsonl", '{"user": "a", "text": "x"}\n' + "[" * 100_000 + "\n", "line 2: not a usable JSON row"),
         ("rows.jsonl", '{"user": ' + "9" * 5000 + ', "text": "x"}\n', "line 1: not a usable JSON row"),
+        # a chat cell reads as a .jsonl row does: a repeated key turned the user's message into the assistant's
+        (
+            "rows.csv",
+            'user,messages\na,"[{""role"": ""user"", ""content"": ""hi"", ""role"": ""assistant""}]"\n',
+            "line 2: column 'messages': not a usable JSON value .the key 'role' appears twice",
+        ),
+        ("rows.csv", "user,messages\na," + "[" * 100_000 + "\n", "line 2: column 'messages': not a usable JSON value"),
+        ("rows.csv", "user,messages\na," + "1" * 5000 + "\n", "line 2: column 'messages': not a usable JSON value"),
     ],
 )
 def test_bad_input_is_refused_by_name(tmp_path, name, content, message):

@@ -297,7 +297,9 @@ def test_settings_are_checked_alike_in_the_constructor_and_in_fit_one_line_each(
         with pytest.raises(ConfigError, match=re.escape(message)):
             p.fit(rows, **settings)  # a typo in fit is refused too, never silently ignored
     p = personalizer(tiny_llama, max_steps=3)
-    assert p.fit(rows, max_steps="1").steps == 1  # what validation accepts is what trains
+    with pytest.raises(ConfigError, match="setting max_steps: must be a number, got str '1'"):
+        p.fit(rows, max_steps="1")  # as num_virtual_tokens="4" is: lax validation read it as 1
+    assert p.fit(rows, max_steps=1.0).steps == 1  # what validation accepts is what trains
     assert p.fit(rows, eval_fraction=0.95, max_steps=1).steps == 1  # at least one row is left to train on
 
 

@@ -101,7 +101,7 @@ def test_generate_refuses_a_prompt_that_is_not_text(tiny_llama, prompt):
 
 def test_generate_checks_its_settings_as_they_are_used(tiny_llama):
     p = Personalizer(base_model=tiny_llama, num_virtual_tokens=4, **FAST)
-    assert isinstance(p.generate("hi", max_new_tokens="2"), str)  # "2" is read as 2, and checked as 2
+    assert isinstance(p.generate("hi", max_new_tokens=2.0), str)  # 2.0 is read as 2, and checked as 2
     with pytest.raises(ConfigError, match="seed"):
         p.generate("hi", max_new_tokens=2, temperature=1.0, seed=2**64)  # past what torch's generators take
     assert p.generate("hi", max_new_tokens=2, temperature=1.0, seed=2**64 - 1) == p.generate(
@@ -175,3 +175,36 @@ def test_flags_of_fit_and_evaluate_are_true_or_false(tiny_llama):
         personalizer.fit(rows, progress="no")
     with pytest.raises(ConfigError, match="accuracy must be True or False, got 1"):
         personalizer.evaluate(rows, accuracy=1)
+
+
+@pytest.mark.parametrize(
+    ("init_text", "message"),
+    [
+        ("a\ud800", "init_text: not valid Unicode"),
+        (None, "init_text must be a string, got NoneType"),
+        (5, "init_text must be a string, got int"),
+    ],
+)
+def test_an_init_text_no_tokenizer_reads_is_refused_by_name(tiny_llama, init_text, message):
+    with pytest.raises(ConfigError, match=message):
+        Personalizer(base_model=tiny_llama, init_text=init_text, **FAST)
+
+
+@pytest.mark.parametrize(
+    "setting", [{"max_steps": True}, {"learning_rate": True}, {"batch_size": "4"}, {"seed": False}]
+)
+def test_a_bool_or_text_for_a_number_is_refused_not_read_as_one(tiny_llama, setting):
+    """pydantic's lax mode read max_steps=True as 1 step and "4" as 4; numpy's numbers still pass."""
+    import numpy as np
+
+    with pytest.raises(ConfigError, match=f"{next(iter(setting))}: .*must be a number"):
+        Personalizer(base_model=tiny_llama, **{**FAST, **setting})
+    p = Personalizer(base_model=tiny_llama, num_virtual_tokens=4, **{**FAST, "max_steps": np.int64(2)})
+    before = values(p)
+    with pytest.raises(ConfigError, match="must be a number"):
+        p.fit(ROWS, **setting)
+    assert unchanged(p, before)
+    for params in ({"max_new_tokens": True}, {"max_new_tokens": "3"}, {"temperature": float("nan")}):
+        with pytest.raises(ConfigError, match="generate: (max_new_tokens|temperature): "):
+            p.generate("hello", **params)
+    assert p.fit(ROWS).steps == 2

@@ -20,6 +20,7 @@ from fedprefix.common.store import (
     RollbackError,
     RollbackStateError,
     StoreError,
+    StoreIOError,
     UnknownUserError,
     WrongKeyError,
 )
@@ -340,6 +341,46 @@ def test_ctrl_c_between_the_renames_of_a_two_part_save_waits_for_the_last_one(st
     assert same(parts["personal"], make_prefix(3)) and same(parts["shared"], make_prefix(4))
 
 
+@pytest.mark.parametrize("failing", ["once", "always", "sync"])
+def test_a_filesystem_error_during_or_after_the_renames_says_what_the_write_left(store, monkeypatch, failing):
+    """A rename failed once then made is a save that worked; one that keeps failing, or a
+    folder sync after the renames, is an error that says the write is partly made (it said
+    "changed nothing", while the new parts were in, or part new and part old)."""
+    store.save_parts("dave", {"personal": make_prefix(1), "shared": make_prefix(2)}, RAW)
+    real_replace, renames = store_locking.os.replace, []
+
+    def flaky_replace(src, dst):
+        renames.append(dst)
+        if len(renames) == 2 or (failing == "always" and len(renames) > 2 and ".tmp" not in str(dst)):
+            raise OSError(5, "Input/output error", str(dst))
+        real_replace(src, dst)
+
+    def failing_sync(folder):
+        raise OSError(5, "Input/output error", str(folder))
+
+    if failing == "sync":
+        monkeypatch.setattr(store_locking, "fsync_dir", failing_sync)
+    else:
+        monkeypatch.setattr(store_locking.os, "replace", flaky_replace)
+    new = {"personal": make_prefix(3), "shared": make_prefix(4)}
+    if failing == "once":
+        store.save_parts("dave", new, RAW)
+    else:
+        said = "between its renames.*reset-rollback" if failing == "always" else "in place, but a power loss"
+        with pytest.raises(StoreIOError, match=f"prefix of user 'dave': the filesystem failed .*{said}"):
+            store.save_parts("dave", new, RAW)
+    monkeypatch.undo()
+    if failing == "always":  # the personal part new, the shared one old: refused, as the error said
+        with pytest.raises(StoreError):
+            store.load_parts("dave", RAW)
+        store.reset_rollback("dave", RAW)
+        assert same(store.load_parts("dave", RAW)["personal"], make_prefix(3))
+    else:
+        parts = store.load_parts("dave", RAW)
+        assert same(parts["personal"], make_prefix(3)) and same(parts["shared"], make_prefix(4))
+    assert not [f for f in files(store.root) if f.endswith(".tmp")]
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e6])
 def test_non_finite_refused(store, value):
     prefix = make_prefix()
@@ -456,3 +497,35 @@ def test_readers_of_an_unknown_user_leave_no_lock_file(store):
     assert result.exit_code == 1 and "no prefix is stored" in result.output, result.output
     assert files(store.root) == before and not (store.root / "mallory.lock").exists()
     assert same(store.load_parts("alice", RAW)["personal"], make_prefix())  # a known user's reads are as before
+    # ... nor do the changes that need a stored user (a delete, a key change)
+    for change in (store.delete, lambda u: store.rotate_data_key(u, RAW), lambda u: store.reset_rollback(u, RAW)):
+        with pytest.raises(UnknownUserError, match="no prefix is stored for this user"):
+            change("mallory")
+    with pytest.raises(UnknownUserError):
+        store.change_passphrase("mallory", RAW, PASS)
+    assert files(store.root) == before
+
+
+def test_store_settings_and_a_blank_path_are_refused_when_the_store_is_made(tmp_path, monkeypatch):
+    """Refused at construction, not at the first save after training: a lock timeout filelock
+    would reject then (or take as "wait forever": a negative one), a durable flag "no" taken as
+    true, and a blank path, which Path("") makes the current folder."""
+    from fedprefix.common.errors import ConfigError
+    from fedprefix.common.store import existing_store_folder
+
+    for bad in ("5", float("nan"), float("inf"), -5, True, None):
+        with pytest.raises(ConfigError, match="lock_timeout must be a finite number of seconds"):
+            PrefixStore(tmp_path / "s", lock_timeout=bad)
+    with pytest.raises(ConfigError, match="durable must be True or False"):
+        PrefixStore(tmp_path / "s", durable="no")
+    monkeypatch.chdir(tmp_path)
+    for blank in ("", "  "):
+        with pytest.raises(ConfigError, match="the store folder's path is empty"):
+            PrefixStore(blank)
+        with pytest.raises(ConfigError, match="the store folder's path is empty"):
+            existing_store_folder(blank)
+    assert not (tmp_path / "s").exists() and list(tmp_path.iterdir()) == []
+    store = PrefixStore(tmp_path / "s", lock_timeout=0)
+    store.save("alice", make_prefix(), RAW)
+    with pytest.raises(ConfigError, match="base_fingerprint must be a base's fingerprint"):
+        store.load("alice", RAW, base_fingerprint=123)
