@@ -350,7 +350,10 @@ def load_base(
 
 def context_length(model) -> int | None:
     """Positions the base can attend over (config max_position_embeddings or n_positions), if known."""
-    config = model.config
+    return _config_context(model.config)
+
+
+def _config_context(config) -> int | None:
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -358,20 +361,28 @@ def context_length(model) -> int | None:
     return None
 
 
-def check_base(name_or_path: str | os.PathLike) -> None:
-    """ConfigError where `load_base` could not find this base: before a run starts processes that
-    would each fail on it (a registry base is fetched and converted here, once)."""
+def check_base(name_or_path: str | os.PathLike, positions: int = 0) -> None:
+    """ConfigError where `load_base` could not find this base, or where `positions` (a run's
+    prefix and max_length) pass its context: before a run starts processes that would each fail
+    on it (a registry base is fetched and converted here, once)."""
     name = str(name_or_path)
     if name in REGISTRY and REGISTRY[name].builtin:
-        return
-    folder = _resolve_folder(name)
-    try:  # its config and tokenizer, as each node would read them (a second or so, no weights)
-        config = AutoConfig.from_pretrained(folder)
-        AutoTokenizer.from_pretrained(folder)
-    except Exception as exc:  # transformers raises many types for a folder it cannot read
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"base model folder {folder} cannot be loaded: {reason}") from exc
-    PrefixSpec.from_model_config(config, 1)  # an architecture prefixes do not support
+        config = build_tiny(name.removeprefix("tiny-"))[0].config
+    else:
+        folder = _resolve_folder(name)
+        try:  # its config and tokenizer, as each node would read them (a second or so, no weights)
+            config = AutoConfig.from_pretrained(folder)
+            AutoTokenizer.from_pretrained(folder)
+        except Exception as exc:  # transformers raises many types for a folder it cannot read
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"base model folder {folder} cannot be loaded: {reason}") from exc
+        PrefixSpec.from_model_config(config, 1)  # an architecture prefixes do not support
+    context = _config_context(config)
+    if context is not None and positions > context:
+        raise ConfigError(
+            f"the prefix and max-length take {positions} positions, past base {name}'s context of {context} "
+            "tokens: lower max-length or the prefix lengths"
+        )
 
 
 def parameter_count(name_or_path: str | os.PathLike) -> int:

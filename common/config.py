@@ -135,10 +135,10 @@ class FederationConfig(BaseModel):
     interpolation: float = Field(0.1, gt=0, le=1)  # "interpolate": how far toward the user's own copy
     # ... and (personal_init "shared") the learning rate of the rounds that fine-tune that copy: it
     # starts trained, and at the shared rounds' rate it overfit users with few rows (README)
-    copy_learning_rate: float = Field(3e-3, gt=0)
+    copy_learning_rate: float = Field(3e-3, gt=0, le=1.0)  # as TrainConfig's: every node would refuse more
     # the federated rounds' rate: 0.03 beat 0.01 for the shared prefix on real text (held-out loss
     # 3.865 vs 3.911, README's Shakespeare report); a user's own Personalizer.fit keeps 0.01
-    learning_rate: float = Field(3e-2, gt=0)
+    learning_rate: float = Field(3e-2, gt=0, le=1.0)
     lr_decay: float = Field(1.0, gt=0, le=1)  # round r trains with learning_rate * lr_decay**(r-1)
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(256, ge=8)
@@ -305,3 +305,13 @@ class FederationConfig(BaseModel):
     @property
     def trains_personal(self) -> bool:
         return self.mode != "shared" and self.personal_tokens > 0
+
+    @property
+    def node_positions(self) -> int:
+        """The most positions a node's rows take: its prefix parts and max_length (each node
+        refuses more than its base's context)."""
+        return (
+            (self.personal_tokens if self.trains_personal else 0)
+            + (self.shared_tokens if self.sends_shared else 0)
+            + self.max_length
+        )

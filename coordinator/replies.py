@@ -24,10 +24,14 @@ from fedprefix.common.protocol import (
     ARRAYS,
     DP_WEIGHT,
     EVAL_METRICS,
+    EVAL_PARTS,
     METRICS,
     NUM_EXAMPLES,
+    STEPS,
+    TRAIN_LOSS,
     TRAIN_METRICS,
     TRAIN_SECONDS,
+    eval_loss_key,
     unpack_shared,
 )
 from flwr.app import Array, ArrayRecord, Message
@@ -50,6 +54,10 @@ def _guarded(check):
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 MAX_REASON = 300  # characters of a node's error kept in the round record
 MAX_TRAIN_SECONDS = 1e6  # a node's reported local training time (11 days): beyond it, not a time
+# A loss per completion token (cross-entropy, nats): ln of a vocabulary is ~12, and a prefix
+# gone wrong rarely passes 100; beyond this bound a value is no loss, only a lever on the record.
+MAX_LOSS = 1e3
+LOSSES = (TRAIN_LOSS, *(eval_loss_key(name) for name in EVAL_PARTS))
 
 
 def node_error(msg: Message) -> str:
@@ -84,10 +92,18 @@ def _metrics_problem(msg: Message, required: tuple[str, ...], config: Federation
     if not 0 <= seconds <= MAX_TRAIN_SECONDS:
         return f"'{TRAIN_SECONDS}' = {seconds:g} is outside [0, {MAX_TRAIN_SECONDS:g}]"
     examples = metrics[NUM_EXAMPLES]
-    if examples <= 0 or examples > config.max_num_examples:
+    # a count of rows: a fraction (1e-6) made honest nodes' weights 10^6 times a secure round's weight cap
+    if examples != int(examples) or not 1 <= examples <= config.max_num_examples:
         return (
-            f"'{NUM_EXAMPLES}' = {examples:g} is outside (0, {config.max_num_examples}] (run setting max-num-examples)"
+            f"'{NUM_EXAMPLES}' = {examples:g} is not a whole number in [1, {config.max_num_examples}] "
+            "(run setting max-num-examples)"
         )
+    for key in LOSSES:
+        if key in metrics and not 0 <= metrics[key] <= MAX_LOSS:  # a negative one faked a personal gain
+            return f"'{key}' = {metrics[key]:g} is outside [0, {MAX_LOSS:g}], not a loss per token"
+    steps = metrics.get(STEPS, 0)
+    if steps != int(steps) or not 0 <= steps <= config.local_steps:
+        return f"'{STEPS}' = {steps:g} is not a whole number in [0, {config.local_steps}] (run setting local-steps)"
     return None
 
 
@@ -153,19 +169,29 @@ def payload_bytes(message: Message) -> int:
     return total
 
 
+def cap_weights(replies: list[Message], factor: float) -> None:
+    """Cap every reply's weight (num-examples) to `factor` x the replies' (low) median, in place:
+    no node's claimed data size sets an average (of updates, or of held-out losses) alone."""
+    if factor <= 0 or len(replies) < 2:
+        return
+    weight_cap = factor * median_weight(replies)
+    for msg in replies:
+        if msg.content[METRICS][NUM_EXAMPLES] > weight_cap:
+            msg.content[METRICS][NUM_EXAMPLES] = weight_cap
+
+
 def bound_updates(replies: list[Message], current: Arrays, prefix: str, factor: float) -> dict[int, float]:
     """Clip every accepted update to `factor` x the round's (low) median update norm, and its
     weight (num-examples) to `factor` x the (low) median weight, in place.
 
     No single reply can then move the shared prefix further than its capped weight share
     of that bound. Returns {node id: norm scale applied} for the replies whose update was clipped.
+    Not under DP: a bound taken from the other users' updates would let one user's data move
+    everyone's, past what the noise is sized for (the node's fixed clipping bounds each there).
     """
     if factor <= 0 or len(replies) < 2:
         return {}
-    weight_cap = factor * median_weight(replies)
-    for msg in replies:
-        if msg.content[METRICS][NUM_EXAMPLES] > weight_cap:
-            msg.content[METRICS][NUM_EXAMPLES] = weight_cap
+    cap_weights(replies, factor)
     deltas = []
     for msg in replies:
         arrays = {name.removeprefix(prefix): a.numpy() for name, a in msg.content[ARRAYS].items()}

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from fedprefix.common.config import FederationConfig
@@ -47,7 +47,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
-from .replies import payload_bytes
+from .replies import node_error, payload_bytes
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class SecureResult:
     sampled: list[int]
     uplink: int  # bytes the nodes sent over all four SecAgg+ stages
     problem: str | None = None  # why the average was refused (None: accepted)
+    errors: dict[int, str] = field(default_factory=dict)  # each failed node's first error, or why its reply was unread
 
 
 class _SampleAndCollect(LegacyStrategy):
@@ -121,6 +122,7 @@ class _CheckingGrid:
 
     def __init__(self, grid: Grid, shapes: list[tuple[int, ...]], strategy: _SampleAndCollect) -> None:
         self.grid, self.shapes, self.strategy, self.uplink = grid, shapes, strategy, 0
+        self.errors: dict[int, str] = {}  # SecAgg+ counts a failed node as a dropout, and keeps no reason
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
@@ -134,12 +136,14 @@ class _CheckingGrid:
                 continue
             request = sent.pop(node)
             if reply.has_error():
+                self.errors.setdefault(node, node_error(reply))
                 replies.append(reply)
                 continue
             self.uplink += reply_bytes(reply)
             problem = _unreadable(reply, stage, self.shapes, set(self.strategy.sampled))
             if problem is not None:
                 log.warning("secure round: %s reply of node %d counts as a dropout: %s", stage, node, problem)
+                self.errors.setdefault(node, f"{stage} reply unreadable: {problem}")
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=problem), reply_to=request)
             replies.append(reply)
         return replies
@@ -230,11 +234,14 @@ def secure_average(
         log.error("secure round %d failed: %s: %s", server_round, type(exc).__name__, exc)
         result.problem = f"secure aggregation failed ({type(exc).__name__}); shared prefix kept"
     result.nodes, result.sampled, result.uplink = strategy.nodes, strategy.sampled, counting.uplink
+    result.errors = counting.errors
     if result.problem is not None:
         result.nodes = []  # no average: the round halted
         return result
     if strategy.average is None:
-        result.problem = "secure aggregation halted (too few nodes replied); shared prefix kept"
+        # the nodes' own errors, which their answers to the round's end do not carry (they did not train)
+        why = "".join(f"; node {node}: {error}" for node, error in list(result.errors.items())[:3])
+        result.problem = f"secure aggregation halted (too few nodes replied{why}); shared prefix kept"
         return result
     arrays = parameters_to_ndarrays(strategy.average)
     result.problem = average_problem(arrays, names, current, bound, config, previous_norm)

@@ -251,7 +251,7 @@ def simulate(
     from fedprefix.common.base_model import check_base, parameter_count  # torch: only once a run starts
 
     # before the run's folder is touched: a base each node would fail to load stops the run here
-    check_base(config.base)
+    check_base(config.base, config.node_positions)
     cores = usable_cores()
     if cpus_per_client is None:
         plan = plan_for_machine(config, cores, parameter_count(config.base), available_memory())

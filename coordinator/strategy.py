@@ -49,6 +49,7 @@ from .records import PrivacyRecord, Rejection, RoundRecord, RunRecorder
 from .replies import (
     all_finite,
     bound_updates,
+    cap_weights,
     evaluate_reply_problem,
     median_weight,
     payload_bytes,
@@ -58,6 +59,7 @@ from .replies import (
 from .secure_round import finalize_message, secure_average
 
 log = logging.getLogger(__name__)
+SAMPLED_BY_MINIMUM = 1e-12  # a fraction of the connected nodes that rounds to none (see build_inner_strategy)
 
 
 def build_inner_strategy(config: FederationConfig) -> Strategy:
@@ -65,12 +67,12 @@ def build_inner_strategy(config: FederationConfig) -> Strategy:
     train_nodes, eval_nodes = config.round_sizes
     dp = config.dp_noise_multiplier > 0
     common = dict(
-        # Flower samples max(int(fraction x nodes), min_nodes) of the nodes connected: with the
-        # fraction nodes/users that is exactly the sizes above once all users' nodes are there.
-        fraction_train=train_nodes / config.num_users,
-        fraction_evaluate=eval_nodes / config.num_users,
-        # Fractions alone under-sample in round 1 (nodes still registering): the minimums
-        # make every round sample exactly those sizes.
+        # Flower samples max(int(fraction x nodes connected), min_nodes): a fraction too small to
+        # count makes the minimums decide, so every round samples exactly the sizes above, however
+        # many nodes are connected (a fraction nodes/users sampled 3 for a round of 2 where a
+        # Deployment Engine had 6 nodes, and Flower's DP wrapper then raised). 0 is no evaluation.
+        fraction_train=SAMPLED_BY_MINIMUM,
+        fraction_evaluate=SAMPLED_BY_MINIMUM if eval_nodes else 0.0,
         min_train_nodes=train_nodes,
         min_evaluate_nodes=eval_nodes,
         min_available_nodes=train_nodes,
@@ -141,6 +143,7 @@ class PrefixStrategy(Strategy):
         self.pending: dict = {}
         self.last_norm: float | None = None  # the last applied update's norm: bounds a secure round's
         self.last_weight: float | None = None  # the last round's median num-examples: caps a secure round's
+        self.last_max_weight = 1.0  # ... and its largest (the cap where weights are not clipped)
 
     def _add_round_settings(
         self, config: ConfigRecord, learning_rate: float | None = None, train_parts: str = "all"
@@ -150,6 +153,11 @@ class PrefixStrategy(Strategy):
             base_fingerprint=self.base_fingerprint, learning_rate=learning_rate, train_parts=train_parts
         )
         config.update(settings.to_config())
+
+    @property
+    def dp(self) -> bool:
+        """Whether Flower's DP wrapper (client-side fixed clipping) runs the aggregation."""
+        return isinstance(self.inner, DifferentialPrivacyClientSideFixedClipping)
 
     @property
     def round_sends_shared(self) -> bool:
@@ -186,7 +194,8 @@ class PrefixStrategy(Strategy):
         )
         self.pending.update(sampled=result.sampled, uplink=result.uplink)
         for node in sorted(set(result.sampled) - set(result.nodes)) if result.nodes else []:
-            reason = "secure round: no masked update (the node failed or dropped out)"  # its masks were rebuilt
+            # its masks were rebuilt; its own error where it sent one
+            reason = "secure round: " + result.errors.get(node, "no masked update (the node failed or dropped out)")
             self.pending.setdefault("rejected", []).append(Rejection(node=node, reason=reason))
         if result.problem is not None:
             log.warning("round %d: %s", server_round, result.problem)
@@ -204,22 +213,31 @@ class PrefixStrategy(Strategy):
         return [finalize_message(node, new, config, server_round) for node in result.nodes or result.sampled]
 
     def _secure_max_weight(self) -> float:
-        """A secure round's weight cap: the bound clear rounds clip weights to (update-clip-factor x
-        the median weight), where a round has been seen; else the largest weight a reply may claim."""
-        if self.last_weight and self.config.update_clip_factor > 0:
-            return self.config.update_clip_factor * self.last_weight
-        return float(self.config.max_num_examples)
+        """A secure round's weight cap (a node's weight is min(its rows, the cap)): the bound clear
+        rounds clip weights to (update-clip-factor x their median weight), or without clipping the
+        largest weight the last round accepted; before any clear round, 1: users weigh equally.
+
+        SecAgg+ quantizes weight / cap x update: a cap of max-num-examples (100,000) made a weight
+        of 5 a ratio of 5e-5, whose updates fell below its quantization step (10-13% off)."""
+        if not self.last_weight:
+            return 1.0
+        if self.config.update_clip_factor > 0:
+            return max(1.0, self.config.update_clip_factor * self.last_weight)
+        return max(1.0, self.last_max_weight)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies, senders = list(replies), set()
+        replies, senders, sampled = list(replies), set(), self.pending.get("sampled")
         accepted = [
-            m for m in replies if self._accept(m, self._sender_problem(m, senders) or self.check_train_reply(m))
+            m
+            for m in replies
+            if self._accept(m, self._sender_problem(m, senders, sampled) or self.check_train_reply(m))
         ]
         if accepted:
             self.last_weight = median_weight(accepted)
-        if self.round_sends_shared:
+            self.last_max_weight = max(float(m.content[METRICS][NUM_EXAMPLES]) for m in accepted)
+        if self.round_sends_shared and not self.dp:  # under DP the node's fixed clipping bounds each update
             for node, scale in bound_updates(
                 accepted, self.current, SHARED_ARRAY_PREFIX, self.config.update_clip_factor
             ).items():
@@ -234,6 +252,12 @@ class PrefixStrategy(Strategy):
         try:
             if accepted and self.round_sends_shared:
                 arrays, metrics = self.inner.aggregate_train(server_round, accepted)
+                if arrays is None and self.dp:  # its accountant takes a round only whole: say so, keep the losses
+                    self._reject_round(
+                        f"not aggregated: DP accounting needs every sampled node's reply, and {len(accepted)} of "
+                        f"{len(sampled or [])} were accepted; shared prefix kept"
+                    )
+                    metrics = aggregate_metricrecords([m.content for m in accepted], NUM_EXAMPLES)
             elif accepted:  # personal mode or round: nothing to aggregate but the metrics
                 metrics = aggregate_metricrecords([m.content for m in accepted], NUM_EXAMPLES)
         except Exception as exc:  # the run ends only on its own failure, never on what nodes sent
@@ -259,10 +283,10 @@ class PrefixStrategy(Strategy):
         self.pending.setdefault("rejected", []).append(Rejection(node=node, reason=stage + problem))
         return False
 
-    def _sender_problem(self, msg: Message, senders: set[int]) -> str | None:
+    def _sender_problem(self, msg: Message, senders: set[int], sampled: list[int] | None) -> str | None:
         """A reply from a node this round did not sample, or a node's second reply (Flower's
         SuperLink sends neither; a check here does not rest on it)."""
-        node, sampled = msg.metadata.src_node_id, self.pending.get("sampled")
+        node = msg.metadata.src_node_id
         if sampled is not None and node not in sampled:
             return "the node was not sampled for this round"
         if node in senders:
@@ -288,10 +312,20 @@ class PrefixStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._add_round_settings(config)
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        self.pending["eval_sampled"] = sorted(m.metadata.dst_node_id for m in messages)
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        good = [m for m in replies if self._accept(m, evaluate_reply_problem(m, self.config), "evaluation: ")]
+        senders, sampled = set(), self.pending.get("eval_sampled")
+        good = [
+            m
+            for m in replies
+            if self._accept(
+                m, self._sender_problem(m, senders, sampled) or evaluate_reply_problem(m, self.config), "evaluation: "
+            )
+        ]
+        cap_weights(good, self.config.update_clip_factor)  # as training's: no claimed size sets the losses alone
         try:
             metrics = aggregate_metricrecords([m.content for m in good], NUM_EXAMPLES) if good else None
         except Exception as exc:  # never end the run on what nodes sent

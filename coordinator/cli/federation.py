@@ -130,7 +130,7 @@ def simulate(
         from fedprefix.common.base_model import check_base
         from fedprefix.coordinator.simulate import check_run_folder
 
-        check_base(config.base)  # --set base=... may have replaced --base
+        check_base(config.base, config.node_positions)  # --set base=... may have replaced --base
         check_run_folder(config)  # before the personas' data is written into it
     except FedPrefixError as exc:
         fail(exc)

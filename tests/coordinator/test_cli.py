@@ -171,6 +171,17 @@ def test_simulate_refuses_an_unknown_base_before_starting_flower(monkeypatch, ca
     assert not (tmp_path / "r").exists(), "nothing may be written for a refused run"
 
 
+def test_simulate_refuses_rows_past_the_bases_context_before_starting_flower(monkeypatch, capsys, tmp_path):
+    """Each node's fit refused them, after Flower and Ray had started; the run ended with a
+    record of nodes that failed, and the reason only in its log."""
+    with pytest.raises(SystemExit) as exit_:
+        _run(monkeypatch, "simulate", "--base", "tiny-llama", "--set", "max-length=1000", "--out", str(tmp_path / "r"))
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "the prefix and max-length take 1016 positions, past base tiny-llama's context of 512" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "r").exists()
+
+
 def test_a_taken_port_is_one_line_before_the_dashboard_starts(monkeypatch, capsys, tmp_path):
     import socket
 
@@ -286,6 +297,9 @@ def test_ctrl_d_at_the_passphrase_prompt_is_an_error_and_ctrl_c_aborts(monkeypat
         (["--users", "3", "-k", "10"], "users_per_round 10 is more than num_users 3"),
         (["--set", "run_dir="], "--set run_dir: an empty path"),  # the current folder, past --out's check
         (["--set", "data= "], "--set data: an empty path"),
+        # every node refuses a learning rate above 1: the secure round then hid why all had failed
+        (["--set", "learning-rate=2"], "setting learning_rate: Input should be less than or equal to 1"),
+        (["--set", "copy-learning-rate=5"], "setting copy_learning_rate: Input should be less than or equal to 1"),
     ],
 )
 def test_simulate_settings_out_of_bounds_are_usage_errors_before_anything_is_written(

@@ -121,7 +121,9 @@ def test_a_node_whose_secure_reply_cannot_be_read_drops_out_and_the_run_goes_on(
     if stage == Stage.UNMASK:  # by then every masked vector is in the sum: the others' shares rebuild it
         assert rejected == [] and len(finalize) == 4
     else:
-        assert rejected == [(HOSTILE, "secure round: no masked update (the node failed or dropped out)")]
+        # the reason the reply went unread, which SecAgg+ itself keeps no note of
+        assert [node for node, _ in rejected] == [HOSTILE]
+        assert rejected[0][1].startswith("secure round: collect_masked_vectors reply unreadable: "), rejected
         assert sorted(m.metadata.dst_node_id for m in finalize) == [1, 2, 3]
     honest = [n for n in (1, 2, 3, 4) if n != HOSTILE or stage == Stage.UNMASK]
     assert _mean_update(strategy) == pytest.approx(0.01 * np.mean(honest), rel=0.05)  # SecAgg+ quantizes
@@ -136,3 +138,27 @@ def test_an_honest_secure_round_and_a_second_reply_of_one_node():
 
 def _mean_update(strategy) -> float:
     return float(strategy.pending["secure_arrays"]["shared.embedding.weight"].numpy().mean())
+
+
+class FailingGrid(FakeGrid):
+    """Every node's training fails (a setting each node refuses): its reply is an error."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error
+
+        messages = list(messages)
+        stage = messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE] if messages else None
+        if stage != Stage.COLLECT_MASKED_VECTORS:
+            return super().send_and_receive(messages, timeout=timeout)
+        error = Error(code=0, reason="ConfigError: setting learning_rate: Input should be less than or equal to 1")
+        return [Message(error, reply_to=sent) for sent in messages]
+
+
+def test_a_secure_round_that_halts_names_the_nodes_own_errors():
+    """SecAgg+ counts a failed node as a dropout and keeps no reason; the nodes' answers to the
+    round's end say only that they did not train. The round's record now names the cause."""
+    strategy, finalize = _secure_round(FailingGrid(None, None))
+    reasons = [r.reason for r in strategy.pending["rejected"]]
+    assert len(finalize) == 4 and len(reasons) == 1, reasons
+    assert reasons[0].startswith("round: secure aggregation halted (too few nodes replied; node ")
+    assert "node error: ConfigError: setting learning_rate: Input should be less than or equal to 1" in reasons[0]

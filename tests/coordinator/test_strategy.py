@@ -82,7 +82,7 @@ def test_good_reply_is_accepted_and_sized():
         ({"shared.embedding.weight": np.full(SHAPE, np.inf, np.float32)}, 5, "NaN or Inf"),
         ({"shared.embedding.weight": np.full(SHAPE, 1e4, np.float32)}, 5, "exceeds the bound"),
         (None, 5, "exactly one ArrayRecord"),
-        (_good(), 0, "'num-examples' = 0 is outside (0, "),
+        (_good(), 0, "'num-examples' = 0 is not a whole number in [1, "),
     ],
 )
 def test_malformed_replies_are_rejected_with_reason(arrays, examples, reason):
@@ -94,7 +94,13 @@ def test_malformed_replies_are_rejected_with_reason(arrays, examples, reason):
     [
         ({"examples": float("nan")}, "'num-examples' is nan, not a finite number"),
         ({"examples": float("inf")}, "'num-examples' is inf, not a finite number"),
-        ({"examples": 1e12}, "outside (0, 100000] (run setting max-num-examples)"),
+        ({"examples": 1e12}, "not a whole number in [1, 100000] (run setting max-num-examples)"),
+        ({"examples": 1e-6}, "'num-examples' = 1e-06 is not a whole number"),  # a weight 10^6 x under a secure cap
+        ({"examples": 2.5}, "'num-examples' = 2.5 is not a whole number"),
+        ({"train-loss": -1e6}, "'train-loss' = -1e+06 is outside [0, 1000], not a loss per token"),
+        ({"train-loss": 1e9}, "'train-loss' = 1e+09 is outside [0, 1000]"),
+        ({"steps": -7}, "'steps' = -7 is not a whole number in [0, 10] (run setting local-steps)"),
+        ({"steps": 11}, "'steps' = 11 is not a whole number in [0, 10]"),
         ({"train-loss": None}, "missing metrics ['train-loss']"),
         ({"train-loss": [1.0, 2.0]}, "metric 'train-loss' must be a number, got list"),
         ({"dp-weight": float("nan")}, "'dp-weight' is nan"),
@@ -169,7 +175,8 @@ def test_evaluation_replies_are_checked_too():
     instruction = Message(content=RecordDict({"config": ConfigRecord()}), dst_node_id=1, message_type="evaluate")
     losses = {"eval-loss-base": 2.0, "eval-loss-shared": 1.5, "eval-loss-personal": 1.0}
     good = Message(RecordDict({"metrics": MetricRecord({"num-examples": 4, **losses})}), reply_to=instruction)
-    missing = Message(RecordDict({"metrics": MetricRecord(losses)}), reply_to=instruction)
+    other = Message(content=RecordDict({"config": ConfigRecord()}), dst_node_id=8, message_type="evaluate")
+    missing = Message(RecordDict({"metrics": MetricRecord(losses)}), reply_to=other)
     metrics = strategy.aggregate_evaluate(1, [good, missing])
     assert metrics["eval-loss-personal"] == 1.0
     assert [r.reason for r in strategy.pending["rejected"]] == ["evaluation: missing metrics ['num-examples']"]
@@ -412,3 +419,93 @@ def test_of_two_replies_neither_sets_the_bounds_alone():
     assert strategy.pending["clipped"] == [2]
     values = arrays["shared.embedding.weight"].numpy()
     assert np.abs(values - 1.0).max() <= 3 * 0.01 + 1e-6, "moved at most the bound: 3x the honest update"
+
+
+def test_every_round_samples_exactly_its_size_however_many_nodes_are_connected():
+    """A Deployment Engine with more nodes than num_users (an extra or re-registered SuperNode):
+    a fraction users/num_users sampled 3 for a round of 2, and Flower's DP wrapper then raised."""
+    for dp in (0.0, 1.0):
+        config = FederationConfig(num_users=4, users_per_round=2, dp_noise_multiplier=dp)
+        inner = build_inner_strategy(config)
+        for server_round, connected in enumerate((4, 6, 40), start=1):
+            trained = list(inner.configure_train(server_round, ArrayRecord(), ConfigRecord(), _Grid(connected)))
+            evaluated = list(inner.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), _Grid(connected)))
+            assert len(trained) == len(evaluated) == 2, (dp, connected)
+    quiet = build_inner_strategy(FederationConfig(num_users=4, fraction_evaluate=0))
+    assert list(quiet.configure_evaluate(1, ArrayRecord(), ConfigRecord(), _Grid(4))) == []
+
+
+def _moved(value: float, node: int, examples: int = 5) -> Message:
+    return _reply({"shared.embedding.weight": np.full(SHAPE, value, np.float32)}, examples=examples, node=node)
+
+
+def test_under_dp_no_update_is_clipped_to_a_bound_taken_from_the_others():
+    """The median-relative clip made one user's data move every other update (the noise is sized
+    for C / n): under DP only the node's fixed clipping bounds an update."""
+    replies = [_moved(0.0, 1), _moved(0.0, 2), _moved(0.05, 3), _moved(0.05, 4)]
+    clear = _strategy()
+    clear.pending["sampled"] = [1, 2, 3, 4]
+    clear.aggregate_train(1, [copy_of(m) for m in replies])
+    assert clear.pending["clipped"] == [3, 4]  # a median of 0 holds them still
+    private = _strategy(dp_noise_multiplier=1.0, dp_clipping_norm=10.0)
+    private.configure_train(1, _zeros(), ConfigRecord(), _Grid(4))  # DP's accounting opens the round
+    arrays, _ = private.aggregate_train(1, replies)
+    assert private.pending.get("clipped", []) == [] and arrays is not None
+
+
+def _zeros() -> ArrayRecord:
+    return ArrayRecord({"shared.embedding.weight": Array(np.zeros(SHAPE, dtype=np.float32))})
+
+
+def copy_of(msg: Message) -> Message:
+    import copy
+
+    return copy.deepcopy(msg)
+
+
+def test_under_dp_a_round_missing_a_reply_says_why_it_was_not_applied_and_keeps_its_losses():
+    strategy = _strategy(dp_noise_multiplier=1.0)
+    strategy.configure_train(1, _zeros(), ConfigRecord(), _Grid(4))
+    nan = _reply({"shared.embedding.weight": np.full(SHAPE, np.nan, np.float32)}, node=4)
+    arrays, metrics = strategy.aggregate_train(1, [_moved(0.01, 1), _moved(0.01, 2), _moved(0.01, 3), nan])
+    assert arrays is None and metrics["train-loss"] == 1.0
+    reasons = [r.reason for r in strategy.pending["rejected"]]
+    assert any("DP accounting needs every sampled node's reply, and 3 of 4 were accepted" in r for r in reasons)
+
+
+def _evaluation(node: int, examples: int, personal: float) -> Message:
+    instruction = Message(content=RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="evaluate")
+    losses = {"eval-loss-base": 2.0, "eval-loss-shared": 2.0, "eval-loss-personal": personal}
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": examples, **losses})}), reply_to=instruction)
+
+
+def test_evaluation_counts_one_reply_per_sampled_node_real_losses_and_capped_weights():
+    """One node could set the recorded personal loss: replying three times, from an unsampled
+    node, with a negative loss, or claiming 100,000 held-out rows."""
+    strategy = _strategy()
+    list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), _Grid(4)))
+    assert strategy.pending["eval_sampled"] == [1, 2, 3, 4]
+    honest = [_evaluation(node, 5, 2.0) for node in (1, 2, 3)]
+    hostile = [_evaluation(3, 5, 0.1), _evaluation(3, 5, 0.1), _evaluation(99, 5, 0.1), _evaluation(4, 5, -50.0)]
+    metrics = strategy.aggregate_evaluate(1, honest + hostile)
+    assert metrics["eval-loss-personal"] == 2.0
+    reasons = sorted(r.reason for r in strategy.pending["rejected"])
+    assert sum("already replied" in r for r in reasons) == 2 and sum("not sampled" in r for r in reasons) == 1
+    assert any("'eval-loss-personal' = -50 is outside [0, 1000]" in r for r in reasons)
+    strategy.pending["rejected"] = []
+    heavy = strategy.aggregate_evaluate(1, honest + [_evaluation(4, 100_000, 10.0)])
+    assert heavy["eval-loss-personal"] == pytest.approx((3 * 5 * 2.0 + 15 * 10.0) / 30)  # its weight capped at 3 x 5
+
+
+def test_a_secure_rounds_weight_cap_is_the_clear_rounds_or_equal_weights_before_any():
+    """A cap of max-num-examples (100,000) before any clear round made a weight of 5 a ratio of
+    5e-5, which SecAgg+'s quantization swamped (10-13% off the average)."""
+    strategy = _strategy()
+    assert strategy._secure_max_weight() == 1.0
+    strategy.pending["sampled"] = [1, 2, 3]
+    strategy.aggregate_train(1, [_moved(0.01, 1, 4), _moved(0.01, 2, 6), _moved(0.01, 3, 50)])
+    assert strategy._secure_max_weight() == 3 * 6
+    unclipped = _strategy(update_clip_factor=0)
+    unclipped.pending["sampled"] = [1, 2]
+    unclipped.aggregate_train(1, [_moved(0.01, 1, 4), _moved(0.01, 2, 50)])
+    assert unclipped._secure_max_weight() == 50
