@@ -422,7 +422,9 @@ def _resolve_folder(name: str) -> Path:
         if not (path / "config.json").is_file():
             raise ConfigError(f"folder {path} has no config.json; it is not a Hugging Face model folder")
         return path
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if path.exists():
+        raise ConfigError(f"base model {name!r} is a file; give a model folder (config.json and weights)")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ConfigError(f"base model folder {name!r} does not exist")
     if "/" not in name:
         raise ConfigError(f"unknown base model {name!r}; registry names: {', '.join(REGISTRY)}, or a folder or hub id")

@@ -51,6 +51,9 @@ def export_peft(prefix: Prefix, folder: str | os.PathLike, base_model_name_or_pa
         raise ConfigError(f"export folder {folder} is the current folder: give a folder inside it")
     if target.exists() and not target.is_dir():
         raise ConfigError(f"export folder {folder} is a file")
+    above = next((p for p in target.parents if p.exists()), None)
+    if above is not None and not above.is_dir():  # mkdir would say only "File exists"
+        raise ConfigError(f"export folder {folder}: {above} is a file, not a folder")
     if target.is_dir() and (foreign := sorted(p.name for p in target.iterdir() if p.name not in ADAPTER_FILES)):
         raise ConfigError(f"export folder {folder} holds {foreign[0]}, not only an adapter: give a new or empty folder")
     config = {
@@ -72,8 +75,11 @@ def export_peft(prefix: Prefix, folder: str | os.PathLike, base_model_name_or_pa
         "prefix_projection": False,  # folded on export
     }
     meta = {"base_fingerprint": prefix.base_fingerprint, "spec": spec.model_dump()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:  # named by the folder asked for, not by the temp folder beside it
+        raise OSError(exc.errno, f"export folder {folder} cannot be written: {exc.strerror}") from None
     try:
         atomic_write_bytes(staging / ADAPTER_WEIGHTS, save({"prompt_embeddings": flat}))
         atomic_write_bytes(staging / FEDPREFIX_META, json.dumps(meta, indent=2).encode())

@@ -86,6 +86,9 @@ def test_missing_folder_is_a_clear_error(tmp_path):
         load_base(str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError, match="has no config.json"):
         load_base(tmp_path)
+    (tmp_path / "weights.txt").write_text("a file")
+    with pytest.raises(ConfigError, match="is a file; give a model folder"):
+        load_base(str(tmp_path / "weights.txt"))
 
 
 def test_a_folder_check_reads_its_config_and_tokenizer_as_each_node_would(tmp_path, tiny_llama):

@@ -115,4 +115,16 @@ def test_an_export_is_all_or_nothing_and_writes_only_an_adapter_folder(tiny_base
         export_peft(first, tmp_path / "mine")
     with pytest.raises(ConfigError, match="not an empty string"):
         export_peft(first, "")
+    (tmp_path / "afile").write_text("a file")
+    with pytest.raises(ConfigError, match=r"export folder .*afile/sub: .*afile is a file, not a folder"):
+        export_peft(first, tmp_path / "afile" / "sub")  # mkdir said only "File exists"
+
+    def denied(**kwargs):
+        raise PermissionError(13, "Permission denied", "/x/.adapter.tmp")
+
+    monkeypatch.setattr(peft_format.tempfile, "mkdtemp", denied)
+    with pytest.raises(OSError, match=r"export folder .*elsewhere cannot be written: Permission denied") as refused:
+        export_peft(first, tmp_path / "elsewhere")  # named by the folder asked for, not the temp folder beside it
+    assert ".adapter.tmp" not in str(refused.value)
+    monkeypatch.undo()
     assert not (tmp_path / "nan").exists() and sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
