@@ -13,7 +13,7 @@ import time
 import uuid
 
 import torch
-from fedprefix.common.base_model import load_base
+from fedprefix.common.base_model import check_base, load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.precision import dtype_name, host_info, resolve_dtype
 from fedprefix.common.prefix import Prefix
@@ -38,6 +38,7 @@ def initial_shared_arrays(config: FederationConfig, base) -> ArrayRecord:
 
 def run_federation(grid: Grid, config: FederationConfig) -> None:
     """Run all rounds of `config` on `grid`, writing the run folder."""
+    check_base(config.base, config.node_positions)  # as simulate does: every node would refuse rows past the context
     base = load_base(config.base)
     arrays = initial_shared_arrays(config, base)
     info = RunInfo(

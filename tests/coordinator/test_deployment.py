@@ -90,3 +90,17 @@ def test_the_client_app_loads_without_torch_until_a_handler_needs_it():
     loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
+def test_the_server_app_refuses_rows_past_the_bases_context_before_it_starts_a_run(tmp_path):
+    """Under the Deployment Engine nothing runs `fedprefix simulate`'s checks: every node refused
+    each round's rows instead, and the run ended with nodes that failed."""
+    import pytest
+    from fedprefix.common.config import FederationConfig
+    from fedprefix.common.errors import ConfigError
+    from fedprefix.coordinator.app import run_federation
+
+    config = FederationConfig(base="tiny-llama", max_length=1000, run_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="take 1016 positions, past base tiny-llama's context of 512"):
+        run_federation(grid=None, config=config)
+    assert not (tmp_path / "run").exists()
