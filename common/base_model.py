@@ -20,7 +20,6 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -334,7 +333,7 @@ def load_base(
         fingerprint = fingerprint_state(model.config, model.state_dict())
         label = name if seed == 0 else f"{name}@seed{seed}"
     else:
-        folder = _resolve_folder(name)
+        folder = resolve_folder(name)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
         fingerprint = _folder_fingerprint(folder)
@@ -350,10 +349,11 @@ def load_base(
 
 def context_length(model) -> int | None:
     """Positions the base can attend over (config max_position_embeddings or n_positions), if known."""
-    return _config_context(model.config)
+    return config_context(model.config)
 
 
-def _config_context(config) -> int | None:
+def config_context(config) -> int | None:
+    """context_length of a model's config."""
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -361,60 +361,8 @@ def _config_context(config) -> int | None:
     return None
 
 
-def check_base(name_or_path: str | os.PathLike, positions: int = 0) -> None:
-    """ConfigError where `load_base` could not find this base, or where `positions` (a run's
-    prefix and max_length) pass its context: before a run starts processes that would each fail
-    on it (a registry base is fetched and converted here, once)."""
-    name = str(name_or_path)
-    if name in REGISTRY and REGISTRY[name].builtin:
-        config = build_tiny(name.removeprefix("tiny-"))[0].config
-    else:
-        folder = _resolve_folder(name)
-        try:  # its config and tokenizer, as each node would read them (a second or so, no weights)
-            config = AutoConfig.from_pretrained(folder)
-            AutoTokenizer.from_pretrained(folder)
-        except Exception as exc:  # transformers raises many types for a folder it cannot read
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ConfigError(f"base model folder {folder} cannot be loaded: {reason}") from exc
-        PrefixSpec.from_model_config(config, 1)  # an architecture prefixes do not support
-    context = _config_context(config)
-    if context is not None and positions > context:
-        raise ConfigError(
-            f"the prefix and max-length take {positions} positions, past base {name}'s context of {context} "
-            "tokens: lower max-length or the prefix lengths"
-        )
-
-
-def parameter_count(name_or_path: str | os.PathLike) -> int:
-    """A base's parameters, without loading its weights: from the headers of the weight files
-    load_base reads (`*.safetensors`, else `pytorch_model*.bin`, memory-mapped); a file that
-    cannot be read counts its bytes / 2 (as if bfloat16: an estimate on the high side)."""
-    name = str(name_or_path)
-    if name in REGISTRY and REGISTRY[name].builtin:
-        return sum(p.numel() for p in build_tiny(name.removeprefix("tiny-"))[0].parameters())
-    folder = _resolve_folder(name)
-    count = 0
-    for path in sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin")):
-        try:
-            count += _stored_elements(path)
-        except Exception:  # a damaged header or file (many types); its size says about as much
-            log.debug("could not read the tensors of %s", path, exc_info=True)
-            count += path.stat().st_size // 2 if path.is_file() else 0
-    return count
-
-
-def _stored_elements(path: Path) -> int:
-    """Elements of the tensors in one weight file, read from its header (safetensors) or index (.bin)."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as tensors:
-            return sum(math.prod(tensors.get_slice(key).get_shape()) for key in tensors.keys())
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    return sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
-
-
-def _resolve_folder(name: str) -> Path:
+def resolve_folder(name: str) -> Path:
+    """The local folder of a base: a registry base (fetched), a model folder, or a hub id's download."""
     if name in REGISTRY:
         return fetch(name)
     path = Path(name).expanduser()

@@ -13,7 +13,8 @@ import time
 import uuid
 
 import torch
-from fedprefix.common.base_model import check_base, load_base
+from fedprefix.common.base_checks import check_base
+from fedprefix.common.base_model import load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.precision import dtype_name, host_info, resolve_dtype
 from fedprefix.common.prefix import Prefix

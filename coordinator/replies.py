@@ -169,17 +169,6 @@ def payload_bytes(message: Message) -> int:
     return total
 
 
-def cap_weights(replies: list[Message], factor: float) -> None:
-    """Cap every reply's weight (num-examples) to `factor` x the replies' (low) median, in place:
-    no node's claimed data size sets an average (of updates, or of held-out losses) alone."""
-    if factor <= 0 or len(replies) < 2:
-        return
-    weight_cap = factor * median_weight(replies)
-    for msg in replies:
-        if msg.content[METRICS][NUM_EXAMPLES] > weight_cap:
-            msg.content[METRICS][NUM_EXAMPLES] = weight_cap
-
-
 def bound_updates(replies: list[Message], current: Arrays, prefix: str, factor: float) -> dict[int, float]:
     """Clip every accepted update to `factor` x the round's (low) median update norm, and its
     weight (num-examples) to `factor` x the (low) median weight, in place.
@@ -191,7 +180,10 @@ def bound_updates(replies: list[Message], current: Arrays, prefix: str, factor: 
     """
     if factor <= 0 or len(replies) < 2:
         return {}
-    cap_weights(replies, factor)
+    weight_cap = factor * median_weight(replies)
+    for msg in replies:
+        if msg.content[METRICS][NUM_EXAMPLES] > weight_cap:
+            msg.content[METRICS][NUM_EXAMPLES] = weight_cap
     deltas = []
     for msg in replies:
         arrays = {name.removeprefix(prefix): a.numpy() for name, a in msg.content[ARRAYS].items()}

@@ -224,7 +224,7 @@ def secure_average(
         NUM_SHARES,
         RECONSTRUCTION_THRESHOLD,
         clipping_range=bound,
-        max_weight=settings.max_weight or float(config.max_num_examples),
+        max_weight=settings.max_weight or 1.0,  # the strategy always sets one (_secure_max_weight)
         timeout=config.round_timeout,  # Flower's default: wait for ever
     )
     result = SecureResult(average=None, nodes=[], sampled=[], uplink=0)

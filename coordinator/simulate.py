@@ -248,7 +248,7 @@ def simulate(
     another ClientApp for the nodes ("module:attribute"; experiments wrap the real one). Every process started
     here is stopped before this returns or raises (also on Ctrl-C and SIGTERM).
     """
-    from fedprefix.common.base_model import check_base, parameter_count  # torch: only once a run starts
+    from fedprefix.common.base_checks import check_base, parameter_count  # torch: only once a run starts
 
     # before the run's folder is touched: a base each node would fail to load stops the run here
     check_base(config.base, config.node_positions)

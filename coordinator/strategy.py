@@ -49,7 +49,6 @@ from .records import PrivacyRecord, Rejection, RoundRecord, RunRecorder
 from .replies import (
     all_finite,
     bound_updates,
-    cap_weights,
     evaluate_reply_problem,
     median_weight,
     payload_bytes,
@@ -215,7 +214,8 @@ class PrefixStrategy(Strategy):
     def _secure_max_weight(self) -> float:
         """A secure round's weight cap (a node's weight is min(its rows, the cap)): the bound clear
         rounds clip weights to (update-clip-factor x their median weight), or without clipping the
-        largest weight the last round accepted; before any clear round, 1: users weigh equally.
+        largest weight the last round accepted; before any round that accepted replies, 1: users
+        weigh equally.
 
         SecAgg+ quantizes weight / cap x update: a cap of max-num-examples (100,000) made a weight
         of 5 a ratio of 5e-5, whose updates fell below its quantization step (10-13% off)."""
@@ -249,16 +249,18 @@ class PrefixStrategy(Strategy):
             train_seconds=sum(float(m.content[METRICS][TRAIN_SECONDS]) for m in accepted),
         )
         arrays, metrics = None, None
+        # The noise is sized for the mean of every sampled reply: a mean of fewer gets less privacy
+        # than asked for (Flower's wrapper refuses such a round only where FedAvg's accountant runs).
+        partial_dp = self.dp and sampled is not None and len(accepted) != len(sampled)
+        if partial_dp and accepted and self.round_sends_shared:
+            self._reject_round(
+                f"not aggregated: DP needs every sampled node's reply, and {len(accepted)} of {len(sampled)} "
+                "were accepted; shared prefix kept"
+            )
         try:
-            if accepted and self.round_sends_shared:
+            if accepted and self.round_sends_shared and not partial_dp:
                 arrays, metrics = self.inner.aggregate_train(server_round, accepted)
-                if arrays is None and self.dp:  # its accountant takes a round only whole: say so, keep the losses
-                    self._reject_round(
-                        f"not aggregated: DP accounting needs every sampled node's reply, and {len(accepted)} of "
-                        f"{len(sampled or [])} were accepted; shared prefix kept"
-                    )
-                    metrics = aggregate_metricrecords([m.content for m in accepted], NUM_EXAMPLES)
-            elif accepted:  # personal mode or round: nothing to aggregate but the metrics
+            elif accepted:  # personal mode or round, or a DP round not applied: nothing to aggregate but the metrics
                 metrics = aggregate_metricrecords([m.content for m in accepted], NUM_EXAMPLES)
         except Exception as exc:  # the run ends only on its own failure, never on what nodes sent
             log.error("round %d: aggregation failed, shared prefix kept: %s", server_round, exc)
@@ -325,7 +327,6 @@ class PrefixStrategy(Strategy):
                 m, self._sender_problem(m, senders, sampled) or evaluate_reply_problem(m, self.config), "evaluation: "
             )
         ]
-        cap_weights(good, self.config.update_clip_factor)  # as training's: no claimed size sets the losses alone
         try:
             metrics = aggregate_metricrecords([m.content for m in good], NUM_EXAMPLES) if good else None
         except Exception as exc:  # never end the run on what nodes sent

@@ -22,6 +22,7 @@ from .main import (
     non_empty_path,
     require_free_port,
     usage_error,
+    warn,
 )
 
 PERSONA_USERS = 4  # simulated personas without --users
@@ -127,7 +128,7 @@ def simulate(
                 f"personas hold at most {MAX_ROWS:,} rows in all (your own data: --data)"
             )
     try:  # before Flower and Ray start: each node would fail on it, and the reason end up in a log
-        from fedprefix.common.base_model import check_base
+        from fedprefix.common.base_checks import check_base
         from fedprefix.coordinator.simulate import check_run_folder
 
         check_base(config.base, config.node_positions)  # --set base=... may have replaced --base
@@ -235,7 +236,7 @@ def runs_command(
         )
     for s in summaries:
         for problem in s.problems:
-            err_console.print(f"[yellow]warning:[/yellow] {plain(f'{s.id}: {problem}')}", highlight=False)
+            warn(f"{s.id}: {problem}")
 
 
 @app.command("show")
@@ -267,7 +268,7 @@ def show_command(
         )
         return
     for problem in problems:
-        err_console.print(f"[yellow]warning:[/yellow] {plain(problem)}", highlight=False)
+        warn(problem)
     console.print(
         f"[bold]{plain(run)}[/bold]: "
         + plain(

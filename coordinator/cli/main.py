@@ -74,6 +74,11 @@ def main(
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+def warn(message: str) -> None:
+    """A warning on stderr, printed as written (not as rich markup: see _print_error)."""
+    err_console.print(f"[yellow]warning:[/yellow] {plain(message)}", highlight=False, soft_wrap=True)
+
+
 def _print_error(exc: BaseException, hint: str = "") -> None:
     message = " ".join(str(exc).split()) or type(exc).__name__
     # plain: a message quoting a path or a hint such as 'fedprefix[parquet]' is not rich markup,
@@ -96,10 +101,7 @@ def run() -> None:
         where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
         _print_error(exc.format_message(), where)
         raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Abort as exc:  # Ctrl-C while the commands load, or Ctrl-C / Ctrl-D at a prompt
-        if isinstance(exc.__context__, EOFError):  # the input ended: nothing was interrupted, nothing given
-            _print_error("the input ended at a prompt (Ctrl-D): nothing was done", "")
-            raise SystemExit(1) from None
+    except click.exceptions.Abort:  # Ctrl-C while the commands load, or at a prompt
         code = INTERRUPTED
     except Exception as exc:  # errors from dependencies too (a missing package, a refused file)
         if _state["debug"]:

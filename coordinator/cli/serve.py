@@ -9,7 +9,17 @@ import typer
 from fedprefix.common.config import DEFAULT_BASE, DEVICE_HELP
 from fedprefix.common.errors import FedPrefixError
 
-from .main import DTYPE_HELP, app, console, dtype_option, fail, finite_option, non_empty_path, require_free_port
+from .main import (
+    DTYPE_HELP,
+    app,
+    console,
+    dtype_option,
+    fail,
+    finite_option,
+    non_empty_path,
+    require_free_port,
+    warn,
+)
 
 
 def _device(value: str) -> str:
@@ -263,16 +273,19 @@ def _serve_replicas(options: dict) -> None:
 
 
 def _check_replicas_fit(settings, count: int) -> None:
-    """One line, before Ray starts, where `count` replicas of the base would not fit in the memory free."""
-    from fedprefix.common.base_model import parameter_count
+    """One line, before Ray starts, where `count` replicas of the base would not fit in the memory
+    free (a warning where only their full caches would not)."""
+    from fedprefix.common.base_checks import parameter_count
     from fedprefix.common.resources import available_memory
     from fedprefix.coordinator.serving.replica_sizing import check_replicas_fit
 
     try:
         caches = settings.prefix_cache_mib + settings.prompt_cache_mib
-        check_replicas_fit(count, parameter_count(settings.base), caches, available_memory())
+        warning = check_replicas_fit(count, parameter_count(settings.base), caches, available_memory())
     except FedPrefixError as exc:  # the base not fetched, say, or too many replicas
         fail(exc)
+    if warning:
+        warn(warning)
 
 
 def _require_ray_token() -> None:

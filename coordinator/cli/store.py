@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
+import click
 import typer
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.files import open_regular
@@ -96,7 +97,12 @@ def _read_key(user_id: str, key_file: Path | None, passphrase_env: str | None, n
             raise BadKeyError(f"no key for {user_id!r}: give {options}, or pipe the passphrase in")
         return line
     what = "New passphrase" if new else "Passphrase"
-    return typer.prompt(f"{what} for {user_id}", hide_input=True, confirmation_prompt=new)
+    try:
+        return typer.prompt(f"{what} for {user_id}", hide_input=True, confirmation_prompt=new)
+    except click.exceptions.Abort as exc:  # click's for Ctrl-C and Ctrl-D alike: only Ctrl-C is an interruption
+        if isinstance(exc.__context__, EOFError):
+            raise BadKeyError(f"no key for {user_id!r}: the input ended at the passphrase prompt (Ctrl-D)") from None
+        raise
 
 
 def _open_store(path: Path) -> PrefixStore:

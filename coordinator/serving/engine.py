@@ -138,8 +138,8 @@ class Engine:
         self, chosen: int | None, prefix_cache_bytes: int, prompt_cache_bytes: int, sharers: int
     ) -> KvBudget:
         """`chosen` bytes for the running batch's KV, or (None) a share of the memory free now,
-        split among `sharers` engines alike on this machine (replicas, which start at once and
-        each see the same free memory), never less than one row of the base's whole context."""
+        split among `sharers` engines alike on this machine (replicas: each reads the memory free as
+        it starts, less as the others load), never less than one row of the base's whole context."""
         slot = slot_bytes(self.model.config, self.base.dtype)
         if chosen is not None:
             budget = KvBudget.of_bytes(chosen, slot)

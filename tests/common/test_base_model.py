@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from fedprefix.common import base_model
+from fedprefix.common import base_checks, base_model
 from fedprefix.common.base_model import REGISTRY, load_base
 from fedprefix.common.errors import ConfigError, UnsupportedModelError
 
@@ -60,20 +60,20 @@ def test_parameter_count_reads_headers_not_weights(tmp_path, tiny_llama):
     """What a simulation sizes its nodes by: exact from the weight files load_base reads, an
     estimate from the bytes of a damaged one, never an error for a folder that loads."""
     count = tiny_llama.num_parameters()
-    assert base_model.parameter_count("tiny-llama") == count
+    assert base_checks.parameter_count("tiny-llama") == count
     tiny_llama.model.save_pretrained(tmp_path)
     tiny_llama.tokenizer.save_pretrained(tmp_path)
     (tmp_path / "optimizer.pt").write_bytes(b"\0" * 10_000_000)  # a trainer's file, not weights
-    assert base_model.parameter_count(tmp_path) == count  # tied embeddings are stored once
+    assert base_checks.parameter_count(tmp_path) == count  # tied embeddings are stored once
     weights = tmp_path / "model.safetensors"
     weights.rename(tmp_path / "saved.safetensors.old")
     torch.save(tiny_llama.model.state_dict(), tmp_path / "pytorch_model.bin")  # float32, as most .bin files
-    assert base_model.parameter_count(tmp_path) == sum(t.numel() for t in tiny_llama.model.state_dict().values())
+    assert base_checks.parameter_count(tmp_path) == sum(t.numel() for t in tiny_llama.model.state_dict().values())
     size = (tmp_path / "pytorch_model.bin").stat().st_size
     (tmp_path / "pytorch_model.bin").write_bytes(b"\xff" * size)  # damaged
-    assert base_model.parameter_count(tmp_path) == size // 2
+    assert base_checks.parameter_count(tmp_path) == size // 2
     with pytest.raises(ConfigError, match="does not exist"):
-        base_model.parameter_count(tmp_path / "missing")
+        base_checks.parameter_count(tmp_path / "missing")
 
 
 def test_unknown_name_lists_the_registry():
@@ -96,14 +96,14 @@ def test_a_folder_check_reads_its_config_and_tokenizer_as_each_node_would(tmp_pa
     the run then failed on every node, its reason only in a log."""
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match=rf"^base model folder {tmp_path} cannot be loaded: Unrecognized model"):
-        base_model.check_base(tmp_path)
+        base_checks.check_base(tmp_path)
     good = tmp_path / "good"
     tiny_llama.model.save_pretrained(good)
     tiny_llama.tokenizer.save_pretrained(good)
-    base_model.check_base(good)
+    base_checks.check_base(good)
     (good / "tokenizer.json").write_text("{not json")
     with pytest.raises(ConfigError, match="cannot be loaded"):
-        base_model.check_base(good)
+        base_checks.check_base(good)
 
 
 def test_unsupported_architecture_in_folder(tmp_path):

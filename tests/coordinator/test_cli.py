@@ -264,7 +264,11 @@ def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize(
-    ("typed", "code", "err"), [(EOFError, 1, "error: the input ended at a prompt"), (KeyboardInterrupt, 130, "aborted")]
+    ("typed", "code", "err"),
+    [
+        (EOFError, 1, "error: no key for 'alice': the input ended at the passphrase prompt"),
+        (KeyboardInterrupt, 130, "aborted"),
+    ],
 )
 def test_ctrl_d_at_the_passphrase_prompt_is_an_error_and_ctrl_c_aborts(monkeypatch, capsys, tmp_path, typed, code, err):
     """Ctrl-D ends the input (exit 1, as any refused command); only Ctrl-C is an interruption (130)."""

@@ -83,13 +83,13 @@ def test_simulate_refuses_a_base_that_cannot_load_before_it_touches_the_run_fold
 
 
 def test_simulate_runs_flower_with_the_plan_for_this_machine(tmp_path, monkeypatch):
-    from fedprefix.common import base_model
+    from fedprefix.common import base_checks
     from fedprefix.coordinator import simulate as simulate_module
 
     plans = []
     monkeypatch.setattr(simulate_module, "usable_cores", lambda: 16)
     monkeypatch.setattr(simulate_module, "available_memory", lambda: 6 * GIB)
-    monkeypatch.setattr(base_model, "parameter_count", lambda name: BUILT_IN)
+    monkeypatch.setattr(base_checks, "parameter_count", lambda name: BUILT_IN)
     monkeypatch.setattr(simulate_module, "_run_federation", lambda *args: plans.append(args[3]) or 1)
     config = FederationConfig(num_users=4, run_dir=str(tmp_path / "run"))
     for cpus, plan in ((None, NodePlan(cpus=8, at_once=2)), (4, NodePlan(cpus=4, at_once=4))):

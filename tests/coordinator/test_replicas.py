@@ -310,6 +310,9 @@ def test_invalid_replica_count_is_a_clear_error(tmp_path):
 
 
 def test_more_replicas_than_the_memory_holds_are_refused_before_ray_starts(tmp_path, monkeypatch):
+    """Replicas whose bases do not fit are refused at once, naming how many would (the kernel
+    killed one, Ray started it again, and the machine never answered); replicas whose caches,
+    once full, would not fit start with a warning."""
     import ray
     from fedprefix.common import resources
     from fedprefix.common.errors import FedPrefixError
@@ -317,13 +320,16 @@ def test_more_replicas_than_the_memory_holds_are_refused_before_ray_starts(tmp_p
     from fedprefix.coordinator.serving.replica_sizing import GIB, SERVE_BYTES, check_replicas_fit, replica_memory
     from typer.testing import CliRunner
 
-    each = replica_memory(134_515_008, 1280)  # the built-in base, default caches
-    assert 2.5 * GIB < each < 3 * GIB
-    check_replicas_fit(2, 134_515_008, 1280, SERVE_BYTES + 2 * each)
-    check_replicas_fit(64, 134_515_008, 1280, None)  # free memory unknown (no /proc): not checked
-    with pytest.raises(FedPrefixError, match=r"3 replicas need about .* is free: at most 2 would fit"):
-        check_replicas_fit(3, 134_515_008, 1280, SERVE_BYTES + 2 * each)
-    monkeypatch.setattr(resources, "available_memory", lambda: 4 * GIB)
+    built_in, caches = 134_515_008, 1280
+    each, bare = replica_memory(built_in, caches), replica_memory(built_in)
+    assert 2.5 * GIB < each < 3 * GIB and 1.4 * GIB < bare < 1.6 * GIB
+    assert check_replicas_fit(2, built_in, caches, SERVE_BYTES + 2 * each) is None
+    assert check_replicas_fit(64, built_in, caches, None) is None  # free memory unknown (no figure): not checked
+    warned = check_replicas_fit(3, built_in, caches, SERVE_BYTES + 2 * each)
+    assert "3 replicas need about" in warned and "caches full" in warned and "2 would fit" in warned
+    with pytest.raises(FedPrefixError, match=r"3 replicas need about .* is free: 2 would fit; use fewer --replicas"):
+        check_replicas_fit(3, built_in, caches, SERVE_BYTES + 2 * bare + bare // 2)
+    monkeypatch.setattr(resources, "available_memory", lambda: 2 * GIB)
     cli = ["serve", "--base", "tiny-llama", "--store", str(tmp_path), "--replicas", "4", "--port", str(free_port())]
     result = CliRunner().invoke(app, cli)
     assert result.exit_code == 1 and "4 replicas need about" in result.output and "--replicas" in result.output
