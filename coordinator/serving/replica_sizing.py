@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fedprefix.common.errors import FedPrefixError
 
-from ..node_sizing import GIB
+GIB = 1 << 30
 
 # Measured on the 2-core EPYC (resident memory once up, `fedprefix serve --replicas 2`, built-in
 # base of 134.5 M parameters, bfloat16): each replica 1.1 GiB, 0.4 of it Python and torch; the
