@@ -220,12 +220,24 @@ def _convert_smollm2(folder: Path) -> None:
         fresh.load_state_dict(loaded.state_dict(), strict=True)
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _readable_as_umask_allows(Path(tmp))  # mkdtemp made it for its owner alone: a shared cache is not
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s to safetensors in %.1f s", SMOLLM2_GGUF, time.perf_counter() - started)
+
+
+def _readable_as_umask_allows(folder: Path) -> None:
+    """The modes a plain mkdir and open would have given `folder` and its files."""
+    probe = folder / ".mode-probe"  # a new file shows the umask (os.umask would set it meanwhile, for every thread)
+    probe.touch()
+    umask = 0o666 & ~probe.stat().st_mode
+    probe.unlink()
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def registry_folder(name: str) -> Path:
@@ -292,8 +304,12 @@ def _folder_fingerprint(folder: Path) -> str:
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     key = hashlib.sha256(json.dumps([str(folder.resolve()), stamp]).encode()).hexdigest()[:32]
     cached = cache_dir() / "fingerprints" / f"{key}.txt"
-    if cached.is_file():
-        return cached.read_text().strip()
+    try:
+        value = cached.read_text(encoding="ascii").strip()
+        if len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+            return value
+    except (OSError, UnicodeDecodeError):  # none yet, or damaged: computed again (a prefix records it)
+        pass
     digest = hashlib.sha256()
     for path in files:
         digest.update(f"{path.name}|".encode())
@@ -301,10 +317,13 @@ def _folder_fingerprint(folder: Path) -> str:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 digest.update(block)
     value = digest.hexdigest()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(value)
-    os.replace(tmp, cached)
+    try:  # only a shortcut for the next load: a cache folder that cannot be written costs the hash again
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(value)
+        os.replace(tmp, cached)
+    except OSError as exc:
+        log.debug("fingerprint of %s not cached: %s", folder, exc)
     return value
 
 
@@ -334,8 +353,13 @@ def load_base(
         label = name if seed == 0 else f"{name}@seed{seed}"
     else:
         folder = resolve_folder(name)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+        except Exception as exc:  # transformers and safetensors raise many types for a folder they cannot read
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            remedy = f": delete it and run fedprefix base fetch {name}" if name in REGISTRY else ""
+            raise ConfigError(f"base model folder {folder} cannot be loaded ({reason}){remedy}") from exc
         fingerprint = _folder_fingerprint(folder)
         label = name
     PrefixSpec.from_model_config(model.config, 1)  # refuse unsupported architectures early
@@ -363,9 +387,14 @@ def config_context(config) -> int | None:
 
 def resolve_folder(name: str) -> Path:
     """The local folder of a base: a registry base (fetched), a model folder, or a hub id's download."""
+    if not name.strip():  # Path("") is the current folder
+        raise ConfigError("the base model's name is empty: give a registry name, a model folder or a hub id")
     if name in REGISTRY:
         return fetch(name)
-    path = Path(name).expanduser()
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError as exc:  # "~nouser/x"
+        raise ConfigError(f"base model folder {name!r}: {exc}") from None
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"folder {path} has no config.json; it is not a Hugging Face model folder")

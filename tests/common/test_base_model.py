@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,53 @@ def test_the_cache_is_the_checkouts_own_unless_chosen_or_installed(tmp_path, mon
     installed.touch()
     monkeypatch.setattr(base_model, "__file__", str(installed))
     assert base_model.cache_dir() == Path.home() / ".cache" / "fedprefix"
+
+
+def test_a_damaged_or_unwritable_fingerprint_cache_never_becomes_a_fingerprint(tmp_path, tiny_llama, monkeypatch):
+    """A corrupt cached fingerprint was taken as the base's (and recorded by every prefix); a
+    cache folder that cannot be written failed the load of a base already there."""
+    folder = tmp_path / "model"
+    tiny_llama.model.save_pretrained(folder)
+    tiny_llama.tokenizer.save_pretrained(folder)
+    monkeypatch.setenv("FEDPREFIX_CACHE", str(tmp_path / "cache"))
+    true = load_base(folder).fingerprint
+    (cached,) = (tmp_path / "cache" / "fingerprints").iterdir()
+    for damage in (b"garbage", b"", b"\xff\x00", b"A" * 64):
+        cached.write_bytes(damage)
+        assert load_base(folder).fingerprint == true
+    assert cached.read_text() == true  # written again
+    monkeypatch.setenv("FEDPREFIX_CACHE", str(tmp_path / "a-file"))
+    (tmp_path / "a-file").write_text("not a folder")
+    assert load_base(folder).fingerprint == true  # not cached, not refused
+
+
+def test_a_folder_transformers_cannot_read_is_one_config_error_naming_it(tmp_path, tiny_llama):
+    folder = tmp_path / "model"
+    tiny_llama.model.save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"\x10\x00")  # truncated
+    tiny_llama.tokenizer.save_pretrained(folder)
+    with pytest.raises(ConfigError, match=r"base model folder .*model cannot be loaded \("):
+        load_base(folder)
+    for name, message in (("", "the base model's name is empty"), ("  ", "empty"), ("~no-such-user-x/m", "~no-such")):
+        with pytest.raises(ConfigError, match=message):
+            load_base(name)
+
+
+def test_a_converted_base_is_readable_as_the_umask_allows(tmp_path):
+    """mkdtemp made the converted folder 0700 (files 0600): only whoever fetched could load it."""
+    import os
+    import stat
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    (folder / "sub").mkdir()
+    (folder / "model.safetensors").write_bytes(b"x")
+    os.chmod(folder / "model.safetensors", 0o600)
+    previous = os.umask(0o022)
+    try:
+        base_model._readable_as_umask_allows(folder)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755 and stat.S_IMODE((folder / "sub").stat().st_mode) == 0o755
+    assert stat.S_IMODE((folder / "model.safetensors").stat().st_mode) == 0o644
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "sub"]
