@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from .base_model import REGISTRY, build_tiny, config_context, resolve_folder
+from .base_model import REGISTRY, build_tiny, config_context, resolve_folder, tiny_config
 from .errors import ConfigError
 from .prefix import PrefixSpec
 
@@ -24,7 +24,7 @@ def check_base(name_or_path: str | os.PathLike, positions: int = 0) -> None:
     on it (a registry base is fetched and converted here, once)."""
     name = str(name_or_path)
     if name in REGISTRY and REGISTRY[name].builtin:
-        config = build_tiny(name.removeprefix("tiny-"))[0].config
+        config = tiny_config(name.removeprefix("tiny-"))
     else:
         folder = resolve_folder(name)
         try:  # its config and tokenizer, as each node would read them (a second or so, no weights)

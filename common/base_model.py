@@ -139,7 +139,8 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 TINY_VOCAB = 260  # 256 bytes + 4 specials
 
 
-def _tiny_config(model_type: str):
+def tiny_config(model_type: str):
+    """The config of a tiny in-process model (build_tiny's, without building it)."""
     common = dict(vocab_size=TINY_VOCAB, tie_word_embeddings=False)
     if model_type == "gpt2":
         return AutoConfig.for_model(
@@ -162,7 +163,7 @@ def _tiny_config(model_type: str):
 
 def build_tiny(model_type: str, seed: int = 0) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     """A deterministic random tiny causal LM of `model_type` and its tokenizer."""
-    config = _tiny_config(model_type)
+    config = tiny_config(model_type)
     config.pad_token_id = 259
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

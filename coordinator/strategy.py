@@ -364,7 +364,7 @@ class PrefixStrategy(Strategy):
         return None
 
     def _privacy(self) -> PrivacyRecord | None:
-        if not isinstance(self.inner, DifferentialPrivacyClientSideFixedClipping):
+        if not self.dp:
             return None
         spent = self.inner.privacy_spent()
         reason = None if spent is not None else "Flower's accountant covers FedAvg only, with dp-accounting installed"

@@ -22,7 +22,7 @@ from fedprefix.client.node import simulation_key
 from fedprefix.common.base_model import DEFAULT_BASE, load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.errors import FedPrefixError
-from fedprefix.coordinator.simulate import check_run_folder, claim_run_folder, remove_node_stores, simulate
+from fedprefix.coordinator.simulate import check_run_folder, claim_run_folder, simulate
 from fedprefix.coordinator.views import make_console, round_progress, rounds_table
 from fedprefix.simulations.arguments import positive
 from fedprefix.simulations.personas import (
@@ -65,12 +65,11 @@ def compare(me: Personalizer, data: dict, title: str) -> None:
 
 def federated(args) -> None:
     work = Path(args.out)
-    # A demo starts fresh (no data or prefixes of an earlier run), but removes nothing before
-    # check_run_folder has passed, which refuses a folder no run made: `--out .` must not take a
-    # checkout's data/.
+    # A demo starts fresh (no data of an earlier run; simulate() empties the node stores), but
+    # removes nothing before check_run_folder has passed, which refuses a folder no run made:
+    # `--out .` must not take a checkout's data/.
     folder = FederationConfig(run_dir=str(work))
     check_run_folder(folder)
-    remove_node_stores(work / "stores")
     shutil.rmtree(work / "data", ignore_errors=True)
     claim_run_folder(folder)  # before its data is written into it
     config = FederationConfig(
