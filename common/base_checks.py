@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from .base_model import REGISTRY, build_tiny, config_context, resolve_folder, tiny_config
+from .base_model import build_tiny, config_context, resolve_folder, tiny_config
+from .base_registry import REGISTRY
 from .errors import ConfigError
 from .prefix import PrefixSpec
 

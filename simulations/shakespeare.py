@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedprefix.client.partition import EVAL_FILE, TRAIN_FILE, split_held_out
-from fedprefix.common.base_model import cache_dir
+from fedprefix.common.base_registry import cache_dir
 from fedprefix.common.errors import DataError
 from fedprefix.common.files import atomic_write_bytes
 

@@ -27,11 +27,11 @@ def base_list(as_json: bool = typer.Option(False, "--json", help="Print JSON for
 
     Example: fedprefix base list
     """
-    from fedprefix.common import base_model  # torch and transformers: only when a command needs them
+    from fedprefix.common.base_registry import REGISTRY, fetch_problem, registry_folder
 
     rows = []
-    for entry in base_model.REGISTRY.values():
-        ready = entry.builtin or (base_model.registry_folder(entry.name) / "config.json").is_file()
+    for entry in REGISTRY.values():
+        ready = entry.builtin or fetch_problem(registry_folder(entry.name)) is None
         rows.append({"name": entry.name, "ready": ready, "in_process": entry.builtin, "description": entry.description})
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -51,12 +51,12 @@ def base_fetch(name: str = typer.Argument(DEFAULT_BASE, help="Registry name.")) 
 
     Example: fedprefix base fetch smollm2-135m-instruct
     """
-    from fedprefix.common import base_model
+    from fedprefix.common import base_model, base_registry
 
     try:
         started = time.perf_counter()
         with console.status(f"fetching {name} (first time: download and convert, about 30 s)"):
-            folder = base_model.fetch(name)
+            folder = base_registry.fetch(name)
             base = base_model.load_base(name)
         console.print(f"{name}: ready in {folder} ({time.perf_counter() - started:.1f} s)", markup=False)
         console.print(f"fingerprint {base.fingerprint}")

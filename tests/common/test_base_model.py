@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fedprefix.common import base_checks, base_model
-from fedprefix.common.base_model import REGISTRY, load_base
+from fedprefix.common import base_checks, base_model, base_registry
+from fedprefix.common.base_model import load_base
+from fedprefix.common.base_registry import REGISTRY
 from fedprefix.common.errors import ConfigError, UnsupportedModelError
 
 
@@ -120,7 +121,7 @@ def test_unsupported_architecture_in_folder(tmp_path):
 def test_registry_lists_builtin_default():
     assert base_model.DEFAULT_BASE in REGISTRY and not REGISTRY[base_model.DEFAULT_BASE].builtin
     with pytest.raises(ConfigError, match="needs no fetch"):
-        base_model.fetch("tiny-gpt2")
+        base_registry.fetch("tiny-gpt2")
 
 
 @pytest.mark.slow
@@ -154,18 +155,18 @@ def test_the_cache_is_the_checkouts_own_unless_chosen_or_installed(tmp_path, mon
     from pathlib import Path
 
     checkout = Path(__file__).resolve().parents[2]
-    if Path(base_model.__file__).resolve().parents[1] != checkout:
+    if Path(base_registry.__file__).resolve().parents[1] != checkout:
         pytest.skip("fedprefix is installed from a wheel here, not run from this checkout")
     monkeypatch.delenv("FEDPREFIX_CACHE", raising=False)
-    assert base_model.cache_dir() == checkout / ".cache" / "fedprefix"
+    assert base_registry.cache_dir() == checkout / ".cache" / "fedprefix"
     monkeypatch.setenv("FEDPREFIX_CACHE", str(tmp_path / "mine"))
-    assert base_model.cache_dir() == tmp_path / "mine"
+    assert base_registry.cache_dir() == tmp_path / "mine"
     monkeypatch.delenv("FEDPREFIX_CACHE")
-    installed = tmp_path / "site-packages" / "fedprefix" / "common" / "base_model.py"  # a wheel's layout
+    installed = tmp_path / "site-packages" / "fedprefix" / "common" / "base_registry.py"  # a wheel's layout
     installed.parent.mkdir(parents=True)
     installed.touch()
-    monkeypatch.setattr(base_model, "__file__", str(installed))
-    assert base_model.cache_dir() == Path.home() / ".cache" / "fedprefix"
+    monkeypatch.setattr(base_registry, "__file__", str(installed))
+    assert base_registry.cache_dir() == Path.home() / ".cache" / "fedprefix"
 
 
 def test_a_damaged_or_unwritable_fingerprint_cache_never_becomes_a_fingerprint(tmp_path, tiny_llama, monkeypatch):
@@ -210,9 +211,43 @@ def test_a_converted_base_is_readable_as_the_umask_allows(tmp_path):
     os.chmod(folder / "model.safetensors", 0o600)
     previous = os.umask(0o022)
     try:
-        base_model._readable_as_umask_allows(folder)
+        base_registry._readable_as_umask_allows(folder)
     finally:
         os.umask(previous)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755 and stat.S_IMODE((folder / "sub").stat().st_mode) == 0o755
     assert stat.S_IMODE((folder / "model.safetensors").stat().st_mode) == 0o644
     assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "sub"]
+
+
+@pytest.mark.parametrize("layers", [3, 1])
+def test_a_config_unlike_its_weights_is_refused_not_run_with_random_layers(tmp_path, tiny_llama, layers):
+    """transformers builds what config.json says and only prints a report: with a layer more than
+    the weights hold that layer ran at random; with one fewer, the last layer's weights were unread."""
+    import json
+
+    folder = tmp_path / "model"
+    tiny_llama.model.save_pretrained(folder)
+    tiny_llama.tokenizer.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (folder / "config.json").write_text(json.dumps(config))
+    what = "missing from its files, such as model.layers.2."
+    if layers == 1:
+        what = "it has no place for, such as model.layers.1."
+    with pytest.raises(ConfigError, match=rf"weights do not match its config.json \(\d+ weights? {what}"):
+        load_base(folder)
+    config["num_hidden_layers"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_base(folder).fingerprint  # as saved: loads
+
+
+def test_tied_embeddings_are_not_missing_weights(tmp_path):
+    """A base whose output layer is its input embedding (SmolLM2, Qwen2.5) has no lm_head weight."""
+    from transformers import AutoModelForCausalLM
+
+    config = base_model.tiny_config("llama")
+    config.tie_word_embeddings = True
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    base_model.byte_tokenizer().save_pretrained(tmp_path)
+    base = load_base(tmp_path)
+    assert base.model.lm_head.weight.data_ptr() == base.model.model.embed_tokens.weight.data_ptr()

@@ -6,7 +6,7 @@ import sys
 import time
 
 import pytest
-from fedprefix.common import base_model
+from fedprefix.common import base_model, base_registry
 from fedprefix.coordinator import cli
 from fedprefix.coordinator.cli import main as cli_main
 
@@ -22,7 +22,7 @@ def _refuse(name):  # what transformers raised on a fresh clone without accelera
 
 
 def test_an_error_from_a_dependency_is_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(base_model, "fetch", _refuse)
+    monkeypatch.setattr(base_registry, "fetch", _refuse)
     with pytest.raises(SystemExit) as exit_:
         _run(monkeypatch, "base", "fetch", "smollm2-135m-instruct")
     assert exit_.value.code == 1
@@ -32,7 +32,7 @@ def test_an_error_from_a_dependency_is_one_line(monkeypatch, capsys):
 
 
 def test_debug_shows_the_traceback(monkeypatch):
-    monkeypatch.setattr(base_model, "fetch", _refuse)
+    monkeypatch.setattr(base_registry, "fetch", _refuse)
     with pytest.raises(ValueError, match="accelerate is required"):
         _run(monkeypatch, "--debug", "base", "fetch", "smollm2-135m-instruct")
 
