@@ -303,6 +303,4 @@ def lean_unsupported_reason(model) -> str | None:
         return f"activation {config.hidden_act}"
     if getattr(config, "pretraining_tp", 1) != 1:
         return "pretraining_tp > 1"
-    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
-        return "sliding-window attention layers"
     return None

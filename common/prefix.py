@@ -56,6 +56,13 @@ class PrefixSpec(BaseModel):
                 f"model_type {model_type!r} is not supported for prefix tuning; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        sliding = [kind for kind in getattr(config, "layer_types", None) or () if kind != "full_attention"]
+        if sliding:  # e.g. Qwen2 with use_sliding_window
+            raise UnsupportedModelError(
+                f"this {model_type} base has {len(sliding)} sliding-window attention layers ({sliding[0]}): "
+                "tokens further than the window from a prefix cannot see it there, and a batch's padding "
+                "moves that limit row by row; only bases with full attention in every layer are supported"
+            )
         if num_virtual_tokens < 1:
             raise ConfigError(f"num_virtual_tokens must be >= 1, got {num_virtual_tokens}")
         if model_type == "gpt2":

@@ -20,7 +20,7 @@ prefix keys/values), with transformers' RMSNorm order of operations, rotary embe
 (queries and keys rotated in one pass) and SDPA attention with grouped-query heads.
 Tests hold its loss and prefix gradient to the plain transformers path.
 
-Bases of another architecture (GPT-2), another activation, sliding-window layers or
+Bases of another architecture (GPT-2), another activation or
 attention dropout in training mode are not covered (`unsupported_reason`); the caller
 runs those through transformers.
 """

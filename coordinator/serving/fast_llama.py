@@ -10,7 +10,7 @@ serving benchmark measures the gain). Tests hold its logits
 to the transformers forward and the engine's greedy tokens to the plain generation
 loop, token for token.
 
-Bases of another architecture (GPT-2), another activation or sliding-window layers
+Bases of another architecture (GPT-2) or another activation
 run through transformers (`TransformersForward`), unchanged.
 """
 
