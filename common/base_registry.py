@@ -108,12 +108,19 @@ def _convert_smollm2(folder: Path) -> None:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _readable_as_umask_allows(Path(tmp))  # mkdtemp made it for its owner alone: a shared cache is not
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        _put_in_place(Path(tmp), folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s to safetensors in %.1f s", SMOLLM2_GGUF, time.perf_counter() - started)
+
+
+def _put_in_place(made: Path, folder: Path) -> None:
+    """`made` becomes `folder`, replacing a damaged copy, or a file or link where the folder goes."""
+    if folder.is_dir() and not folder.is_symlink():
+        shutil.rmtree(folder)
+    elif folder.exists() or folder.is_symlink():
+        folder.unlink()
+    os.replace(made, folder)
 
 
 def _readable_as_umask_allows(folder: Path) -> None:
@@ -175,7 +182,7 @@ def fetch_problem(folder: Path) -> str | None:
     from safetensors import SafetensorError, safe_open
 
     if not folder.is_dir():
-        return "not fetched"
+        return "not a folder" if folder.exists() or folder.is_symlink() else "not fetched"
     missing = [name for name in ("config.json", "tokenizer.json") if not (folder / name).is_file()]
     weights = sorted(folder.glob("*.safetensors"))
     if missing or not weights:

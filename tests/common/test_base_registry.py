@@ -80,3 +80,20 @@ def test_a_finished_base_in_a_read_only_cache_needs_no_lock(converter, monkeypat
 
     monkeypatch.setattr(base_registry, "FileLock", no_lock)
     assert base_registry.fetch(DEFAULT_BASE) == folder
+
+
+@pytest.mark.parametrize("in_the_way", ["damaged folder", "file", "dangling link"])
+def test_a_conversion_replaces_whatever_is_in_the_way(tmp_path, in_the_way):
+    made, folder = tmp_path / "made", tmp_path / "models" / "base"
+    made.mkdir()
+    (made / "config.json").write_text("{}")
+    folder.parent.mkdir()
+    if in_the_way == "damaged folder":
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"cut")
+    elif in_the_way == "file":
+        folder.write_text("not a folder")
+    else:
+        folder.symlink_to(tmp_path / "nowhere")
+    base_registry._put_in_place(made, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"] and not made.exists()
