@@ -1,24 +1,32 @@
 """Local training data: validate rows, turn them into (prompt, completion) token ids.
 
-Accepted forms (a list of rows, or a path to a .jsonl, .csv or .parquet file of rows, client/tables.py):
+Accepted forms (a list of rows, or a path to a .jsonl, .json, .csv or .parquet file of rows, client/tables.py):
 - ``{"prompt": str, "completion": str}``: the loss counts completion tokens only;
-- ``{"messages": [{"role", "content"}, ...]}``: chat; the last assistant message is the
-  completion, everything before it (through the chat template) the prompt;
+- ``{"messages": [{"role", "content"}, ...]}``: chat ending with the assistant's reply; every
+  assistant message is a completion (as OpenAI's fine-tuning and TRL's assistant-only loss
+  train them), behind the conversation before it (through the chat template); one with
+  ``"weight": 0`` is context only;
 - a plain string, or ``{"text": str}`` (how a table holds one): language modelling, every token counts.
+
+Keys beyond a row form's own (an ``id``, a ``source``) are left aside, as dataset columns are
+by other trainers; layouts of other tools (ShareGPT, Alpaca) get an error naming the mapping.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 from fedprefix.common.chat import ChatMessage, Text, chat_prompt, format_prompt, leading_bos, prompt_ids, unicode_text
 from fedprefix.common.errors import DataError, first_error
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .tables import is_row_file, read_records
+from .tables import check_format, is_row_file, read_records
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +46,24 @@ class PromptCompletion(BaseModel):
         return completion
 
 
+class TrainingMessage(ChatMessage):
+    """A turn of a training conversation: an assistant's may be left out of the loss (OpenAI's
+    fine-tuning format: ``"weight": 0``), as context for the turns after it."""
+
+    weight: Literal[0, 1] = 1
+
+    @model_validator(mode="after")
+    def _weight_on_replies_only(self) -> TrainingMessage:
+        if self.weight != 1 and self.role != "assistant":
+            raise ValueError("only an assistant message takes a weight (0: context, not trained on)")
+        return self
+
+
 class ChatRow(BaseModel):
-    """A conversation whose last message, from the assistant, is the completion."""
+    """A conversation ending with the assistant's reply; each assistant message is a completion."""
 
     model_config = ConfigDict(extra="forbid")
-    messages: list[ChatMessage] = Field(min_length=2)
+    messages: list[TrainingMessage] = Field(min_length=2)
 
 
 Row = PromptCompletion | ChatRow | str
@@ -54,6 +75,7 @@ class Example:
 
     prompt: list[int]
     completion: list[int]  # ends with EOS where the tokenizer has one
+    row: int = 0  # the row it came from (a chat row gives one example per reply): splits keep rows whole
 
 
 def read_rows(local_data: Sequence | str | os.PathLike) -> list[Row]:
@@ -61,40 +83,75 @@ def read_rows(local_data: Sequence | str | os.PathLike) -> list[Row]:
     if isinstance(local_data, os.PathLike) or (isinstance(local_data, str) and is_row_file(local_data)):
         return read_file_rows(local_data)
     if isinstance(local_data, str):
+        if looks_like_path(local_data):
+            check_format(local_data)  # names the extensions read
         raise DataError(
-            "local_data is a single string; pass a list of rows or a path ending in .jsonl, .csv or .parquet"
+            "local_data is a single string; pass a list of rows or a path ending in .jsonl, .json, .csv or .parquet"
         )
     if isinstance(local_data, Mapping):
         raise DataError(
             f"local_data is a single row (a dict with keys {sorted(local_data)}); pass a list of rows: [row]"
         )
-    if not isinstance(local_data, Sequence) or isinstance(local_data, (bytes, bytearray)):
+    if hasattr(local_data, "columns") and hasattr(local_data, "to_dict"):  # a pandas DataFrame iterates its columns
+        local_data = local_data.to_dict("records")
+    if not isinstance(local_data, Iterable) or isinstance(local_data, (bytes, bytearray)):
         raise DataError(
-            "local_data must be a list of rows or a path to a .jsonl, .csv or .parquet file, "
+            "local_data must be a list of rows or a path to a .jsonl, .json, .csv or .parquet file, "
             f"not {type(local_data).__name__}"
         )
-    rows = [validate_row(raw, f"row {i}") for i, raw in enumerate(local_data)]
+    ignored: set[str] = set()
+    rows = [validate_row(raw, f"row {i}", ignored) for i, raw in enumerate(local_data)]  # a generator, a Dataset
     if not rows:
         raise DataError("local_data is empty: give at least one row")
+    _report_ignored(ignored)
     return rows
+
+
+def looks_like_path(text: str) -> bool:
+    """A string meant as a file's path (an existing file, or a name with a file extension), not a row's text."""
+    if "\n" in text:
+        return False
+    return os.path.exists(text) or re.fullmatch(r"\.[A-Za-z0-9]{1,10}", Path(text).suffix) is not None
+
+
+def _report_ignored(ignored: set[str]) -> None:
+    if ignored:
+        log.info("rows hold keys that are not training data, left aside: %s", ", ".join(sorted(ignored)))
 
 
 def read_file_rows(path: str | os.PathLike) -> list[Row]:
-    """The validated rows of a .jsonl, .csv or .parquet file; an empty file is refused."""
-    rows = [validate_row(raw, where) for where, raw in read_records(path)]
+    """The validated rows of a .jsonl, .json, .csv or .parquet file; an empty file is refused."""
+    ignored: set[str] = set()
+    rows = [validate_row(raw, where, ignored) for where, raw in read_records(path)]
     if not rows:
         raise DataError(f"{path} has no rows")
+    _report_ignored(ignored)
     return rows
 
 
-def validate_row(raw, where: str) -> Row:
-    """One row in any accepted form, validated; `where` ("PATH line 3") starts the error message."""
+# other tools' row layouts (keys that tell them) -> how to write them here
+OTHER_LAYOUTS = {
+    "conversations": "ShareGPT's conversations of from/value: write messages of role/content (human -> user, "
+    "gpt -> assistant, system -> system)",
+    "instruction": "Alpaca's instruction/input/output: write prompt = instruction (and input after it), "
+    "completion = output",
+    "chosen": "a preference pair (chosen/rejected): prompt tuning learns from one completion; write prompt and "
+    "the chosen completion",
+}
+FORM_KEYS = {"messages": ("messages",), "prompt": ("prompt", "completion"), "text": ("text",)}
+
+
+def validate_row(raw, where: str, ignored: set[str] | None = None) -> Row:
+    """One row in any accepted form, validated; `where` ("PATH line 3") starts the error message.
+    Keys beyond the row form's own are left out and added to `ignored`."""
     if isinstance(raw, (PromptCompletion, ChatRow)):  # already validated
         return raw
-    if isinstance(raw, dict) and set(raw) == {"text"}:
-        raw = raw["text"]
-        if not isinstance(raw, str):
-            raise DataError(f"{where}: field 'text': expected a string, got {type(raw).__name__}")
+    if isinstance(raw, Mapping):
+        raw = _row_form_keys(dict(raw), where, ignored if ignored is not None else set())
+        if set(raw) == {"text"}:
+            raw = raw["text"]
+            if not isinstance(raw, str):
+                raise DataError(f"{where}: field 'text': expected a string, got {type(raw).__name__}")
     if isinstance(raw, str):
         if not raw.strip():
             raise DataError(f"{where}: empty text")
@@ -105,19 +162,36 @@ def validate_row(raw, where: str) -> Row:
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected an object or a string, got {type(raw).__name__}")
     model = ChatRow if "messages" in raw else PromptCompletion
+    if model is ChatRow and (tools := _tool_use(raw["messages"])):
+        raise DataError(f"{where}: field 'messages': {tools} are not supported; messages are text turns")
     try:
         row = model.model_validate(raw)
     except ValidationError as exc:
         field, message = first_error(exc, "row")
         raise DataError(f"{where}: field '{field}': {message}") from exc
-    if isinstance(row, ChatRow) and row.messages[-1].role != "assistant":
-        raise DataError(f"{where}: field 'messages': the last message must be the assistant's reply")
-    # A blank completion, as blank text, is refused: it would teach blank replies.
-    if isinstance(row, ChatRow) and not row.messages[-1].content.strip():
-        raise DataError(f"{where}: field 'messages': the assistant's reply (the completion) is empty or blank")
+    if isinstance(row, ChatRow):
+        if row.messages[-1].role != "assistant":
+            raise DataError(f"{where}: field 'messages': the last message must be the assistant's reply")
+        trained = [i for i, m in enumerate(row.messages) if i > 0 and m.role == "assistant" and m.weight == 1]
+        if not trained:
+            raise DataError(f"{where}: field 'messages': no assistant reply to learn (each has weight 0)")
+        # A blank completion, as blank text, is refused: it would teach blank replies.
+        if blank := [i for i in trained if not row.messages[i].content.strip()]:
+            raise DataError(f"{where}: field 'messages.{blank[0]}': an assistant reply (a completion) is blank")
     if isinstance(row, PromptCompletion) and not row.completion.strip():
         raise DataError(f"{where}: field 'completion': empty or blank (only whitespace)")
     return row
+
+
+def _tool_use(messages) -> str | None:
+    """What in `messages` is tool use (OpenAI's tool_calls, a tool's result), None if nothing is."""
+    for message in messages if isinstance(messages, list) else ():
+        if isinstance(message, Mapping):
+            if "tool_calls" in message or "function_call" in message:
+                return "tool calls (tool_calls)"
+            if message.get("role") in ("tool", "function"):
+                return f"tool results (role {message['role']!r})"
+    return None
 
 
 # No token of a real vocabulary is longer than this many characters: a text cut to max_length times
@@ -125,39 +199,60 @@ def validate_row(raw, where: str) -> Row:
 CHARS_PER_TOKEN = 64
 
 
-def tokenize_rows(rows: Sequence[Row], tokenizer, max_length: int, use_chat_template: bool) -> list[Example]:
-    """Token ids per row; over-long rows lose tokens from the left of the prompt (one warning).
+def _row_form_keys(raw: dict, where: str, ignored: set[str]) -> dict:
+    """`raw` with only its row form's keys (messages; prompt and completion; or text)."""
+    forms = [form for form, keys in FORM_KEYS.items() if any(key in raw for key in keys)]
+    if len(forms) > 1:
+        found = [key for form in forms for key in FORM_KEYS[form] if key in raw]
+        raise DataError(f"{where}: the row has keys of two row forms ({', '.join(found)}): keep one")
+    if not forms:
+        hint = next((layout for key, layout in OTHER_LAYOUTS.items() if key in raw), None)
+        keys = ", ".join(repr(key) for key in list(raw)[:8])
+        raise DataError(
+            f"{where}: a row needs prompt and completion, messages, or text; it has {keys or 'no keys'}"
+            + (f". It looks like {hint}" if hint else "")
+        )
+    kept = {key: raw[key] for key in FORM_KEYS[forms[0]] if key in raw}
+    ignored.update(key for key in raw if key not in kept)
+    return kept
 
+
+def tokenize_rows(rows: Sequence[Row], tokenizer, max_length: int, use_chat_template: bool) -> list[Example]:
+    """Token ids per completion (one per row; one per trained assistant message of a chat row).
+
+    An over-long example keeps its completion's start and at least half of `max_length` for the
+    prompt's end: prompts lose tokens on the left, completions on the right (one warning).
     With `use_chat_template`, prompt/completion rows are framed as one user turn and the
     assistant's reply, as an instruct model expects; chat rows always are.
     """
-    examples, cut_prompts, cut_completions = [], 0, 0
+    examples, seen, cut_total, cut_prompts, cut_completions = [], 0, 0, 0, 0
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     bos = leading_bos(tokenizer)  # before plain text; a chat template writes its own
     chars = max_length * CHARS_PER_TOKEN  # a 50 MB row is cut before it is tokenized, not after
-    for row in rows:
-        prompt_text, completion_text = split_row(row, tokenizer, use_chat_template)
-        prompt_text, completion_text = prompt_text[-chars:], completion_text[:chars]
-        prompt = prompt_ids(tokenizer, prompt_text, None if templated(row, use_chat_template) else bos)
-        completion = tokenizer(completion_text, add_special_tokens=False).input_ids + eos
-        overflow = len(prompt) + len(completion) - max_length
-        if overflow > 0:
-            if overflow >= len(prompt):  # even an empty prompt is too long: keep the completion's start
-                cut_completions += 1
-                prompt, completion = [], completion[: max_length - 1]
-            else:
-                cut_prompts += 1
-                prompt = prompt[overflow:]
-        if not prompt:  # the first token needs context to be predicted from
-            prompt, completion = completion[:1], completion[1:]
-        if completion:
-            examples.append(Example(prompt=prompt, completion=completion))
+    for index, row in enumerate(rows):
+        for prompt_text, completion_text in completions(row, tokenizer, use_chat_template):
+            prompt_text, completion_text = prompt_text[-chars:], completion_text[:chars]
+            prompt = prompt_ids(tokenizer, prompt_text, None if templated(row, use_chat_template) else bos)
+            completion = tokenizer(completion_text, add_special_tokens=False).input_ids + eos
+            seen += 1
+            if len(prompt) + len(completion) > max_length:
+                cut_total += 1
+                # the prompt's end keeps at least half the room (all it needs, if less): a long
+                # reply trained with no question before it would teach replies out of nowhere
+                kept = min(len(prompt), max(max_length - len(completion), max_length // 2))
+                cut_prompts += kept < len(prompt)
+                cut_completions += len(completion) > max_length - kept
+                prompt, completion = prompt[len(prompt) - kept :], completion[: max_length - kept]
+            if not prompt:  # the first token needs context to be predicted from
+                prompt, completion = completion[:1], completion[1:]
+            if completion:
+                examples.append(Example(prompt=prompt, completion=completion, row=index))
     if cut_prompts or cut_completions:
         log.warning(
-            "%d of %d rows were longer than %d tokens: %d lost prompt tokens on the left, "
-            "%d (a completion alone too long) their whole prompt and completion tokens on the right",
-            cut_prompts + cut_completions,
-            len(rows),
+            "%d of %d completions were longer than %d tokens with their prompts: %d lost prompt tokens "
+            "on the left, %d completion tokens on the right",
+            cut_total,
+            seen,
             max_length,
             cut_prompts,
             cut_completions,
@@ -168,14 +263,20 @@ def tokenize_rows(rows: Sequence[Row], tokenizer, max_length: int, use_chat_temp
 
 
 def templated(row: Row, use_chat_template: bool) -> bool:
-    """Whether split_row puts the row's prompt through the chat template (chat rows always are)."""
+    """Whether completions() puts the row's prompt through the chat template (chat rows always are)."""
     return isinstance(row, ChatRow) or (isinstance(row, PromptCompletion) and use_chat_template)
 
 
-def split_row(row: Row, tokenizer, use_chat_template: bool) -> tuple[str, str]:
-    """(prompt text, completion text) for any row form."""
+def completions(row: Row, tokenizer, use_chat_template: bool) -> list[tuple[str, str]]:
+    """(prompt text, completion text) for each completion of a row: one, or one per assistant
+    message of a chat with weight 1 (its prompt, the conversation before it)."""
     if isinstance(row, str):
-        return "", row
+        return [("", row)]
     if isinstance(row, PromptCompletion):
-        return (format_prompt(tokenizer, row.prompt) if use_chat_template else row.prompt), row.completion
-    return chat_prompt(tokenizer, row.messages[:-1]), row.messages[-1].content
+        return [((format_prompt(tokenizer, row.prompt) if use_chat_template else row.prompt), row.completion)]
+    turns = row.messages
+    return [
+        (chat_prompt(tokenizer, turns[:i]), turn.content)
+        for i, turn in enumerate(turns)
+        if i > 0 and turn.role == "assistant" and turn.weight == 1
+    ]

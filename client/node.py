@@ -7,7 +7,7 @@ the base loads from the converted safetensors cache (well under a second).
 Node settings (``--node-config`` of ``flower-supernode``; simulation sets ``partition-id``):
 - ``partition-id``: which user of the run's data this node is (client/partition.py);
 - ``user-id``: the user's id (default: that user's id in the run's data, else ``user<partition-id>``);
-- ``data-path`` / ``eval-path``: the user's rows on this device, .jsonl, .csv or .parquet
+- ``data-path`` / ``eval-path``: the user's rows on this device, .jsonl, .json, .csv or .parquet
   (client/user_data.py; no data: refused);
 - ``store``: the encrypted store folder (default ``<store-root>/<user-id>``, and with no
   store-root set ``<run-dir>/stores/<user-id>``);

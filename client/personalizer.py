@@ -211,7 +211,7 @@ class Personalizer:
     # ------------------------------------------------------------------ training
 
     def prepare(self, local_data, max_length: int | None = None) -> list:
-        """Validate and tokenize `local_data` (rows, or a .jsonl, .csv or .parquet path) into examples."""
+        """Validate and tokenize `local_data` (rows, or a .jsonl, .json, .csv or .parquet path) into examples."""
         rows = read_rows(local_data)
         return tokenize_rows(
             rows, self.base.tokenizer, max_length or self.train_config.max_length, self.use_chat_template

@@ -1,10 +1,13 @@
-"""Row files: read a .jsonl, .csv or .parquet file into raw records, each labelled with where it came from.
+"""Row files: read a .jsonl, .json, .csv or .parquet file into raw records, each labelled with where it came from.
 
 - ``.jsonl``: one JSON value per line (an object, or a string for plain text); blank lines skipped.
+- ``.json``: one JSON array of such values (or JSON lines, as Hugging Face's json loader takes both).
 - ``.csv``: a header row, then one record per row; cells are strings. A ``messages`` cell holds
   the conversation as JSON text. A cell may span lines: records are labelled by the line they start on.
 - ``.parquet``: one record per row (needs pyarrow: ``pip install 'fedprefix[parquet]'``); null cells
-  are left out, so one file may mix row forms in different columns. Rows are numbered from 0.
+  are left out, so one file may mix row forms in different columns, and so are the null fields
+  parquet gives every message of a column where some message has that field. A ``messages``
+  cell may also hold JSON text, as in CSV. Rows are numbered from 0.
 
 Validation of what a record holds is client/data.py's job; this file only reads.
 """
@@ -21,7 +24,8 @@ from pathlib import Path
 from fedprefix.common.errors import DataError
 from fedprefix.common.files import open_regular
 
-FORMATS = (".jsonl", ".csv", ".parquet")
+FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+FORMAT_NAMES = ", ".join(FORMATS[:-1]) + " or " + FORMATS[-1]
 PARQUET_HINT = "pip install 'fedprefix[parquet]'"
 CSV_CELL_LIMIT = 1 << 26  # characters of one csv cell (the csv module's default, 128 Ki, refused long texts)
 
@@ -37,7 +41,7 @@ def check_format(path: str | os.PathLike) -> None:
     """Raise DataError unless `path` has the extension of a format read here."""
     if not is_row_file(path):
         suffix = Path(path).suffix or "(no extension)"
-        raise DataError(f"{path}: unknown file type {suffix!r}; data files end in .jsonl, .csv or .parquet")
+        raise DataError(f"{path}: unknown file type {suffix!r}; data files end in {FORMAT_NAMES}")
 
 
 def read_records(path: str | os.PathLike) -> list[Record]:
@@ -58,8 +62,22 @@ def read_records(path: str | os.PathLike) -> list[Record]:
     try:
         text = data.decode("utf-8-sig")  # a BOM, as spreadsheet exports write, is not data
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text (byte {exc.start} is invalid)") from exc
-    return _jsonl(path, text) if path.suffix.lower() == ".jsonl" else _csv(path, text)
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path} line {line} is not UTF-8 text (byte {exc.start} is invalid): save the file as UTF-8 "
+            "(in Excel: CSV UTF-8)"
+        ) from exc
+    suffix = path.suffix.lower()
+    if suffix == ".json" and text.lstrip().startswith("["):
+        return _json_array(path, text)
+    return _jsonl(path, text) if suffix in (".jsonl", ".json") else _csv(path, text)
+
+
+def _json_array(path: Path, text: str) -> list[Record]:
+    rows = _json_value(text, str(path), "JSON array of rows")
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON array of rows")
+    return [(f"{path} item {i}", row) for i, row in enumerate(rows)]
 
 
 def _jsonl(path: Path, text: str) -> list[Record]:
@@ -69,6 +87,10 @@ def _jsonl(path: Path, text: str) -> list[Record]:
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
+        if not records and line.lstrip().startswith("[") and path.suffix.lower() == ".jsonl":
+            raise DataError(
+                f"{path} line {number}: a JSON array; a .jsonl file holds one row per line (or name it .json)"
+            )
         records.append((f"{path} line {number}", _json_value(line, f"{path} line {number}", "JSON row")))
     return records
 
@@ -107,6 +129,7 @@ def _csv(path: Path, text: str) -> list[Record]:
         if not ({"prompt", "completion"} <= set(header) or {"text", "messages"} & set(header)):
             raise DataError(
                 f"{path} line 1: columns {header}; rows need prompt and completion, text, or messages columns"
+                + _header_hint(header)
             )
         records, start = [], reader.line_num + 1
         for cells in reader:
@@ -125,6 +148,16 @@ def _csv(path: Path, text: str) -> list[Record]:
     return records
 
 
+def _header_hint(header: list[str]) -> str:
+    """Why a CSV header lacks the columns rows need, where it shows: another separator, odd names."""
+    if len(header) == 1 and (separator := next((c for c in ";\t|" if c in header[0]), None)):
+        return f" (the header seems separated by {separator!r}; a .csv here is separated by commas)"
+    names = {"prompt", "completion", "text", "messages"}
+    if near := [name for name in header if name.strip().lower() in names and name not in names]:
+        return f" (column names are exact, lower case and without spaces: {near[0]!r})"
+    return ""
+
+
 def _parquet(path: Path, fh) -> list[Record]:
     try:
         import pyarrow.parquet as pq
@@ -134,4 +167,15 @@ def _parquet(path: Path, fh) -> list[Record]:
         rows = pq.read_table(fh).to_pylist()
     except Exception as exc:  # pyarrow raises its own error types for a damaged or foreign file
         raise DataError(f"{path} is not a readable parquet file ({type(exc).__name__}: {exc})") from exc
-    return [(f"{path} row {i}", {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(rows)]
+    records = []
+    for i, row in enumerate(rows):
+        where, record = f"{path} row {i}", {k: v for k, v in row.items() if v is not None}
+        messages = record.get("messages")
+        if isinstance(messages, str):
+            record["messages"] = _json_value(messages, f"{where}: column 'messages'", "JSON value")
+        elif isinstance(messages, list):  # a struct column has every field any message has: None elsewhere
+            record["messages"] = [
+                {k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages
+            ]
+        records.append((where, record))
+    return records

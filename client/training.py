@@ -41,11 +41,17 @@ Callback = Callable[[StepInfo], bool | None]  # return False to stop training
 
 
 def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded (train, held-out) split; held-out is empty with fewer than 5 examples."""
-    order = list(range(len(examples)))
+    """Seeded (train, held-out) split of the rows the examples came from (a chat's replies stay on
+    one side: a held-out reply would otherwise be context of a trained one); held-out is empty
+    with fewer than 5 rows."""
+    by_row: dict[int, list[Example]] = {}
+    for example in examples:
+        by_row.setdefault(example.row, []).append(example)
+    rows = list(by_row.values())
+    order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    held = min(int(round(len(examples) * eval_fraction)), len(examples) - 1) if len(examples) >= 5 else 0
-    return [examples[i] for i in order[held:]], [examples[i] for i in order[:held]]
+    held = min(int(round(len(rows) * eval_fraction)), len(rows) - 1) if len(rows) >= 5 else 0
+    return [e for i in order[held:] for e in rows[i]], [e for i in order[:held] for e in rows[i]]
 
 
 def completion_loss(base, kv: torch.Tensor | None, batch: Sequence[Example]) -> tuple[torch.Tensor, int]:

@@ -1,6 +1,6 @@
 """Where a node's rows come from: its own files, or its user's share of the run's data.
 
-- A real device names its files in its node config: `data-path` (a .jsonl, .csv or .parquet
+- A real device names its files in its node config: `data-path` (a .jsonl, .json, .csv or .parquet
   file of rows `fit` accepts) and optionally `eval-path` (held-out rows; without it the
   held-out rule of client/partition.py splits the `data-path` rows).
 - Otherwise the run setting `data` holds every user's rows, and node partition-id i is the

@@ -28,11 +28,30 @@ def test_accepts_all_row_forms(tmp_path):
         ([], "local_data is empty"),
         ([{"prompt": "only a prompt"}], "row 0: field 'completion': Field required"),
         ([{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": ""}], "row 1: field 'completion'"),
-        ([{"prompt": "p", "completion": "c", "extra": 1}], "row 0: field 'extra'"),
+        ([{"prompt": "p", "completion": "c", "text": "t"}], "row 0: the row has keys of two row forms (prompt, "),
+        ([{"instruction": "i", "input": "", "output": "o"}], "It looks like Alpaca's instruction/input/output"),
+        ([{"conversations": [{"from": "human", "value": "hi"}]}], "It looks like ShareGPT's conversations"),
+        ([{"id": 3}], "row 0: a row needs prompt and completion, messages, or text; it has 'id'"),
+        (
+            [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": []}]}],
+            "row 0: field 'messages': tool calls (tool_calls) are not supported",
+        ),
+        (
+            [{"messages": [{"role": "user", "content": "a", "weight": 0}, {"role": "assistant", "content": "b"}]}],
+            "only an assistant message takes a weight",
+        ),
+        (
+            [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]}],
+            "no assistant reply to learn (each has weight 0)",
+        ),
+        (
+            [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 2}]}],
+            "messages.1.weight",
+        ),
         ([{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}], "assistant's reply"),
         (
             [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}],
-            "(the completion) is empty",
+            "field 'messages.1': an assistant reply (a completion) is blank",
         ),
         ([{"messages": [{"role": "robot", "content": "a"}, {"role": "user", "content": "b"}]}], "messages.0.role"),
         ([3], "row 0: expected an object or a string, got int"),
@@ -68,7 +87,7 @@ def test_completion_only_labels_and_left_truncation(tiny_llama, caplog):
     rows = read_rows([{"prompt": "x" * 50, "completion": "abc"}, {"prompt": "short", "completion": "de"}])
     with caplog.at_level(logging.WARNING):
         examples = tokenize_rows(rows, tok, max_length=20, use_chat_template=False)
-    assert "1 of 2 rows were longer than 20 tokens" in caplog.text
+    assert "1 of 2 completions were longer than 20 tokens with their prompts: 1 lost prompt" in caplog.text
     first = examples[0]
     assert len(first.prompt) + len(first.completion) == 20
     assert tok.decode(first.completion) == "abc<|im_end|>"  # completion kept whole, EOS appended
@@ -86,7 +105,9 @@ def test_a_huge_row_is_cut_before_it_is_tokenized_with_the_same_tokens(tiny_llam
         cut = tokenize_rows(rows, tiny_llama.tokenizer, 64, use_chat_template=False)
     monkeypatch.setattr(data, "CHARS_PER_TOKEN", 10**9)  # tokenized whole, as before
     assert tokenize_rows(rows, tiny_llama.tokenizer, 64, use_chat_template=False) == cut
-    assert "2 of 2 rows were longer than 64 tokens: 1 lost prompt tokens on the left, 1 (a completion" in caplog.text
+    assert "2 of 2 completions were longer than 64 tokens with their prompts: 2 lost prompt tokens on the left, 1 " in (
+        caplog.text
+    )
 
 
 def test_chat_rows_use_the_template(tiny_llama):
@@ -101,7 +122,9 @@ def test_chat_rows_use_the_template(tiny_llama):
     [
         ({"prompt": "p", "completion": "c"}, r"a single row \(a dict with keys \['completion', 'prompt'\]\)"),
         ("just some text", "a single string"),
-        (42, "must be a list of rows or a path to a .jsonl, .csv or .parquet file, not int"),
+        (42, "must be a list of rows or a path to a .jsonl, .json, .csv or .parquet file, not int"),
+        ("rows.jsonl.gz", r"rows.jsonl.gz: unknown file type '.gz'; data files end in .jsonl, .json, .csv or .parquet"),
+        ("data/rows.tsv", "unknown file type '.tsv'"),
         (b"bytes", "not bytes"),
     ],
 )

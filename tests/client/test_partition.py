@@ -150,7 +150,7 @@ def test_row_forms_in_tables(tmp_path):
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("rows.txt", "x", r"rows.txt: unknown file type '.txt'; data files end in .jsonl, .csv or .parquet"),
+        ("rows.txt", "x", r"rows.txt: unknown file type '.txt'; data files end in .jsonl, .json, .csv or .parquet"),
         ("rows.jsonl", '{"who": "a", "text": "x"}\n', r"line 1: no user column 'user' \(columns found: text, who\)"),
         ("rows.csv", "who,text\na,x\n", r"line 2: no user column 'user' \(columns found: text, who\)"),
         ("rows.jsonl", '{"user": "a", "text": "x"}\n{"user": "a", "prompt": "p"}\n', "line 2: field 'completion'"),

@@ -1,0 +1,143 @@
+"""Training data as people have it (an auditor's files): multi-turn chats, long replies, extra
+columns, other tools' layouts and file conventions. Each is read right or refused by name."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from fedprefix.client.data import read_rows, tokenize_rows
+from fedprefix.common.errors import DataError
+
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1 first reply"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A2 second reply"},
+    ]
+}
+
+
+def _decoded(tokenizer, examples):
+    return [(tokenizer.decode(e.prompt), tokenizer.decode(e.completion)) for e in examples]
+
+
+def test_every_assistant_turn_of_a_chat_is_trained_behind_the_conversation_before_it(tiny_llama):
+    """Only the last reply was trained (5 of 40 tokens); OpenAI and TRL train every one."""
+    tok = tiny_llama.tokenizer
+    (first, first_reply), (second, second_reply) = _decoded(tok, tokenize_rows(read_rows([CHAT]), tok, 512, True))
+    assert first.endswith("<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n") and "A1" not in first
+    assert first_reply == "A1 first reply<|im_end|>" and second_reply == "A2 second reply<|im_end|>"
+    assert second == first + "A1 first reply<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n"
+    weighted = json.loads(json.dumps(CHAT))
+    weighted["messages"][2]["weight"] = 0  # OpenAI's format: context, not trained on
+    ((prompt, reply),) = _decoded(tok, tokenize_rows(read_rows([weighted]), tok, 512, True))
+    assert (prompt, reply) == (second, second_reply)
+
+
+def test_a_long_completion_keeps_its_prompt_and_loses_its_end(tiny_llama, caplog):
+    """A completion of max_length tokens or more had lost its whole prompt: trained with no question."""
+    tok = tiny_llama.tokenizer
+    row = {"prompt": "Tell me a story.", "completion": "word " * 500}
+    with caplog.at_level(logging.WARNING):
+        (example,) = tokenize_rows(read_rows([row]), tok, 128, use_chat_template=True)
+    prompt = tok.decode(example.prompt)
+    assert prompt.startswith("<|im_start|>user\nTell me a story.") and len(example.prompt) < 64
+    assert len(example.prompt) + len(example.completion) == 128 and tok.decode(example.completion).startswith("word ")
+    assert "0 lost prompt tokens on the left, 1 completion tokens on the right" in caplog.text
+    both = {"prompt": "context " * 100, "completion": "word " * 100}  # both long: the prompt keeps half
+    (example,) = tokenize_rows(read_rows([both]), tok, 64, use_chat_template=False)
+    assert len(example.prompt) == 32 and len(example.completion) == 32
+
+
+def test_columns_beyond_a_row_form_are_left_aside(tmp_path, caplog):
+    rows = [{"id": 7, "prompt": "p", "completion": "c", "source": "web"}, {"text": "t", "score": 0.5}]
+    with caplog.at_level(logging.INFO):
+        read = read_rows(rows)
+    assert [getattr(r, "prompt", r) for r in read] == ["p", "t"]
+    assert "left aside: id, score, source" in caplog.text
+    csv = tmp_path / "rows.csv"
+    csv.write_text("id,prompt,completion,notes\n1,p,c,n\n")
+    assert read_rows(csv)[0].completion == "c"
+
+
+def test_iterables_of_rows_are_rows_and_a_dataframe_gives_its_records():
+    rows = [{"prompt": "p", "completion": "c"}, "plain"]
+    assert read_rows(iter(rows)) == read_rows(rows) == read_rows(tuple(rows))
+
+    class Frame:  # what a pandas DataFrame looks like here: iterating it gives column names
+        columns = ["prompt", "completion"]
+
+        def __iter__(self):
+            return iter(self.columns)
+
+        def to_dict(self, orient):
+            assert orient == "records"
+            return [{"prompt": "p", "completion": "c"}]
+
+    assert read_rows(Frame()) == read_rows(rows[:1])
+
+
+def test_a_json_file_holds_an_array_of_rows_or_json_lines(tmp_path):
+    rows = [{"prompt": "p", "completion": "c"}, "plain"]
+    array, lines = tmp_path / "array.json", tmp_path / "lines.json"
+    array.write_text(json.dumps(rows, indent=2))
+    lines.write_text("\n".join(json.dumps(r) for r in rows))
+    assert read_rows(array) == read_rows(lines) == read_rows(rows)
+    array.write_text('[{"prompt": "p"}]')
+    with pytest.raises(DataError, match=r"array.json item 0: field 'completion'"):
+        read_rows(array)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("rows.jsonl", '[{"prompt": "p", "completion": "c"}]', r"line 1: a JSON array; a .jsonl file holds one row"),
+        ("rows.csv", "prompt;completion\np;c\n", r"the header seems separated by ';'"),
+        ("rows.csv", "prompt\tcompletion\np\tc\n", r"the header seems separated by '\\t'"),
+        ("rows.csv", "Prompt,Completion\np,c\n", r"column names are exact, lower case and without spaces: 'Prompt'"),
+    ],
+)
+def test_file_conventions_of_other_tools_are_named(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_rows(path)
+
+
+def test_a_file_saved_in_a_windows_code_page_names_its_line_and_the_way_out(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_bytes("prompt,completion\np,c\ncaf\xe9,c\n".encode("cp1252"))
+    with pytest.raises(DataError, match=r"rows.csv line 3 is not UTF-8 text \(byte \d+ is invalid\): save the file as"):
+        read_rows(path)
+
+
+def test_parquet_messages_without_the_null_fields_of_other_messages_or_as_json_text(tmp_path):
+    """pyarrow gives every message of a column each field any message has (None elsewhere): every
+    row was refused at messages.0.name, and a messages column of JSON text was refused too."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 1}]
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist([{"messages": chat}, {"messages": chat[:1] + [chat[1] | {"weight": 0}]}]), path)
+    with pytest.raises(DataError, match="row 1: field 'messages': no assistant reply to learn"):
+        read_rows(path)
+    pq.write_table(pa.Table.from_pylist([{"messages": chat}]), path)
+    assert [m.role for m in read_rows(path)[0].messages] == ["user", "assistant"]
+    pq.write_table(pa.Table.from_pylist([{"messages": json.dumps(chat)}]), path)
+    assert read_rows(path)[0].messages[1].content == "yo"
+
+
+def test_a_held_out_split_keeps_each_chat_whole(tiny_llama):
+    """A chat gives one example per reply; a reply held out while the next trained would put the
+    held-out reply in a trained prompt."""
+    from fedprefix.client.training import split_examples
+
+    examples = tokenize_rows(read_rows([CHAT] * 10), tiny_llama.tokenizer, 512, True)
+    assert len(examples) == 20
+    train, held = split_examples(examples, 0.3, seed=0)
+    assert len(held) == 6 and len(train) == 14
+    assert not {e.row for e in train} & {e.row for e in held}
