@@ -93,6 +93,9 @@ class EvalReport(BaseModel):
     accuracy: float | None = None  # share of completion tokens the model ranks first
 
 
+DP_AGGREGATORS = ("fedavg", "fedprox")  # whose output one clipped update moves by at most clip / n
+
+
 class FederationConfig(BaseModel):
     """A federated run's settings: `[tool.flwr.app.config]` in pyproject.toml, overridable
     with `flwr run . --run-config "key=value ..."` (keys use dashes there)."""
@@ -203,8 +206,8 @@ class FederationConfig(BaseModel):
             raise ValueError(f"mode {self.mode!r} needs shared_tokens > 0")
         if self.mode != "shared" and self.personal_tokens == 0:
             raise ValueError(f"mode {self.mode!r} needs personal_tokens > 0")
-        if self.dp_noise_multiplier > 0 and self.mode == "personal":
-            raise ValueError("differential privacy protects the shared prefix; mode 'personal' sends none")
+        if self.dp_noise_multiplier > 0:
+            self._check_dp()
         if self.users_per_round > self.num_users:
             raise ValueError(f"users_per_round {self.users_per_round} is more than num_users {self.num_users}")
         if self.users_per_round and self.fraction_train != 1.0:
@@ -227,6 +230,23 @@ class FederationConfig(BaseModel):
                 f"({self.personal_tokens}) must equal shared_tokens ({self.shared_tokens}), or set personal_init 'text'"
             )
         return self
+
+    def _check_dp(self) -> None:
+        """Flower's noise is sized for a plain mean of clipped updates, which one user moves by at
+        most clip / users per round: other aggregators let one user move their output further
+        (median, krum, a trimmed mean), or keep raw means in their state (FedAdam's moments)."""
+        if self.mode == "personal":
+            raise ValueError("differential privacy protects the shared prefix; mode 'personal' sends none")
+        if self.aggregator not in DP_AGGREGATORS:
+            raise ValueError(
+                f"differential privacy needs aggregator 'fedavg' or 'fedprox', not {self.aggregator!r}: the noise "
+                "is sized for their plain mean, and one user moves the output of the others further"
+            )
+        if self.dp_clipping_norm > self.max_update_norm:
+            raise ValueError(
+                f"dp_clipping_norm {self.dp_clipping_norm} is above max_update_norm {self.max_update_norm}: honest "
+                "clipped updates would be rejected, each voiding the round"
+            )
 
     def _secure_round_problem(self) -> str | None:
         """Why this run cannot end in a secure round (None: it can). Secure aggregation hides each

@@ -64,7 +64,8 @@ class Rejection(BaseModel):
 class PrivacyRecord(BaseModel):
     noise_multiplier: NonNegative
     clipping_norm: NonNegative
-    epsilon: Loss  # None where Flower's accountant cannot tell (see reason)
+    epsilon: Loss  # one user's data zeroed (Flower's accountant); None where it cannot tell (see reason)
+    epsilon_replace_one: Loss = None  # one user's data replaced by another's (strategy.replace_one_epsilon)
     delta: Loss
     reason: str | None = None
 

@@ -98,7 +98,7 @@ def build_inner_strategy(config: FederationConfig) -> Strategy:
         noise_multiplier=config.dp_noise_multiplier,
         clipping_norm=config.dp_clipping_norm,
         num_sampled_clients=train_nodes,
-        accountant=_accountant(config) if config.aggregator == "fedavg" else None,
+        accountant=_accountant(config),  # FedAvg or FedProx (FederationConfig refuses others under DP)
     )
 
 
@@ -119,6 +119,22 @@ def _accountant(config: FederationConfig):
     except ImportError as exc:  # dp-accounting not installed
         log.warning("privacy accounting unavailable: %s", exc)
         return None
+
+
+def replace_one_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
+    """Epsilon where a neighbouring run replaces one user's data (Flower's accountant: zeroes it).
+
+    A round averages a fixed number n of sampled users' updates, each clipped to C: zeroing one
+    moves the mean by at most C/n, which Flower's noise (std z C / n) is sized for; replacing it
+    moves the mean by up to 2C/n, as noise of multiplier z/2 would for C/n. Rounds sample a
+    fixed number without replacement, so no amplification by sampling is claimed either way.
+    """
+    from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    accountant = RdpAccountant()
+    accountant.compose(SelfComposedDpEvent(GaussianDpEvent(noise_multiplier / 2), releases))
+    return float(accountant.get_epsilon(delta))
 
 
 class PrefixStrategy(Strategy):
@@ -367,13 +383,20 @@ class PrefixStrategy(Strategy):
         if not self.dp:
             return None
         spent = self.inner.privacy_spent()
-        reason = None if spent is not None else "Flower's accountant covers FedAvg only, with dp-accounting installed"
+        if spent is None:
+            return PrivacyRecord(
+                noise_multiplier=self.inner.noise_multiplier,
+                clipping_norm=self.inner.clipping_norm,
+                epsilon=None,
+                delta=None,
+                reason="no accountant: install the dp-accounting package",
+            )
         return PrivacyRecord(
             noise_multiplier=self.inner.noise_multiplier,
             clipping_norm=self.inner.clipping_norm,
-            epsilon=None if spent is None else float(spent.epsilon),
-            delta=None if spent is None else float(spent.delta),
-            reason=reason,
+            epsilon=float(spent.epsilon),
+            epsilon_replace_one=replace_one_epsilon(self.inner.noise_multiplier, spent.num_releases, spent.delta),
+            delta=float(spent.delta),
         )
 
     def summary(self) -> None:

@@ -119,7 +119,8 @@ def privacy_text(record: RoundRecord) -> str:
     if dp.epsilon is None:
         return f", DP epsilon unknown ({dp.reason or 'no accountant'})"
     delta = f" at delta {dp.delta:.0e}" if dp.delta is not None else ""
-    return f", DP epsilon {dp.epsilon:.3g}{delta}"
+    replaced = f" ({dp.epsilon_replace_one:.3g} if one user's data is replaced)" if dp.epsilon_replace_one else ""
+    return f", DP epsilon {dp.epsilon:.3g}{delta}{replaced}"
 
 
 @contextmanager

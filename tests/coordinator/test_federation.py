@@ -141,8 +141,12 @@ def test_dp_run_reports_privacy_spent(tmp_path):
     epsilons = [r.privacy.epsilon for r in rounds]
     assert all(e is not None and np.isfinite(e) for e in epsilons) and epsilons[1] > epsilons[0]
     assert rounds[-1].privacy.noise_multiplier == 0.5
+    replaced = rounds[-1].privacy.epsilon_replace_one
+    assert replaced > epsilons[-1]  # figures checked against the accountant in test_strategy
     shown = round_line(rounds[-1], len(rounds))  # what `fedprefix simulate` prints as each round ends
-    assert shown.endswith(f", DP epsilon {epsilons[-1]:.3g} at delta 1e-05"), shown
+    assert shown.endswith(
+        f", DP epsilon {epsilons[-1]:.3g} at delta 1e-05 ({replaced:.3g} if one user's data is replaced)"
+    ), shown
     console = Console(width=200, record=True)
     console.print(rounds_table(rounds))
     table = console.export_text()
