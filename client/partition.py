@@ -5,6 +5,7 @@ The run setting `data` names one of:
     rows.jsonl | rows.csv | rows.parquet   one file; each row carries its user id in column `user-field`
     DATA/alice.jsonl, DATA/bob.csv, ...    a folder of per-user files: the user id is the file stem
     DATA/alice/train.jsonl (+ eval.jsonl)  a folder of per-user folders; eval.jsonl: held-out rows, as given
+                                           (train.csv, eval.parquet, ...: any row file format)
 
 Every row, without its user column, is a row `fit` accepts (client/data.py, client/tables.py).
 
@@ -36,7 +37,7 @@ from fedprefix.common.store import validate_user_id
 from .data import Row, read_file_rows, validate_row
 from .tables import FORMATS, check_format, is_row_file, read_records
 
-TRAIN_FILE = "train.jsonl"
+TRAIN_FILE = "train.jsonl"  # what the project writes; a user folder may hold train.csv etc. as well
 EVAL_FILE = "eval.jsonl"
 _CACHE: dict[tuple, dict[str, UserRows]] = {}
 _CACHE_SIZE = 4  # sources kept per process
@@ -122,9 +123,9 @@ def _source(path: Path) -> tuple[str, list[Path]]:
         raise DataError(f"federation data {path} {what}")
     entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
     # whatever is there counts: a FIFO or a folder named like a data file is refused, never skipped
-    folders = [p for p in entries if os.path.lexists(p / TRAIN_FILE)]
+    folders = [p for p in entries if _user_files(p, "train")]
     files = [p for p in entries if p.is_file()]
-    named = [p for p in entries if is_row_file(p)] + [q for p in folders for q in (p / TRAIN_FILE, p / EVAL_FILE)]
+    named = [p for p in entries if is_row_file(p)] + [q for p in folders for q in _user_files(p)]
     for f in named:
         if os.path.lexists(f) and not f.is_file():
             raise DataError(f"federation data: {f} is not a regular file")
@@ -135,11 +136,11 @@ def _source(path: Path) -> tuple[str, list[Path]]:
         )
     if folders:
         _check_user_folders(path, entries, folders)
-        return "folders", [f for p in folders for f in (p / TRAIN_FILE, p / EVAL_FILE) if f.exists()]
+        return "folders", [f for p in folders for f in _user_files(p)]
     if not files:
         raise DataError(
             f"federation data folder {path} has no per-user files ({', '.join(FORMATS)}) "
-            f"and no user folders with a {TRAIN_FILE}"
+            f"and no user folders with a {TRAIN_FILE} (or train.csv, ...)"
         )
     for f in files:
         check_format(f)  # every file of such a folder is a user's data
@@ -149,16 +150,29 @@ def _source(path: Path) -> tuple[str, list[Path]]:
     return "files", files
 
 
+def _user_files(folder: Path, *stems: str) -> list[Path]:
+    """The train and eval files (or those of `stems`) in a user folder, of any row file format."""
+    return [
+        folder / f"{stem}{ext}"
+        for stem in stems or ("train", "eval")
+        for ext in FORMATS
+        if os.path.lexists(folder / f"{stem}{ext}")
+    ]
+
+
 def _check_user_folders(path: Path, entries: list[Path], folders: list[Path]) -> None:
-    """DataError for a folder beside the user folders that is no user's (bob/ with a train.csv:
-    a user silently dropped) or a file in a user folder that is not train or eval data (an
-    EVAL.jsonl: held-out rows silently split from the training rows instead)."""
-    known = {TRAIN_FILE, EVAL_FILE}
-    layout = f"a user folder holds {TRAIN_FILE} and optionally {EVAL_FILE}"
+    """DataError for a folder beside the user folders that is no user's (bob/ with a train.txt:
+    a user silently dropped), a file in a user folder that is not train or eval data (an
+    EVAL.jsonl: held-out rows silently split from the training rows instead), or two of either."""
+    layout = f"a user folder holds {TRAIN_FILE} (or train.csv, ...) and optionally {EVAL_FILE}"
     for entry in entries:
         if entry.is_dir() and entry not in folders:
             raise DataError(f"federation data folder {path}: {entry.name}/ has no {TRAIN_FILE} ({layout})")
     for folder in folders:
+        for stem in ("train", "eval"):
+            if len(twice := _user_files(folder, stem)) > 1:
+                raise DataError(f"federation data: {folder} holds {twice[0].name} and {twice[1].name}: keep one")
+        known = {f.name for f in _user_files(folder)}
         for entry in sorted(folder.iterdir()):
             if not entry.name.startswith(".") and entry.name not in known:
                 raise DataError(f"federation data: {entry} is not {TRAIN_FILE} or {EVAL_FILE} ({layout})")
@@ -196,8 +210,8 @@ def _from_column(path: Path, user_field: str) -> dict[str, UserRows]:
 
 def _from_user_folders(files: list[Path]) -> dict[str, UserRows]:
     users = {}
-    for train in (f for f in files if f.name == TRAIN_FILE):
-        held = train.with_name(EVAL_FILE)
+    for train in (f for f in files if f.stem == "train"):
+        held = next((f for f in files if f.parent == train.parent and f.stem == "eval"), None)
         user = _user_id(train.parent.name, str(train.parent))
-        users[user] = UserRows(read_file_rows(train), read_file_rows(held) if held in files else None)
+        users[user] = UserRows(read_file_rows(train), read_file_rows(held) if held else None)
     return users

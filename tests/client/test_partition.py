@@ -280,10 +280,21 @@ def test_user_folders_drop_no_user_and_no_held_out_file_silently(tmp_path):
     (folders / "alice").mkdir(parents=True)
     _jsonl(folders / "alice" / "train.jsonl", ["a", "b"])
     (folders / "bob").mkdir()
-    (folders / "bob" / "train.csv").write_text("text\nx\n")  # a user in a form this layout does not read
+    (folders / "bob" / "train.txt").write_text("x\n")  # a user in a form no reader takes
     with pytest.raises(DataError, match="bob/ has no train.jsonl"):
         read_users(folders)
-    (folders / "bob" / "train.csv").unlink()
+    (folders / "bob" / "train.txt").unlink()
+    (folders / "bob" / "train.csv").write_text("text\nx\ny\n")  # any row file format (an auditor's case)
+    (folders / "bob" / "eval.parquet").write_bytes(b"")  # named as held-out rows: read as such, so refused
+    with pytest.raises(DataError, match="eval.parquet is not a readable parquet file"):
+        read_users(folders)
+    (folders / "bob" / "eval.parquet").unlink()
+    assert read_users(folders)["bob"].rows == ["x", "y"]
+    (folders / "bob" / "train.jsonl").write_text('"z"\n')
+    with pytest.raises(DataError, match=r"bob holds train.jsonl and train.csv: keep one"):
+        read_users(folders)
+    for name in ("train.jsonl", "train.csv"):
+        (folders / "bob" / name).unlink()
     (folders / "bob").rmdir()
     _jsonl(folders / "alice" / "EVAL.jsonl", ["held out"])  # not eval.jsonl: would be split from train
     with pytest.raises(DataError, match="EVAL.jsonl is not train.jsonl or eval.jsonl"):
