@@ -26,7 +26,7 @@ from fedprefix.common.chat import ChatMessage, Text, chat_prompt, format_prompt,
 from fedprefix.common.errors import DataError, first_error
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .tables import check_format, is_row_file, read_records
+from .tables import FORMAT_NAMES, check_format, is_row_file, read_records
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Example:
 
     prompt: list[int]
     completion: list[int]  # ends with EOS where the tokenizer has one
-    row: int = 0  # the row it came from (a chat row gives one example per reply): splits keep rows whole
+    row: int  # the row it came from (a chat row gives one example per reply): splits keep rows whole
 
 
 def read_rows(local_data: Sequence | str | os.PathLike) -> list[Row]:
@@ -85,38 +85,58 @@ def read_rows(local_data: Sequence | str | os.PathLike) -> list[Row]:
     if isinstance(local_data, str):
         if looks_like_path(local_data):
             check_format(local_data)  # names the extensions read
-        raise DataError(
-            "local_data is a single string; pass a list of rows or a path ending in .jsonl, .json, .csv or .parquet"
-        )
+        raise DataError(f"local_data is a single string; pass a list of rows or a path ending in {FORMAT_NAMES}")
     if isinstance(local_data, Mapping):
         raise DataError(
             f"local_data is a single row (a dict with keys {sorted(local_data)}); pass a list of rows: [row]"
         )
-    if hasattr(local_data, "columns") and hasattr(local_data, "to_dict"):  # a pandas DataFrame iterates its columns
-        local_data = local_data.to_dict("records")
-    if not isinstance(local_data, Iterable) or isinstance(local_data, (bytes, bytearray)):
+    local_data = _frame_records(local_data)
+    if hasattr(local_data, "read") or isinstance(local_data, (set, frozenset, bytes, bytearray)):
+        kind = "bytes" if isinstance(local_data, (bytes, bytearray)) else "a set (rows keep their order)"
+        if hasattr(local_data, "read"):
+            kind = "an open file: pass its path"
+        raise DataError(f"local_data is {kind}; give a list of rows or a path to a {FORMAT_NAMES} file")
+    if not isinstance(local_data, Iterable):
         raise DataError(
-            "local_data must be a list of rows or a path to a .jsonl, .json, .csv or .parquet file, "
-            f"not {type(local_data).__name__}"
+            f"local_data must be a list of rows or a path to a {FORMAT_NAMES} file, not {type(local_data).__name__}"
         )
     ignored: set[str] = set()
     rows = [validate_row(raw, f"row {i}", ignored) for i, raw in enumerate(local_data)]  # a generator, a Dataset
     if not rows:
         raise DataError("local_data is empty: give at least one row")
-    _report_ignored(ignored)
+    report_ignored(ignored)
     return rows
+
+
+def _frame_records(data):
+    """A data frame's rows as records (iterating one gives its column names); others unchanged.
+    pandas writes a missing cell as NaN: left out, as parquet's null cells are."""
+    if not hasattr(data, "columns"):
+        return data
+    if hasattr(data, "to_dicts"):  # polars
+        return data.to_dicts()
+    if hasattr(data, "to_dict"):  # pandas
+        return [
+            {k: v for k, v in record.items() if not (isinstance(v, float) and v != v)}
+            for record in data.to_dict("records")
+        ]
+    return data
 
 
 def looks_like_path(text: str) -> bool:
     """A string meant as a file's path (an existing file, or a name with a file extension), not a row's text."""
-    if "\n" in text:
-        return False
-    return os.path.exists(text) or re.fullmatch(r"\.[A-Za-z0-9]{1,10}", Path(text).suffix) is not None
+    if os.path.exists(text):
+        return True
+    return (
+        not any(c.isspace() for c in text)
+        and re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]{0,9}", Path(text).suffix) is not None
+    )
 
 
-def _report_ignored(ignored: set[str]) -> None:
+def report_ignored(ignored: set[str]) -> None:
+    """One warning naming the keys rows held beside their row form's own."""
     if ignored:
-        log.info("rows hold keys that are not training data, left aside: %s", ", ".join(sorted(ignored)))
+        log.warning("rows hold keys that are not training data, left aside: %s", ", ".join(sorted(ignored)))
 
 
 def read_file_rows(path: str | os.PathLike) -> list[Row]:
@@ -125,7 +145,7 @@ def read_file_rows(path: str | os.PathLike) -> list[Row]:
     rows = [validate_row(raw, where, ignored) for where, raw in read_records(path)]
     if not rows:
         raise DataError(f"{path} has no rows")
-    _report_ignored(ignored)
+    report_ignored(ignored)
     return rows
 
 
@@ -141,13 +161,13 @@ OTHER_LAYOUTS = {
 FORM_KEYS = {"messages": ("messages",), "prompt": ("prompt", "completion"), "text": ("text",)}
 
 
-def validate_row(raw, where: str, ignored: set[str] | None = None) -> Row:
+def validate_row(raw, where: str, ignored: set[str] | None = None, allow_user: bool = False) -> Row:
     """One row in any accepted form, validated; `where` ("PATH line 3") starts the error message.
     Keys beyond the row form's own are left out and added to `ignored`."""
     if isinstance(raw, (PromptCompletion, ChatRow)):  # already validated
         return raw
     if isinstance(raw, Mapping):
-        raw = _row_form_keys(dict(raw), where, ignored if ignored is not None else set())
+        raw = _row_form_keys(dict(raw), where, ignored if ignored is not None else set(), allow_user)
         if set(raw) == {"text"}:
             raw = raw["text"]
             if not isinstance(raw, str):
@@ -199,8 +219,9 @@ def _tool_use(messages) -> str | None:
 CHARS_PER_TOKEN = 64
 
 
-def _row_form_keys(raw: dict, where: str, ignored: set[str]) -> dict:
-    """`raw` with only its row form's keys (messages; prompt and completion; or text)."""
+def _row_form_keys(raw: dict, where: str, ignored: set[str], allow_user: bool = False) -> dict:
+    """`raw` with only its row form's keys (messages; prompt and completion; or text). A `user`
+    key is refused unless `allow_user` (a federation file's rows, their user column taken off)."""
     forms = [form for form, keys in FORM_KEYS.items() if any(key in raw for key in keys)]
     if len(forms) > 1:
         found = [key for form in forms for key in FORM_KEYS[form] if key in raw]
@@ -211,6 +232,11 @@ def _row_form_keys(raw: dict, where: str, ignored: set[str]) -> dict:
         raise DataError(
             f"{where}: a row needs prompt and completion, messages, or text; it has {keys or 'no keys'}"
             + (f". It looks like {hint}" if hint else "")
+        )
+    if "user" in raw and not allow_user:
+        raise DataError(
+            f"{where}: a 'user' column: rows of several users? Give fit one user's rows (federation data "
+            "with a user column is split by user: fedprefix simulate --data), or drop the column"
         )
     kept = {key: raw[key] for key in FORM_KEYS[forms[0]] if key in raw}
     ignored.update(key for key in raw if key not in kept)
@@ -225,12 +251,12 @@ def tokenize_rows(rows: Sequence[Row], tokenizer, max_length: int, use_chat_temp
     With `use_chat_template`, prompt/completion rows are framed as one user turn and the
     assistant's reply, as an instruct model expects; chat rows always are.
     """
-    examples, seen, cut_total, cut_prompts, cut_completions = [], 0, 0, 0, 0
+    examples, seen, cut_total, cut_history, cut_prompts, cut_completions = [], 0, 0, 0, 0, 0
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     bos = leading_bos(tokenizer)  # before plain text; a chat template writes its own
     chars = max_length * CHARS_PER_TOKEN  # a 50 MB row is cut before it is tokenized, not after
     for index, row in enumerate(rows):
-        for prompt_text, completion_text in completions(row, tokenizer, use_chat_template):
+        for prompt_text, completion_text, history in completions(row, tokenizer, use_chat_template):
             prompt_text, completion_text = prompt_text[-chars:], completion_text[:chars]
             prompt = prompt_ids(tokenizer, prompt_text, None if templated(row, use_chat_template) else bos)
             completion = tokenizer(completion_text, add_special_tokens=False).input_ids + eos
@@ -239,7 +265,14 @@ def tokenize_rows(rows: Sequence[Row], tokenizer, max_length: int, use_chat_temp
                 cut_total += 1
                 # the prompt's end keeps at least half the room (all it needs, if less): a long
                 # reply trained with no question before it would teach replies out of nowhere
-                kept = min(len(prompt), max(max_length - len(completion), max_length // 2))
+                room = max(max_length - len(completion), max_length // 2)
+                # a long chat first loses its oldest exchanges, whole: its system message stays
+                trimmed = False
+                while len(prompt) > room and history and (history := without_oldest_exchange(history)):
+                    prompt = prompt_ids(tokenizer, chat_prompt(tokenizer, history)[-chars:], None)
+                    trimmed = True
+                cut_history += trimmed
+                kept = min(len(prompt), room)
                 cut_prompts += kept < len(prompt)
                 cut_completions += len(completion) > max_length - kept
                 prompt, completion = prompt[len(prompt) - kept :], completion[: max_length - kept]
@@ -247,13 +280,14 @@ def tokenize_rows(rows: Sequence[Row], tokenizer, max_length: int, use_chat_temp
                 prompt, completion = completion[:1], completion[1:]
             if completion:
                 examples.append(Example(prompt=prompt, completion=completion, row=index))
-    if cut_prompts or cut_completions:
+    if cut_total:
         log.warning(
-            "%d of %d completions were longer than %d tokens with their prompts: %d lost prompt tokens "
-            "on the left, %d completion tokens on the right",
+            "%d of %d completions were longer than %d tokens with their prompts: %d chat prompts lost "
+            "their oldest exchanges, %d prompts lost tokens on the left, %d lost completion tokens on the right",
             cut_total,
             seen,
             max_length,
+            cut_history,
             cut_prompts,
             cut_completions,
         )
@@ -267,16 +301,25 @@ def templated(row: Row, use_chat_template: bool) -> bool:
     return isinstance(row, ChatRow) or (isinstance(row, PromptCompletion) and use_chat_template)
 
 
-def completions(row: Row, tokenizer, use_chat_template: bool) -> list[tuple[str, str]]:
-    """(prompt text, completion text) for each completion of a row: one, or one per assistant
-    message of a chat with weight 1 (its prompt, the conversation before it)."""
+def completions(row: Row, tokenizer, use_chat_template: bool) -> list[tuple[str, str, list | None]]:
+    """(prompt text, completion text, the messages before it or None) for each completion of a
+    row: one, or one per assistant message of a chat with weight 1 (its prompt, the conversation
+    before it)."""
     if isinstance(row, str):
-        return [("", row)]
+        return [("", row, None)]
     if isinstance(row, PromptCompletion):
-        return [((format_prompt(tokenizer, row.prompt) if use_chat_template else row.prompt), row.completion)]
+        return [((format_prompt(tokenizer, row.prompt) if use_chat_template else row.prompt), row.completion, None)]
     turns = row.messages
     return [
-        (chat_prompt(tokenizer, turns[:i]), turn.content)
+        (chat_prompt(tokenizer, turns[:i]), turn.content, turns[:i])
         for i, turn in enumerate(turns)
         if i > 0 and turn.role == "assistant" and turn.weight == 1
     ]
+
+
+def without_oldest_exchange(history: list) -> list | None:
+    """`history` without its oldest exchange (from its first message after the system ones up
+    to the next user message); None where only the last user turn is left to drop."""
+    head = next((i for i, m in enumerate(history) if m.role != "system"), len(history))
+    cut = next((i for i in range(head + 1, len(history)) if history[i].role == "user"), None)
+    return None if cut is None else history[:head] + history[cut:]

@@ -34,7 +34,7 @@ from pathlib import Path
 from fedprefix.common.errors import DataError
 from fedprefix.common.store import validate_user_id
 
-from .data import Row, read_file_rows, validate_row
+from .data import Row, read_file_rows, report_ignored, validate_row
 from .tables import FORMATS, check_format, is_row_file, read_records
 
 TRAIN_FILE = "train.jsonl"  # what the project writes; a user folder may hold train.csv etc. as well
@@ -190,6 +190,7 @@ def _user_id(value: object, where: str) -> str:
 def _from_column(path: Path, user_field: str) -> dict[str, UserRows]:
     """A single file's rows grouped by the value of `user_field`, in file order."""
     grouped: dict[str, list[Row]] = {}
+    ignored: set[str] = set()
     records = read_records(path)
     for where, raw in records:
         if not isinstance(raw, dict):
@@ -202,9 +203,11 @@ def _from_column(path: Path, user_field: str) -> dict[str, UserRows]:
                 "name the right one with user-field (--user-field)"
             )
         rest = {k: v for k, v in raw.items() if k != user_field}
-        grouped.setdefault(_user_id(raw[user_field], where), []).append(validate_row(rest, where))
+        row = validate_row(rest, where, ignored, allow_user=True)
+        grouped.setdefault(_user_id(raw[user_field], where), []).append(row)
     if not grouped:
         raise DataError(f"{path} has no rows")
+    report_ignored(ignored)
     return {user: UserRows(rows) for user, rows in grouped.items()}
 
 

@@ -70,7 +70,19 @@ def read_records(path: str | os.PathLike) -> list[Record]:
     suffix = path.suffix.lower()
     if suffix == ".json" and text.lstrip().startswith("["):
         return _json_array(path, text)
+    if suffix == ".json" and text.lstrip().startswith("{") and "\n" in text.strip():
+        _one_json_object(path, text)
     return _jsonl(path, text) if suffix in (".jsonl", ".json") else _csv(path, text)
+
+
+def _one_json_object(path: Path, text: str) -> None:
+    """DataError where a .json file spread over lines is one object (not JSON lines)."""
+    try:
+        whole = json.loads(text)
+    except (ValueError, RecursionError):
+        return  # JSON lines, or broken: read line by line, which names the line
+    if isinstance(whole, dict):
+        raise DataError(f"{path} is one JSON object; a .json file holds an array of rows, or one row per line")
 
 
 def _json_array(path: Path, text: str) -> list[Record]:

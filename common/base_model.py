@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,7 +218,7 @@ def load_base(
         except Exception as exc:  # transformers and safetensors raise many types for a folder they cannot read
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(f"base model folder {folder} cannot be loaded ({reason}){remedy}") from exc
-        if mismatch := _weights_unlike_config(loading):
+        if mismatch := _weights_unlike_config(loading, PrefixSpec.from_model_config(model.config, 1).num_layers):
             problem = f"its weights do not match its config.json ({mismatch})"
             raise ConfigError(f"base model folder {folder}: {problem}{remedy}")
         fingerprint = _folder_fingerprint(folder)
@@ -231,18 +232,34 @@ def load_base(
     return BaseModelHandle(name=label, model=model, tokenizer=tokenizer, fingerprint=fingerprint)
 
 
-def _weights_unlike_config(loading: dict) -> str | None:
+def _weights_unlike_config(loading: dict, layers: int) -> str | None:
     """What transformers' loading info says differs between the weight files and the model the
-    config builds: weights it would start at random (an edited config with more layers) or leave
-    unread (one with fewer). transformers only prints a report and goes on with a wrong model."""
+    config builds: weights it would start at random (an edited config with more layers) or
+    layers it would leave unread (one with fewer). transformers only prints a report and goes on
+    with a wrong model. Other unread entries (old buffers such as GPT-2's attn.masked_bias) are
+    only logged."""
     missing = sorted(loading.get("missing_keys") or ())
     unexpected = sorted(loading.get("unexpected_keys") or ())
+    unplaced = [key for key in unexpected if (n := _layer_index(key)) is not None and n >= layers]
+    if leftovers := [key for key in unexpected if key not in unplaced]:
+        log.warning(
+            "the base's files hold %d entries its model does not read, such as %s", len(leftovers), leftovers[0]
+        )
     parts = [
         f"{len(keys)} {what}, such as {keys[0]}"
-        for keys, what in ((missing, "weights missing from its files"), (unexpected, "weights it has no place for"))
+        for keys, what in (
+            (missing, "weights missing from its files"),
+            (unplaced, "weights of layers it does not have"),
+        )
         if keys
     ]
     return "; ".join(parts) or None
+
+
+def _layer_index(key: str) -> int | None:
+    """The decoder layer a weight's name places it in ("model.layers.3.mlp..." -> 3; GPT-2's "h.3.")."""
+    match = re.search(r"(?:^|\.)(?:layers|h)\.(\d+)\.", key)
+    return int(match.group(1)) if match else None
 
 
 def context_length(model) -> int | None:

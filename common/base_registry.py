@@ -164,15 +164,21 @@ def fetch(name: str) -> Path:
     folder = registry_folder(name)
     if fetch_problem(folder) is None:  # no lock needed to read a finished folder (the cache may be read-only)
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # two fetches at once: one converts, the other waits and then finds the folder made (the
-    # converter replaces a damaged folder, which must not happen under a reader that just checked it)
-    with FileLock(folder.parent / f".{name}.lock"):
-        problem = fetch_problem(folder)
-        if problem is not None:
-            if folder.exists():
-                log.warning("the cached %s is damaged (%s): converting it again", folder, problem)
-            _CONVERTERS[name](folder)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # two fetches at once: one converts, the other waits and then finds the folder made (the
+        # converter replaces a damaged folder, which must not happen under a reader that just checked it)
+        with FileLock(folder.parent / f".{name}.lock"):
+            problem = fetch_problem(folder)
+            if problem is not None:
+                if folder.exists():
+                    log.warning("the cached %s is damaged (%s): converting it again", folder, problem)
+                _CONVERTERS[name](folder)
+    except PermissionError as exc:
+        raise ConfigError(
+            f"the model cache {folder.parent} cannot be written ({exc.strerror}): set FEDPREFIX_CACHE to a "
+            f"folder you may write, or ask its owner to run fedprefix base fetch {name}"
+        ) from None
     return folder
 
 

@@ -87,7 +87,8 @@ def test_completion_only_labels_and_left_truncation(tiny_llama, caplog):
     rows = read_rows([{"prompt": "x" * 50, "completion": "abc"}, {"prompt": "short", "completion": "de"}])
     with caplog.at_level(logging.WARNING):
         examples = tokenize_rows(rows, tok, max_length=20, use_chat_template=False)
-    assert "1 of 2 completions were longer than 20 tokens with their prompts: 1 lost prompt" in caplog.text
+    assert "1 of 2 completions were longer than 20 tokens with their prompts: 0 chat prompts lost" in caplog.text
+    assert "1 prompts lost tokens on the left, 0 lost completion tokens" in caplog.text
     first = examples[0]
     assert len(first.prompt) + len(first.completion) == 20
     assert tok.decode(first.completion) == "abc<|im_end|>"  # completion kept whole, EOS appended
@@ -105,9 +106,7 @@ def test_a_huge_row_is_cut_before_it_is_tokenized_with_the_same_tokens(tiny_llam
         cut = tokenize_rows(rows, tiny_llama.tokenizer, 64, use_chat_template=False)
     monkeypatch.setattr(data, "CHARS_PER_TOKEN", 10**9)  # tokenized whole, as before
     assert tokenize_rows(rows, tiny_llama.tokenizer, 64, use_chat_template=False) == cut
-    assert "2 of 2 completions were longer than 64 tokens with their prompts: 2 lost prompt tokens on the left, 1 " in (
-        caplog.text
-    )
+    assert "2 prompts lost tokens on the left, 1 lost completion tokens on the right" in caplog.text
 
 
 def test_chat_rows_use_the_template(tiny_llama):
@@ -125,7 +124,7 @@ def test_chat_rows_use_the_template(tiny_llama):
         (42, "must be a list of rows or a path to a .jsonl, .json, .csv or .parquet file, not int"),
         ("rows.jsonl.gz", r"rows.jsonl.gz: unknown file type '.gz'; data files end in .jsonl, .json, .csv or .parquet"),
         ("data/rows.tsv", "unknown file type '.tsv'"),
-        (b"bytes", "not bytes"),
+        (b"bytes", "local_data is bytes"),
     ],
 )
 def test_a_single_row_or_a_bare_value_is_refused_before_training(local_data, message):

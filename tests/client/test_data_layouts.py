@@ -47,7 +47,7 @@ def test_a_long_completion_keeps_its_prompt_and_loses_its_end(tiny_llama, caplog
     prompt = tok.decode(example.prompt)
     assert prompt.startswith("<|im_start|>user\nTell me a story.") and len(example.prompt) < 64
     assert len(example.prompt) + len(example.completion) == 128 and tok.decode(example.completion).startswith("word ")
-    assert "0 lost prompt tokens on the left, 1 completion tokens on the right" in caplog.text
+    assert "0 prompts lost tokens on the left, 1 lost completion tokens on the right" in caplog.text
     both = {"prompt": "context " * 100, "completion": "word " * 100}  # both long: the prompt keeps half
     (example,) = tokenize_rows(read_rows([both]), tok, 64, use_chat_template=False)
     assert len(example.prompt) == 32 and len(example.completion) == 32
@@ -141,3 +141,60 @@ def test_a_held_out_split_keeps_each_chat_whole(tiny_llama):
     train, held = split_examples(examples, 0.3, seed=0)
     assert len(held) == 6 and len(train) == 14
     assert not {e.row for e in train} & {e.row for e in held}
+
+
+def test_a_user_column_outside_federation_data_is_refused_not_left_aside():
+    """A device's data-path at the run's combined file would train on every user's rows."""
+    with pytest.raises(DataError, match="row 0: a 'user' column: rows of several users?"):
+        read_rows([{"user": "bob", "prompt": "p", "completion": "c"}])
+
+
+def test_an_open_file_or_a_set_is_refused_and_frames_give_their_records(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "p", "completion": "c"}\n')
+    with open(path) as fh, pytest.raises(DataError, match="local_data is an open file: pass its path"):
+        read_rows(fh)  # its lines had become plain-text rows: the JSON trained as text
+    with pytest.raises(DataError, match=r"local_data is a set \(rows keep their order\); give a list of rows"):
+        read_rows({"a", "b"})
+
+    class Pandas:  # pandas: to_dict("records"), a missing cell is NaN
+        columns = ["prompt", "completion", "text"]
+
+        def to_dict(self, orient):
+            return [{"prompt": "p", "completion": "c", "text": float("nan")}]
+
+    class Polars:  # polars: to_dicts()
+        columns = ["prompt", "completion"]
+
+        def to_dicts(self):
+            return [{"prompt": "p", "completion": "c"}]
+
+    assert read_rows(Pandas()) == read_rows(Polars()) == read_rows(path)
+
+
+@pytest.mark.parametrize("text", ["What is 3.14", "I love node.js", "a.b c", "Version 2.0"])
+def test_text_with_a_dot_is_a_single_string_not_a_file_type(text):
+    with pytest.raises(DataError, match="local_data is a single string"):
+        read_rows(text)
+
+
+def test_a_long_chat_loses_its_oldest_exchanges_and_keeps_its_system_message(tiny_llama, caplog):
+    """A left cut took the system message first (an auditor's 'IMPORTANT SYSTEM RULES')."""
+    tok = tiny_llama.tokenizer
+    turns = [{"role": "system", "content": "RULES"}]
+    for n in range(4):
+        turns += [{"role": "user", "content": f"question {n} " + "x" * 60}, {"role": "assistant", "content": f"A{n}"}]
+    turns[-3]["weight"] = turns[-5]["weight"] = turns[-7]["weight"] = 0  # train the last reply only
+    with caplog.at_level(logging.WARNING):
+        (example,) = tokenize_rows(read_rows([{"messages": turns}]), tok, 200, True)
+    prompt = tok.decode(example.prompt)
+    assert prompt.startswith("<|im_start|>system\nRULES<|im_end|>\n<|im_start|>user\nquestion ")
+    assert "question 3" in prompt and "question 0" not in prompt and tok.decode(example.completion) == "A3<|im_end|>"
+    assert "1 chat prompts lost their oldest exchanges" in caplog.text
+
+
+def test_a_json_file_of_one_object_says_what_a_json_file_holds(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"prompt": "p", "completion": "c"}, indent=2))
+    with pytest.raises(DataError, match="rows.json is one JSON object; a .json file holds an array of rows"):
+        read_rows(path)

@@ -21,7 +21,10 @@ def _batch(base, head: int, shapes, seed: int = 0) -> list[Example]:
     generator = torch.Generator().manual_seed(seed)
     vocab = base.model.config.vocab_size
     shared = _tokens(generator, vocab, head)
-    return [Example(shared + _tokens(generator, vocab, p), _tokens(generator, vocab, c)) for p, c in shapes]
+    return [
+        Example(shared + _tokens(generator, vocab, p), _tokens(generator, vocab, c), row)
+        for row, (p, c) in enumerate(shapes)
+    ]
 
 
 def _loss_and_grad(loss_fn, base, kv, batch):

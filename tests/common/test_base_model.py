@@ -233,7 +233,7 @@ def test_a_config_unlike_its_weights_is_refused_not_run_with_random_layers(tmp_p
     (folder / "config.json").write_text(json.dumps(config))
     what = "missing from its files, such as model.layers.2."
     if layers == 1:
-        what = "it has no place for, such as model.layers.1."
+        what = "of layers it does not have, such as model.layers.1."
     with pytest.raises(ConfigError, match=rf"weights do not match its config.json \(\d+ weights? {what}"):
         load_base(folder)
     config["num_hidden_layers"] = 2
@@ -251,3 +251,23 @@ def test_tied_embeddings_are_not_missing_weights(tmp_path):
     base_model.byte_tokenizer().save_pretrained(tmp_path)
     base = load_base(tmp_path)
     assert base.model.lm_head.weight.data_ptr() == base.model.model.embed_tokens.weight.data_ptr()
+
+
+def test_leftover_buffers_in_old_checkpoints_are_read_past_with_a_warning(tmp_path, caplog):
+    """GPT-2 folders that transformers 2.x-4.x fine-tunes saved hold attn.masked_bias buffers,
+    which today's model does not read: harmless, unlike weights of layers the config lacks."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(base_model.tiny_config("gpt2")).save_pretrained(tmp_path)
+    base_model.byte_tokenizer().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING"):
+        assert load_base(tmp_path).prefix_spec(2).num_layers == 2
+    assert "1 entries its model does not read, such as transformer.h.0.attn.masked_bias" in caplog.text
+    weights["transformer.h.2.mlp.c_fc.bias"] = torch.zeros(256)  # a layer past the config's two
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="1 weights? of layers it does not have, such as transformer.h.2.mlp"):
+        load_base(tmp_path)

@@ -97,3 +97,12 @@ def test_a_conversion_replaces_whatever_is_in_the_way(tmp_path, in_the_way):
         folder.symlink_to(tmp_path / "nowhere")
     base_registry._put_in_place(made, folder)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json"] and not made.exists()
+
+
+def test_a_cache_that_cannot_be_written_is_named_with_the_way_out(converter, monkeypatch):
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(base_registry, "FileLock", refused)
+    with pytest.raises(base_registry.ConfigError, match=r"the model cache .*models cannot be written \(Permission"):
+        base_registry.fetch(DEFAULT_BASE)

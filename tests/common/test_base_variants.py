@@ -76,7 +76,7 @@ def test_the_lean_training_forward_equals_transformers(variant):
         return torch.randint(3, 250, (n,), generator=generator).tolist()
 
     head = tokens(6)  # a head every row shares, as a chat template's system prompt
-    batch = [Example(head + tokens(p), tokens(c)) for p, c in [(3, 4), (7, 2), (1, 5)]]
+    batch = [Example(head + tokens(p), tokens(c), row) for row, (p, c) in enumerate([(3, 4), (7, 2), (1, 5)])]
     start = random_prefix(variant, 3, seed=2).key_values().detach()
     seen = []
     for loss_of in (completion_loss, transformers_completion_loss):
