@@ -94,14 +94,7 @@ def train(msg: Message, context: Context) -> Message:
     node, round_settings = _setup(msg, context)
     if round_settings.train_parts == FINALIZE:
         return finalize(node, context, msg)
-    report = node.personalizer.fit(
-        node.train_rows,
-        max_steps=node.config.local_steps,
-        learning_rate=round_settings.learning_rate or node.config.learning_rate,
-        proximal_mu=round_settings.proximal_mu,
-        parts=round_settings.train_parts if node.config.mode == "shared+personal" else "all",
-    )
-    node.personalizer.save()
+    report = node.train_round(round_settings, int(msg.content.config_records[CONFIG].get("server-round", 0)))
     content = RecordDict({METRICS: train_metrics(report)})
     if node.config.sends_shared and round_settings.train_parts != "personal":
         content[ARRAYS] = ArrayRecord(node.shared_arrays())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +28,13 @@ import torch
 from fedprefix.common.base_model import BaseModelHandle, load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.errors import ConfigError, ShapeError
-from fedprefix.common.protocol import pack_shared, unpack_shared
+from fedprefix.common.protocol import RoundSettings, pack_shared, unpack_shared
 from flwr.app import ArrayRecord
 
 from .personalizer import Personalizer
-from .user_data import node_rows, node_user_id
+from .user_data import node_partition, node_rows, node_user_id
+
+log = logging.getLogger(__name__)
 
 _BASES: dict[str, BaseModelHandle] = {}  # Flower reuses simulation processes: load each base once
 
@@ -85,12 +88,45 @@ class Node:
             for name, tensor in shared.state_dict().items():
                 tensor.copy_(received[name])
 
+    def train_round(self, settings: RoundSettings, server_round: int):
+        """Fit the round's parts on the node's rows and save (a FitReport).
+
+        Node stores outlive a run: under a recipe that copies the shared prefix, a user may hold
+        an earlier run's copy, which replaced the shared part. This run's shared rounds then
+        train its shared prefix with that copy set aside (still the user's served prefix), and
+        its first personal round copies this run's shared prefix afresh, as a first run does."""
+        me = self.personalizer
+        parts = settings.train_parts if self.config.mode == "shared+personal" else "all"
+        earlier_copy = None
+        if self.config.copies_shared and me.copy_replaces_shared:
+            if parts == "shared":
+                earlier_copy, me.personal = me.personal, None
+            elif server_round == self.config.shared_only_count() + 1:
+                me.personal = None  # the copy round: fit copies the shared prefix it received
+        try:
+            report = me.fit(
+                self.train_rows,
+                max_steps=self.config.local_steps,
+                learning_rate=settings.learning_rate or self.config.learning_rate,
+                proximal_mu=settings.proximal_mu,
+                parts=parts,
+            )
+        finally:
+            if earlier_copy is not None:
+                me.personal = earlier_copy
+        me.save()
+        return report
+
     def shared_arrays(self) -> dict[str, torch.Tensor]:
         """The shared prefix as it goes on the wire (empty when this mode sends nothing)."""
         shared = self.personalizer.shared
         if shared is None or not self.config.sends_shared:
             return {}
         return pack_shared(shared.state_tensors())
+
+
+# what a node config may hold: Flower's simulation sets the first two, a device's owner the rest
+NODE_CONFIG_KEYS = {"partition-id", "num-partitions", "user-id", "data-path", "eval-path", "key-file", "store"}
 
 
 def simulation_key(config: FederationConfig, user_id: str) -> bytes:
@@ -100,7 +136,10 @@ def simulation_key(config: FederationConfig, user_id: str) -> bytes:
 
 def read_key_file(path: str) -> bytes:
     """32 raw bytes or 64 hex digits."""
-    data = Path(path).expanduser().read_bytes()
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"key file {path} (node config key-file) cannot be read: {exc.strerror}") from None
     if len(data) == 32:
         return data
     text = data.decode("ascii", errors="replace").strip()
@@ -116,7 +155,13 @@ def read_key_file(path: str) -> bytes:
 def open_node(run_config: dict, node_config: dict) -> Node:
     """Set up the node for one message from the run's settings (its `context.run_config`) and its node config."""
     config = FederationConfig.from_run_config(run_config)
-    partition = int(node_config.get("partition-id", 0))
+    if unknown := sorted(set(node_config) - NODE_CONFIG_KEYS):  # a misspelled key is otherwise silently unused
+        log.warning(
+            "node config keys not read by fedprefix: %s (it reads %s)",
+            ", ".join(unknown),
+            ", ".join(sorted(NODE_CONFIG_KEYS)),
+        )
+    partition = node_partition(node_config)
     user_id = node_user_id(node_config, config)
     train_rows, eval_rows = node_rows(node_config, config, user_id)
     store = node_config.get("store") or str(Path(config.node_store_root) / user_id)

@@ -12,17 +12,28 @@ A node with neither refuses to train: nothing is ever made up for it.
 from __future__ import annotations
 
 from fedprefix.common.config import FederationConfig
-from fedprefix.common.errors import DataError
+from fedprefix.common.errors import ConfigError, DataError
 
 from .data import Row, read_file_rows
 from .partition import partition_users, split_held_out, user_split
+
+
+def node_partition(node_config: dict) -> int:
+    """The node config's partition-id (0 where it has none), a whole number or a ConfigError naming it."""
+    value = node_config.get("partition-id", 0)
+    try:
+        if isinstance(value, bool) or int(value) != float(value):
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config partition-id {value!r} must be a whole number") from None
 
 
 def node_user_id(node_config: dict, config: FederationConfig) -> str:
     """The node's user: `user-id` from its node config, else its partition's user in the run's data, else user<N>."""
     if "user-id" in node_config:
         return str(node_config["user-id"])
-    partition = int(node_config.get("partition-id", 0))
+    partition = node_partition(node_config)
     if config.data and "data-path" not in node_config:
         users = partition_users(config.data, config.user_field, config.min_rows)
         if not 0 <= partition < len(users):

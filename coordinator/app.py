@@ -22,7 +22,7 @@ from fedprefix.common.protocol import init_text, pack_shared
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from .records import RunInfo, RunRecorder, save_shared_prefix
+from .records import RunInfo, RunRecorder, nothing_accepted, read_run, save_shared_prefix
 from .strategy import PrefixStrategy, build_inner_strategy
 
 log = logging.getLogger(__name__)
@@ -66,11 +66,18 @@ def run_federation(grid: Grid, config: FederationConfig) -> None:
             evaluate_config=ConfigRecord(),
             evaluate_fn=strategy.end_round,
         )
+    except (KeyboardInterrupt, SystemExit) as exc:  # `flwr stop`, a signal
+        recorder.finish("interrupted", error=f"{type(exc).__name__}: {exc}".rstrip(": "))
+        raise
     except BaseException as exc:
         recorder.finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     if config.sends_shared and result.arrays is not None:
         save_shared_prefix(result.arrays, recorder.dir)
+    _, rounds, _ = read_run(recorder.dir)
+    if problem := nothing_accepted(rounds):  # as simulate: a run that taught nobody anything has failed
+        recorder.finish("failed", error=problem)
+        raise RuntimeError(problem)
     recorder.finish("finished")
 
 

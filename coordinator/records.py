@@ -146,6 +146,16 @@ class RunRecorder:
         self._write_info()
 
 
+def nothing_accepted(rounds: list[RoundRecord]) -> str | None:
+    """Why a run whose rounds ran but accepted no node's reply has failed (None: some was): it
+    taught nobody anything (every node failing on its data, say), which must not read "finished"."""
+    if not rounds or any(r.replies_accepted for r in rounds):
+        return None
+    first = next((r.rejected[0] for r in rounds if r.rejected), None)
+    reason = f" (the first: node {first.node}: {first.reason})" if first is not None else ""
+    return f"no node's reply was accepted in any round{reason}"
+
+
 def end_unfinished(run_dir: str | os.PathLike, status: str, error: str, ended: tuple[str, ...] = ("running",)) -> None:
     """Give a run whose status is one of `ended` (by default: still running) its end (`status`:
     interrupted, failed), as its ServerApp would have: one stopped from outside (Ctrl-C,

@@ -47,6 +47,7 @@ from .records import (
     RunFolderError,
     clear_run_outputs,
     end_unfinished,
+    nothing_accepted,
     read_info,
     read_run,
 )
@@ -410,9 +411,6 @@ def remove_node_stores(folder: Path) -> None:
 
 
 def require_accepted(rounds: list[RoundRecord], run_dir: Path) -> None:
-    """SimulationError where rounds ran but none accepted a node's reply: the run taught nobody
-    anything (every node failing on its data, say), which must not end as "finished" and exit 0."""
-    if rounds and not any(r.replies_accepted for r in rounds):
-        first = next((r.rejected[0] for r in rounds if r.rejected), None)
-        reason = f" (the first: node {first.node}: {first.reason})" if first is not None else ""
-        raise SimulationError(f"no node's reply was accepted in any round{reason}; see {run_dir / ROUNDS_FILE}")
+    """SimulationError where rounds ran but none accepted a node's reply (records.nothing_accepted)."""
+    if problem := nothing_accepted(rounds):
+        raise SimulationError(f"{problem}; see {run_dir / ROUNDS_FILE}")

@@ -303,8 +303,12 @@ class PrefixStrategy(Strategy):
 
     def _sender_problem(self, msg: Message, senders: set[int], sampled: list[int] | None) -> str | None:
         """A reply from a node this round did not sample, or a node's second reply (Flower's
-        SuperLink sends neither; a check here does not rest on it)."""
+        SuperLink sends neither; a check here does not rest on it). An error reply, which is
+        never accepted, keeps its own reason: one the SuperLink writes for a node it lost
+        (missed heartbeats) comes from the SuperLink, not from a sampled node."""
         node = msg.metadata.src_node_id
+        if msg.has_error():
+            return None
         if sampled is not None and node not in sampled:
             return "the node was not sampled for this round"
         if node in senders:

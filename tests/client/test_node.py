@@ -105,3 +105,44 @@ def test_a_simulated_node_computes_on_its_cpu_share(monkeypatch):
         torch.set_num_threads(before)
     monkeypatch.delitem(sys.modules, "ray")
     assert use_cpu_share() == before, "outside Ray the setting is left alone"
+
+
+def test_a_second_run_over_the_same_node_store_trains_its_shared_rounds_and_copies_afresh(tmp_path):
+    """Node stores outlive a run (the Deployment Engine): after a run whose recipe copied the
+    shared prefix into the user's own, every shared round of the next run was refused ("the
+    personal part has replaced the shared one") and its copy round fine-tuned the old copy."""
+    import torch
+    from fedprefix.common.protocol import RoundSettings
+
+    settings = _settings(tmp_path, num_rounds=3, personal_init="shared", shared_only_rounds=2)
+    config = federation_config(tmp_path, num_rounds=3, personal_init="shared", shared_only_rounds=2)
+    assert [config.round_parts(r) for r in (1, 2, 3)] == ["shared", "shared", "personal"]
+
+    def run(shared_value: float) -> torch.Tensor:
+        """One run's three rounds on node 0, each message on a freshly opened node; its stored copy."""
+        for server_round in (1, 2, 3):
+            node = open_node(settings, {"partition-id": 0})
+            fingerprint = node.personalizer.base.fingerprint
+            sent = {k: np.full(tuple(v.shape), shared_value, np.float32) for k, v in node.shared_arrays().items()}
+            node.receive_shared(ArrayRecord({k: Array(v) for k, v in sent.items()}), fingerprint)
+            parts = config.round_parts(server_round)
+            node.train_round(RoundSettings(base_fingerprint=fingerprint, train_parts=parts), server_round)
+            if parts == "shared":
+                assert node.personalizer.shared.flat().detach().sub(shared_value).abs().max() > 0  # trained
+        return open_node(settings, {"partition-id": 0}).personalizer.personal.flat().detach().clone()
+
+    first = run(0.0)
+    second = run(1.0)  # a second run, another shared prefix, the same stores
+    assert (first - 0.0).abs().max() < 0.5 and (second - 1.0).abs().max() < 0.5  # each a copy of its run's prefix
+
+
+def test_node_config_mistakes_are_named(tmp_path, caplog):
+    """A device owner's mistakes (an auditor's findings): partition-id "abc" gave a bare int()
+    ValueError, a missing key file a raw FileNotFoundError, and a misspelled key went unread."""
+    with pytest.raises(ConfigError, match="node config partition-id 'abc' must be a whole number"):
+        open_node(_settings(tmp_path), {"partition-id": "abc"})
+    with pytest.raises(ConfigError, match=r"key file .*missing.key \(node config key-file\) cannot be read: No such"):
+        open_node(_settings(tmp_path), {"partition-id": 0, "key-file": str(tmp_path / "missing.key")})
+    with caplog.at_level("WARNING"):
+        open_node(_settings(tmp_path), {"partition-id": 0, "datapath": "x.jsonl"})
+    assert "node config keys not read by fedprefix: datapath" in caplog.text

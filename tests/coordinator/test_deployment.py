@@ -104,3 +104,39 @@ def test_the_server_app_refuses_rows_past_the_bases_context_before_it_starts_a_r
     with pytest.raises(ConfigError, match="take 1016 positions, past base tiny-llama's context of 512"):
         run_federation(grid=None, config=config)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_server_app_records_a_stopped_run_as_interrupted_and_one_that_taught_nothing_as_failed(
+    tmp_path, monkeypatch
+):
+    """Under the Deployment Engine (an auditor's findings): `flwr stop` left a run 'failed' with
+    'SystemExit: 0', and a run whose every reply was rejected read 'finished'."""
+    from types import SimpleNamespace
+
+    import pytest
+    from fedprefix.common.config import FederationConfig
+    from fedprefix.coordinator import app as server_app
+    from fedprefix.coordinator.records import Rejection, read_run
+
+    from tests.coordinator.test_simulate_cleanup import _record
+
+    config = FederationConfig(base="tiny-llama", num_users=2, run_dir=str(tmp_path / "run"))
+
+    def stopped(self, **settings):
+        raise SystemExit(0)
+
+    monkeypatch.setattr(server_app.PrefixStrategy, "start", stopped)
+    with pytest.raises(SystemExit):
+        server_app.run_federation(grid=None, config=config)
+    assert read_run(tmp_path / "run")[0].status == "interrupted"
+
+    def taught_nothing(self, **settings):
+        rejected = [Rejection(node=7, reason="no rows")]
+        self.recorder.append_round(_record(1).model_copy(update={"replies_accepted": 0, "rejected": rejected}))
+        return SimpleNamespace(arrays=None)
+
+    monkeypatch.setattr(server_app.PrefixStrategy, "start", taught_nothing)
+    with pytest.raises(RuntimeError, match="no node's reply was accepted in any round .*node 7: no rows"):
+        server_app.run_federation(grid=None, config=config)
+    info = read_run(tmp_path / "run")[0]
+    assert info.status == "failed" and "node 7: no rows" in info.error

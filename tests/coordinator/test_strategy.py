@@ -560,3 +560,17 @@ def test_an_update_clipped_to_the_bound_is_not_rejected_for_float_rounding():
         norms.append(update_norm({"shared.embedding.weight": new[0]}, {"shared.embedding.weight": old}))
     assert max(norms) > config.max_update_norm  # what was rejected
     assert max(norms) <= config.max_update_norm * (1 + NORM_ROUNDING)
+
+
+def test_an_error_reply_for_a_lost_node_keeps_its_reason():
+    """The SuperLink answers for a node it lost (missed heartbeats) from its own id: the reply
+    was recorded as 'the node was not sampled', hiding why the round lost a user."""
+    strategy = _strategy()
+    list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), _Grid(4)))
+    # the reply's sender is no node of the round (here: an id the round did not sample)
+    instruction = Message(content=RecordDict({"config": ConfigRecord()}), dst_node_id=1 << 40, message_type="evaluate")
+    lost = Message(Error(code=0, reason="Node unavailable: missed heartbeats"), reply_to=instruction)
+    honest = [_evaluation(node, 5, 2.0) for node in (1, 2, 4)]
+    strategy.aggregate_evaluate(1, [*honest, lost])
+    (rejected,) = strategy.pending["rejected"]
+    assert rejected.reason == "evaluation: node error: Node unavailable: missed heartbeats"
