@@ -94,7 +94,8 @@ def train(msg: Message, context: Context) -> Message:
     node, round_settings = _setup(msg, context)
     if round_settings.train_parts == FINALIZE:
         return finalize(node, context, msg)
-    report = node.train_round(round_settings, int(msg.content.config_records[CONFIG].get("server-round", 0)))
+    server_round = int(msg.content.config_records.get(CONFIG, ConfigRecord()).get("server-round", 0))
+    report = node.train_round(round_settings, server_round)
     content = RecordDict({METRICS: train_metrics(report)})
     if node.config.sends_shared and round_settings.train_parts != "personal":
         content[ARRAYS] = ArrayRecord(node.shared_arrays())

@@ -192,7 +192,7 @@ def validate_row(raw, where: str, ignored: set[str] | None = None, allow_user: b
     if isinstance(row, ChatRow):
         if row.messages[-1].role != "assistant":
             raise DataError(f"{where}: field 'messages': the last message must be the assistant's reply")
-        trained = [i for i, m in enumerate(row.messages) if i > 0 and m.role == "assistant" and m.weight == 1]
+        trained = trained_replies(row.messages)
         if not trained:
             raise DataError(f"{where}: field 'messages': no assistant reply to learn (each has weight 0)")
         # A blank completion, as blank text, is refused: it would teach blank replies.
@@ -310,11 +310,13 @@ def completions(row: Row, tokenizer, use_chat_template: bool) -> list[tuple[str,
     if isinstance(row, PromptCompletion):
         return [((format_prompt(tokenizer, row.prompt) if use_chat_template else row.prompt), row.completion, None)]
     turns = row.messages
-    return [
-        (chat_prompt(tokenizer, turns[:i]), turn.content, turns[:i])
-        for i, turn in enumerate(turns)
-        if i > 0 and turn.role == "assistant" and turn.weight == 1
-    ]
+    return [(chat_prompt(tokenizer, turns[:i]), turns[i].content, turns[:i]) for i in trained_replies(turns)]
+
+
+def trained_replies(messages: Sequence[TrainingMessage]) -> list[int]:
+    """Indexes of a chat's completions: its assistant messages of weight 1 after the first message
+    (an opening assistant message has nothing before it to answer: context)."""
+    return [i for i, m in enumerate(messages) if i > 0 and m.role == "assistant" and m.weight == 1]
 
 
 def without_oldest_exchange(history: list) -> list | None:
