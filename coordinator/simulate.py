@@ -288,6 +288,8 @@ def simulate(
     info, rounds, problems = read_run(run_dir)
     if info.status != "finished":  # the ServerApp's end: also where no reply was accepted (records.nothing_accepted)
         reason = f"the federation {info.status}: {info.error or 'no reason recorded'}; see {log_file}"
+        if died:  # the record says it too
+            end_unfinished(run_dir, info.status, "; ".join(filter(None, (info.error, died))), ended=(info.status,))
         raise SimulationError("; ".join(filter(None, (reason, died))))
     return rounds
 

@@ -325,7 +325,7 @@ def test_a_node_process_that_died_is_named_beside_what_the_rounds_recorded(tmp_p
     """A node's Ray actor killed (the OOM killer, say) shows in the rounds only as nodes that did
     not reply; the run's error, its record and a warning say that a node's process died."""
     from fedprefix.coordinator import simulate as simulate_module
-    from fedprefix.coordinator.records import Rejection, read_run
+    from fedprefix.coordinator.records import Rejection, nothing_accepted, read_run
 
     quiet = tmp_path / "quiet.log"
     quiet.write_bytes(b"INFO: round 1\n\xff not UTF-8\n")
@@ -335,9 +335,9 @@ def test_a_node_process_that_died_is_named_beside_what_the_rounds_recorded(tmp_p
         update={"replies_accepted": 0, "rejected": [Rejection(node=3, reason="secure aggregation halted")]}
     )
 
-    def killed_run(config, *args):
+    def killed_run(config, *args):  # what the ServerApp leaves: its rounds, and the run failed as none accepted
         (run_dir / "flower.log").write_text("ERROR: ray.exceptions.ActorDiedError: The actor died unexpectedly\n")
-        _write_info(run_dir, "finished")
+        _write_info(run_dir, "failed", error=nothing_accepted([rejected]))
         (run_dir / ROUNDS_FILE).write_text(rejected.model_dump_json() + "\n")
         return 0
 
