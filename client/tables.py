@@ -181,7 +181,9 @@ def _parquet(path: Path, fh) -> list[Record]:
         raise DataError(f"{path} is not a readable parquet file ({type(exc).__name__}: {exc})") from exc
     records = []
     for i, row in enumerate(rows):
-        where, record = f"{path} row {i}", {k: v for k, v in row.items() if v is not None}
+        record = {k: v for k, v in row.items() if v is not None}
+        nulls = [k for k, v in row.items() if v is None]  # named if the row is refused ("Field required" misled)
+        where = f"{path} row {i}" + (f" (null cells: {', '.join(nulls)})" if nulls else "")
         messages = record.get("messages")
         if isinstance(messages, str):
             record["messages"] = _json_value(messages, f"{where}: column 'messages'", "JSON value")

@@ -198,3 +198,14 @@ def test_a_json_file_of_one_object_says_what_a_json_file_holds(tmp_path):
     path.write_text(json.dumps({"prompt": "p", "completion": "c"}, indent=2))
     with pytest.raises(DataError, match="rows.json is one JSON object; a .json file holds an array of rows"):
         read_rows(path)
+
+
+def test_a_refused_parquet_row_names_its_null_cells(tmp_path):
+    """A null prompt read as a missing field: 'Field required' with no word of the null."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "rows.parquet"
+    rows = [{"prompt": "p", "completion": "c"}, {"prompt": None, "completion": "c"}]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(DataError, match=r"rows.parquet row 1 \(null cells: prompt\): field 'prompt': Field required"):
+        read_rows(path)

@@ -190,7 +190,7 @@ def test_bad_parquet_row_and_missing_sources(tmp_path):
     with pytest.raises(DataError, match="bad.parquet row 1: empty text"):
         read_users(bad)
     null = _parquet(tmp_path / "null.parquet", [{"user": "a", "text": "x"}, {"user": None, "text": "y"}])
-    with pytest.raises(DataError, match="null.parquet row 1: the user 'user' is missing or empty"):
+    with pytest.raises(DataError, match=r"null.parquet row 1 \(null cells: user\): the user 'user' is missing"):
         read_users(null)  # it said "no user column 'user'", which the file has
     with pytest.raises(DataError, match="federation data .*nowhere does not exist"):
         read_users(tmp_path / "nowhere")
