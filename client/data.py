@@ -309,6 +309,11 @@ def completions(row: Row, tokenizer, use_chat_template: bool) -> list[tuple[str,
         return [("", row, None)]
     if isinstance(row, PromptCompletion):
         return [((format_prompt(tokenizer, row.prompt) if use_chat_template else row.prompt), row.completion, None)]
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "chat rows (messages) need a base with a chat template, and this one has none: give it "
+            "prompt/completion rows"
+        )
     turns = row.messages
     return [(chat_prompt(tokenizer, turns[:i]), turns[i].content, turns[:i]) for i in trained_replies(turns)]
 

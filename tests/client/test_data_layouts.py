@@ -209,3 +209,13 @@ def test_a_refused_parquet_row_names_its_null_cells(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), path)
     with pytest.raises(DataError, match=r"rows.parquet row 1 \(null cells: prompt\): field 'prompt': Field required"):
         read_rows(path)
+
+
+def test_chat_rows_on_a_base_without_a_chat_template_are_refused_by_name(tiny_llama):
+    """transformers raised its own ValueError from deep inside apply_chat_template."""
+    import copy
+
+    plain = copy.deepcopy(tiny_llama.tokenizer)
+    plain.chat_template = None
+    with pytest.raises(DataError, match="chat rows .messages. need a base with a chat template"):
+        tokenize_rows(read_rows([CHAT]), plain, 512, use_chat_template=False)
