@@ -218,7 +218,7 @@ def load_base(
         except Exception as exc:  # transformers and safetensors raise many types for a folder they cannot read
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(f"base model folder {folder} cannot be loaded ({reason}){remedy}") from exc
-        if mismatch := _weights_unlike_config(loading, PrefixSpec.from_model_config(model.config, 1).num_layers):
+        if mismatch := _weights_unlike_config(loading, model.config.num_hidden_layers):  # GPT-2's n_layer too
             problem = f"its weights do not match its config.json ({mismatch})"
             raise ConfigError(f"base model folder {folder}: {problem}{remedy}")
         fingerprint = _folder_fingerprint(folder)

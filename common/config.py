@@ -239,8 +239,9 @@ class FederationConfig(BaseModel):
             raise ValueError("differential privacy protects the shared prefix; mode 'personal' sends none")
         if self.aggregator not in DP_AGGREGATORS:
             raise ValueError(
-                f"differential privacy needs aggregator 'fedavg' or 'fedprox', not {self.aggregator!r}: the noise "
-                "is sized for their plain mean, and one user moves the output of the others further"
+                f"differential privacy needs aggregator {' or '.join(map(repr, DP_AGGREGATORS))}, not "
+                f"{self.aggregator!r}: the noise is sized for their plain mean, and one user moves the output "
+                "of the others further"
             )
         if self.dp_clipping_norm > self.max_update_norm:
             raise ValueError(

@@ -387,17 +387,13 @@ class PrefixStrategy(Strategy):
         if not self.dp:
             return None
         spent = self.inner.privacy_spent()
+        noise = dict(noise_multiplier=self.inner.noise_multiplier, clipping_norm=self.inner.clipping_norm)
         if spent is None:
             return PrivacyRecord(
-                noise_multiplier=self.inner.noise_multiplier,
-                clipping_norm=self.inner.clipping_norm,
-                epsilon=None,
-                delta=None,
-                reason="no accountant: install the dp-accounting package",
+                **noise, epsilon=None, delta=None, reason="no accountant: install the dp-accounting package"
             )
         return PrivacyRecord(
-            noise_multiplier=self.inner.noise_multiplier,
-            clipping_norm=self.inner.clipping_norm,
+            **noise,
             epsilon=float(spent.epsilon),
             epsilon_replace_one=replace_one_epsilon(self.inner.noise_multiplier, spent.num_releases, spent.delta),
             delta=float(spent.delta),
