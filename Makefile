@@ -43,9 +43,10 @@ test: $(VENV)/.installed-dev
 test-slow: $(VENV)/.installed-dev $(VENV)/.installed-model
 	$(VENV)/bin/pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-# Performance benchmarks (ratios measured side by side), results/bench/bench.{json,md}.
+# Performance benchmarks (ratios measured side by side), results/bench/bench.{json,md};
+# DEVICE=cuda times training and serving on a GPU.
 bench: $(VENV)/.installed-dev $(VENV)/.installed-model
-	$(PY) -m fedprefix.simulations.bench_all $(if $(QUICK),--quick,)
+	$(PY) -m fedprefix.simulations.bench_all $(if $(QUICK),--quick,) $(if $(DEVICE),--device $(DEVICE),)
 
 # The Shakespeare benchmark (real text, 24 roles; README "Results"), results/shakespeare;
 # QUICK=1: 6 roles and fewer steps, results/shakespeare-quick.

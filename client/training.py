@@ -7,6 +7,7 @@ prompt positions need no logits), and only prefix parameters get gradients.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -121,9 +122,10 @@ def train_step(work, kv_of, batch, optimizer, parameters, max_grad_norm: float |
 
     `proximal`: (mu, [(param, anchor), ...]) adds FedProx's mu/2 * ||param - anchor||^2.
     """
-    # The math SDPA kernel: on CPU the flash kernel's backward is several times slower
-    # than plain matmuls for these short sequences (measured, README).
-    with sdpa_kernel([SDPBackend.MATH]):
+    # The math SDPA kernel on a CPU: there the flash kernel's backward is several times slower
+    # than plain matmuls for these short sequences (measured, README). A GPU keeps its fused kernels.
+    cpu = work.device.type == "cpu"
+    with sdpa_kernel([SDPBackend.MATH]) if cpu else contextlib.nullcontext():
         loss_sum, tokens = completion_loss(work, kv_of(), batch)
     loss = loss_sum / max(tokens, 1)
     if proximal is not None:

@@ -130,10 +130,11 @@ def generate_tokens(
     done = [False] * batch
     for _ in range(max(p.max_new_tokens for p in params)):
         tokens = pick_tokens(logits, params, generators)  # (B,)
+        picked = tokens.tolist()  # one wait for a GPU per step, not one per row
         for row in range(batch):
             if done[row]:
                 continue
-            token = int(tokens[row])
+            token = picked[row]
             if token in eos and not params[row].ignore_eos:
                 done[row] = True
                 continue
@@ -156,7 +157,10 @@ def make_generator(params: SamplingParams, device) -> torch.Generator | None:
     if params.greedy:
         return None
     generator = torch.Generator(device=device)
-    generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+    if params.seed is None:
+        generator.seed()  # a fresh random seed for this generator; torch.seed() would reseed torch's global one
+    else:
+        generator.manual_seed(params.seed)
     return generator
 
 

@@ -57,7 +57,9 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
     """True where `device` computes bfloat16 natively."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # by compute capability (Ampere, sm_80, on), of this GPU: torch.cuda.is_bf16_supported()
+        # counts emulated bf16 (T4, V100) and asks about the current GPU, not `device`
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
     return device.type == "cpu" and cpu_native_bf16()
 
 

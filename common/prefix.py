@@ -282,7 +282,7 @@ class Prefix(nn.Module):
         )
         prefix = cls(config, init="random", generator=generator)
         with torch.no_grad():
-            flat = kv_to_flat(kv).to(prefix.embedding.weight.dtype)
+            flat = kv_to_flat(kv).to(prefix.embedding.weight)  # the prefix's dtype and device (CPU), not the base's
             if prefix.transform is None:
                 prefix.embedding.weight.copy_(flat)
             else:

@@ -1,6 +1,6 @@
 """`make bench`: every performance benchmark, each a ratio measured side by side in one run.
 
-    python -m fedprefix.simulations.bench_all [--base NAME] [--quick] [--out results/bench]
+    python -m fedprefix.simulations.bench_all [--base NAME] [--quick] [--device cuda] [--out results/bench]
 
 Runs, in this order (each prints its own figures too):
 - training step, fedprefix vs PEFT prefix tuning (bench_train), on templated persona rows
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from fedprefix.common.precision import describe_host, host_info
+from fedprefix.common.precision import describe_host, host_info, resolve_device
 
 from . import bench_federation, bench_serving, bench_store, bench_train
 
@@ -31,7 +31,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--base", default="smollm2-135m-instruct")
     parser.add_argument("--quick", action="store_true", help="tiny model and short runs (a few minutes)")
     parser.add_argument("--out", default="results/bench")
+    # the CPU by default: the README's tables are CPU figures; on a GPU host, --device cuda
+    # times training and serving there (store and federation benchmarks stay on the CPU)
+    parser.add_argument("--device", default="cpu", help="where training and serving run: cpu, cuda, cuda:1, ...")
     args = parser.parse_args(argv)
+    device = resolve_device(args.device)
     base = "tiny-llama" if args.quick else args.base
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -39,8 +43,8 @@ def main(argv=None) -> dict:
     import transformers
 
     results = {
-        "host": host_info().model_dump(),
-        "machine": f"{describe_host()}, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "host": host_info(device).model_dump(),
+        "machine": f"{describe_host(host_info(device))}, {psutil.virtual_memory().total / 2**30:.0f} GiB",
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -49,13 +53,15 @@ def main(argv=None) -> dict:
         },
         "base": base,
     }
-    results["train"] = bench_train.main(["--base", base, "--steps", "4" if args.quick else "8"])
+    on = ["--device", str(device)]
+    results["train"] = bench_train.main(["--base", base, "--steps", "4" if args.quick else "8", *on])
     if not args.quick:
-        results["train_real_text"] = bench_train.main(["--base", base, "--steps", "8", "--data", "shakespeare"])
+        results["train_real_text"] = bench_train.main(["--base", base, "--steps", "8", "--data", "shakespeare", *on])
     results["serving"] = bench_serving.main(
         [
             "--base",
             base,
+            *on,
             "--users",
             "64",
             "--peft-users",

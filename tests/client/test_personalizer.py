@@ -376,3 +376,17 @@ def test_loading_on_another_base_says_which_base_to_pass(tiny_llama, store):
     personalizer(tiny_llama, store=store, key=KEY).save()
     with pytest.raises(WrongBaseError, match="pass base_model= the base it was trained on .*'tiny-qwen2'"):
         Personalizer.load(user_id="alice", store=store, key=KEY, base_model=load_base("tiny-qwen2"), **FAST)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_base_on_a_gpu_trains_saves_and_generates(store):
+    # the prefix modules stay on the CPU (small); a text-initialized MLP prefix's anchor must too
+    base = load_base("tiny-llama", device="cuda")
+    p = personalizer(base, store=store, key=KEY, shared_virtual_tokens=2, prefix_projection=True)
+    before = p.evaluate(ROWS).loss
+    p.fit(ROWS, max_steps=10)
+    assert p.evaluate(ROWS).loss < before
+    p.save()
+    on_cpu = Personalizer.load(user_id="alice", store=store, key=KEY, base_model=load_base("tiny-llama"), **FAST)
+    torch.testing.assert_close(on_cpu.key_values(), p.key_values().cpu())
+    assert isinstance(p.generate("Describe", max_new_tokens=4), str)

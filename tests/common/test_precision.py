@@ -97,3 +97,17 @@ def test_the_device_is_a_gpu_only_where_torch_sees_one(monkeypatch):
     with pytest.raises(ConfigError, match="'cuda:1': torch sees 1 CUDA GPU"):
         resolve_device("cuda:1")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((7, 0), torch.float32), ((7, 5), torch.float32), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+)
+def test_auto_on_a_gpu_is_bfloat16_from_ampere_on(monkeypatch, capability, expected):
+    # a V100 (7.0) or T4 (7.5) only emulates bf16, which torch.cuda.is_bf16_supported() counts
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    assert resolve_dtype("auto", "cuda:1") is expected
+    assert asked == [torch.device("cuda:1")]  # the GPU asked about, not the current one

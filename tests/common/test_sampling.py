@@ -23,3 +23,13 @@ def test_a_top_p_that_rounds_to_zero_keeps_the_top_token():
         generators = [make_generator(params, "cpu") for _ in range(3)]
         picked = pick_tokens(logits, [params] * 3, generators)
         assert picked.tolist() == logits.argmax(dim=-1).tolist()
+
+
+def test_an_unseeded_request_leaves_torch_global_random_state_alone():
+    # a caller's torch.manual_seed must still reproduce its own draws after a sampling request
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    first, second = (make_generator(SamplingParams(temperature=1.0), "cpu") for _ in range(2))
+    assert torch.equal(torch.rand(3), expected)
+    assert first.initial_seed() != second.initial_seed()  # each unseeded request draws its own seed

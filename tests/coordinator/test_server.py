@@ -277,7 +277,10 @@ def test_fedprefix_serve_answers_refuses_a_taken_port_and_stops_on_ctrl_c(served
     cli = [str(Path(sys.executable).with_name("fedprefix")), "serve", "--base", "tiny-llama", "--store"]
     port = free_port()
     server = subprocess.Popen(
-        [*cli, str(store.root), "--port", str(port), "--dtype", "float32"], text=True, preexec_fn=interruptible
+        # on the CPU, where the float32 reference runs: a GPU host's default would compare across devices
+        [*cli, str(store.root), "--port", str(port), "--dtype", "float32", "--device", "cpu"],
+        text=True,
+        preexec_fn=interruptible,
     )
     try:
         url = f"http://127.0.0.1:{port}"
