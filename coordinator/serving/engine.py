@@ -215,6 +215,15 @@ class Engine:
         return len(self._pending)
 
     @property
+    def cuda_graphs(self) -> str | None:
+        """On a GPU: 'on' while decode steps replay CUDA graphs, else why they run eagerly; None on a CPU."""
+        if self.base.device.type != "cuda":
+            return None
+        if not hasattr(self._forward, "eager_reason"):
+            return "off: turned off (--no-cuda-graphs) or a base served through transformers' forward"
+        return self._forward.eager_reason or "on"
+
+    @property
     def kv_bytes(self) -> int:
         """Bytes the running batch's KV cache holds now (read from another thread: a snapshot)."""
         return self._batch.kv_bytes

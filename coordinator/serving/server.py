@@ -424,6 +424,8 @@ async def health(request: Request):
         "status": "ok" if running else "not running",
         "model": request.app.state.model_name,
         "dtype": dtype_name(engine.base.dtype),
+        "device": str(engine.base.device),
+        "cuda_graphs": engine.cuda_graphs,  # None on a CPU
         "queue_depth": engine.queue_depth,
         "running": engine.batch_size,  # decoding or still prefilling
     }

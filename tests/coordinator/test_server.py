@@ -170,6 +170,7 @@ def test_models_health_metrics(client):
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-llama"
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["dtype"] in ("float32", "bfloat16")
+    assert health["device"] == "cpu" and health["cuda_graphs"] is None
     for _ in range(2):  # bob's second request reuses the KV of his first prompt
         body = {"prompt": "metrics, twice", "user": "bob", "max_tokens": 3}
         assert client.post("/v1/completions", json=body, headers=header("bob")).status_code == 200
