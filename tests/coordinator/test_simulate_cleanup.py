@@ -5,6 +5,7 @@ and the round records reach on_round as they are written."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,6 +85,9 @@ def test_interrupted_simulation_leaves_no_process(tmp_path, sig):
         names = _names(seen.values())
         for expected in ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server"):
             assert expected in names
+        if sig == signal.SIGINT:  # once is enough
+            gcs = re.search(r"--gcs-address=(\S+)", names).group(1)
+            assert "Authentication token is missing" in _join_without_token(gcs), "the run's Ray requires its token"
 
         cli.send_signal(sig)
         signalled = time.monotonic()
@@ -99,6 +103,24 @@ def test_interrupted_simulation_leaves_no_process(tmp_path, sig):
         assert info.status == "interrupted" and info.ended is not None, "the record says it was stopped"
     finally:
         _kill_all(cli, mark)
+
+
+def _join_without_token(gcs: str) -> str:
+    """What a Ray driver without the token says when it tries to join the cluster at `gcs`
+    (Ray retries for ~20 s before it gives up: stopped at its first refusal)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    code = f"import ray; ray.init(address={gcs!r}); ray.get(ray.remote(lambda: 1).remote())"
+    driver = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    said = []
+    try:
+        for line in iter(driver.stdout.readline, b""):  # ends when the driver exits
+            said.append(line.decode(errors="replace"))
+            if "Authentication token" in said[-1]:
+                break
+    finally:
+        driver.kill()
+        driver.wait()
+    return "".join(said)
 
 
 def _kill_all(cli: subprocess.Popen, mark: str) -> None:
