@@ -1,6 +1,6 @@
 """fedprefix.client: the on-device SDK and the Flower ClientApp."""
 
-__all__ = ["Personalizer"]
+__all__ = ["Personalizer", "write_key_file"]
 
 
 def __getattr__(name: str):
@@ -10,4 +10,8 @@ def __getattr__(name: str):
         from .personalizer import Personalizer
 
         return Personalizer
+    if name == "write_key_file":
+        from fedprefix.common.store.key_files import write_key_file
+
+        return write_key_file
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

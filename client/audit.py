@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 
 from fedprefix.common.config import FederationConfig
@@ -60,7 +61,9 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
     from .user_data import node_user_id  # reads the run's data: only where the run audits
 
     user = node_user_id(dict(context.node_config), FederationConfig.from_run_config(dict(context.run_config)))
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    with open(Path(folder) / f"{user}.jsonl", "a", encoding="utf-8") as fh:
+    # the user's replies byte for byte (updates derived from their rows, SecAgg+ shares): theirs alone
+    Path(folder).mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(Path(folder) / f"{user}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with open(fd, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry) + "\n")
     return reply

@@ -11,8 +11,9 @@ Node settings (``--node-config`` of ``flower-supernode``; simulation sets ``part
   (client/user_data.py; no data: refused);
 - ``store``: the encrypted store folder (default ``<store-root>/<user-id>``, and with no
   store-root set ``<run-dir>/stores/<user-id>``);
-- ``key-file``: 32 raw bytes or 64 hex digits. Without it a *simulation* key is derived
-  from the run's ``key-seed``, which is only fit for simulations.
+- ``key-file``: 32 raw bytes or 64 hex digits; required where the node names files of its own.
+  A simulated node (only ``partition-id``) derives a key from the run's ``key-seed``,
+  which is only fit for simulations.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from fedprefix.common.base_model import BaseModelHandle, load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.errors import ConfigError, ShapeError
 from fedprefix.common.protocol import RoundSettings, pack_shared, unpack_shared
+from fedprefix.common.store import BadKeyError
+from fedprefix.common.store.key_files import read_key_file
 from flwr.app import ArrayRecord
 
 from .personalizer import Personalizer
@@ -134,22 +137,26 @@ def simulation_key(config: FederationConfig, user_id: str) -> bytes:
     return hmac.new(config.key_seed.encode(), user_id.encode(), hashlib.sha256).digest()
 
 
-def read_key_file(path: str) -> bytes:
-    """32 raw bytes or 64 hex digits."""
-    try:
-        data = Path(path).expanduser().read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"key file {path} (node config key-file) cannot be read: {exc.strerror}") from None
-    if len(data) == 32:
-        return data
-    text = data.decode("ascii", errors="replace").strip()
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        key = b""
-    if len(key) != 32:
-        raise ConfigError(f"key file {path} must hold 32 raw bytes or 64 hex digits")
-    return key
+# node config keys that make a node a real device, with files of its own: it must bring its key
+DEVICE_KEYS = ("user-id", "data-path", "eval-path", "store")
+
+
+def node_key(node_config: dict, config: FederationConfig, user_id: str) -> bytes:
+    """The node's store key: its `key-file`'s; a simulated node (no files of its own) derives
+    one from the run's `key-seed`, which the coordinator and anyone with the run's settings
+    know, so a device that names its own files without a key file is refused."""
+    if "key-file" in node_config:
+        try:
+            return read_key_file(node_config["key-file"])
+        except BadKeyError as exc:
+            raise ConfigError(f"node config key-file: {exc}") from None
+    if own := [name for name in DEVICE_KEYS if name in node_config]:
+        raise ConfigError(
+            f"node config names this device's own {', '.join(own)} but no key-file: without one its store would be "
+            "encrypted under a key derived from the run's key-seed, which the coordinator knows; give key-file "
+            "(32 random bytes, e.g. head -c 32 /dev/urandom > KEY && chmod 600 KEY)"
+        )
+    return simulation_key(config, user_id)
 
 
 def open_node(run_config: dict, node_config: dict) -> Node:
@@ -163,9 +170,9 @@ def open_node(run_config: dict, node_config: dict) -> Node:
         )
     partition = node_partition(node_config)
     user_id = node_user_id(node_config, config)
+    key = node_key(node_config, config, user_id)
     train_rows, eval_rows = node_rows(node_config, config, user_id)
     store = node_config.get("store") or str(Path(config.node_store_root) / user_id)
-    key = read_key_file(node_config["key-file"]) if "key-file" in node_config else simulation_key(config, user_id)
     personalizer = Personalizer(
         base_model=cached_base(config.base),
         user_id=user_id,

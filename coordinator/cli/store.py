@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Annotated
 import click
 import typer
 from fedprefix.common.errors import FedPrefixError
-from fedprefix.common.files import open_regular
 from fedprefix.coordinator.views import printable
 from rich.table import Table
 from rich.text import Text
@@ -58,34 +57,17 @@ NewPassEnvOpt = Annotated[
 UserArg = Annotated[str, typer.Argument(help="User id.")]
 
 
-KEY_FILE_MAX = 1024  # bytes read from a key file: a key is 32 bytes or 64 hex digits (/dev/zero never ends)
-
-
 def _read_key(user_id: str, key_file: Path | None, passphrase_env: str | None, new: bool = False) -> str | bytes:
     """The key from --key-file, --passphrase-env, a hidden prompt, or stdin's next line when piped
     (`new`: the --new-* options, and a prompt that asks twice)."""
     from fedprefix.common.store import BadKeyError
+    from fedprefix.common.store.key_files import read_key_file
 
     options = "--new-key-file or --new-passphrase-env" if new else "--key-file or --passphrase-env"
     if key_file is not None and passphrase_env is not None:
         raise BadKeyError(f"give {options}, not both (user {user_id!r})")
     if key_file is not None:
-        try:
-            with open_regular(key_file) as fh:
-                data = fh.read(KEY_FILE_MAX + 1)
-        except OSError as exc:
-            raise BadKeyError(f"cannot read key file {key_file}: {exc.strerror}") from None
-        if len(data) > KEY_FILE_MAX:
-            raise BadKeyError(f"key file {key_file} is larger than {KEY_FILE_MAX} bytes: not a key")
-        if len(data) == KEY_BYTES:
-            return data
-        text = data.strip()
-        if len(text) == 2 * KEY_BYTES:
-            try:
-                return bytes.fromhex(text.decode("ascii"))
-            except (UnicodeDecodeError, ValueError):
-                pass
-        raise BadKeyError(f"key file {key_file} must hold {KEY_BYTES} raw bytes or {2 * KEY_BYTES} hex digits")
+        return read_key_file(key_file)
     if passphrase_env is not None:
         value = os.environ.get(passphrase_env)
         if not value:

@@ -7,8 +7,10 @@ import sys
 
 import numpy as np
 import pytest
-from fedprefix.client.node import open_node, read_key_file, simulation_key
+from fedprefix.client.node import open_node, simulation_key
 from fedprefix.common.errors import ConfigError, DataError, ShapeError
+from fedprefix.common.store import BadKeyError
+from fedprefix.common.store.key_files import read_key_file, write_key_file
 from flwr.app import Array, ArrayRecord
 
 from tests.conftest import federation_config
@@ -28,14 +30,16 @@ def test_simulated_node_reads_its_users_folder_and_has_its_own_key(tmp_path):
 
 
 def test_node_with_no_data_or_bad_rows_is_refused_by_name(tmp_path):
+    key = {"key-file": str(tmp_path / "k.key")}
+    write_key_file(key["key-file"])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match="has no rows"):
-        open_node(_settings(tmp_path), {"partition-id": 0, "data-path": str(empty)})
+        open_node(_settings(tmp_path), {"partition-id": 0, "data-path": str(empty), **key})
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "only"}\n')
     with pytest.raises(DataError, match="line 1: field 'completion'"):
-        open_node(_settings(tmp_path), {"partition-id": 0, "data-path": str(bad)})
+        open_node(_settings(tmp_path), {"partition-id": 0, "data-path": str(bad), **key})
 
 
 def test_a_node_without_data_refuses_to_train(tmp_path):
@@ -79,14 +83,37 @@ def test_shared_prefix_of_another_base_or_shape_is_refused(tmp_path):
     assert (node.personalizer.shared.flat() == before).all()
 
 
-def test_key_files(tmp_path):
+def test_key_files(tmp_path, caplog):
     raw, hexed, short = tmp_path / "raw", tmp_path / "hex", tmp_path / "short"
-    raw.write_bytes(bytes(range(32)))
+    assert write_key_file(raw, bytes(range(32))) == bytes(range(32))
+    assert raw.stat().st_mode & 0o777 == 0o600, "a new key file is its owner's alone"
+    with pytest.raises(BadKeyError, match="exists already: not replaced"):
+        write_key_file(raw)  # a key lost is a store lost
+    assert raw.read_bytes() == bytes(range(32))
     hexed.write_text(bytes(range(32)).hex() + "\n")
     short.write_text("abcd")
-    assert read_key_file(str(raw)) == read_key_file(str(hexed)) == bytes(range(32))
-    with pytest.raises(ConfigError, match="32 raw bytes or 64 hex digits"):
+    with caplog.at_level("WARNING"):
+        assert read_key_file(str(raw)) == bytes(range(32))
+        assert not caplog.text
+        hexed.chmod(0o644)
+        assert read_key_file(str(hexed)) == bytes(range(32))
+    assert "can be read by other users (mode 644): chmod 600" in caplog.text
+    with pytest.raises(BadKeyError, match="32 raw bytes or 64 hex digits"):
         read_key_file(str(short))
+
+
+def test_a_device_that_names_its_own_files_must_bring_a_key_file(tmp_path):
+    """An auditor's finding: a SuperNode whose key-file was forgotten (or misspelt) encrypted its
+    store under a key derived from the run's key-seed, which the coordinator knows."""
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(f'{{"text": "my note {i}"}}\n' for i in range(6)))
+    for device in ({"data-path": str(data)}, {"user-id": "bob"}, {"store": str(tmp_path / "s")}):
+        with pytest.raises(ConfigError, match="names this device's own .* but no key-file"):
+            open_node(_settings(tmp_path), {"partition-id": 0, **device})
+    key = tmp_path / "bob.key"
+    write_key_file(key, bytes(range(32)))
+    node = open_node(_settings(tmp_path), {"partition-id": 0, "data-path": str(data), "key-file": str(key)})
+    assert node.personalizer.key == bytes(range(32)) and node.train_rows[0] == "my note 0"
 
 
 def test_a_simulated_node_computes_on_its_cpu_share(monkeypatch):
@@ -141,7 +168,7 @@ def test_node_config_mistakes_are_named(tmp_path, caplog):
     ValueError, a missing key file a raw FileNotFoundError, and a misspelled key went unread."""
     with pytest.raises(ConfigError, match="node config partition-id 'abc' must be a whole number"):
         open_node(_settings(tmp_path), {"partition-id": "abc"})
-    with pytest.raises(ConfigError, match=r"key file .*missing.key \(node config key-file\) cannot be read: No such"):
+    with pytest.raises(ConfigError, match=r"node config key-file: cannot read key file .*missing.key: No such"):
         open_node(_settings(tmp_path), {"partition-id": 0, "key-file": str(tmp_path / "missing.key")})
     with caplog.at_level("WARNING"):
         open_node(_settings(tmp_path), {"partition-id": 0, "datapath": "x.jsonl"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from fedprefix.common.store.key_files import write_key_file
 from fedprefix.coordinator.records import read_run
 from fedprefix.coordinator.simulate import (
     SUPERLINK_NAME,
@@ -33,9 +34,10 @@ def test_two_rounds_with_superlink_and_supernodes(tmp_path):
         try:
             for user in range(2):
                 folder = own_files / f"user{user:03d}"
+                write_key_file(folder / "device.key")  # a device names its own files: it brings its key
                 node_config = (
                     f'partition-id={user} user-id="device{user}" data-path="{folder / "train.jsonl"}" '
-                    f'eval-path="{folder / "eval.jsonl"}"'
+                    f'eval-path="{folder / "eval.jsonl"}" key-file="{folder / "device.key"}"'
                 )
                 command = [
                     flower_bin("flower-supernode"),

@@ -180,6 +180,8 @@ def test_own_jsonl_file_one_node_per_user_k_users_per_round(tmp_path, monkeypatc
         for path in (tmp_path / "audit").glob("*.jsonl")
     }
     assert set(logged) <= set(users), "nodes are named by the file's user ids"
+    modes = {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "audit", *(tmp_path / "audit").glob("*.jsonl"))}
+    assert modes == {"0o700", "0o600"}, "an audit log holds its user's replies: theirs alone"
     for server_round in (1, 2):  # (round 2, the secure one, takes 5 training messages per user)
         for kind in ("train", "evaluate"):
             repliers = {
