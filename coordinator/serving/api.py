@@ -219,7 +219,8 @@ def parse_key(header: str | None) -> bytes | str | None:
 def store_error(exc: StoreError) -> ApiError:
     """The HTTP answer to a store error."""
     if isinstance(exc, WrongKeyError):
-        return ApiError(403, str(exc), "wrong_key")
+        # not the store's detail: "protected by a passphrase" would tell a guesser what to guess
+        return ApiError(403, about(exc.user_id, "wrong key"), "wrong_key")
     if isinstance(exc, UnknownUserError):
         return ApiError(404, str(exc), "unknown_user")
     if isinstance(exc, BadUserIdError):

@@ -109,6 +109,9 @@ def test_status_codes(client):
     assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_key"
     wrong = client.post("/v1/completions", json={**ok, "user": "bob"}, headers=header("alice"))
     assert wrong.status_code == 403 and "wrong key" in wrong.json()["error"]["message"]
+    guess = client.post("/v1/completions", json={**ok, "user": "bob"}, headers={"X-Prefix-Key": "a guessed phrase"})
+    said = guess.json()["error"]["message"]  # the store's own words named the kind of key bob's prefix takes
+    assert guess.status_code == 403 and "wrong key" in said and "raw" not in said and "passphrase" not in said
     unknown = client.post("/v1/completions", json={**ok, "user": "dave"}, headers=header("alice"))
     assert unknown.status_code == 404
     bad = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0, "temperature": "hot"})
