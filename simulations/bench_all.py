@@ -24,6 +24,7 @@ import torch
 from fedprefix.common.precision import describe_host, host_info, resolve_device
 
 from . import bench_federation, bench_serving, bench_store, bench_train
+from .arguments import require
 
 
 def main(argv=None) -> dict:
@@ -35,6 +36,7 @@ def main(argv=None) -> dict:
     # times training and serving there (store and federation benchmarks stay on the CPU)
     parser.add_argument("--device", default="cpu", help="where training and serving run: cpu, cuda, cuda:1, ...")
     args = parser.parse_args(argv)
+    require("peft")  # before any benchmark runs: the training and serving ones compare with it
     device = resolve_device(args.device)
     base = "tiny-llama" if args.quick else args.base
     out = Path(args.out)

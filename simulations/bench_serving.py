@@ -39,7 +39,7 @@ from fedprefix.common.prefix import Prefix
 from fedprefix.common.store import PrefixStore
 from fedprefix.coordinator.serving import Engine, GenerationRequest
 from fedprefix.coordinator.serving.server import KEY_HEADER, create_app, start_http
-from fedprefix.simulations.arguments import positive
+from fedprefix.simulations.arguments import positive, require
 from fedprefix.simulations.http_load import poisson_load
 from fedprefix.simulations.personas import make_record, record_prompt
 
@@ -354,6 +354,8 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
+    if "peft" not in args.skip:
+        require("peft")  # the per-user loop it is compared with
     torch.manual_seed(0)
     base = load_base(args.base, device=args.device)
     served = base.with_dtype(resolve_dtype("auto", base.device))  # what `fedprefix serve` runs

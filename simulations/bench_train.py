@@ -32,7 +32,7 @@ from fedprefix.common.base_model import load_base
 from fedprefix.common.generation import left_pad
 from fedprefix.common.precision import DTYPE_CHOICES, describe_host, dtype_name, host_info, resolve_dtype
 from fedprefix.common.prefix import Prefix
-from fedprefix.simulations.arguments import positive
+from fedprefix.simulations.arguments import positive, require
 from fedprefix.simulations.memory import PeakMemory
 from fedprefix.simulations.personas import training_rows, user_dataset
 from torch.utils.flop_counter import FlopCounterMode
@@ -88,6 +88,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="fedprefix's compute dtype")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
+    require("peft")  # the reference
     import peft  # the reference; a dev extra
 
     torch.manual_seed(0)

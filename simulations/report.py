@@ -49,6 +49,7 @@ from fedprefix.common.protocol import row_prefix
 from fedprefix.coordinator.records import load_shared_prefix
 from fedprefix.coordinator.simulate import simulate
 
+from .arguments import require
 from .personas import slot_realization, style_ok, training_rows, user_dataset, write_federation_data
 
 
@@ -418,6 +419,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny model, about a minute")
     parser.add_argument("--out", default=None, help="results folder (default results/report or results/quick)")
     args = parser.parse_args(argv)
+    require("peft", "matplotlib")
     settings = QUICK if args.quick else FULL
     out = Path(args.out or ("results/quick" if args.quick else "results/report"))
     results = run(settings, out)

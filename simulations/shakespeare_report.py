@@ -55,6 +55,7 @@ from fedprefix.common.protocol import row_prefix
 from fedprefix.coordinator.records import load_shared_prefix
 from fedprefix.coordinator.simulate import simulate
 
+from .arguments import require
 from .shakespeare import Role, all_roles, pick_roles, role_table, write_federation_data
 
 
@@ -366,6 +367,7 @@ def main(argv=None) -> dict:
                 f"--set {item}: no such setting; choose from {', '.join(f.name for f in dataclasses.fields(settings))}"
             )
         setattr(settings, key, type(getattr(settings, key))(value))
+    require("peft", "matplotlib")
     out = Path(args.out or ("results/shakespeare-quick" if args.quick else "results/shakespeare"))
     approaches = [a for a in args.approaches.split(",") if a] or None
     unknown = sorted(set(approaches or ()) - set(APPROACHES))

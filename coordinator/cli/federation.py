@@ -66,7 +66,11 @@ def simulate(
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP, callback=dtype_option),
     dp_noise: float = typer.Option(0.0, "--dp-noise", min=0, help="DP noise multiplier (0 = off)."),
     dp_clip: float = typer.Option(1.0, "--dp-clip", help="DP clipping norm of each user's update."),
-    setting: list[str] = typer.Option([], "--set", help="Any other run setting, KEY=VALUE (see pyproject)."),
+    setting: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Any other run setting, KEY=VALUE: a FederationConfig field (common/config.py), dashed: max-length=96.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the round records as JSON."),
 ) -> None:
     """Run a federation on this machine (Flower simulation runtime): simulated personas or your data.
@@ -155,6 +159,29 @@ def simulate(
 
     console.print(rounds_table(records, latest=50))  # each round was printed as it ended
     console.print(f"run folder: {out}", markup=False)
+
+
+@app.command("flower-app")
+def flower_app(
+    folder: Path = typer.Argument(..., help="Folder for the app's pyproject.toml (made if missing)."),
+):
+    """Write a Flower app folder for the Deployment Engine, where fedprefix is installed as a
+    package (a checkout's own pyproject.toml is one already: flwr run . ...).
+
+    Its settings are every run setting at its default; override them per run with --run-config.
+
+    Example: fedprefix flower-app lab-app && flwr run lab-app lab --run-config "num-users=2" --stream
+    """
+    from fedprefix.common.config import FederationConfig
+    from fedprefix.coordinator.simulate import write_app
+
+    if (folder / "pyproject.toml").exists() or (folder.exists() and not folder.is_dir()):
+        fail(FileExistsError(f"{folder / 'pyproject.toml'} exists already: name a new or another folder"))
+    try:
+        write_app(folder, FederationConfig())
+    except OSError as exc:
+        fail(exc)
+    console.print(f"wrote {folder / 'pyproject.toml'}: flwr run {folder} FEDERATION --run-config ...", markup=False)
 
 
 def _checked(values: dict):

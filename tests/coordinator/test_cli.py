@@ -411,3 +411,26 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_so_its_cleanup_runs(tmp_path):
     finally:
         held.kill()
         held.wait()
+
+
+def test_flower_app_writes_the_app_an_installed_package_runs_and_never_replaces_a_project(
+    monkeypatch, capsys, tmp_path
+):
+    import tomllib
+
+    from fedprefix.common.config import FederationConfig
+
+    with pytest.raises(SystemExit) as exit_:
+        _run(monkeypatch, "flower-app", str(tmp_path / "app"))
+    assert exit_.value.code in (0, None)
+    app = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "fedprefix.coordinator.app:app", "clientapp": "fedprefix.client.app:app"}
+    assert app["config"] == FederationConfig().to_run_config()  # what a checkout's pyproject.toml holds
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "pyproject.toml").write_text("[project]\nname = 'mine'\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        _run(monkeypatch, "flower-app", str(mine))
+    assert exit_.value.code == 1 and "pyproject.toml exists already" in capsys.readouterr().err
+    assert (mine / "pyproject.toml").read_text() == "[project]\nname = 'mine'\n"

@@ -25,3 +25,16 @@ def test_counts_below_one_are_usage_errors(module, flag, value, capsys):
         main([flag, value])
     assert stopped.value.code == 2
     assert f"{flag}: {value!r} is not a whole number of at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["report", "shakespeare_report", "bench_train", "bench_serving", "bench_all"])
+def test_a_missing_optional_module_is_one_line_before_any_work(module, monkeypatch):
+    """An auditor's finding: without peft, `report --quick` trained for minutes, then raised
+    ModuleNotFoundError and wrote nothing."""
+    import importlib.util
+
+    main = importlib.import_module(f"fedprefix.simulations.{module}").main
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else found(name, *a))
+    with pytest.raises(SystemExit, match=r"this needs peft.*pip install 'fedprefix\[report\]'"):
+        main(["--out", "/nonexistent/never-written"] if "report" in module else [])
