@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 
 import typer
@@ -204,7 +206,9 @@ def serve(
         f"with prefixes from {store} on http://{host}:{port}/v1",
         markup=False,
     )
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the same way on Ctrl-C and SIGTERM
+    # stop the same way on Ctrl-C and SIGTERM; SIGINT too where a shell started us with it ignored
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         engine.run()
     except KeyboardInterrupt:
@@ -212,12 +216,17 @@ def serve(
     finally:
         server.should_exit = True
         http.join(timeout=10)
+    # Engine and HTTP have stopped, every reply is out: leave without the interpreter's teardown,
+    # whose garbage collection of torch's and transformers' objects took 7-12 s (past many a
+    # container's stop grace period) for nothing left to do.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _serve_replicas(options: dict) -> None:
     """`fedprefix serve --replicas N`: N engine replicas behind Ray Serve, until Ctrl-C or SIGTERM."""
     import contextlib
-    import os
 
     from fedprefix.common.resources import usable_cores
 
@@ -294,7 +303,6 @@ def _require_ray_token() -> None:
     Ray's control plane listens on every interface and by default runs whatever anyone who reaches
     it submits, beside the replicas' keys and decrypted prefixes (Ray >= 2.52 has token
     authentication, off by default). A RAY_AUTH_MODE already set, or a cluster's, is its owner's."""
-    import os
     import secrets
 
     os.environ["RAY_AUTH_MODE"] = "token"
