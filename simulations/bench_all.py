@@ -44,9 +44,10 @@ def main(argv=None) -> dict:
     import flwr
     import transformers
 
+    host = host_info(device)
     results = {
-        "host": host_info(device).model_dump(),
-        "machine": f"{describe_host(host_info(device))}, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "host": host.model_dump(),
+        "machine": f"{describe_host(host)}, {psutil.virtual_memory().total / 2**30:.0f} GiB",
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -148,8 +148,8 @@ def main(argv=None) -> dict:
                 times[name].append(elapsed)
     ours_name, peft_name = next(iter(variants)), list(variants)[-1]
     result = {
-        "host": host_info(ours_base.device).model_dump(),
-        "machine": describe_host(host_info(ours_base.device)),
+        "host": (host := host_info(ours_base.device)).model_dump(),
+        "machine": describe_host(host),
         "versions": {"torch": torch.__version__, "peft": peft.__version__},
         "base": args.base,
         "fedprefix_dtype": dtype_name(default),

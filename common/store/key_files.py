@@ -29,7 +29,8 @@ def write_key_file(path: str | os.PathLike, key: bytes | None = None) -> bytes:
     can read; returns the key. An existing file is refused, never replaced."""
     key = os.urandom(KEY_BYTES) if key is None else key
     if not isinstance(key, bytes) or len(key) != KEY_BYTES:
-        raise BadKeyError(f"a key file holds {KEY_BYTES} raw bytes, got {key!r:.20}")
+        what = f"{len(key)} bytes" if isinstance(key, bytes) else type(key).__name__  # never the key itself
+        raise BadKeyError(f"a key file holds {KEY_BYTES} raw bytes, got {what}")
     try:
         fd = os.open(Path(path).expanduser(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

@@ -173,3 +173,9 @@ def test_node_config_mistakes_are_named(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         open_node(_settings(tmp_path), {"partition-id": 0, "datapath": "x.jsonl"})
     assert "node config keys not read by fedprefix: datapath" in caplog.text
+
+
+def test_a_wrong_sized_key_is_refused_without_showing_it(tmp_path):
+    with pytest.raises(BadKeyError, match="holds 32 raw bytes, got 31 bytes") as refused:
+        write_key_file(tmp_path / "k", b"\x07secret-key-material-31-bytes!!")
+    assert "secret" not in str(refused.value) and not (tmp_path / "k").exists()
