@@ -21,6 +21,7 @@ from fedprefix.common.errors import ConfigError, DataError
 from fedprefix.common.generation import left_pad
 from fedprefix.common.precision import dtype_name, resolve_dtype
 from fedprefix.common.train_forward import lean_completion_loss, unsupported_reason
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -44,7 +45,8 @@ Callback = Callable[[StepInfo], bool | None]  # return False to stop training
 def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int) -> tuple[list, list]:
     """Seeded (train, held-out) split of the rows the examples came from (a chat's replies stay on
     one side: a held-out reply would otherwise be context of a trained one); held-out is empty
-    with fewer than 5 rows."""
+    with fewer than 5 rows, or where `eval_fraction` of them rounds to none (at the default 0.1:
+    5 rows hold out none, 6 to 14 one)."""
     by_row: dict[int, list[Example]] = {}
     for example in examples:
         by_row.setdefault(example.row, []).append(example)
@@ -183,17 +185,46 @@ def seeded_batches(examples: Sequence[Example], batch_size: int, seed: int) -> I
         del order[:batch_size]
 
 
-def progress_bar(enabled: bool) -> Progress:
-    """The training progress bar: step, loss, elapsed time (rich; nothing when disabled)."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        disable=not enabled,
-        transient=False,
-    )
+class StepProgress:
+    """Training progress, as `simulate` shows rounds: in a terminal a rich bar (step, loss,
+    elapsed); elsewhere (a file, a pipe, CI, nohup) plain flushed lines, about ten a fit and
+    one at each held-out evaluation, where a bar would print only at the end; nothing when
+    disabled."""
+
+    def __init__(self, enabled: bool, description: str, total: int) -> None:
+        console = Console()
+        self.plain = enabled and not console.is_terminal
+        self.file, self.description, self.total = console.file, description, total
+        self.every = max(1, total // 10)
+        self.started = time.perf_counter()
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not enabled or self.plain,
+            transient=False,
+        )
+
+    def __enter__(self) -> StepProgress:
+        self.bar.__enter__()
+        self.task = self.bar.add_task(self.description, total=self.total, loss="-")
+        if self.plain:
+            print(f"{self.description}: up to {self.total} steps", file=self.file, flush=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def step(self, step: int, loss: float, eval_loss: float | None) -> None:
+        self.bar.update(self.task, advance=1, loss=f"{loss:.3f}")
+        if self.plain and (step % self.every == 0 or step == self.total or eval_loss is not None):
+            held = "" if eval_loss is None else f", held-out {eval_loss:.3f}"
+            seconds = time.perf_counter() - self.started
+            line = f"{self.description}: step {step}/{self.total}, loss {loss:.3f}{held}, {seconds:.0f} s"
+            print(line, file=self.file, flush=True)
 
 
 def _restore(parameters: Sequence[torch.nn.Parameter], values: Sequence[torch.Tensor]) -> None:
@@ -255,8 +286,7 @@ def train(
         stale, losses, seen, stop_reason = 0, [], 0, "max_steps"
         batches = seeded_batches(train_set, config.batch_size, config.seed)
         started = time.perf_counter()
-        with progress_bar(progress) as bar:
-            task = bar.add_task(f"{description} ({dtype_name(work.dtype)})", total=max_steps, loss="-")
+        with StepProgress(progress, f"{description} ({dtype_name(work.dtype)})", max_steps) as shown:
             for step in range(1, max_steps + 1):
                 batch = next(batches)
                 losses.append(train_step(work, kv_of, batch, optimizer, parameters, config.max_grad_norm, proximal))
@@ -279,7 +309,7 @@ def train(
                         best_state = [p.detach().clone() for p in parameters]
                     else:
                         stale += 1
-                bar.update(task, advance=1, loss=f"{losses[-1]:.3f}")
+                shown.step(step, losses[-1], eval_loss)
                 info = StepInfo(step, max_steps, losses[-1], scheduler.get_last_lr()[0], eval_loss)
                 if callback is not None and callback(info) is False:
                     stop_reason = "callback"

@@ -390,3 +390,14 @@ def test_a_base_on_a_gpu_trains_saves_and_generates(store):
     on_cpu = Personalizer.load(user_id="alice", store=store, key=KEY, base_model=load_base("tiny-llama"), **FAST)
     torch.testing.assert_close(on_cpu.key_values(), p.key_values().cpu())
     assert isinstance(p.generate("Describe", max_new_tokens=4), str)
+
+
+def test_progress_off_a_terminal_is_plain_lines_as_it_trains(tiny_llama, capsys):
+    """Under nohup or CI a rich bar printed only its last line, after the whole fit."""
+    p = personalizer(tiny_llama, progress=True, max_steps=20, eval_fraction=0.2, eval_every=5)
+    p.fit(ROWS)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("personalizing alice") and lines[0].endswith("up to 20 steps")
+    steps = [line for line in lines if ": step " in line]
+    assert [int(line.split("step ")[1].split("/")[0]) for line in steps] == [2, 4, 5, 6, 8, 10, 12, 14, 15, 16, 18, 20]
+    assert "held-out" in steps[2] and "\x1b" not in "".join(lines)  # no ANSI codes in a file
