@@ -295,8 +295,13 @@ class Personalizer:
         stop: Sequence[str] | None = None,
         seed: int | None = None,
         parts: str = "all",
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> str | list[str]:
-        """Continue `prompt` (or each of a list, batched) behind this user's prefix."""
+        """Continue `prompt` (or each of a list, batched) behind this user's prefix.
+
+        `presence_penalty` / `frequency_penalty` (-2 to 2, OpenAI's) lower the logit of a token
+        already in the output, once / per occurrence: a small base's greedy text can loop."""
         if not isinstance(prompt, (str, list, tuple)):  # a dict or bytes would iterate as something else
             raise ConfigError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -315,7 +320,13 @@ class Personalizer:
         ids = [prompt_ids(tok, t, bos) for t in texts]
         try:
             params = SamplingParams(
-                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                stop=stop,
+                presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty,
             )
         except ValidationError as exc:
             field, message = first_error(exc, "setting")

@@ -29,8 +29,14 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: list[str] = Field(default_factory=list)  # output is cut before the first stop string
     ignore_eos: bool = False  # keep going past EOS up to max_new_tokens (benchmarks, as vLLM's flag)
+    # OpenAI's: a token's logit drops by presence_penalty once it occurs in the output so far, and
+    # by frequency_penalty for each time it does (negative values favour repeats)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
 
-    _numbers = field_validator("max_new_tokens", "temperature", "top_p", "seed", mode="before")(a_number)
+    _numbers = field_validator(
+        "max_new_tokens", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", mode="before"
+    )(a_number)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -57,15 +63,34 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence) -> torch.Tensor:
-    """Next token per row from `logits` (B, V): argmax where greedy, else top-p sampling."""
+def penalized(logits: torch.Tensor, params: Sequence[SamplingParams], outputs: Sequence[Sequence[int]]) -> torch.Tensor:
+    """float32 logits (B, V) with each row's presence and frequency penalties applied over the
+    tokens it has generated so far (`outputs`), as OpenAI and vLLM apply them."""
+    scores = logits.to(torch.float32, copy=True)  # the caller's logits stay as they were
+    for row, (p, tokens) in enumerate(zip(params, outputs, strict=True)):
+        if tokens and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(torch.tensor(tokens, device=logits.device), minlength=logits.shape[-1])
+            counts = counts[: logits.shape[-1]].to(scores.dtype)  # (V,)
+            scores[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(scores.dtype)
+    return scores
+
+
+def pick_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence,
+    outputs: Sequence[Sequence[int]] | None = None,
+) -> torch.Tensor:
+    """Next token per row from `logits` (B, V): argmax where greedy, else top-p sampling; behind
+    each row's penalties over its `outputs` so far (the tokens it generated), where given."""
+    scores = logits.float() if outputs is None else penalized(logits, params, outputs)  # (B, V)
     # max(...).indices on float32 is argmax (the first maximal index) at a third of the cost:
     # torch's CPU argmax is not vectorized, and is slowest on bfloat16
-    chosen = logits.float().max(dim=-1).indices  # (B,)
+    chosen = scores.max(dim=-1).indices  # (B,)
     for row, p in enumerate(params):
         if p.greedy:
             continue
-        probs = torch.softmax(logits[row].float() / p.temperature, dim=-1)  # (V,)
+        probs = torch.softmax(scores[row] / p.temperature, dim=-1)  # (V,)
         if p.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
@@ -129,7 +154,7 @@ def generate_tokens(
     generated: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     for _ in range(max(p.max_new_tokens for p in params)):
-        tokens = pick_tokens(logits, params, generators)  # (B,)
+        tokens = pick_tokens(logits, params, generators, generated)  # (B,)
         picked = tokens.tolist()  # one wait for a GPU per step, not one per row
         for row in range(batch):
             if done[row]:

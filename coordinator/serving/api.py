@@ -59,8 +59,6 @@ _OFF = {
     "echo": lambda v: v in (None, False),
     "suffix": lambda v: v in (None, ""),
     "logit_bias": lambda v: not v,
-    "presence_penalty": lambda v: v in (None, 0),
-    "frequency_penalty": lambda v: v in (None, 0),
     "tools": lambda v: not v,
     "functions": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none", "auto"),
@@ -82,6 +80,8 @@ class SamplingBody(BaseModel):
     # strict scalars, as OpenAI's: "3" or true is no number, "yes" no boolean
     temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    presence_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     stop: Text | ListOf(Text) | None = None
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
     stream: StrictBool = False
@@ -94,8 +94,6 @@ class SamplingBody(BaseModel):
     echo: Any = None
     suffix: Any = None
     logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
     tools: Any = None
     functions: Any = None
     tool_choice: Any = None
@@ -107,7 +105,7 @@ class SamplingBody(BaseModel):
         """A stream's last chunk carries the usage (stream_options.include_usage)."""
         return self.stream_options is not None and self.stream_options.include_usage
 
-    @field_validator("temperature", "top_p", "stream", mode="before")
+    @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty", "stream", mode="before")
     @classmethod
     def _null_is_the_default(cls, value: Any, info) -> Any:
         """OpenAI's API takes null for these (the openai client sends it for an explicit None)."""

@@ -89,13 +89,15 @@ class Filling:
 def pick(logits: torch.Tensor, rows: list[Row]) -> list[int | None]:
     """Next token per row (logits (B, V)); a row whose sampling fails gets None and fails alone."""
     try:
-        return pick_tokens(logits, [r.params for r in rows], [r.generator for r in rows]).tolist()
+        return pick_tokens(
+            logits, [r.params for r in rows], [r.generator for r in rows], [r.tokens for r in rows]
+        ).tolist()
     except Exception:
         log.exception("sampling failed for the batch; retrying row by row")
     tokens: list[int | None] = []
     for i, row in enumerate(rows):
         try:
-            tokens.append(int(pick_tokens(logits[i : i + 1], [row.params], [row.generator])[0]))
+            tokens.append(int(pick_tokens(logits[i : i + 1], [row.params], [row.generator], [row.tokens])[0]))
         except Exception as exc:
             row.handle._fail(FedPrefixError(f"sampling failed: {exc}"))
             tokens.append(None)

@@ -263,7 +263,13 @@ async def _collect_all(request: Request, submitted) -> list[GenerationResult]:
 
 def _params_of(body, max_tokens: int) -> SamplingParams:
     return SamplingParams(
-        max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop
+        max_new_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stop,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
     )
 
 

@@ -33,3 +33,20 @@ def test_an_unseeded_request_leaves_torch_global_random_state_alone():
     first, second = (make_generator(SamplingParams(temperature=1.0), "cpu") for _ in range(2))
     assert torch.equal(torch.rand(3), expected)
     assert first.initial_seed() != second.initial_seed()  # each unseeded request draws its own seed
+
+
+def test_penalties_lower_the_logits_of_tokens_already_generated_as_openai_defines_them():
+    logits = torch.tensor([[3.0, 2.5, 0.0, 1.0]])
+    outputs = [[0, 0, 3]]  # token 0 twice, token 3 once
+    plain = SamplingParams()
+    assert pick_tokens(logits, [plain], [None], outputs).tolist() == [0]  # no penalty: as without outputs
+    presence = SamplingParams(presence_penalty=0.6)  # 3.0 - 0.6 = 2.4 < 2.5
+    assert pick_tokens(logits, [presence], [None], outputs).tolist() == [1]
+    frequency = SamplingParams(frequency_penalty=0.3)  # 3.0 - 2 * 0.3 = 2.4 < 2.5; once would be 2.7
+    assert pick_tokens(logits, [frequency], [None], outputs).tolist() == [1]
+    assert pick_tokens(logits, [frequency], [None], [[0]]).tolist() == [0]
+    favoured = SamplingParams(frequency_penalty=-2.0)  # negative: repeats favoured, 1.0 + 2 * 2 > 3.0
+    assert pick_tokens(logits, [favoured], [None], [[3, 3]]).tolist() == [3]
+    rows = torch.cat([logits, logits])  # one row's penalty leaves its batch mate alone
+    assert pick_tokens(rows, [presence, plain], [None, None], [outputs[0], outputs[0]]).tolist() == [1, 0]
+    assert torch.equal(logits, torch.tensor([[3.0, 2.5, 0.0, 1.0]])), "the caller's logits are left as they were"

@@ -56,6 +56,18 @@ def test_mixed_batch_equals_each_user_alone(served):
     assert results[0].tokens != results[4].tokens or results[0].text != results[1].text
 
 
+def test_penalized_rows_equal_the_plain_loop_beside_unpenalized_ones(served):
+    base, store = served
+    penalty = dict(max_new_tokens=16, presence_penalty=1.5, frequency_penalty=0.5)
+    cases = [("alice", "hi", penalty), ("bob", "hi", {"max_new_tokens": 16}), ("carol", "x y", penalty)]
+    with Engine(base, store=store) as engine:
+        results = engine.generate([request(u, p, **params) for u, p, params in cases])
+    for (user, prompt, params), result in zip(cases, results, strict=True):
+        assert result.tokens == reference(base, store, prompt, user, SamplingParams(**params))
+    alone = reference(base, store, "hi", "alice", SamplingParams(max_new_tokens=16))
+    assert results[0].tokens != alone, "the penalty changed alice's tokens"
+
+
 def test_joining_mid_generation_changes_no_row(served):
     base, store = served
     with Engine(base, store=store) as engine:

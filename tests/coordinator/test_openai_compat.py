@@ -86,7 +86,6 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event(client, monkeypatch
 def test_openai_fields_this_server_does_not_implement_are_refused_not_ignored(client):
     refused = [
         ("n", 2), ("best_of", 3), ("logprobs", 1), ("echo", True), ("suffix", "end"), ("logit_bias", {"1": 5}),
-        ("frequency_penalty", 0.5), ("presence_penalty", -1),
     ]  # fmt: skip
     for field, value in refused:
         reply = completion(client, **{field: value})
@@ -222,3 +221,14 @@ def test_a_completion_without_max_tokens_is_fitted_to_the_context_left(client):
     assert client.post("/v1/completions", json={**body, "prompt": prompt}, headers=header("alice")).status_code == 200
     refused = completion(client, prompt=prompt, max_tokens=16)
     assert refused.status_code == 422 and "max_tokens" in refused.json()["error"]["message"]
+
+
+def test_presence_and_frequency_penalties_are_honoured_within_openais_range(client):
+    for field in ("presence_penalty", "frequency_penalty"):
+        for value in (2.5, -3, "1"):
+            reply = completion(client, **{field: value})
+            assert reply.status_code == 422 and reply.json()["error"]["fields"][0]["field"] == f"body.{field}", value
+        assert completion(client, **{field: None}).status_code == 200  # the openai client's explicit None
+    plain = text_of(completion(client, max_tokens=16))
+    penalized = completion(client, max_tokens=16, presence_penalty=2.0, frequency_penalty=2.0)
+    assert penalized.status_code == 200 and text_of(penalized) != plain
