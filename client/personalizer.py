@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from fedprefix.common.base_model import DEFAULT_BASE, BaseModelHandle, context_length, load_base
-from fedprefix.common.chat import format_prompt, leading_bos, prompt_ids, unicode_text
+from fedprefix.common.chat import format_prompt, leading_bos, prompt_ids, prompt_texts, unicode_text
 from fedprefix.common.config import EvalReport, FitReport, TrainConfig
 from fedprefix.common.errors import ConfigError, first_error
 from fedprefix.common.generation import SamplingParams, generate
@@ -302,18 +302,7 @@ class Personalizer:
 
         `presence_penalty` / `frequency_penalty` (-2 to 2, OpenAI's) lower the logit of a token
         already in the output, once / per occurrence: a small base's greedy text can loop."""
-        if not isinstance(prompt, (str, list, tuple)):  # a dict or bytes would iterate as something else
-            raise ConfigError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ConfigError("generate needs at least one prompt")
-        for i, text in enumerate(prompts):
-            try:
-                unicode_text(text)
-            except (TypeError, AttributeError):
-                raise ConfigError(f"prompt {i}: expected a string, got {type(text).__name__}") from None
-            except ValueError as exc:
-                raise ConfigError(f"prompt {i}: {exc}") from None
+        prompts = prompt_texts(prompt)
         tok = self.base.tokenizer
         texts = [format_prompt(tok, p) if self.use_chat_template else p for p in prompts]
         bos = None if self.use_chat_template else leading_bos(tok)  # as training saw these prompts

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
+from .errors import ConfigError
+
 
 def unicode_text(text: str) -> str:
     """`text`, if it is valid Unicode; ValueError naming the place of a lone surrogate.
@@ -25,6 +27,24 @@ def unicode_text(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(unicode_text)]  # a str field that a tokenizer can read
+
+
+def prompt_texts(prompt: object) -> list[str]:
+    """`prompt` (a string, or a list of them) as a list of valid Unicode strings; ConfigError
+    naming the one that is not (Personalizer.generate's prompts)."""
+    if not isinstance(prompt, (str, list, tuple)):  # a dict or bytes would iterate as something else
+        raise ConfigError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ConfigError("generate needs at least one prompt")
+    for i, text in enumerate(prompts):
+        try:
+            unicode_text(text)
+        except (TypeError, AttributeError):
+            raise ConfigError(f"prompt {i}: expected a string, got {type(text).__name__}") from None
+        except ValueError as exc:
+            raise ConfigError(f"prompt {i}: {exc}") from None
+    return prompts
 
 
 class ChatMessage(BaseModel):

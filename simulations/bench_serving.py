@@ -333,12 +333,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--users", type=positive, default=64)
     parser.add_argument("--tokens", type=positive, default=16, help="prefix length P of every user")
     parser.add_argument("--max-tokens", type=positive, default=32)
-    parser.add_argument(
-        "--repeats",
-        type=positive,
-        default=3,
-        help="alternating rounds of each side-by-side comparison (ratios, HTTP open loop)",
-    )
+    repeats = "alternating rounds of each side-by-side comparison (ratios, HTTP open loop)"
+    parser.add_argument("--repeats", type=positive, default=3, help=repeats)
     parser.add_argument("--peft-users", type=positive, default=16, help="users timed for the PEFT loop (it is slow)")
     parser.add_argument(
         "--peft-lengths", type=positive, nargs="+", default=[32, 128], help="new tokens per request, engine vs PEFT"
@@ -354,8 +350,7 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args(argv)
-    if "peft" not in args.skip:
-        require("peft")  # the per-user loop it is compared with
+    require(*{"peft"} - set(args.skip))  # the per-user loop it is compared with, unless skipped
     torch.manual_seed(0)
     base = load_base(args.base, device=args.device)
     served = base.with_dtype(resolve_dtype("auto", base.device))  # what `fedprefix serve` runs
