@@ -193,10 +193,11 @@ class StepProgress:
 
     def __init__(self, enabled: bool, description: str, total: int) -> None:
         console = Console()
-        self.plain = enabled and not console.is_terminal
+        self.plain = enabled and not (console.is_terminal or console.is_jupyter)  # a notebook draws the bar
         self.file, self.description, self.total = console.file, description, total
         self.every = max(1, total // 10)
         self.started = time.perf_counter()
+        self.last: tuple[int, float] | None = None  # the last step and loss not yet printed
         self.bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -217,14 +218,23 @@ class StepProgress:
 
     def __exit__(self, *exc) -> None:
         self.bar.__exit__(*exc)
+        if self.last is not None and exc[0] is None:  # a fit that stopped early: where it ended
+            self._print(*self.last, None)
 
     def step(self, step: int, loss: float, eval_loss: float | None) -> None:
         self.bar.update(self.task, advance=1, loss=f"{loss:.3f}")
-        if self.plain and (step % self.every == 0 or step == self.total or eval_loss is not None):
-            held = "" if eval_loss is None else f", held-out {eval_loss:.3f}"
-            seconds = time.perf_counter() - self.started
-            line = f"{self.description}: step {step}/{self.total}, loss {loss:.3f}{held}, {seconds:.0f} s"
-            print(line, file=self.file, flush=True)
+        if not self.plain:
+            return
+        self.last = (step, loss)
+        if step % self.every == 0 or step == self.total or eval_loss is not None:
+            self._print(step, loss, eval_loss)
+
+    def _print(self, step: int, loss: float, eval_loss: float | None) -> None:
+        held = "" if eval_loss is None else f", held-out {eval_loss:.3f}"
+        seconds = time.perf_counter() - self.started
+        line = f"{self.description}: step {step}/{self.total}, loss {loss:.3f}{held}, {seconds:.0f} s"
+        print(line, file=self.file, flush=True)
+        self.last = None
 
 
 def _restore(parameters: Sequence[torch.nn.Parameter], values: Sequence[torch.Tensor]) -> None:

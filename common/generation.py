@@ -69,9 +69,8 @@ def penalized(logits: torch.Tensor, params: Sequence[SamplingParams], outputs: S
     scores = logits.to(torch.float32, copy=True)  # the caller's logits stay as they were
     for row, (p, tokens) in enumerate(zip(params, outputs, strict=True)):
         if tokens and (p.presence_penalty or p.frequency_penalty):
-            counts = torch.bincount(torch.tensor(tokens, device=logits.device), minlength=logits.shape[-1])
-            counts = counts[: logits.shape[-1]].to(scores.dtype)  # (V,)
-            scores[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(scores.dtype)
+            seen, counts = torch.tensor(tokens, device=logits.device).unique(return_counts=True)  # (K,) each
+            scores[row].index_add_(0, seen, -(p.frequency_penalty * counts.float() + p.presence_penalty))
     return scores
 
 
@@ -83,7 +82,8 @@ def pick_tokens(
 ) -> torch.Tensor:
     """Next token per row from `logits` (B, V): argmax where greedy, else top-p sampling; behind
     each row's penalties over its `outputs` so far (the tokens it generated), where given."""
-    scores = logits.float() if outputs is None else penalized(logits, params, outputs)  # (B, V)
+    penalties = outputs is not None and any(p.presence_penalty or p.frequency_penalty for p in params)
+    scores = penalized(logits, params, outputs) if penalties else logits.float()  # (B, V)
     # max(...).indices on float32 is argmax (the first maximal index) at a third of the cost:
     # torch's CPU argmax is not vectorized, and is slowest on bfloat16
     chosen = scores.max(dim=-1).indices  # (B,)

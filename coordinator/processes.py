@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 
 import psutil
@@ -30,6 +31,16 @@ logger = logging.getLogger(__name__)
 
 TAG_VAR = "FEDPREFIX_SIM_TAG"  # in the environment of every process an OwnedProcesses starts
 STOP_GRACE_S = 3.0  # between SIGTERM and SIGKILL (Ray's daemons often need the SIGKILL)
+
+
+def ray_token_env(env: Mapping[str, str]) -> dict[str, str]:
+    """What makes a Ray cluster of ours require a token of its own (Ray >= 2.52's
+    RAY_AUTH_MODE=token), held only in its processes' environment: Ray's control plane listens
+    on every interface and runs whatever anyone who reaches it submits, beside users' rows, keys
+    and prefixes. Nothing where RAY_AUTH_MODE or RAY_ADDRESS is set: the owner's, or a cluster's."""
+    if "RAY_AUTH_MODE" in env or "RAY_ADDRESS" in env:
+        return {}
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": env.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)}
 
 
 def tagged_processes(tag: str) -> list[psutil.Process]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -40,7 +39,7 @@ from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.resources import available_memory, usable_cores
 
 from .node_sizing import NodePlan, plan_for_machine, plan_nodes
-from .processes import OwnedProcesses, owned_processes
+from .processes import OwnedProcesses, owned_processes, ray_token_env
 from .records import (
     RUN_FILE,
     RoundRecord,
@@ -175,12 +174,8 @@ def stop_process_group(process: subprocess.Popen) -> None:
 
 
 def flower_env(flwr_home: Path) -> dict:
-    """The environment of the Flower processes simulate() starts, and through them of Ray's.
-
-    Ray's control plane listens on every interface and runs whatever anyone who reaches it
-    submits, beside every simulated user's rows and keys: the run's Ray requires a token of
-    its own (RAY_AUTH_MODE=token), held only in these processes' environment. A
-    RAY_AUTH_MODE already set is its owner's."""
+    """The environment of the Flower processes simulate() starts, and through them of Ray's,
+    whose cluster requires a token of its own (ray_token_env)."""
     env = dict(os.environ)
     env.update(
         FLWR_HOME=str(flwr_home),
@@ -188,9 +183,7 @@ def flower_env(flwr_home: Path) -> dict:
         FLWR_DISABLE_UPDATE_CHECK="1",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
-    if "RAY_AUTH_MODE" not in env:
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    return env
+    return env | ray_token_env(env)
 
 
 class RoundWatcher:

@@ -50,13 +50,13 @@ def read_key_file(path: str | os.PathLike) -> bytes:
             data = fh.read(KEY_FILE_MAX + 1)
     except OSError as exc:
         raise BadKeyError(f"cannot read key file {path}: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
         log.warning("key file %s can be read by other users (mode %o): chmod 600 %s", path, mode & 0o777, path)
     if len(data) > KEY_FILE_MAX:
         raise BadKeyError(f"key file {path} is larger than {KEY_FILE_MAX} bytes: not a key")
     if len(data) == KEY_BYTES:
         return data
-    text = data.strip()
+    text = b"".join(data.split())  # hex digits, in groups or lines as some tools write them
     if len(text) == 2 * KEY_BYTES:
         try:
             return bytes.fromhex(text.decode("ascii"))

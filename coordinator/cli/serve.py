@@ -231,8 +231,10 @@ def _serve_replicas(options: dict) -> None:
     from fedprefix.common.resources import usable_cores
 
     cores, count, local = usable_cores(), options["replicas"], options["ray_address"] is None
-    if local and "RAY_AUTH_MODE" not in os.environ:  # read when ray is imported: before the import below
-        _require_ray_token()
+    if local:  # read when ray is imported: before the import below
+        from fedprefix.coordinator.processes import ray_token_env
+
+        os.environ.update(ray_token_env(os.environ))
     from fedprefix.common.precision import resolve_dtype
     from fedprefix.coordinator.serving import replicas
     from pydantic import ValidationError
@@ -295,15 +297,3 @@ def _check_replicas_fit(settings, count: int) -> None:
         fail(exc)
     if warning:
         warn(warning)
-
-
-def _require_ray_token() -> None:
-    """A local Ray of ours requires a token of its own, held in its processes' environment only.
-
-    Ray's control plane listens on every interface and by default runs whatever anyone who reaches
-    it submits, beside the replicas' keys and decrypted prefixes (Ray >= 2.52 has token
-    authentication, off by default). A RAY_AUTH_MODE already set, or a cluster's, is its owner's."""
-    import secrets
-
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))

@@ -98,6 +98,12 @@ def test_key_files(tmp_path, caplog):
         hexed.chmod(0o644)
         assert read_key_file(str(hexed)) == bytes(range(32))
     assert "can be read by other users (mode 644): chmod 600" in caplog.text
+    grouped = tmp_path / "grouped"  # hex in groups of two, as `xxd -p` or a person may write it
+    grouped.write_text(" ".join(f"{b:02x}" for b in range(32)) + "\n")
+    grouped.chmod(0o620)  # others may write, not read: nothing to warn about reading
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert read_key_file(grouped) == bytes(range(32)) and not caplog.text
     with pytest.raises(BadKeyError, match="32 raw bytes or 64 hex digits"):
         read_key_file(str(short))
 

@@ -401,3 +401,5 @@ def test_progress_off_a_terminal_is_plain_lines_as_it_trains(tiny_llama, capsys)
     steps = [line for line in lines if ": step " in line]
     assert [int(line.split("step ")[1].split("/")[0]) for line in steps] == [2, 4, 5, 6, 8, 10, 12, 14, 15, 16, 18, 20]
     assert "held-out" in steps[2] and "\x1b" not in "".join(lines)  # no ANSI codes in a file
+    p.fit(ROWS, callback=lambda info: info.step < 7)  # stopped early: its last line says where
+    assert capsys.readouterr().out.splitlines()[-1].split(", loss")[0].endswith("step 7/20")

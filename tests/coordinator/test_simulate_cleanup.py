@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 from fedprefix.common.config import FederationConfig
-from fedprefix.coordinator.processes import TAG_VAR, alive, owned_processes
+from fedprefix.coordinator.processes import TAG_VAR, alive, owned_processes, ray_token_env
 from fedprefix.coordinator.records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunInfo
 from fedprefix.coordinator.simulate import RoundWatcher, wait_for_run
 
@@ -417,3 +417,12 @@ def test_node_stores_removal_stopped_midway_leaves_a_folder_the_next_run_may_emp
     simulate_module.remove_node_stores(stores)
     assert not stores.exists()
     simulate_module.remove_node_stores(stores)  # nothing there: nothing to do
+
+
+def test_a_ray_of_ours_gets_a_fresh_token_and_an_owners_or_a_clusters_setting_is_kept():
+    first, second = ray_token_env({}), ray_token_env({})
+    assert first["RAY_AUTH_MODE"] == "token" and len(first["RAY_AUTH_TOKEN"]) == 64
+    assert first["RAY_AUTH_TOKEN"] != second["RAY_AUTH_TOKEN"]
+    assert ray_token_env({"RAY_AUTH_TOKEN": "mine"})["RAY_AUTH_TOKEN"] == "mine"
+    assert ray_token_env({"RAY_AUTH_MODE": "disabled"}) == {}  # the owner's choice
+    assert ray_token_env({"RAY_ADDRESS": "10.0.0.5:6379"}) == {}  # a cluster's: it may take no token
