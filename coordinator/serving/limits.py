@@ -11,6 +11,7 @@ small shared server; `fedprefix serve` exposes each as an option.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -41,30 +42,44 @@ def check_request(limits: ServingLimits, prompts: int, stops: list[str]) -> tupl
     return None
 
 
+BODY_TIMEOUT_S = 30.0  # the longest wait for the next piece of a request body (nginx's client_body_timeout: 60)
+
+
 class BodySizeLimit:
     """ASGI middleware: a request body over `max_bytes` is answered 413 (by Content-Length, or
-    while it streams in), without the app ever seeing it."""
+    while it streams in), and one whose next piece takes over `timeout_s` 408, without the app
+    ever seeing it: uvicorn has no body timeout, so a client that sends half a body held its
+    connection forever (an auditor's 100 such sockets, open until they left)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, refused: Callable[[Scope], None] | None = None) -> None:
-        self.app, self.max_bytes = app, max_bytes
-        self.refused = refused  # told of each refusal (the server counts it in its metrics)
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        refused: Callable[[Scope, int], None] | None = None,
+        timeout_s: float = BODY_TIMEOUT_S,
+    ) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+        self.refused = refused  # told of each refusal and its status (the server counts them in its metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(scope, send)
+            return await self._refuse(scope, send, 413, too_large_body(self.max_bytes))
         # Read the whole (bounded) body first, then replay it: a chunked body has no length.
         chunks, size, more = [], 0, True
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                return await self._refuse(scope, send, 408, body_timeout_body(self.timeout_s))
             if message["type"] != "http.request":
                 return  # the client went away
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                return await self._refuse(scope, send)
+                return await self._refuse(scope, send, 413, too_large_body(self.max_bytes))
             chunks.append(chunk)
             more = message.get("more_body", False)
         replayed = False
@@ -78,12 +93,13 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, send: Send) -> None:
+    async def _refuse(self, scope: Scope, send: Send, status: int, body: bytes) -> None:
         if self.refused is not None:
-            self.refused(scope)
-        body = too_large_body(self.max_bytes)
+            self.refused(scope, status)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        if status == 408:  # the rest of the body may still come: the connection cannot serve another request
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -98,3 +114,9 @@ def error_body(status: int, message: str, code: str, field: str | None = None) -
 def too_large_body(max_bytes: int) -> bytes:
     """The 413 answer's body (also what the Ray Serve router of replicas.py answers)."""
     return json.dumps(error_body(413, f"request body larger than {max_bytes} bytes", "body_too_large")).encode()
+
+
+def body_timeout_body(timeout_s: float) -> bytes:
+    """The 408 answer's body: a request body whose next piece did not come within `timeout_s`."""
+    message = f"request body not received: nothing came for {timeout_s:g} s"
+    return json.dumps(error_body(408, message, "body_timeout")).encode()

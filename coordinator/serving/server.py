@@ -65,7 +65,7 @@ def create_app(engine: Engine, model_name: str, limits: ServingLimits | None = N
     app.state.engine, app.state.metrics, app.state.model_name = engine, Metrics(engine), model_name
     app.state.limits = limits = limits or ServingLimits()
     requests = app.state.metrics.requests
-    refused = lambda scope: requests.labels(_endpoint(scope), "413").inc()  # noqa: E731
+    refused = lambda scope, status: requests.labels(_endpoint(scope), str(status)).inc()  # noqa: E731
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, refused=refused)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid_body)

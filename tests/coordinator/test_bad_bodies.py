@@ -162,3 +162,39 @@ def test_a_refused_stream_is_the_one_fault_named_not_its_options_too(client):
 def test_a_body_that_is_not_utf8_says_so(client):
     reply = client.post("/v1/completions", content=b'{"prompt": "\xff"}', headers={"content-type": "application/json"})
     assert reply.status_code == 400 and "not UTF-8" in reply.json()["error"]["message"]
+
+
+def test_a_body_that_stops_coming_is_answered_408_and_never_reaches_the_app():
+    """uvicorn has no body timeout: 100 sockets that sent half a body held their connections
+    until the client left (an auditor's soak)."""
+    import asyncio
+
+    from fedprefix.coordinator.serving.limits import BodySizeLimit
+
+    reached, refusals, sent = [], [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope)
+
+    async def run():
+        first = True
+
+        async def receive():
+            nonlocal first
+            if first:  # half a body, then nothing more
+                first = False
+                return {"type": "http.request", "body": b'{"prompt": "hi", ', "more_body": True}
+            await asyncio.Event().wait()
+
+        async def send(message):
+            sent.append(message)
+
+        guard = BodySizeLimit(app, max_bytes=1000, refused=lambda scope, status: refusals.append(status), timeout_s=0.2)
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+        await asyncio.wait_for(guard(scope, receive, send), timeout=10)
+
+    asyncio.run(run())
+    assert not reached and refusals == [408]
+    start, body = sent
+    assert start["status"] == 408 and (b"connection", b"close") in start["headers"]
+    assert json.loads(body["body"])["error"]["code"] == "body_timeout"
