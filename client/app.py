@@ -94,8 +94,7 @@ def train(msg: Message, context: Context) -> Message:
     node, round_settings = _setup(msg, context)
     if round_settings.train_parts == FINALIZE:
         return finalize(node, context, msg)
-    server_round = int(msg.content.config_records.get(CONFIG, ConfigRecord()).get("server-round", 0))
-    report = node.train_round(round_settings, server_round)
+    report = node.train_round(round_settings)
     content = RecordDict({METRICS: train_metrics(report)})
     if node.config.sends_shared and round_settings.train_parts != "personal":
         content[ARRAYS] = ArrayRecord(node.shared_arrays())

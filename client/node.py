@@ -91,7 +91,7 @@ class Node:
             for name, tensor in shared.state_dict().items():
                 tensor.copy_(received[name])
 
-    def train_round(self, settings: RoundSettings, server_round: int):
+    def train_round(self, settings: RoundSettings):
         """Fit the round's parts on the node's rows and save (a FitReport).
 
         Node stores outlive a run: under a recipe that copies the shared prefix, a user may hold
@@ -104,7 +104,7 @@ class Node:
         if self.config.copies_shared and me.copy_replaces_shared:
             if parts == "shared":
                 earlier_copy, me.personal = me.personal, None
-            elif server_round == self.config.shared_only_count() + 1:
+            elif settings.server_round == self.config.shared_only_count() + 1:
                 me.personal = None  # the copy round: fit copies the shared prefix it received
         try:
             report = me.fit(

@@ -82,9 +82,12 @@ class RoundSettings(BaseModel):
     # a secure round's cap on a node's weight (num-examples): SecAgg+ quantizes each update
     # times weight / cap, so a cap near the real weights keeps the sum precise
     max_weight: float | None = Field(None, alias="max-weight", gt=0)
+    # the round, as Flower's strategies add it to a train message's config (0 where none does)
+    server_round: int = Field(0, alias="server-round", ge=0)
 
     def to_config(self) -> dict[str, Any]:
-        """The ConfigRecord entries (proximal-mu is left to Flower's FedProx, which sets it)."""
+        """The ConfigRecord entries (proximal-mu is left to Flower's FedProx, which sets it, and
+        server-round to the strategy, which adds it beside them)."""
         values = {"base-fingerprint": self.base_fingerprint, TRAIN_PARTS: self.train_parts}
         if self.learning_rate is not None:
             values["round-learning-rate"] = self.learning_rate

@@ -159,7 +159,7 @@ def test_a_second_run_over_the_same_node_store_trains_its_shared_rounds_and_copi
             sent = {k: np.full(tuple(v.shape), shared_value, np.float32) for k, v in node.shared_arrays().items()}
             node.receive_shared(ArrayRecord({k: Array(v) for k, v in sent.items()}), fingerprint)
             parts = config.round_parts(server_round)
-            node.train_round(RoundSettings(base_fingerprint=fingerprint, train_parts=parts), server_round)
+            node.train_round(RoundSettings(base_fingerprint=fingerprint, train_parts=parts, server_round=server_round))
             if parts == "shared":
                 assert node.personalizer.shared.flat().detach().sub(shared_value).abs().max() > 0  # trained
         return open_node(settings, {"partition-id": 0}).personalizer.personal.flat().detach().clone()
