@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from fedprefix.common.base_model import DEFAULT_BASE, BaseModelHandle, context_length, load_base
-from fedprefix.common.chat import format_prompt, leading_bos, prompt_ids, prompt_texts, unicode_text
+from fedprefix.common.chat import generation_ids, generation_prompts, unicode_text
 from fedprefix.common.config import EvalReport, FitReport, TrainConfig
 from fedprefix.common.errors import ConfigError, first_error
 from fedprefix.common.generation import SamplingParams, generate
@@ -288,7 +288,7 @@ class Personalizer:
 
     def generate(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | list[dict] | Sequence[str | list[dict]],
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -298,15 +298,14 @@ class Personalizer:
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
     ) -> str | list[str]:
-        """Continue `prompt` (or each of a list, batched) behind this user's prefix.
+        """Continue `prompt` (or each of a list, batched) behind this user's prefix: a string, or a
+        chat (a list of {"role", "content"} dicts, OpenAI's messages) answered as the next assistant turn.
 
         `presence_penalty` / `frequency_penalty` (-2 to 2, OpenAI's) lower the logit of a token
         already in the output, once / per occurrence: a small base's greedy text can loop."""
-        prompts = prompt_texts(prompt)
+        prompts, single = generation_prompts(prompt)
         tok = self.base.tokenizer
-        texts = [format_prompt(tok, p) if self.use_chat_template else p for p in prompts]
-        bos = None if self.use_chat_template else leading_bos(tok)  # as training saw these prompts
-        ids = [prompt_ids(tok, t, bos) for t in texts]
+        ids = [generation_ids(tok, p, self.use_chat_template) for p in prompts]  # as training framed its rows
         try:
             params = SamplingParams(
                 max_new_tokens=max_new_tokens,
@@ -325,7 +324,7 @@ class Personalizer:
         with torch.no_grad():
             kv = self.key_values(parts)
         outputs = generate(self.base.model, tok, ids, [kv] * len(ids), params)
-        return outputs[0] if isinstance(prompt, str) else outputs
+        return outputs[0] if single else outputs
 
     # ------------------------------------------------------------------ storage
 

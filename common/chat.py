@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from .errors import ConfigError
+from .errors import ConfigError, first_error
 
 
 def unicode_text(text: str) -> str:
@@ -27,24 +27,6 @@ def unicode_text(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(unicode_text)]  # a str field that a tokenizer can read
-
-
-def prompt_texts(prompt: object) -> list[str]:
-    """`prompt` (a string, or a list of them) as a list of valid Unicode strings; ConfigError
-    naming the one that is not (Personalizer.generate's prompts)."""
-    if not isinstance(prompt, (str, list, tuple)):  # a dict or bytes would iterate as something else
-        raise ConfigError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts:
-        raise ConfigError("generate needs at least one prompt")
-    for i, text in enumerate(prompts):
-        try:
-            unicode_text(text)
-        except (TypeError, AttributeError):
-            raise ConfigError(f"prompt {i}: expected a string, got {type(text).__name__}") from None
-        except ValueError as exc:
-            raise ConfigError(f"prompt {i}: {exc}") from None
-    return prompts
 
 
 class ChatMessage(BaseModel):
@@ -87,3 +69,51 @@ def prompt_ids(tokenizer, text: str, bos: int | None) -> list[int]:
 def format_prompt(tokenizer, text: str) -> str:
     """`text` as a single user turn in the tokenizer's chat template, ready for the reply."""
     return chat_prompt(tokenizer, [{"role": "user", "content": text}])
+
+
+def _is_chat(value: object) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], (dict, ChatMessage))
+
+
+_CHAT = TypeAdapter(list[ChatMessage])
+
+
+def _checked_prompt(index: int, item: object) -> str | list[dict]:
+    if isinstance(item, str):
+        try:
+            return unicode_text(item)
+        except ValueError as exc:
+            raise ConfigError(f"prompt {index}: {exc}") from None
+    if _is_chat(item):
+        try:
+            return [m.model_dump() for m in _CHAT.validate_python(list(item))]
+        except ValidationError as exc:
+            field, message = first_error(exc, "message")
+            raise ConfigError(f"prompt {index}: message {field}: {message}") from None
+    kind = type(item).__name__
+    raise ConfigError(f"prompt {index}: expected a string or a chat (a list of role/content dicts), got {kind}")
+
+
+def generation_prompts(prompt: object) -> tuple[list[str | list[dict]], bool]:
+    """Personalizer.generate's `prompt`: a string, a chat (a list of {"role", "content"} dicts, as
+    OpenAI's messages), or a list of strings and chats. Returns (the prompts, each checked;
+    whether `prompt` was a single one). ConfigError naming the one that is wrong."""
+    single = isinstance(prompt, str) or _is_chat(prompt)
+    if not single and not isinstance(prompt, (list, tuple)):  # a dict or bytes would iterate as something else
+        raise ConfigError(f"prompt must be a string, a chat or a list of them, got {type(prompt).__name__}")
+    items = [prompt] if single else list(prompt)
+    if not items:
+        raise ConfigError("generate needs at least one prompt")
+    return [_checked_prompt(i, item) for i, item in enumerate(items)], single
+
+
+def generation_ids(tokenizer, prompt: str | list[dict], use_chat_template: bool) -> list[int]:
+    """A checked generate() prompt's token ids, framed as training frames its rows: a chat through
+    the chat template; a string too where `use_chat_template`, as one user turn; else plain text."""
+    if isinstance(prompt, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("a chat prompt needs a base with a chat template; this one has none (give plain text)")
+        return prompt_ids(tokenizer, chat_prompt(tokenizer, prompt), None)
+    if use_chat_template:
+        return prompt_ids(tokenizer, format_prompt(tokenizer, prompt), None)
+    return prompt_ids(tokenizer, prompt, leading_bos(tokenizer))

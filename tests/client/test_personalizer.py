@@ -152,8 +152,27 @@ def test_generate_single_and_batched(tiny_base):
         p.generate([])
     with pytest.raises(ConfigError, match="prompt 1: not valid Unicode"):
         p.generate(["fine", "lone \ud800 surrogate"])
-    with pytest.raises(ConfigError, match="prompt 0: expected a string, got int"):
+    with pytest.raises(ConfigError, match="prompt 0: expected a string or a chat"):
         p.generate([7])
+
+
+def test_generate_answers_chats(tiny_llama):
+    """A chat (OpenAI's messages) is answered as the next assistant turn, alone or in a batch
+    beside plain prompts; a one-turn chat is what a plain prompt becomes on a chat base."""
+    p = personalizer(tiny_llama, use_chat_template=False)  # chats still go through the template
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe"}]
+    answer = p.generate(chat, max_new_tokens=5)
+    assert isinstance(answer, str)
+    assert p.generate([chat, "Describe", chat[1:]], max_new_tokens=5)[::2] == [
+        answer,
+        p.generate(chat[1:], max_new_tokens=5),
+    ]
+    templated = personalizer(tiny_llama)
+    assert templated.generate(chat[1:], max_new_tokens=5) == templated.generate("Describe", max_new_tokens=5)
+    with pytest.raises(ConfigError, match="prompt 1: message 0.role: Input should be 'system', 'user' or 'assistant'"):
+        p.generate(["fine", [{"role": "bot", "content": "hi"}]])
+    with pytest.raises(ConfigError, match="prompt 0: message 1.content: not valid Unicode"):
+        p.generate([{"role": "user", "content": "ok"}, {"role": "user", "content": "\ud800"}])
 
 
 def test_save_load_resume(tiny_llama, store):

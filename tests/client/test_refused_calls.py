@@ -95,7 +95,7 @@ def test_a_step_that_leaves_nan_in_the_prefix_stops_the_fit_without_a_held_out_s
 @pytest.mark.parametrize("prompt", [{"prompt": "hi"}, None, 5, b"hi"])
 def test_generate_refuses_a_prompt_that_is_not_text(tiny_llama, prompt):
     p = Personalizer(base_model=tiny_llama, num_virtual_tokens=4, **FAST)
-    with pytest.raises(ConfigError, match="prompt must be a string or a list of strings"):
+    with pytest.raises(ConfigError, match="prompt must be a string, a chat or a list of them"):
         p.generate(prompt, max_new_tokens=2)
 
 

@@ -3,10 +3,14 @@ the tokenizer puts in front (read from its post-processor), text a chat template
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 from fastapi.testclient import TestClient
-from fedprefix.client.data import PromptCompletion, tokenize_rows
+from fedprefix.client.data import PromptCompletion, read_rows, tokenize_rows
 from fedprefix.common.base_model import BaseModelHandle, byte_tokenizer, load_base
-from fedprefix.common.chat import format_prompt, leading_bos, prompt_ids
+from fedprefix.common.chat import format_prompt, generation_ids, generation_prompts, leading_bos, prompt_ids
+from fedprefix.common.errors import ConfigError
 from fedprefix.common.generation import SamplingParams
 from fedprefix.coordinator.serving import Engine, GenerationRequest
 from fedprefix.coordinator.serving.server import create_app
@@ -60,3 +64,24 @@ def test_training_and_serving_give_a_prompt_the_same_ids():
             )
         assert done["usage"]["prompt_tokens"] == len(plain)
         assert chatted.json()["usage"]["prompt_tokens"] == len(templated)
+
+
+def test_a_chat_prompt_gets_the_ids_its_training_row_had():
+    """Personalizer.generate's chat prompt is framed as a chat training row's prompt: the
+    template over every message (the system one too), ending where the assistant replies."""
+    tokenizer = load_base("tiny-llama").tokenizer
+    history = [
+        {"role": "system", "content": "Answer as a pirate."},
+        {"role": "user", "content": "Describe The Eagle."},
+        {"role": "assistant", "content": "A pub, arr."},
+        {"role": "user", "content": "And its beer?"},
+    ]
+    rows = read_rows([{"messages": [*history, {"role": "assistant", "content": "Dark."}]}])
+    trained = tokenize_rows(rows, tokenizer, 512, use_chat_template=False)[-1].prompt  # the last reply's
+    prompts, single = generation_prompts(history)
+    assert single and generation_ids(tokenizer, prompts[0], use_chat_template=False) == trained
+    assert generation_ids(tokenizer, history[1]["content"], True) == generation_ids(tokenizer, [history[1]], False)
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    with pytest.raises(ConfigError, match="a chat prompt needs a base with a chat template"):
+        generation_ids(plain, prompts[0], use_chat_template=False)
