@@ -165,8 +165,9 @@ def simulate(
 def flower_app(
     folder: Path = typer.Argument(..., help="Folder for the app's pyproject.toml (made if missing)."),
 ):
-    """Write a Flower app folder for the Deployment Engine, where fedprefix is installed as a
-    package (a checkout's own pyproject.toml is one already: flwr run . ...).
+    """Write a Flower app folder for the Deployment Engine, where fedprefix is installed as a package.
+
+    A checkout's own pyproject.toml is one already (flwr run . ...).
 
     Its settings are every run setting at its default; override them per run with --run-config.
 

@@ -65,9 +65,28 @@ def non_empty_path(value: str | None) -> str | None:
     return value
 
 
+def _print_version(wanted: bool) -> None:
+    """--version: fedprefix's version and the versions its runs depend on, then exit."""
+    if wanted:
+        from importlib.metadata import PackageNotFoundError, version
+
+        def of(package: str) -> str:
+            try:
+                return version(package)
+            except PackageNotFoundError:
+                return "not installed"
+
+        names = ("fedprefix", "torch", "transformers", "flwr", "ray")
+        console.print(" ".join(f"{name} {of(name)}" for name in names), highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Show the versions and exit."
+    ),
 ) -> None:
     """fedprefix: personal prefixes that never leave the device."""
     _state["debug"] = debug

@@ -253,6 +253,21 @@ def test_the_commands_load_without_torch_so_help_answers_at_once():
     assert shown.stdout.split("\n")[:2] == ["True", "[]"], shown.stdout + shown.stderr
 
 
+def test_version_names_fedprefix_and_what_its_runs_depend_on():
+    """--version answers from the installed metadata, without loading torch (a bug report's first line)."""
+    from importlib.metadata import version
+
+    probe = (
+        "import sys; from fedprefix.coordinator.cli import app; from typer.testing import CliRunner; "
+        "result = CliRunner().invoke(app, ['--version']); print(result.exit_code, result.output.strip()); "
+        "print(sorted(m for m in ('torch', 'transformers', 'flwr', 'ray') if m in sys.modules))"
+    )
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    line, loaded = shown.stdout.strip().split("\n")
+    expected = " ".join(f"{name} {version(name)}" for name in ("fedprefix", "torch", "transformers", "flwr", "ray"))
+    assert line == f"0 {expected}" and loaded == "[]", shown.stdout + shown.stderr
+
+
 def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
     def interrupted():
         raise KeyboardInterrupt
