@@ -54,26 +54,55 @@ def load_run(runs_dir: str | os.PathLike, run_id: str) -> tuple[RunInfo, list[Ro
 
 
 CACHED_RUNS = 32
+# A rounds.jsonl past this is not read (a run of 1,000 users per round writes ~30 KB a round; a
+# 1 GB file took 2.2 GB to read, and a larger one failed the whole runs list); the cache keeps
+# files of at most CACHED_BYTES in all (their records take ~8x that in memory).
+MAX_ROUNDS_BYTES = 64 << 20
+CACHED_BYTES = 128 << 20
 _cache: OrderedDict[Path, tuple[tuple, tuple]] = OrderedDict()  # folder -> (record files' stats, read_run)
 _cache_lock = threading.Lock()  # the dashboard answers on several threads
+_read_lock = threading.Lock()  # one read at a time: four parallel first loads of a file held four copies
 
 
 def read_run_cached(folder: Path) -> tuple[RunInfo, list[RoundRecord], list[str]]:
     """read_run, reused while the folder's record files are unchanged (inode, size, mtime): the
-    dashboard's index reads every run on each request, and a run's page polls every 2 s."""
+    dashboard's index reads every run on each request, and a run's page polls every 2 s. A
+    rounds.jsonl over MAX_ROUNDS_BYTES, or one that memory cannot hold, is a RunFolderError."""
     key = tuple(_stat_key(folder / name) for name in (RUN_FILE, ROUNDS_FILE))
-    with _cache_lock:
-        hit = _cache.get(folder)
-        if hit is not None and hit[0] == key:
-            _cache.move_to_end(folder)
-    if hit is None or hit[0] != key:
-        hit = (key, read_run(folder))  # an error is raised, never cached
-        with _cache_lock:
-            _cache[folder] = hit
-            while len(_cache) > CACHED_RUNS:
-                _cache.popitem(last=False)
+    hit = _cached(folder, key)
+    if hit is None:
+        with _read_lock:
+            hit = _cached(folder, key)  # another thread may have read it meanwhile
+            if hit is None:
+                size = key[1][1] if key[1] else 0
+                if size > MAX_ROUNDS_BYTES:
+                    raise RunFolderError(
+                        f"{folder.name}/{ROUNDS_FILE} holds {size / 2**20:.0f} MiB of rounds, more than the "
+                        f"{MAX_ROUNDS_BYTES >> 20} MiB read here (open it with `fedprefix show PATH`)"
+                    )
+                try:
+                    hit = (key, read_run(folder))  # an error is raised, never cached
+                except MemoryError:
+                    raise RunFolderError(f"{folder.name}/{ROUNDS_FILE}: too large for the memory left") from None
+                with _cache_lock:
+                    _cache[folder] = hit
+                    while len(_cache) > CACHED_RUNS or (len(_cache) > 1 and _cached_bytes() > CACHED_BYTES):
+                        _cache.popitem(last=False)
     info, rounds, problems = hit[1]
     return info, list(rounds), list(problems)  # callers add problems to their copy
+
+
+def _cached(folder: Path, key: tuple) -> tuple | None:
+    with _cache_lock:
+        hit = _cache.get(folder)
+        if hit is None or hit[0] != key:
+            return None
+        _cache.move_to_end(folder)
+        return hit
+
+
+def _cached_bytes() -> int:
+    return sum(stats[1] for key, _ in _cache.values() for stats in key if stats)
 
 
 def _stat_key(path: Path) -> tuple | None:

@@ -47,9 +47,13 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u200b-\u200f\u2028-\u202
 
 
 def printable(text: object) -> str:
-    """`text` with its control characters shown as \\xNN: a run record, a folder or a file name
+    """`text` with its control characters shown as \\xNN or \\uNNNN: a run record, a folder or a file name
     (a node's error reply, say) must not send a terminal escape codes (clear the screen, retitle it)."""
-    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", str(text))
+    return _CONTROL.sub(lambda found: _escaped(ord(found.group())), str(text))
+
+
+def _escaped(code: int) -> str:
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"  # as Python writes them
 
 
 def plain(text: object) -> str:

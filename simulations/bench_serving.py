@@ -38,7 +38,8 @@ from fedprefix.common.precision import host_info, resolve_dtype
 from fedprefix.common.prefix import Prefix
 from fedprefix.common.store import PrefixStore
 from fedprefix.coordinator.serving import Engine, GenerationRequest
-from fedprefix.coordinator.serving.server import KEY_HEADER, create_app, start_http
+from fedprefix.coordinator.serving.http_thread import start_http
+from fedprefix.coordinator.serving.server import KEY_HEADER, create_app
 from fedprefix.simulations.arguments import positive, require
 from fedprefix.simulations.http_load import poisson_load
 from fedprefix.simulations.personas import make_record, record_prompt

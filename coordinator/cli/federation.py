@@ -13,14 +13,17 @@ from rich.markup import escape
 from rich.table import Table
 
 from .main import (
+    ALLOWED_HOST_HELP,
+    CERT_HELP,
     DTYPE_HELP,
+    KEY_HELP,
     app,
     console,
     dtype_option,
     err_console,
     fail,
+    http_exposure,
     non_empty_path,
-    require_free_port,
     usage_error,
     warn,
 )
@@ -326,12 +329,15 @@ def dashboard_command(
     runs: str = typer.Option("runs", "--runs", help="Folder holding run folders.", callback=non_empty_path),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8050, "--port", min=1, max=65535, help="Port to listen on."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help=ALLOWED_HOST_HELP),
+    ssl_certfile: str = typer.Option(None, "--ssl-certfile", help=CERT_HELP, callback=non_empty_path),
+    ssl_keyfile: str = typer.Option(None, "--ssl-keyfile", help=KEY_HELP, callback=non_empty_path),
 ) -> None:
     """A read-only web dashboard of the runs (works offline; updates while a run goes on).
 
     Example: fedprefix dashboard --runs runs --port 8050, then open http://127.0.0.1:8050
     """
-    import uvicorn
+    from fedprefix.common.http_guards import uvicorn_server
     from fedprefix.coordinator.dashboard.app import create_dashboard
     from fedprefix.coordinator.runs import require_runs_folder
 
@@ -339,6 +345,6 @@ def dashboard_command(
         require_runs_folder(runs)
     except FedPrefixError as exc:
         fail(exc)
-    require_free_port(host, port)
-    console.print(f"dashboard of {runs} on http://{host}:{port}", markup=False)
-    uvicorn.run(create_dashboard(runs), host=host, port=port, log_level="warning")
+    hosts = http_exposure(host, port, allowed_host, ssl_certfile, ssl_keyfile)
+    console.print(f"dashboard of {runs} on {'https' if ssl_certfile else 'http'}://{host}:{port}", markup=False)
+    uvicorn_server(create_dashboard(runs, allowed_hosts=hosts), host, port, ssl_certfile, ssl_keyfile).run()

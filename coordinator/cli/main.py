@@ -133,6 +133,32 @@ def run() -> None:
     raise SystemExit(code if isinstance(code, int) else 0)  # typer.Exit(code), e.g. fail(): 1; as click's own exit
 
 
+ALLOWED_HOST_HELP = (
+    "A Host name clients may call this server by, beyond loopback names (repeat it; '*': any). "
+    "Bound to loopback it answers only loopback names (DNS rebinding); bound elsewhere, any unless listed."
+)
+CERT_HELP, KEY_HELP = "TLS certificate chain (PEM), with --ssl-keyfile.", "TLS private key (PEM), with --ssl-certfile."
+
+
+def http_exposure(
+    host: str, port: int | None, allowed: list[str], certfile: str | None, keyfile: str | None
+) -> frozenset[str] | None:
+    """The Host names a server bound to `host` answers (common.http_guards.allowed_hosts), once its
+    TLS files are checked and `port` (None: not here) found free; warns where it would listen
+    beyond this machine without TLS."""
+    from fedprefix.common.http_guards import allowed_hosts, check_tls, is_loopback
+
+    try:
+        check_tls(certfile, keyfile)
+    except FedPrefixError as exc:
+        fail(exc)
+    if port is not None:
+        require_free_port(host, port)
+    if not is_loopback(host) and certfile is None:
+        warn(f"listening on {host} without TLS: requests and answers cross the network as clear text")
+    return allowed_hosts(host, allowed)
+
+
 def require_free_port(host: str, port: int) -> None:
     """One clear line where `host:port` cannot be listened on (taken, or not an address of this
     machine), before anything loads; the server would otherwise log its own error first."""

@@ -12,12 +12,16 @@ from fedprefix.common.config import DEFAULT_BASE, DEVICE_HELP
 from fedprefix.common.errors import FedPrefixError
 
 from .main import (
+    ALLOWED_HOST_HELP,
+    CERT_HELP,
     DTYPE_HELP,
+    KEY_HELP,
     app,
     console,
     dtype_option,
     fail,
     finite_option,
+    http_exposure,
     non_empty_path,
     require_free_port,
     warn,
@@ -55,6 +59,9 @@ def serve(
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help=ALLOWED_HOST_HELP),
+    ssl_certfile: str = typer.Option(None, "--ssl-certfile", help=CERT_HELP, callback=non_empty_path),
+    ssl_keyfile: str = typer.Option(None, "--ssl-keyfile", help=KEY_HELP, callback=non_empty_path),
     max_batch_size: int = typer.Option(64, "--max-batch-size", min=1, max=4096, help="Rows per decode step."),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="Waiting requests (all users) before answering 429."),
     max_queue_per_user: int = typer.Option(
@@ -141,19 +148,21 @@ def serve(
             existing_store_folder(store)
         except FedPrefixError as exc:
             fail(exc)
-    if ray_address is None:
-        require_free_port(host, port)
+    if allowed_host and (replicas > 1 or ray_address is not None):
+        fail(FedPrefixError("--allowed-host: replicas answer through Ray Serve's proxy, which checks no Host name"))
+    hosts = http_exposure(host, port if ray_address is None else None, allowed_host, ssl_certfile, ssl_keyfile)
     if replicas > 1 or ray_address is not None:
         if device not in ("auto", "cpu"):  # replicas reserve Ray CPUs; GPU replicas are not built
             fail(FedPrefixError(f"--device {device}: replicas (--replicas, --ray-address) run on CPUs only"))
         return _serve_replicas(locals())
-    import uvicorn
     from fedprefix.common import base_model
+    from fedprefix.common.http_guards import uvicorn_server
     from fedprefix.common.precision import resolve_device, resolve_dtype
     from fedprefix.common.store import PrefixStore
     from fedprefix.coordinator.serving import Engine
+    from fedprefix.coordinator.serving.http_thread import start_http
     from fedprefix.coordinator.serving.limits import ServingLimits
-    from fedprefix.coordinator.serving.server import create_app, start_http
+    from fedprefix.coordinator.serving.server import create_app
     from fedprefix.coordinator.serving.unlock import UnlockGuard
     from pydantic import ValidationError
 
@@ -194,16 +203,16 @@ def serve(
         )
     except ValueError as exc:
         fail(FedPrefixError(f"invalid serving setting: {exc}"))
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(engine, served_model_name or base, limits), host=host, port=port, log_level="warning")
-    )
+    served = create_app(engine, served_model_name or base, limits, allowed_hosts=hosts)
+    expired = served.state.metrics.requests.labels("other", "408").inc  # a request's headers never came whole
+    server = uvicorn_server(served, host, port, ssl_certfile, ssl_keyfile, expired)
     try:  # the engine computes on this (main) thread, the HTTP server answers on another: see Engine.run
         http = start_http(engine, server)
     except FedPrefixError as exc:
         fail(exc)
     console.print(
         f"serving {base} ({loaded.dtype} on {where}, KV cache up to {engine.kv_budget.describe()}) "
-        f"with prefixes from {store} on http://{host}:{port}/v1",
+        f"with prefixes from {store} on {'https' if ssl_certfile else 'http'}://{host}:{port}/v1",
         markup=False,
     )
     # stop the same way on Ctrl-C and SIGTERM; SIGINT too where a shell started us with it ignored
@@ -266,10 +275,12 @@ def _serve_replicas(options: dict) -> None:
         signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     try:
-        replicas.start(settings, host, port, options["ray_address"], after_init=stop_on_sigterm)
+        tls = {"ssl_certfile": options["ssl_certfile"], "ssl_keyfile": options["ssl_keyfile"]}
+        replicas.start(settings, host, port, options["ray_address"], after_init=stop_on_sigterm, tls=tls)
         where = "a local Ray" if local else f"the Ray cluster at {options['ray_address']}"
+        scheme = "https" if options["ssl_certfile"] else "http"
         console.print(
-            f"serving {settings.base} with prefixes from {settings.store} on http://{host}:{port}/v1 "
+            f"serving {settings.base} with prefixes from {settings.store} on {scheme}://{host}:{port}/v1 "
             f"({count} replicas on {where})"
         )
         while True:

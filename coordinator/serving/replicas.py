@@ -373,10 +373,12 @@ def start(
     address: str | None = None,
     name: str = "fedprefix",
     after_init: Callable[[], None] | None = None,
+    tls: dict | None = None,
 ) -> None:
     """Start Ray (a local one, or join the cluster at `address`), Serve's proxy on host:port, and the
     application; returns once every replica is up. `after_init` runs once Ray is up (the CLI sets its
-    signal handlers there: ray.init sets its own). Stop with `shutdown()`."""
+    signal handlers there: ray.init sets its own). `tls`: Ray's ssl_certfile and ssl_keyfile (paths
+    every proxy's node can read). Stop with `shutdown()`."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray never reports anywhere
@@ -400,7 +402,8 @@ def start(
             raise FedPrefixError(f"could not join the Ray cluster at {address!r}: {exc}") from exc
     if after_init is not None:
         after_init()
-    serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
+    http = {"host": host, "port": port, **{k: v for k, v in (tls or {}).items() if v is not None}}
+    serve.start(http_options=http, logging_config={"log_level": "WARNING"})
     serve.run(application(settings), name=name, route_prefix="/", blocking=False)
 
 

@@ -24,9 +24,9 @@ import asyncio
 import json
 import logging
 import math
-import threading
 import time
 import uuid
+from collections.abc import Collection
 
 import torch
 from fastapi import APIRouter, FastAPI, Request
@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fedprefix.common.chat import chat_prompt
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.generation import SamplingParams
+from fedprefix.common.http_guards import HostCheck
 from fedprefix.common.precision import dtype_name
 from fedprefix.common.store import StoreError
 from starlette.concurrency import run_in_threadpool
@@ -59,40 +60,29 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-def create_app(engine: Engine, model_name: str, limits: ServingLimits | None = None) -> FastAPI:
-    """The HTTP app around a running engine (started, or run() on another thread)."""
-    app = FastAPI(title="fedprefix serving", description=__doc__)
+def create_app(
+    engine: Engine, model_name: str, limits: ServingLimits | None = None, allowed_hosts: Collection[str] | None = None
+) -> FastAPI:
+    """The HTTP app around a running engine (started, or run() on another thread); `allowed_hosts`:
+    the Host names it answers (None: any; common.http_guards.allowed_hosts)."""
+    # no /docs: Swagger's page loads unpinned scripts from a CDN into the API's own origin
+    app = FastAPI(title="fedprefix serving", description=__doc__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.model_name = engine, Metrics(engine), model_name
     app.state.limits = limits = limits or ServingLimits()
     requests = app.state.metrics.requests
     refused = lambda scope, status: requests.labels(_endpoint(scope), str(status)).inc()  # noqa: E731
+
+    def bad_host(scope, message: str) -> JSONResponse:
+        refused(scope, 400)
+        return JSONResponse(error_body(400, message, "bad_host"), 400)
+
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, refused=refused)
+    app.add_middleware(HostCheck, allowed=allowed_hosts, refuse=bad_host)  # the outer one: before any body is read
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid_body)
     app.add_exception_handler(HTTPException, _http_error)  # unknown path, wrong method, unreadable body
     app.include_router(router)
     return app
-
-
-def start_http(engine: Engine, server) -> threading.Thread:
-    """Run a uvicorn `server` on a thread of its own, beside the engine that the caller then
-    run()s on its own thread (faster on CPUs: see Engine.run); the engine stops when the server
-    ends. Returns once the server listens; FedPrefixError if it could not (a port in use)."""
-
-    def serve() -> None:
-        try:
-            server.run()
-        finally:
-            engine.stop()
-
-    thread = threading.Thread(target=serve, name="fedprefix-http", daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            config = server.config
-            raise FedPrefixError(f"could not listen on {config.host}:{config.port} (is the port in use?)")
-        time.sleep(0.05)
-    return thread
 
 
 def _submit_single_threaded(engine: Engine, generations, listeners):

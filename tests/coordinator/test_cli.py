@@ -394,7 +394,8 @@ def test_printable_shows_hidden_characters_and_keeps_text():
     from fedprefix.coordinator.views import printable
 
     assert printable("naïve 鍵 tab\there\nline") == "naïve 鍵 tab\there\nline"
-    assert printable("\x1b[2J \u2028 \u202e \u200b \x9b") == "\\x1b[2J \\x2028 \\x202e \\x200b \\x9b"
+    # as Python writes them: \x202e read as \x20 (a space) and "2e"
+    assert printable("\x1b[2J \u2028 \u202e \u200b \x9b") == "\\x1b[2J \\u2028 \\u202e \\u200b \\x9b"
 
 
 def test_sigterm_stops_a_command_as_ctrl_c_does_so_its_cleanup_runs(tmp_path):
@@ -449,3 +450,32 @@ def test_flower_app_writes_the_app_an_installed_package_runs_and_never_replaces_
         _run(monkeypatch, "flower-app", str(mine))
     assert exit_.value.code == 1 and "pyproject.toml exists already" in capsys.readouterr().err
     assert (mine / "pyproject.toml").read_text() == "[project]\nname = 'mine'\n"
+
+
+def test_tls_and_host_options_are_checked_before_anything_loads(monkeypatch, capsys, tmp_path):
+    """A half-given or unreadable certificate, and --allowed-host where Ray Serve's proxy answers,
+    are one line (exit 1) before a base loads or Ray starts; a server bound beyond loopback without
+    TLS is warned about (keys travel in its request headers)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    cases = {
+        (
+            "serve",
+            "--store",
+            str(store),
+            "--ssl-certfile",
+            "cert.pem",
+        ): "TLS needs both --ssl-certfile and --ssl-keyfile",
+        ("dashboard", "--runs", str(tmp_path), "--ssl-keyfile", "k.pem"): "TLS needs both",
+        ("serve", "--store", str(store), "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"): "cannot use c.pem",
+        ("serve", "--store", str(store), "--replicas", "2", "--allowed-host", "a.example"): "checks no Host name",
+    }
+    for argv, message in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            _run(monkeypatch, *argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and message in err and err.count("\n") == 1, (argv, err)
+    monkeypatch.setattr(cli_main, "fail", lambda exc: pytest.fail(str(exc)))
+    assert cli_main.http_exposure("0.0.0.0", None, [], None, None) is None
+    assert "listening on 0.0.0.0 without TLS" in capsys.readouterr().err
+    assert cli_main.http_exposure("127.0.0.1", None, ["*"], None, None) is None and not capsys.readouterr().err

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 import shutil
 
 import pytest
 from fastapi.testclient import TestClient
+from fedprefix.common.http_guards import allowed_hosts
+from fedprefix.coordinator import runs as runs_module
 from fedprefix.coordinator.cli import app
 from fedprefix.coordinator.dashboard.app import create_dashboard
 from fedprefix.coordinator.records import read_run
@@ -390,3 +394,64 @@ def test_show_averages_many_huge_losses_without_overflow(runs, tmp_path):
     for values in ([1e308, -1e308], [1.7e308, 1.7e308], [-1.7e308, -1.7e308]):
         svg = line_chart("loss", [1, 2], {"a": values})
         assert "nan" not in svg and "inf" not in svg, values
+
+
+def test_pages_answer_loopback_names_only_and_run_no_script_but_their_own(runs):
+    """DNS rebinding read every run record; the page's one script is allowed by its hash, and no
+    page may be framed (the live browser test sees that script still run under the policy)."""
+    client = TestClient(create_dashboard(runs, allowed_hosts=allowed_hosts("127.0.0.1")))
+    page = client.get("/runs/tiny", headers={"host": "127.0.0.1:8050"})
+    assert page.status_code == 200
+    policy = page.headers["content-security-policy"]
+    script = re.search(r"<script>(.*?)</script>", page.text, re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}';" in policy and "frame-ancestors 'none'" in policy
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+    refused = client.get("/api/runs", headers={"host": "evil.example:8050"})
+    assert refused.status_code == 400 and "tiny" not in refused.text and "content-security-policy" in refused.headers
+
+
+def test_record_text_is_cut_and_escaped_and_answers_name_no_absolute_path(runs, tmp_path):
+    """A 100 KB reason made a 100 KB page (a 100 MB one, 100 MB), bidi overrides reached pages raw,
+    a folder that is no run id was linked (x#y opened run x), and answers named the runs folder."""
+    root = tmp_path / "runs"
+    shutil.copytree(runs / "tiny", root / "odd")
+    shutil.copytree(runs / "broken", root / "broken")
+    shutil.copytree(runs / "tiny", root / "x#y")
+    rounds = (root / "odd" / "rounds.jsonl").read_text().splitlines()
+    reason = "\u202e" + "r" * 100_000
+    rounds[0] = rounds[0].replace('"rejected":[]', json.dumps({"rejected": [{"node": 1, "reason": reason}]})[1:-1], 1)
+    (root / "odd" / "rounds.jsonl").write_text("\n".join(rounds) + "\n")
+    client = TestClient(create_dashboard(root))
+    page = client.get("/runs/odd").text
+    assert "\u202e" not in page and "\\u202e" in page and "(100,001 characters)" in page and len(page) < 60_000
+    index = client.get("/").text
+    assert 'href="/runs/x#y"' not in index and "x#y" in index and "is not a valid run id" in index
+    for path in ("/", "/api/runs", "/runs/broken", "/api/runs/broken", "/api/runs/broken/rounds", "/runs/none"):
+        answer = client.get(path)
+        assert str(root) not in answer.text, path
+    assert "broken/rounds.jsonl line 2" in client.get("/api/runs/broken/rounds").text
+
+
+def test_a_rounds_file_too_large_to_read_is_a_problem_and_rounds_come_in_pages(runs, tmp_path, monkeypatch):
+    """A 1 GB rounds.jsonl took 2.2 GB to read, and one past the memory failed the whole runs list (500)."""
+    root = tmp_path / "runs"
+    shutil.copytree(runs / "tiny", root / "tiny")
+    shutil.copytree(runs / "tiny", root / "big")
+    lines = (root / "big" / "rounds.jsonl").read_text()
+    (root / "big" / "rounds.jsonl").write_text(lines * 4)
+    monkeypatch.setattr(runs_module, "MAX_ROUNDS_BYTES", len(lines.encode()) + 1)
+    client = TestClient(create_dashboard(root))
+    listed = {r["id"]: r for r in client.get("/api/runs").json()}
+    assert listed["tiny"]["status"] == "finished" and listed["big"]["status"] == "unreadable"
+    assert "MiB of rounds, more than" in listed["big"]["problems"][0] and client.get("/runs/big").status_code == 404
+    paged = client.get("/api/runs/tiny/rounds", params={"after": 1, "limit": 1}).json()["rounds"]
+    assert [r["round"] for r in paged] == [2]
+
+    def exhausted(folder):
+        raise MemoryError
+
+    monkeypatch.setattr(runs_module, "read_run", exhausted)
+    (root / "tiny" / "run.json").touch()  # changed: read again
+    listed = {r["id"]: r for r in client.get("/api/runs").json()}
+    assert "too large for the memory left" in listed["tiny"]["problems"][0]

@@ -20,6 +20,7 @@ import torch
 import uvicorn
 from fastapi.testclient import TestClient
 from fedprefix.common.generation import SamplingParams
+from fedprefix.common.http_guards import allowed_hosts
 from fedprefix.coordinator.serving import Engine
 from fedprefix.coordinator.serving.handoff import LoopHandoff
 from fedprefix.coordinator.serving.server import KEY_HEADER, create_app, parse_key
@@ -343,3 +344,18 @@ def test_the_engines_text_reaches_the_event_loop_in_order_with_one_wake_up_per_b
     got, wakeups = asyncio.run(run())
     assert got == [[i for i in range(200) if i % 3 == r] for r in range(3)]
     assert wakeups == 2
+
+
+def test_a_server_on_loopback_refuses_a_rebound_host_name_in_openais_shape(served):  # noqa: F811
+    """DNS rebinding: a web page whose name now points at 127.0.0.1 sent requests with its own
+    Host name, used the base and spent a user's wrong-key budget; Swagger's CDN page is gone."""
+    base, store = served
+    app = create_app(Engine(base, store=store), "m", allowed_hosts=allowed_hosts("127.0.0.1"))
+    with TestClient(app) as test_client:
+        body = {"prompt": "hi", "user": "alice", "max_tokens": 2}
+        refused = test_client.post("/v1/completions", json=body, headers={**header("alice"), "host": "evil.example"})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "bad_host"
+        metrics = test_client.get("/metrics", headers={"host": "127.0.0.1:8000"}).text
+        assert 'fedprefix_requests_total{endpoint="/v1/completions",status="400"} 1.0' in metrics
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert test_client.get(path, headers={"host": "localhost"}).status_code == 404, path
