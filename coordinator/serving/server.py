@@ -54,6 +54,7 @@ from .engine import (
 from .handoff import LoopHandoff
 from .limits import BodySizeLimit, ServingLimits, check_request, error_body
 from .metrics import Metrics
+from .request_ids import RequestIds, request_id
 from .unlock import UnlockThrottled
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ def create_app(
         return JSONResponse(error_body(400, message, "bad_host"), 400)
 
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, refused=refused)
-    app.add_middleware(HostCheck, allowed=allowed_hosts, refuse=bad_host)  # the outer one: before any body is read
+    app.add_middleware(HostCheck, allowed=allowed_hosts, refuse=bad_host)  # before any body is read
+    app.add_middleware(RequestIds)  # the outermost: every answer names its request
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid_body)
     app.add_exception_handler(HTTPException, _http_error)  # unknown path, wrong method, unreadable body
@@ -188,7 +190,7 @@ async def _submit(
             error.field, error.message = prompt_field, f"{prompt_field}: {str(exc).removeprefix('prompt: ')}"
         raise error from exc
     except Exception as exc:  # a bug, not the client's fault: still an answer in OpenAI's shape
-        log.exception("could not queue a request")
+        log.exception("could not queue request %s", request_id(request.scope))
         raise ApiError(500, f"could not queue the request: {type(exc).__name__}", "internal_error") from exc
     return list(zip(handles, queues, strict=True))
 

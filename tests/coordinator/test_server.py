@@ -359,3 +359,17 @@ def test_a_server_on_loopback_refuses_a_rebound_host_name_in_openais_shape(serve
         assert 'fedprefix_requests_total{endpoint="/v1/completions",status="400"} 1.0' in metrics
         for path in ("/docs", "/redoc", "/openapi.json"):
             assert test_client.get(path, headers={"host": "localhost"}).status_code == 404, path
+
+
+def test_every_answer_names_its_request(client):
+    """X-Request-Id: the client's own carried back (a proxy's trace id), else a fresh one; errors too."""
+    body = {"prompt": "hi", "max_tokens": 1, "temperature": 0}
+    echoed = client.post("/v1/completions", json=body, headers={"X-Request-Id": "trace-42"})
+    assert echoed.status_code == 200 and echoed.headers["x-request-id"] == "trace-42"
+    fresh = [client.post("/v1/completions", json=body).headers["x-request-id"] for _ in range(2)]
+    assert fresh[0] != fresh[1] and all(re.fullmatch("[0-9a-f]{32}", rid) for rid in fresh)
+    for unusable in ("two words", "x" * 129):  # not echoed into a header or a log as it is
+        assert client.get("/health", headers={"X-Request-Id": unusable}).headers["x-request-id"] != unusable
+    assert client.get("/nowhere", headers={"X-Request-Id": "t-1"}).headers["x-request-id"] == "t-1"
+    too_large = client.post("/v1/completions", content=b"x" * (2 << 20), headers={"X-Request-Id": "t-2"})
+    assert too_large.status_code == 413 and too_large.headers["x-request-id"] == "t-2"
