@@ -27,10 +27,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = Tru
         fsync_dir(path.parent)
 
 
-def write_temp(path: Path, data: bytes, durable: bool) -> Path:
+def write_temp(path: Path, data: bytes, durable: bool, name: str | None = None) -> Path:
     """`data` in a new temp file `.<name>.XXXXXXXX.tmp` beside `path` (fsynced if durable), for a
-    later rename onto `path`; nothing is left behind if writing fails."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    later rename onto `path`; nothing is left behind if writing fails. `name`: the temp file's
+    own name instead, for a caller whose lock makes it the only writer of `path` (a leftover of
+    that name is replaced)."""
+    if name is None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    else:
+        tmp = path.parent / name
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

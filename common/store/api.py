@@ -241,7 +241,7 @@ class PrefixStore(KeyChanges):
             names = self._stored_names(user_id)
             for name in names:
                 self.path_for(name).unlink(missing_ok=True)
-                self._remove_temps(name)
+                self._remove_temps(name, earlier_versions=True)
             if self.durable:
                 fsync_dir(self.root)
 
@@ -386,10 +386,10 @@ class PrefixStore(KeyChanges):
         records = [(record_path(self.root, n), record) for n, (_, _, record) in sealed.items()]
         write_all(files + records, [self.path_for(n) for n in dropped], self.durable)
 
-    def _remove_temps(self, name: str) -> None:
+    def _remove_temps(self, name: str, earlier_versions: bool = False) -> None:
         """Temp files a killed writer of `name` left (caller holds the user's lock)."""
-        remove_temp_files(self.root, f"{name}{FILE_SUFFIX}")
-        remove_temp_files(self.root / RECORD_DIR, f"{name}.json")
+        remove_temp_files(self.root, f"{name}{FILE_SUFFIX}", earlier_versions)
+        remove_temp_files(self.root / RECORD_DIR, f"{name}.json", earlier_versions)
 
     def _info_of(self, name: str, header: FileHeader) -> StoredPrefixInfo:
         path = self.path_for(name)

@@ -7,7 +7,9 @@ its target; only when all are ready are they renamed over their targets (parts f
 records second, see rollback.py), then the folders are fsynced. A failure before the
 renames removes the temps and changes nothing (one after them says what it left: commit);
 a writer killed at any point leaves each
-file old or new, and perhaps temp files that the next writer of that user removes.
+file old or new, and perhaps temp files that the next writer of that user removes: one
+name per target (`staged_name`), so that this takes one unlink, not a scan of the store
+folder (a scan per save made a save 10x slower in a store of 10,000 users).
 Ctrl-C and SIGTERM wait for the renames to end (`common.signals`), so that a save of two
 parts is not stopped with one part new and the other old; only a writer killed outright
 (SIGKILL, a power loss) between two renames leaves that mix, each file authentic, and
@@ -62,19 +64,27 @@ def file_lock(path: Path, timeout: float, user_id: str | None) -> Iterator[None]
         lock.release()
 
 
-def remove_temp_files(root: Path, target: str) -> None:
-    """Remove temp files a killed writer of `target` left (atomic_write_bytes names them
-    ``.<target>.*.tmp``); callers hold the lock of `target`, so no live writer owns one."""
-    # mkstemp adds exactly 8 random characters; the fixed length keeps the pattern from
-    # matching another user's temp file (user "a" vs user "a.fpx.b").
-    for tmp in root.glob(f".{target}.????????.tmp"):
-        tmp.unlink(missing_ok=True)
+def staged_name(target: str) -> str:
+    """The temp file a writer of `target` stages it in (callers hold the user's lock: one writer)."""
+    return f".{target}.staged.tmp"
+
+
+def remove_temp_files(root: Path, target: str, earlier_versions: bool = False) -> None:
+    """Remove the temp file a killed writer of `target` left; callers hold the lock of `target`,
+    so no live writer owns one. `earlier_versions`: also those of versions that staged under
+    mkstemp's names (``.<target>.XXXXXXXX.tmp``), which takes a scan of the folder."""
+    (root / staged_name(target)).unlink(missing_ok=True)
+    if earlier_versions:
+        # mkstemp adds exactly 8 random characters; the fixed length keeps the pattern from
+        # matching another user's temp file (user "a" vs user "a.fpx.b").
+        for tmp in root.glob(f".{target}.????????.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def stage(target: Path, data: bytes, durable: bool) -> Staged:
-    """Write `data` to a temp file beside `target` (named as remove_temp_files expects)."""
+    """Write `data` to `target`'s temp file (staged_name), beside it."""
     target.parent.mkdir(mode=0o700, exist_ok=True)
-    return write_temp(target, data, durable), target
+    return write_temp(target, data, durable, staged_name(target.name)), target
 
 
 def discard(staged: Sequence[Staged]) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from fedprefix.client.secure import secure_aggregation_mod
 from fedprefix.common.config import FederationConfig
+from fedprefix.coordinator import secure_round
 from fedprefix.coordinator.strategy import PrefixStrategy, build_inner_strategy
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import Code, FitRes, Status, ndarray_to_bytes, ndarrays_to_parameters
@@ -162,3 +163,22 @@ def test_a_secure_round_that_halts_names_the_nodes_own_errors():
     assert len(finalize) == 4 and len(reasons) == 1, reasons
     assert reasons[0].startswith("round: secure aggregation halted (too few nodes replied; node ")
     assert "node error: ConfigError: setting learning_rate: Input should be less than or equal to 1" in reasons[0]
+
+
+def test_a_round_of_more_nodes_than_neighbours_shares_with_neighbours_only(monkeypatch):
+    """Sharing with every node grew a round's work as N^3 (100 users: 292 s, 200: past 8 minutes);
+    past NEIGHBOURS nodes each node shares with its ring neighbours, and the average is the same."""
+    made = []
+
+    class Recorded(secure_round.SecAggPlusWorkflow):
+        def __init__(self, shares, threshold, **kwargs):
+            made.append(shares)
+            super().__init__(shares, threshold, **kwargs)
+
+    monkeypatch.setattr(secure_round, "SecAggPlusWorkflow", Recorded)
+    monkeypatch.setattr(secure_round, "NEIGHBOURS", 3)  # 4 nodes: each shares with 2 of the other 3
+    grid = FakeGrid(None, None)
+    strategy, finalize = _secure_round(grid)
+    assert made == [3] and strategy.pending["rejected"] == [] and len(finalize) == 4
+    assert _mean_update(strategy) == pytest.approx(0.025, rel=0.05)
+    assert secure_round.num_shares(3) == 1.0
