@@ -53,12 +53,14 @@ def load_run(runs_dir: str | os.PathLike, run_id: str) -> tuple[RunInfo, list[Ro
     return read_run_cached(run_folder(runs_dir, run_id))
 
 
-CACHED_RUNS = 32
-# A rounds.jsonl past this is not read (a run of 1,000 users per round writes ~30 KB a round; a
-# 1 GB file took 2.2 GB to read, and a larger one failed the whole runs list); the cache keeps
-# files of at most CACHED_BYTES in all (their records take ~8x that in memory).
-MAX_ROUNDS_BYTES = 64 << 20
-CACHED_BYTES = 128 << 20
+# The cache holds as many runs as a runs folder may (with 32, an index of 500 runs read every
+# one of them again on each request: 1-1.7 s), whose record files come to CACHED_BYTES at most
+# (their records take ~5x that in memory), and at least the run read last. A rounds.jsonl past
+# MAX_ROUNDS_BYTES is not read (a 1 GB file took 2.2 GB to read, and one past the memory failed
+# the whole runs list); 256 MiB is some 10,000 rounds of 1,000 users (~25 KB a round).
+CACHED_RUNS = 4096
+MAX_ROUNDS_BYTES = 256 << 20
+CACHED_BYTES = 256 << 20
 _cache: OrderedDict[Path, tuple[tuple, tuple]] = OrderedDict()  # folder -> (record files' stats, read_run)
 _cache_lock = threading.Lock()  # the dashboard answers on several threads
 _read_lock = threading.Lock()  # one read at a time: four parallel first loads of a file held four copies

@@ -200,12 +200,17 @@ def test_unchanged_runs_are_parsed_once_and_changes_are_seen(runs, tmp_path, mon
 
     root = tmp_path / "runs"
     shutil.copytree(runs / "tiny", root / "tiny")
+    for copy in range(40):  # more runs than the cache held (32): the index read all 500 of an auditor's each time
+        shutil.copytree(runs / "tiny", root / f"copy{copy}")
     reads = []
     monkeypatch.setattr(runs_module, "read_run", lambda folder: reads.append(folder) or read_run(folder))
     client = TestClient(create_dashboard(root))
     for _ in range(3):
         assert client.get("/").status_code == 200 and client.get("/api/runs/tiny").status_code == 200
-    assert len(reads) == 1
+    assert len(reads) == 41
+    for copy in range(40):
+        shutil.rmtree(root / f"copy{copy}")
+    reads[:] = [folder for folder in reads if folder.name == "tiny"]
     with open(root / "tiny" / "rounds.jsonl", "a") as fh:
         fh.write('{"round": "bad"}\n')  # an appended round: seen at once
     assert len(client.get("/api/runs/tiny/rounds").json()["problems"]) == 1 and len(reads) == 2
