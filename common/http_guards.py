@@ -1,4 +1,4 @@
-"""What the HTTP servers (serving, its replicas' router, the dashboard) put in front of their apps.
+"""What the HTTP servers (`fedprefix serve` in one process, the dashboard) put in front of their apps.
 
 - A Host check: a server bound to a loopback address answers only requests that name it by a
   loopback name. Browsers keep a web page from reading another origin's answers, but a page
@@ -116,6 +116,9 @@ def header_timeout_protocol(timeout_s: float = HEADER_TIMEOUT_S, expired: Callab
         def _expire(self) -> None:
             self._deadline = None
             if self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._arm()  # a pipelined request waits behind an answer still being sent (a stream)
                 return
             if expired is not None:
                 expired()
