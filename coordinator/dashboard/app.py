@@ -167,13 +167,13 @@ def create_dashboard(runs_dir: str | os.PathLike, allowed_hosts: Collection[str]
 
     def load(run_id: str):
         try:
-            return load_run(runs_dir, run_id)
+            info, rounds, problems = load_run(runs_dir, run_id)
         except RunFolderError as exc:
             raise HTTPException(status_code=404, detail=public(str(exc))) from exc
+        return info, rounds, [public(p) for p in problems]
 
     def panel_html(run_id: str) -> tuple[str, str]:
         info, rounds, problems = load(run_id)
-        problems = [public(p) for p in problems]
         numbers = [r.round for r in rounds]
         loss = line_chart(
             "held-out loss per token",
@@ -234,7 +234,6 @@ def create_dashboard(runs_dir: str | os.PathLike, allowed_hosts: Collection[str]
     @app.get("/api/runs/{run_id}")
     def api_run(run_id: str):
         info, rounds, problems = load(run_id)
-        problems = [public(p) for p in problems]
         return {"summary": summarize(run_id, info, rounds, problems).model_dump(), "run": info.model_dump()}
 
     @app.get("/api/runs/{run_id}/rounds")
@@ -242,6 +241,6 @@ def create_dashboard(runs_dir: str | os.PathLike, allowed_hosts: Collection[str]
         """Every round, or those numbered above `after`, at most `limit` of them (pages of a long run)."""
         _, rounds, problems = load(run_id)
         rounds = [r for r in rounds if r.round > after][:limit]
-        return {"rounds": [r.model_dump() for r in rounds], "problems": [public(p) for p in problems]}
+        return {"rounds": [r.model_dump() for r in rounds], "problems": problems}
 
     return app
