@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Callable, Collection, Sequence
 
 from starlette.responses import Response
@@ -26,10 +27,11 @@ HEADER_TIMEOUT_S = 30.0  # a request's line and headers must all come within thi
 
 def is_loopback(host: str) -> bool:
     """Whether a bind address is a loopback one (127.0.0.0/8, ::1, localhost)."""
+    host = host.strip().lower().rstrip(".").strip("[]")
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
@@ -40,20 +42,20 @@ def allowed_hosts(bind_host: str, extra: Sequence[str] = ()) -> frozenset[str] |
     Bound to loopback: the loopback names and `extra` (a reverse proxy's public name; "*" lets
     every name in). Bound elsewhere: any name, unless `extra` lists them (the operator chose
     to expose the server; its clients may call it by any of its names or addresses)."""
-    names = {name.strip().lower().strip("[]") for name in extra if name.strip()}
+    names = {host_name(name.encode()) for name in extra if name.strip()}
     if "*" in names:
         return None
     if is_loopback(bind_host):
-        return frozenset(LOOPBACK_NAMES | {bind_host.strip("[]")} | names)
+        return frozenset(LOOPBACK_NAMES | {host_name(bind_host.encode())} | names)
     return frozenset(names) or None
 
 
 def host_name(value: bytes) -> str:
-    """The name in a Host header's value, without its port: b'[::1]:8000' -> '::1'."""
+    """The name in a Host header's value, without its port or a trailing dot: b'[::1]:8000' -> '::1'."""
     text = value.decode("latin-1").strip().lower()
     if text.startswith("["):
-        return text[1 : text.find("]")] if "]" in text else text
-    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+        return text[1 : text.find("]")] if text.endswith("]") or "]:" in text else text
+    return (text.rsplit(":", 1)[0] if text.count(":") == 1 else text).rstrip(".")
 
 
 class HostCheck:
@@ -64,16 +66,23 @@ class HostCheck:
         self.app, self.allowed, self.refuse = app, allowed, refuse
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.allowed is None:
-            return await self.app(scope, receive, send)
-        hosts = [value for name, value in scope["headers"] if name == b"host"]
-        if len(hosts) != 1:
-            message = f"a request needs exactly one Host header, it has {len(hosts)}"
-        elif host_name(hosts[0]) not in self.allowed:  # the value is the client's, and may be anything: not echoed
-            message = "this server does not answer to that Host name (see --allowed-host)"
-        else:
+        message = host_refusal(scope["headers"], self.allowed) if scope["type"] in ("http", "websocket") else None
+        if message is None:
             return await self.app(scope, receive, send)
         await self.refuse(scope, message)(scope, receive, send)
+
+
+def host_refusal(headers: Sequence[tuple[bytes, bytes]], allowed: Collection[str] | None) -> str | None:
+    """Why a request with these (lower-case) headers is refused by a server answering `allowed`
+    Host names (None: any), or None."""
+    if allowed is None:
+        return None
+    hosts = [value for name, value in headers if name == b"host"]
+    if len(hosts) != 1:
+        return f"a request needs exactly one Host header, it has {len(hosts)}"
+    if host_name(hosts[0]) not in allowed:  # the value is the client's, and may be anything: not echoed
+        return "this server does not answer to that Host name (see --allowed-host)"
+    return None
 
 
 def header_timeout_protocol(timeout_s: float = HEADER_TIMEOUT_S, expired: Callable[[], None] | None = None) -> type:
@@ -89,6 +98,11 @@ def header_timeout_protocol(timeout_s: float = HEADER_TIMEOUT_S, expired: Callab
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)  # which cancels uvicorn's keep-alive timer
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self._arm()  # bytes that start no request ("\r\n", or an unread body's tail) hold nothing open
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -136,8 +150,15 @@ def check_tls(certfile: str | None, keyfile: str | None) -> None:
     if certfile is not None:
         import ssl
 
+        for path in (certfile, keyfile):
+            if not os.path.isfile(path):
+                raise ConfigError(f"TLS: {path} is not a file")
+
+        def no_password() -> bytes:
+            raise ConfigError(f"TLS: {keyfile} is encrypted; give an unencrypted key (readable by this user only)")
+
         try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile, no_password)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"cannot use {certfile} with {keyfile} for TLS: {exc.strerror or exc}") from None
 

@@ -88,6 +88,7 @@ def read_run_cached(folder: Path) -> tuple[RunInfo, list[RoundRecord], list[str]
                     raise RunFolderError(f"{folder.name}/{ROUNDS_FILE}: too large for the memory left") from None
                 with _cache_lock:
                     _cache[folder] = hit
+                    _cache.move_to_end(folder)  # a re-read run is the newest, not where it was
                     while len(_cache) > CACHED_RUNS or (len(_cache) > 1 and _cached_bytes() > CACHED_BYTES):
                         _cache.popitem(last=False)
     info, rounds, problems = hit[1]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import signal
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -69,11 +68,17 @@ def staged_name(target: str) -> str:
     return f".{target}.staged.tmp"
 
 
+def aside_name(target: str) -> str:
+    """Where a writer that removes `target` sets it aside until its new files are in."""
+    return f".{target}.aside.tmp"
+
+
 def remove_temp_files(root: Path, target: str, earlier_versions: bool = False) -> None:
     """Remove the temp file a killed writer of `target` left; callers hold the lock of `target`,
     so no live writer owns one. `earlier_versions`: also those of versions that staged under
     mkstemp's names (``.<target>.XXXXXXXX.tmp``), which takes a scan of the folder."""
     (root / staged_name(target)).unlink(missing_ok=True)
+    (root / aside_name(target)).unlink(missing_ok=True)
     if earlier_versions:
         # mkstemp adds exactly 8 random characters; the fixed length keeps the pattern from
         # matching another user's temp file (user "a" vs user "a.fpx.b").
@@ -166,12 +171,12 @@ def write_all(files: Sequence[tuple[Path, bytes]], removed: Sequence[Path], dura
 
 
 def _set_aside(paths: Sequence[Path]) -> list[Staged]:
-    """Rename each of `paths` that exists to a temp name beside it (as stage names them);
-    -> [(temp name, path)]. A failure puts back the ones already renamed."""
+    """Rename each of `paths` that exists to its aside_name beside it; -> [(temp name, path)]. A
+    failure puts back the ones already renamed."""
     moved: list[Staged] = []
     try:
         for path in paths:
-            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+            tmp = path.with_name(aside_name(path.name))
             try:
                 os.replace(path, tmp)
             except FileNotFoundError:

@@ -148,8 +148,6 @@ def serve(
             existing_store_folder(store)
         except FedPrefixError as exc:
             fail(exc)
-    if allowed_host and (replicas > 1 or ray_address is not None):
-        fail(FedPrefixError("--allowed-host: replicas answer through Ray Serve's proxy, which checks no Host name"))
     hosts = http_exposure(host, port if ray_address is None else None, allowed_host, ssl_certfile, ssl_keyfile)
     if replicas > 1 or ray_address is not None:
         if device not in ("auto", "cpu"):  # replicas reserve Ray CPUs; GPU replicas are not built
@@ -258,6 +256,7 @@ def _serve_replicas(options: dict) -> None:
                 "replica_cpus": options["replica_cpus"] or (cores / count if local else 1.0),
                 "torch_threads": max(1, cores // count) if local else 1,
                 "replicas_per_machine": count if local else 1,
+                "allowed_hosts": None if options["hosts"] is None else sorted(options["hosts"]),
             }
         )
         resolve_dtype(settings.dtype)

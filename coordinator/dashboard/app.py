@@ -18,6 +18,7 @@ import base64
 import datetime
 import hashlib
 import os
+import re
 from collections.abc import Collection
 from pathlib import Path
 
@@ -147,11 +148,13 @@ def create_dashboard(runs_dir: str | os.PathLike, allowed_hosts: Collection[str]
     answers (None: any; common.http_guards.allowed_hosts)."""
     # no /docs: FastAPI's pages load Swagger from a CDN, and the dashboard works offline
     app = FastAPI(title="fedprefix dashboard", docs_url=None, redoc_url=None, openapi_url=None)
-    root = str(Path(runs_dir))
+    # the runs folder's path where a message names it whole (not inside a run id, nor every "."
+    # of a folder given as "."), followed by a separator or by nothing more of a path
+    named = re.compile(rf"(?<![\w.\-/]){re.escape(str(Path(runs_dir)))}(?:{re.escape(os.sep)}|(?![\w.\-/]))")
 
     def public(text: str) -> str:
         """`text` naming files relative to the runs folder: an answer does not show where it is."""
-        return text.replace(root + os.sep, "").replace(root, "the runs folder")
+        return named.sub(lambda found: "" if found.group().endswith(os.sep) else "the runs folder", text)
 
     @app.middleware("http")
     async def security_headers(request, call_next):

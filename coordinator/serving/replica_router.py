@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fedprefix.common.errors import FedPrefixError
+from fedprefix.common.http_guards import host_refusal
 from fedprefix.common.store import validate_user_id
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -148,8 +149,18 @@ class Router:
             "fedprefix_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
         )
 
+    def _foreign_host(self, request: Request) -> JSONResponse | None:
+        """The single server's 400 for a Host name it does not answer (replicas check their own requests)."""
+        message = host_refusal(request.scope["headers"], self.settings.allowed_hosts)
+        if message is None:
+            return None
+        self.failures.labels(request.url.path, "400").inc()
+        return JSONResponse(error_body(400, message, "bad_host"), 400)
+
     @_http.get("/health")
-    async def health(self):
+    async def health(self, request: Request):
+        if refused := self._foreign_host(request):
+            return refused
         reports = await self.board.live.remote()
         if not reports:
             return JSONResponse({"status": "unavailable", "model": self.settings.model_name, "replicas": []}, 503)
@@ -163,9 +174,11 @@ class Router:
         }
 
     @_http.get("/metrics")
-    async def metrics(self):
+    async def metrics(self, request: Request):
         from prometheus_client import generate_latest
 
+        if refused := self._foreign_host(request):
+            return refused
         reports = await self.board.live.remote()
         text = generate_latest(_Families(merge_metrics(reports, families_of(self.registry))))
         return Response(text, media_type="text/plain; version=0.0.4")
@@ -187,7 +200,8 @@ class Router:
             stream = handle.call.remote(*call)
             try:
                 _, status, response_headers = await stream.__anext__()
-                kept = {k.decode("latin-1"): v.decode("latin-1") for k, v in response_headers}
+                # Ray Serve's proxy names every answer's request itself (X-Request-ID): not twice
+                kept = {k.decode("latin-1"): v.decode("latin-1") for k, v in response_headers if k != b"x-request-id"}
                 if kept.get("content-type", "").startswith("text/event-stream"):
                     return StreamingResponse(_relay(stream), status_code=status, headers=kept)
                 chunks = [chunk async for chunk in stream]

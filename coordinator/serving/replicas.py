@@ -92,6 +92,9 @@ class ReplicaSettings(BaseModel):
     max_unlocks: int = Field(4, ge=1)
     max_wrong_keys: int = Field(5, ge=1)
     wrong_key_backoff: float = Field(1.0, gt=0)
+    # the Host names requests may give (common.http_guards.allowed_hosts; None: any): `fedprefix
+    # serve` sets the loopback names where the proxy listens on loopback (DNS rebinding)
+    allowed_hosts: list[str] | None = None
 
     @property
     def model_name(self) -> str:
@@ -193,7 +196,7 @@ class EngineReplica:
             kv_cache_bytes=None if s.kv_cache_mib is None else s.kv_cache_mib << 20,
             kv_cache_sharers=s.replicas_per_machine,
         ).start()
-        self.app = create_app(self.engine, s.model_name, s.limits)
+        self.app = create_app(self.engine, s.model_name, s.limits, s.allowed_hosts)
         self.dtype = dtype_name(loaded.dtype)
         self.name, self.node = serve.get_replica_context().replica_id.unique_id, _node_ip()
 

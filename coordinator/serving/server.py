@@ -79,10 +79,11 @@ def create_app(
 
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, refused=refused)
     app.add_middleware(HostCheck, allowed=allowed_hosts, refuse=bad_host)  # before any body is read
-    app.add_middleware(RequestIds)  # the outermost: every answer names its request
+    app.add_middleware(RequestIds)  # outside the others: their answers name the request too
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid_body)
     app.add_exception_handler(HTTPException, _http_error)  # unknown path, wrong method, unreadable body
+    app.add_exception_handler(Exception, _unexpected)  # answered outside every middleware: see there
     app.include_router(router)
     return app
 
@@ -112,6 +113,16 @@ def _count(request: Request, status: int | str) -> None:
 async def _api_error(request: Request, exc: ApiError):
     _count(request, exc.status)
     return JSONResponse(error_body(exc.status, exc.message, exc.code, exc.field), exc.status, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception):
+    """A bug's 500, in OpenAI's shape: Starlette answers it outside the middlewares, so it names
+    the request itself (RequestIds gave it an id on the way in) and counts itself."""
+    rid = request_id(request.scope)
+    log.error("request %s failed", rid, exc_info=exc)
+    _count(request, 500)
+    body = error_body(500, f"the server failed ({type(exc).__name__})", "internal_error")
+    return JSONResponse(body, 500, headers={"x-request-id": rid})
 
 
 async def _http_error(request: Request, exc: HTTPException):

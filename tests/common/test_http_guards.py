@@ -28,11 +28,14 @@ def test_which_host_names_a_server_answers():
     assert allowed_hosts("127.0.0.1", ["*"]) is None  # the operator lets every name in
     assert allowed_hosts("0.0.0.0") is None  # exposed on purpose: any of its names
     assert allowed_hosts("0.0.0.0", ["api.example"]) == {"api.example"}
-    assert [host_name(v) for v in (b"LocalHost:8000", b"[::1]:80", b"::1", b"a.example")] == [
+    assert "proxy.example" in allowed_hosts("127.0.0.1", ["Proxy.Example:8443"])  # compared as a Host header is
+    assert allowed_hosts("LOCALHOST.") == allowed_hosts("localhost")  # not mistaken for an exposed address
+    assert [host_name(v) for v in (b"LocalHost.:8000", b"[::1]:80", b"::1", b"a.example", b"[::1]evil")] == [
         "localhost",
         "::1",
         "::1",
         "a.example",
+        "[::1]evil",
     ]
 
 
@@ -91,6 +94,12 @@ def test_a_request_whose_headers_never_come_whole_is_closed():
         kept.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET / HTTP/1.1\r\nHo")
         answered = read_all(kept)
         assert answered.startswith(b"HTTP/1.1 200 OK") and b"408 Request Timeout" in answered
+        idle = socket.create_connection(("127.0.0.1", port))  # answered, then bytes that start no request
+        idle.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        idle.settimeout(10)
+        assert idle.recv(4096).startswith(b"HTTP/1.1 200 OK")
+        idle.sendall(b"\r\n")  # cancelled uvicorn's keep-alive timer, and began no request: held for ever
+        assert read_all(idle) == b""
         prompt = socket.create_connection(("127.0.0.1", port))  # and the server serves on
         prompt.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         assert read_all(prompt).startswith(b"HTTP/1.1 200 OK")
@@ -129,8 +138,14 @@ def test_tls_files_are_checked_before_listening_and_then_served(tmp_path):
         check_tls(certfile, None)
     with pytest.raises(ConfigError, match=f"cannot use {keyfile} with {certfile} for TLS"):
         check_tls(keyfile, certfile)
-    with pytest.raises(ConfigError, match="No such file"):
+    with pytest.raises(ConfigError, match="missing.pem is not a file"):
         check_tls(str(tmp_path / "missing.pem"), keyfile)
+    key = serialization.load_pem_private_key(open(keyfile, "rb").read(), None)
+    encrypted = tmp_path / "encrypted.pem"
+    encryption = serialization.BestAvailableEncryption(b"secret")
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
+    with pytest.raises(ConfigError, match="encrypted.pem is encrypted"):  # OpenSSL had asked on the terminal
+        check_tls(certfile, str(encrypted))
     check_tls(certfile, keyfile)
 
     app = FastAPI()

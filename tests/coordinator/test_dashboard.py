@@ -416,7 +416,7 @@ def test_pages_answer_loopback_names_only_and_run_no_script_but_their_own(runs):
     assert refused.status_code == 400 and "tiny" not in refused.text and "content-security-policy" in refused.headers
 
 
-def test_record_text_is_cut_and_escaped_and_answers_name_no_absolute_path(runs, tmp_path):
+def test_record_text_is_cut_and_escaped_and_answers_name_no_absolute_path(runs, tmp_path, monkeypatch):
     """A 100 KB reason made a 100 KB page (a 100 MB one, 100 MB), bidi overrides reached pages raw,
     a folder that is no run id was linked (x#y opened run x), and answers named the runs folder."""
     root = tmp_path / "runs"
@@ -436,6 +436,10 @@ def test_record_text_is_cut_and_escaped_and_answers_name_no_absolute_path(runs, 
         answer = client.get(path)
         assert str(root) not in answer.text, path
     assert "broken/rounds.jsonl line 2" in client.get("/api/runs/broken/rounds").text
+    monkeypatch.chdir(tmp_path)  # `--runs runs`, the default: a run named runs-b keeps its name
+    shutil.copytree(runs / "broken", root / "runs-b")
+    problems = TestClient(create_dashboard("runs")).get("/api/runs/runs-b/rounds").json()["problems"]
+    assert problems[0].startswith("runs-b/rounds.jsonl line 2: ")
 
 
 def test_a_rounds_file_too_large_to_read_is_a_problem_and_rounds_come_in_pages(runs, tmp_path, monkeypatch):

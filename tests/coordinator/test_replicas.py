@@ -207,6 +207,18 @@ def test_health_and_metrics_sum_the_replicas(replicated):
     text = httpx.get(f"{url}/metrics").text
     for name in (*SERVER_METRICS, 'fedprefix_replica_prefix_cache{replica="'):
         assert name in text
+    # on loopback, as the single server: a rebound name is refused by the router and the replicas
+    rebound = {"host": "evil.example"}
+    for answer in (
+        httpx.get(f"{url}/health", headers=rebound),
+        httpx.get(f"{url}/metrics", headers=rebound),
+        httpx.post(f"{url}/v1/completions", json=completion("alice"), headers={**header("alice"), **rebound}),
+    ):
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_host", answer.text
+    named = httpx.post(
+        f"{url}/v1/completions", json=completion("alice"), headers={**header("alice"), "X-Request-Id": "r-1"}
+    )
+    assert named.status_code == 200 and named.headers.get_list("x-request-id") == ["r-1"]  # once: Ray's proxy names it
 
 
 def test_users_stay_on_their_replica(replicated):

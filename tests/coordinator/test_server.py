@@ -373,3 +373,22 @@ def test_every_answer_names_its_request(client):
     assert client.get("/nowhere", headers={"X-Request-Id": "t-1"}).headers["x-request-id"] == "t-1"
     too_large = client.post("/v1/completions", content=b"x" * (2 << 20), headers={"X-Request-Id": "t-2"})
     assert too_large.status_code == 413 and too_large.headers["x-request-id"] == "t-2"
+
+
+def test_a_bug_is_a_500_in_openais_shape_naming_its_request(client, monkeypatch):
+    """Starlette answers an unhandled error outside every middleware: no request id, plain text."""
+    from fedprefix.coordinator.serving import server
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server, "_params_of", broken)
+    failing = TestClient(client.app, raise_server_exceptions=False)
+    body = {"prompt": "hi", "max_tokens": 1}
+    answer = failing.post("/v1/completions", json=body, headers={"X-Request-Id": "t-500"})
+    assert answer.status_code == 500 and answer.headers["x-request-id"] == "t-500"
+    assert answer.json()["error"] == {
+        "message": "the server failed (RuntimeError)",
+        "type": "server_error",
+        "code": "internal_error",
+    }
