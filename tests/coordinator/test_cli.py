@@ -453,9 +453,8 @@ def test_flower_app_writes_the_app_an_installed_package_runs_and_never_replaces_
 
 
 def test_tls_and_host_options_are_checked_before_anything_loads(monkeypatch, capsys, tmp_path):
-    """A half-given or unreadable certificate, and --allowed-host where Ray Serve's proxy answers,
-    are one line (exit 1) before a base loads or Ray starts; a server bound beyond loopback without
-    TLS is warned about (keys travel in its request headers)."""
+    """A half-given, missing or unusable certificate is one line (exit 1) before a base loads or Ray
+    starts; a server bound beyond loopback without TLS is warned about (keys travel in its headers)."""
     store = tmp_path / "store"
     store.mkdir()
     cases = {
@@ -467,8 +466,17 @@ def test_tls_and_host_options_are_checked_before_anything_loads(monkeypatch, cap
             "cert.pem",
         ): "TLS needs both --ssl-certfile and --ssl-keyfile",
         ("dashboard", "--runs", str(tmp_path), "--ssl-keyfile", "k.pem"): "TLS needs both",
-        ("serve", "--store", str(store), "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"): "cannot use c.pem",
-        ("serve", "--store", str(store), "--replicas", "2", "--allowed-host", "a.example"): "checks no Host name",
+        (
+            "serve",
+            "--store",
+            str(store),
+            "--ssl-certfile",
+            "c.pem",
+            "--ssl-keyfile",
+            "k.pem",
+        ): "TLS: c.pem is not a file",
+        ("serve", "--store", str(store), "--ssl-certfile", str(store), "--ssl-keyfile", str(store)): "is not a file",
+        ("dashboard", "--runs", str(tmp_path), "--ssl-certfile", __file__, "--ssl-keyfile", __file__): "cannot use",
     }
     for argv, message in cases.items():
         with pytest.raises(SystemExit) as exit_:
