@@ -60,28 +60,32 @@ def load_run(runs_dir: str | os.PathLike, run_id: str) -> tuple[RunInfo, list[Ro
 # the whole runs list); 256 MiB is some 10,000 rounds of 1,000 users (~25 KB a round).
 CACHED_RUNS = 4096
 MAX_ROUNDS_BYTES = 256 << 20
+MAX_INFO_BYTES = 16 << 20  # run.json: settings and a status, a few KB
 CACHED_BYTES = 256 << 20
 _cache: OrderedDict[Path, tuple[tuple, tuple]] = OrderedDict()  # folder -> (record files' stats, read_run)
 _cache_lock = threading.Lock()  # the dashboard answers on several threads
-_read_lock = threading.Lock()  # one read at a time: four parallel first loads of a file held four copies
+# One read at a time: four parallel first loads of a file held four copies. A large read holds
+# up other runs' first loads for its seconds, rather than the memory of several at once.
+_read_lock = threading.Lock()
 
 
 def read_run_cached(folder: Path) -> tuple[RunInfo, list[RoundRecord], list[str]]:
     """read_run, reused while the folder's record files are unchanged (inode, size, mtime): the
     dashboard's index reads every run on each request, and a run's page polls every 2 s. A
-    rounds.jsonl over MAX_ROUNDS_BYTES, or one that memory cannot hold, is a RunFolderError."""
+    record file over its cap (MAX_INFO_BYTES, MAX_ROUNDS_BYTES), or one that memory cannot hold, is
+    a RunFolderError."""
     key = tuple(_stat_key(folder / name) for name in (RUN_FILE, ROUNDS_FILE))
     hit = _cached(folder, key)
     if hit is None:
         with _read_lock:
             hit = _cached(folder, key)  # another thread may have read it meanwhile
             if hit is None:
-                size = key[1][1] if key[1] else 0
-                if size > MAX_ROUNDS_BYTES:
-                    raise RunFolderError(
-                        f"{folder.name}/{ROUNDS_FILE} holds {size / 2**20:.0f} MiB of rounds, more than the "
-                        f"{MAX_ROUNDS_BYTES >> 20} MiB read here (open it with `fedprefix show PATH`)"
-                    )
+                for name, stats, limit in ((RUN_FILE, key[0], MAX_INFO_BYTES), (ROUNDS_FILE, key[1], MAX_ROUNDS_BYTES)):
+                    if stats and stats[1] > limit:
+                        raise RunFolderError(
+                            f"{folder.name}/{name} holds {stats[1] / 2**20:.0f} MiB, more than the "
+                            f"{limit >> 20} MiB read here (open it with `fedprefix show PATH`)"
+                        )
                 try:
                     hit = (key, read_run(folder))  # an error is raised, never cached
                 except MemoryError:

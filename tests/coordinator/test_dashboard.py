@@ -453,7 +453,8 @@ def test_a_rounds_file_too_large_to_read_is_a_problem_and_rounds_come_in_pages(r
     client = TestClient(create_dashboard(root))
     listed = {r["id"]: r for r in client.get("/api/runs").json()}
     assert listed["tiny"]["status"] == "finished" and listed["big"]["status"] == "unreadable"
-    assert "MiB of rounds, more than" in listed["big"]["problems"][0] and client.get("/runs/big").status_code == 404
+    assert "big/rounds.jsonl holds 0 MiB, more than the 0 MiB" in listed["big"]["problems"][0]
+    assert client.get("/runs/big").status_code == 404
     paged = client.get("/api/runs/tiny/rounds", params={"after": 1, "limit": 1}).json()["rounds"]
     assert [r["round"] for r in paged] == [2]
 
@@ -464,3 +465,7 @@ def test_a_rounds_file_too_large_to_read_is_a_problem_and_rounds_come_in_pages(r
     (root / "tiny" / "run.json").touch()  # changed: read again
     listed = {r["id"]: r for r in client.get("/api/runs").json()}
     assert "too large for the memory left" in listed["tiny"]["problems"][0]
+    monkeypatch.setattr(runs_module, "MAX_INFO_BYTES", 10)  # a run.json is read whole too
+    (root / "tiny" / "run.json").write_text((root / "tiny" / "run.json").read_text() + " ")
+    listed = {r["id"]: r for r in client.get("/api/runs").json()}
+    assert "tiny/run.json holds 0 MiB, more than the 0 MiB read here" in listed["tiny"]["problems"][0]
