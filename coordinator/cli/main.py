@@ -31,6 +31,11 @@ INTERRUPTED = 130  # the exit code of a command that Ctrl-C or SIGTERM stopped (
 DTYPE_HELP = (
     "Compute dtype: auto (bfloat16 only where this hardware computes it natively and faster), float32, bfloat16."
 )
+ALLOWED_HOST_HELP = (
+    "A Host name clients may call this server by, beyond loopback names (repeat it; '*': any). "
+    "Bound to loopback it answers only loopback names (DNS rebinding); bound elsewhere, any unless listed."
+)
+CERT_HELP, KEY_HELP = "TLS certificate chain (PEM), with --ssl-keyfile.", "TLS private key (PEM), with --ssl-certfile."
 
 
 def dtype_option(value: str) -> str:
@@ -131,13 +136,6 @@ def run() -> None:
     if code == INTERRUPTED:  # typer ends a command that KeyboardInterrupt stopped so: say why
         err_console.print("aborted", highlight=False)
     raise SystemExit(code if isinstance(code, int) else 0)  # typer.Exit(code), e.g. fail(): 1; as click's own exit
-
-
-ALLOWED_HOST_HELP = (
-    "A Host name clients may call this server by, beyond loopback names (repeat it; '*': any). "
-    "Bound to loopback it answers only loopback names (DNS rebinding); bound elsewhere, any unless listed."
-)
-CERT_HELP, KEY_HELP = "TLS certificate chain (PEM), with --ssl-keyfile.", "TLS private key (PEM), with --ssl-certfile."
 
 
 def http_exposure(
