@@ -158,7 +158,7 @@ class RunningBatch:
                     chunk = self._chunk_inputs([item])
                     self._filled([item], chunk, self.forward.step(chunk, None)[0])
                 except Exception as exc:
-                    log.exception("prefill failed")
+                    log.exception("prefill failed (request %s)", item[0].handle.request.request_id)
                     item[0].handle._fail(FedPrefixError(f"generation failed: {exc}"))
             self.filling = [f for f in self.filling if not f.handle.done]
             return
@@ -251,7 +251,7 @@ class RunningBatch:
             try:
                 take_token(row, token, self.decode, self.eos, self.stats)
             except Exception as exc:  # decoding or stop handling of this row only
-                log.exception("a row failed")
+                log.exception("a row failed (request %s)", row.handle.request.request_id)
                 row.handle._fail(FedPrefixError(f"generation failed: {exc}"))
         self.drop_done()
 

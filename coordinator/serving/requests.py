@@ -52,6 +52,7 @@ class GenerationRequest:
     fit_context: bool = False
     # True: `prompt` is text a chat template wrote, with its own special tokens (no BOS added)
     templated: bool = False
+    request_id: str | None = None  # the HTTP request's X-Request-Id, which the engine's log names
 
 
 @dataclass

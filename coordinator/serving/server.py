@@ -186,9 +186,9 @@ async def _submit(
         )
     handoff = _handoff(request.app)
     queues = [asyncio.Queue() for _ in prompts]
+    rid = request_id(request.scope)
     generations = [
-        GenerationRequest(prompt=p, user=user, key=key, params=params, fit_context=fit, templated=templated)
-        for p in prompts
+        GenerationRequest(p, user, key, params, fit_context=fit, templated=templated, request_id=rid) for p in prompts
     ]
     listeners = [handoff.listener(q, pieces=stream) for q in queues]  # called on the engine thread
     try:  # a passphrase may cost a key derivation: keep it off the event loop
@@ -201,7 +201,7 @@ async def _submit(
             error.field, error.message = prompt_field, f"{prompt_field}: {str(exc).removeprefix('prompt: ')}"
         raise error from exc
     except Exception as exc:  # a bug, not the client's fault: still an answer in OpenAI's shape
-        log.exception("could not queue request %s", request_id(request.scope))
+        log.exception("could not queue request %s", rid)
         raise ApiError(500, f"could not queue the request: {type(exc).__name__}", "internal_error") from exc
     return list(zip(handles, queues, strict=True))
 

@@ -361,11 +361,18 @@ def test_a_server_on_loopback_refuses_a_rebound_host_name_in_openais_shape(serve
             assert test_client.get(path, headers={"host": "localhost"}).status_code == 404, path
 
 
-def test_every_answer_names_its_request(client):
-    """X-Request-Id: the client's own carried back (a proxy's trace id), else a fresh one; errors too."""
+def test_every_answer_names_its_request(client, monkeypatch):
+    """X-Request-Id: the client's own carried back (a proxy's trace id), else a fresh one; errors
+    too; the engine's generations carry it, so that its log names the request of a failed row."""
+    from fedprefix.coordinator.serving import server
+
+    queued, submit = [], server._submit_single_threaded
+    monkeypatch.setattr(
+        server, "_submit_single_threaded", lambda e, g, ls: queued.extend(x.request_id for x in g) or submit(e, g, ls)
+    )
     body = {"prompt": "hi", "max_tokens": 1, "temperature": 0}
     echoed = client.post("/v1/completions", json=body, headers={"X-Request-Id": "trace-42"})
-    assert echoed.status_code == 200 and echoed.headers["x-request-id"] == "trace-42"
+    assert echoed.status_code == 200 and echoed.headers["x-request-id"] == "trace-42" and queued == ["trace-42"]
     fresh = [client.post("/v1/completions", json=body).headers["x-request-id"] for _ in range(2)]
     assert fresh[0] != fresh[1] and all(re.fullmatch("[0-9a-f]{32}", rid) for rid in fresh)
     for unusable in ("two words", "x" * 129):  # not echoed into a header or a log as it is

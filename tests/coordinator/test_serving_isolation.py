@@ -71,7 +71,7 @@ class Bomb(str):
         raise RuntimeError("boom")
 
 
-def test_a_failing_row_fails_alone_and_its_batch_mates_finish(served):  # noqa: F811
+def test_a_failing_row_fails_alone_and_its_batch_mates_finish(served, caplog):  # noqa: F811
     base, store = served
     good = [request("alice", "mate one", max_new_tokens=8), request(None, "mate two", max_new_tokens=8)]
     bad_seed = request("bob", "seeded", max_new_tokens=8, temperature=1.0)
@@ -79,6 +79,7 @@ def test_a_failing_row_fails_alone_and_its_batch_mates_finish(served):  # noqa: 
     bad_stop = GenerationRequest("stops", params=SamplingParams.model_construct(**{**SamplingParams().__dict__}))
     bad_stop.params.stop = [Bomb("x")]
     poisoned = request("carol", "POISON", max_new_tokens=8)
+    bad_stop.request_id, poisoned.request_id = "r-stop", "r-poison"  # the engine's log names them
     with Engine(base, store=store) as engine:
         step = engine._forward.step
         poison = set(base.tokenizer("POISON", add_special_tokens=False).input_ids[:1])
@@ -97,6 +98,8 @@ def test_a_failing_row_fails_alone_and_its_batch_mates_finish(served):  # noqa: 
             with pytest.raises(Exception, match=match):
                 handle.result(timeout=60)
         results = [handles[0].result(timeout=60), handles[4].result(timeout=60), running.result(timeout=60)]
+    logged = [record.getMessage() for record in caplog.records]
+    assert "prefill failed (request r-poison)" in logged and "a row failed (request r-stop)" in logged, logged
     for (user, prompt, n), result in zip(
         [("alice", "mate one", 8), (None, "mate two", 8), ("bob", "already running", 30)], results, strict=True
     ):
