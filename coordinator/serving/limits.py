@@ -16,6 +16,7 @@ import json
 from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -114,6 +115,12 @@ def error_body(status: int, message: str, code: str, field: str | None = None) -
 def too_large_body(max_bytes: int) -> bytes:
     """The 413 answer's body (also what the Ray Serve router of replicas.py answers)."""
     return json.dumps(error_body(413, f"request body larger than {max_bytes} bytes", "body_too_large")).encode()
+
+
+def bad_host_answer(message: str) -> JSONResponse:
+    """The 400 for a Host name the server does not answer (common.http_guards.host_refusal's
+    `message`): what the server and the replicas' router both answer."""
+    return JSONResponse(error_body(400, message, "bad_host"), 400)
 
 
 def body_timeout_body(timeout_s: float) -> bytes:

@@ -23,9 +23,10 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from .limits import error_body, too_large_body
+from .limits import bad_host_answer, error_body, too_large_body
 from .metrics import Family, families_of
 from .replicas import ATTEMPTS, DROPPED_HEADERS, ReplicaSettings
+from .request_ids import HEADER as REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class Router:
         if message is None:
             return None
         self.failures.labels(request.url.path, "400").inc()
-        return JSONResponse(error_body(400, message, "bad_host"), 400)
+        return bad_host_answer(message)
 
     @_http.get("/health")
     async def health(self, request: Request):
@@ -201,7 +202,7 @@ class Router:
             try:
                 _, status, response_headers = await stream.__anext__()
                 # Ray Serve's proxy names every answer's request itself (X-Request-ID): not twice
-                kept = {k.decode("latin-1"): v.decode("latin-1") for k, v in response_headers if k != b"x-request-id"}
+                kept = {k.decode("latin-1"): v.decode("latin-1") for k, v in response_headers if k != REQUEST_ID_HEADER}
                 if kept.get("content-type", "").startswith("text/event-stream"):
                     return StreamingResponse(_relay(stream), status_code=status, headers=kept)
                 chunks = [chunk async for chunk in stream]

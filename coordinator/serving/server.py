@@ -52,8 +52,9 @@ from .engine import (
     RequestCancelled,
 )
 from .handoff import LoopHandoff
-from .limits import BodySizeLimit, ServingLimits, check_request, error_body
+from .limits import BodySizeLimit, ServingLimits, bad_host_answer, check_request, error_body
 from .metrics import Metrics
+from .request_ids import HEADER as REQUEST_ID_HEADER
 from .request_ids import RequestIds, request_id
 from .unlock import UnlockThrottled
 
@@ -75,7 +76,7 @@ def create_app(
 
     def bad_host(scope, message: str) -> JSONResponse:
         refused(scope, 400)
-        return JSONResponse(error_body(400, message, "bad_host"), 400)
+        return bad_host_answer(message)
 
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, refused=refused)
     app.add_middleware(HostCheck, allowed=allowed_hosts, refuse=bad_host)  # before any body is read
@@ -122,7 +123,7 @@ async def _unexpected(request: Request, exc: Exception):
     log.error("request %s failed", rid, exc_info=exc)
     _count(request, 500)
     body = error_body(500, f"the server failed ({type(exc).__name__})", "internal_error")
-    return JSONResponse(body, 500, headers={"x-request-id": rid})
+    return JSONResponse(body, 500, headers={REQUEST_ID_HEADER.decode(): rid})
 
 
 async def _http_error(request: Request, exc: HTTPException):
