@@ -29,19 +29,19 @@ the store folder but does not know the user's key:
   parts are under one key, and ``delete`` removes them all;
 - user ids cannot reach internal names: ids ending in ``@shared`` (any case) are refused,
   so ``<id>@shared``, the shared part, belongs to ``<id>`` only;
-- a save of several parts (``save_parts``) is all or nothing against any error before
-  its renames; loads racing saves see the old or the new version, never an error.
+- every write of a user (a save of several parts, a key change, a delete) is all or
+  nothing: against an error before its renames nothing changes, and one stopped during them
+  (an error, SIGKILL, a power loss) is completed under the user's next lock, from its journal
+  (locking.py); loads racing saves see the old or the new version, never an error.
 
 Not protected:
 
 - putting back older copies of ALL of a user's files and their rollback records together
   (e.g. restoring a backup of the whole folder, or of one user's files) is not detected: that
   needs state kept outside the folder, which this store does not keep;
-- a crash between the renames of a two-part save leaves one part new and the other old
-  (each whole, refused together until reset); a
-  crash inside ``rotate_data_key`` may leave a record that needs ``reset-rollback``; one
-  inside ``change_passphrase`` (between its renames: SIGKILL, power loss) leaves the parts
-  under the old and the new key: the same change run again completes it;
+- a write stopped between its renames is completed only by a later access that can write
+  the folder (a save, a key change, a delete, a load that takes the user's lock); on a
+  read-only copy of such a folder the user's loads refuse the mix;
 - the header is plaintext (user id, base fingerprint, prefix shape, counter, size,
   timestamps are visible); anyone with write access can delete or damage files, or make
   loads refuse (detected, not prevented);

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..files import fsync_dir
 from ..prefix import Prefix, PrefixConfig
 from .errors import (
     RollbackError,
@@ -53,10 +52,10 @@ from .format import (
 from .info import StoredPrefixInfo, info_of_header, list_infos
 from .key_changes import KeyChanges
 from .keys import DEFAULT_SCRYPT_N, MIN_SCRYPT_N, KekCache, Key, check_key, new_dek, new_key_id, unwrap_dek, wrap_dek
-from .locking import READ_ONLY, file_lock, remove_temp_files, write_all
+from .locking import READ_ONLY, file_lock, journal_path, recover, remove_earlier_temp_files, write_all
 from .payload import check_load_dtype, decode_payload, encode_payload, storage_dtype_name
 from .reseal import Opened, resealed, retired
-from .rollback import RECORD_DIR, check_parts, check_record, make_record, read_record, record_path
+from .rollback import RECORD_DIR, check_parts, check_record, make_record, read_record, record_path, user_files
 from .seal import check_header_mac, open_payload, seal
 
 __all__ = ["PrefixStore", "StoredPrefixInfo", "existing_store_folder"]
@@ -129,8 +128,13 @@ class PrefixStore(KeyChanges):
 
     def exists(self, name: str) -> bool:
         """True when anything is at store name `name`'s path: a part replaced by a folder, a FIFO
-        or a link is there, and refused when read, never skipped as if it were not stored."""
-        return os.path.lexists(self.path_for(name))
+        or a link is there, and refused when read, never skipped as if it were not stored. A
+        folder that cannot be searched raises (PermissionError): its users are not unknown."""
+        try:
+            os.lstat(self.path_for(name))
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
 
     def save(
         self, user_id: str, prefix: Prefix, key: Key, dtype: torch.dtype = torch.float32, *, part: str = "personal"
@@ -149,7 +153,7 @@ class PrefixStore(KeyChanges):
         drop: Sequence[str] = (),
     ) -> dict[str, StoredPrefixInfo]:
         """Store several parts of one user ({'personal': p, 'shared': s}) together: all are written or none
-        changes (Ctrl-C and SIGTERM wait for the renames; see locking.py for a process killed outright).
+        (a writer killed midway leaves a journal, and the user's next lock completes the write: locking.py).
 
         `drop`: parts of this user to remove in the same step (a copy that replaces the shared
         part), under the same key: each is opened first, and its rollback record moved past it,
@@ -239,11 +243,10 @@ class PrefixStore(KeyChanges):
         validate_user_id(user_id)
         with self._stored_user_lock(user_id):
             names = self._stored_names(user_id)
+            write_all(journal_path(self.root, user_id), [], [self.path_for(name) for name in names], self.durable)
             for name in names:
-                self.path_for(name).unlink(missing_ok=True)
-                self._remove_temps(name, earlier_versions=True)
-            if self.durable:
-                fsync_dir(self.root)
+                remove_earlier_temp_files(self.root, f"{name}{FILE_SUFFIX}")
+                remove_earlier_temp_files(self.root / RECORD_DIR, f"{name}.json")
 
     def stored_parts(self, user_id: str) -> list[str]:
         """The parts of `user_id` that are stored (anything at their paths), in PARTS order."""
@@ -316,8 +319,11 @@ class PrefixStore(KeyChanges):
         except RollbackError:
             if locked:
                 raise
-        # Without the lock, a rotate-key between its two renames looks like a rollback for a
-        # moment; under the lock no writer is midway, so a refusal now is about the files.
+        except UnknownUserError:  # a first save decided, its writer killed before its renames
+            if locked or not os.path.lexists(self._journal(name)):
+                raise
+        # Without the lock, a write between its renames looks like a rollback for a moment; under
+        # it none is midway (_user_lock completes a killed one's): a refusal is about the files.
         with self._reader_lock(name):
             return self._read_checked(name, key, base_fingerprint, one_write)
 
@@ -354,7 +360,6 @@ class PrefixStore(KeyChanges):
     ) -> tuple[FileHeader, bytes, bytes]:
         """The next version of `name` sealed (header, file bytes, rollback record); caller holds the lock."""
         path = self.path_for(name)
-        self._remove_temps(name)
         if path.exists():
             # Reuse the DEK (and KDF salt): unwrapping it proves the caller owns this
             # prefix, so nobody overwrites a user's prefix without their key.
@@ -384,12 +389,11 @@ class PrefixStore(KeyChanges):
         before records (rollback.py). The caller holds the user's lock."""
         files = [(self.path_for(n), data) for n, (_, data, _) in sealed.items() if data is not None]
         records = [(record_path(self.root, n), record) for n, (_, _, record) in sealed.items()]
-        write_all(files + records, [self.path_for(n) for n in dropped], self.durable)
+        journal = self._journal(next(iter(sealed)))
+        write_all(journal, files + records, [self.path_for(n) for n in dropped], self.durable)
 
-    def _remove_temps(self, name: str, earlier_versions: bool = False) -> None:
-        """Temp files a killed writer of `name` left (caller holds the user's lock)."""
-        remove_temp_files(self.root, f"{name}{FILE_SUFFIX}", earlier_versions)
-        remove_temp_files(self.root / RECORD_DIR, f"{name}.json", earlier_versions)
+    def _journal(self, name: str) -> Path:  # of the writes of `name`'s user (locking.py)
+        return journal_path(self.root, split_store_name(name)[0])
 
     def _info_of(self, name: str, header: FileHeader) -> StoredPrefixInfo:
         path = self.path_for(name)
@@ -426,13 +430,16 @@ class PrefixStore(KeyChanges):
             yield
 
     def _require_stored(self, name: str) -> None:
+        """UnknownUserError unless a part of `name`'s user is stored, or a write of one is decided."""
         owner, _ = split_store_name(name)
-        if not self.stored_parts(owner):
+        if not self.stored_parts(owner) and not os.path.lexists(self._journal(owner)):
             raise UnknownUserError.of(owner)
 
     @contextmanager
     def _user_lock(self, name: str) -> Iterator[None]:
-        """Serialize writers of one user (all its parts) across processes and threads."""
+        """Serialize writers of one user (all its parts) across processes and threads; first
+        complete a write of the user that its writer left decided but not made (locking.py)."""
         owner, _ = split_store_name(name)
         with file_lock(self.root / f"{owner}.lock", self.lock_timeout, owner):
+            recover(self._journal(owner), user_files(owner), self.durable)
             yield

@@ -142,8 +142,8 @@ class StoreBusyError(StoreError):
 class StoreIOError(StoreError, OSError):
     """The filesystem failed a read or write of the store (a full disk, a read-only or unreadable
     folder, a disk error); the message names the user, and the file where the OS named it. A
-    write that failed before its renames changed nothing stored; one that failed during or
-    after them says what it left (locking.commit). Also an OSError with the original
+    write that failed before it was decided changed nothing stored; one that failed after
+    says that the user's next lock completes it (locking.py). Also an OSError with the original
     errno, for callers that catch those (kept when pickled, as Ray and multiprocessing do)."""
 
     reason = "io_error"

@@ -1,44 +1,55 @@
-"""Writers' locks, staged writes, and what a killed writer leaves behind.
+"""Writers' locks, and writes that a killed writer cannot leave half made.
 
 Writers of one user (all of its parts) hold ``<root>/<user_id>.lock`` (filelock) from
-reading the old headers to renaming the new files. A write is staged: every new file
-(each part and its rollback record) is first written and fsynced as a temp file beside
-its target; only when all are ready are they renamed over their targets (parts first,
-records second, see rollback.py), then the folders are fsynced. A failure before the
-renames removes the temps and changes nothing (one after them says what it left: commit);
-a writer killed at any point leaves each
-file old or new, and perhaps temp files that the next writer of that user removes: one
-name per target (`staged_name`), so that this takes one unlink, not a scan of the store
-folder (a scan per save made a save 10x slower in a store of 10,000 users).
-Ctrl-C and SIGTERM wait for the renames to end (`common.signals`), so that a save of two
-parts is not stopped with one part new and the other old; only a writer killed outright
-(SIGKILL, a power loss) between two renames leaves that mix, each file authentic, and
-loads refuse it (the parts carry different write ids, rollback.check_parts) until reset.
-On a case-insensitive filesystem 'Alice' and 'alice' share one file; the owner check
-then refuses the other user's file rather than mixing them up.
+reading the old headers to renaming the new files. A write is journalled:
+
+1. every new file (each part and its rollback record) is written and fsynced as a temp file
+   beside its target (one name per target: `staged_name`);
+2. the journal ``<root>/.<user_id>.journal`` names the files the write puts in and those it
+   removes; it is renamed into place and the folder fsynced: from then on the write is decided;
+3. the removed files are unlinked, the staged ones renamed over their targets (parts first,
+   records second, see rollback.py), the folders fsynced, and the journal removed.
+
+A failure before 2 removes the temps and changes nothing. From 2 on, whatever stops the
+writer (an error, SIGKILL, a power loss), the next holder of the user's lock (a save, a key
+change, a delete, or a load that found the user's files mixed) finds the journal and does
+step 3 again (`recover`; every step of it can be repeated). So a user's parts are never left
+part new, part old: before journals, a writer killed between two renames left them so, and
+loads refused them until `reset-rollback`, which kept the mix. Ctrl-C and SIGTERM wait for
+step 3 (common.signals).
+
+A temp file without a journal belongs to a write that was never decided; the user's next
+lock removes it, one unlink per file the user may have (a scan of the store folder per save
+made a save 10x slower in a store of 10,000 users). A journal names only its own user's files (checked
+when it is read back), so one put in the folder moves nothing else, and every file it
+completes is authenticated on load like any other; one that does not parse is not this
+store's and is removed, leaving the files as they are. On a case-insensitive filesystem
+'Alice' and 'alice' share one file; the owner check then refuses the other user's file
+rather than mixing them up.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from ..files import fsync_dir, write_temp
+from ..files import fsync_dir, read_regular, write_temp
 from ..signals import signals_deferred
-from .errors import StoreBusyError, StoreError, about
+from .errors import StoreBusyError, StoreError, UnknownVersionError, about
 
-__all__ = ["Staged", "commit", "discard", "file_lock", "remove_temp_files", "stage", "write_all"]
+__all__ = ["file_lock", "journal_path", "recover", "remove_earlier_temp_files", "write_all"]
 
 Staged = tuple[Path, Path]  # (temp file, target)
 
-
 READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)  # the lock file cannot be made: nobody can write here
+JOURNAL_VERSION = 1
 
 
 @contextmanager
@@ -63,132 +74,153 @@ def file_lock(path: Path, timeout: float, user_id: str | None) -> Iterator[None]
         lock.release()
 
 
+def journal_path(root: Path, user_id: str) -> Path:
+    """The journal of `user_id`'s writes (user ids never start with '.': no part's name)."""
+    return root / f".{user_id}.journal"
+
+
 def staged_name(target: str) -> str:
     """The temp file a writer of `target` stages it in (callers hold the user's lock: one writer)."""
     return f".{target}.staged.tmp"
 
 
-def aside_name(target: str) -> str:
-    """Where a writer that removes `target` sets it aside until its new files are in."""
-    return f".{target}.aside.tmp"
-
-
-def remove_temp_files(root: Path, target: str, earlier_versions: bool = False) -> None:
-    """Remove the temp file a killed writer of `target` left; callers hold the lock of `target`,
-    so no live writer owns one. `earlier_versions`: also those of versions that staged under
-    mkstemp's names (``.<target>.XXXXXXXX.tmp``), which takes a scan of the folder."""
-    (root / staged_name(target)).unlink(missing_ok=True)
-    (root / aside_name(target)).unlink(missing_ok=True)
-    if earlier_versions:
-        # mkstemp adds exactly 8 random characters; the fixed length keeps the pattern from
-        # matching another user's temp file (user "a" vs user "a.fpx.b").
-        for tmp in root.glob(f".{target}.????????.tmp"):
-            tmp.unlink(missing_ok=True)
-
-
-def stage(target: Path, data: bytes, durable: bool) -> Staged:
-    """Write `data` to `target`'s temp file (staged_name), beside it."""
-    target.parent.mkdir(mode=0o700, exist_ok=True)
-    return write_temp(target, data, durable, staged_name(target.name)), target
-
-
-def discard(staged: Sequence[Staged]) -> None:
-    """Remove staged temp files that were not committed."""
-    for tmp, _ in staged:
+def remove_earlier_temp_files(root: Path, target: str) -> None:
+    """Remove the temp files of `target` that writers of earlier versions left: staged under
+    mkstemp's names (``.<target>.XXXXXXXX.tmp``), which takes a scan of the folder, or a removed
+    file set aside (``.<target>.aside.tmp``); the caller holds the lock of `target`."""
+    (root / f".{target}.aside.tmp").unlink(missing_ok=True)
+    # mkstemp adds exactly 8 random characters; the fixed length keeps the pattern from
+    # matching another user's temp file (user "a" vs user "a.fpx.b").
+    for tmp in root.glob(f".{target}.????????.tmp"):
         tmp.unlink(missing_ok=True)
 
 
-def commit(staged: Sequence[Staged], durable: bool) -> None:
-    """Rename every staged file over its target, in order; then make the renames durable.
-
-    An exception once the first rename is made (a signal handler's other than Ctrl-C's and
-    SIGTERM's, which write_all defers) finishes the renames before it goes on: a user's parts
-    stay one write, where a half-made one would be refused until `reset-rollback`. A rename
-    the filesystem failed once and then made is no failure; one it kept failing is raised
-    saying that the write is partly made, as is a sync that failed after the renames."""
-    renamed = 0
-    try:
-        for tmp, target in staged:
-            os.replace(tmp, target)
-            renamed += 1
-    except BaseException as exc:
-        if not (renamed or (staged and not staged[0][0].exists())):  # nothing went in
-            raise
-        for tmp, target in staged:  # the first is in: finish the rest
-            with suppress(OSError):
-                if tmp.exists():
-                    os.replace(tmp, target)
-        if not isinstance(exc, OSError) or exc.errno is None:  # not the filesystem's (a time limit's TimeoutError)
-            raise
-        if any(tmp.exists() for tmp, _ in staged):
-            raise _partly(
-                exc,
-                "the write stopped between its renames, so its files may be part new, part old: "
-                "if loads refuse them, `fedprefix store reset-rollback` keeps what is there",
-            ) from exc
-    if durable:
-        try:
-            for folder in dict.fromkeys(target.parent for _, target in staged):
-                fsync_dir(folder)
-        except OSError as exc:
-            raise _partly(
-                exc, "the write is in place, but a power loss may still undo it (the folder could not be synced)"
-            ) from exc
-
-
-def _partly(exc: OSError, what: str) -> OSError:
-    """`exc` (its errno and file kept) saying what of the write was made."""
-    return OSError(exc.errno, f"{exc.strerror or exc}; {what}", exc.filename)
-
-
-def write_all(files: Sequence[tuple[Path, bytes]], removed: Sequence[Path], durable: bool) -> None:
-    """Stage every (target, data), set the `removed` files aside (renamed to temp names), then
-    rename the staged ones in order; failing before the first rename puts the removed files
-    back and changes nothing (a save that deleted a dropped part first lost it when a rename
-    then failed). A writer killed after the renames leaves the set-aside file as a temp file,
-    not as a part (deleting it only then kept it a part). Ctrl-C and SIGTERM wait for the
-    renames (a save of two parts must not stop halfway) and reach their handlers after them."""
+def write_all(journal: Path, files: Sequence[tuple[Path, bytes]], removed: Sequence[Path], durable: bool) -> None:
+    """Put every (target, data) in and remove the `removed` files, as one journalled write (see
+    the module's docstring); `journal` is the user's (journal_path), in the folder that every
+    target is in or under. Failing before the journal is in changes nothing; after it, the
+    write completes here or under the user's next lock (`recover`). Ctrl-C and SIGTERM wait
+    for the renames and reach their handlers after them."""
     staged: list[Staged] = []
     try:
-        for target, data in files:
-            staged.append(stage(target, data, durable))  # one by one: a failure discards the earlier
+        for target, data in files:  # one by one: a failure discards the earlier
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            staged.append((write_temp(target, data, durable, staged_name(target.name)), target))
         with signals_deferred() as received:
-            aside = _set_aside(removed)
-            try:
-                commit(staged, durable)
-            except BaseException:
-                if staged and staged[0][0].exists():  # no new file went in: the removed ones come back
-                    _put_back(aside)
-                raise
-            for tmp, _ in aside:
-                with suppress(OSError):  # a leftover is a temp file, which the user's next writer removes
-                    tmp.unlink()
+            _decide(journal, _plan(journal.parent, [target for _, target in staged], removed), durable)
+            _finish(journal, staged, removed, durable)
         for sig in dict.fromkeys(received):
             signal.raise_signal(sig)  # to the handler put back: KeyboardInterrupt, or the exit
     except BaseException:
-        discard(staged)
+        if not os.path.lexists(journal):  # not decided (or done): nothing of it is left to make
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
         raise
 
 
-def _set_aside(paths: Sequence[Path]) -> list[Staged]:
-    """Rename each of `paths` that exists to its aside_name beside it; -> [(temp name, path)]. A
-    failure puts back the ones already renamed."""
-    moved: list[Staged] = []
+def recover(journal: Path, own_files: Collection[str], durable: bool) -> None:
+    """Complete the decided write whose journal a killed or failed writer left at `journal`;
+    without one, remove what a killed writer staged. The caller holds the user's lock.
+    `own_files`: the names, relative to the journal's folder, that the user's files may have;
+    a journal naming another is not this store's."""
+    root = journal.parent
     try:
-        for path in paths:
-            tmp = path.with_name(aside_name(path.name))
-            try:
-                os.replace(path, tmp)
-            except FileNotFoundError:
-                continue
-            moved.append((tmp, path))
+        raw = read_regular(journal, follow_links=False)
+    except FileNotFoundError:
+        raw = None
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ELOOP):
+            raise
+        raw = b""  # a link, or not a file: not this store's
+    plan = None if raw is None else _parsed(raw, own_files, journal)
+    if plan is None:  # no write decided: one unlink per file, not a scan of the folder
+        if raw is not None:
+            journal.unlink()
+        for path in (journal, *(root / name for name in own_files)):
+            path.with_name(staged_name(path.name)).unlink(missing_ok=True)
+        return
+    targets = [root / name for name in plan["write"]]
+    staged = [(target.with_name(staged_name(target.name)), target) for target in targets]
+    _roll_forward(journal, staged, [root / name for name in plan["remove"]], durable)
+
+
+def _plan(root: Path, targets: Sequence[Path], removed: Sequence[Path]) -> bytes:
+    """The journal's text: the files the write puts in (in their order) and those it removes,
+    relative to `root`."""
+    names = {
+        kind: [path.relative_to(root).as_posix() for path in paths]
+        for kind, paths in (("write", targets), ("remove", removed))
+    }
+    return json.dumps({"format_version": JOURNAL_VERSION, **names}, sort_keys=True).encode()
+
+
+def _parsed(raw: bytes, own_files: Collection[str], journal: Path) -> dict | None:
+    """The journal's plan, or None if it is not one this store wrote (for these files)."""
+    try:
+        plan = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(plan, dict) or set(plan) != {"format_version", "remove", "write"}:
+        return None
+    version, write, remove = plan["format_version"], plan["write"], plan["remove"]
+    if type(version) is int and version > JOURNAL_VERSION:  # a newer write this code cannot complete
+        user_id = journal.name[1 : -len(".journal")]
+        message = (
+            f"its journal {journal.name} is format {version}, written by a newer fedprefix (this one "
+            f"reads format {JOURNAL_VERSION}): use that version"
+        )
+        raise UnknownVersionError(about(user_id, message), user_id)
+    if (
+        type(version) is not int
+        or version != JOURNAL_VERSION
+        or not isinstance(write, list)
+        or not isinstance(remove, list)
+    ):
+        return None
+    if not all(isinstance(name, str) and name in own_files for name in write + remove):
+        return None
+    return plan
+
+
+def _decide(journal: Path, plan: bytes, durable: bool) -> None:
+    """Put the journal in place (atomically, durably): the write is decided once it is there."""
+    tmp = write_temp(journal, plan, durable, staged_name(journal.name))
+    try:
+        os.replace(tmp, journal)
+        if durable:
+            fsync_dir(journal.parent)
     except BaseException:
-        _put_back(moved)
+        tmp.unlink(missing_ok=True)
+        journal.unlink(missing_ok=True)  # if this fails, the journal stands and the write with it
         raise
-    return moved
 
 
-def _put_back(moved: Sequence[Staged]) -> None:
-    for tmp, path in moved:
+def _finish(journal: Path, staged: Sequence[Staged], removed: Sequence[Path], durable: bool) -> None:
+    """_roll_forward, again at once if it failed: a rename the filesystem failed once and then
+    made is no failure. What it still cannot do is raised saying that the user's next lock
+    completes it; an exception not the filesystem's (a time limit's TimeoutError) is raised
+    once the write is made where it could be."""
+    try:
+        _roll_forward(journal, staged, removed, durable)
+    except BaseException as exc:
         with suppress(OSError):
-            os.replace(tmp, path)
+            _roll_forward(journal, staged, removed, durable)
+        if not isinstance(exc, OSError) or exc.errno is None:
+            raise
+        if os.path.lexists(journal):
+            what = "the write is decided but not all in place; it completes at the user's next load or save"
+            raise OSError(exc.errno, f"{exc.strerror or exc}; {what}", exc.filename) from exc
+
+
+def _roll_forward(journal: Path, staged: Sequence[Staged], removed: Sequence[Path], durable: bool) -> None:
+    """Step 3 of a decided write; every step of it can be repeated (a file already renamed has no
+    temp file left)."""
+    for path in removed:
+        path.unlink(missing_ok=True)
+    for tmp, target in staged:
+        if os.path.lexists(tmp):
+            os.replace(tmp, target)
+    if durable:
+        for folder in dict.fromkeys([journal.parent, *(path.parent for path in (*removed, *(t for _, t in staged)))]):
+            fsync_dir(folder)
+    journal.unlink(missing_ok=True)  # once all is durable: a journal found again only repeats it

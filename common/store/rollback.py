@@ -37,7 +37,8 @@ are equal. A load refuses a file whose list differs from the parts stored, or wh
 differs from the other part's: one part deleted, a dropped part put back, an older copy
 of one part put back with its record, outside the store, which would otherwise serve the
 other part alone or join a stale one to it. A process killed outright between the
-renames of a write leaves unequal ids too: refused, until reset-rollback.
+renames of a write left unequal ids too before writes were journalled (locking.py), which
+now completes such a write under the user's next lock.
 
 Limit: whoever kept older copies of ALL of a user's files and records (e.g. a backup of
 the folder) can put them back; without state kept outside the folder this is not
@@ -56,10 +57,18 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .errors import CorruptError, PartsMismatchError, RollbackError, RollbackStateError, UnknownUserError, about
-from .format import FileHeader, canonical_json, open_regular
+from .errors import (
+    CorruptError,
+    PartsMismatchError,
+    RollbackError,
+    RollbackStateError,
+    UnknownUserError,
+    UnknownVersionError,
+    about,
+)
+from .format import FILE_SUFFIX, PARTS, FileHeader, canonical_json, open_regular, store_name
 
-__all__ = ["RECORD_DIR", "check_parts", "check_record", "make_record", "read_record", "record_path"]
+__all__ = ["RECORD_DIR", "check_parts", "check_record", "make_record", "read_record", "record_path", "user_files"]
 
 RECORD_DIR = ".rollback"
 _RECORD_FIELDS = {"counter", "format_version", "key_id", "mac", "user_id"}
@@ -68,6 +77,13 @@ _RECORD_FIELDS = {"counter", "format_version", "key_id", "mac", "user_id"}
 def record_path(root: Path, name: str) -> Path:
     """Where the rollback record of store name `name` lives."""
     return root / RECORD_DIR / f"{name}.json"
+
+
+def user_files(user_id: str) -> set[str]:
+    """Every file a write of `user_id` may put in or remove (its parts and their records),
+    relative to the store folder."""
+    names = [store_name(user_id, part) for part in PARTS]
+    return {f"{name}{FILE_SUFFIX}" for name in names} | {f"{RECORD_DIR}/{name}.json" for name in names}
 
 
 def _mac(dek: bytes, body: dict) -> str:
@@ -100,9 +116,18 @@ def _reset_hint(name: str) -> str:
 
 
 def _parse(name: str, raw: bytes, dek: bytes) -> dict:
-    """The authenticated record, or RollbackStateError."""
+    """The authenticated record, or RollbackStateError (UnknownVersionError: a newer fedprefix's,
+    which reset-rollback would rewrite in this version's format)."""
     try:
         obj = json.loads(raw)
+        version = obj.get("format_version") if isinstance(obj, dict) else None
+        if type(version) is int and version > 1:
+            raise UnknownVersionError(
+                about(
+                    name, f"its rollback record is format {version}, written by a newer fedprefix (this one reads 1)"
+                ),
+                name,
+            )
         if not isinstance(obj, dict) or set(obj) != _RECORD_FIELDS or obj["user_id"] != name:
             raise ValueError
         body = {k: v for k, v in obj.items() if k != "mac"}

@@ -281,8 +281,8 @@ def test_failed_second_part_leaves_first_unchanged(store, monkeypatch):
             raise OSError(28, "No space left on device")
         return real_stage(*args, **kwargs)
 
-    real_stage = store_locking.stage
-    monkeypatch.setattr("fedprefix.common.store.locking.stage", failing_stage)
+    real_stage = store_locking.write_temp
+    monkeypatch.setattr(store_locking, "write_temp", failing_stage)
     with pytest.raises(OSError, match="No space"):
         store.save_parts("dave", {"personal": make_prefix(2), "shared": make_prefix(3)}, RAW)
     assert files(store.root) == before  # no temp file left, nothing renamed
@@ -295,18 +295,18 @@ def test_a_part_dropped_in_the_same_step_only_once_the_new_one_is_staged(store, 
     store.save_parts("dave", {"personal": make_prefix(1), "shared": make_prefix(9)}, RAW)
     with pytest.raises(WrongKeyError):
         store.save_parts("dave", {"personal": make_prefix(2)}, RAW2, drop=("shared",))
-    real_stage = store_locking.stage
+    real_stage = store_locking.write_temp
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("fedprefix.common.store.locking.stage", full_disk)
+    monkeypatch.setattr(store_locking, "write_temp", full_disk)
     with pytest.raises(OSError, match="No space"):
         store.save_parts("dave", {"personal": make_prefix(2)}, RAW, drop=("shared",))
     assert same(store.load(shared_store_id("dave"), RAW), make_prefix(9)) and same(
         store.load("dave", RAW), make_prefix(1)
     )
-    monkeypatch.setattr("fedprefix.common.store.locking.stage", real_stage)
+    monkeypatch.setattr(store_locking, "write_temp", real_stage)
     store.save_parts("dave", {"personal": make_prefix(2)}, RAW, drop=("shared",))
     assert store.load_parts("dave", RAW).keys() == {"personal"}
     store.save_parts("dave", {"personal": make_prefix(3)}, RAW, drop=("shared",))  # nothing left to drop
@@ -325,7 +325,7 @@ def test_ctrl_c_between_the_renames_of_a_two_part_save_waits_for_the_last_one(st
     def interrupted_replace(src, dst):
         real_replace(src, dst)
         renames.append(dst)
-        if len(renames) == 1:
+        if len(renames) == 2:  # after the journal's rename and the first part's
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(store_locking.os, "replace", interrupted_replace)
@@ -335,30 +335,35 @@ def test_ctrl_c_between_the_renames_of_a_two_part_save_waits_for_the_last_one(st
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert len(renames) == 4  # two parts and their two rollback records
+    assert len(renames) == 5  # the journal, two parts and their two rollback records
     monkeypatch.setattr(store_locking.os, "replace", real_replace)
     parts = store.load_parts("dave", RAW)
     assert same(parts["personal"], make_prefix(3)) and same(parts["shared"], make_prefix(4))
 
 
-@pytest.mark.parametrize("failing", ["once", "always", "sync"])
+@pytest.mark.parametrize("failing", ["once", "always", "sync", "sync-after"])
 def test_a_filesystem_error_during_or_after_the_renames_says_what_the_write_left(store, monkeypatch, failing):
-    """A rename failed once then made is a save that worked; one that keeps failing, or a
-    folder sync after the renames, is an error that says the write is partly made (it said
-    "changed nothing", while the new parts were in, or part new and part old)."""
+    """A rename failed once then made is a save that worked. One that keeps failing, or a folder
+    sync after the renames, is an error saying that the write is decided and completes at the
+    user's next load or save, which it then does (it said "changed nothing" while the new parts
+    were in, and later left part new and part old); a sync that fails before the write is
+    decided (its journal's) changes nothing."""
     store.save_parts("dave", {"personal": make_prefix(1), "shared": make_prefix(2)}, RAW)
-    real_replace, renames = store_locking.os.replace, []
+    real_replace, real_sync, renames, syncs = store_locking.os.replace, store_locking.fsync_dir, [], []
 
     def flaky_replace(src, dst):
-        renames.append(dst)
-        if len(renames) == 2 or (failing == "always" and len(renames) > 2 and ".tmp" not in str(dst)):
+        renames.append(dst)  # the journal's first, then the parts' and records'
+        if len(renames) == 3 or (failing == "always" and len(renames) > 3):
             raise OSError(5, "Input/output error", str(dst))
         real_replace(src, dst)
 
     def failing_sync(folder):
-        raise OSError(5, "Input/output error", str(folder))
+        syncs.append(folder)  # the journal's folder first, then each folder of the write's
+        if failing == "sync" or len(syncs) > 1:
+            raise OSError(5, "Input/output error", str(folder))
+        real_sync(folder)
 
-    if failing == "sync":
+    if failing.startswith("sync"):
         monkeypatch.setattr(store_locking, "fsync_dir", failing_sync)
     else:
         monkeypatch.setattr(store_locking.os, "replace", flaky_replace)
@@ -366,19 +371,18 @@ def test_a_filesystem_error_during_or_after_the_renames_says_what_the_write_left
     if failing == "once":
         store.save_parts("dave", new, RAW)
     else:
-        said = "between its renames.*reset-rollback" if failing == "always" else "in place, but a power loss"
-        with pytest.raises(StoreIOError, match=f"prefix of user 'dave': the filesystem failed .*{said}"):
+        said = (
+            "Input/output error$"
+            if failing == "sync"
+            else "decided but not all in place; it completes at the user's next load or save"
+        )
+        with pytest.raises(StoreIOError, match=f"prefix of user 'dave': the filesystem failed at .*{said}"):
             store.save_parts("dave", new, RAW)
     monkeypatch.undo()
-    if failing == "always":  # the personal part new, the shared one old: refused, as the error said
-        with pytest.raises(StoreError):
-            store.load_parts("dave", RAW)
-        store.reset_rollback("dave", RAW)
-        assert same(store.load_parts("dave", RAW)["personal"], make_prefix(3))
-    else:
-        parts = store.load_parts("dave", RAW)
-        assert same(parts["personal"], make_prefix(3)) and same(parts["shared"], make_prefix(4))
-    assert not [f for f in files(store.root) if f.endswith(".tmp")]
+    parts = store.load_parts("dave", RAW)
+    kept = (1, 2) if failing == "sync" else (3, 4)
+    assert same(parts["personal"], make_prefix(kept[0])) and same(parts["shared"], make_prefix(kept[1]))
+    assert not [f for f in files(store.root) if f.endswith((".tmp", ".journal"))]
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e6])

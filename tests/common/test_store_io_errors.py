@@ -70,29 +70,34 @@ def test_a_save_that_drops_a_part_and_fails_to_rename_keeps_every_part(store, mo
     assert list(store.load_parts("alice", RAW)) == ["personal"]
 
 
-def test_a_writer_killed_after_the_renames_of_a_save_that_drops_a_part_leaves_the_new_state(store):
-    """The dropped part is set aside before the renames, not deleted after them: a writer killed
-    in between left it a part, which the new personal file did not list, so loads were refused
-    and reset-rollback brought the dropped part back in front of the copy that replaced it."""
+@pytest.mark.parametrize("renames", [0, 1, 2])
+def test_a_writer_killed_during_a_save_that_drops_a_part_leaves_the_new_state(store, renames):
+    """A writer killed after deciding a save that drops the shared part, before or between its
+    renames: the next load completes it. Before, a dropped part left in place was a part the new
+    personal file did not list, so loads were refused, and reset-rollback brought the dropped
+    part back in front of the copy that replaced it."""
     writer = textwrap.dedent(
         f"""
         import os
         from fedprefix.common.store import PrefixStore, locking
         from tests.common.test_store_hardening import RAW, make_prefix
-        real = locking.commit
-        def killed_after(staged, durable):
-            real(staged, durable)
-            os._exit(9)  # no cleanup runs, as under SIGKILL
-        locking.commit = killed_after
+        real, done = os.replace, []
+        def killed_after(src, dst):
+            if len(done) == {renames} + 1:  # the journal's rename, then {renames} of the write's
+                os._exit(9)  # no cleanup runs, as under SIGKILL
+            done.append(dst)
+            real(src, dst)
+        locking.os.replace = killed_after
         PrefixStore({str(store.root)!r}, scrypt_n=2**10).save_parts(
             "alice", {{"personal": make_prefix(3)}}, RAW, drop=("shared",)
         )
         """
     )
     done = subprocess.run([sys.executable, "-c", writer], cwd=Path(__file__).parents[2], check=False)
-    assert done.returncode == 9
+    assert done.returncode == 9 and (store.root / ".alice.journal").exists()
     parts = store.load_parts("alice", RAW)
     assert list(parts) == ["personal"] and same(parts["personal"], make_prefix(3))
+    assert not (store.root / ".alice.journal").exists() and not list(store.root.rglob("*.tmp"))
 
 
 def test_a_read_only_store_fails_a_save_naming_the_file_and_still_loads(store, monkeypatch):

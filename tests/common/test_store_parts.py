@@ -133,28 +133,29 @@ def test_an_older_copy_of_one_part_put_back_with_its_record_is_refused(store):
         store.save("alice", make_prefix(6), RAW)
 
 
-def test_a_save_killed_between_its_renames_is_refused_until_reset(store, monkeypatch):
-    """SIGKILL or a power loss between the renames left one part new beside the other old, joined."""
+def test_a_save_stopped_between_its_renames_is_completed_by_the_next_load(store, monkeypatch):
+    """SIGKILL or a power loss between the renames left one part new beside the other old, which
+    loads refused until reset-rollback kept that mix. The write's journal now completes it."""
     from fedprefix.common.store import locking
 
     both(store)
     real_replace, renames = locking.os.replace, []
 
-    def killed_after_the_first(src, dst):
+    def stopped_after_the_first_part(src, dst):
         if renames:
-            raise SystemExit("killed")  # as a process killed here: the renamed file stays renamed
-        renames.append(dst)
+            raise SystemExit("stopped")  # as a process killed here: the renamed file stays renamed
+        if not str(dst).endswith(".journal"):
+            renames.append(dst)
         real_replace(src, dst)
 
-    monkeypatch.setattr(locking.os, "replace", killed_after_the_first)
+    monkeypatch.setattr(locking.os, "replace", stopped_after_the_first_part)
     with pytest.raises(SystemExit):
         store.save_parts("alice", {"personal": make_prefix(4), "shared": make_prefix(5)}, RAW)
     monkeypatch.setattr(locking.os, "replace", real_replace)
-    with pytest.raises(PartsMismatchError, match="from another write"):
-        store.load_parts("alice", RAW)
-    store.reset_rollback("alice", RAW)  # the owner accepts the files as they are
-    parts = store.load_parts("alice", RAW)
-    assert same(parts["personal"], make_prefix(4)) and same(parts["shared"], make_prefix(2))
+    assert (store.root / ".alice.journal").exists() and list(store.root.rglob(".*.staged.tmp"))
+    parts = store.load("alice@shared", RAW), store.load("alice", RAW)  # unlocked loads, as a server's
+    assert same(parts[0], make_prefix(5)) and same(parts[1], make_prefix(4))
+    assert not (store.root / ".alice.journal").exists() and not list(store.root.rglob("*.tmp"))
 
 
 def test_an_exception_after_the_first_rename_finishes_the_write_before_it_goes_on(store, monkeypatch):
@@ -167,7 +168,7 @@ def test_an_exception_after_the_first_rename_finishes_the_write_before_it_goes_o
 
     def interrupted_after_the_first(src, dst):
         real_replace(src, dst)
-        if not raised:
+        if not raised and not str(dst).endswith(".journal"):
             raised.append(dst)
             raise TimeoutError("the handler of a time limit")
 
@@ -270,19 +271,49 @@ def test_a_file_that_appears_while_a_reader_opens_it_is_not_a_link_to_nothing(st
         store.load("alice", RAW)
 
 
-def test_a_key_change_killed_between_its_renames_completes_when_run_again(store, monkeypatch):
+def test_a_key_change_stopped_between_its_renames_is_completed_by_the_next_load(store, monkeypatch):
     from fedprefix.common.store import locking
 
     both(store)
     real_replace, renames = locking.os.replace, []
 
-    def killed_after_the_first(src, dst):
+    def stopped_after_the_first_part(src, dst):
+        if renames:
+            raise SystemExit("stopped")
+        if not str(dst).endswith(".journal"):
+            renames.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(locking.os, "replace", stopped_after_the_first_part)
+    with pytest.raises(SystemExit):
+        store.change_passphrase("alice", RAW, PASS)
+    monkeypatch.setattr(locking.os, "replace", real_replace)
+    with pytest.raises(WrongKeyError):  # the change is made: the old key no longer opens a part
+        store.load_parts("alice", RAW)
+    parts = store.load_parts("alice", PASS)
+    assert same(parts["personal"], make_prefix(1)) and same(parts["shared"], make_prefix(2))
+    store.change_passphrase("alice", RAW, PASS)  # run again (as the README had said to): no harm
+    assert same(store.load_parts("alice", PASS)["shared"], make_prefix(2))
+
+
+def test_a_key_change_of_parts_under_two_keys_completes_when_run_again(store, monkeypatch):
+    """Parts under two keys (a change killed under an earlier version, which wrote no journal):
+    the same change run again puts them under one."""
+    from fedprefix.common.store import locking
+
+    both(store)
+    real_replace, renames = locking.os.replace, []
+
+    def killed_without_journal(src, dst):
         if renames:
             raise SystemExit("killed")
+        if str(dst).endswith(".journal"):
+            os.unlink(src)  # as if none were written
+            return
         renames.append(dst)
         real_replace(src, dst)
 
-    monkeypatch.setattr(locking.os, "replace", killed_after_the_first)
+    monkeypatch.setattr(locking.os, "replace", killed_without_journal)
     with pytest.raises(SystemExit):
         store.change_passphrase("alice", RAW, PASS)
     monkeypatch.setattr(locking.os, "replace", real_replace)

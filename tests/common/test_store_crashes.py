@@ -1,0 +1,172 @@
+"""A writer killed outright (SIGKILL, as a power loss or the OOM killer would) at every
+filesystem call of every kind of store write: the user's files are then the old version or
+the new one, whole, never a mix, and the next save works and leaves no temp file.
+
+Before writes were journalled (locking.py), a kill between the renames of a two-part save, a
+first save, or a rotate-key left the user unloadable until reset-rollback, which kept the
+mix (an audit that killed writers the same way found it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+
+import pytest
+from fedprefix.common.store import PrefixStore, StoreError, StoreIOError, UnknownUserError, UnknownVersionError
+
+from tests.common.test_store_hardening import PASS, RAW, make_prefix, same
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="forks a writer to kill it")
+
+CALLS = ("replace", "rename", "unlink", "fsync", "open", "mkdir")  # where a writer can be killed
+ONE, TWO = {"personal": 1}, {"personal": 1, "shared": 10}
+
+# op -> (stored before, the op, stored after, the key after); values are make_prefix seeds
+OPS = {
+    "first save": (None, lambda s: s.save("u", make_prefix(2), RAW), {"personal": 2}, RAW),
+    "two-part save": (
+        TWO,
+        lambda s: s.save_parts("u", {"personal": make_prefix(2), "shared": make_prefix(20)}, RAW),
+        {"personal": 2, "shared": 20},
+        RAW,
+    ),
+    "save dropping a part": (
+        TWO,
+        lambda s: s.save_parts("u", {"personal": make_prefix(2)}, RAW, drop=["shared"]),
+        {"personal": 2},
+        RAW,
+    ),
+    "part added": (
+        ONE,
+        lambda s: s.save_parts("u", {"shared": make_prefix(20)}, RAW),
+        {"personal": 1, "shared": 20},
+        RAW,
+    ),
+    "passphrase change": (TWO, lambda s: s.change_passphrase("u", RAW, PASS), TWO, PASS),
+    "rotate-key": (TWO, lambda s: s.rotate_data_key("u", RAW), TWO, RAW),
+    "reset-rollback": (TWO, lambda s: s.reset_rollback("u", RAW), TWO, RAW),
+    "delete": (TWO, lambda s: s.delete("u"), None, RAW),
+}
+
+
+def stored(store: PrefixStore, key) -> dict[str, int] | None:
+    """{part: seed} of what `key` loads (None: no user), matched against the seeds used here."""
+    try:
+        parts = store.load_parts("u", key)
+    except UnknownUserError:
+        return None
+    return {
+        part: next(seed for seed in (1, 2, 10, 20) if same(prefix, make_prefix(seed))) for part, prefix in parts.items()
+    }
+
+
+def killed_at(call: int, root, op) -> bool:
+    """Run `op` on the store at `root` in a child killed at its `call`-th filesystem call; False
+    if it finished first."""
+    pid = os.fork()
+    if pid == 0:  # the child: count the calls, and die at the chosen one
+        try:
+            calls = [0]
+            for name in CALLS:
+                real = getattr(os, name)
+
+                def counted(*args, _real=real, **kwargs):
+                    calls[0] += 1
+                    if calls[0] == call:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return _real(*args, **kwargs)
+
+                setattr(os, name, counted)
+            op(PrefixStore(root, scrypt_n=2**10))
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_a_writer_killed_anywhere_leaves_the_old_version_or_the_new_one(tmp_path, name):
+    before, op, after, key_after = OPS[name]
+    template = tmp_path / "template"
+    store = PrefixStore(template, scrypt_n=2**10)
+    if before:
+        store.save_parts("u", {part: make_prefix(seed) for part, seed in before.items()}, RAW)
+    call, seen = 0, set()
+    while True:
+        call += 1
+        root = tmp_path / f"kill-{call}"
+        shutil.copytree(template, root)
+        killed = killed_at(call, root, op)
+        store = PrefixStore(root, scrypt_n=2**10)
+        key = key_after
+        try:
+            state = stored(store, key)
+        except StoreError:  # not under the new key: the change was not made (a passphrase change)
+            key = RAW
+            state = stored(store, key)
+        assert state in (before, after), f"killed at call {call}: stored {state}, neither {before} nor {after}"
+        seen.add((key, state == after))
+        store.save("u", make_prefix(3), key)  # the next save works
+        leftovers = [p.name for p in root.rglob("*") if p.name.endswith((".tmp", ".journal"))]
+        assert not leftovers, f"killed at call {call}: left {leftovers}"
+        if not killed:
+            break
+    assert len(seen) == 2 or name in ("rotate-key", "reset-rollback")  # both ends were reached
+
+
+@pytest.fixture
+def store(tmp_path) -> PrefixStore:
+    store = PrefixStore(tmp_path / "store", scrypt_n=2**10)
+    store.save_parts("u", {"personal": make_prefix(1), "shared": make_prefix(10)}, RAW)
+    store.save("v", make_prefix(5), RAW)
+    return store
+
+
+@pytest.mark.parametrize(
+    "journal",
+    [
+        b'{"format_version": 1, "remove": ["v.fpx"], "write": []}',  # another user's file
+        b'{"format_version": 1, "remove": ["../outside"], "write": []}',
+        b'{"format_version": 1, "remove": [], "write": [".rollback/v.json"]}',
+        b"not json",
+        b'{"format_version": 1}',
+    ],
+)
+def test_a_journal_this_store_did_not_write_moves_nothing(store, journal):
+    """A journal put in the folder names only its own user's files, or it is removed unused: it
+    cannot make the store remove or replace anything else."""
+    (store.root / ".u.journal").write_bytes(journal)
+    (store.root.parent / "outside").write_bytes(b"x")
+    parts = store.load_parts("u", RAW)  # takes u's lock: the journal is read, found foreign, removed
+    assert same(parts["personal"], make_prefix(1)) and same(parts["shared"], make_prefix(10))
+    assert not (store.root / ".u.journal").exists() and (store.root.parent / "outside").exists()
+    assert same(store.load("v", RAW), make_prefix(5))
+
+
+def test_a_journal_of_a_newer_version_is_refused_by_name(store):
+    (store.root / ".u.journal").write_bytes(b'{"format_version": 2, "remove": [], "write": []}')
+    with pytest.raises(UnknownVersionError, match=r"journal \.u\.journal is format 2, written by a newer fedprefix"):
+        store.save("u", make_prefix(2), RAW)
+    assert same(store.load("u", RAW), make_prefix(1))  # an unlocked load reads the files as they are
+
+
+def test_a_rollback_record_of_a_newer_version_is_refused_by_name_not_called_damaged(store):
+    """reset-rollback, the advice for a damaged record, would rewrite it in the older format."""
+    path = store.root / ".rollback" / "u.json"
+    path.write_bytes(path.read_bytes().replace(b'"format_version":1', b'"format_version":2'))
+    with pytest.raises(UnknownVersionError, match="rollback record is format 2, written by a newer fedprefix"):
+        store.load("u", RAW)
+
+
+def test_a_store_folder_that_cannot_be_searched_is_an_io_error_not_an_unknown_user(store, monkeypatch):
+    """os.path.lexists said False for EACCES: every user of such a folder was "not stored" (a
+    server answered 404)."""
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "lstat", denied)
+    with pytest.raises(StoreIOError, match="Permission denied"):
+        store.load("u", RAW)
