@@ -22,7 +22,7 @@ from fedprefix.common.protocol import init_text, pack_shared
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from .records import RunInfo, RunRecorder, nothing_accepted, read_run, save_shared_prefix
+from .records import RunInfo, RunRecorder, nothing_accepted, read_run, save_shared_prefix, this_process
 from .strategy import PrefixStrategy, build_inner_strategy
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ def run_federation(grid: Grid, config: FederationConfig) -> None:
         compute_dtype=dtype_name(resolve_dtype(config.dtype, base.device)),
         host=host_info(base.device).model_dump(mode="json"),
         started=time.time(),
+        writer=this_process(),
     )
     recorder = RunRecorder.start(config.run_dir, info)
     strategy = PrefixStrategy(build_inner_strategy(config), config, arrays, base.fingerprint, recorder)
@@ -66,15 +67,16 @@ def run_federation(grid: Grid, config: FederationConfig) -> None:
             evaluate_config=ConfigRecord(),
             evaluate_fn=strategy.end_round,
         )
+        # inside the try: a full disk here must record the run as failed, not leave it "running"
+        if config.sends_shared and result.arrays is not None:
+            save_shared_prefix(result.arrays, recorder.dir)
+        _, rounds, _ = read_run(recorder.dir)
     except (KeyboardInterrupt, SystemExit) as exc:  # `flwr stop`, a signal
         recorder.finish("interrupted", error=f"{type(exc).__name__}: {exc}".rstrip(": "))
         raise
     except BaseException as exc:
         recorder.finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise
-    if config.sends_shared and result.arrays is not None:
-        save_shared_prefix(result.arrays, recorder.dir)
-    _, rounds, _ = read_run(recorder.dir)
     if problem := nothing_accepted(rounds):  # as simulate: a run that taught nobody anything has failed
         recorder.finish("failed", error=problem)
         raise RuntimeError(problem)

@@ -5,7 +5,9 @@
     RUN_DIR/shared_prefix.safetensors  the final aggregated shared prefix (shared modes)
 
 Readers tolerate a run in progress (status "running", a partial last line) and report
-a corrupt line by its number while still returning the others.
+a corrupt line by its number while still returning the others. run.json names the folder's
+format (FORMAT_VERSION; none: 1) and the process writing it (`writer`), so that a reader on
+its host can tell a run whose process was killed from one still running (`writer_gone`).
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Annotated, Literal
 
+import psutil
 from fedprefix.common.errors import FedPrefixError, first_error
 from fedprefix.common.files import atomic_write_bytes, read_regular
 from fedprefix.common.protocol import SHARED_ARRAY_PREFIX
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
+FORMAT_VERSION = 1  # of run.json and rounds.jsonl together
 RUN_FILE = "run.json"
 MAX_PROBLEMS = 20  # unreadable round lines named one by one; the rest are counted
 ROUNDS_FILE = "rounds.jsonl"
@@ -97,9 +102,20 @@ class RoundRecord(BaseModel):
         return self.eval_loss_base - self.eval_loss_personal
 
 
+class WriterProcess(BaseModel):
+    """The process that writes a run's records: its host, that host's boot, its pid and start
+    time (a pid reused by another process is not taken for it)."""
+
+    host: str
+    boot_id: str | None = None
+    pid: Count
+    started: UnixTime
+
+
 class RunInfo(BaseModel):
     """run.json."""
 
+    format_version: Annotated[int, Field(ge=1)] = 1
     run_id: str
     status: RunStatus
     config: FiniteDict
@@ -111,6 +127,37 @@ class RunInfo(BaseModel):
     started: UnixTime
     ended: UnixTime | None = None
     error: str | None = None
+    writer: WriterProcess | None = None  # None: a run written before it was recorded
+
+
+def this_process() -> WriterProcess:
+    """The current process, as RunInfo.writer."""
+    return WriterProcess(
+        host=socket.gethostname(), boot_id=_boot_id(), pid=os.getpid(), started=psutil.Process().create_time()
+    )
+
+
+def _boot_id() -> str | None:
+    try:  # Linux: one per boot (pids start again after a reboot)
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def writer_gone(info: RunInfo) -> str | None:
+    """Why a run recorded as running is not (its process was killed, or its host restarted),
+    where this host can tell; None: it may still run."""
+    writer = info.writer
+    if info.status != "running" or writer is None or writer.host != socket.gethostname():
+        return None
+    if writer.boot_id is not None and writer.boot_id != _boot_id():
+        return "its host restarted since"
+    try:
+        if abs(psutil.Process(writer.pid).create_time() - writer.started) < 1:
+            return None
+    except psutil.Error:
+        pass
+    return f"the process writing it (pid {writer.pid}) is gone"
 
 
 class RunRecorder:
@@ -174,11 +221,26 @@ def read_info(run_dir: str | os.PathLike) -> RunInfo:
     if not os.path.lexists(info_path):
         raise RunFolderError(f"{run_dir} is not a run folder: {RUN_FILE} is missing")
     try:
-        return RunInfo.model_validate_json(read_regular(info_path, follow_links=False))
+        raw = read_regular(info_path, follow_links=False)
+        _check_version(info_path, raw)
+        return RunInfo.model_validate_json(raw)
     except OSError as exc:
         raise RunFolderError(f"{info_path} {exc.strerror}") from None
     except ValidationError as exc:
         raise RunFolderError(f"{info_path} is not a valid run record: {': '.join(first_error(exc, 'run'))}") from exc
+
+
+def _check_version(info_path: Path, raw: bytes) -> None:
+    """RunFolderError naming the version of a folder a newer fedprefix wrote (its records may
+    mean something else, which the fields read here would not show)."""
+    try:
+        version = json.loads(raw).get("format_version")
+    except (ValueError, RecursionError, AttributeError):
+        return  # validation names what is wrong
+    if type(version) is int and version > FORMAT_VERSION:
+        raise RunFolderError(
+            f"{info_path} is format {version}, written by a newer fedprefix (this one reads {FORMAT_VERSION})"
+        )
 
 
 def read_run(run_dir: str | os.PathLike) -> tuple[RunInfo, list[RoundRecord], list[str]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunFolderError, RunInfo, read_run
+from .records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunFolderError, RunInfo, read_run, writer_gone
 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # fullmatch: `$` would let a trailing newline in
 
@@ -95,8 +95,19 @@ def read_run_cached(folder: Path) -> tuple[RunInfo, list[RoundRecord], list[str]
                     _cache.move_to_end(folder)  # a re-read run is the newest, not where it was
                     while len(_cache) > CACHED_RUNS or (len(_cache) > 1 and _cached_bytes() > CACHED_BYTES):
                         _cache.popitem(last=False)
-    info, rounds, problems = hit[1]
-    return info, list(rounds), list(problems)  # callers add problems to their copy
+    return with_writer_checked(*hit[1])
+
+
+def with_writer_checked(
+    info: RunInfo, rounds: list[RoundRecord], problems: list[str]
+) -> tuple[RunInfo, list[RoundRecord], list[str]]:
+    """The run as read, copied (callers add problems to theirs); one recorded as running whose
+    process is gone (killed: SIGKILL, the OOM killer) reads as interrupted, with the reason."""
+    problems = list(problems)
+    if reason := writer_gone(info):
+        info = info.model_copy(update={"status": "interrupted"})
+        problems.append(f"{RUN_FILE} says running, but {reason}: the run ended without recording it")
+    return info, list(rounds), problems
 
 
 def _cached(folder: Path, key: tuple) -> tuple | None:

@@ -288,6 +288,11 @@ def simulate(
     if died:  # the run may still have finished: its other nodes went on
         logger.warning(died)
     info, rounds, problems = read_run(run_dir)
+    if info.status == "running":  # the ServerApp's process ended without writing its end (killed)
+        end_unfinished(
+            run_dir, "failed", f"the ServerApp ended without recording its end (flwr exit code {returncode})"
+        )
+        info, rounds, problems = read_run(run_dir)
     if info.status != "finished":  # the ServerApp's end: also where no reply was accepted (records.nothing_accepted)
         reason = f"the federation {info.status}: {info.error or 'no reason recorded'}; see {log_file}"
         if died:  # the record says it too

@@ -282,13 +282,16 @@ def show_command(
     Example: fedprefix show demo --runs runs
     """
     from fedprefix.coordinator.records import read_run
-    from fedprefix.coordinator.runs import load_run
+    from fedprefix.coordinator.runs import load_run, with_writer_checked
     from fedprefix.coordinator.views import rounds_table, sparkline
 
     try:
         # a run id under --runs first: a same-named folder in the current one must not stand in for it
         by_id = Path(run).name == run and (Path(runs) / run).is_dir()
-        info, records, problems = read_run(run) if not by_id and Path(run).is_dir() else load_run(runs, run)
+        if not by_id and Path(run).is_dir():
+            info, records, problems = with_writer_checked(*read_run(run))
+        else:
+            info, records, problems = load_run(runs, run)
     except FedPrefixError as exc:
         fail(exc)
     if as_json:

@@ -112,7 +112,8 @@ def test_live_page_in_a_real_browser(runs, tmp_path):
     rounds = (live / "rounds.jsonl").read_text().splitlines()
     (live / "rounds.jsonl").write_text("\n".join(rounds[:2]) + "\n")
     info = json.loads((live / "run.json").read_text())
-    (live / "run.json").write_text(json.dumps({**info, "status": "running", "ended": None}))
+    # the process that wrote it has ended: as one still running, on another host (none to check)
+    (live / "run.json").write_text(json.dumps({**info, "status": "running", "ended": None, "writer": None}))
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
@@ -469,3 +470,52 @@ def test_a_rounds_file_too_large_to_read_is_a_problem_and_rounds_come_in_pages(r
     (root / "tiny" / "run.json").write_text((root / "tiny" / "run.json").read_text() + " ")
     listed = {r["id"]: r for r in client.get("/api/runs").json()}
     assert "tiny/run.json holds 0 MiB, more than the 0 MiB read here" in listed["tiny"]["problems"][0]
+
+
+def _recorded_as_running(folder, writer) -> None:
+    from fedprefix.coordinator.records import RUN_FILE, RunInfo
+
+    folder.mkdir(parents=True)
+    info = RunInfo(
+        run_id="r", status="running", config={}, base="b", base_fingerprint="f", shared_prefix_parameters=0, started=1.0
+    )
+    (folder / RUN_FILE).write_text(info.model_copy(update={"writer": writer}).model_dump_json())
+
+
+def test_a_run_whose_process_was_killed_reads_as_interrupted_not_running_for_ever(tmp_path):
+    """The ServerApp's process killed (SIGKILL, the OOM killer) wrote no end: the run read
+    "running" with no round for ever, and its page kept polling (an auditor's finding)."""
+    import subprocess
+    import sys
+
+    import psutil
+    from fedprefix.coordinator.records import this_process
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead = this_process().model_copy(update={"pid": child.pid, "started": psutil.Process(child.pid).create_time()})
+    child.kill()
+    child.wait()
+    _recorded_as_running(tmp_path / "runs" / "dead", dead)
+    _recorded_as_running(tmp_path / "runs" / "alive", this_process())
+    _recorded_as_running(tmp_path / "runs" / "elsewhere", dead.model_copy(update={"host": "another-host"}))
+    reused = this_process().model_copy(update={"started": this_process().started - 3600})  # the pid, not the process
+    _recorded_as_running(tmp_path / "runs" / "reused", reused)
+    found = {s.id: s for s in runs_module.list_runs(tmp_path / "runs")}
+    for gone in ("dead", "reused"):
+        assert found[gone].status == "interrupted", gone
+        assert any("says running, but the process writing it" in p and "is gone" in p for p in found[gone].problems)
+    assert found["alive"].status == found["elsewhere"].status == "running"  # elsewhere: this host cannot tell
+    client = TestClient(create_dashboard(tmp_path / "runs"))
+    assert client.get("/runs/dead/panel").headers["X-Run-Status"] == "interrupted"  # the page stops polling
+    shown = CliRunner().invoke(app, ["show", str(tmp_path / "runs" / "dead")])
+    assert "interrupted" in shown.output and "is gone" in shown.output
+
+
+def test_a_run_folder_of_a_newer_format_is_refused_by_name(tmp_path):
+    from fedprefix.coordinator.records import RunFolderError, read_info
+
+    _recorded_as_running(tmp_path / "run", None)
+    path = tmp_path / "run" / "run.json"
+    path.write_text(path.read_text().replace('"format_version":1', '"format_version":2'))
+    with pytest.raises(RunFolderError, match="is format 2, written by a newer fedprefix"):
+        read_info(tmp_path / "run")

@@ -142,3 +142,33 @@ def test_the_server_app_records_a_stopped_run_as_interrupted_and_one_that_taught
         server_app.run_federation(grid=None, config=config)
     info = read_run(tmp_path / "run")[0]
     assert info.status == "failed" and "node 7: no rows" in info.error
+
+
+def test_the_server_app_records_a_run_whose_shared_prefix_cannot_be_written_as_failed(tmp_path, monkeypatch):
+    """The final shared prefix was written outside the record's try: a full disk there left the
+    run 'running' for ever (an auditor's finding)."""
+    from types import SimpleNamespace
+
+    import pytest
+    from fedprefix.common.config import FederationConfig
+    from fedprefix.coordinator import app as server_app
+    from fedprefix.coordinator.records import read_run
+
+    from tests.coordinator.test_simulate_cleanup import _record
+
+    config = FederationConfig(base="tiny-llama", num_users=2, run_dir=str(tmp_path / "run"))
+    assert config.sends_shared
+
+    def taught(self, **settings):
+        self.recorder.append_round(_record(1))
+        return SimpleNamespace(arrays={})
+
+    def full_disk(arrays, run_dir):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(server_app.PrefixStrategy, "start", taught)
+    monkeypatch.setattr(server_app, "save_shared_prefix", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        server_app.run_federation(grid=None, config=config)
+    info = read_run(tmp_path / "run")[0]
+    assert info.status == "failed" and "No space left on device" in info.error

@@ -373,6 +373,25 @@ def test_a_node_process_that_died_is_named_beside_what_the_rounds_recorded(tmp_p
     assert info.status == "failed" and "a node's process died" in info.error
 
 
+def test_a_server_app_that_ended_without_recording_its_end_fails_the_run_by_name(tmp_path, monkeypatch):
+    """The ServerApp's process killed (the OOM killer) left run.json "running": simulate said
+    "the federation running: no reason recorded", and the record stayed "running" for ever."""
+    from fedprefix.coordinator import simulate as simulate_module
+    from fedprefix.coordinator.records import read_run
+
+    run_dir = tmp_path / "run"
+
+    def killed_server_app(config, *args):
+        _write_info(run_dir, "running")
+        return 0
+
+    monkeypatch.setattr(simulate_module, "_run_federation", killed_server_app)
+    with pytest.raises(simulate_module.SimulationError, match="the ServerApp ended without recording its end"):
+        simulate_module.simulate(FederationConfig(num_users=2, run_dir=str(run_dir)))
+    info = read_run(run_dir)[0]
+    assert info.status == "failed" and "without recording its end" in info.error
+
+
 def test_a_deployment_run_into_an_earlier_runs_folder_starts_without_its_shared_prefix(tmp_path):
     """`flwr run` on a Deployment Engine writes its folder through RunRecorder.start alone."""
     from fedprefix.coordinator.records import RunInfo, RunRecorder, load_shared_prefix, read_run
