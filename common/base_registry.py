@@ -39,9 +39,11 @@ def cache_dir() -> Path:
     """Where converted models and fingerprints live: $FEDPREFIX_CACHE; else, run from a source
     checkout (`make demo`'s editable install), its git-ignored .cache/fedprefix, where `make`
     puts them, so the SDK and CLI run by hand find the base that `make demo` fetched; else
-    ~/.cache/fedprefix."""
+    ~/.cache/fedprefix. A "~" in $FEDPREFIX_CACHE is expanded (quoted, or set by systemd, Docker
+    or a .env file, it arrived as is: a folder named "~" appeared in the working folder) and a
+    relative one taken from the working folder once, here."""
     if chosen := os.environ.get("FEDPREFIX_CACHE"):
-        return Path(chosen)
+        return Path(chosen).expanduser().absolute()
     checkout = Path(__file__).resolve().parents[1]  # common/ sits at the top of a checkout
     if (checkout / "Makefile").is_file() and (checkout / "common" / "base_model.py").is_file():
         return checkout / ".cache" / "fedprefix"

@@ -8,8 +8,11 @@ carries FEDPREFIX_SIM_TAG=<uuid> in its environment, which all their descendants
 also seen while the run went on), sends SIGTERM, waits a few seconds, then SIGKILLs the
 rest. (Not a child subreaper as well: orphans found by tag need no re-parenting, and
 processes a caller starts meanwhile would stay our zombies once their parents die.)
-While an `owned_processes()` block runs in the main thread, SIGTERM raises
-KeyboardInterrupt like Ctrl-C, so the same cleanup runs.
+While an `owned_processes()` block runs in the main thread, SIGTERM and SIGHUP raise
+KeyboardInterrupt like Ctrl-C, so the same cleanup runs. A process killed outright (SIGKILL,
+the OOM killer) runs no cleanup: for that, a watchdog started with the block (`python -m
+fedprefix.coordinator.processes PID TAG`, in a session of its own) stops every process of the
+tag once PID has ended. Before it, the SuperLink and SuperExec ran on for good.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 
 import psutil
-from fedprefix.common.signals import signals_deferred, sigterm_as_interrupt
+from fedprefix.common.signals import signals_deferred, stop_signals_as_interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -164,11 +168,25 @@ class OwnedProcesses:
         return alive(self.find())
 
 
+WATCH_S = 1.0  # how often the watchdog looks for its parent
+
+
+def watch(parent: psutil.Process, tag: str) -> None:
+    """Wait for `parent` to end, then stop every process of `tag` (the watchdog's own work)."""
+    while parent.is_running() and parent.status() != psutil.STATUS_ZOMBIE:
+        time.sleep(WATCH_S)
+    OwnedProcesses(tag).stop()
+
+
 @contextmanager
 def owned_processes():
-    """An OwnedProcesses whose processes are all stopped on leaving, however it is left."""
+    """An OwnedProcesses whose processes are all stopped on leaving, however it is left (a
+    watchdog stops them where this process is killed outright)."""
     owned = OwnedProcesses()
-    with sigterm_as_interrupt():
+    command = [sys.executable, "-m", __name__, str(os.getpid()), owned.tag]
+    streams = {name: subprocess.DEVNULL for name in ("stdin", "stdout", "stderr")}
+    owned.popen(command, env=dict(os.environ), start_new_session=True, **streams)
+    with stop_signals_as_interrupt():
         try:
             yield owned
         finally:
@@ -178,3 +196,14 @@ def owned_processes():
                 logger.warning("could not stop %s (%s=%s)", _describe(survivors), TAG_VAR, owned.tag)
             if received and sys.exc_info()[1] is None:  # interrupted while cleaning up after a normal end
                 raise KeyboardInterrupt(f"signal {received[0]} during cleanup")
+
+
+if __name__ == "__main__":  # the watchdog: PID TAG
+    try:
+        watched = psutil.Process(int(sys.argv[1]))
+    except psutil.NoSuchProcess:
+        watched = None
+    if watched is not None:
+        watch(watched, sys.argv[2])
+    else:
+        OwnedProcesses(sys.argv[2]).stop()

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,6 +37,7 @@ import httpx
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.common.resources import available_memory, usable_cores
+from filelock import FileLock, Timeout
 
 from .node_sizing import NodePlan, plan_for_machine, plan_nodes
 from .processes import OwnedProcesses, owned_processes, ray_token_env
@@ -57,11 +58,29 @@ CLIENT_APP = "fedprefix.client.app:app"  # the ClientApp every simulated node ru
 STARTUP_TIMEOUT_S = 60.0
 POLL_S = 0.5  # how often a running simulation reads its round records
 SIMULATION_MARK = ".fedprefix-simulation"  # in RUN_DIR/stores: a simulation made it, a rerun may empty it
+LOOPBACK_NAMES = "127.0.0.1,localhost,::1"
+RUN_LOCK = ".fedprefix-run.lock"  # in RUN_DIR: held by the run using it
 RUN_MARK = ".fedprefix-run"  # in RUN_DIR: a run claimed it before writing there; a rerun may write into it
 
 
 class SimulationError(FedPrefixError):
     """A simulated federation could not start or did not finish."""
+
+
+SHELL_SPECIAL = frozenset(" \t\n$`\"'\\;&|<>()*?[]#~!{}")
+
+
+def check_python_path(python: str) -> None:
+    """SimulationError where Ray cannot start its workers from `python`: Ray (2.55) runs a worker
+    with a runtime environment, as Flower's always has, through `bash -c` with the interpreter's
+    path unquoted, so a space in it failed every node after minutes, saying only that worker
+    startup failed."""
+    if found := sorted(SHELL_SPECIAL & set(python)):
+        raise SimulationError(
+            f"this Python's path {python!r} holds {', '.join(map(repr, found))}, which Ray's workers cannot "
+            "start from (it runs them through a shell unquoted): put the checkout or virtual environment "
+            "in a folder whose path has no spaces or shell characters"
+        )
 
 
 def flower_bin(name: str) -> str:
@@ -156,7 +175,8 @@ def local_superlink(flwr_home: Path, log_file: Path, simulation: bool = True, ow
 
 def _healthy(port: int) -> bool:
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success
+        # trust_env off: a proxy setting (HTTP_PROXY) sent this loopback request to the proxy
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5, trust_env=False).is_success
     except httpx.HTTPError:
         return False
 
@@ -183,6 +203,8 @@ def flower_env(flwr_home: Path) -> dict:
         FLWR_DISABLE_UPDATE_CHECK="1",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
+    for name in ("NO_PROXY", "no_proxy"):  # behind a proxy (HTTP_PROXY), Flower's own loopback gRPC went to it
+        env[name] = ",".join(filter(None, (env.get(name), LOOPBACK_NAMES)))
     return env | ray_token_env(env)
 
 
@@ -251,6 +273,7 @@ def simulate(
     """
     from fedprefix.common.base_checks import check_base, parameter_count  # torch: only once a run starts
 
+    check_python_path(sys.executable)
     # before the run's folder is touched: a base each node would fail to load stops the run here
     check_base(config.base, config.node_positions)
     cores = usable_cores()
@@ -259,46 +282,47 @@ def simulate(
     else:
         plan = plan_nodes(config, cores, cpus=cpus_per_client)
     claim_run_folder(config)
-    if not config.store_root:  # the run's own stores: a rerun into the same folder starts afresh
-        _fresh_node_stores(Path(config.node_store_root))
-    config = config.model_copy(
-        update={
-            "run_dir": str(Path(config.run_dir).resolve()),
-            "store_root": str(Path(config.node_store_root).resolve()),
-            **({"audit_dir": str(Path(config.audit_dir).resolve())} if config.audit_dir else {}),
-            # node processes may not share this process's working folder
-            **({"data": str(Path(config.data).resolve())} if config.data else {}),
-        }
-    )
-    run_dir = Path(config.run_dir)  # made by claim_run_folder
-    clear_run_outputs(run_dir)
-    log_file = run_dir / "flower.log"
-    log_file.unlink(missing_ok=True)  # appended to while it runs: an earlier run's dead node is not this run's
-    try:
-        returncode = _run_federation(config, clientapp, verbose, plan, log_file, on_round)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every process is stopped; the record says so
-        end_unfinished(run_dir, "interrupted", "stopped by the user (Ctrl-C or SIGTERM)")
-        raise
-    except BaseException as exc:
-        end_unfinished(run_dir, "failed", f"{type(exc).__name__}: {exc}")
-        raise
-    if not (run_dir / RUN_FILE).is_file():
-        raise SimulationError(f"the federation did not start (flwr run exit code {returncode}); see {log_file}")
-    died = died_node_note(log_file)
-    if died:  # the run may still have finished: its other nodes went on
-        logger.warning(died)
-    info, rounds, problems = read_run(run_dir)
-    if info.status == "running":  # the ServerApp's process ended without writing its end (killed)
-        end_unfinished(
-            run_dir, "failed", f"the ServerApp ended without recording its end (flwr exit code {returncode})"
+    with run_folder_lock(Path(config.run_dir)):  # a second run into it would empty it under this one
+        if not config.store_root:  # the run's own stores: a rerun into the same folder starts afresh
+            _fresh_node_stores(Path(config.node_store_root))
+        config = config.model_copy(
+            update={
+                "run_dir": str(Path(config.run_dir).resolve()),
+                "store_root": str(Path(config.node_store_root).resolve()),
+                **({"audit_dir": str(Path(config.audit_dir).resolve())} if config.audit_dir else {}),
+                # node processes may not share this process's working folder
+                **({"data": str(Path(config.data).resolve())} if config.data else {}),
+            }
         )
+        run_dir = Path(config.run_dir)  # made by claim_run_folder
+        clear_run_outputs(run_dir)
+        log_file = run_dir / "flower.log"
+        log_file.unlink(missing_ok=True)  # appended to while it runs: an earlier run's dead node is not this run's
+        try:
+            returncode = _run_federation(config, clientapp, verbose, plan, log_file, on_round)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, a hangup: every process is stopped; the record says so
+            end_unfinished(run_dir, "interrupted", "stopped (Ctrl-C, SIGTERM or a hangup)")
+            raise
+        except BaseException as exc:
+            end_unfinished(run_dir, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+        if not (run_dir / RUN_FILE).is_file():
+            raise SimulationError(f"the federation did not start (flwr run exit code {returncode}); see {log_file}")
+        died = died_node_note(log_file)
+        if died:  # the run may still have finished: its other nodes went on
+            logger.warning(died)
         info, rounds, problems = read_run(run_dir)
-    if info.status != "finished":  # the ServerApp's end: also where no reply was accepted (records.nothing_accepted)
-        reason = f"the federation {info.status}: {info.error or 'no reason recorded'}; see {log_file}"
-        if died:  # the record says it too
-            end_unfinished(run_dir, info.status, "; ".join(filter(None, (info.error, died))), ended=(info.status,))
-        raise SimulationError("; ".join(filter(None, (reason, died))))
-    return rounds
+        if info.status == "running":  # the ServerApp's process ended without writing its end (killed)
+            unrecorded = f"the ServerApp ended without recording its end (flwr exit code {returncode})"
+            end_unfinished(run_dir, "failed", unrecorded)
+            info, rounds, problems = read_run(run_dir)
+        # the ServerApp's end: also where no reply was accepted (records.nothing_accepted)
+        if info.status != "finished":
+            reason = f"the federation {info.status}: {info.error or 'no reason recorded'}; see {log_file}"
+            if died:  # the record says it too
+                end_unfinished(run_dir, info.status, "; ".join(filter(None, (info.error, died))), ended=(info.status,))
+            raise SimulationError("; ".join(filter(None, (reason, died))))
+        return rounds
 
 
 def died_node_note(log_file: Path) -> str:
@@ -373,6 +397,22 @@ def claim_run_folder(config: FederationConfig) -> None:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_MARK).write_text("a fedprefix run's folder: a later run into it replaces what runs wrote\n")
+
+
+@contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold RUN_DIR's lock for a run's length; SimulationError at once if another run holds it: a
+    second run into the folder emptied the first's record and node stores under it, and then
+    reported its own run, mixed with the first one's nodes, as finished."""
+    lock = FileLock(run_dir / RUN_LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise SimulationError(f"another run is using {run_dir}: wait for it to end, or give another --out") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def made_by_a_run(folder: Path) -> bool:

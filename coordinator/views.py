@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -18,9 +19,10 @@ SPARKS = "▁▂▃▄▅▆▇█"
 
 
 def make_console(stderr: bool = False) -> Console:
-    """A rich console; 120 columns when output is not a terminal (logs, pipes), so tables fit."""
+    """A rich console; 120 columns when output is not a terminal (logs, pipes), so tables fit. A
+    closed stream (a daemon's `>&-`) is no terminal: every command had failed at import."""
     stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, width=None if stream.isatty() else 120)
+    return Console(stderr=stderr, width=None if stream is not None and stream.isatty() else 120)
 
 
 def sparkline(values: Sequence[float | None], width: int = 60) -> str:
@@ -73,6 +75,12 @@ def mode_label(config: dict) -> str:
     return f"{mode} ({recipe})" if mode == "shared+personal" and recipe else mode
 
 
+def numbers_table(title) -> Table:
+    """A table of short columns, under a rule and without vertical ones: the twelve columns of
+    rounds_table fit an 80-column terminal (boxed, rich cut their numbers to "5.5…")."""
+    return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+
+
 def rounds_table(records: Sequence[RoundRecord], title: str = "rounds", latest: int = 0) -> Table:
     """Round, users sampled, replies ok / rejected, train loss, held-out loss with the base, shared
     and shared+personal prefix, personalization gain (base - personal), update norm, uplink, time.
@@ -81,7 +89,7 @@ def rounds_table(records: Sequence[RoundRecord], title: str = "rounds", latest: 
     if 0 < latest < len(records):
         title = f"{title} (the latest {latest} of {len(records)})"
         records = records[-latest:]
-    table = Table(title=title)
+    table = numbers_table(title)
     dp = any(r.privacy is not None for r in records)  # a DP run: its epsilon so far, beside each round
     columns = ("rnd", "users", "ok", "rej", "train", "base", "shared", "pers", "gain", "norm", "up kB", "s")
     for column in (*columns, *(["DP eps"] if dp else [])):
@@ -130,8 +138,9 @@ def privacy_text(record: RoundRecord) -> str:
 @contextmanager
 def round_progress(console: Console, total: int, description: str) -> Iterator[Callable[[RoundRecord], None]]:
     """Yields an on_round callback for simulate(): in a terminal a live bar of rounds done of `total`
-    with one line per round above it; elsewhere (a file, a pipe, CI) plain flushed lines, no ANSI codes."""
-    if console.is_terminal:
+    with one line per round above it; elsewhere (a file, a pipe, CI, TERM=dumb, where the bar's
+    line came out last) plain flushed lines, no ANSI codes."""
+    if console.is_terminal and not console.is_dumb_terminal:
         columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
         with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task(description, total=total)

@@ -128,7 +128,7 @@ def validate_user_id(user_id: object) -> str:
     ):
         shown = user_id if isinstance(user_id, str) and len(user_id) <= 140 else f"<{type(user_id).__name__}>"
         raise BadUserIdError(
-            f"invalid user id {shown!r}: use 1-128 letters, digits or '._-@', not starting with '.' "
+            f"invalid user id {shown!r}: use 1-128 ASCII letters, digits or '._-@', not starting with '.' "
             f"and not ending in {SHARED_SUFFIX!r} (reserved for the store's shared parts)"
         )
     return user_id

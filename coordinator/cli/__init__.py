@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from fedprefix.common.signals import sigterm_as_interrupt
+from fedprefix.common.signals import stop_signals_as_interrupt
 
 
 def _load_commands():
@@ -30,7 +30,7 @@ def run() -> None:
 
     SIGTERM stops a command as Ctrl-C does, so that its cleanups run (a base's half-converted
     folder, say); `serve` and `dashboard` set their own handlers, which stop them cleanly."""
-    with sigterm_as_interrupt():
+    with stop_signals_as_interrupt():
         try:
             _, run_app = _load_commands()
         except KeyboardInterrupt:

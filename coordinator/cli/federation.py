@@ -7,10 +7,9 @@ from pathlib import Path
 
 import typer
 from fedprefix.common.errors import FedPrefixError, first_error
-from fedprefix.coordinator.views import fmt_num, mode_label, plain
+from fedprefix.coordinator.views import fmt_num, mode_label, numbers_table, plain
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from .main import (
     ALLOWED_HOST_HELP,
@@ -246,7 +245,7 @@ def runs_command(
     if as_json:
         typer.echo(json.dumps([s.model_dump() for s in summaries], indent=2))
         return
-    table = Table(title=f"runs in {escape(runs)}")
+    table = numbers_table(f"runs in {escape(runs)}")
     for column in ("id", "status", "mode", "base", "users", "rounds", "base loss", "shared", "personal"):
         table.add_column(column)
     for s in summaries:

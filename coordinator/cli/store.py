@@ -73,8 +73,11 @@ def _read_key(user_id: str, key_file: Path | None, passphrase_env: str | None, n
         if not value:
             raise BadKeyError(f"environment variable {passphrase_env} is not set or empty")
         return value
-    if not sys.stdin.isatty():  # piped in (no terminal to hide the input on): its next line
-        line = sys.stdin.readline().rstrip("\r\n")
+    if sys.stdin is None or not sys.stdin.isatty():  # piped in (no terminal to hide the input on): its next line
+        try:
+            line = sys.stdin.readline().rstrip("\r\n") if sys.stdin is not None else ""
+        except OSError:  # closed or unreadable (nohup's stdin): no key came
+            line = ""
         if not line:
             raise BadKeyError(f"no key for {user_id!r}: give {options}, or pipe the passphrase in")
         return line

@@ -301,6 +301,47 @@ def test_ctrl_d_at_the_passphrase_prompt_is_an_error_and_ctrl_c_aborts(monkeypat
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(err)
 
 
+class _Unreadable:
+    def isatty(self):
+        return False
+
+    def readline(self):
+        raise OSError(9, "Bad file descriptor")
+
+
+@pytest.mark.parametrize("stdin", [None, _Unreadable()], ids=["closed", "nohup"])
+def test_a_closed_or_unreadable_stdin_is_no_key_not_a_crash(monkeypatch, capsys, tmp_path, stdin):
+    """`<&-` had raised AttributeError, nohup's unreadable stdin "[Errno 9] Bad file descriptor"."""
+    (tmp_path / "store").mkdir()
+    monkeypatch.setattr(sys, "stdin", stdin)
+    with pytest.raises(SystemExit) as exit_:
+        _run(monkeypatch, "store", "verify", "alice", "--store", str(tmp_path / "store"))
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: no key for 'alice': give --key-file or --passphrase-env, or pipe the passphrase in"
+    )
+
+
+def test_a_closed_stdout_is_no_terminal(monkeypatch):
+    """`fedprefix base list >&-`: every command had failed at import (None.isatty())."""
+    from fedprefix.coordinator.views import make_console
+
+    monkeypatch.setattr(sys, "stdout", None)
+    assert make_console().width == 120
+
+
+def test_a_cache_folder_with_a_tilde_or_relative_is_the_users_home_or_taken_once(monkeypatch, tmp_path):
+    """A quoted "~/fpc" (systemd, Docker, a .env file) had made a folder named "~" here."""
+    from fedprefix.common.base_registry import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FEDPREFIX_CACHE", "~/fpc")
+    assert cache_dir() == tmp_path / "home" / "fpc"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEDPREFIX_CACHE", "cache")
+    assert cache_dir() == tmp_path / "cache"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -487,3 +528,48 @@ def test_tls_and_host_options_are_checked_before_anything_loads(monkeypatch, cap
     assert cli_main.http_exposure("0.0.0.0", None, [], None, None) is None
     assert "listening on 0.0.0.0 without TLS" in capsys.readouterr().err
     assert cli_main.http_exposure("127.0.0.1", None, ["*"], None, None) is None and not capsys.readouterr().err
+
+
+def test_the_rounds_table_fits_an_80_column_terminal_without_cutting_numbers():
+    """`make demo` in a default terminal showed losses as "5.5…" and the norm as "0.…"."""
+    import io
+
+    from fedprefix.coordinator.records import RoundRecord
+    from fedprefix.coordinator.views import rounds_table
+    from rich.console import Console
+
+    record = RoundRecord(
+        round=10, sampled_users=list(range(12)), replies_accepted=12, replies_rejected=0, train_loss=5.5012,
+        eval_loss_base=5.588, eval_loss_shared=5.1234, eval_loss_personal=4.2345, shared_update_norm=0.123456,
+        uplink_bytes=123456, train_seconds_sum=30.0, seconds=101.2,
+    )  # fmt: skip
+    console = Console(width=80, file=io.StringIO())
+    console.print(rounds_table([record]))
+    shown = console.file.getvalue()
+    assert "…" not in shown and "5.501" in shown and "101.2" in shown and "rnd" in shown
+
+
+@pytest.mark.parametrize("term", ["dumb", "xterm-256color"])
+def test_round_progress_on_a_dumb_terminal_prints_plain_lines_in_order(monkeypatch, term):
+    """TERM=dumb: the bar's description line came out after the round lines, cut to 80 columns."""
+    import io
+
+    from fedprefix.coordinator.records import RoundRecord
+    from fedprefix.coordinator.views import round_progress
+    from rich.console import Console
+
+    monkeypatch.setenv("TERM", term)
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=80)
+    record = RoundRecord(
+        round=1, sampled_users=[1], replies_accepted=1, replies_rejected=0, train_loss=1.0, eval_loss_base=2.0,
+        eval_loss_shared=1.5, eval_loss_personal=1.2, shared_update_norm=0.1, uplink_bytes=1, train_seconds_sum=1.0,
+        seconds=1.0,
+    )  # fmt: skip
+    with round_progress(console, 2, "simulating 2 users x 2 rounds") as show:
+        show(record)
+    lines = out.getvalue().splitlines()
+    if term == "dumb":
+        assert lines[0] == "simulating 2 users x 2 rounds" and lines[1].startswith("round 1/2: train loss 1.000")
+    else:
+        assert "\x1b[" in out.getvalue()  # a live bar where the terminal draws one

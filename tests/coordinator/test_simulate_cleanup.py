@@ -4,6 +4,7 @@ and the round records reach on_round as they are written."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -245,6 +246,36 @@ def test_owned_processes_stops_daemonized_descendants(tmp_path):
     assert time.monotonic() - start < 15
 
 
+OWNER = """
+import os, sys, time
+from fedprefix.coordinator.processes import owned_processes
+with owned_processes() as owned:
+    owned.popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], env=dict(os.environ))
+    time.sleep(600)
+"""
+
+
+def test_a_process_killed_outright_has_its_processes_stopped_by_its_watchdog(tmp_path):
+    """SIGKILL (or the OOM killer) runs no cleanup: `fedprefix simulate` killed so left the
+    SuperLink and the SuperExec running for good. Its watchdog stops them."""
+    pid_file = tmp_path / "daemon.pid"
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, DAEMON, str(pid_file)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        daemon = psutil.Process(int(pid_file.read_text()))
+        owner.kill()
+        owner.wait()
+        _, left = psutil.wait_procs([daemon], timeout=20)  # the watchdog looks each second; SIGKILL after 3 s
+        assert not alive(left), "the daemon of a killed owner is stopped"
+    finally:
+        owner.kill()
+        if pid_file.is_file() and pid_file.read_text():
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(int(pid_file.read_text())).kill()
+
+
 def test_sigterm_interrupts_like_ctrl_c_while_owned():
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
@@ -392,6 +423,24 @@ def test_a_server_app_that_ended_without_recording_its_end_fails_the_run_by_name
     assert info.status == "failed" and "without recording its end" in info.error
 
 
+def test_a_second_run_into_a_folder_in_use_is_refused_before_it_touches_it(tmp_path, monkeypatch):
+    """A second terminal's run into the same --out emptied the first run's record and node stores
+    under it, and reported its own run, mixed with the first one's nodes, as finished."""
+    from fedprefix.coordinator import simulate as simulate_module
+
+    run_dir = tmp_path / "run"
+    started = []
+    monkeypatch.setattr(simulate_module, "_run_federation", lambda *args: started.append(1) or 0)
+    config = FederationConfig(num_users=2, run_dir=str(run_dir))
+    simulate_module.claim_run_folder(config)
+    _write_info(run_dir, "running")
+    before = (run_dir / RUN_FILE).read_bytes()
+    with simulate_module.run_folder_lock(run_dir):  # the first run, still going
+        with pytest.raises(simulate_module.SimulationError, match="another run is using .*give another --out"):
+            simulate_module.simulate(config)
+    assert not started and (run_dir / RUN_FILE).read_bytes() == before
+
+
 def test_a_deployment_run_into_an_earlier_runs_folder_starts_without_its_shared_prefix(tmp_path):
     """`flwr run` on a Deployment Engine writes its folder through RunRecorder.start alone."""
     from fedprefix.coordinator.records import RunInfo, RunRecorder, load_shared_prefix, read_run
@@ -445,3 +494,43 @@ def test_a_ray_of_ours_gets_a_fresh_token_and_an_owners_or_a_clusters_setting_is
     assert ray_token_env({"RAY_AUTH_TOKEN": "mine"})["RAY_AUTH_TOKEN"] == "mine"
     assert ray_token_env({"RAY_AUTH_MODE": "disabled"}) == {}  # the owner's choice
     assert ray_token_env({"RAY_ADDRESS": "10.0.0.5:6379"}) == {}  # a cluster's: it may take no token
+
+
+def test_a_proxy_setting_does_not_take_the_runs_loopback_traffic(monkeypatch, tmp_path):
+    """Behind a proxy (HTTP_PROXY set), the SuperLink's health check and Flower's own loopback
+    gRPC went to the proxy: every simulation failed with "flower-superlink did not start"."""
+    import http.server
+
+    from fedprefix.coordinator import simulate as simulate_module
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+        monkeypatch.setenv("NO_PROXY", "intranet.example")
+        assert simulate_module._healthy(server.server_address[1])
+    finally:
+        server.shutdown()
+    env = simulate_module.flower_env(tmp_path)
+    assert env["NO_PROXY"] == "intranet.example,127.0.0.1,localhost,::1"
+    assert "127.0.0.1" in env["no_proxy"].split(",")
+
+
+def test_a_python_whose_path_has_a_space_is_refused_at_once_by_name(monkeypatch, tmp_path):
+    """Ray runs its workers through `bash -c` with the interpreter's path unquoted: a checkout in
+    "~/My Projects" failed every node after some 6 minutes, saying only that worker startup failed."""
+    from fedprefix.coordinator import simulate as simulate_module
+
+    monkeypatch.setattr(simulate_module.sys, "executable", "/home/me/My Projects/fedprefix/.venv/bin/python")
+    with pytest.raises(simulate_module.SimulationError, match="holds ' ', which Ray's workers cannot start from"):
+        simulate_module.simulate(FederationConfig(num_users=2, run_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+    simulate_module.check_python_path("/home/me/projets/é/.venv/bin/python")  # what a shell takes as it is
