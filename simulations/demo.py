@@ -22,7 +22,8 @@ from fedprefix.client.node import simulation_key
 from fedprefix.common.base_model import DEFAULT_BASE, load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.errors import FedPrefixError
-from fedprefix.coordinator.simulate import check_run_folder, claim_run_folder, simulate
+from fedprefix.coordinator.run_folder import check_run_folder, claim_run_folder
+from fedprefix.coordinator.simulate import simulate
 from fedprefix.coordinator.views import make_console, round_progress, rounds_table
 from fedprefix.simulations.arguments import positive
 from fedprefix.simulations.personas import (

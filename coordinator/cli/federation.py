@@ -135,7 +135,7 @@ def simulate(
             )
     try:  # before Flower and Ray start: each node would fail on it, and the reason end up in a log
         from fedprefix.common.base_checks import check_base
-        from fedprefix.coordinator.simulate import check_run_folder
+        from fedprefix.coordinator.run_folder import check_run_folder
 
         check_base(config.base, config.node_positions)  # --set base=... may have replaced --base
         check_run_folder(config)  # before the personas' data is written into it
@@ -202,7 +202,7 @@ def _checked(values: dict):
 def _federation_data(config, users: int, examples: int, out: Path, note: Console) -> tuple[int, str]:
     """(users, data): simulated personas written beside the run, or the given data read and checked."""
     if config.data == "personas":
-        from fedprefix.coordinator.simulate import claim_run_folder
+        from fedprefix.coordinator.run_folder import claim_run_folder
         from fedprefix.simulations.personas import write_federation_data
 
         claim_run_folder(config)  # marked a run's before the data goes in: a rerun may use it

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from fedprefix.common.config import FederationConfig
+from fedprefix.coordinator import run_folder
 from fedprefix.coordinator.processes import TAG_VAR, alive, owned_processes, ray_token_env
 from fedprefix.coordinator.records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunInfo
 from fedprefix.coordinator.simulate import RoundWatcher, wait_for_run
@@ -316,7 +317,7 @@ def test_each_run_keeps_its_nodes_stores_in_its_own_folder(tmp_path, monkeypatch
         (run_dir / name).write_bytes(b"an earlier run's")
     with pytest.raises(RuntimeError, match="stop before Flower"):  # a rerun starts afresh, even one that fails
         simulate_module.simulate(config)
-    assert not (stores / "user001").exists() and (stores / simulate_module.SIMULATION_MARK).is_file()
+    assert not (stores / "user001").exists() and (stores / run_folder.SIMULATION_MARK).is_file()
     assert not any((run_dir / name).exists() for name in outputs)  # never passed off as this run's
     mine = tmp_path / "mine"
     (mine / "user001").mkdir(parents=True)
@@ -365,13 +366,13 @@ def test_a_folder_no_run_made_is_refused_and_left_as_it_was(tmp_path):
     before = {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
     for folder in (project, tmp_path):
         with pytest.raises(simulate_module.SimulationError, match="holds files that no fedprefix run made"):
-            simulate_module.claim_run_folder(FederationConfig(run_dir=str(folder)))
+            run_folder.claim_run_folder(FederationConfig(run_dir=str(folder)))
     assert {p: p.read_bytes() for p in project.rglob("*") if p.is_file()} == before
     (tmp_path / "empty").mkdir()
     for fine in ("new", "empty"):  # claimed: marked before a run writes its data there, so its rerun may
-        simulate_module.claim_run_folder(FederationConfig(run_dir=str(tmp_path / fine)))
+        run_folder.claim_run_folder(FederationConfig(run_dir=str(tmp_path / fine)))
         (tmp_path / fine / "data").mkdir()
-        simulate_module.claim_run_folder(FederationConfig(run_dir=str(tmp_path / fine)))
+        run_folder.claim_run_folder(FederationConfig(run_dir=str(tmp_path / fine)))
 
 
 def test_a_node_process_that_died_is_named_beside_what_the_rounds_recorded(tmp_path, monkeypatch, caplog):
@@ -432,10 +433,10 @@ def test_a_second_run_into_a_folder_in_use_is_refused_before_it_touches_it(tmp_p
     started = []
     monkeypatch.setattr(simulate_module, "_run_federation", lambda *args: started.append(1) or 0)
     config = FederationConfig(num_users=2, run_dir=str(run_dir))
-    simulate_module.claim_run_folder(config)
+    run_folder.claim_run_folder(config)
     _write_info(run_dir, "running")
     before = (run_dir / RUN_FILE).read_bytes()
-    with simulate_module.run_folder_lock(run_dir):  # the first run, still going
+    with run_folder.run_folder_lock(run_dir):  # the first run, still going
         with pytest.raises(simulate_module.SimulationError, match="another run is using .*give another --out"):
             simulate_module.simulate(config)
     assert not started and (run_dir / RUN_FILE).read_bytes() == before
@@ -459,15 +460,14 @@ def test_a_deployment_run_into_an_earlier_runs_folder_starts_without_its_shared_
 def test_node_stores_removal_stopped_midway_leaves_a_folder_the_next_run_may_empty(tmp_path, monkeypatch):
     """Ctrl-C inside the removal of an earlier run's node stores: the folder keeps its mark
     (removed last), so the rerun is not refused as "no simulation made it" and empties it."""
-    from fedprefix.coordinator import simulate as simulate_module
 
     config = FederationConfig(run_dir=str(tmp_path / "run"))
     stores = Path(config.node_store_root)
     for user in ("user000", "user001", "user002"):
         (stores / user).mkdir(parents=True)
         (stores / user / f"{user}.fpx").write_bytes(b"an earlier run's prefix")
-    (stores / simulate_module.SIMULATION_MARK).write_text("made by a simulation\n")
-    real_rmtree = simulate_module.shutil.rmtree
+    (stores / run_folder.SIMULATION_MARK).write_text("made by a simulation\n")
+    real_rmtree = run_folder.shutil.rmtree
     removed = []
 
     def interrupted_after_one(path, *args, **kwargs):
@@ -476,15 +476,15 @@ def test_node_stores_removal_stopped_midway_leaves_a_folder_the_next_run_may_emp
         removed.append(path)
         real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(simulate_module.shutil, "rmtree", interrupted_after_one)
+    monkeypatch.setattr(run_folder.shutil, "rmtree", interrupted_after_one)
     with pytest.raises(KeyboardInterrupt):
-        simulate_module.remove_node_stores(stores)
-    monkeypatch.setattr(simulate_module.shutil, "rmtree", real_rmtree)
-    assert len(removed) == 1 and (stores / simulate_module.SIMULATION_MARK).is_file()
-    simulate_module.check_run_folder(config)  # not refused
-    simulate_module.remove_node_stores(stores)
+        run_folder.remove_node_stores(stores)
+    monkeypatch.setattr(run_folder.shutil, "rmtree", real_rmtree)
+    assert len(removed) == 1 and (stores / run_folder.SIMULATION_MARK).is_file()
+    run_folder.check_run_folder(config)  # not refused
+    run_folder.remove_node_stores(stores)
     assert not stores.exists()
-    simulate_module.remove_node_stores(stores)  # nothing there: nothing to do
+    run_folder.remove_node_stores(stores)  # nothing there: nothing to do
 
 
 def test_a_ray_of_ours_gets_a_fresh_token_and_an_owners_or_a_clusters_setting_is_kept():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from fedprefix.common.config import FederationConfig
+from fedprefix.coordinator import run_folder
 from fedprefix.coordinator import simulate as simulate_module
 from fedprefix.simulations import demo
 
@@ -16,9 +17,9 @@ def test_the_demo_run_folder_is_one_simulate_may_run_into_again(tmp_path, monkey
     out = tmp_path / "runs" / "demo"
     with pytest.raises(RuntimeError, match="stop before Flower"):
         demo.main(["--base", "tiny-llama", "--users", "2", "--rounds", "1", "--examples", "6", "--out", str(out)])
-    assert (out / "stores" / simulate_module.SIMULATION_MARK).is_file()
+    assert (out / "stores" / run_folder.SIMULATION_MARK).is_file()
     # what the README shows next: `fedprefix simulate --users 4 --rounds 3 --out runs/demo`
-    simulate_module.check_run_folder(FederationConfig(base="tiny-llama", num_users=4, num_rounds=3, run_dir=str(out)))
+    run_folder.check_run_folder(FederationConfig(base="tiny-llama", num_users=4, num_rounds=3, run_dir=str(out)))
 
 
 @pytest.mark.parametrize(
