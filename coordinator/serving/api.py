@@ -1,10 +1,11 @@
 """The HTTP API's shapes: request bodies (pydantic), the key header, and errors in OpenAI's form.
 
-Errors have OpenAI's shape, `{"error": {"message", "type", "code"}}`: missing key 401,
-wrong key 403, unknown user 404, body too large 413, malformed body, a request past a cap
-or the context, or an OpenAI option this server does not implement 422 (with the fields
-named), overload or unlock throttling 429 (with Retry-After), the server's store failing on its
-disk 500 (the files and the OS's reason only in the server's log).
+Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: missing key
+401, wrong key 403, unknown user 404, body too large 413, malformed body, a request past a
+cap or the context (code context_length_exceeded), or an OpenAI option this server does not
+implement 400 (`param` and `fields` name the fields), overload or unlock throttling 429
+(with Retry-After), the server's store failing on its disk 500 (the files and the OS's
+reason only in the server's log).
 
 The key header takes three forms (parse_key): base64 of exactly 32 bytes is a raw key;
 `b64:` + base64 of a passphrase's UTF-8 bytes is that passphrase, any Unicode (what
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 KEY_HEADER = "X-Prefix-Key"
 PASSPHRASE_PREFIX = "b64:"  # X-Prefix-Key: b64:<base64 of the UTF-8 passphrase>
 MAX_SEED = 2**63 - 1  # torch generators take 64 bits; OpenAI's seed is a signed 64-bit integer
-MAX_FIELD_ERRORS = 8  # a 422 names at most this many faults (a 1 MiB body can hold a million)
+MAX_FIELD_ERRORS = 8  # a 400 names at most this many faults (a 1 MiB body can hold a million)
 MAX_MESSAGE_CHARS = 300  # of each fault: a reply never echoes a large value back
 _SHORT = reprlib.Repr()  # (keyword settings need Python 3.12)
 _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict = 40, 40, 4, 4
@@ -48,9 +49,10 @@ def ListOf(item):  # noqa: N802 (a type)
     return Annotated[list[item], Field(fail_fast=True)]
 
 
-# OpenAI fields this server does not implement, and the values that ask for nothing: any
-# other value is refused (422 naming the field), so a client never silently gets less than
-# it asked for (one choice for n=3, plain text for JSON mode, no logprobs).
+# OpenAI's fields, and vLLM's extensions of them, that this server does not implement, and the
+# values that ask for nothing: any other value is refused (400 naming the field), so a client
+# never silently gets less than it asked for (one choice for n=3, plain text for JSON mode, no
+# logprobs, free text for a guided choice, a reply past a stop token id).
 _OFF = {
     "n": lambda v: v in (None, 1),
     "best_of": lambda v: v in (None, 1),
@@ -64,6 +66,25 @@ _OFF = {
     "tool_choice": lambda v: v in (None, "none", "auto"),
     "function_call": lambda v: v in (None, "none", "auto"),
     "response_format": lambda v: v is None or v == {"type": "text"},
+    "modalities": lambda v: v in (None, ["text"]),
+    "audio": lambda v: v is None,
+    "prediction": lambda v: v is None,
+    # vLLM's
+    "top_k": lambda v: v in (None, -1, 0),
+    "min_p": lambda v: v in (None, 0),
+    "min_tokens": lambda v: v in (None, 0),
+    "repetition_penalty": lambda v: v in (None, 1),
+    "ignore_eos": lambda v: v in (None, False),
+    "stop_token_ids": lambda v: not v,
+    "include_stop_str_in_output": lambda v: v in (None, False),
+    "guided_json": lambda v: v is None,
+    "guided_regex": lambda v: v is None,
+    "guided_choice": lambda v: v is None,
+    "guided_grammar": lambda v: v is None,
+    "structured_outputs": lambda v: v is None,
+    "continue_final_message": lambda v: v in (None, False),
+    "add_generation_prompt": lambda v: v in (None, True),
+    "chat_template_kwargs": lambda v: not v,
 }
 
 
@@ -83,10 +104,10 @@ class SamplingBody(BaseModel):
     presence_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     stop: Text | ListOf(Text) | None = None
-    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
+    seed: StrictInt | None = Field(None, ge=-MAX_SEED - 1, le=MAX_SEED)  # OpenAI's: any signed 64-bit
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: Text | None = None  # whose prefix to use; None: the base alone
+    user: Text | None = None  # whose prefix to use; None (or "", as OpenAI reads it): the base alone
     n: Any = None
     best_of: Any = None
     logprobs: Any = None
@@ -99,6 +120,24 @@ class SamplingBody(BaseModel):
     tool_choice: Any = None
     function_call: Any = None
     response_format: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    top_k: Any = None
+    min_p: Any = None
+    min_tokens: Any = None
+    repetition_penalty: Any = None
+    ignore_eos: Any = None
+    stop_token_ids: Any = None
+    include_stop_str_in_output: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    continue_final_message: Any = None
+    add_generation_prompt: Any = None
+    chat_template_kwargs: Any = None
 
     @property
     def include_usage(self) -> bool:
@@ -110,6 +149,11 @@ class SamplingBody(BaseModel):
     def _null_is_the_default(cls, value: Any, info) -> Any:
         """OpenAI's API takes null for these (the openai client sends it for an explicit None)."""
         return cls.model_fields[info.field_name].default if value is None else value
+
+    @field_validator("user")
+    @classmethod
+    def _empty_user_is_none(cls, value: str | None) -> str | None:
+        return value or None
 
     @field_validator(*_OFF)
     @classmethod
@@ -179,7 +223,7 @@ class ApiError(Exception):
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, headers or {}
-        self.field = field  # the body field at fault, for a 422
+        self.field = field  # the body field at fault, for a 400
 
 
 def parse_key(header: str | None) -> bytes | str | None:
@@ -222,7 +266,7 @@ def store_error(exc: StoreError) -> ApiError:
     if isinstance(exc, UnknownUserError):
         return ApiError(404, str(exc), "unknown_user")
     if isinstance(exc, BadUserIdError):
-        return ApiError(422, str(exc), "bad_user_id", field="user")
+        return ApiError(400, str(exc), "bad_user_id", field="user")
     if isinstance(exc, StoreIOError):  # the server's disk failed, not the request: its paths stay in its log
         log.error("%s", exc)
         problem = "the server could not read its prefix store" if exc.user_id else "the server could not read it"

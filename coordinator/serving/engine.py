@@ -39,6 +39,7 @@ from .kv_budget import FALLBACK_BYTES, MIB, KvBudget, auto_budget_bytes, slot_by
 from .prefix_cache import PrefixCache
 from .prompt_cache import PromptCache
 from .requests import (  # re-exported: the engine's public names
+    ContextLengthExceeded,
     EngineOverloaded,  # noqa: F401
     EngineStats,
     EngineStopped,
@@ -333,14 +334,15 @@ class Engine:
         elif wanted > room:
             mine = f" + {prefix_tokens} prefix tokens" if prefix_tokens else ""
             if request.fit_context:  # max_tokens was not the caller's: the prompt alone is too long
-                raise InvalidRequest(
+                raise ContextLengthExceeded(
                     "prompt",
-                    f"{prompt_tokens} prompt tokens{mine} leave no room for a reply in {bound}: shorten the prompt",
+                    f"maximum context length exceeded: {prompt_tokens} prompt tokens{mine} leave no room for a "
+                    f"reply in {bound}: shorten the prompt",
                 )
-            raise InvalidRequest(
+            raise ContextLengthExceeded(
                 "prompt",
-                f"{prompt_tokens} prompt tokens{mine} + max_tokens {wanted} exceed {bound}: "
-                "shorten the prompt or lower max_tokens",
+                f"maximum context length exceeded: {prompt_tokens} prompt tokens{mine} + max_tokens {wanted} "
+                f"exceed {bound}: shorten the prompt or lower max_tokens",
             )
 
     def _enqueue(self, handles: list[RequestHandle], bounded: bool = True) -> list[RequestHandle]:

@@ -106,9 +106,10 @@ class BodySizeLimit:
 
 def error_body(status: int, message: str, code: str, field: str | None = None) -> dict:
     """An error answer in OpenAI's shape; `field` names the body field at fault."""
-    error = {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error", "code": code}
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    error = {"message": message, "type": kind, "param": field, "code": code}  # param: null, as OpenAI's
     if field is not None:
-        error |= {"param": field, "fields": [{"field": f"body.{field}", "message": message}]}
+        error |= {"fields": [{"field": f"body.{field}", "message": message}]}
     return {"error": error}
 
 

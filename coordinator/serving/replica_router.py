@@ -69,7 +69,7 @@ async def _bounded_body(request: Request, max_bytes: int) -> bytes | None:
 
 def _user_of(body: bytes) -> str | None:
     """The body's `user`, the routing key; None where there is none or it is no valid user id (the
-    replica judges the body: 422, as the single server), so that no odd id reaches Ray's routing."""
+    replica judges the body: 400, as the single server), so that no odd id reaches Ray's routing."""
     try:
         user = json.loads(body).get("user")
         return validate_user_id(user)

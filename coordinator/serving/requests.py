@@ -32,11 +32,21 @@ class RequestCancelled(FedPrefixError):
 
 
 class InvalidRequest(FedPrefixError, ValueError):
-    """A request the engine cannot run as given (HTTP 422); `field` names the part that is wrong."""
+    """A request the engine cannot run as given (HTTP 400); `field` names the part that is wrong,
+    `code` the kind (the error code of OpenAI's answer)."""
+
+    code = "invalid_body"
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """Prompt and max_tokens past what one request may hold: OpenAI's and vLLM's 400
+    `context_length_exceeded`, which clients catch to trim a chat's history and try again."""
+
+    code = "context_length_exceeded"
 
 
 @dataclass

@@ -8,8 +8,8 @@ The body's `user` names whose prefix to use; that user's key comes in the header
 Unicode, from any client), or else the passphrase itself (api.parse_key). Without `user`
 the base runs with no prefix. Errors have OpenAI's shape, `{"error": {"message", "type",
 "code"}}`: bad key header 400, missing key 401, wrong key 403, unknown user 404, body
-too large 413, malformed body, a cap passed, an OpenAI option not implemented here or
-prompt + max_tokens past the context 422 (with the fields named), overload or unlock
+too large 413, malformed body, a cap passed, an OpenAI option not implemented here 400
+(with the fields named), prompt + max_tokens past the context 400 context_length_exceeded, overload or unlock
 throttling 429 (with Retry-After); an unreadable body 400, an unknown path 404, a wrong
 method 405.
 
@@ -137,7 +137,9 @@ async def _http_error(request: Request, exc: HTTPException):
 
 
 async def _invalid_body(request: Request, exc: RequestValidationError):
-    _count(request, 422)
+    """400, as OpenAI and vLLM answer (FastAPI's 422 is no BadRequestError to the openai client),
+    naming the first field at fault as `param`, and each of them in `fields`."""
+    _count(request, 400)
     content_type = request.headers.get("content-type", "")
     if content_type and "json" not in content_type.lower():  # FastAPI then reads no JSON (curl -d sends a form)
         reason = f"send the body as JSON, with Content-Type: application/json (not {content_type!r})"
@@ -145,8 +147,9 @@ async def _invalid_body(request: Request, exc: RequestValidationError):
     else:
         fields = field_errors(exc.errors())
     message = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
-    body = {"error": {"message": message, "type": "invalid_request_error", "code": "invalid_body", "fields": fields}}
-    return JSONResponse(body, status_code=422)
+    param = fields[0]["field"].removeprefix("body.") if fields and fields[0]["field"] != "body" else None
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": "invalid_body"}
+    return JSONResponse({"error": error | {"fields": fields}}, status_code=400)
 
 
 # ------------------------------------------------------------------ one request through the engine
@@ -173,14 +176,14 @@ async def _submit(
     broken = check_request(request.app.state.limits, len(prompts), params.stop)
     if broken is not None:
         field, message = broken
-        raise ApiError(422, f"{field}: {message}", "limit_exceeded", field=field)
+        raise ApiError(400, f"{field}: {message}", "limit_exceeded", field=field)
     keys = request.headers.getlist(KEY_HEADER)
     if len(keys) > 1:  # which one to try is a guess, and a wrong guess counts against the user
         raise ApiError(400, f"{len(keys)} {KEY_HEADER} headers; send one", "bad_key_header")
     key = parse_key(keys[0] if keys else None)
     if user is None and key is not None:  # not silently the base model for a client that meant a user
         message = f"an {KEY_HEADER} header came without `user`: name the user whose prefix it opens"
-        raise ApiError(422, message, "missing_user", field="user")
+        raise ApiError(400, message, "missing_user", field="user")
     if user is not None and key is None:
         raise ApiError(
             401, f"user {user!r} needs the {KEY_HEADER} header (base64 of 32 bytes, or a passphrase)", "missing_key"
@@ -224,7 +227,7 @@ def _engine_error(exc: FedPrefixError) -> ApiError:
     if isinstance(exc, EngineOverloaded):
         return ApiError(429, str(exc), "overloaded", {"Retry-After": "1"})
     if isinstance(exc, InvalidRequest):
-        return ApiError(422, str(exc), "invalid_body", field=exc.field)
+        return ApiError(400, str(exc), exc.code, field=exc.field)
     if isinstance(exc, RequestCancelled):
         return ApiError(499, str(exc), "cancelled")  # nobody is listening any more
     if isinstance(exc, EngineStopped):  # still starting, or stopping: another try (or replica) may answer
@@ -332,9 +335,9 @@ async def completions(body: CompletionBody, request: Request):
     _check_model(request, body.model)
     prompts = body.prompts()
     if not prompts or not all(prompts):
-        raise ApiError(422, "prompt: give at least one prompt, none empty", "invalid_body", field="prompt")
+        raise ApiError(400, "prompt: give at least one prompt, none empty", "invalid_body", field="prompt")
     if body.stream and len(prompts) != 1:  # checked before anything is queued
-        raise ApiError(422, "stream: streaming takes a single prompt", "invalid_body", field="stream")
+        raise ApiError(400, "stream: streaming takes a single prompt", "invalid_body", field="stream")
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     fit = body.max_tokens is None  # a default the client did not choose: lowered to fit, not refused
     submitted = await _submit(request, prompts, _params_of(body, max_tokens), body.user, body.stream, fit=fit)
@@ -369,12 +372,12 @@ async def chat(body: ChatBody, request: Request):
     most = request.app.state.limits.max_messages
     if len(body.messages) > most:  # before the chat template, which runs here on the event loop
         message = f"messages: {len(body.messages)} messages, at most {most} (send the conversation's recent turns)"
-        raise ApiError(422, message, "limit_exceeded", field="messages")
+        raise ApiError(400, message, "limit_exceeded", field="messages")
     try:
         prompt = chat_prompt(request.app.state.engine.tokenizer, [message.turn() for message in body.messages])
     except Exception as exc:  # the chat template refused these turns (an order it does not allow)
         message = f"messages: the chat template refused them: {exc}"
-        raise ApiError(422, message, "invalid_body", field="messages") from exc
+        raise ApiError(400, message, "invalid_body", field="messages") from exc
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = _params_of(body, max_tokens or 256)
     submitted = await _submit(
@@ -414,15 +417,25 @@ async def chat(body: ChatBody, request: Request):
     return {
         **head,
         "object": "chat.completion",
-        "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}],
         "usage": _usage([result]),
     }
 
 
+def _model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "fedprefix"}
+
+
 @router.get("/v1/models")
 async def models(request: Request):
-    name = request.app.state.model_name
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "fedprefix"}]}
+    return {"object": "list", "data": [_model_card(request.app.state.model_name)]}
+
+
+@router.get("/v1/models/{model:path}")
+async def model(model: str, request: Request):
+    """One model (the openai client's models.retrieve)."""
+    _check_model(request, model)
+    return _model_card(model)
 
 
 @router.get("/health")

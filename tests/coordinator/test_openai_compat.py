@@ -43,15 +43,15 @@ def stream_events(client, path: str, body: dict) -> list:
     return [json.loads(line) for line in lines[:-1]]
 
 
-def test_a_lone_surrogate_is_422_naming_the_field_and_the_server_serves_on(client):
+def test_a_lone_surrogate_is_400_naming_the_field_and_the_server_serves_on(client):
     before = text_of(completion(client))
     raw = '{"prompt": "ab\\ud800cd", "max_tokens": 2}'  # valid JSON, not valid Unicode
     reply = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
-    assert reply.status_code == 422 and reply.json()["error"]["fields"][0]["field"].startswith("body.prompt")
+    assert reply.status_code == 400 and reply.json()["error"]["fields"][0]["field"].startswith("body.prompt")
     assert "surrogate" in reply.json()["error"]["message"]
     chat = '{"messages": [{"role": "user", "content": "x\\ud83d"}], "max_tokens": 2}'
     reply = client.post("/v1/chat/completions", content=chat, headers={"content-type": "application/json"})
-    assert reply.status_code == 422 and "messages" in reply.json()["error"]["fields"][0]["field"]
+    assert reply.status_code == 400 and "messages" in reply.json()["error"]["fields"][0]["field"]
     assert text_of(completion(client)) == before
 
 
@@ -64,7 +64,7 @@ def test_a_temperature_or_top_p_too_small_to_sample_with_is_served(client):
         reply = client.post(
             "/v1/completions", content=raw, headers={"content-type": "application/json", **header("alice")}
         )
-        assert reply.status_code == 422 and reply.json()["error"]["fields"][0]["field"] == f"body.{field}"
+        assert reply.status_code == 400 and reply.json()["error"]["fields"][0]["field"] == f"body.{field}"
 
 
 def test_a_stream_that_fails_midway_ends_with_an_error_event(client, monkeypatch):
@@ -89,7 +89,7 @@ def test_openai_fields_this_server_does_not_implement_are_refused_not_ignored(cl
     ]  # fmt: skip
     for field, value in refused:
         reply = completion(client, **{field: value})
-        assert reply.status_code == 422, (field, reply.text)
+        assert reply.status_code == 400, (field, reply.text)
         assert reply.json()["error"]["fields"][0]["field"] == f"body.{field}"
     chat = {"messages": [{"role": "user", "content": "hi"}], "user": "alice", "max_tokens": 4}
     for field, value in (
@@ -98,7 +98,7 @@ def test_openai_fields_this_server_does_not_implement_are_refused_not_ignored(cl
         ("response_format", {"type": "json_object"}),
     ):
         reply = client.post("/v1/chat/completions", json={**chat, field: value}, headers=header("alice"))
-        assert reply.status_code == 422 and reply.json()["error"]["fields"][0]["field"] == f"body.{field}"
+        assert reply.status_code == 400 and reply.json()["error"]["fields"][0]["field"] == f"body.{field}"
     defaults = {"n": 1, "logprobs": None, "echo": False, "frequency_penalty": 0, "logit_bias": {}, "best_of": 1}
     assert text_of(completion(client, **defaults)) == text_of(completion(client))
     chat_defaults = {"logprobs": False, "tools": [], "tool_choice": "none", "response_format": {"type": "text"}}
@@ -120,7 +120,7 @@ def test_stream_options_include_usage_sends_a_last_usage_chunk(client):
     assert plain_chat["usage"]["completion_tokens"] > 0
     assert "usage" not in stream_events(client, "/v1/completions", PLAIN)[-1]
     reply = completion(client, stream_options={"include_usage": True})  # not streaming
-    assert reply.status_code == 422 and reply.json()["error"]["fields"][0]["field"] == "body.stream_options"
+    assert reply.status_code == 400 and reply.json()["error"]["fields"][0]["field"] == "body.stream_options"
 
 
 def test_token_id_prompts_equal_their_text(client, served):  # noqa: F811
@@ -133,7 +133,7 @@ def test_token_id_prompts_equal_their_text(client, served):  # noqa: F811
     for bad in ([[]], [ids, []], [10**9], ["1", 2], [True, False], [[1, "2"]]):
         reply = completion(client, prompt=bad)
         error = reply.json()["error"]
-        assert reply.status_code == 422 and (error.get("param") or error["fields"][0]["field"]).removeprefix(
+        assert reply.status_code == 400 and (error.get("param") or error["fields"][0]["field"]).removeprefix(
             "body."
         ).startswith("prompt"), (bad, reply.text)
     assert completion(client, max_tokens=None).json()["usage"]["completion_tokens"] == 16  # OpenAI's default
@@ -156,7 +156,7 @@ def test_chat_content_parts_and_the_developer_role(client):
     image = [{"type": "image_url", "image_url": {"url": "http://x"}}]
     for refused in ([{"role": "user", "content": image}], [{"role": "tool", "content": "1"}]):
         reply = chat(refused)
-        assert reply.status_code == 422 and reply.json()["error"]["fields"][0]["field"].startswith("body.messages.0")
+        assert reply.status_code == 400 and reply.json()["error"]["fields"][0]["field"].startswith("body.messages.0")
 
 
 def test_framework_errors_have_openai_shape_and_are_counted(client):
@@ -176,7 +176,7 @@ def test_a_chat_too_long_for_the_context_names_messages_not_a_max_tokens_it_neve
     body = {"messages": [{"role": "user", "content": "y " * 600}], "user": "alice"}  # context: 512
     reply = client.post("/v1/chat/completions", json=body, headers=header("alice"))
     error = reply.json()["error"]
-    assert reply.status_code == 422 and error["param"] == "messages"
+    assert reply.status_code == 400 and error["param"] == "messages"
     assert "leave no room for a reply" in error["message"] and "max_tokens" not in error["message"]
     assert error["message"].startswith("messages: ")  # the field it sent, not the prompt made of it
 
@@ -188,7 +188,7 @@ def test_a_chat_of_more_turns_than_the_cap_is_refused_before_its_template_runs(c
     monkeypatch.setattr(server, "chat_prompt", lambda *args: templated.append(1) or "x")
     turns = [{"role": "user", "content": "hi"}] * 5
     reply = client.post("/v1/chat/completions", json={"messages": turns, "max_tokens": 2})
-    assert reply.status_code == 422 and reply.json()["error"]["param"] == "messages"
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"
     assert "5 messages, at most 4" in reply.json()["error"]["message"] and templated == []
 
 
@@ -220,15 +220,51 @@ def test_a_completion_without_max_tokens_is_fitted_to_the_context_left(client):
     body = {key: value for key, value in PLAIN.items() if key != "max_tokens"}
     assert client.post("/v1/completions", json={**body, "prompt": prompt}, headers=header("alice")).status_code == 200
     refused = completion(client, prompt=prompt, max_tokens=16)
-    assert refused.status_code == 422 and "max_tokens" in refused.json()["error"]["message"]
+    assert refused.status_code == 400 and "max_tokens" in refused.json()["error"]["message"]
 
 
 def test_presence_and_frequency_penalties_are_honoured_within_openais_range(client):
     for field in ("presence_penalty", "frequency_penalty"):
         for value in (2.5, -3, "1"):
             reply = completion(client, **{field: value})
-            assert reply.status_code == 422 and reply.json()["error"]["fields"][0]["field"] == f"body.{field}", value
+            assert reply.status_code == 400 and reply.json()["error"]["fields"][0]["field"] == f"body.{field}", value
         assert completion(client, **{field: None}).status_code == 200  # the openai client's explicit None
     plain = text_of(completion(client, max_tokens=16))
     penalized = completion(client, max_tokens=16, presence_penalty=2.0, frequency_penalty=2.0)
     assert penalized.status_code == 200 and text_of(penalized) != plain
+
+
+def test_vllms_extensions_and_openais_audio_are_refused_not_ignored(client):
+    """A client moving from vLLM got free text for a guided choice, a reply past a stop token id,
+    random text for top_k=1 and a closed turn for continue_final_message (an auditor's finding)."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "user": "alice", "max_tokens": 4}
+    refused = [
+        ("guided_choice", ["zebra"]), ("structured_outputs", {"choice": ["zebra"]}), ("stop_token_ids", [28]),
+        ("top_k", 1), ("min_p", 0.1), ("min_tokens", 3), ("repetition_penalty", 1.2), ("ignore_eos", True),
+        ("include_stop_str_in_output", True), ("continue_final_message", True), ("add_generation_prompt", False),
+        ("chat_template_kwargs", {"enable_thinking": True}), ("modalities", ["text", "audio"]), ("audio", {}),
+    ]  # fmt: skip
+    for field, value in refused:
+        reply = client.post("/v1/chat/completions", json={**chat, field: value}, headers=header("alice"))
+        assert reply.status_code == 400, (field, reply.text)
+        assert reply.json()["error"]["param"] == field, reply.text
+    off = {"top_k": -1, "min_p": 0, "repetition_penalty": 1.0, "ignore_eos": False, "stop_token_ids": []}
+    assert text_of(completion(client, **off)) == text_of(completion(client))
+
+
+def test_openai_clients_get_bad_request_errors_naming_the_param_and_one_model_by_id(client):
+    """422 was no BadRequestError to the openai client, and its `param` was None; `models.retrieve`
+    got 404; a chat choice had no `logprobs`; `user: ""` (OpenAI: not set) was refused."""
+    openai = pytest.importorskip("openai")
+    api = openai.OpenAI(base_url=f"{client.base_url}/v1", api_key="-", http_client=client, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.completions.create(model="tiny-llama", prompt="hi", n=2, max_tokens=2)
+    assert caught.value.param == "n" and caught.value.code == "invalid_body"
+    assert api.models.retrieve("tiny-llama").id == "tiny-llama"
+    with pytest.raises(openai.NotFoundError):
+        api.models.retrieve("gpt-4")
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0, "user": ""}
+    reply = client.post("/v1/chat/completions", json=chat)  # the base alone, as without `user`
+    assert reply.status_code == 200 and reply.json()["choices"][0]["logprobs"] is None
+    missing = client.post("/v1/completions", json={"max_tokens": 2})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "prompt"

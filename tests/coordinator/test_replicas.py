@@ -142,10 +142,10 @@ def test_answers_as_the_single_server(replicated, single, served):  # noqa: F811
         ("/v1/completions", completion("bob"), {}),  # 401 missing key
         ("/v1/completions", completion("bob"), header("alice")),  # 403 wrong key
         ("/v1/completions", completion("nobody"), header("alice")),  # 404 unknown user
-        ("/v1/completions", {"prompt": "x", "max_tokens": 0, "temperature": "hot"}, {}),  # 422
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0, "temperature": "hot"}, {}),  # 400
         ("/v1/completions", completion("bob"), {"X-Prefix-Key": "b64:%%%"}),  # 400 bad key header
         ("/v1/completions", completion("bob", prompt="x" * (2 << 20)), {}),  # 413
-        ("/v1/chat/completions", {"messages": []}, {}),  # 422
+        ("/v1/chat/completions", {"messages": []}, {}),  # 400
     ]
     # user ids that are no store's: a lone surrogate (valid JSON) hung the router; a long one was kept
     errors += [("/v1/completions", completion(user), header("bob")) for user in ("\ud800", "A" * 1000, "a/b")]

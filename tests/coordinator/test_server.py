@@ -116,10 +116,10 @@ def test_status_codes(client):
     unknown = client.post("/v1/completions", json={**ok, "user": "dave"}, headers=header("alice"))
     assert unknown.status_code == 404
     bad = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0, "temperature": "hot"})
-    assert bad.status_code == 422
+    assert bad.status_code == 400
     fields = {f["field"] for f in bad.json()["error"]["fields"]}
     assert fields == {"body.max_tokens", "body.temperature"}
-    assert client.post("/v1/chat/completions", json={"messages": []}).status_code == 422
+    assert client.post("/v1/chat/completions", json={"messages": []}).status_code == 400
 
 
 def test_overload_is_429(served):  # noqa: F811
@@ -149,7 +149,7 @@ def test_a_refused_request_runs_none_of_its_prompts(served):  # noqa: F811
         streamed = test_client.post("/v1/completions", json={"prompt": ["a"], "max_tokens": 2, "stream": True})
         assert streamed.status_code == 200
         refused = test_client.post("/v1/completions", json={**two, "stream": True})
-        assert refused.status_code == 422 and "single prompt" in refused.json()["error"]["message"]
+        assert refused.status_code == 400 and "single prompt" in refused.json()["error"]["message"]
         one_bad_key = {"prompt": ["a", "b"], "user": "bob", "max_tokens": 2}
         assert test_client.post("/v1/completions", json=one_bad_key, headers=header("alice")).status_code == 403
         time.sleep(0.2)
@@ -397,5 +397,6 @@ def test_a_bug_is_a_500_in_openais_shape_naming_its_request(client, monkeypatch)
     assert answer.json()["error"] == {
         "message": "the server failed (RuntimeError)",
         "type": "server_error",
+        "param": None,
         "code": "internal_error",
     }

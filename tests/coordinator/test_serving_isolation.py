@@ -41,26 +41,31 @@ def test_every_field_is_checked_before_anything_is_queued(served):  # noqa: F811
         }
         for field, extra in cases.items():
             reply = client.post("/v1/completions", json={"prompt": "x", **extra})
-            assert reply.status_code == 422, (field, reply.text)
+            assert reply.status_code == 400, (field, reply.text)
             assert {f["field"] for f in reply.json()["error"]["fields"]} == {f"body.{field}"}
-        assert client.post("/v1/completions", json={"prompt": "x", "seed": -1}).status_code == 422
+        assert client.post("/v1/completions", json={"prompt": "x", "seed": -(2**63) - 1}).status_code == 400
+        negative = {"prompt": "x", "seed": -1, "max_tokens": 1}  # OpenAI's seed: any signed 64-bit integer
+        assert client.post("/v1/completions", json=negative).status_code == 200
         long = client.post("/v1/completions", json={"prompt": "y" * 600, "max_tokens": 2})  # context: 512
-        assert long.status_code == 422 and long.json()["error"]["param"] == "prompt"
+        assert long.status_code == 400 and long.json()["error"]["param"] == "prompt"
+        # what OpenAI and vLLM answer, which clients catch to trim a chat's history
+        assert long.json()["error"]["code"] == "context_length_exceeded"
+        assert "maximum context length" in long.json()["error"]["message"]
         assert "context of 512 tokens" in long.json()["error"]["message"]
         # fits the base alone, not behind bob's 5 prefix tokens
         tight = {"prompt": "y" * 500, "max_tokens": 10, "user": "bob"}
         reply = client.post("/v1/completions", json=tight, headers=header("bob"))
-        assert reply.status_code == 422 and "5 prefix tokens" in reply.json()["error"]["message"]
+        assert reply.status_code == 400 and "5 prefix tokens" in reply.json()["error"]["message"]
         chat = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0}
         assert client.post("/v1/chat/completions", json=chat).status_code == 200  # default max_tokens fits
-        assert engine.stats.finished == 1 and engine.queue_depth == 0
+        assert engine.stats.finished == 2 and engine.queue_depth == 0  # the negative seed's and the chat
 
 
-def test_a_prompt_longer_than_gpt2s_context_is_422_not_a_500_for_its_batch():
+def test_a_prompt_longer_than_gpt2s_context_is_400_not_a_500_for_its_batch():
     base = load_base("tiny-gpt2")  # learned positions: past n_positions the forward itself fails
     with Engine(base) as engine, TestClient(create_app(engine, "tiny-gpt2")) as client:
         reply = client.post("/v1/completions", json={"prompt": "z" * 520, "max_tokens": 2})
-        assert reply.status_code == 422 and reply.json()["error"]["param"] == "prompt"
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt"
         assert client.post("/v1/completions", json={"prompt": "z", "max_tokens": 2}).status_code == 200
 
 
@@ -181,7 +186,7 @@ def test_per_request_caps_and_body_size(served):  # noqa: F811
             ({"stop": "abcde"}, "stop"),
         ):
             reply = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, **extra})
-            assert reply.status_code == 422 and reply.json()["error"]["param"] == field, reply.text
+            assert reply.status_code == 400 and reply.json()["error"]["param"] == field, reply.text
         big = client.post("/v1/completions", json={"prompt": "x" * 3000})
         assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
         chunked = client.post(
