@@ -23,14 +23,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import Collection
 
 import torch
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fedprefix.common.chat import chat_prompt
 from fedprefix.common.errors import FedPrefixError
@@ -39,24 +37,18 @@ from fedprefix.common.http_guards import HostCheck
 from fedprefix.common.precision import dtype_name
 from fedprefix.common.store import StoreError
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 
-from .api import KEY_HEADER, ApiError, ChatBody, CompletionBody, field_errors, parse_key, short, store_error
+from .api import KEY_HEADER, ApiError, ChatBody, CompletionBody, parse_key, short, store_error
 from .engine import (
     Engine,
-    EngineOverloaded,
-    EngineStopped,
     GenerationRequest,
     GenerationResult,
-    InvalidRequest,
-    RequestCancelled,
 )
 from .handoff import LoopHandoff
+from .http_errors import answer_errors, engine_error
 from .limits import BodySizeLimit, ServingLimits, bad_host_answer, check_request, error_body
 from .metrics import Metrics
-from .request_ids import HEADER as REQUEST_ID_HEADER
 from .request_ids import RequestIds, request_id
-from .unlock import UnlockThrottled
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -81,10 +73,8 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, refused=refused)
     app.add_middleware(HostCheck, allowed=allowed_hosts, refuse=bad_host)  # before any body is read
     app.add_middleware(RequestIds)  # outside the others: their answers name the request too
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(RequestValidationError, _invalid_body)
-    app.add_exception_handler(HTTPException, _http_error)  # unknown path, wrong method, unreadable body
-    app.add_exception_handler(Exception, _unexpected)  # answered outside every middleware: see there
+    app.state.count_answer = _count
+    answer_errors(app)
     app.include_router(router)
     return app
 
@@ -109,47 +99,6 @@ def _endpoint(scope) -> str:
 
 def _count(request: Request, status: int | str) -> None:
     request.app.state.metrics.requests.labels(_endpoint(request.scope), str(status)).inc()
-
-
-async def _api_error(request: Request, exc: ApiError):
-    _count(request, exc.status)
-    return JSONResponse(error_body(exc.status, exc.message, exc.code, exc.field), exc.status, headers=exc.headers)
-
-
-async def _unexpected(request: Request, exc: Exception):
-    """A bug's 500, in OpenAI's shape: Starlette answers it outside the middlewares, so it names
-    the request itself (RequestIds gave it an id on the way in) and counts itself."""
-    rid = request_id(request.scope)
-    log.error("request %s failed", rid, exc_info=exc)
-    _count(request, 500)
-    body = error_body(500, f"the server failed ({type(exc).__name__})", "internal_error")
-    return JSONResponse(body, 500, headers={REQUEST_ID_HEADER.decode(): rid})
-
-
-async def _http_error(request: Request, exc: HTTPException):
-    _count(request, exc.status_code)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-    detail = str(exc.detail)
-    if detail == "There was an error parsing the body":  # FastAPI's words for JSON it could not decode
-        detail = "body: not JSON this server can read (not UTF-8, or nested too deep)"
-    body = error_body(exc.status_code, detail, code)
-    return JSONResponse(body, exc.status_code, headers=getattr(exc, "headers", None))
-
-
-async def _invalid_body(request: Request, exc: RequestValidationError):
-    """400, as OpenAI and vLLM answer (FastAPI's 422 is no BadRequestError to the openai client),
-    naming the first field at fault as `param`, and each of them in `fields`."""
-    _count(request, 400)
-    content_type = request.headers.get("content-type", "")
-    if content_type and "json" not in content_type.lower():  # FastAPI then reads no JSON (curl -d sends a form)
-        reason = f"send the body as JSON, with Content-Type: application/json (not {content_type!r})"
-        fields = [{"field": "body", "message": reason}]
-    else:
-        fields = field_errors(exc.errors())
-    message = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
-    param = fields[0]["field"].removeprefix("body.") if fields and fields[0]["field"] != "body" else None
-    error = {"message": message, "type": "invalid_request_error", "param": param, "code": "invalid_body"}
-    return JSONResponse({"error": error | {"fields": fields}}, status_code=400)
 
 
 # ------------------------------------------------------------------ one request through the engine
@@ -200,7 +149,7 @@ async def _submit(
     except StoreError as exc:
         raise store_error(exc) from exc
     except FedPrefixError as exc:
-        error = _engine_error(exc)
+        error = engine_error(exc)
         if error.field == "prompt":  # a chat's prompt is its messages
             error.field, error.message = prompt_field, f"{prompt_field}: {str(exc).removeprefix('prompt: ')}"
         raise error from exc
@@ -217,22 +166,6 @@ def _handoff(app: FastAPI) -> LoopHandoff:
     if handoff is None or handoff.loop is not loop:
         handoff = app.state.handoff = LoopHandoff(loop)
     return handoff
-
-
-def _engine_error(exc: FedPrefixError) -> ApiError:
-    """The HTTP answer to an engine error, before or during generation."""
-    if isinstance(exc, UnlockThrottled):
-        retry = str(max(1, math.ceil(exc.retry_after)))
-        return ApiError(429, str(exc), "unlock_throttled", {"Retry-After": retry})
-    if isinstance(exc, EngineOverloaded):
-        return ApiError(429, str(exc), "overloaded", {"Retry-After": "1"})
-    if isinstance(exc, InvalidRequest):
-        return ApiError(400, str(exc), exc.code, field=exc.field)
-    if isinstance(exc, RequestCancelled):
-        return ApiError(499, str(exc), "cancelled")  # nobody is listening any more
-    if isinstance(exc, EngineStopped):  # still starting, or stopping: another try (or replica) may answer
-        return ApiError(503, str(exc), "engine_not_running", {"Retry-After": "1"})
-    return ApiError(500, str(exc), "generation_failed")
 
 
 def _watch(request: Request, submitted) -> asyncio.Task:
@@ -260,7 +193,7 @@ async def _collect_all(request: Request, submitted) -> list[GenerationResult]:
             try:
                 results.append(handle.result(timeout=0))
             except FedPrefixError as exc:
-                raise _engine_error(exc) from exc
+                raise engine_error(exc) from exc
         return results
     finally:
         watcher.cancel()
@@ -313,7 +246,7 @@ def _stream_end(handle, head: dict, usage: bool) -> list[dict]:
     try:
         result = handle.result(timeout=0)
     except FedPrefixError as exc:
-        error = _engine_error(exc)
+        error = engine_error(exc)
         return [error_body(error.status, error.message, error.code)]
     return [{**head, "choices": [], "usage": _usage([result])}] if usage else []
 
