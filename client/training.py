@@ -8,9 +8,12 @@ prompt positions need no logits), and only prefix parameters get gradients.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import math
 import random
 import time
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -46,15 +49,26 @@ def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int)
     """Seeded (train, held-out) split of the rows the examples came from (a chat's replies stay on
     one side: a held-out reply would otherwise be context of a trained one); held-out is empty
     with fewer than 5 rows, or where `eval_fraction` of them rounds to none (at the default 0.1:
-    5 rows hold out none, 6 to 14 one)."""
+    5 rows hold out none, 6 to 14 one).
+
+    Rows are ranked by a seeded hash of their tokens, not shuffled by position: a user who fits
+    again with rows added keeps the same held-out rows (and gains more as the count grows), where
+    a shuffle of all rows put a third or more of the new held-out set among rows the previous
+    fit had trained on, so early stopping judged the continued prefix on its own training data."""
     by_row: dict[int, list[Example]] = {}
     for example in examples:
         by_row.setdefault(example.row, []).append(example)
-    rows = list(by_row.values())
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
+    rows = sorted(by_row.values(), key=lambda row: _row_rank(row, seed))
     held = min(int(round(len(rows) * eval_fraction)), len(rows) - 1) if len(rows) >= 5 else 0
-    return [e for i in order[held:] for e in rows[i]], [e for i in order[:held] for e in rows[i]]
+    return [e for row in rows[held:] for e in row], [e for row in rows[:held] for e in row]
+
+
+def _row_rank(row: Sequence[Example], seed: int) -> bytes:
+    """A row's place in the split: a hash of the seed and its tokens (whatever rows come beside it)."""
+    digest = hashlib.blake2b(str(seed).encode(), digest_size=16)
+    for example in row:
+        digest.update(array("q", [len(example.prompt), *example.prompt, -1, *example.completion, -2]).tobytes())
+    return digest.digest()
 
 
 def completion_loss(base, kv: torch.Tensor | None, batch: Sequence[Example]) -> tuple[torch.Tensor, int]:
@@ -243,6 +257,20 @@ def _restore(parameters: Sequence[torch.nn.Parameter], values: Sequence[torch.Te
             param.copy_(value)
 
 
+def _keeps_callers_rng(fit):
+    """`fit` seeds torch's global generator for itself; the caller's state is put back after (a
+    fit had reset the caller's torch.rand sequence to the fit's seed)."""
+
+    @functools.wraps(fit)
+    def with_own_rng(base, *args, **kwargs):
+        device = getattr(base, "device", torch.device("cpu"))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return fit(base, *args, **kwargs)
+
+    return with_own_rng
+
+
+@_keeps_callers_rng
 def train(
     base,
     kv_of: Callable[[], torch.Tensor],

@@ -53,7 +53,9 @@ class TrainConfig(BaseModel):
     # Compute dtype of the frozen base while training (common/precision.py): "auto" is bfloat16
     # only where the hardware computes it natively and faster; prefix parameters stay float32.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    seed: int = Field(0, ge=0, le=2**63 - 1)  # fixes data order, split and init: same data + seed = same prefix
+    # fixes data order, split and init: same data + seed = same prefix (on the same dtype and
+    # torch thread count: float32 sums split over threads round differently)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
 
     _numbers = field_validator(
         *("learning_rate", "max_steps", "max_epochs", "max_seconds", "batch_size", "warmup_fraction"),

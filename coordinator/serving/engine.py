@@ -5,7 +5,8 @@ leave the batch and queued ones join it. Joiners' prompts are prefilled in chunk
 into the decode steps, behind their prefixes and whatever each user's earlier requests
 left in the prompt cache (batch.py), then their rows are appended to the running batch's
 KV cache; every row keeps its own mask and position counter, so its tokens equal what
-that user gets alone (greedy: token for token; sampling: same seed, same tokens).
+that user gets alone (greedy: token for token; sampling: same seed, same tokens), in float32;
+in bfloat16 a batch's products round differently from one row's, and a near tie may differ.
 
     engine = Engine(load_base("tiny-llama"), store=PrefixStore("store"))
     results = engine.generate([GenerationRequest("Hello", user="alice", key=KEY)])  # on this thread

@@ -143,6 +143,26 @@ def test_a_held_out_split_keeps_each_chat_whole(tiny_llama):
     assert not {e.row for e in train} & {e.row for e in held}
 
 
+def test_rows_added_for_the_next_fit_keep_its_held_out_rows_held_out(tiny_llama):
+    """A user who fits again with more rows: a shuffle of all rows put a third or more of the new
+    held-out set among rows the previous fit had trained on, so early stopping judged the
+    continued prefix partly on its own training rows."""
+    from fedprefix.client.training import split_examples
+    from fedprefix.simulations.personas import training_rows, user_dataset
+
+    rows = list({json.dumps(row, sort_keys=True): row for row in training_rows(user_dataset(1, 90)["train"])}.values())
+    assert len(rows) >= 60  # distinct rows, so that each is told apart below
+    for seed in range(5):
+        before = tokenize_rows(read_rows(rows[:40]), tiny_llama.tokenizer, 512, True)
+        after = tokenize_rows(read_rows(rows[:60]), tiny_llama.tokenizer, 512, True)
+        trained = {tuple(e.prompt + e.completion) for e in split_examples(before, 0.1, seed)[0]}
+        held_before = {tuple(e.prompt + e.completion) for e in split_examples(before, 0.1, seed)[1]}
+        held_after = {tuple(e.prompt + e.completion) for e in split_examples(after, 0.1, seed)[1]}
+        assert len(held_before) == 4 and len(held_after) == 6
+        # at most the two places the larger set adds can go to rows the first fit trained on
+        assert len(held_after & trained) <= len(held_after) - len(held_before), seed
+
+
 def test_a_user_column_outside_federation_data_is_refused_not_left_aside():
     """A device's data-path at the run's combined file would train on every user's rows."""
     with pytest.raises(DataError, match="row 0: a 'user' column: rows of several users?"):
