@@ -11,6 +11,7 @@ with ``PeftModel.from_pretrained`` whatever the parameterization was. We add
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -77,6 +78,7 @@ def export_peft(prefix: Prefix, folder: str | os.PathLike, base_model_name_or_pa
     meta = {"base_fingerprint": prefix.base_fingerprint, "spec": spec.model_dump()}
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_left_copies(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     except OSError as exc:  # named by the folder asked for, not by the temp folder beside it
         raise OSError(exc.errno, f"export folder {folder} cannot be written: {exc.strerror}") from None
@@ -91,10 +93,25 @@ def export_peft(prefix: Prefix, folder: str | os.PathLike, base_model_name_or_pa
             shutil.rmtree(previous, ignore_errors=True)
         else:
             os.replace(staging, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno is not None:  # a full disk: named by the folder asked for
+            raise OSError(exc.errno, f"export folder {folder} cannot be written: {exc.strerror}") from exc
         raise
     return folder
+
+
+def _remove_left_copies(target: Path) -> None:
+    """Remove what an export into `target` killed midway left beside it: its staging folder
+    (``.<name>.XXXXXXXX``, mkdtemp's 8 characters) and a previous export set aside; each holds a
+    prefix in plain text, which no later export had removed."""
+    for left in target.parent.glob(f".{glob.escape(target.name)}.????????*"):
+        if (
+            left.name.removeprefix(f".{target.name}.")[8:] in ("", ".previous")
+            and left.is_dir()
+            and not left.is_symlink()
+        ):
+            shutil.rmtree(left, ignore_errors=True)
 
 
 def import_peft(folder: str | os.PathLike, base: BaseModelHandle) -> Prefix:

@@ -12,6 +12,7 @@ its host can tell a run whose process was killed from one still running (`writer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -182,11 +183,23 @@ class RunRecorder:
         atomic_write_bytes(self.dir / RUN_FILE, self.info.model_dump_json(indent=2).encode())
 
     def append_round(self, record: RoundRecord) -> None:
-        """Append one line; flushed and synced so a reader sees whole rounds."""
-        with open(self.dir / ROUNDS_FILE, "a", encoding="utf-8") as fh:
-            fh.write(record.model_dump_json() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        """Append one line, synced so a reader sees whole rounds; a write that fails (a full disk)
+        is cut back off, where its part line had glued the next round's to it (both lost)."""
+        line = (record.model_dump_json() + "\n").encode()
+        fd = os.open(self.dir / ROUNDS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                written = 0
+                while written < len(line):
+                    written += os.write(fd, line[written:])
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
     def finish(self, status: str = "finished", error: str | None = None) -> None:
         self.info = self.info.model_copy(update={"status": status, "ended": time.time(), "error": error})

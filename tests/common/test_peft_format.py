@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -79,6 +80,18 @@ def test_import_errors_name_the_problem(tiny_llama, tmp_path):
         import_peft(tmp_path, tiny_llama)
 
 
+def test_an_export_killed_midway_leaves_no_plaintext_copy_after_the_next_one(tiny_base, tmp_path):
+    """A killed export left its staging folder and the previous export set aside, each a prefix in
+    plain text, beside the adapter for good (an auditor's finding)."""
+    out = tmp_path / "adapter"
+    export_peft(random_prefix(tiny_base, 5, seed=1), out)
+    for left in (".adapter.k1llxd0n", ".adapter.k1llxd0n.previous"):  # as mkdtemp names them
+        shutil.copytree(out, tmp_path / left)
+    (tmp_path / ".adapter.mine").mkdir()  # not a name an export gives: left alone
+    export_peft(random_prefix(tiny_base, 3, seed=2), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.mine", "adapter"]
+
+
 def test_an_export_is_all_or_nothing_and_writes_only_an_adapter_folder(tiny_base, tmp_path, monkeypatch):
     from fedprefix.common import peft_format
 
@@ -96,7 +109,7 @@ def test_an_export_is_all_or_nothing_and_writes_only_an_adapter_folder(tiny_base
 
     real = peft_format.atomic_write_bytes
     monkeypatch.setattr(peft_format, "atomic_write_bytes", disk_full_at_the_second_file)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match=r"export folder .*adapter cannot be written: No space"):
         export_peft(random_prefix(tiny_base, 3, seed=2), out)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous export, whole

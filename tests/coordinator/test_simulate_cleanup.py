@@ -534,3 +534,28 @@ def test_a_python_whose_path_has_a_space_is_refused_at_once_by_name(monkeypatch,
         simulate_module.simulate(FederationConfig(num_users=2, run_dir=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
     simulate_module.check_python_path("/home/me/projets/é/.venv/bin/python")  # what a shell takes as it is
+
+
+def test_a_round_that_could_not_be_written_leaves_no_part_line_to_glue_the_next_one_to(tmp_path, monkeypatch):
+    """A full disk cut a round's line short; the next round's line then joined it, losing both."""
+    from fedprefix.coordinator import records
+    from fedprefix.coordinator.records import RunRecorder, read_run
+
+    info = RunInfo(
+        run_id="r", status="running", config={}, base="b", base_fingerprint="f", shared_prefix_parameters=0, started=1.0
+    )
+    recorder = RunRecorder.start(tmp_path, info)
+    recorder.append_round(_record(1))
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(records.os, "write", half_then_full)
+    with pytest.raises(OSError, match="No space"):
+        recorder.append_round(_record(2))
+    monkeypatch.undo()
+    recorder.append_round(_record(3))
+    _, rounds, problems = read_run(tmp_path)
+    assert [r.round for r in rounds] == [1, 3] and not problems
