@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 import logging
 import os
 import shutil
@@ -98,9 +100,13 @@ def _convert_smollm2(folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tmp = tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-")
+    # off a terminal (make demo into a log file), the converter's progress bars are \r-joined walls
+    terminal = sys.stderr is not None and sys.stderr.isatty()
+    bars = contextlib.nullcontext() if terminal else contextlib.redirect_stderr(io.StringIO())
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with bars:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # save_pretrained refuses GGUF-loaded models: rebuild from a clean config.
         config = loaded.config
         if hasattr(config, "quantization_config"):
