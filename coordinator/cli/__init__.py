@@ -29,7 +29,12 @@ def run() -> None:
     """The console entry point: Ctrl-C while the commands import is `aborted` too, not a traceback.
 
     SIGTERM stops a command as Ctrl-C does, so that its cleanups run (a base's half-converted
-    folder, say); `serve` and `dashboard` set their own handlers, which stop them cleanly."""
+    folder, say); `serve` and `dashboard` set their own handlers, which stop them cleanly. A
+    character the terminal's encoding cannot show (LC_ALL=C, Latin-1) is written escaped: a
+    table or a run name with one had failed the whole command."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     with stop_signals_as_interrupt():
         try:
             _, run_app = _load_commands()

@@ -68,16 +68,21 @@ def _read_key(user_id: str, key_file: Path | None, passphrase_env: str | None, n
         raise BadKeyError(f"give {options}, not both (user {user_id!r})")
     if key_file is not None:
         return read_key_file(key_file)
+    # passphrases are read as UTF-8 bytes: under a non-UTF-8 locale (LC_ALL=C with PYTHONUTF8=0,
+    # Latin-1) a UTF-8 passphrase was refused as "not valid Unicode", or read as another one
     if passphrase_env is not None:
-        value = os.environ.get(passphrase_env)
+        raw = os.environb.get(passphrase_env.encode()) if os.supports_bytes_environ else None
+        value = _utf8(raw, passphrase_env) if raw is not None else os.environ.get(passphrase_env)
         if not value:
             raise BadKeyError(f"environment variable {passphrase_env} is not set or empty")
         return value
     if sys.stdin is None or not sys.stdin.isatty():  # piped in (no terminal to hide the input on): its next line
+        stream = getattr(sys.stdin, "buffer", sys.stdin)
         try:
-            line = sys.stdin.readline().rstrip("\r\n") if sys.stdin is not None else ""
+            line = stream.readline() if stream is not None else ""
         except OSError:  # closed or unreadable (nohup's stdin): no key came
             line = ""
+        line = (_utf8(line, "standard input") if isinstance(line, bytes) else line).rstrip("\r\n")
         if not line:
             raise BadKeyError(f"no key for {user_id!r}: give {options}, or pipe the passphrase in")
         return line
@@ -88,6 +93,15 @@ def _read_key(user_id: str, key_file: Path | None, passphrase_env: str | None, n
         if isinstance(exc.__context__, EOFError):
             raise BadKeyError(f"no key for {user_id!r}: the input ended at the passphrase prompt (Ctrl-D)") from None
         raise
+
+
+def _utf8(raw: bytes, source: str) -> str:
+    from fedprefix.common.store import BadKeyError
+
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadKeyError(f"the passphrase from {source} is not UTF-8 text") from None
 
 
 def _open_store(path: Path) -> PrefixStore:

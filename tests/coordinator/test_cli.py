@@ -573,3 +573,32 @@ def test_round_progress_on_a_dumb_terminal_prints_plain_lines_in_order(monkeypat
         assert lines[0] == "simulating 2 users x 2 rounds" and lines[1].startswith("round 1/2: train loss 1.000")
     else:
         assert "\x1b[" in out.getvalue()  # a live bar where the terminal draws one
+
+
+@pytest.mark.parametrize("source", ["env", "stdin"])
+def test_a_utf8_passphrase_reads_the_same_under_a_non_utf8_locale(tmp_path, source):
+    """LC_ALL=C with PYTHONUTF8=0: a UTF-8 passphrase from --passphrase-env or stdin was refused
+    as "not valid Unicode text" (an auditor's finding); under Latin-1 it became another one."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from fedprefix.common.store import PrefixStore
+
+    from tests.common.test_store_hardening import make_prefix
+
+    passphrase = "pässwörd ünïcode"
+    PrefixStore(tmp_path / "store", scrypt_n=2**10).save("alice", make_prefix(1), passphrase)
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": "", "PW": passphrase}
+    command = [
+        str(Path(sys.executable).parent / "fedprefix"),
+        "store",
+        "verify",
+        "alice",
+        "--store",
+        str(tmp_path / "store"),
+    ]
+    if source == "env":
+        command += ["--passphrase-env", "PW"]
+    done = subprocess.run(command, env=env, input=passphrase.encode() + b"\n", capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
