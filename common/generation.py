@@ -8,6 +8,7 @@ per step, each row with its own position counter.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -185,8 +186,15 @@ def make_generator(params: SamplingParams, device) -> torch.Generator | None:
     if params.seed is None:
         generator.seed()  # a fresh random seed for this generator; torch.seed() would reseed torch's global one
     else:
-        generator.manual_seed(params.seed)
+        generator.manual_seed(_mixed(params.seed))
     return generator
+
+
+def _mixed(seed: int) -> int:
+    """A 64-bit seed hashed down to the 32 bits torch's CPU generator keeps: taken as it is, the
+    seeds 0 and 2**32, or -1 and 2**32 - 1, gave one stream (clients pick seeds as they like)."""
+    digest = hashlib.blake2b(seed.to_bytes(9, "little", signed=True), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
 
 def eos_ids(model, tokenizer) -> set[int]:

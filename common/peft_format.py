@@ -33,6 +33,9 @@ ADAPTER_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, FEDPREFIX_META}
 PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose format this writes and is tested against
 
 
+STAGING_MARK = "fedprefix-export-"  # in the name of an export's staging folder, beside the target
+
+
 def export_peft(prefix: Prefix, folder: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
     """Write `prefix` as a PEFT adapter folder; returns the folder.
 
@@ -79,7 +82,7 @@ def export_peft(prefix: Prefix, folder: str | os.PathLike, base_model_name_or_pa
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_left_copies(target)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{STAGING_MARK}", dir=target.parent))
     except OSError as exc:  # named by the folder asked for, not by the temp folder beside it
         raise OSError(exc.errno, f"export folder {folder} cannot be written: {exc.strerror}") from None
     try:
@@ -103,14 +106,13 @@ def export_peft(prefix: Prefix, folder: str | os.PathLike, base_model_name_or_pa
 
 def _remove_left_copies(target: Path) -> None:
     """Remove what an export into `target` killed midway left beside it: its staging folder
-    (``.<name>.XXXXXXXX``, mkdtemp's 8 characters) and a previous export set aside; each holds a
-    prefix in plain text, which no later export had removed."""
-    for left in target.parent.glob(f".{glob.escape(target.name)}.????????*"):
-        if (
-            left.name.removeprefix(f".{target.name}.")[8:] in ("", ".previous")
-            and left.is_dir()
-            and not left.is_symlink()
-        ):
+    (``.<name>.fedprefix-export-XXXXXXXX``: mkdtemp's 8 characters after a mark no other folder
+    has) and a previous export set aside (the same + ``.previous``); each holds a prefix in plain
+    text, which no later export had removed."""
+    mark = f".{target.name}.{STAGING_MARK}"
+    for left in target.parent.glob(f"{glob.escape(mark)}????????*"):
+        ours = left.name.removeprefix(mark)[8:] in ("", ".previous")
+        if ours and left.is_dir() and not left.is_symlink():
             shutil.rmtree(left, ignore_errors=True)
 
 

@@ -173,7 +173,12 @@ WATCH_S = 1.0  # how often the watchdog looks for its parent
 
 def watch(parent: psutil.Process, tag: str) -> None:
     """Wait for `parent` to end, then stop every process of `tag` (the watchdog's own work)."""
-    while parent.is_running() and parent.status() != psutil.STATUS_ZOMBIE:
+    while True:
+        try:
+            if not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.Error:  # reaped between the two looks
+            break
         time.sleep(WATCH_S)
     OwnedProcesses(tag).stop()
 

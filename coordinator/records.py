@@ -109,6 +109,7 @@ class WriterProcess(BaseModel):
 
     host: str
     boot_id: str | None = None
+    pid_namespace: int | None = None  # a container sharing the host's name and boot has pids of its own
     pid: Count
     started: UnixTime
 
@@ -134,8 +135,19 @@ class RunInfo(BaseModel):
 def this_process() -> WriterProcess:
     """The current process, as RunInfo.writer."""
     return WriterProcess(
-        host=socket.gethostname(), boot_id=_boot_id(), pid=os.getpid(), started=psutil.Process().create_time()
+        host=socket.gethostname(),
+        boot_id=_boot_id(),
+        pid_namespace=_pid_namespace(),
+        pid=os.getpid(),
+        started=psutil.Process().create_time(),
     )
+
+
+def _pid_namespace() -> int | None:
+    try:  # Linux: which pids a pid means (a container with the host's network has its own)
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 def _boot_id() -> str | None:
@@ -151,6 +163,8 @@ def writer_gone(info: RunInfo) -> str | None:
     writer = info.writer
     if info.status != "running" or writer is None or writer.host != socket.gethostname():
         return None
+    if writer.pid_namespace is None or writer.pid_namespace != _pid_namespace():
+        return None  # its pid means another process here
     if writer.boot_id is not None and writer.boot_id != _boot_id():
         return "its host restarted since"
     try:

@@ -38,7 +38,7 @@ def check_run_folder(config: FederationConfig) -> None:
         raise SimulationError(
             f"{stores} exists and no simulation made it: choose another --out, or --set store-root=FOLDER"
         )
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not made_by_a_run(run_dir):
+    if run_dir.is_dir() and any(p.name != RUN_LOCK for p in run_dir.iterdir()) and not made_by_a_run(run_dir):
         raise SimulationError(
             f"run folder {run_dir} holds files that no fedprefix run made (a run writes data/, run.json "
             f"and more into it): choose a new or empty --out folder"
@@ -54,19 +54,35 @@ def claim_run_folder(config: FederationConfig) -> None:
     (run_dir / RUN_MARK).write_text("a fedprefix run's folder: a later run into it replaces what runs wrote\n")
 
 
+_held: dict[Path, int] = {}  # run folders this process holds (the CLI holds one across simulate())
+
+
 @contextmanager
 def run_folder_lock(run_dir: Path) -> Iterator[None]:
-    """Hold RUN_DIR's lock for a run's length; SimulationError at once if another run holds it: a
-    second run into the folder emptied the first's record and node stores under it, and then
-    reported its own run, mixed with the first one's nodes, as finished."""
-    lock = FileLock(run_dir / RUN_LOCK, timeout=0)
+    """Hold RUN_DIR's lock (made, with the folder, where missing) for a run's length, from before
+    its data is written; SimulationError at once if another run holds it: a second run into the
+    folder replaced the first's data and emptied its record and node stores under it, then
+    reported its own run, mixed with the first one's nodes, as finished. Held again by the same
+    process (the CLI around simulate()), it is only counted."""
+    key = Path(run_dir).resolve()
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    key.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(key / RUN_LOCK, timeout=0)
     try:
         lock.acquire()
     except Timeout:
         raise SimulationError(f"another run is using {run_dir}: wait for it to end, or give another --out") from None
+    _held[key] = 1
     try:
         yield
     finally:
+        del _held[key]
         lock.release()
 
 

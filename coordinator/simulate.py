@@ -193,8 +193,10 @@ def flower_env(flwr_home: Path) -> dict:
         FLWR_DISABLE_UPDATE_CHECK="1",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
-    for name in ("NO_PROXY", "no_proxy"):  # behind a proxy (HTTP_PROXY), Flower's own loopback gRPC went to it
-        env[name] = ",".join(filter(None, (env.get(name), LOOPBACK_NAMES)))
+    # behind a proxy (HTTP_PROXY), Flower's own loopback gRPC went to it; both spellings get the
+    # union, so that a tool reading either keeps the user's own exclusions
+    excluded = [n for name in ("NO_PROXY", "no_proxy") for n in env.get(name, "").split(",") if n.strip()]
+    env["NO_PROXY"] = env["no_proxy"] = ",".join(dict.fromkeys([*excluded, *LOOPBACK_NAMES.split(",")]))
     return env | ray_token_env(env)
 
 

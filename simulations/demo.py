@@ -22,7 +22,7 @@ from fedprefix.client.node import simulation_key
 from fedprefix.common.base_model import DEFAULT_BASE, load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.errors import FedPrefixError
-from fedprefix.coordinator.run_folder import check_run_folder, claim_run_folder
+from fedprefix.coordinator.run_folder import check_run_folder, claim_run_folder, run_folder_lock
 from fedprefix.coordinator.simulate import simulate
 from fedprefix.coordinator.views import make_console, round_progress, rounds_table
 from fedprefix.simulations.arguments import positive
@@ -71,30 +71,31 @@ def federated(args) -> None:
     # `--out .` must not take a checkout's data/.
     folder = FederationConfig(run_dir=str(work))
     check_run_folder(folder)
-    shutil.rmtree(work / "data", ignore_errors=True)
-    claim_run_folder(folder)  # before its data is written into it
-    config = FederationConfig(
-        base=args.base,
-        num_users=args.users,
-        num_rounds=args.rounds,
-        local_steps=args.local_steps,
-        data=str(write_federation_data(work / "data", args.users, args.examples, test_size=EVAL_SIZE)),
-        personal_tokens=16,
-        shared_tokens=8,
-        # [shared ; personal]: personas write in styles no other user shares, and on them a
-        # personal part of its own behind the shared one is what was measured (make report-personas)
-        personal_init="text",
-        # as `fedprefix simulate --out runs/demo`: `fedprefix show demo --runs runs` finds it, and its
-        # node stores (run_dir/stores) carry the mark that lets a later simulate reuse the folder
-        run_dir=str(work),
-    )
-    console.print(
-        f"[bold]federation[/bold]: {args.users} users x {args.rounds} rounds on {args.base}, "
-        f"{args.local_steps} local steps per round; run folder {config.run_dir}"
-    )
-    description = "training (Flower simulation; the first round also starts the nodes)"
-    with round_progress(console, args.rounds, description) as on_round:
-        rounds = simulate(config, on_round=on_round)
+    with run_folder_lock(work):  # another run into it would replace its data under this one
+        shutil.rmtree(work / "data", ignore_errors=True)
+        claim_run_folder(folder)  # before its data is written into it
+        config = FederationConfig(
+            base=args.base,
+            num_users=args.users,
+            num_rounds=args.rounds,
+            local_steps=args.local_steps,
+            data=str(write_federation_data(work / "data", args.users, args.examples, test_size=EVAL_SIZE)),
+            personal_tokens=16,
+            shared_tokens=8,
+            # [shared ; personal]: personas write in styles no other user shares, and on them a
+            # personal part of its own behind the shared one is what was measured (make report-personas)
+            personal_init="text",
+            # as `fedprefix simulate --out runs/demo`: `fedprefix show demo --runs runs` finds it, and its
+            # node stores (run_dir/stores) carry the mark that lets a later simulate reuse the folder
+            run_dir=str(work),
+        )
+        console.print(
+            f"[bold]federation[/bold]: {args.users} users x {args.rounds} rounds on {args.base}, "
+            f"{args.local_steps} local steps per round; run folder {config.run_dir}"
+        )
+        description = "training (Flower simulation; the first round also starts the nodes)"
+        with round_progress(console, args.rounds, description) as on_round:
+            rounds = simulate(config, on_round=on_round)
     console.print(rounds_table(rounds, title="rounds: held-out loss with base / shared / shared+personal"))
     index = min(1, args.users - 1)  # the second user, or the only one
     user = f"user{index:03d}"

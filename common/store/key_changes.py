@@ -23,8 +23,9 @@ class KeyChanges:
         raw), all parts in one step; the payload ciphertexts are kept.
 
         A part already under `new_key` is taken as it is: run again, this completes a change
-        killed between its renames (the parts then under both keys, from two writes), or puts
-        parts stored under two keys (before format 2) under one."""
+        that an earlier version left killed between its renames (the parts then under both keys,
+        from two writes; now the user's next lock completes it from the journal), or puts parts
+        stored under two keys (before format 2) under one."""
         old_key = check_key(user_id, old_key)
         new_key = check_key(user_id, new_key)
         with self._stored_user_lock(user_id):

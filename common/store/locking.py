@@ -20,12 +20,13 @@ step 3 (common.signals).
 
 A temp file without a journal belongs to a write that was never decided; the user's next
 lock removes it, one unlink per file the user may have (a scan of the store folder per save
-made a save 10x slower in a store of 10,000 users). A journal names only its own user's files (checked
-when it is read back), so one put in the folder moves nothing else, and every file it
-completes is authenticated on load like any other; one that does not parse is not this
-store's and is removed, leaving the files as they are. On a case-insensitive filesystem
-'Alice' and 'alice' share one file; the owner check then refuses the other user's file
-rather than mixing them up.
+made a save 10x slower in a store of 10,000 users). A journal must name only its own user's
+files (checked when it is read back), so one put in the folder moves nothing else, and every
+file it completes is authenticated on load like any other; one that does not parse (or a
+folder or link at its name) is not this store's and is removed, leaving the files as they
+are, while one naming another user's files is refused and kept: on a case-insensitive
+filesystem 'Alice' and 'alice' share one journal, as they share one file, where the owner
+check refuses the other user's file rather than mixing them up.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -107,6 +109,11 @@ def write_all(journal: Path, files: Sequence[tuple[Path, bytes]], removed: Seque
             target.parent.mkdir(mode=0o700, exist_ok=True)
             staged.append((write_temp(target, data, durable, staged_name(target.name)), target))
         with signals_deferred() as received:
+            if durable:  # every staged file's entry durable before the journal decides on them (the
+                # journal's own folder is synced with it); else a power loss could keep the journal
+                # and lose a staged rollback record, which recovery would then skip
+                for folder in dict.fromkeys(target.parent for _, target in staged if target.parent != journal.parent):
+                    fsync_dir(folder)
             _decide(journal, _plan(journal.parent, [target for _, target in staged], removed), durable)
             _finish(journal, staged, removed, durable)
         for sig in dict.fromkeys(received):
@@ -121,8 +128,7 @@ def write_all(journal: Path, files: Sequence[tuple[Path, bytes]], removed: Seque
 def recover(journal: Path, own_files: Collection[str], durable: bool) -> None:
     """Complete the decided write whose journal a killed or failed writer left at `journal`;
     without one, remove what a killed writer staged. The caller holds the user's lock.
-    `own_files`: the names, relative to the journal's folder, that the user's files may have;
-    a journal naming another is not this store's."""
+    `own_files`: the names, relative to the journal's folder, that the user's files may have."""
     root = journal.parent
     try:
         raw = read_regular(journal, follow_links=False)
@@ -135,13 +141,21 @@ def recover(journal: Path, own_files: Collection[str], durable: bool) -> None:
     plan = None if raw is None else _parsed(raw, own_files, journal)
     if plan is None:  # no write decided: one unlink per file, not a scan of the folder
         if raw is not None:
-            journal.unlink()
+            _remove_foreign(journal)
         for path in (journal, *(root / name for name in own_files)):
             path.with_name(staged_name(path.name)).unlink(missing_ok=True)
         return
     targets = [root / name for name in plan["write"]]
     staged = [(target.with_name(staged_name(target.name)), target) for target in targets]
     _roll_forward(journal, staged, [root / name for name in plan["remove"]], durable)
+
+
+def _remove_foreign(journal: Path) -> None:
+    """Remove what is at the journal's name but no journal of this store's: a file, a link, a folder."""
+    if journal.is_dir() and not journal.is_symlink():
+        shutil.rmtree(journal)
+    else:
+        journal.unlink(missing_ok=True)
 
 
 def _plan(root: Path, targets: Sequence[Path], removed: Sequence[Path]) -> bytes:
@@ -177,8 +191,17 @@ def _parsed(raw: bytes, own_files: Collection[str], journal: Path) -> dict | Non
         or not isinstance(remove, list)
     ):
         return None
-    if not all(isinstance(name, str) and name in own_files for name in write + remove):
+    if not all(isinstance(name, str) for name in write + remove):
         return None
+    if foreign := next((name for name in write + remove if name not in own_files), None):
+        # this store's journal, naming another user's file: on a case-insensitive filesystem
+        # 'Alice' and 'alice' share the journal, and removing it lost Alice's decided write
+        user_id = journal.name[1 : -len(".journal")]
+        message = (
+            f"its journal {journal.name} names {foreign!r}, not one of its files (another user's on a "
+            "case-insensitive filesystem?): complete that user's write with their own id, or remove the journal"
+        )
+        raise StoreError(about(user_id, message), user_id)
     return plan
 
 
@@ -197,9 +220,9 @@ def _decide(journal: Path, plan: bytes, durable: bool) -> None:
 
 def _finish(journal: Path, staged: Sequence[Staged], removed: Sequence[Path], durable: bool) -> None:
     """_roll_forward, again at once if it failed: a rename the filesystem failed once and then
-    made is no failure. What it still cannot do is raised saying that the user's next lock
-    completes it; an exception not the filesystem's (a time limit's TimeoutError) is raised
-    once the write is made where it could be."""
+    made is no failure. What it still cannot do (a rename, a folder's sync, the journal's
+    removal) is raised saying that the user's next lock completes it; an exception not the
+    filesystem's (a time limit's TimeoutError) is raised once the write is made where it could be."""
     try:
         _roll_forward(journal, staged, removed, durable)
     except BaseException as exc:
@@ -208,8 +231,13 @@ def _finish(journal: Path, staged: Sequence[Staged], removed: Sequence[Path], du
         if not isinstance(exc, OSError) or exc.errno is None:
             raise
         if os.path.lexists(journal):
-            what = "the write is decided but not all in place; it completes at the user's next load or save"
-            raise OSError(exc.errno, f"{exc.strerror or exc}; {what}", exc.filename) from exc
+            placed = not any(os.path.lexists(path) for path in (*(tmp for tmp, _ in staged), *removed))
+            what = (
+                "the write is in place but not yet durable" if placed else "the write is decided but not all in place"
+            )
+            raise OSError(
+                exc.errno, f"{exc.strerror or exc}; {what}: the user's next load or save completes it", exc.filename
+            ) from exc
 
 
 def _roll_forward(journal: Path, staged: Sequence[Staged], removed: Sequence[Path], durable: bool) -> None:

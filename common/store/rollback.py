@@ -124,7 +124,8 @@ def _parse(name: str, raw: bytes, dek: bytes) -> dict:
         if type(version) is int and version > 1:
             raise UnknownVersionError(
                 about(
-                    name, f"its rollback record is format {version}, written by a newer fedprefix (this one reads 1)"
+                    name,
+                    f"its rollback record says format {version}: a newer fedprefix's (this one reads 1), or damaged",
                 ),
                 name,
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -141,19 +142,26 @@ def simulate(
         check_run_folder(config)  # before the personas' data is written into it
     except FedPrefixError as exc:
         fail(exc)
-    users, data = _federation_data(config, users, examples, Path(out), err_console if as_json else console)
-    config = _checked({**settings, "num_users": users, "data": data})
-    try:
-        recipe = f", {config.personal_recipe}" if config.mode == "shared+personal" else ""
-        secure = ", last round under secure aggregation" if config.secure_last_round else ""
-        title = (
-            f"simulating {users} users x {config.num_rounds} rounds on {config.base} ({config.mode}{recipe}{secure})"
-        )
-        # Rounds as they end; with --json on stderr, so stdout stays JSON.
-        with round_progress(err_console if as_json else console, config.num_rounds, title) as on_round:
-            records = run_simulation(config, on_round=on_round)
-    except (FedPrefixError, RuntimeError) as exc:
+    from fedprefix.coordinator.run_folder import run_folder_lock
+
+    try:  # held from before the personas' data is written to the run's end (simulate() holds it too)
+        folder = contextlib.ExitStack()
+        folder.enter_context(run_folder_lock(Path(config.run_dir)))
+    except FedPrefixError as exc:
         fail(exc)
+    with folder:
+        users, data = _federation_data(config, users, examples, Path(out), err_console if as_json else console)
+        config = _checked({**settings, "num_users": users, "data": data})
+        try:
+            recipe = f", {config.personal_recipe}" if config.mode == "shared+personal" else ""
+            secure = ", last round under secure aggregation" if config.secure_last_round else ""
+            how = f"{config.mode}{recipe}{secure}"
+            title = f"simulating {users} users x {config.num_rounds} rounds on {config.base} ({how})"
+            # Rounds as they end; with --json on stderr, so stdout stays JSON.
+            with round_progress(err_console if as_json else console, config.num_rounds, title) as on_round:
+                records = run_simulation(config, on_round=on_round)
+        except (FedPrefixError, RuntimeError) as exc:
+            fail(exc)
     if as_json:
         typer.echo(json.dumps([r.model_dump() for r in records], indent=2))
         return

@@ -83,5 +83,6 @@ async def _invalid_body(request: Request, exc: RequestValidationError):
         fields = field_errors(exc.errors())
     message = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
     param = fields[0]["field"].removeprefix("body.") if fields and fields[0]["field"] != "body" else None
-    error = {"message": message, "type": "invalid_request_error", "param": param, "code": "invalid_body"}
-    return JSONResponse({"error": error | {"fields": fields}}, status_code=400)
+    body = error_body(400, message, "invalid_body", param)
+    body["error"]["fields"] = fields  # every fault, where error_body names one
+    return JSONResponse(body, status_code=400)

@@ -85,11 +85,16 @@ def test_an_export_killed_midway_leaves_no_plaintext_copy_after_the_next_one(tin
     plain text, beside the adapter for good (an auditor's finding)."""
     out = tmp_path / "adapter"
     export_peft(random_prefix(tiny_base, 5, seed=1), out)
-    for left in (".adapter.k1llxd0n", ".adapter.k1llxd0n.previous"):  # as mkdtemp names them
-        shutil.copytree(out, tmp_path / left)
-    (tmp_path / ".adapter.mine").mkdir()  # not a name an export gives: left alone
+    left = (
+        ".adapter.fedprefix-export-k1llxd0n",
+        ".adapter.fedprefix-export-k1llxd0n.previous",
+    )  # as mkdtemp names them
+    for name in left:
+        shutil.copytree(out, tmp_path / name)
+    for mine in (".adapter.mine", ".adapter.20240101"):  # no name an export gives (a backup, say): left alone
+        (tmp_path / mine).mkdir()
     export_peft(random_prefix(tiny_base, 3, seed=2), out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.mine", "adapter"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.20240101", ".adapter.mine", "adapter"]
 
 
 def test_an_export_is_all_or_nothing_and_writes_only_an_adapter_folder(tiny_base, tmp_path, monkeypatch):

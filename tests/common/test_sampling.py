@@ -50,3 +50,16 @@ def test_penalties_lower_the_logits_of_tokens_already_generated_as_openai_define
     rows = torch.cat([logits, logits])  # one row's penalty leaves its batch mate alone
     assert pick_tokens(rows, [presence, plain], [None, None], [outputs[0], outputs[0]]).tolist() == [1, 0]
     assert torch.equal(logits, torch.tensor([[3.0, 2.5, 0.0, 1.0]])), "the caller's logits are left as they were"
+
+
+def test_seeds_apart_by_2_to_the_32_sample_apart():
+    """torch's CPU generator keeps 32 bits of a seed: 0 and 2**32, -1 and 2**32 - 1 had given one
+    stream (a reviewer's finding)."""
+    from fedprefix.common.generation import SamplingParams, make_generator
+
+    def draws(seed: int) -> list[float]:
+        return torch.rand(4, generator=make_generator(SamplingParams(temperature=1.0, seed=seed), "cpu")).tolist()
+
+    for a, b in ((0, 2**32), (-1, 2**32 - 1), (5, 5 - 2**32)):
+        assert draws(a) != draws(b), (a, b)
+    assert draws(7) == draws(7)

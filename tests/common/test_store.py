@@ -745,7 +745,7 @@ def test_cli_covers_every_part_and_refuses_odd_inputs_in_one_line(cli_store, tmp
         assert result.exit_code == 1 and reason in result.stderr, result.output
     bad = {"BAD": "pa\udcffss"}  # bytes that are not UTF-8, as Python reads them from the environment
     result = runner.invoke(store_app, ["verify", "alice", "--store", root, "--passphrase-env", "BAD"], env=bad)
-    assert result.exit_code == 1 and "not valid Unicode" in result.stderr and "udcff" not in result.stderr
+    assert result.exit_code == 1 and "BAD is not UTF-8 text" in result.stderr and "udcff" not in result.stderr
 
     out = tmp_path / "taken"
     out.mkdir()

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 from fedprefix.common.store import PrefixStore, StoreError, StoreIOError, UnknownUserError, UnknownVersionError
@@ -114,6 +115,8 @@ def test_a_writer_killed_anywhere_leaves_the_old_version_or_the_new_one(tmp_path
         if not killed:
             break
     assert len(seen) == 2 or name in ("rotate-key", "reset-rollback")  # both ends were reached
+    if name in ("rotate-key", "reset-rollback"):  # values alike before and after: the data key tells
+        assert PrefixStore(root).info("u").key_id != PrefixStore(template).info("u").key_id
 
 
 @pytest.fixture
@@ -124,25 +127,57 @@ def store(tmp_path) -> PrefixStore:
     return store
 
 
+@pytest.mark.parametrize("journal", [b"not json", b'{"format_version": 1}', b'{"write": "x"}', None])
+def test_a_journal_this_store_did_not_write_is_removed_and_moves_nothing(store, journal):
+    """Something at the journal's name that is no journal (None: a folder) is removed under the
+    user's lock, and the files stay as they are (a folder had blocked every locked access)."""
+    path = store.root / ".u.journal"
+    if journal is None:
+        (path / "inside").mkdir(parents=True)
+    else:
+        path.write_bytes(journal)
+    parts = store.load_parts("u", RAW)
+    assert same(parts["personal"], make_prefix(1)) and same(parts["shared"], make_prefix(10))
+    assert not path.exists()
+
+
 @pytest.mark.parametrize(
-    "journal",
+    "names",
     [
-        b'{"format_version": 1, "remove": ["v.fpx"], "write": []}',  # another user's file
-        b'{"format_version": 1, "remove": ["../outside"], "write": []}',
-        b'{"format_version": 1, "remove": [], "write": [".rollback/v.json"]}',
-        b"not json",
-        b'{"format_version": 1}',
+        '"remove": ["v.fpx"], "write": []',  # another user's file
+        '"remove": ["../outside"], "write": []',
+        '"remove": [], "write": [".rollback/v.json"]',
+        '"remove": [], "write": ["U.fpx"]',  # 'U' and 'u': one journal on a case-insensitive filesystem
     ],
 )
-def test_a_journal_this_store_did_not_write_moves_nothing(store, journal):
-    """A journal put in the folder names only its own user's files, or it is removed unused: it
-    cannot make the store remove or replace anything else."""
-    (store.root / ".u.journal").write_bytes(journal)
+def test_a_journal_naming_another_users_files_is_refused_and_kept(store, names):
+    """It moves nothing (not even outside the store), and it is kept: on a case-insensitive
+    filesystem it may be another user's decided write, which removing it would lose."""
+    path = store.root / ".u.journal"
+    path.write_text("{" + f'"format_version": 1, {names}' + "}")
     (store.root.parent / "outside").write_bytes(b"x")
-    parts = store.load_parts("u", RAW)  # takes u's lock: the journal is read, found foreign, removed
-    assert same(parts["personal"], make_prefix(1)) and same(parts["shared"], make_prefix(10))
-    assert not (store.root / ".u.journal").exists() and (store.root.parent / "outside").exists()
-    assert same(store.load("v", RAW), make_prefix(5))
+    with pytest.raises(StoreError, match=r"its journal \.u\.journal names .*not one of its files"):
+        store.load_parts("u", RAW)
+    assert path.exists() and (store.root.parent / "outside").exists()
+    assert same(store.load("v", RAW), make_prefix(5)) and same(store.load("u", RAW), make_prefix(1))
+
+
+def test_the_staged_records_are_durable_before_the_journal_decides_on_them(store, monkeypatch):
+    """A power loss could keep the journal and lose a staged rollback record whose folder had
+    not been synced: recovery then put the new parts in beside the old records (a reviewer's
+    finding; a killed process keeps every call it made, so the kill sweep cannot see it)."""
+    from fedprefix.common.store import locking
+
+    events, real_sync, real_replace = [], locking.fsync_dir, locking.os.replace
+    monkeypatch.setattr(
+        locking, "fsync_dir", lambda folder: events.append(("sync", Path(folder).name)) or real_sync(folder)
+    )
+    monkeypatch.setattr(
+        locking.os, "replace", lambda a, b: events.append(("rename", Path(b).name)) or real_replace(a, b)
+    )
+    store.rotate_data_key("u", RAW)
+    decided = events.index(("rename", ".u.journal"))
+    assert ("sync", ".rollback") in events[:decided], events
 
 
 def test_a_journal_of_a_newer_version_is_refused_by_name(store):
@@ -156,7 +191,7 @@ def test_a_rollback_record_of_a_newer_version_is_refused_by_name_not_called_dama
     """reset-rollback, the advice for a damaged record, would rewrite it in the older format."""
     path = store.root / ".rollback" / "u.json"
     path.write_bytes(path.read_bytes().replace(b'"format_version":1', b'"format_version":2'))
-    with pytest.raises(UnknownVersionError, match="rollback record is format 2, written by a newer fedprefix"):
+    with pytest.raises(UnknownVersionError, match="rollback record says format 2: a newer fedprefix"):
         store.load("u", RAW)
 
 

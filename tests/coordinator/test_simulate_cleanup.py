@@ -424,6 +424,21 @@ def test_a_server_app_that_ended_without_recording_its_end_fails_the_run_by_name
     assert info.status == "failed" and "without recording its end" in info.error
 
 
+@contextlib.contextmanager
+def _held_elsewhere(run_dir: Path):
+    """RUN_DIR's lock held by another process (this one's own holds are counted, not refused)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    code = "import sys, time; from filelock import FileLock; held = FileLock(sys.argv[1]); held.acquire()"
+    code += "; print(1, flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir / run_folder.RUN_LOCK)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"1"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_second_run_into_a_folder_in_use_is_refused_before_it_touches_it(tmp_path, monkeypatch):
     """A second terminal's run into the same --out emptied the first run's record and node stores
     under it, and reported its own run, mixed with the first one's nodes, as finished."""
@@ -436,7 +451,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_before_it_touches_it(tmp_p
     run_folder.claim_run_folder(config)
     _write_info(run_dir, "running")
     before = (run_dir / RUN_FILE).read_bytes()
-    with run_folder.run_folder_lock(run_dir):  # the first run, still going
+    with _held_elsewhere(run_dir):  # the first run, still going
         with pytest.raises(simulate_module.SimulationError, match="another run is using .*give another --out"):
             simulate_module.simulate(config)
     assert not started and (run_dir / RUN_FILE).read_bytes() == before
@@ -516,12 +531,12 @@ def test_a_proxy_setting_does_not_take_the_runs_loopback_traffic(monkeypatch, tm
     try:
         monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
         monkeypatch.setenv("NO_PROXY", "intranet.example")
+        monkeypatch.setenv("no_proxy", "lab.example")
         assert simulate_module._healthy(server.server_address[1])
     finally:
         server.shutdown()
     env = simulate_module.flower_env(tmp_path)
-    assert env["NO_PROXY"] == "intranet.example,127.0.0.1,localhost,::1"
-    assert "127.0.0.1" in env["no_proxy"].split(",")
+    assert env["NO_PROXY"] == env["no_proxy"] == "intranet.example,lab.example,127.0.0.1,localhost,::1"
 
 
 def test_a_python_whose_path_has_a_space_is_refused_at_once_by_name(monkeypatch, tmp_path):
@@ -559,3 +574,21 @@ def test_a_round_that_could_not_be_written_leaves_no_part_line_to_glue_the_next_
     recorder.append_round(_record(3))
     _, rounds, problems = read_run(tmp_path)
     assert [r.round for r in rounds] == [1, 3] and not problems
+
+
+def test_a_second_cli_run_into_a_folder_in_use_is_refused_before_it_writes_its_data(tmp_path, monkeypatch):
+    """The CLI wrote the personas' data into the folder before simulate() took its lock: a second
+    terminal's run replaced the data a running run's nodes read (a reviewer's finding)."""
+    from fedprefix.coordinator import cli
+    from fedprefix.coordinator.cli import main as cli_main
+
+    out = tmp_path / "run"
+    args = ["fedprefix", "simulate", "--base", "tiny-llama", "--users", "2", "--rounds", "1", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", args)
+    monkeypatch.setitem(cli_main._state, "debug", False)
+    with _held_elsewhere(out):  # the first run, still going
+        with pytest.raises(SystemExit) as exit_:
+            cli.run()
+    assert exit_.value.code == 1 and not (out / "data").exists()
+    assert sorted(p.name for p in out.iterdir()) == [run_folder.RUN_LOCK]
+    run_folder.check_run_folder(FederationConfig(run_dir=str(out)))  # the lock file alone: a folder a run may use
