@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     tensor_bytes = sum(t.numel() * t.element_size() for t in prefix.state_tensors().values())
     results: dict = {"spec": SPEC.model_dump(), "tensor_bytes": tensor_bytes, "repeats": args.repeats, "cases": {}}
 
+    if args.dir:  # a folder on the disk to measure, made if missing
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
         store = PrefixStore(folder / "store")  # default scrypt cost, durable writes
