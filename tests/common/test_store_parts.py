@@ -133,25 +133,35 @@ def test_an_older_copy_of_one_part_put_back_with_its_record_is_refused(store):
         store.save("alice", make_prefix(6), RAW)
 
 
-def test_a_save_stopped_between_its_renames_is_completed_by_the_next_load(store, monkeypatch):
-    """SIGKILL or a power loss between the renames left one part new beside the other old, which
-    loads refused until reset-rollback kept that mix. The write's journal now completes it."""
+def stop_after_the_first_part(monkeypatch, journal: bool = True) -> None:
+    """The store's renames stop (SystemExit, as a process killed there: what is renamed stays
+    renamed) after the first part's; `journal=False`: as an earlier version, which wrote none."""
     from fedprefix.common.store import locking
 
-    both(store)
     real_replace, renames = locking.os.replace, []
 
-    def stopped_after_the_first_part(src, dst):
+    def replace(src, dst):
         if renames:
-            raise SystemExit("stopped")  # as a process killed here: the renamed file stays renamed
-        if not str(dst).endswith(".journal"):
+            raise SystemExit("stopped")
+        if str(dst).endswith(".journal"):
+            if not journal:
+                os.unlink(src)
+                return
+        else:
             renames.append(dst)
         real_replace(src, dst)
 
-    monkeypatch.setattr(locking.os, "replace", stopped_after_the_first_part)
+    monkeypatch.setattr(locking.os, "replace", replace)
+
+
+def test_a_save_stopped_between_its_renames_is_completed_by_the_next_load(store, monkeypatch):
+    """SIGKILL or a power loss between the renames left one part new beside the other old, which
+    loads refused until reset-rollback kept that mix. The write's journal now completes it."""
+    both(store)
+    stop_after_the_first_part(monkeypatch)
     with pytest.raises(SystemExit):
         store.save_parts("alice", {"personal": make_prefix(4), "shared": make_prefix(5)}, RAW)
-    monkeypatch.setattr(locking.os, "replace", real_replace)
+    monkeypatch.undo()
     assert (store.root / ".alice.journal").exists() and list(store.root.rglob(".*.staged.tmp"))
     parts = store.load("alice@shared", RAW), store.load("alice", RAW)  # unlocked loads, as a server's
     assert same(parts[0], make_prefix(5)) and same(parts[1], make_prefix(4))
@@ -272,22 +282,11 @@ def test_a_file_that_appears_while_a_reader_opens_it_is_not_a_link_to_nothing(st
 
 
 def test_a_key_change_stopped_between_its_renames_is_completed_by_the_next_load(store, monkeypatch):
-    from fedprefix.common.store import locking
-
     both(store)
-    real_replace, renames = locking.os.replace, []
-
-    def stopped_after_the_first_part(src, dst):
-        if renames:
-            raise SystemExit("stopped")
-        if not str(dst).endswith(".journal"):
-            renames.append(dst)
-        real_replace(src, dst)
-
-    monkeypatch.setattr(locking.os, "replace", stopped_after_the_first_part)
+    stop_after_the_first_part(monkeypatch)
     with pytest.raises(SystemExit):
         store.change_passphrase("alice", RAW, PASS)
-    monkeypatch.setattr(locking.os, "replace", real_replace)
+    monkeypatch.undo()
     with pytest.raises(WrongKeyError):  # the change is made: the old key no longer opens a part
         store.load_parts("alice", RAW)
     parts = store.load_parts("alice", PASS)
@@ -299,24 +298,11 @@ def test_a_key_change_stopped_between_its_renames_is_completed_by_the_next_load(
 def test_a_key_change_of_parts_under_two_keys_completes_when_run_again(store, monkeypatch):
     """Parts under two keys (a change killed under an earlier version, which wrote no journal):
     the same change run again puts them under one."""
-    from fedprefix.common.store import locking
-
     both(store)
-    real_replace, renames = locking.os.replace, []
-
-    def killed_without_journal(src, dst):
-        if renames:
-            raise SystemExit("killed")
-        if str(dst).endswith(".journal"):
-            os.unlink(src)  # as if none were written
-            return
-        renames.append(dst)
-        real_replace(src, dst)
-
-    monkeypatch.setattr(locking.os, "replace", killed_without_journal)
+    stop_after_the_first_part(monkeypatch, journal=False)
     with pytest.raises(SystemExit):
         store.change_passphrase("alice", RAW, PASS)
-    monkeypatch.setattr(locking.os, "replace", real_replace)
+    monkeypatch.undo()
     for key in (RAW, PASS):  # one part under each key now, from two writes
         with pytest.raises((WrongKeyError, PartsMismatchError)):
             store.load_parts("alice", key)
