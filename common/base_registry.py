@@ -107,14 +107,14 @@ def _convert_smollm2(folder: Path) -> None:
         with bars:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # save_pretrained refuses GGUF-loaded models: rebuild from a clean config.
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        fresh.load_state_dict(loaded.state_dict(), strict=True)
-        fresh.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+            # save_pretrained refuses GGUF-loaded models: rebuild from a clean config.
+            config = loaded.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            fresh.load_state_dict(loaded.state_dict(), strict=True)
+            fresh.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         _readable_as_umask_allows(Path(tmp))  # mkdtemp made it for its owner alone: a shared cache is not
         _put_in_place(Path(tmp), folder)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -16,6 +17,13 @@ from rich.table import Table
 from .records import RoundRecord
 
 SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def progress_bars_on_terminals_only() -> None:
+    """Off a terminal (a log file, CI), Hugging Face's progress bars are walls of \\r-joined lines:
+    turn them off there, before transformers is imported, unless the user chose."""
+    if sys.stderr is None or not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def make_console(stderr: bool = False) -> Console:

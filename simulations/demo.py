@@ -24,7 +24,7 @@ from fedprefix.common.config import FederationConfig
 from fedprefix.common.errors import FedPrefixError
 from fedprefix.coordinator.run_folder import check_run_folder, claim_run_folder, run_folder_lock
 from fedprefix.coordinator.simulate import simulate
-from fedprefix.coordinator.views import make_console, round_progress, rounds_table
+from fedprefix.coordinator.views import make_console, progress_bars_on_terminals_only, round_progress, rounds_table
 from fedprefix.simulations.arguments import positive
 from fedprefix.simulations.personas import (
     slot_realization,
@@ -140,6 +140,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="runs/demo", help="run folder and node stores")
     parser.add_argument("--local", action="store_true", help="one device, no federation")
     args = parser.parse_args(argv)
+    progress_bars_on_terminals_only()
     try:
         local(args) if args.local else federated(args)
     except FedPrefixError as exc:  # one line, as the CLI's (a refused folder, a failed federation)

@@ -35,6 +35,9 @@ def run() -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    from fedprefix.coordinator.views import progress_bars_on_terminals_only
+
+    progress_bars_on_terminals_only()
     with stop_signals_as_interrupt():
         try:
             _, run_app = _load_commands()

@@ -144,9 +144,11 @@ def simulate(
         fail(exc)
     from fedprefix.coordinator.run_folder import run_folder_lock
 
-    try:  # held from before the personas' data is written to the run's end (simulate() holds it too)
+    try:  # held from before the personas' data is written to the run's end (simulate() holds it too);
+        # your own data is only read before simulate() takes it, which writes nothing till then
         folder = contextlib.ExitStack()
-        folder.enter_context(run_folder_lock(Path(config.run_dir)))
+        if personas:
+            folder.enter_context(run_folder_lock(Path(config.run_dir)))
     except FedPrefixError as exc:
         fail(exc)
     with folder:

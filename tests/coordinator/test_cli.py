@@ -1,5 +1,7 @@
 """The CLI's promise: every error is one line on stderr and exit code 1; --debug shows the traceback."""
 
+import io
+import os
 import signal
 import subprocess
 import sys
@@ -602,3 +604,16 @@ def test_a_utf8_passphrase_reads_the_same_under_a_non_utf8_locale(tmp_path, sour
         command += ["--passphrase-env", "PW"]
     done = subprocess.run(command, env=env, input=passphrase.encode() + b"\n", capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
+
+
+def test_hugging_faces_progress_bars_are_off_off_a_terminal_unless_the_user_chose(monkeypatch):
+    """`make demo > log`: the fetch and every load wrote \\r-joined bars into the log."""
+    from fedprefix.coordinator.views import progress_bars_on_terminals_only
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # no terminal
+    progress_bars_on_terminals_only()
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
+    progress_bars_on_terminals_only()
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"  # the user's choice stands
