@@ -21,9 +21,14 @@ SPARKS = "▁▂▃▄▅▆▇█"
 
 def progress_bars_on_terminals_only() -> None:
     """Off a terminal (a log file, CI), Hugging Face's progress bars are walls of \\r-joined lines:
-    turn them off there, before transformers is imported, unless the user chose."""
-    if sys.stderr is None or not sys.stderr.isatty():
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    turn them off there, unless the user chose (HF_HUB_DISABLE_PROGRESS_BARS)."""
+    if (sys.stderr is not None and sys.stderr.isatty()) or "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ:
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:  # imported already: it read the setting then
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 def make_console(stderr: bool = False) -> Console:

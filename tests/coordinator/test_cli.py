@@ -609,11 +609,19 @@ def test_a_utf8_passphrase_reads_the_same_under_a_non_utf8_locale(tmp_path, sour
 def test_hugging_faces_progress_bars_are_off_off_a_terminal_unless_the_user_chose(monkeypatch):
     """`make demo > log`: the fetch and every load wrote \\r-joined bars into the log."""
     from fedprefix.coordinator.views import progress_bars_on_terminals_only
+    from transformers.utils import logging as transformers_logging
 
+    was_on = transformers_logging.is_progress_bar_enabled()
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # no terminal
-    progress_bars_on_terminals_only()
-    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
-    progress_bars_on_terminals_only()
-    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"  # the user's choice stands
+    try:
+        progress_bars_on_terminals_only()
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        assert not transformers_logging.is_progress_bar_enabled()  # imported before: switched off too
+        transformers_logging.enable_progress_bar()
+        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
+        progress_bars_on_terminals_only()
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"  # the user's choice stands
+        assert transformers_logging.is_progress_bar_enabled()
+    finally:
+        (transformers_logging.enable_progress_bar if was_on else transformers_logging.disable_progress_bar)()
