@@ -80,7 +80,7 @@ def test_a_failing_row_fails_alone_and_its_batch_mates_finish(served, caplog):  
     base, store = served
     good = [request("alice", "mate one", max_new_tokens=8), request(None, "mate two", max_new_tokens=8)]
     bad_seed = request("bob", "seeded", max_new_tokens=8, temperature=1.0)
-    bad_seed.params = bad_seed.params.model_copy(update={"seed": 2**64})  # past the API's check
+    bad_seed.params = bad_seed.params.model_copy(update={"seed": 2**80})  # past the API's check and 64 bits
     bad_stop = GenerationRequest("stops", params=SamplingParams.model_construct(**{**SamplingParams().__dict__}))
     bad_stop.params.stop = [Bomb("x")]
     poisoned = request("carol", "POISON", max_new_tokens=8)
