@@ -1,5 +1,5 @@
-"""Every error the serving API answers: OpenAI's shape, counted in /metrics (by the app's
-`state.count_answer(request, status)`), and the answer to each engine error."""
+"""Every error the serving API answers: OpenAI's shape, counted in /metrics (count_answer, which
+counts every other answer too), and the answer to each engine error."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fedprefix.common.errors import FedPrefixError
 from starlette.exceptions import HTTPException
+from starlette.types import Scope
 
 from .api import ApiError, field_errors
 from .limits import error_body
@@ -30,6 +31,15 @@ def answer_errors(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected)  # answered outside every middleware: see there
 
 
+def count_answer(scope: Scope, status: int | str) -> None:
+    """Count an answer in /metrics by the path of the route its request reached (or would reach:
+    the body limit refuses before routing), or "other" (a path nobody serves must not add a label)."""
+    state = scope["app"].state  # Starlette sets the app before any middleware runs
+    route = getattr(scope.get("route"), "path", None)
+    path = route or (scope.get("path") if scope.get("path") in state.paths else "other")
+    state.metrics.requests.labels(path, str(status)).inc()
+
+
 def engine_error(exc: FedPrefixError) -> ApiError:
     """The HTTP answer to an engine error, before or during generation."""
     if isinstance(exc, UnlockThrottled):
@@ -47,7 +57,7 @@ def engine_error(exc: FedPrefixError) -> ApiError:
 
 
 async def _api_error(request: Request, exc: ApiError):
-    request.app.state.count_answer(request, exc.status)
+    count_answer(request.scope, exc.status)
     return JSONResponse(error_body(exc.status, exc.message, exc.code, exc.field), exc.status, headers=exc.headers)
 
 
@@ -56,13 +66,13 @@ async def _unexpected(request: Request, exc: Exception):
     the request itself (RequestIds gave it an id on the way in) and counts itself."""
     rid = request_id(request.scope)
     log.error("request %s failed", rid, exc_info=exc)
-    request.app.state.count_answer(request, 500)
+    count_answer(request.scope, 500)
     body = error_body(500, f"the server failed ({type(exc).__name__})", "internal_error")
     return JSONResponse(body, 500, headers={REQUEST_ID_HEADER.decode(): rid})
 
 
 async def _http_error(request: Request, exc: HTTPException):
-    request.app.state.count_answer(request, exc.status_code)
+    count_answer(request.scope, exc.status_code)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
     detail = str(exc.detail)
     if detail == "There was an error parsing the body":  # FastAPI's words for JSON it could not decode
@@ -74,7 +84,7 @@ async def _http_error(request: Request, exc: HTTPException):
 async def _invalid_body(request: Request, exc: RequestValidationError):
     """400, as OpenAI and vLLM answer (FastAPI's 422 is no BadRequestError to the openai client),
     naming the first field at fault as `param`, and each of them in `fields`."""
-    request.app.state.count_answer(request, 400)
+    count_answer(request.scope, 400)
     content_type = request.headers.get("content-type", "")
     if content_type and "json" not in content_type.lower():  # FastAPI then reads no JSON (curl -d sends a form)
         reason = f"send the body as JSON, with Content-Type: application/json (not {content_type!r})"

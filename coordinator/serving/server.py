@@ -45,7 +45,7 @@ from .engine import (
     GenerationResult,
 )
 from .handoff import LoopHandoff
-from .http_errors import answer_errors, engine_error
+from .http_errors import answer_errors, count_answer, engine_error
 from .limits import BodySizeLimit, ServingLimits, bad_host_answer, check_request, error_body
 from .metrics import Metrics
 from .request_ids import RequestIds, request_id
@@ -63,17 +63,15 @@ def create_app(
     app = FastAPI(title="fedprefix serving", description=__doc__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.model_name = engine, Metrics(engine), model_name
     app.state.limits = limits = limits or ServingLimits()
-    requests = app.state.metrics.requests
-    refused = lambda scope, status: requests.labels(_endpoint(scope), str(status)).inc()  # noqa: E731
+    app.state.paths = frozenset(route.path for route in router.routes)  # what count_answer labels by
 
     def bad_host(scope, message: str) -> JSONResponse:
-        refused(scope, 400)
+        count_answer(scope, 400)
         return bad_host_answer(message)
 
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, refused=refused)
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, refused=count_answer)
     app.add_middleware(HostCheck, allowed=allowed_hosts, refuse=bad_host)  # before any body is read
     app.add_middleware(RequestIds)  # outside the others: their answers name the request too
-    app.state.count_answer = _count
     answer_errors(app)
     app.include_router(router)
     return app
@@ -85,20 +83,6 @@ def _submit_single_threaded(engine: Engine, generations, listeners):
     every parallel operation of the engine wait for a wake-up (see Engine.run)."""
     torch.set_num_threads(1)
     return engine.submit_many(generations, listeners)
-
-
-# ------------------------------------------------------------------ errors
-
-
-def _endpoint(scope) -> str:
-    """A request's metrics label: the path of the route it reached (or would reach: the body
-    limit refuses before routing), or "other" (a path nobody serves must not add a label)."""
-    route = getattr(scope.get("route"), "path", None)
-    return route or (scope.get("path") if scope.get("path") in {r.path for r in router.routes} else "other")
-
-
-def _count(request: Request, status: int | str) -> None:
-    request.app.state.metrics.requests.labels(_endpoint(request.scope), str(status)).inc()
 
 
 # ------------------------------------------------------------------ one request through the engine
@@ -237,7 +221,7 @@ def _sse(request: Request, chunks, submitted) -> StreamingResponse:
 
 
 def _ok(request: Request) -> None:
-    _count(request, 200)
+    count_answer(request.scope, 200)
 
 
 def _stream_end(handle, head: dict, usage: bool) -> list[dict]:
