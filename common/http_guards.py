@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import ConfigError
 
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")  # the names of this machine (simulate's NO_PROXY too)
 HEADER_TIMEOUT_S = 30.0  # a request's line and headers must all come within this (nginx's client_header_timeout: 60)
 
 
@@ -46,7 +46,7 @@ def allowed_hosts(bind_host: str, extra: Sequence[str] = ()) -> frozenset[str] |
     if "*" in names:
         return None
     if is_loopback(bind_host):
-        return frozenset(LOOPBACK_NAMES | {host_name(bind_host.encode())} | names)
+        return frozenset({*LOOPBACK_NAMES, host_name(bind_host.encode()), *names})
     return frozenset(names) or None
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import httpx
 from fedprefix.common.config import FederationConfig
+from fedprefix.common.http_guards import LOOPBACK_NAMES
 from fedprefix.common.resources import available_memory, usable_cores
 
 from .node_sizing import NodePlan, plan_for_machine, plan_nodes
@@ -54,7 +55,6 @@ SUPERLINK_NAME = "fedprefix-sim"
 CLIENT_APP = "fedprefix.client.app:app"  # the ClientApp every simulated node runs
 STARTUP_TIMEOUT_S = 60.0
 POLL_S = 0.5  # how often a running simulation reads its round records
-LOOPBACK_NAMES = "127.0.0.1,localhost,::1"
 
 
 SHELL_SPECIAL = frozenset(" \t\n$`\"'\\;&|<>()*?[]#~!{}")
@@ -196,7 +196,7 @@ def flower_env(flwr_home: Path) -> dict:
     # behind a proxy (HTTP_PROXY), Flower's own loopback gRPC went to it; both spellings get the
     # union, so that a tool reading either keeps the user's own exclusions
     excluded = [n for name in ("NO_PROXY", "no_proxy") for n in env.get(name, "").split(",") if n.strip()]
-    env["NO_PROXY"] = env["no_proxy"] = ",".join(dict.fromkeys([*excluded, *LOOPBACK_NAMES.split(",")]))
+    env["NO_PROXY"] = env["no_proxy"] = ",".join(dict.fromkeys([*excluded, *LOOPBACK_NAMES]))
     return env | ray_token_env(env)
 
 
