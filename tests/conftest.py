@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -14,6 +16,7 @@ from fedprefix.simulations.personas import write_federation_data
 from hypothesis import settings
 
 TINY_BASES = ("tiny-gpt2", "tiny-llama", "tiny-qwen2")
+FEDPREFIX_CLI = str(Path(sys.executable).parent / "fedprefix")  # the console script, for tests run as a user would
 
 # The property tests draw the same examples every run, so that a red CI means a change, not a
 # draw; HYPOTHESIS_PROFILE=fuzz draws new ones each run (run it a few times after changing a parser).

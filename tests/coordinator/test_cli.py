@@ -581,25 +581,17 @@ def test_round_progress_on_a_dumb_terminal_prints_plain_lines_in_order(monkeypat
 def test_a_utf8_passphrase_reads_the_same_under_a_non_utf8_locale(tmp_path, source):
     """LC_ALL=C with PYTHONUTF8=0: a UTF-8 passphrase from --passphrase-env or stdin was refused
     as "not valid Unicode text" (an auditor's finding); under Latin-1 it became another one."""
-    import os
     import subprocess
-    from pathlib import Path
 
     from fedprefix.common.store import PrefixStore
 
     from tests.common.test_store_hardening import make_prefix
+    from tests.conftest import FEDPREFIX_CLI
 
     passphrase = "pässwörd ünïcode"
     PrefixStore(tmp_path / "store", scrypt_n=2**10).save("alice", make_prefix(1), passphrase)
     env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": "", "PW": passphrase}
-    command = [
-        str(Path(sys.executable).parent / "fedprefix"),
-        "store",
-        "verify",
-        "alice",
-        "--store",
-        str(tmp_path / "store"),
-    ]
+    command = [FEDPREFIX_CLI, "store", "verify", "alice", "--store", str(tmp_path / "store")]
     if source == "env":
         command += ["--passphrase-env", "PW"]
     done = subprocess.run(command, env=env, input=passphrase.encode() + b"\n", capture_output=True, timeout=120)

@@ -23,7 +23,7 @@ from fedprefix.coordinator.processes import TAG_VAR, alive, owned_processes, ray
 from fedprefix.coordinator.records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunInfo
 from fedprefix.coordinator.simulate import RoundWatcher, wait_for_run
 
-from tests.conftest import MARK, interruptible
+from tests.conftest import FEDPREFIX_CLI, MARK, interruptible
 from tests.conftest import marked_processes as _marked
 
 
@@ -52,7 +52,7 @@ def test_interrupted_simulation_leaves_no_process(tmp_path, sig):
     mark = uuid.uuid4().hex
     env = {**os.environ, MARK: mark}
     command = [
-        str(Path(sys.executable).parent / "fedprefix"),
+        FEDPREFIX_CLI,
         "simulate",
         "--base",
         "tiny-llama",
