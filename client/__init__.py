@@ -15,3 +15,7 @@ def __getattr__(name: str):
 
         return write_key_file
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:  # tab completion sees the lazily imported names too
+    return sorted({*globals(), *__all__})

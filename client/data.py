@@ -87,9 +87,7 @@ def read_rows(local_data: Sequence | str | os.PathLike) -> list[Row]:
             check_format(local_data)  # names the extensions read
         raise DataError(f"local_data is a single string; pass a list of rows or a path ending in {FORMAT_NAMES}")
     if isinstance(local_data, Mapping):
-        raise DataError(
-            f"local_data is a single row (a dict with keys {sorted(local_data)}); pass a list of rows: [row]"
-        )
+        raise DataError(_mapping_problem(local_data))
     local_data = _frame_records(local_data)
     if hasattr(local_data, "read") or isinstance(local_data, (set, frozenset, bytes, bytearray)):
         kind = "bytes" if isinstance(local_data, (bytes, bytearray)) else "a set (rows keep their order)"
@@ -106,6 +104,21 @@ def read_rows(local_data: Sequence | str | os.PathLike) -> list[Row]:
         raise DataError("local_data is empty: give at least one row")
     report_ignored(ignored)
     return rows
+
+
+def _mapping_problem(data: Mapping) -> str:
+    """What a dict given as local_data is (a row, a split dict, columns), and what to pass."""
+    keys = sorted(map(str, data))
+    values = list(data.values())
+    if values and all(hasattr(v, "column_names") or hasattr(v, "columns") for v in values):
+        return f"local_data is a dict of splits ({', '.join(keys)}), a DatasetDict: pass one, e.g. data[{keys[0]!r}]"
+    lists = [v for v in values if isinstance(v, (list, tuple))]
+    if values and len(lists) == len(values) and not any(isinstance(v, Mapping) for c in lists for v in c):
+        return (
+            f"local_data is a dict of columns ({', '.join(keys)}); pass its rows: "
+            "[dict(zip(data, row)) for row in zip(*data.values())], or a DataFrame / datasets.Dataset of it"
+        )
+    return f"local_data is a single row (a dict with keys {keys}); pass a list of rows: [row]"
 
 
 def _frame_records(data):

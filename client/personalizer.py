@@ -18,7 +18,6 @@ prefix is the personal part alone (local fine-tuning of a federation's shared pr
 from __future__ import annotations
 
 import copy
-import difflib
 import logging
 import os
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 from fedprefix.common.base_model import DEFAULT_BASE, BaseModelHandle, context_length, load_base
 from fedprefix.common.chat import generation_ids, generation_prompts, unicode_text
-from fedprefix.common.config import EvalReport, FitReport, TrainConfig
+from fedprefix.common.config import EvalReport, FitReport
 from fedprefix.common.errors import ConfigError, first_error
 from fedprefix.common.generation import SamplingParams, generate
 from fedprefix.common.peft_format import export_peft
@@ -38,12 +37,12 @@ from fedprefix.common.store import (
     PrefixStore,
     UnknownUserError,
     WrongBaseError,
-    existing_store_folder,
     validate_user_id,
 )
 from fedprefix.common.store.keys import check_key
 from pydantic import ValidationError
 
+from .arguments import as_store, check_flags, refuse_generate_arguments, train_config
 from .data import read_rows, tokenize_rows
 from .training import Callback, evaluate_examples, split_examples, train
 
@@ -51,7 +50,17 @@ log = logging.getLogger(__name__)
 
 
 class Personalizer:
-    """A user's personal prefix on a frozen base model, trained and kept on the device."""
+    """A user's personal prefix on a frozen base model, trained and kept on the device.
+
+    base_model: a registry name (`fedprefix base list`), a folder, or a BaseModelHandle from
+    load_base, which Personalizers of several users may share, also from several threads (a fit
+    changes nothing in the base); one Personalizer is for one thread at a time.
+    store, key: an encrypted prefix store (folder) and the user's key (32 raw bytes or a
+    passphrase), for save() and load().
+    num_virtual_tokens / shared_virtual_tokens: the personal and shared prefix lengths.
+    Other keywords are training settings (TrainConfig: max_steps, learning_rate, batch_size,
+    dtype, seed, ...), used by every fit() unless a fit() call overrides them.
+    """
 
     def __init__(
         self,
@@ -81,7 +90,7 @@ class Personalizer:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-        _check_flags(
+        check_flags(
             prefix_projection=prefix_projection,
             shared_projection=shared_projection,
             train_shared=train_shared,
@@ -98,9 +107,9 @@ class Personalizer:
         except ValueError as exc:
             raise ConfigError(f"init_text: {exc}") from None
         self.base = base_model if isinstance(base_model, BaseModelHandle) else load_base(base_model)
-        self.store = _as_store(store)  # a wrong type refused now, not at save() after training
+        self.store = as_store(store)  # a wrong type refused now, not at save() after training
         self.key = None if key is None else check_key(self.user_id, key)  # refused now, not at save() after training
-        self.train_config = _train_config(train_settings)
+        self.train_config = train_config(train_settings)
         self.train_shared = train_shared
         self.personal_from_shared = personal_from_shared
         if personal_from_shared and (
@@ -136,6 +145,18 @@ class Personalizer:
             make(num_virtual_tokens, shared_virtual_tokens, prefix_projection)
             if num_virtual_tokens > 0 and not personal_from_shared
             else None  # personal_from_shared: made by the first fit that trains it
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Personalizer(user_id={self.user_id!r}, base={self.base.name!r}, "
+            f"prefix_tokens={self.prefix_tokens}, store={self.store!r})"
+        )
+
+    def __reduce_ex__(self, protocol):  # pickle, copy and deepcopy all ask here
+        raise TypeError(
+            "a Personalizer is not pickled or copied: it holds its user's key (which a pickle would "
+            "write out in the clear) and the whole base; save() it and make another on the same base, then load()"
         )
 
     @property
@@ -233,8 +254,8 @@ class Personalizer:
         `proximal_mu` > 0 keeps the shared part near where this call started (FedProx).
         `parts`: 'all' (default), or only the 'personal' or the 'shared' part, the other frozen.
         """
-        _check_flags(**({} if progress is None else {"progress": progress}))
-        config = _train_config({**self.train_config.model_dump(), **train_settings})
+        check_flags(**({} if progress is None else {"progress": progress}))
+        config = train_config({**self.train_config.model_dump(), **train_settings})
         self._check_context(self.prefix_tokens, config.max_length, "max_length")
         examples = self.prepare(local_data, config.max_length)
         train_set, eval_set = split_examples(examples, config.eval_fraction, config.seed)
@@ -279,7 +300,7 @@ class Personalizer:
         """Loss and perplexity per completion token on `data`, and next-token accuracy (fp32, no autocast)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-        _check_flags(accuracy=accuracy)
+        check_flags(accuracy=accuracy)
         examples = self.prepare(data)
         kv = self.key_values(parts)
         return evaluate_examples(self.base, None if kv is None else kv.detach(), examples, batch_size, accuracy)
@@ -297,12 +318,14 @@ class Personalizer:
         parts: str = "all",
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
+        **unknown,
     ) -> str | list[str]:
         """Continue `prompt` (or each of a list, batched) behind this user's prefix: a string, or a
         chat (a list of {"role", "content"} dicts, OpenAI's messages) answered as the next assistant turn.
 
         `presence_penalty` / `frequency_penalty` (-2 to 2, OpenAI's) lower the logit of a token
         already in the output, once / per occurrence: a small base's greedy text can loop."""
+        refuse_generate_arguments(unknown)  # transformers' do_sample, top_k, ... named with what does their job
         prompts, single = generation_prompts(prompt)
         tok = self.base.tokenizer
         ids = [generation_ids(tok, p, self.use_chat_template) for p in prompts]  # as training framed its rows
@@ -398,7 +421,7 @@ class Personalizer:
         **settings,
     ) -> Personalizer:
         """A Personalizer holding `user_id`'s stored prefix, decrypted with `key`, on `base_model`."""
-        store = _as_store(store, existing=True)  # loading never creates a store
+        store = as_store(store, existing=True)  # loading never creates a store
         if not store.exists(user_id) and not store.exists(shared_store_id(user_id)):  # validates the id
             store.load(user_id, key)  # raises the store's "unknown user" error
         self = cls(base_model=base_model, user_id=user_id, store=store, key=key, init="zero", **settings)
@@ -414,33 +437,3 @@ class Personalizer:
             raise ConfigError("there is no prefix to export for parts='none'")
         prefix = Prefix.from_key_values(kv.detach(), self.base.fingerprint)
         return export_peft(prefix, folder, base_model_name_or_path=self.base.name)
-
-
-def _check_flags(**flags) -> None:
-    """Refuses a flag that is not True or False: "no" would be taken as true, by its truthiness."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be True or False, got {value!r}")
-
-
-def _as_store(store, existing: bool = False) -> PrefixStore | None:
-    """`store` as a PrefixStore: a folder path opened (`existing`: it must be there already), a
-    PrefixStore as it is, None kept where a store is optional; ConfigError for anything else."""
-    if isinstance(store, (str, os.PathLike)):
-        return PrefixStore(existing_store_folder(store) if existing else store)
-    if isinstance(store, PrefixStore) or (store is None and not existing):
-        return store
-    raise ConfigError(f"store must be a folder path or a PrefixStore, not {type(store).__name__}")
-
-
-def _train_config(settings: dict) -> TrainConfig:
-    """`settings` as a TrainConfig, or a one-line ConfigError naming the first bad or unknown one."""
-    try:
-        return TrainConfig.model_validate(settings)
-    except ValidationError as exc:
-        field, message = first_error(exc, "setting")
-        if message == "Extra inputs are not permitted":
-            close = difflib.get_close_matches(field, TrainConfig.model_fields, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f"; settings: {', '.join(TrainConfig.model_fields)}"
-            raise ConfigError(f"unknown setting {field!r}{hint}") from None
-        raise ConfigError(f"setting {field}: {message}") from None

@@ -8,10 +8,10 @@ prompt positions need no logits), and only prefix parameters get gradients.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import math
 import random
+import threading
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
@@ -80,7 +80,25 @@ def completion_loss(base, kv: torch.Tensor | None, batch: Sequence[Example]) -> 
     """
     if unsupported_reason(base.model) is None and all(ex.prompt and ex.completion for ex in batch):
         return lean_completion_loss(base.model, kv, [ex.prompt for ex in batch], [ex.completion for ex in batch])
-    return transformers_completion_loss(base, kv, batch)
+    with _math_attention_on_cpu(base.device):
+        return transformers_completion_loss(base, kv, batch)
+
+
+# sdpa_kernel sets process-wide flags: two threads leaving it out of order left the whole
+# process, GPU models included, on the math kernel alone. One such forward at a time.
+_SDPA_FLAGS = threading.Lock()
+
+
+@contextlib.contextmanager
+def _math_attention_on_cpu(device: torch.device) -> Iterator[None]:
+    """The math SDPA kernel for a transformers forward on a CPU, where the flash kernel's
+    backward is several times slower than plain matmuls for these short sequences (measured,
+    README); a GPU keeps its fused kernels. The lean forward has its own attention."""
+    if device.type != "cpu":
+        yield
+        return
+    with _SDPA_FLAGS, sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 def transformers_completion_loss(
@@ -138,11 +156,7 @@ def train_step(work, kv_of, batch, optimizer, parameters, max_grad_norm: float |
 
     `proximal`: (mu, [(param, anchor), ...]) adds FedProx's mu/2 * ||param - anchor||^2.
     """
-    # The math SDPA kernel on a CPU: there the flash kernel's backward is several times slower
-    # than plain matmuls for these short sequences (measured, README). A GPU keeps its fused kernels.
-    cpu = work.device.type == "cpu"
-    with sdpa_kernel([SDPBackend.MATH]) if cpu else contextlib.nullcontext():
-        loss_sum, tokens = completion_loss(work, kv_of(), batch)
+    loss_sum, tokens = completion_loss(work, kv_of(), batch)
     loss = loss_sum / max(tokens, 1)
     if proximal is not None:
         mu, pairs = proximal
@@ -257,20 +271,6 @@ def _restore(parameters: Sequence[torch.nn.Parameter], values: Sequence[torch.Te
             param.copy_(value)
 
 
-def _keeps_callers_rng(fit):
-    """`fit` seeds torch's global generator for itself; the caller's state is put back after (a
-    fit had reset the caller's torch.rand sequence to the fit's seed)."""
-
-    @functools.wraps(fit)
-    def with_own_rng(base, *args, **kwargs):
-        device = getattr(base, "device", torch.device("cpu"))
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return fit(base, *args, **kwargs)
-
-    return with_own_rng
-
-
-@_keeps_callers_rng
 def train(
     base,
     kv_of: Callable[[], torch.Tensor],
@@ -299,7 +299,8 @@ def train(
     proximal = None
     if proximal_mu > 0 and proximal_parameters:
         proximal = (proximal_mu, [(p, p.detach().clone()) for p in proximal_parameters])
-    torch.manual_seed(config.seed)
+    # No global torch seed: the batch order has its own generator (config.seed), and a
+    # global one would reset a host application's random draws, in every thread, to the fit's.
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     max_steps, schedule = capped_schedule(config, len(train_set))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,24 +39,34 @@ CHATML_TEMPLATE = (
 )
 
 
+_COPYING = threading.Lock()
+
+
 @dataclass
 class BaseModelHandle:
     """A loaded, frozen base model with its tokenizer and fingerprint."""
 
     name: str  # registry name, folder or hub id it was loaded from
-    model: torch.nn.Module  # a transformers causal LM in eval mode, requires_grad False
-    tokenizer: PreTrainedTokenizerFast
+    model: torch.nn.Module = field(repr=False)  # a transformers causal LM in eval mode, requires_grad False
+    tokenizer: PreTrainedTokenizerFast = field(repr=False)
     fingerprint: str  # sha256 hex over config + weights
     _copies: dict = field(default_factory=dict, repr=False, compare=False)
 
     def with_dtype(self, dtype: torch.dtype) -> BaseModelHandle:
-        """The same base with weights in `dtype` (a copy, made once and kept; self if already)."""
+        """The same base with weights in `dtype` (a copy, made once and kept for later fits until
+        drop_copies(); self if already). Handles may be shared by fits in several threads."""
         if dtype == self.dtype:
             return self
-        if dtype not in self._copies:
-            model = copy.deepcopy(self.model).to(dtype)
-            self._copies[dtype] = BaseModelHandle(self.name, model, self.tokenizer, self.fingerprint)
-        return self._copies[dtype]
+        with _COPYING:  # two first fits at once made two copies
+            if dtype not in self._copies:
+                model = copy.deepcopy(self.model).to(dtype)
+                self._copies[dtype] = BaseModelHandle(self.name, model, self.tokenizer, self.fingerprint)
+            return self._copies[dtype]
+
+    def drop_copies(self) -> None:
+        """Frees the copies with_dtype kept (a bfloat16 fit's: half the base's size)."""
+        with _COPYING:
+            self._copies.clear()
 
     def prefix_spec(self, num_virtual_tokens: int) -> PrefixSpec:
         """The prefix shape this base takes for `num_virtual_tokens` tokens."""
@@ -128,8 +139,10 @@ def build_tiny(model_type: str, seed: int = 0) -> tuple[torch.nn.Module, PreTrai
     """A deterministic random tiny causal LM of `model_type` and its tokenizer."""
     config = tiny_config(model_type)
     config.pad_token_id = 259
+    # torch.manual_seed would also reseed every GPU's generator, which fork_rng(devices=[])
+    # does not put back; the weights are drawn on the CPU.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model, byte_tokenizer()
 
@@ -200,6 +213,12 @@ def load_base(
     """
     from .precision import resolve_dtype  # one rule for dtype names (ConfigError naming the choices)
 
+    if not isinstance(name_or_path, (str, os.PathLike)):  # a loaded model's str() became a "path"
+        raise ConfigError(
+            f"a base is a registry name, a folder or a hub id, not a {type(name_or_path).__name__}: "
+            "save a loaded model with model.save_pretrained(folder) and tokenizer.save_pretrained(folder), "
+            "then pass the folder"
+        )
     fit_torch_threads()  # before any compute: a container's CPU quota, which torch does not read
     dtype = resolve_dtype(dtype, device)
     name = str(name_or_path)

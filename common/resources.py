@@ -89,12 +89,14 @@ def usable_cores() -> int:
 
 
 def fit_torch_threads() -> int:
-    """Lower torch's threads to usable_cores() where torch counted more (a quota it does not
-    read); never raises them, so a lower setting of the caller's stays. Returns the count."""
+    """Lower torch's threads to a cgroup's CPU quota, which torch does not read (its affinity it
+    does); never raises them, and without a quota leaves a host application's setting alone.
+    Returns the count."""
     import torch  # here: the CLI reads the cores without loading torch
 
-    cores = usable_cores()
-    if torch.get_num_threads() > cores:
+    quota = cpu_quota()
+    cores = None if quota is None else usable_cores()
+    if cores is not None and torch.get_num_threads() > cores:
         torch.set_num_threads(cores)
     return torch.get_num_threads()
 

@@ -74,10 +74,23 @@ def test_torch_threads_are_lowered_to_the_quota_never_raised(cgroups):
         torch.set_num_threads(threads)
 
 
+def test_without_a_quota_a_host_applications_thread_count_stays(cgroups):
+    """torch reads the affinity itself; above it, the count is a host application's own choice."""
+    threads = torch.get_num_threads()
+    cgroups("/proc/self/cgroup", "0::/\n")
+    cgroups("cpu.max", "max 100000\n")
+    try:
+        torch.set_num_threads(affinity() + 2)
+        assert resources.fit_torch_threads() == affinity() + 2 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_load_base_fits_torch_threads_before_any_compute(monkeypatch):
     from fedprefix.common.base_model import load_base
 
     threads = torch.get_num_threads()
+    monkeypatch.setattr(resources, "cpu_quota", lambda: 1.0)
     monkeypatch.setattr(resources, "usable_cores", lambda: 1)
     try:
         torch.set_num_threads(2)

@@ -1,0 +1,63 @@
+"""Checks of what a user passes to Personalizer: one-line ConfigErrors that name the argument."""
+
+from __future__ import annotations
+
+import difflib
+import os
+
+from fedprefix.common.config import TrainConfig
+from fedprefix.common.errors import ConfigError, first_error
+from fedprefix.common.store import PrefixStore, existing_store_folder
+from pydantic import ValidationError
+
+# transformers' generate() arguments people pass out of habit, and what does their job here
+GENERATE_HINTS = {
+    "do_sample": "temperature > 0 samples, temperature=0 (the default) is greedy",
+    "max_length": "use max_new_tokens",
+    "max_tokens": "use max_new_tokens",
+    "num_beams": "beam search is not offered; greedy (temperature=0) is the default",
+    "top_k": "not offered; top_p limits sampling to the likeliest tokens",
+    "repetition_penalty": "use frequency_penalty or presence_penalty (OpenAI's, -2 to 2)",
+    "stop_strings": "use stop",
+}
+GENERATE_SETTINGS = "max_new_tokens temperature top_p stop seed parts presence_penalty frequency_penalty".split()
+
+
+def check_flags(**flags) -> None:
+    """Refuses a flag that is not True or False: "no" would be taken as true, by its truthiness."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+
+def as_store(store, existing: bool = False) -> PrefixStore | None:
+    """`store` as a PrefixStore: a folder path opened (`existing`: it must be there already), a
+    PrefixStore as it is, None kept where a store is optional; ConfigError for anything else."""
+    if isinstance(store, (str, os.PathLike)):
+        return PrefixStore(existing_store_folder(store) if existing else store)
+    if isinstance(store, PrefixStore) or (store is None and not existing):
+        return store
+    raise ConfigError(f"store must be a folder path or a PrefixStore, not {type(store).__name__}")
+
+
+def train_config(settings: dict) -> TrainConfig:
+    """`settings` as a TrainConfig, or a one-line ConfigError naming the first bad or unknown one."""
+    try:
+        return TrainConfig.model_validate(settings)
+    except ValidationError as exc:
+        field, message = first_error(exc, "setting")
+        if message == "Extra inputs are not permitted":
+            raise ConfigError(f"unknown setting {field!r}{_hint(field, TrainConfig.model_fields)}") from None
+        raise ConfigError(f"setting {field}: {message}") from None
+
+
+def refuse_generate_arguments(unknown: dict) -> None:
+    """A ConfigError for the first argument generate() does not take (none: returns)."""
+    for name in unknown:
+        hint = f": {GENERATE_HINTS[name]}" if name in GENERATE_HINTS else _hint(name, GENERATE_SETTINGS)
+        raise ConfigError(f"generate: unknown argument {name!r}{hint}")
+
+
+def _hint(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else f"; settings: {', '.join(known)}"
