@@ -107,6 +107,11 @@ def with_writer_checked(
     if reason := writer_gone(info):
         info = info.model_copy(update={"status": "interrupted"})
         problems.append(f"{RUN_FILE} says running, but {reason}: the run ended without recording it")
+    elif info.status == "running" and info.writer is None:  # a record of a version before `writer`
+        problems.append(
+            f"{RUN_FILE} says running, written by a fedprefix that did not record its process: "
+            "if the run is not going on, it was stopped without recording its end"
+        )
     return info, list(rounds), problems
 
 

@@ -337,7 +337,7 @@ class PrefixStore(KeyChanges):
                 about(name, f"stored for base {header.base_fingerprint[:12]}…, not for base {base_fingerprint[:12]}…"),
                 name,
             )
-        check_record(name, record, header, opened.dek)
+        check_record(name, record, header, opened.dek, self.root)
         ids = self._write_ids(name, header)
         check_parts(name, header, ids if one_write else dict.fromkeys(ids, header.write_id))
         return opened
@@ -371,7 +371,7 @@ class PrefixStore(KeyChanges):
             # The file must be the newest this store wrote, as for a load: continuing from an
             # older copy put back (its record deleted, or made for a retired data key) would
             # record a counter below copies someone kept, or reuse a retired data key.
-            check_record(name, record, header, dek)
+            check_record(name, record, header, dek, self.root)
             check_parts(name, header, self._write_ids(name, header))  # nor from a part lost or stale
             kdf, wrapped, key_id, counter = header.kdf, header.wrapped_dek, header.key_id, header.counter + 1
         else:

@@ -18,6 +18,11 @@ part new, part old: before journals, a writer killed between two renames left th
 loads refused them until `reset-rollback`, which kept the mix. Ctrl-C and SIGTERM wait for
 step 3 (common.signals).
 
+The journal also holds each new file's SHA-256: a write is completed only while its files are
+still the ones it staged. A journal whose write was stopped, followed by a version of fedprefix
+that does not read journals writing the user again (a downgrade and back), is stale: it is
+removed and the files are left as they are (completing it had deleted the later write's part).
+
 A temp file without a journal belongs to a write that was never decided; the user's next
 lock removes it, one unlink per file the user may have (a scan of the store folder per save
 made a save 10x slower in a store of 10,000 users). A journal must name only its own user's
@@ -32,7 +37,9 @@ check refuses the other user's file rather than mixing them up.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -51,7 +58,8 @@ __all__ = ["file_lock", "journal_path", "recover", "remove_earlier_temp_files", 
 Staged = tuple[Path, Path]  # (temp file, target)
 
 READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)  # the lock file cannot be made: nobody can write here
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2  # 2: with the new files' SHA-256 (1, without, is still completed)
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -114,7 +122,8 @@ def write_all(journal: Path, files: Sequence[tuple[Path, bytes]], removed: Seque
                 # and lose a staged rollback record, which recovery would then skip
                 for folder in dict.fromkeys(target.parent for _, target in staged if target.parent != journal.parent):
                     fsync_dir(folder)
-            _decide(journal, _plan(journal.parent, [target for _, target in staged], removed), durable)
+            digests = [hashlib.sha256(data).hexdigest() for _, data in files]
+            _decide(journal, _plan(journal.parent, [target for _, target in staged], removed, digests), durable)
             _finish(journal, staged, removed, durable)
         for sig in dict.fromkeys(received):
             signal.raise_signal(sig)  # to the handler put back: KeyboardInterrupt, or the exit
@@ -147,7 +156,35 @@ def recover(journal: Path, own_files: Collection[str], durable: bool) -> None:
         return
     targets = [root / name for name in plan["write"]]
     staged = [(target.with_name(staged_name(target.name)), target) for target in targets]
+    if replaced := _replaced_since(staged, plan.get("sha256")):
+        log.warning(
+            "prefix store: %s is of a write whose file %s has since been replaced (by a fedprefix that does not "
+            "read journals?): the journal is removed and the files left as they are",
+            journal.name,
+            replaced,
+        )
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        journal.unlink(missing_ok=True)
+        return
     _roll_forward(journal, staged, [root / name for name in plan["remove"]], durable)
+
+
+def _replaced_since(staged: Sequence[Staged], digests: Sequence[str] | None) -> str | None:
+    """The first target whose staged file (or, once renamed, the target) is not the one the
+    journal names; None when all are, or for a format 1 journal (no digests to compare)."""
+    for (tmp, target), digest in zip(staged, digests or (), strict=False):
+        try:
+            data = read_regular(tmp if os.path.lexists(tmp) else target, follow_links=False)
+        except FileNotFoundError:
+            return target.name
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ELOOP):  # a link or no file: not what was staged
+                raise
+            return target.name
+        if hashlib.sha256(data).hexdigest() != digest:
+            return target.name
+    return None
 
 
 def _remove_foreign(journal: Path) -> None:
@@ -158,14 +195,15 @@ def _remove_foreign(journal: Path) -> None:
         journal.unlink(missing_ok=True)
 
 
-def _plan(root: Path, targets: Sequence[Path], removed: Sequence[Path]) -> bytes:
-    """The journal's text: the files the write puts in (in their order) and those it removes,
-    relative to `root`."""
+def _plan(root: Path, targets: Sequence[Path], removed: Sequence[Path], digests: Sequence[str]) -> bytes:
+    """The journal's text: the files the write puts in (in their order, with their SHA-256) and
+    those it removes, relative to `root`."""
     names = {
         kind: [path.relative_to(root).as_posix() for path in paths]
         for kind, paths in (("write", targets), ("remove", removed))
     }
-    return json.dumps({"format_version": JOURNAL_VERSION, **names}, sort_keys=True).encode()
+    plan = {"format_version": JOURNAL_VERSION, **names, "sha256": list(digests)}
+    return json.dumps(plan, sort_keys=True).encode()
 
 
 def _parsed(raw: bytes, own_files: Collection[str], journal: Path) -> dict | None:
@@ -174,7 +212,7 @@ def _parsed(raw: bytes, own_files: Collection[str], journal: Path) -> dict | Non
         plan = json.loads(raw)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(plan, dict) or set(plan) != {"format_version", "remove", "write"}:
+    if not isinstance(plan, dict) or not {"format_version", "remove", "write"} <= set(plan):
         return None
     version, write, remove = plan["format_version"], plan["write"], plan["remove"]
     if type(version) is int and version > JOURNAL_VERSION:  # a newer write this code cannot complete
@@ -184,11 +222,14 @@ def _parsed(raw: bytes, own_files: Collection[str], journal: Path) -> dict | Non
             f"reads format {JOURNAL_VERSION}): use that version"
         )
         raise UnknownVersionError(about(user_id, message), user_id)
-    if (
-        type(version) is not int
-        or version != JOURNAL_VERSION
-        or not isinstance(write, list)
-        or not isinstance(remove, list)
+    keys = {"format_version", "remove", "write", *(("sha256",) if version == JOURNAL_VERSION else ())}
+    if type(version) is not int or version not in (1, JOURNAL_VERSION) or set(plan) != keys:
+        return None
+    if not isinstance(write, list) or not isinstance(remove, list):
+        return None
+    digests = plan.get("sha256", [])
+    if version == JOURNAL_VERSION and not (
+        isinstance(digests, list) and len(digests) == len(write) and all(_is_digest(d) for d in digests)
     ):
         return None
     if not all(isinstance(name, str) for name in write + remove):
@@ -203,6 +244,10 @@ def _parsed(raw: bytes, own_files: Collection[str], journal: Path) -> dict | Non
         )
         raise StoreError(about(user_id, message), user_id)
     return plan
+
+
+def _is_digest(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def _decide(journal: Path, plan: bytes, durable: bool) -> None:

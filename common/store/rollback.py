@@ -143,16 +143,15 @@ def _parse(name: str, raw: bytes, dek: bytes) -> dict:
     return obj
 
 
-def check_record(name: str, raw: bytes | None, header: FileHeader, dek: bytes) -> None:
-    """Refuse the authenticated file `header` (data key `dek`) unless its record allows it."""
+def check_record(name: str, raw: bytes | None, header: FileHeader, dek: bytes, root: Path) -> None:
+    """Refuse the authenticated file `header` (data key `dek`) of the store at `root` unless its
+    record allows it."""
     if raw is None:
-        raise RollbackStateError(
-            about(
-                name,
-                f"its rollback record is missing (deleted?), so an older copy cannot be ruled out; {_reset_hint(name)}",
-            ),
-            name,
-        )
+        why = "deleted?"
+        if (root / ".counters.json").exists():  # only versions before the records wrote it
+            why = "this store began under a fedprefix older than rollback records, which wrote none; or deleted"
+        message = f"its rollback record is missing ({why}), so an older copy cannot be ruled out; {_reset_hint(name)}"
+        raise RollbackStateError(about(name, message), name)
     record = _parse(name, raw, dek)
     if record["key_id"] != header.key_id or header.counter < record["counter"]:
         raise RollbackError(

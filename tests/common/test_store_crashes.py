@@ -181,8 +181,8 @@ def test_the_staged_records_are_durable_before_the_journal_decides_on_them(store
 
 
 def test_a_journal_of_a_newer_version_is_refused_by_name(store):
-    (store.root / ".u.journal").write_bytes(b'{"format_version": 2, "remove": [], "write": []}')
-    with pytest.raises(UnknownVersionError, match=r"journal \.u\.journal is format 2, written by a newer fedprefix"):
+    (store.root / ".u.journal").write_bytes(b'{"format_version": 3, "remove": [], "write": []}')
+    with pytest.raises(UnknownVersionError, match=r"journal \.u\.journal is format 3, written by a newer fedprefix"):
         store.save("u", make_prefix(2), RAW)
     assert same(store.load("u", RAW), make_prefix(1))  # an unlocked load reads the files as they are
 
@@ -205,3 +205,49 @@ def test_a_store_folder_that_cannot_be_searched_is_an_io_error_not_an_unknown_us
     monkeypatch.setattr(os, "lstat", denied)
     with pytest.raises(StoreIOError, match="Permission denied"):
         store.load("u", RAW)
+
+
+def stopped_after_its_journal(store: PrefixStore, monkeypatch) -> None:
+    """A save of u dropping its shared part, stopped once decided (journal in, nothing renamed)."""
+    from fedprefix.common.store import locking
+
+    def stop(*args):
+        raise SystemExit("stopped")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(locking, "_finish", stop)
+        with pytest.raises(SystemExit):
+            store.save_parts("u", {"personal": make_prefix(5)}, RAW, drop=["shared"])
+    assert (store.root / ".u.journal").exists()
+
+
+def test_a_journal_whose_files_were_written_again_since_is_removed_not_completed(tmp_path, monkeypatch):
+    """A write stopped after its journal; then a fedprefix that reads no journals (a downgrade)
+    removed its temp files and saved both parts again; back on this version, completing the stale
+    journal deleted that later shared part, and the user was refused (an auditor's finding)."""
+    store = PrefixStore(tmp_path / "store", scrypt_n=2**10)
+    store.save_parts("u", {"personal": make_prefix(1), "shared": make_prefix(2)}, RAW)
+    later = PrefixStore(tmp_path / "later", scrypt_n=2**10)
+    shutil.copytree(store.root, later.root, dirs_exist_ok=True)
+    later.save_parts("u", {"personal": make_prefix(3), "shared": make_prefix(4)}, RAW)
+    stopped_after_its_journal(store, monkeypatch)
+    for tmp in store.root.rglob("*.staged.tmp"):  # what the older version's save does first
+        tmp.unlink()
+    for path in later.root.rglob("*"):  # ... and then its files, the journal left as it was
+        if path.is_file() and not path.name.endswith((".lock", ".journal")):
+            shutil.copy2(path, store.root / path.relative_to(later.root))
+    parts = store.load_parts("u", RAW)
+    assert same(parts["personal"], make_prefix(3)) and same(parts["shared"], make_prefix(4))
+    assert not (store.root / ".u.journal").exists()
+
+
+def test_a_journal_of_the_format_before_digests_is_still_completed(store, monkeypatch):
+    import json
+
+    store.save_parts("u", {"personal": make_prefix(1), "shared": make_prefix(2)}, RAW)
+    stopped_after_its_journal(store, monkeypatch)
+    journal = store.root / ".u.journal"
+    plan = json.loads(journal.read_bytes())
+    del plan["sha256"]
+    journal.write_text(json.dumps({**plan, "format_version": 1}))
+    assert set(store.load_parts("u", RAW)) == {"personal"} and same(store.load("u", RAW), make_prefix(5))

@@ -72,6 +72,17 @@ def test_older_file_put_back_and_record_deleted_is_refused(store):
             call()
 
 
+def test_a_store_from_before_rollback_records_says_so_and_reset_rollback_lets_it_load(store):
+    """Such a store (.counters.json, no records) had been refused as if its records were deleted."""
+    store.save("alice", make_prefix(1), PASS)
+    shutil.rmtree(store.root / ".rollback")
+    (store.root / ".counters.json").write_text('{"alice": 1}')
+    with pytest.raises(RollbackStateError, match="missing \\(this store began under a fedprefix older than rollback"):
+        store.load("alice", PASS)
+    store.reset_rollback("alice", PASS)
+    assert same(store.load("alice", PASS), make_prefix(1))
+
+
 def test_replaced_older_file_or_foreign_record_is_refused(store):
     store.save("alice", make_prefix(1), PASS)
     old_file, old_record = store.path_for("alice").read_bytes(), record(store, "alice").read_bytes()

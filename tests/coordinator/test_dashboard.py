@@ -506,6 +506,10 @@ def test_a_run_whose_process_was_killed_reads_as_interrupted_not_running_for_eve
         assert found[gone].status == "interrupted", gone
         assert any("says running, but the process writing it" in p and "is gone" in p for p in found[gone].problems)
     assert found["alive"].status == found["elsewhere"].status == "running"  # elsewhere: this host cannot tell
+    assert not found["alive"].problems
+    _recorded_as_running(tmp_path / "runs" / "older", None)  # a version before `writer`: cannot tell either
+    (older,) = [s for s in runs_module.list_runs(tmp_path / "runs") if s.id == "older"]
+    assert older.status == "running" and "did not record its process" in older.problems[0]
     client = TestClient(create_dashboard(tmp_path / "runs"))
     assert client.get("/runs/dead/panel").headers["X-Run-Status"] == "interrupted"  # the page stops polling
     shown = CliRunner().invoke(app, ["show", str(tmp_path / "runs" / "dead")])
