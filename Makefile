@@ -9,7 +9,7 @@ export FEDPREFIX_CACHE ?= $(CURDIR)/.cache/fedprefix
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
-		{ echo "error: fedprefix needs Python 3.11+ (flwr 1.42 and transformers 5 do); $(PYTHON) is $$($(PYTHON) -V 2>&1). Run: make demo PYTHON=python3.12"; exit 1; }
+		{ echo "error: fedprefix needs Python 3.11+ (flwr 1.42 and transformers 5 do); $(PYTHON) is $$($(PYTHON) -V 2>&1). Run: make demo PYTHON=python3.12 (any 3.11+: python.org, Homebrew, pyenv)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 

@@ -211,7 +211,7 @@ def load_base(
     `dtype`: a torch dtype or a name as everywhere else ("auto", "float32", "bfloat16");
     `seed` only matters for the tiny in-process models.
     """
-    from .precision import resolve_dtype  # one rule for dtype names (ConfigError naming the choices)
+    from .precision import resolve_device, resolve_dtype  # one rule for dtype and device names
 
     if not isinstance(name_or_path, (str, os.PathLike)):  # a loaded model's str() became a "path"
         raise ConfigError(
@@ -220,6 +220,7 @@ def load_base(
             "then pass the folder"
         )
     fit_torch_threads()  # before any compute: a container's CPU quota, which torch does not read
+    device = resolve_device(str(device))  # "mps" refused as the CLI refuses it: nothing here is tested there
     dtype = resolve_dtype(dtype, device)
     name = str(name_or_path)
     if name in REGISTRY and REGISTRY[name].builtin:

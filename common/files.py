@@ -9,6 +9,13 @@ import stat
 import tempfile
 from pathlib import Path
 
+try:
+    import fcntl
+
+    FULL_FSYNC = getattr(fcntl, "F_FULLFSYNC", None)  # macOS
+except ImportError:  # Windows
+    fcntl = FULL_FSYNC = None
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True, sync_dir: bool = True) -> None:
     """Write `data` to `path` via a temp file in the same folder, fsync, rename, fsync the folder.
@@ -43,18 +50,31 @@ def write_temp(path: Path, data: bytes, durable: bool, name: str | None = None) 
             fh.write(data)
             if durable:
                 fh.flush()
-                os.fsync(fh.fileno())
+                sync(fh.fileno())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp)
 
 
+def sync(fd: int) -> None:
+    """Flush what was written to `fd` (a file's data, a folder's entries) to the drive. On macOS
+    fsync leaves it in the drive's own cache, where a power loss still loses it: F_FULLFSYNC
+    there, or fsync where a filesystem does not take it (some network ones)."""
+    if FULL_FSYNC is not None:
+        try:
+            fcntl.fcntl(fd, FULL_FSYNC)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
+
 def fsync_dir(folder: str | os.PathLike) -> None:
     """Flush a folder's entries (renames, unlinks) to disk."""
     fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        sync(fd)
     finally:
         os.close(fd)
 

@@ -176,6 +176,9 @@ def uvicorn_server(
     TLS where a certificate is given (check_tls first); warnings only in its log."""
     import uvicorn
 
+    from .resources import raise_open_files_limit
+
+    raise_open_files_limit()  # macOS starts at 256: a full queue's connections would get EMFILE, not 429
     config = uvicorn.Config(
         app,
         host=host,

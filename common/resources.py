@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-__all__ = ["available_memory", "cpu_quota", "fit_torch_threads", "usable_cores"]
+__all__ = ["available_memory", "cpu_quota", "fit_torch_threads", "raise_open_files_limit", "usable_cores"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 OWN_CGROUPS = Path("/proc/self/cgroup")
@@ -99,6 +99,25 @@ def fit_torch_threads() -> int:
     if cores is not None and torch.get_num_threads() > cores:
         torch.set_num_threads(cores)
     return torch.get_num_threads()
+
+
+def raise_open_files_limit(wanted: int = 4096) -> int | None:
+    """Raise this process's soft limit on open files to `wanted`, within its hard limit (as Ray
+    does for itself): macOS starts shells at 256, fewer than a server's queue of connections.
+    Never lowers it. Returns the soft limit now; None where there is none to read (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):  # macOS refuses above kern.maxfilesperproc
+        return soft
+    return target
 
 
 def _field(text: str | None, name: str) -> int | None:

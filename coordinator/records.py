@@ -132,6 +132,9 @@ class RunInfo(BaseModel):
     writer: WriterProcess | None = None  # None: a run written before it was recorded
 
 
+PROC = Path("/proc")  # Linux's; macOS has none
+
+
 def this_process() -> WriterProcess:
     """The current process, as RunInfo.writer."""
     return WriterProcess(
@@ -145,15 +148,19 @@ def this_process() -> WriterProcess:
 
 def _pid_namespace() -> int | None:
     try:  # Linux: which pids a pid means (a container with the host's network has its own)
-        return os.stat("/proc/self/ns/pid").st_ino
+        return os.stat(PROC / "self/ns/pid").st_ino
     except OSError:
         return None
 
 
 def _boot_id() -> str | None:
     try:  # Linux: one per boot (pids start again after a reboot)
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return (PROC / "sys/kernel/random/boot_id").read_text().strip()
     except OSError:
+        pass
+    try:  # macOS, the BSDs: no /proc; the boot's time stands for it
+        return f"boot-time:{int(psutil.boot_time())}"
+    except (psutil.Error, OSError):
         return None
 
 
@@ -163,8 +170,11 @@ def writer_gone(info: RunInfo) -> str | None:
     writer = info.writer
     if info.status != "running" or writer is None or writer.host != socket.gethostname():
         return None
-    if writer.pid_namespace is None or writer.pid_namespace != _pid_namespace():
+    if writer.pid_namespace != _pid_namespace():
         return None  # its pid means another process here
+    if writer.pid_namespace is None and PROC.is_dir():
+        return None  # a Linux that hid its pid namespace: a container may share the host's name
+    # (no /proc at all, as on macOS: one pid space per host, so the pid and its start time decide)
     if writer.boot_id is not None and writer.boot_id != _boot_id():
         return "its host restarted since"
     try:

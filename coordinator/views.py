@@ -33,9 +33,12 @@ def progress_bars_on_terminals_only() -> None:
 
 def make_console(stderr: bool = False) -> Console:
     """A rich console; 120 columns when output is not a terminal (logs, pipes), so tables fit. A
-    closed stream (a daemon's `>&-`) is no terminal: every command had failed at import."""
+    closed stream (a daemon's `>&-`) is no terminal: every command had failed at import. Lines of
+    text are never folded by it (soft wrap), so a long path or command printed stays whole to
+    paste (macOS's /var/folders/... temp paths pass 120 characters)."""
     stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, width=None if stream is not None and stream.isatty() else 120)
+    width = None if stream is not None and stream.isatty() else 120
+    return Console(stderr=stderr, width=width, soft_wrap=True)
 
 
 def sparkline(values: Sequence[float | None], width: int = 60) -> str:

@@ -12,8 +12,11 @@ import torch
 from fedprefix.common.base_model import load_base
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.prefix import Prefix, PrefixConfig
+from fedprefix.common.resources import raise_open_files_limit
 from fedprefix.simulations.personas import write_federation_data
 from hypothesis import settings
+
+raise_open_files_limit()  # macOS shells start at 256; the load tests hold 250 connections at both ends
 
 TINY_BASES = ("tiny-gpt2", "tiny-llama", "tiny-qwen2")
 FEDPREFIX_CLI = str(Path(sys.executable).parent / "fedprefix")  # the console script, for tests run as a user would

@@ -100,14 +100,14 @@ def main(
 
 def warn(message: str) -> None:
     """A warning on stderr, printed as written (not as rich markup: see _print_error)."""
-    err_console.print(f"[yellow]warning:[/yellow] {plain(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/yellow] {plain(message)}", highlight=False)
 
 
 def _print_error(exc: BaseException, hint: str = "") -> None:
     message = " ".join(str(exc).split()) or type(exc).__name__
     # plain: a message quoting a path or a hint such as 'fedprefix[parquet]' is not rich markup,
     # nor may a name in it (a run's, a file's) send the terminal escape codes
-    err_console.print(f"[red]error:[/red] {plain(message + hint)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[red]error:[/red] {plain(message + hint)}", highlight=False)
 
 
 def run() -> None:

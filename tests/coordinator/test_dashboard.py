@@ -256,10 +256,13 @@ def test_a_long_run_gives_pages_of_bounded_size_that_keep_its_extremes(runs, tmp
 
 
 def test_runs_points_one_level_down_where_the_runs_are(runs, tmp_path):
-    shutil.copytree(runs / "tiny", tmp_path / "project" / "tiny")
-    listed = runner.invoke(app, ["runs", "--runs", str(tmp_path)])
+    """The command is printed whole to paste: rich had folded it mid-path past 120 columns
+    (macOS's /private/var/folders/... temp paths pass them)."""
+    top = tmp_path / ("n" * 80)
+    shutil.copytree(runs / "tiny", top / "project" / "tiny")
+    listed = runner.invoke(app, ["runs", "--runs", str(top)])
     assert listed.exit_code == 0
-    assert f"fedprefix runs --runs {tmp_path / 'project'}" in " ".join(listed.output.split())
+    assert f"fedprefix runs --runs {top / 'project'}\n" in listed.output
 
 
 def _with_losses(runs, tmp_path, name: str, **losses) -> None:

@@ -1,0 +1,99 @@
+"""What differs off Linux (macOS above all), emulated here: no /proc, F_FULLFSYNC, a 256 open
+files limit, the MPS device (an auditor's findings)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+from fedprefix.common import files
+from fedprefix.common.base_model import load_base
+from fedprefix.common.errors import ConfigError
+from fedprefix.common.resources import raise_open_files_limit
+from fedprefix.common.store import PrefixStore
+from fedprefix.coordinator import records
+
+from tests.common.test_store_hardening import RAW, make_prefix, same
+
+resource = pytest.importorskip("resource")
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_store_writes_flush_the_drive_with_f_fullfsync_where_there_is_one(tmp_path, monkeypatch, refused):
+    """macOS's fsync leaves data in the drive's cache: the power-loss guarantee needs F_FULLFSYNC
+    (51 there); a filesystem refusing it gets fsync."""
+    calls = []
+
+    class FakeFcntl:
+        @staticmethod
+        def fcntl(fd, op):
+            calls.append(op)
+            if refused:
+                raise OSError(45, "Operation not supported")
+
+    monkeypatch.setattr(files, "FULL_FSYNC", 51)
+    monkeypatch.setattr(files, "fcntl", FakeFcntl)
+    fsyncs = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+    store = PrefixStore(tmp_path / "store", scrypt_n=2**10)
+    store.save("u", make_prefix(1), RAW)
+    assert calls and set(calls) == {51}
+    assert (len(fsyncs) == len(calls)) if refused else not fsyncs
+    assert same(store.load("u", RAW), make_prefix(1))
+
+
+def test_the_open_files_limit_is_raised_within_the_hard_one_and_never_lowered():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # macOS's default
+        expected = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+        assert raise_open_files_limit() == expected == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert raise_open_files_limit(wanted=1000) == expected  # never lowered
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _killed_writer() -> records.WriterProcess:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    writer = records.this_process().model_copy(
+        update={"pid": child.pid, "started": psutil.Process(child.pid).create_time()}
+    )
+    child.kill()
+    child.wait()
+    return writer
+
+
+def test_a_killed_run_reads_as_interrupted_without_proc(tmp_path, monkeypatch):
+    """With no /proc (macOS) every writer's pid namespace and boot id were None, and a killed
+    run read "running" for ever; there the boot time stands for the boot."""
+    monkeypatch.setattr(records, "PROC", tmp_path / "no-proc")
+    writer = _killed_writer()
+    assert writer.pid_namespace is None and writer.boot_id.startswith("boot-time:")
+    info = records.RunInfo(
+        run_id="r", status="running", config={}, base="b", base_fingerprint="f", shared_prefix_parameters=0, started=1
+    )
+    assert "is gone" in records.writer_gone(info.model_copy(update={"writer": writer}))
+    alive = records.this_process()
+    assert records.writer_gone(info.model_copy(update={"writer": alive})) is None
+    rebooted = alive.model_copy(update={"boot_id": "boot-time:1"})
+    assert records.writer_gone(info.model_copy(update={"writer": rebooted})) == "its host restarted since"
+
+
+def test_a_linux_that_hides_its_pid_namespace_cannot_tell(tmp_path, monkeypatch):
+    (tmp_path / "proc").mkdir()  # /proc there, its ns/pid not readable: a container may share a host name
+    monkeypatch.setattr(records, "PROC", tmp_path / "proc")
+    writer = _killed_writer()
+    info = records.RunInfo(
+        run_id="r", status="running", config={}, base="b", base_fingerprint="f", shared_prefix_parameters=0, started=1
+    )
+    assert records.writer_gone(info.model_copy(update={"writer": writer})) is None
+
+
+def test_load_base_refuses_a_device_the_cli_refuses():
+    """load_base("tiny-llama", device="mps") loaded, and fit ran there, where nothing is tested."""
+    with pytest.raises(ConfigError, match="device 'mps' is not supported"):
+        load_base("tiny-llama", device="mps")
