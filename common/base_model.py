@@ -220,7 +220,8 @@ def load_base(
             "then pass the folder"
         )
     fit_torch_threads()  # before any compute: a container's CPU quota, which torch does not read
-    device = resolve_device(str(device))  # "mps" refused as the CLI refuses it: nothing here is tested there
+    # "mps" refused as the CLI refuses it: nothing here is tested there
+    device = resolve_device("cpu" if device is None else str(device))
     dtype = resolve_dtype(dtype, device)
     name = str(name_or_path)
     if name in REGISTRY and REGISTRY[name].builtin:

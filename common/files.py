@@ -15,6 +15,7 @@ try:
     FULL_FSYNC = getattr(fcntl, "F_FULLFSYNC", None)  # macOS
 except ImportError:  # Windows
     fcntl = FULL_FSYNC = None
+NOT_SUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOTTY}
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True, sync_dir: bool = True) -> None:
@@ -65,8 +66,9 @@ def sync(fd: int) -> None:
         try:
             fcntl.fcntl(fd, FULL_FSYNC)
             return
-        except OSError:
-            pass
+        except OSError as exc:  # only "not here": after a failed flush (EIO) fsync may report success
+            if exc.errno not in NOT_SUPPORTED:
+                raise
     os.fsync(fd)
 
 

@@ -157,7 +157,8 @@ def _boot_id() -> str | None:
     try:  # Linux: one per boot (pids start again after a reboot)
         return (PROC / "sys/kernel/random/boot_id").read_text().strip()
     except OSError:
-        pass
+        if PROC.is_dir():  # a Linux hiding it: psutil's boot time there moves with clock adjustments
+            return None
     try:  # macOS, the BSDs: no /proc; the boot's time stands for it
         return f"boot-time:{int(psutil.boot_time())}"
     except (psutil.Error, OSError):

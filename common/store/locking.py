@@ -18,10 +18,12 @@ part new, part old: before journals, a writer killed between two renames left th
 loads refused them until `reset-rollback`, which kept the mix. Ctrl-C and SIGTERM wait for
 step 3 (common.signals).
 
-The journal also holds each new file's SHA-256: a write is completed only while its files are
-still the ones it staged. A journal whose write was stopped, followed by a version of fedprefix
-that does not read journals writing the user again (a downgrade and back), is stale: it is
-removed and the files are left as they are (completing it had deleted the later write's part).
+The journal also holds, for each file, the SHA-256 it had when the write was decided and the
+one the write gives it: a write is completed only while every file is one or the other. A
+journal whose write was stopped, followed by a version of fedprefix that reads no journals
+writing the user again (a downgrade and back), is stale: it is removed and the files are left
+as they are (completing it had deleted the later write's shared part). Its keys are those of
+format 1, so a fedprefix reading format 1 refuses it by its version rather than removing it.
 
 A temp file without a journal belongs to a write that was never decided; the user's next
 lock removes it, one unlink per file the user may have (a scan of the store folder per save
@@ -58,7 +60,7 @@ __all__ = ["file_lock", "journal_path", "recover", "remove_earlier_temp_files", 
 Staged = tuple[Path, Path]  # (temp file, target)
 
 READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)  # the lock file cannot be made: nobody can write here
-JOURNAL_VERSION = 2  # 2: with the new files' SHA-256 (1, without, is still completed)
+JOURNAL_VERSION = 2  # 2: each file with its SHA-256 before and after (1, names only, is still completed)
 log = logging.getLogger(__name__)
 
 
@@ -112,6 +114,7 @@ def write_all(journal: Path, files: Sequence[tuple[Path, bytes]], removed: Seque
     write completes here or under the user's next lock (`recover`). Ctrl-C and SIGTERM wait
     for the renames and reach their handlers after them."""
     staged: list[Staged] = []
+    before = [_digest(path) for path in (*(target for target, _ in files), *removed)]  # under the user's lock
     try:
         for target, data in files:  # one by one: a failure discards the earlier
             target.parent.mkdir(mode=0o700, exist_ok=True)
@@ -122,8 +125,8 @@ def write_all(journal: Path, files: Sequence[tuple[Path, bytes]], removed: Seque
                 # and lose a staged rollback record, which recovery would then skip
                 for folder in dict.fromkeys(target.parent for _, target in staged if target.parent != journal.parent):
                     fsync_dir(folder)
-            digests = [hashlib.sha256(data).hexdigest() for _, data in files]
-            _decide(journal, _plan(journal.parent, [target for _, target in staged], removed, digests), durable)
+            after = [hashlib.sha256(data).hexdigest() for _, data in files]
+            _decide(journal, _plan(journal.parent, [t for _, t in staged], removed, after, before), durable)
             _finish(journal, staged, removed, durable)
         for sig in dict.fromkeys(received):
             signal.raise_signal(sig)  # to the handler put back: KeyboardInterrupt, or the exit
@@ -154,9 +157,9 @@ def recover(journal: Path, own_files: Collection[str], durable: bool) -> None:
         for path in (journal, *(root / name for name in own_files)):
             path.with_name(staged_name(path.name)).unlink(missing_ok=True)
         return
-    targets = [root / name for name in plan["write"]]
+    targets = [root / entry[0] for entry in plan["write"]]
     staged = [(target.with_name(staged_name(target.name)), target) for target in targets]
-    if replaced := _replaced_since(staged, plan.get("sha256")):
+    if plan["format_version"] > 1 and (replaced := _replaced_since(root, plan)):
         log.warning(
             "prefix store: %s is of a write whose file %s has since been replaced (by a fedprefix that does not "
             "read journals?): the journal is removed and the files left as they are",
@@ -167,23 +170,36 @@ def recover(journal: Path, own_files: Collection[str], durable: bool) -> None:
             tmp.unlink(missing_ok=True)
         journal.unlink(missing_ok=True)
         return
-    _roll_forward(journal, staged, [root / name for name in plan["remove"]], durable)
+    _roll_forward(journal, staged, [root / entry[0] for entry in plan["remove"]], durable)
 
 
-def _replaced_since(staged: Sequence[Staged], digests: Sequence[str] | None) -> str | None:
-    """The first target whose staged file (or, once renamed, the target) is not the one the
-    journal names; None when all are, or for a format 1 journal (no digests to compare)."""
-    for (tmp, target), digest in zip(staged, digests or (), strict=False):
-        try:
-            data = read_regular(tmp if os.path.lexists(tmp) else target, follow_links=False)
-        except FileNotFoundError:
-            return target.name
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ELOOP):  # a link or no file: not what was staged
-                raise
-            return target.name
-        if hashlib.sha256(data).hexdigest() != digest:
-            return target.name
+def _digest(path: Path) -> str | None:
+    """The SHA-256 of the regular file at `path`; None where there is none (or a link, a folder)."""
+    try:
+        return hashlib.sha256(read_regular(path, follow_links=False)).hexdigest()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ELOOP):
+            raise
+        return None
+
+
+def _replaced_since(root: Path, plan: dict) -> str | None:
+    """The first file that is neither what the journal's write found nor what it makes: a target
+    still staged must hold its old content, a renamed one its new, a removed file its old or
+    none; None when every file is so (a write stopped anywhere in its step 3)."""
+    for name, after, before in plan["write"]:
+        target = root / name
+        tmp = target.with_name(staged_name(target.name))
+        if os.path.lexists(tmp):
+            if _digest(tmp) != after or _digest(target) != before:
+                return name
+        elif _digest(target) != after:
+            return name
+    for name, before in plan["remove"]:
+        if _digest(root / name) not in (None, before):
+            return name
     return None
 
 
@@ -195,15 +211,17 @@ def _remove_foreign(journal: Path) -> None:
         journal.unlink(missing_ok=True)
 
 
-def _plan(root: Path, targets: Sequence[Path], removed: Sequence[Path], digests: Sequence[str]) -> bytes:
-    """The journal's text: the files the write puts in (in their order, with their SHA-256) and
-    those it removes, relative to `root`."""
-    names = {
-        kind: [path.relative_to(root).as_posix() for path in paths]
-        for kind, paths in (("write", targets), ("remove", removed))
-    }
-    plan = {"format_version": JOURNAL_VERSION, **names, "sha256": list(digests)}
-    return json.dumps(plan, sort_keys=True).encode()
+def _plan(
+    root: Path, targets: Sequence[Path], removed: Sequence[Path], after: Sequence[str], before: Sequence[str | None]
+) -> bytes:
+    """The journal's text: the files the write puts in, in their order, as [name, SHA-256 after,
+    SHA-256 before (None: none)], and those it removes as [name, SHA-256 before]; names relative
+    to `root`."""
+    names = [path.relative_to(root).as_posix() for path in (*targets, *removed)]
+    n = len(targets)
+    write = [list(entry) for entry in zip(names[:n], after, before[:n], strict=True)]
+    remove = [list(entry) for entry in zip(names[n:], before[n:], strict=True)]
+    return json.dumps({"format_version": JOURNAL_VERSION, "remove": remove, "write": write}, sort_keys=True).encode()
 
 
 def _parsed(raw: bytes, own_files: Collection[str], journal: Path) -> dict | None:
@@ -212,9 +230,9 @@ def _parsed(raw: bytes, own_files: Collection[str], journal: Path) -> dict | Non
         plan = json.loads(raw)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(plan, dict) or not {"format_version", "remove", "write"} <= set(plan):
+    if not isinstance(plan, dict):
         return None
-    version, write, remove = plan["format_version"], plan["write"], plan["remove"]
+    version = plan.get("format_version")
     if type(version) is int and version > JOURNAL_VERSION:  # a newer write this code cannot complete
         user_id = journal.name[1 : -len(".journal")]
         message = (
@@ -222,19 +240,21 @@ def _parsed(raw: bytes, own_files: Collection[str], journal: Path) -> dict | Non
             f"reads format {JOURNAL_VERSION}): use that version"
         )
         raise UnknownVersionError(about(user_id, message), user_id)
-    keys = {"format_version", "remove", "write", *(("sha256",) if version == JOURNAL_VERSION else ())}
-    if type(version) is not int or version not in (1, JOURNAL_VERSION) or set(plan) != keys:
+    if set(plan) != {"format_version", "remove", "write"} or type(version) is not int or version < 1:
         return None
+    write, remove = plan["write"], plan["remove"]
     if not isinstance(write, list) or not isinstance(remove, list):
         return None
-    digests = plan.get("sha256", [])
-    if version == JOURNAL_VERSION and not (
-        isinstance(digests, list) and len(digests) == len(write) and all(_is_digest(d) for d in digests)
+    if version == 1:  # names only: completed without checks, as that version did
+        if not all(isinstance(name, str) for name in write + remove):
+            return None
+        write, remove = [[name, None, None] for name in write], [[name, None] for name in remove]
+    elif not all(_entry(e, (_is_digest, _is_digest_or_none)) for e in write) or not all(
+        _entry(e, (_is_digest_or_none,)) for e in remove
     ):
         return None
-    if not all(isinstance(name, str) for name in write + remove):
-        return None
-    if foreign := next((name for name in write + remove if name not in own_files), None):
+    names = [entry[0] for entry in write + remove]
+    if foreign := next((name for name in names if name not in own_files), None):
         # this store's journal, naming another user's file: on a case-insensitive filesystem
         # 'Alice' and 'alice' share the journal, and removing it lost Alice's decided write
         user_id = journal.name[1 : -len(".journal")]
@@ -243,11 +263,25 @@ def _parsed(raw: bytes, own_files: Collection[str], journal: Path) -> dict | Non
             "case-insensitive filesystem?): complete that user's write with their own id, or remove the journal"
         )
         raise StoreError(about(user_id, message), user_id)
-    return plan
+    return {"format_version": version, "write": write, "remove": remove}
+
+
+def _entry(entry, checks) -> bool:
+    """`entry` is [name, *values], each value passing its check."""
+    return (
+        isinstance(entry, list)
+        and len(entry) == 1 + len(checks)
+        and isinstance(entry[0], str)
+        and all(check(value) for check, value in zip(checks, entry[1:], strict=True))
+    )
 
 
 def _is_digest(value) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_digest_or_none(value) -> bool:
+    return value is None or _is_digest(value)
 
 
 def _decide(journal: Path, plan: bytes, durable: bool) -> None:

@@ -3,6 +3,7 @@ files limit, the MPS device (an auditor's findings)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def test_store_writes_flush_the_drive_with_f_fullfsync_where_there_is_one(tmp_pa
         def fcntl(fd, op):
             calls.append(op)
             if refused:
-                raise OSError(45, "Operation not supported")
+                raise OSError(errno.ENOTSUP, "Operation not supported")
 
     monkeypatch.setattr(files, "FULL_FSYNC", 51)
     monkeypatch.setattr(files, "fcntl", FakeFcntl)
@@ -44,6 +45,20 @@ def test_store_writes_flush_the_drive_with_f_fullfsync_where_there_is_one(tmp_pa
     assert calls and set(calls) == {51}
     assert (len(fsyncs) == len(calls)) if refused else not fsyncs
     assert same(store.load("u", RAW), make_prefix(1))
+
+
+def test_a_failed_full_flush_is_an_error_not_retried_with_fsync(tmp_path, monkeypatch):
+    """After a flush fails (EIO) a second fsync can report success with the data lost."""
+
+    class FailingFcntl:
+        @staticmethod
+        def fcntl(fd, op):
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files, "FULL_FSYNC", 51)
+    monkeypatch.setattr(files, "fcntl", FailingFcntl)
+    with pytest.raises(OSError, match="Input/output error"):
+        files.atomic_write_bytes(tmp_path / "f", b"data")
 
 
 def test_the_open_files_limit_is_raised_within_the_hard_one_and_never_lowered():
@@ -87,6 +102,7 @@ def test_a_linux_that_hides_its_pid_namespace_cannot_tell(tmp_path, monkeypatch)
     (tmp_path / "proc").mkdir()  # /proc there, its ns/pid not readable: a container may share a host name
     monkeypatch.setattr(records, "PROC", tmp_path / "proc")
     writer = _killed_writer()
+    assert writer.boot_id is None  # not psutil's boot time, which moves with clock adjustments there
     info = records.RunInfo(
         run_id="r", status="running", config={}, base="b", base_fingerprint="f", shared_prefix_parameters=0, started=1
     )

@@ -8,6 +8,7 @@ mix (an audit that killed writers the same way found it)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -181,7 +182,7 @@ def test_the_staged_records_are_durable_before_the_journal_decides_on_them(store
 
 
 def test_a_journal_of_a_newer_version_is_refused_by_name(store):
-    (store.root / ".u.journal").write_bytes(b'{"format_version": 3, "remove": [], "write": []}')
+    (store.root / ".u.journal").write_bytes(b'{"format_version": 3, "remove": [], "write": [], "more": 1}')
     with pytest.raises(UnknownVersionError, match=r"journal \.u\.journal is format 3, written by a newer fedprefix"):
         store.save("u", make_prefix(2), RAW)
     assert same(store.load("u", RAW), make_prefix(1))  # an unlocked load reads the files as they are
@@ -221,33 +222,42 @@ def stopped_after_its_journal(store: PrefixStore, monkeypatch) -> None:
     assert (store.root / ".u.journal").exists()
 
 
-def test_a_journal_whose_files_were_written_again_since_is_removed_not_completed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("temps", ["removed", "kept"])
+def test_a_journal_whose_files_were_written_again_since_is_removed_not_completed(tmp_path, monkeypatch, temps):
     """A write stopped after its journal; then a fedprefix that reads no journals (a downgrade)
-    removed its temp files and saved both parts again; back on this version, completing the stale
-    journal deleted that later shared part, and the user was refused (an auditor's finding)."""
+    saved both parts again, removing this version's temp files (as the one before journals did)
+    or leaving them (as older ones did); back on this version, completing the stale journal
+    deleted that later shared part, and the user was refused (an auditor's finding)."""
     store = PrefixStore(tmp_path / "store", scrypt_n=2**10)
     store.save_parts("u", {"personal": make_prefix(1), "shared": make_prefix(2)}, RAW)
     later = PrefixStore(tmp_path / "later", scrypt_n=2**10)
     shutil.copytree(store.root, later.root, dirs_exist_ok=True)
     later.save_parts("u", {"personal": make_prefix(3), "shared": make_prefix(4)}, RAW)
     stopped_after_its_journal(store, monkeypatch)
-    for tmp in store.root.rglob("*.staged.tmp"):  # what the older version's save does first
-        tmp.unlink()
-    for path in later.root.rglob("*"):  # ... and then its files, the journal left as it was
-        if path.is_file() and not path.name.endswith((".lock", ".journal")):
+    if temps == "removed":
+        for tmp in store.root.rglob("*.staged.tmp"):
+            tmp.unlink()
+    for path in later.root.rglob("*"):  # the older version's files, the journal left as it was
+        if path.is_file() and not path.name.endswith((".lock", ".journal", ".tmp")):
             shutil.copy2(path, store.root / path.relative_to(later.root))
     parts = store.load_parts("u", RAW)
     assert same(parts["personal"], make_prefix(3)) and same(parts["shared"], make_prefix(4))
-    assert not (store.root / ".u.journal").exists()
+    assert not (store.root / ".u.journal").exists() and not list(store.root.rglob("*.staged.tmp"))
+
+
+def test_a_journal_keeps_the_keys_an_older_reader_checks_before_its_version(store, monkeypatch):
+    """The version before digests read a journal with other keys as foreign and removed it,
+    leaving a two-part user mixed; with the same three keys it refuses format 2 by name."""
+    stopped_after_its_journal(store, monkeypatch)
+    plan = json.loads((store.root / ".u.journal").read_bytes())
+    assert set(plan) == {"format_version", "remove", "write"} and plan["format_version"] == 2
+    assert [entry[0] for entry in plan["write"]][:1] == ["u.fpx"] and plan["remove"][0][0] == "u@shared.fpx"
 
 
 def test_a_journal_of_the_format_before_digests_is_still_completed(store, monkeypatch):
-    import json
-
-    store.save_parts("u", {"personal": make_prefix(1), "shared": make_prefix(2)}, RAW)
     stopped_after_its_journal(store, monkeypatch)
     journal = store.root / ".u.journal"
     plan = json.loads(journal.read_bytes())
-    del plan["sha256"]
-    journal.write_text(json.dumps({**plan, "format_version": 1}))
+    names = {kind: [entry[0] for entry in plan[kind]] for kind in ("write", "remove")}
+    journal.write_text(json.dumps({"format_version": 1, **names}))
     assert set(store.load_parts("u", RAW)) == {"personal"} and same(store.load("u", RAW), make_prefix(5))
