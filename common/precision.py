@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import subprocess
 import time
 
 import torch
@@ -158,6 +159,15 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    if platform.system() == "Darwin":  # no /proc: platform names only "arm" or "i386" there
+        try:
+            found = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            if found:
+                return found
+        except (OSError, subprocess.SubprocessError):
+            pass
     return platform.processor() or platform.machine()
 
 

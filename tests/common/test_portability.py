@@ -113,3 +113,25 @@ def test_load_base_refuses_a_device_the_cli_refuses():
     """load_base("tiny-llama", device="mps") loaded, and fit ran there, where nothing is tested."""
     with pytest.raises(ConfigError, match="device 'mps' is not supported"):
         load_base("tiny-llama", device="mps")
+
+
+def test_a_macs_cpu_is_named_by_sysctl_in_benchmark_records(monkeypatch):
+    """Benchmarks record their host: without /proc/cpuinfo a Mac's CPU had been just "arm"."""
+    import builtins
+    import platform
+
+    from fedprefix.common import precision
+
+    real_open = builtins.open
+
+    def no_cpuinfo(path, *args, **kwargs):
+        if str(path) == "/proc/cpuinfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_cpuinfo)
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(
+        precision.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "Apple M2 Pro\n", "")
+    )
+    assert precision._cpu_model() == "Apple M2 Pro"
