@@ -94,9 +94,7 @@ def fit_torch_threads() -> int:
     Returns the count."""
     import torch  # here: the CLI reads the cores without loading torch
 
-    quota = cpu_quota()
-    cores = None if quota is None else usable_cores()
-    if cores is not None and torch.get_num_threads() > cores:
+    if cpu_quota() is not None and torch.get_num_threads() > (cores := usable_cores()):
         torch.set_num_threads(cores)
     return torch.get_num_threads()
 
