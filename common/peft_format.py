@@ -83,8 +83,8 @@ def export_peft(prefix: Prefix, folder: str | os.PathLike, base_model_name_or_pa
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_left_copies(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{STAGING_MARK}", dir=target.parent))
-    except OSError as exc:  # named by the folder asked for, not by the temp folder beside it
-        raise OSError(exc.errno, f"export folder {folder} cannot be written: {exc.strerror}") from None
+    except OSError as exc:
+        raise _unwritable(folder, exc) from None
     try:
         atomic_write_bytes(staging / ADAPTER_WEIGHTS, save({"prompt_embeddings": flat}))
         atomic_write_bytes(staging / FEDPREFIX_META, json.dumps(meta, indent=2).encode())
@@ -98,10 +98,15 @@ def export_peft(prefix: Prefix, folder: str | os.PathLike, base_model_name_or_pa
             os.replace(staging, target)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno is not None:  # a full disk: named by the folder asked for
-            raise OSError(exc.errno, f"export folder {folder} cannot be written: {exc.strerror}") from exc
+        if isinstance(exc, OSError) and exc.errno is not None:  # a full disk, say
+            raise _unwritable(folder, exc) from exc
         raise
     return folder
+
+
+def _unwritable(folder: Path, exc: OSError) -> OSError:
+    """`exc` named by the export folder asked for, not by the temp folder beside it."""
+    return OSError(exc.errno, f"export folder {folder} cannot be written: {exc.strerror}")
 
 
 def _remove_left_copies(target: Path) -> None:
