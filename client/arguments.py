@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
+from collections.abc import Callable
 
 from fedprefix.common.config import TrainConfig
 from fedprefix.common.errors import ConfigError, first_error
@@ -20,7 +22,6 @@ GENERATE_HINTS = {
     "repetition_penalty": "use frequency_penalty or presence_penalty (OpenAI's, -2 to 2)",
     "stop_strings": "use stop",
 }
-GENERATE_SETTINGS = "max_new_tokens temperature top_p stop seed parts presence_penalty frequency_penalty".split()
 
 
 def check_flags(**flags) -> None:
@@ -51,10 +52,13 @@ def train_config(settings: dict) -> TrainConfig:
         raise ConfigError(f"setting {field}: {message}") from None
 
 
-def refuse_generate_arguments(unknown: dict) -> None:
-    """A ConfigError for the first argument generate() does not take (none: returns)."""
+def refuse_generate_arguments(unknown: dict, generate: Callable) -> None:
+    """A ConfigError for the first argument `generate` (a bound method) does not take (none:
+    returns); the settings it names are those of its signature after the prompt."""
     for name in unknown:
-        hint = f": {GENERATE_HINTS[name]}" if name in GENERATE_HINTS else _hint(name, GENERATE_SETTINGS)
+        parameters = list(inspect.signature(generate).parameters.values())[1:]
+        settings = [p.name for p in parameters if p.kind is not p.VAR_KEYWORD]
+        hint = f": {GENERATE_HINTS[name]}" if name in GENERATE_HINTS else _hint(name, settings)
         raise ConfigError(f"generate: unknown argument {name!r}{hint}")
 
 

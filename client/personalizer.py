@@ -325,7 +325,7 @@ class Personalizer:
 
         `presence_penalty` / `frequency_penalty` (-2 to 2, OpenAI's) lower the logit of a token
         already in the output, once / per occurrence: a small base's greedy text can loop."""
-        refuse_generate_arguments(unknown)  # transformers' do_sample, top_k, ... named with what does their job
+        refuse_generate_arguments(unknown, self.generate)  # transformers' do_sample, top_k, ...: what does their job
         prompts, single = generation_prompts(prompt)
         tok = self.base.tokenizer
         ids = [generation_ids(tok, p, self.use_chat_template) for p in prompts]  # as training framed its rows
