@@ -85,6 +85,19 @@ def federation_config(tmp_path, **settings) -> FederationConfig:
 MARK = "FEDPREFIX_TEST_MARK"  # a test sets it in its environment; every process started from there inherits it
 
 
+def killed_writer():
+    """A run record's writer (records.WriterProcess) that was this host's process and is gone."""
+    import subprocess
+
+    from fedprefix.coordinator.records import this_process
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    writer = this_process().model_copy(update={"pid": child.pid, "started": psutil.Process(child.pid).create_time()})
+    child.kill()
+    child.wait()
+    return writer
+
+
 def marked_processes(mark: str) -> list[psutil.Process]:
     """Live processes whose environment carries MARK=mark: what a test started, however deep."""
     found = []

@@ -6,9 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-import sys
 
-import psutil
 import pytest
 from fedprefix.common import files
 from fedprefix.common.base_model import load_base
@@ -18,6 +16,7 @@ from fedprefix.common.store import PrefixStore
 from fedprefix.coordinator import records
 
 from tests.common.test_store_hardening import RAW, make_prefix, same
+from tests.conftest import killed_writer
 
 resource = pytest.importorskip("resource")
 
@@ -72,41 +71,32 @@ def test_the_open_files_limit_is_raised_within_the_hard_one_and_never_lowered():
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def _killed_writer() -> records.WriterProcess:
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    writer = records.this_process().model_copy(
-        update={"pid": child.pid, "started": psutil.Process(child.pid).create_time()}
+def _running(writer: records.WriterProcess) -> records.RunInfo:
+    info = records.RunInfo(
+        run_id="r", status="running", config={}, base="b", base_fingerprint="f", shared_prefix_parameters=0, started=1
     )
-    child.kill()
-    child.wait()
-    return writer
+    return info.model_copy(update={"writer": writer})
 
 
 def test_a_killed_run_reads_as_interrupted_without_proc(tmp_path, monkeypatch):
     """With no /proc (macOS) every writer's pid namespace and boot id were None, and a killed
     run read "running" for ever; there the boot time stands for the boot."""
     monkeypatch.setattr(records, "PROC", tmp_path / "no-proc")
-    writer = _killed_writer()
+    writer = killed_writer()
     assert writer.pid_namespace is None and writer.boot_id.startswith("boot-time:")
-    info = records.RunInfo(
-        run_id="r", status="running", config={}, base="b", base_fingerprint="f", shared_prefix_parameters=0, started=1
-    )
-    assert "is gone" in records.writer_gone(info.model_copy(update={"writer": writer}))
+    assert "is gone" in records.writer_gone(_running(writer))
     alive = records.this_process()
-    assert records.writer_gone(info.model_copy(update={"writer": alive})) is None
+    assert records.writer_gone(_running(alive)) is None
     rebooted = alive.model_copy(update={"boot_id": "boot-time:1"})
-    assert records.writer_gone(info.model_copy(update={"writer": rebooted})) == "its host restarted since"
+    assert records.writer_gone(_running(rebooted)) == "its host restarted since"
 
 
 def test_a_linux_that_hides_its_pid_namespace_cannot_tell(tmp_path, monkeypatch):
     (tmp_path / "proc").mkdir()  # /proc there, its ns/pid not readable: a container may share a host name
     monkeypatch.setattr(records, "PROC", tmp_path / "proc")
-    writer = _killed_writer()
+    writer = killed_writer()
     assert writer.boot_id is None  # not psutil's boot time, which moves with clock adjustments there
-    info = records.RunInfo(
-        run_id="r", status="running", config={}, base="b", base_fingerprint="f", shared_prefix_parameters=0, started=1
-    )
-    assert records.writer_gone(info.model_copy(update={"writer": writer})) is None
+    assert records.writer_gone(_running(writer)) is None
 
 
 def test_load_base_refuses_a_device_the_cli_refuses():

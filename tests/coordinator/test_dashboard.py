@@ -489,16 +489,11 @@ def _recorded_as_running(folder, writer) -> None:
 def test_a_run_whose_process_was_killed_reads_as_interrupted_not_running_for_ever(tmp_path):
     """The ServerApp's process killed (SIGKILL, the OOM killer) wrote no end: the run read
     "running" with no round for ever, and its page kept polling (an auditor's finding)."""
-    import subprocess
-    import sys
-
-    import psutil
     from fedprefix.coordinator.records import this_process
 
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    dead = this_process().model_copy(update={"pid": child.pid, "started": psutil.Process(child.pid).create_time()})
-    child.kill()
-    child.wait()
+    from tests.conftest import killed_writer
+
+    dead = killed_writer()
     _recorded_as_running(tmp_path / "runs" / "dead", dead)
     _recorded_as_running(tmp_path / "runs" / "alive", this_process())
     _recorded_as_running(tmp_path / "runs" / "elsewhere", dead.model_copy(update={"host": "another-host"}))
