@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 from fedprefix.common.chat import ChatMessage, Text
 from fedprefix.common.store import BadUserIdError, StoreError, StoreIOError, UnknownUserError, WrongKeyError
 from fedprefix.common.store.errors import about
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, create_model, field_validator
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,8 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False  # a last chunk with the usage and no choices
 
 
-class SamplingBody(BaseModel):
-    """Fields both endpoints share (the OpenAI ones this server honours; unknown ones are ignored)."""
+class _HonouredFields(BaseModel):
+    """Fields both endpoints share: the OpenAI ones this server honours (unknown ones are ignored)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -108,36 +108,6 @@ class SamplingBody(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None  # whose prefix to use; None (or "", as OpenAI reads it): the base alone
-    n: Any = None
-    best_of: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
-    echo: Any = None
-    suffix: Any = None
-    logit_bias: Any = None
-    tools: Any = None
-    functions: Any = None
-    tool_choice: Any = None
-    function_call: Any = None
-    response_format: Any = None
-    modalities: Any = None
-    audio: Any = None
-    prediction: Any = None
-    top_k: Any = None
-    min_p: Any = None
-    min_tokens: Any = None
-    repetition_penalty: Any = None
-    ignore_eos: Any = None
-    stop_token_ids: Any = None
-    include_stop_str_in_output: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    structured_outputs: Any = None
-    continue_final_message: Any = None
-    add_generation_prompt: Any = None
-    chat_template_kwargs: Any = None
 
     @property
     def include_usage(self) -> bool:
@@ -155,7 +125,7 @@ class SamplingBody(BaseModel):
     def _empty_user_is_none(cls, value: str | None) -> str | None:
         return value or None
 
-    @field_validator(*_OFF)
+    @field_validator(*_OFF, check_fields=False)  # the fields are SamplingBody's
     @classmethod
     def _not_implemented(cls, value: Any, info) -> Any:
         if not _OFF[info.field_name](value):
@@ -169,6 +139,13 @@ class SamplingBody(BaseModel):
         if value is not None and "stream" in info.data and not info.data["stream"]:
             raise ValueError("only allowed with stream: true")
         return value
+
+
+# ... and the fields of _OFF, each taking any value, which its check then refuses unless it asks
+# for nothing (declared in _OFF's order, which decides the field an error names first)
+SamplingBody = create_model(
+    "SamplingBody", __base__=_HonouredFields, __doc__=_HonouredFields.__doc__, **{name: (Any, None) for name in _OFF}
+)
 
 
 class CompletionBody(SamplingBody):
