@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 class PromptCompletion(BaseModel):
     """One supervised example."""
 
-    model_config = ConfigDict(extra="forbid")
+    # a user's text never goes into a validation error's text: a traceback printed to a run's
+    # log (a node's, through Ray) showed a wrong-typed field's whole value
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     prompt: Text
     completion: Text  # not empty (below): a min_length would test the length before the text is Unicode
 
@@ -62,7 +64,7 @@ class TrainingMessage(ChatMessage):
 class ChatRow(BaseModel):
     """A conversation ending with the assistant's reply; each assistant message is a completion."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     messages: list[TrainingMessage] = Field(min_length=2)
 
 

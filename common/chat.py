@@ -32,7 +32,7 @@ Text = Annotated[str, AfterValidator(unicode_text)]  # a str field that a tokeni
 class ChatMessage(BaseModel):
     """One turn of a conversation."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # no user text in error texts
     role: Literal["system", "user", "assistant"]
     content: Text
 

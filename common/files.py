@@ -81,6 +81,12 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def open_private_append(path: str | os.PathLike):
+    """`path` opened to append bytes; created readable by its owner alone (0600), as every file a
+    run writes is: a node's traceback in a run's log may quote what it was reading."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+
+
 def open_regular(path: str | os.PathLike, follow_links: bool = True):
     """`path` opened for reading (binary) if it is a regular file, else OSError saying what it is:
     a FIFO would block its reader, a device such as /dev/zero never end; `follow_links=False` also

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import httpx
 from fedprefix.common.config import FederationConfig
+from fedprefix.common.files import open_private_append
 from fedprefix.common.http_guards import LOOPBACK_NAMES
 from fedprefix.common.resources import available_memory, usable_cores
 
@@ -149,7 +150,7 @@ def local_superlink(flwr_home: Path, log_file: Path, simulation: bool = True, ow
         "--port",
         str(port),
     ] + (["--simulation"] if simulation else [])
-    with open(log_file, "ab") as log:
+    with open_private_append(log_file) as log:
         process = owned.popen(
             command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=flower_env(flwr_home)
         )
@@ -352,7 +353,7 @@ def _run_federation(config, clientapp, verbose, plan: NodePlan, log_file, on_rou
                 federation,
                 "--stream",
             ]
-            with open(log_file, "ab") as log:
+            with open_private_append(log_file) as log:
                 flwr_run = owned.popen(
                     command, env=flower_env(flwr_home), stdout=None if verbose else log, stderr=subprocess.STDOUT
                 )

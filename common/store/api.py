@@ -288,9 +288,9 @@ class PrefixStore(KeyChanges):
         name, (header, _, _) = next(iter(sealed.items()))
         return self._info_of(name, header)
 
-    def forget_keys(self) -> None:
-        """Drop every cached KEK; the next use of each passphrase pays the KDF again."""
-        self._kek_cache.clear()
+    def forget_keys(self, user_id: str | None = None) -> None:
+        """Drop every cached KEK (or those of `user_id`); the next use of each passphrase pays the KDF again."""
+        self._kek_cache.clear(user_id)
 
     # ------------------------------------------------------------------ internals
 

@@ -122,7 +122,7 @@ class KekCache:
     def __init__(self, size: int = KEK_CACHE_SIZE) -> None:
         """An empty cache holding at most `size` KEKs."""
         self.size = size
-        self.entries: OrderedDict[bytes, bytes] = OrderedDict()  # HMAC digest -> KEK, oldest first
+        self.entries: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()  # HMAC digest -> (user, KEK), oldest first
         self._secret = os.urandom(32)
         self._lock = threading.Lock()
 
@@ -143,16 +143,16 @@ class KekCache:
             hashlib.sha256,
         ).digest()
         with self._lock:
-            kek = self.entries.get(cache_key)
-            if kek is not None:
+            found = self.entries.get(cache_key)
+            if found is not None:
                 self.entries.move_to_end(cache_key)
-                return kek
+                return found[1]
         try:
             kek = Scrypt(salt=unb64(kdf.salt), length=KEY_BYTES, n=kdf.n, r=kdf.r, p=kdf.p).derive(secret)
         except (ValueError, MemoryError) as exc:
             raise StoreError(about(user_id, f"cannot derive the key ({type(exc).__name__})"), user_id) from None
         with self._lock:
-            self.entries[cache_key] = kek
+            self.entries[cache_key] = (user_id, kek)
             while len(self.entries) > self.size:
                 self.entries.popitem(last=False)
         return kek
@@ -165,7 +165,8 @@ class KekCache:
             kdf = ScryptKdf(name="scrypt", salt=b64(os.urandom(SALT_BYTES)), n=scrypt_n, r=SCRYPT_R, p=SCRYPT_P)
         return kdf, self.kek(user_id, kdf, key)
 
-    def clear(self) -> None:
-        """Drop every cached KEK."""
+    def clear(self, user_id: str | None = None) -> None:
+        """Drop every cached KEK, or those of `user_id`."""
         with self._lock:
-            self.entries.clear()
+            for cache_key in [k for k, (user, _) in self.entries.items() if user_id in (None, user)]:
+                del self.entries[cache_key]

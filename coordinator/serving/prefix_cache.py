@@ -114,12 +114,14 @@ class PrefixCache:
             return found[1]
 
     def forget(self, user_id: str) -> None:
-        """Drop every decrypted entry of `user_id` (whatever key); the next request unlocks it again."""
+        """Drop every decrypted entry of `user_id` (whatever key), and the keys the store derived
+        from their passphrases: nothing that opens their files stays; the next request unlocks again."""
         with self._lock:
             for entry_key in [k for k in self._entries if k[0] == user_id]:
                 _, kv = self._entries.pop(entry_key)
                 self.stats.bytes -= kv.numel() * kv.element_size()
             self.stats.entries = len(self._entries)
+        self.store.forget_keys(user_id)
 
     def _hit_or_load(self, entry_key: tuple[str, bytes], version: tuple, key: bytes | str) -> torch.Tensor:
         kv = self._hit(entry_key, version)

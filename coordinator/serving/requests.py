@@ -55,7 +55,7 @@ class GenerationRequest:
 
     prompt: str | list[int]
     user: str | None = None  # None: the base with no prefix
-    key: bytes | str | None = None  # the user's key: 32 raw bytes or a passphrase
+    key: bytes | str | None = field(default=None, repr=False)  # the user's key: 32 raw bytes or a passphrase
     params: SamplingParams = field(default_factory=SamplingParams)
     # True: a max_new_tokens that does not fit the context is lowered to fit (a default the
     # caller did not choose); False: the request is refused (InvalidRequest)

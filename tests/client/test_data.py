@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import traceback
 
 import pytest
 from fedprefix.client.data import read_rows, tokenize_rows
@@ -65,6 +66,32 @@ def test_accepts_all_row_forms(tmp_path):
 def test_bad_rows_name_index_and_field(rows, message):
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
         read_rows(rows)
+
+
+SECRET = "MY PRIVATE MEDICAL QUESTION"
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"prompt": {"nested": SECRET}, "completion": "c"},
+        {"prompt": "p", "completion": [SECRET]},
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": SECRET}]},
+                {"role": "assistant", "content": "b"},
+            ]
+        },
+        {"messages": SECRET},
+        {"messages": [{"role": SECRET, "content": "a"}, {"role": "assistant", "content": "b"}]},
+    ],
+)
+def test_a_bad_rows_text_is_in_no_part_of_its_error_or_traceback(row):
+    """A node's traceback reaches the run's log (through Ray): pydantic's errors carried the
+    whole value of a wrong-typed field."""
+    with pytest.raises(DataError) as raised:
+        read_rows([row])
+    assert SECRET not in "".join(traceback.format_exception(raised.value))
 
 
 def test_bad_files(tmp_path):

@@ -90,6 +90,10 @@ def test_personal_mode_sends_no_arrays(tmp_path):
     assert record.shared_update_norm is None and record.replies_accepted == 2
     assert record.eval_loss_personal < record.eval_loss_base
     assert record.uplink_bytes == 2 * 8 * METRICS_PER_REPLY
+    # the run's files are its owner's alone: a node's traceback in flower.log may quote its data
+    records = [path for path in Path(config.run_dir).iterdir() if not path.name.startswith(".")]  # not its marker, lock
+    modes = {path.name: path.stat().st_mode & 0o777 for path in records}
+    assert {"run.json", "rounds.jsonl", "flower.log"} <= set(modes) and set(modes.values()) == {0o600}, modes
 
 
 def test_shared_rounds_then_a_personal_round(tmp_path):

@@ -161,6 +161,35 @@ def test_concurrent_first_requests_of_a_user_derive_the_key_once(unicode_store, 
     assert engine.prefixes.stats.misses == 1 and engine.prefixes.stats.hits == 5
 
 
+def test_a_user_the_server_lets_go_leaves_no_key_derived_from_their_passphrase(tmp_path, monkeypatch):
+    """The store keeps the keys it derives from passphrases (a scrypt each), which open a user's
+    files as the passphrase does: once a replica lets a user go, none of theirs stays in memory."""
+    base = load_base("tiny-llama")
+    store = PrefixStore(tmp_path, scrypt_n=2**10)
+    for user in ("ann", "ben"):
+        store.save(user, random_prefix(base, 3, seed=1), f"pass {user}")
+    cache = PrefixCache(PrefixStore(tmp_path), base.fingerprint)
+    for user in ("ann", "ben"):
+        cache.get(user, f"pass {user}")
+    derived, real = [], store_keys.Scrypt
+    monkeypatch.setattr(store_keys, "Scrypt", lambda **settings: derived.append(1) or real(**settings))
+
+    cache.forget("ann")
+
+    assert cache.stats.entries == 1 and len(cache.store._kek_cache.entries) == 1
+    cache.get("ben", "pass ben")
+    assert derived == []  # the others' keys stay
+    cache.get("ann", "pass ann")
+    assert derived == [1]  # unlocked afresh
+
+
+def test_a_requests_repr_leaves_its_key_out():
+    """A request in a log line, a test failure or a debugger showed the passphrase or raw key."""
+    for key in (PASSPHRASE, bytes(range(32))):
+        shown = repr(GenerationRequest("hello", "dora", key))
+        assert "dora" in shown and repr(key) not in shown and "key" not in shown
+
+
 def test_wrong_keys_for_a_user_back_off_with_429_and_retry_after(unicode_store):
     base, store = unicode_store
     now = [0.0]
