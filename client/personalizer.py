@@ -430,7 +430,8 @@ class Personalizer:
         return self
 
     def export_peft(self, folder: str | os.PathLike, parts: str = "all") -> Path:
-        """Write the prefix (shared + personal by default) as a PEFT adapter folder."""
+        """Write the prefix (shared + personal by default) as a PEFT adapter folder, unencrypted
+        (files 0600): protect or delete it once used."""
         with torch.no_grad():
             kv = self.key_values(parts)
         if kv is None:
