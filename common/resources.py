@@ -17,7 +17,14 @@ import os
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-__all__ = ["available_memory", "cpu_quota", "fit_torch_threads", "raise_open_files_limit", "usable_cores"]
+__all__ = [
+    "available_memory",
+    "cpu_quota",
+    "fit_torch_threads",
+    "no_core_dumps",
+    "raise_open_files_limit",
+    "usable_cores",
+]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 OWN_CGROUPS = Path("/proc/self/cgroup")
@@ -116,6 +123,18 @@ def raise_open_files_limit(wanted: int = 4096) -> int | None:
     except (ValueError, OSError):  # macOS refuses above kern.maxfilesperproc
         return soft
     return target
+
+
+def no_core_dumps() -> None:
+    """No core file from this process or those it starts (a server's Ray replicas): a crash would
+    write its memory, decrypted prefixes and keys derived from passphrases among it, to disk (as
+    gpg-agent and Vault refuse to). The hard limit is left, so an operator can lift it to debug."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
 
 
 def _field(text: str | None, name: str) -> int | None:

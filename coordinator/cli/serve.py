@@ -141,8 +141,10 @@ def serve(
     (KEY_B64=$(base64 < alice.key | tr -d '\\n')); a passphrase with non-ASCII characters goes as:
     -H "X-Prefix-Key: b64:$(printf %s "$PASS" | base64 | tr -d '\\n')".
     """
+    from fedprefix.common.resources import no_core_dumps
     from fedprefix.common.store import existing_store_folder
 
+    no_core_dumps()  # here and in the replicas Ray starts here (a cluster's workers are the cluster's)
     if ray_address is None:  # on a Ray cluster the path is the workers' to check
         try:
             existing_store_folder(store)

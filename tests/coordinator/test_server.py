@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import torch
 import uvicorn
@@ -276,6 +277,15 @@ def test_serve_refuses_an_unknown_dtype_before_binding(tmp_path):
     assert "'fp8' is not one of auto, float32, bfloat16" in result.output
 
 
+def interruptible_with_core_dumps() -> None:
+    """interruptible(), started as a shell that allows core files (`ulimit -c unlimited`) would."""
+    import resource
+
+    interruptible()
+    hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+    resource.setrlimit(resource.RLIMIT_CORE, (1 << 30 if hard == resource.RLIM_INFINITY else hard, hard))
+
+
 def test_fedprefix_serve_answers_refuses_a_taken_port_and_stops_on_ctrl_c(served):  # noqa: F811
     """The real command: engine on the main thread, HTTP on another; both end on SIGINT."""
     base, store = served
@@ -285,7 +295,7 @@ def test_fedprefix_serve_answers_refuses_a_taken_port_and_stops_on_ctrl_c(served
         # on the CPU, where the float32 reference runs: a GPU host's default would compare across devices
         [*cli, str(store.root), "--port", str(port), "--dtype", "float32", "--device", "cpu"],
         text=True,
-        preexec_fn=interruptible,
+        preexec_fn=interruptible_with_core_dumps,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -303,6 +313,8 @@ def test_fedprefix_serve_answers_refuses_a_taken_port_and_stops_on_ctrl_c(served
         expected = reference(base, store, "hello", "bob", SamplingParams(max_new_tokens=6))
         assert reply.status_code == 200, reply.text  # the server's own words, should it ever fail here
         assert reply.json()["choices"][0]["text"] == base.tokenizer.decode(expected)
+        # a crash writes no core file: its memory holds decrypted prefixes
+        assert psutil.Process(server.pid).rlimit(psutil.RLIMIT_CORE)[0] == 0
 
         taken = subprocess.run(
             [*cli, str(store.root), "--port", str(port)], capture_output=True, text=True, timeout=120
