@@ -302,3 +302,20 @@ def test_user_folders_drop_no_user_and_no_held_out_file_silently(tmp_path):
     (folders / "alice" / "EVAL.jsonl").unlink()
     (folders / "alice" / ".hidden").write_text("skipped")
     assert list(read_users(folders)) == ["alice"]
+
+
+def test_a_user_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    folders = tmp_path / "users"
+    for user in ("alice", "bob"):
+        (folders / user).mkdir(parents=True)
+        _jsonl(folders / user / "train.jsonl", ["a", "b"])
+    real = os.listdir
+
+    def listdir(path="."):
+        if str(path).endswith("bob"):  # as a folder without read permission (tests may run as root)
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(partition.os, "listdir", listdir)
+    with pytest.raises(DataError, match=r"cannot list .*users/bob: Permission denied"):
+        read_users(folders)
