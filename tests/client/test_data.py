@@ -186,3 +186,36 @@ def test_a_csv_header_of_no_known_form_names_its_columns_and_long_cells_are_data
         read_rows(str(path))
     path.write_text("prompt,completion\na," + "b" * 200_000 + "\n")  # past the csv module's 128 Ki default
     assert len(read_rows(str(path))[0].completion) == 200_000
+
+
+def test_a_long_chat_loses_the_fewest_oldest_exchanges_found_with_few_tokenizations():
+    """Dropping one exchange at a time, tokenizing the rest each time, took cubic time in a chat's
+    length (33 s for one row of 300 messages); the same exchanges are dropped, in log2 tries."""
+    from fedprefix.client.data import TrainingMessage, drop_oldest_exchanges
+
+    history = [TrainingMessage(role="system", content="s" * 7)]
+    for i in range(150):  # now and then two user turns in a row: an exchange ends at a user turn
+        history += [TrainingMessage(role="user", content="u" * (i % 13 + 1))]
+        history += [TrainingMessage(role="user" if i % 17 == 5 else "assistant", content="a" * (i % 7 + 1))]
+    history = history[:-1]  # the prompt of the last reply
+    tokens = lambda messages: sum(len(m.content) for m in messages)  # noqa: E731  (one per character)
+
+    def one_by_one(room: int) -> int:
+        """The rule: the oldest exchange goes until the prompt fits, or only the last user turn is left."""
+        system, rest = history[:1], history[1:]
+        while users := [i for i in range(1, len(rest)) if rest[i].role == "user"]:
+            rest = rest[users[0] :]
+            if tokens(system + rest) <= room:
+                break
+        return tokens(system + rest)
+
+    calls = []
+
+    def prompt_of(kept: list) -> list[int]:
+        calls.append(kept)
+        return [0] * tokens(kept)
+
+    for room in (0, 1, 8, 9, 30, 200, 700, 1000):  # the whole history holds 1,627
+        calls.clear()
+        prompt, trimmed = drop_oldest_exchanges(history, prompt_of, room)
+        assert (len(prompt), trimmed) == (one_by_one(room), True) and len(calls) <= 9, room
