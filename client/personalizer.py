@@ -258,7 +258,7 @@ class Personalizer:
         config = train_config({**self.train_config.model_dump(), **train_settings})
         self._check_context(self.prefix_tokens, config.max_length, "max_length")
         examples = self.prepare(local_data, config.max_length)
-        train_set, eval_set = split_examples(examples, config.eval_fraction, config.seed)
+        train_set, eval_set = split_examples(examples, config.eval_fraction, config.seed, config.max_eval_rows)
         copied = self.personal_from_shared and self.personal is None and parts != "shared"
         if copied:
             self.personal = copy.deepcopy(self.shared)  # from here on the user's own copy, in place of the shared one

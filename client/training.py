@@ -45,11 +45,13 @@ class StepInfo:
 Callback = Callable[[StepInfo], bool | None]  # return False to stop training
 
 
-def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int) -> tuple[list, list]:
+def split_examples(
+    examples: Sequence[Example], eval_fraction: float, seed: int, max_rows: int | None = None
+) -> tuple[list, list]:
     """Seeded (train, held-out) split of the rows the examples came from (a chat's replies stay on
     one side: a held-out reply would otherwise be context of a trained one); held-out is empty
     with fewer than 5 rows, or where `eval_fraction` of them rounds to none (at the default 0.1:
-    5 rows hold out none, 6 to 14 one).
+    5 rows hold out none, 6 to 14 one), and at most `max_rows` rows (None: no bound).
 
     Rows are ranked by a seeded hash of their tokens, not shuffled by position: a user who fits
     again with rows added keeps the same held-out rows (and gains more as the count grows), where
@@ -60,6 +62,7 @@ def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int)
         by_row.setdefault(example.row, []).append(example)
     rows = sorted(by_row.values(), key=lambda row: _row_rank(row, seed))
     held = min(int(round(len(rows) * eval_fraction)), len(rows) - 1) if len(rows) >= 5 else 0
+    held = held if max_rows is None else min(held, max_rows)
     return [e for row in rows[held:] for e in row], [e for row in rows[:held] for e in row]
 
 
@@ -317,15 +320,16 @@ def train(
     # prefix as it was before the call: a later save() must not store half a fit.
     start_state = [p.detach().clone() for p in parameters]
     try:
-        eval_points = []
-        best = held_out()
-        if best is not None:
-            eval_points.append(EvalPoint(step=0, loss=best))
-        best_state = [p.detach().clone() for p in parameters]
-        stale, losses, seen, stop_reason = 0, [], 0, "max_steps"
-        batches = seeded_batches(train_set, config.batch_size, config.seed)
-        started = time.perf_counter()
+        # shown from the start: the held-out loss at step 0 comes first, seconds with much data
         with StepProgress(progress, f"{description} ({dtype_name(work.dtype)})", max_steps) as shown:
+            eval_points = []
+            best = held_out()
+            if best is not None:
+                eval_points.append(EvalPoint(step=0, loss=best))
+            best_state = [p.detach().clone() for p in parameters]
+            stale, losses, seen, stop_reason = 0, [], 0, "max_steps"
+            batches = seeded_batches(train_set, config.batch_size, config.seed)
+            started = time.perf_counter()
             for step in range(1, max_steps + 1):
                 batch = next(batches)
                 losses.append(train_step(work, kv_of, batch, optimizer, parameters, config.max_grad_norm, proximal))

@@ -159,6 +159,9 @@ def test_rows_added_for_the_next_fit_keep_its_held_out_rows_held_out(tiny_llama)
         held_before = {tuple(e.prompt + e.completion) for e in split_examples(before, 0.1, seed)[1]}
         held_after = {tuple(e.prompt + e.completion) for e in split_examples(after, 0.1, seed)[1]}
         assert len(held_before) == 4 and len(held_after) == 6
+        # at most max_rows held out: the first of the same order
+        held_capped = {tuple(e.prompt + e.completion) for e in split_examples(after, 0.1, seed, max_rows=4)[1]}
+        assert len(held_capped) == 4 and held_capped < held_after
         # at most the two places the larger set adds can go to rows the first fit trained on
         assert len(held_after & trained) <= len(held_after) - len(held_before), seed
 

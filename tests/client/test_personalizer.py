@@ -433,3 +433,22 @@ def test_progress_off_a_terminal_is_plain_lines_as_it_trains(tiny_llama, capsys)
     assert "held-out" in steps[2] and "\x1b" not in "".join(lines)  # no ANSI codes in a file
     p.fit(ROWS, callback=lambda info: info.step < 7)  # stopped early: its last line says where
     assert capsys.readouterr().out.splitlines()[-1].split(", loss")[0].endswith("step 7/20")
+
+
+def test_progress_shows_before_the_first_held_out_loss_which_a_few_rows_give(tiny_llama, capsys, monkeypatch):
+    """10% of 50,000 rows were scored for the held-out loss at step 0 (over three minutes on 2
+    cores), before anything was shown; now it is shown first, and at most max_eval_rows are held out."""
+    from fedprefix.client import training
+
+    real = training.evaluate_examples
+
+    def scored(base, kv, examples, *args, **kwargs):
+        print(f"scoring {len(examples)}")
+        return real(base, kv, examples, *args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate_examples", scored)
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(60)]
+    report = personalizer(tiny_llama, progress=True, max_steps=2, eval_fraction=0.5, max_eval_rows=7).fit(rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("up to 2 steps") and lines[1] == "scoring 7", lines
+    assert report.num_eval_examples == 7 and report.num_train_examples == 53
