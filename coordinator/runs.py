@@ -74,7 +74,14 @@ def read_run_cached(folder: Path) -> tuple[RunInfo, list[RoundRecord], list[str]
     dashboard's index reads every run on each request, and a run's page polls every 2 s. A
     record file over its cap (MAX_INFO_BYTES, MAX_ROUNDS_BYTES), or one that memory cannot hold, is
     a RunFolderError."""
-    key = tuple(_stat_key(folder / name) for name in (RUN_FILE, ROUNDS_FILE))
+    return with_writer_checked(*_read_run_as_written(folder, _record_stats(folder)))
+
+
+def _record_stats(folder: Path) -> tuple:
+    return tuple(_stat_key(folder / name) for name in (RUN_FILE, ROUNDS_FILE))
+
+
+def _read_run_as_written(folder: Path, key: tuple) -> tuple[RunInfo, list[RoundRecord], list[str]]:
     hit = _cached(folder, key)
     if hit is None:
         with _read_lock:
@@ -95,7 +102,30 @@ def read_run_cached(folder: Path) -> tuple[RunInfo, list[RoundRecord], list[str]
                     _cache.move_to_end(folder)  # a re-read run is the newest, not where it was
                     while len(_cache) > CACHED_RUNS or (len(_cache) > 1 and _cached_bytes() > CACHED_BYTES):
                         _cache.popitem(last=False)
-    return with_writer_checked(*hit[1])
+    return hit[1]
+
+
+# What the runs list needs of each run, kept apart from the records: where a runs folder's
+# records passed CACHED_BYTES, each list read every run again, evicting each before its next
+# turn (300 runs of 1.4 MB: 12.5 s a request, every request).
+_outlines: OrderedDict[Path, tuple[tuple, tuple[RunInfo, int, list[RoundRecord], list[str]]]] = OrderedDict()
+
+
+def _outline(folder: Path) -> tuple[RunInfo, int, list[RoundRecord], list[str]]:
+    """(run info, rounds done, the last round alone, problems) as written, reused while the
+    folder's record files are unchanged."""
+    key = _record_stats(folder)
+    with _cache_lock:
+        hit = _outlines.get(folder)
+    if hit is None or hit[0] != key:
+        info, rounds, problems = _read_run_as_written(folder, key)
+        hit = (key, (info, len(rounds), rounds[-1:], problems))
+        with _cache_lock:
+            _outlines[folder] = hit
+            _outlines.move_to_end(folder)
+            while len(_outlines) > CACHED_RUNS:
+                _outlines.popitem(last=False)
+    return hit[1]
 
 
 def with_writer_checked(
@@ -136,7 +166,10 @@ def _stat_key(path: Path) -> tuple | None:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def summarize(run_id: str, info: RunInfo, rounds: list[RoundRecord], problems: list[str]) -> RunSummary:
+def summarize(
+    run_id: str, info: RunInfo, rounds: list[RoundRecord], problems: list[str], rounds_done: int | None = None
+) -> RunSummary:
+    """A run's line in the runs list; `rounds` may be its last round alone, given `rounds_done`."""
     last = rounds[-1] if rounds else None
     return RunSummary(
         id=run_id,
@@ -145,7 +178,7 @@ def summarize(run_id: str, info: RunInfo, rounds: list[RoundRecord], problems: l
         base=info.base,
         users=_count(info.config, "num_users", problems),
         rounds_planned=_count(info.config, "num_rounds", problems),
-        rounds_done=len(rounds),
+        rounds_done=len(rounds) if rounds_done is None else rounds_done,
         last_eval_loss_base=last.eval_loss_base if last else None,
         last_eval_loss_shared=last.eval_loss_shared if last else None,
         last_eval_loss_personal=last.eval_loss_personal if last else None,
@@ -186,7 +219,8 @@ def list_runs(runs_dir: str | os.PathLike) -> list[RunSummary]:
         try:
             if folder.is_symlink():
                 raise RunFolderError(f"{folder} is a symbolic link (not followed)")
-            summary = summarize(folder.name, *read_run_cached(folder))
+            info, rounds_done, last, problems = _outline(folder)
+            summary = summarize(folder.name, *with_writer_checked(info, last, problems), rounds_done)
             if not is_run_id(folder.name):  # listed, but `show ID` and the dashboard cannot name it
                 summary.problems.append(
                     f"{folder.name!r} is not a valid run id (letters, digits, '.', '_', '-'): "

@@ -219,6 +219,21 @@ def test_unchanged_runs_are_parsed_once_and_changes_are_seen(runs, tmp_path, mon
     assert len(listed["problems"]) == 1, "a caller's additions never reach the cached copy"
 
 
+def test_a_runs_list_past_the_record_cache_reads_each_run_once(runs, tmp_path, monkeypatch):
+    """Past CACHED_BYTES of records, each list read every run again, evicting each before its
+    next turn (300 runs of 1.4 MB: 12.5 s a request, every request)."""
+    root = tmp_path / "runs"
+    for copy in range(5):
+        shutil.copytree(runs / "tiny", root / f"copy{copy}")
+    monkeypatch.setattr(runs_module, "CACHED_BYTES", 1)  # the records of one run at a time
+    reads = []
+    monkeypatch.setattr(runs_module, "read_run", lambda folder: reads.append(folder) or read_run(folder))
+    client = TestClient(create_dashboard(root))
+    for _ in range(3):
+        listed = client.get("/api/runs").json()
+        assert [run["rounds_done"] for run in listed] == [ROUNDS] * 5 and len(reads) == 5
+
+
 def test_a_long_run_gives_pages_of_bounded_size_that_keep_its_extremes(runs, tmp_path):
     """5,000 rounds: the page lists the latest 100 rounds, labels at most 8 rounds per chart and
     draws no dots, yet the one spike in the losses stays on the line (a 60,000-round run made a
