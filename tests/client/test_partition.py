@@ -319,3 +319,24 @@ def test_a_user_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(partition.os, "listdir", listdir)
     with pytest.raises(DataError, match=r"cannot list .*users/bob: Permission denied"):
         read_users(folders)
+
+
+def test_every_row_form_comes_back_as_read_from_the_packed_form_nodes_keep(tmp_path):
+    """Each node process keeps every user's rows packed (compact JSON: row objects took 1.3 KB a row)."""
+    rows = [
+        'plain text: ünïcode ✓ and "quotes"',
+        {"prompt": "a question\nover lines", "completion": "an answer"},
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "context only", "weight": 0},
+                {"role": "user", "content": "again"},
+                {"role": "assistant", "content": "trained"},
+            ]
+        },
+    ]
+    _jsonl(tmp_path / "all.jsonl", [{"user": "ann", "text": rows[0]}, *({"user": "ann", **row} for row in rows[1:])])
+    kept = read_users(tmp_path / "all.jsonl")["ann"]
+    assert kept.rows == read_rows(rows) and kept.count == 3 and kept.held_out is None
+    assert all(isinstance(packed, bytes) for packed in kept.packed)
