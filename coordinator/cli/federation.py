@@ -359,4 +359,8 @@ def dashboard_command(
         fail(exc)
     hosts = http_exposure(host, port, allowed_host, ssl_certfile, ssl_keyfile)
     console.print(f"dashboard of {runs} on {'https' if ssl_certfile else 'http'}://{host}:{port}", markup=False)
-    uvicorn_server(create_dashboard(runs, allowed_hosts=hosts), host, port, ssl_certfile, ssl_keyfile).run()
+    server = uvicorn_server(create_dashboard(runs, allowed_hosts=hosts), host, port, ssl_certfile, ssl_keyfile)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the signal it stopped on again once it has shut down
+        pass

@@ -7,7 +7,13 @@ import hashlib
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from fedprefix.common.http_guards import allowed_hosts
@@ -15,10 +21,10 @@ from fedprefix.coordinator import runs as runs_module
 from fedprefix.coordinator.cli import app
 from fedprefix.coordinator.dashboard.app import create_dashboard
 from fedprefix.coordinator.records import read_run
-from fedprefix.coordinator.simulate import simulate
+from fedprefix.coordinator.simulate import free_port, simulate
 from typer.testing import CliRunner
 
-from tests.conftest import federation_config
+from tests.conftest import federation_config, interruptible
 
 ROUNDS = 3
 
@@ -537,3 +543,32 @@ def test_a_run_folder_of_a_newer_format_is_refused_by_name(tmp_path):
     path.write_text(path.read_text().replace('"format_version":1', '"format_version":2'))
     with pytest.raises(RunFolderError, match="is format 2, written by a newer fedprefix"):
         read_info(tmp_path / "run")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_the_dashboard_stops_cleanly_on_ctrl_c_and_sigterm(runs, sig):
+    """SIGTERM (a service manager's stop) printed "aborted" and exited 130."""
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("fedprefix")), "dashboard", "--runs", str(runs), "--port", str(port)]
+    server = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(f"http://127.0.0.1:{port}/"):
+            assert server.poll() is None and time.monotonic() < deadline, "the dashboard did not come up"
+            time.sleep(0.2)
+        server.send_signal(sig)
+        out, err = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0 and "aborted" not in err, err
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
