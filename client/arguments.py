@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from fedprefix.common.config import TrainConfig
 from fedprefix.common.errors import ConfigError, first_error
-from fedprefix.common.store import PrefixStore, existing_store_folder
+from fedprefix.common.store import PrefixStore, StoreError, WrongKeyError, existing_store_folder
 from pydantic import ValidationError
 
 # transformers' generate() arguments people pass out of habit, and what does their job here
@@ -39,6 +39,24 @@ def as_store(store, existing: bool = False) -> PrefixStore | None:
     if isinstance(store, PrefixStore) or (store is None and not existing):
         return store
     raise ConfigError(f"store must be a folder path or a PrefixStore, not {type(store).__name__}")
+
+
+def refuse_a_key_that_cannot_save(store: PrefixStore | None, user_id: str, key) -> None:
+    """WrongKeyError now where `store` holds a prefix of `user_id` that `key` does not open: the
+    save after a whole fit failed on it (a second run of the README's example, its key file
+    moved away but not its store). Other problems of the stored files are left to save and load."""
+    if store is None or key is None or not store.stored_parts(user_id):
+        return
+    try:
+        store.verify_user(user_id, key)  # a passphrase's key, derived here, is kept for the save
+    except WrongKeyError as exc:
+        raise WrongKeyError(
+            f"{exc}: {store.root} holds a prefix of {user_id!r} that this key does not open; load it with "
+            "its key (Personalizer.load), or give another store or user id",
+            user_id,
+        ) from None
+    except StoreError:
+        return
 
 
 def train_config(settings: dict) -> TrainConfig:

@@ -42,7 +42,7 @@ from fedprefix.common.store import (
 from fedprefix.common.store.keys import check_key
 from pydantic import ValidationError
 
-from .arguments import as_store, check_flags, refuse_generate_arguments, train_config
+from .arguments import as_store, check_flags, refuse_a_key_that_cannot_save, refuse_generate_arguments, train_config
 from .data import read_rows, tokenize_rows
 from .training import Callback, evaluate_examples, split_examples, train
 
@@ -109,6 +109,7 @@ class Personalizer:
         self.base = base_model if isinstance(base_model, BaseModelHandle) else load_base(base_model)
         self.store = as_store(store)  # a wrong type refused now, not at save() after training
         self.key = None if key is None else check_key(self.user_id, key)  # refused now, not at save() after training
+        refuse_a_key_that_cannot_save(self.store, self.user_id, self.key)
         self.train_config = train_config(train_settings)
         self.train_shared = train_shared
         self.personal_from_shared = personal_from_shared

@@ -34,7 +34,10 @@ def write_key_file(path: str | os.PathLike, key: bytes | None = None) -> bytes:
     try:
         fd = os.open(Path(path).expanduser(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise BadKeyError(f"key file {path} exists already: not replaced (the stores under it would be lost)") from None
+        raise BadKeyError(
+            f"key file {path} exists already: not replaced (the prefixes stored under it would be lost); "
+            "read_key_file reads it, or move it away together with the stores it opens"
+        ) from None
     except OSError as exc:
         raise BadKeyError(f"cannot create key file {path}: {exc.strerror}") from None
     with os.fdopen(fd, "wb") as fh:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 from pathlib import Path
 
@@ -206,6 +207,11 @@ def _checked(values: dict):
         return FederationConfig.model_validate(values)
     except ValidationError as exc:  # a value no option's own check sees: a usage error too (exit 2)
         field, message = first_error(exc, "config")
+        if message == "Extra inputs are not permitted":  # a --set of a name no setting has, said as typed
+            dashed = field.replace("_", "-")
+            known = [name.replace("_", "-") for name in FederationConfig.model_fields]
+            close = difflib.get_close_matches(dashed, known, n=1)
+            usage_error(f"--set {dashed}: no such setting" + (f" (did you mean {close[0]}?)" if close else ""))
         usage_error(f"setting {field}: {message}")
 
 

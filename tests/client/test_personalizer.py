@@ -227,6 +227,18 @@ def test_wrong_key_and_other_base_are_refused(tiny_llama, store):
     assert store.path_for("alice").read_bytes() == stored, "a refused load must not touch the file"
 
 
+def test_a_key_that_does_not_open_the_users_stored_prefix_is_refused_before_training(tiny_llama, store):
+    """A second run of the README's example, its key file moved away but not its store: the new
+    key was taken, and save() refused it only after the whole fit (4 minutes)."""
+    personalizer(tiny_llama, store=store, key=KEY).save()
+    stored = store.path_for("alice").read_bytes()
+    with pytest.raises(StoreError, match=r"holds a prefix of 'alice' that this key does not open; load it with"):
+        personalizer(tiny_llama, store=store, key=bytes(32))
+    assert store.path_for("alice").read_bytes() == stored
+    personalizer(tiny_llama, store=store, key=KEY).save()  # its own key: a new prefix replaces it, as before
+    Personalizer(base_model=tiny_llama, user_id="bob", store=store, key=bytes(32), **FAST).save()  # another user
+
+
 def test_bad_keys_and_missing_store(tiny_llama, store):
     with pytest.raises(StoreError, match="32"):
         personalizer(tiny_llama, store=store, key=b"short").save()

@@ -353,7 +353,8 @@ def test_a_cache_folder_with_a_tilde_or_relative_is_the_users_home_or_taken_once
         (["--users", "2000000", "--data", "chats.jsonl"], "setting num_users: Input should be less than or equal"),
         (["--eval-fraction", "1"], "setting eval_fraction"),
         (["--set", "rounds"], "--set expects KEY=VALUE, got 'rounds'"),
-        (["--set", "no-such-setting=1"], "setting no_such_setting: Extra inputs are not permitted"),
+        (["--set", "no-such-setting=1"], "--set no-such-setting: no such setting (see"),
+        (["--set", "max-lenght=96"], "--set max-lenght: no such setting (did you mean max-length?)"),
         # the personas' 4 users were settled only after the first check: their data was written first
         (["--users-per-round", "10", "--examples", "5"], "users_per_round 10 is more than num_users 4"),
         (["--users", "3", "-k", "10"], "users_per_round 10 is more than num_users 3"),
