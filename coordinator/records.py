@@ -200,9 +200,8 @@ class RunRecorder:
         recorder.dir.mkdir(parents=True, exist_ok=True)
         # rounds are emptied and the record replaced atomically just below; only the prefix goes
         (recorder.dir / SHARED_PREFIX_FILE).unlink(missing_ok=True)
-        atomic_write_bytes(
-            recorder.dir / ROUNDS_FILE, b""
-        )  # a new file, 0600 as run.json (also over an older 0644 one)
+        # a new file, 0600 as run.json is (also in place of an older one readable by all)
+        atomic_write_bytes(recorder.dir / ROUNDS_FILE, b"")
         recorder._write_info()
         return recorder
 
