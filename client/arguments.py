@@ -49,10 +49,10 @@ def refuse_a_key_that_cannot_save(store: PrefixStore | None, user_id: str, key) 
         return
     try:
         store.verify_user(user_id, key)  # a passphrase's key, derived here, is kept for the save
-    except WrongKeyError as exc:
+    except WrongKeyError:
         raise WrongKeyError(
-            f"{exc}: {store.root} holds a prefix of {user_id!r} that this key does not open; load it with "
-            "its key (Personalizer.load), or give another store or user id",
+            f"{store.root} holds a prefix of {user_id!r} that this key does not open (wrong key, or the file "
+            "was tampered with): load it with its key (Personalizer.load), or give another store or user id",
             user_id,
         ) from None
     except StoreError:
