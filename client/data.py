@@ -270,31 +270,38 @@ def tokenize_rows(rows: Sequence[Row], tokenizer, max_length: int, use_chat_temp
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     bos = leading_bos(tokenizer)  # before plain text; a chat template writes its own
     chars = max_length * CHARS_PER_TOKEN  # a 50 MB row is cut before it is tokenized, not after
-    for index, row in enumerate(rows):
-        for prompt_text, completion_text, history in completions(row, tokenizer, use_chat_template):
-            prompt_text, completion_text = prompt_text[-chars:], completion_text[:chars]
-            prompt = prompt_ids(tokenizer, prompt_text, None if templated(row, use_chat_template) else bos)
-            completion = tokenizer(completion_text, add_special_tokens=False).input_ids + eos
-            seen += 1
-            if len(prompt) + len(completion) > max_length:
-                cut_total += 1
-                # the prompt's end keeps at least half the room (all it needs, if less): a long
-                # reply trained with no question before it would teach replies out of nowhere
-                room = max(max_length - len(completion), max_length // 2)
-                # a long chat first loses its oldest exchanges, whole: its system message stays
-                if len(prompt) > room and history:
-                    prompt, trimmed = drop_oldest_exchanges(
-                        history, lambda kept: prompt_ids(tokenizer, chat_prompt(tokenizer, kept)[-chars:], None), room
-                    )
-                    cut_history += trimmed
-                kept = min(len(prompt), room)
-                cut_prompts += kept < len(prompt)
-                cut_completions += len(completion) > max_length - kept
-                prompt, completion = prompt[len(prompt) - kept :], completion[: max_length - kept]
-            if not prompt:  # the first token needs context to be predicted from
-                prompt, completion = completion[:1], completion[1:]
-            if completion:
-                examples.append(Example(prompt=prompt, completion=completion, row=index))
+    pieces = [  # (row, prompt text, completion text, the chat before it, whether the prompt is templated)
+        (index, prompt_text[-chars:], completion_text[:chars], history, templated(row, use_chat_template))
+        for index, row in enumerate(rows)
+        for prompt_text, completion_text, history in completions(row, tokenizer, use_chat_template)
+    ]
+    # all texts tokenized in batches: one call per text took most of the time of 100,000 rows
+    prompts = token_ids(tokenizer, [piece[1] for piece in pieces])
+    replies = token_ids(tokenizer, [piece[2] for piece in pieces])
+    for (index, _, _, history, is_templated), prompt, completion in zip(pieces, prompts, replies, strict=True):
+        if not is_templated and bos is not None:  # as prompt_ids() frames plain text
+            prompt = [bos, *prompt]
+        completion = completion + eos
+        seen += 1
+        if len(prompt) + len(completion) > max_length:
+            cut_total += 1
+            # the prompt's end keeps at least half the room (all it needs, if less): a long
+            # reply trained with no question before it would teach replies out of nowhere
+            room = max(max_length - len(completion), max_length // 2)
+            # a long chat first loses its oldest exchanges, whole: its system message stays
+            if len(prompt) > room and history:
+                prompt, trimmed = drop_oldest_exchanges(
+                    history, lambda kept: prompt_ids(tokenizer, chat_prompt(tokenizer, kept)[-chars:], None), room
+                )
+                cut_history += trimmed
+            kept = min(len(prompt), room)
+            cut_prompts += kept < len(prompt)
+            cut_completions += len(completion) > max_length - kept
+            prompt, completion = prompt[len(prompt) - kept :], completion[: max_length - kept]
+        if not prompt:  # the first token needs context to be predicted from
+            prompt, completion = completion[:1], completion[1:]
+        if completion:
+            examples.append(Example(prompt=prompt, completion=completion, row=index))
     if cut_total:
         log.warning(
             "%d of %d completions were longer than %d tokens with their prompts: %d chat prompts lost "
@@ -309,6 +316,23 @@ def tokenize_rows(rows: Sequence[Row], tokenizer, max_length: int, use_chat_temp
     if not examples:
         raise DataError("no row has any completion token left after tokenization")
     return examples
+
+
+TOKENIZER_BATCH = 1024  # texts per tokenizer call
+
+
+def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Each text's token ids, without special tokens, as `tokenizer(text, add_special_tokens=False)`
+    gives them one by one (an empty text: none), in batches."""
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), TOKENIZER_BATCH):
+        batch = texts[start : start + TOKENIZER_BATCH]
+        if any(batch):
+            encoded = tokenizer(list(batch), add_special_tokens=False).input_ids
+            ids += [list(row) if text else [] for text, row in zip(batch, encoded, strict=True)]
+        else:
+            ids += [[] for _ in batch]
+    return ids
 
 
 def templated(row: Row, use_chat_template: bool) -> bool:
