@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 from collections.abc import Callable
 
 from fedprefix.common.config import TrainConfig
-from fedprefix.common.errors import ConfigError, first_error
+from fedprefix.common.errors import ConfigError, did_you_mean, first_error
 from fedprefix.common.store import PrefixStore, StoreError, WrongKeyError, existing_store_folder
 from pydantic import ValidationError
 
@@ -81,5 +80,4 @@ def refuse_generate_arguments(unknown: dict, generate: Callable) -> None:
 
 
 def _hint(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean {close[0]}?)" if close else f"; settings: {', '.join(known)}"
+    return did_you_mean(name, known) or f"; settings: {', '.join(known)}"

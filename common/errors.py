@@ -4,6 +4,8 @@ Each subclasses ValueError where the cause is bad input, so callers that catch
 ValueError (as PEFT users do) keep working.
 """
 
+import difflib
+
 
 class FedPrefixError(Exception):
     """Base class of every error fedprefix raises on purpose."""
@@ -34,3 +36,9 @@ def first_error(exc, default_field: str = "value") -> tuple[str, str]:
     first = exc.errors()[0]
     message = first["msg"].removeprefix("Value error, ")  # what pydantic puts before our validators' words
     return ".".join(str(part) for part in first["loc"]) or default_field, message
+
+
+def did_you_mean(name: str, known) -> str:
+    """ " (did you mean X?)" for the name of `known` closest to a misspelled `name`, or ""."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 from pathlib import Path
 
 import typer
-from fedprefix.common.errors import FedPrefixError, first_error
+from fedprefix.common.errors import FedPrefixError, did_you_mean, first_error
 from fedprefix.coordinator.views import fmt_num, mode_label, numbers_table, plain
 from rich.console import Console
 from rich.markup import escape
@@ -210,8 +209,7 @@ def _checked(values: dict):
         if message == "Extra inputs are not permitted":  # a --set of a name no setting has, said as typed
             dashed = field.replace("_", "-")
             known = [name.replace("_", "-") for name in FederationConfig.model_fields]
-            close = difflib.get_close_matches(dashed, known, n=1)
-            usage_error(f"--set {dashed}: no such setting" + (f" (did you mean {close[0]}?)" if close else ""))
+            usage_error(f"--set {dashed}: no such setting{did_you_mean(dashed, known)}")
         usage_error(f"setting {field}: {message}")
 
 
