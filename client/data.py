@@ -266,7 +266,7 @@ def tokenize_rows(rows: Sequence[Row], tokenizer, max_length: int, use_chat_temp
     With `use_chat_template`, prompt/completion rows are framed as one user turn and the
     assistant's reply, as an instruct model expects; chat rows always are.
     """
-    examples, seen, cut_total, cut_history, cut_prompts, cut_completions = [], 0, 0, 0, 0, 0
+    examples, cut_total, cut_history, cut_prompts, cut_completions = [], 0, 0, 0, 0
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     bos = leading_bos(tokenizer)  # before plain text; a chat template writes its own
     chars = max_length * CHARS_PER_TOKEN  # a 50 MB row is cut before it is tokenized, not after
@@ -282,7 +282,6 @@ def tokenize_rows(rows: Sequence[Row], tokenizer, max_length: int, use_chat_temp
         if not is_templated and bos is not None:  # as prompt_ids() frames plain text
             prompt = [bos, *prompt]
         completion = completion + eos
-        seen += 1
         if len(prompt) + len(completion) > max_length:
             cut_total += 1
             # the prompt's end keeps at least half the room (all it needs, if less): a long
@@ -290,10 +289,11 @@ def tokenize_rows(rows: Sequence[Row], tokenizer, max_length: int, use_chat_temp
             room = max(max_length - len(completion), max_length // 2)
             # a long chat first loses its oldest exchanges, whole: its system message stays
             if len(prompt) > room and history:
-                prompt, trimmed = drop_oldest_exchanges(
+                shorter = drop_oldest_exchanges(
                     history, lambda kept: prompt_ids(tokenizer, chat_prompt(tokenizer, kept)[-chars:], None), room
                 )
-                cut_history += trimmed
+                if shorter is not None:
+                    prompt, cut_history = shorter, cut_history + 1
             kept = min(len(prompt), room)
             cut_prompts += kept < len(prompt)
             cut_completions += len(completion) > max_length - kept
@@ -307,7 +307,7 @@ def tokenize_rows(rows: Sequence[Row], tokenizer, max_length: int, use_chat_temp
             "%d of %d completions were longer than %d tokens with their prompts: %d chat prompts lost "
             "their oldest exchanges, %d prompts lost tokens on the left, %d lost completion tokens on the right",
             cut_total,
-            seen,
+            len(pieces),
             max_length,
             cut_history,
             cut_prompts,
@@ -363,10 +363,11 @@ def trained_replies(messages: Sequence[TrainingMessage]) -> list[int]:
     return [i for i, m in enumerate(messages) if i > 0 and m.role == "assistant" and m.weight == 1]
 
 
-def drop_oldest_exchanges(history: list, prompt_of: Callable[[list], list[int]], room: int) -> tuple[list[int], bool]:
-    """(the prompt of `history` less its fewest oldest exchanges that leaves it within `room`
-    tokens, or less all but its last user turn; whether any was dropped). An exchange runs from
-    the first message after the system ones up to the next user message; system messages stay.
+def drop_oldest_exchanges(history: list, prompt_of: Callable[[list], list[int]], room: int) -> list[int] | None:
+    """The prompt of `history` less its fewest oldest exchanges that leaves it within `room`
+    tokens, or less all but its last user turn; None where it has no exchange to drop. An
+    exchange runs from the first message after the system ones up to the next user message;
+    system messages stay.
 
     Dropping more never lengthens a prompt, so the fewest is found by bisection: dropping them
     one at a time, each time templating and tokenizing the rest again, took cubic time in a
@@ -381,7 +382,7 @@ def drop_oldest_exchanges(history: list, prompt_of: Callable[[list], list[int]],
         return prompts[dropped]
 
     if not starts:
-        return prompt_of(history), False
+        return None
     low, high = 1, len(starts)  # the fewest that fits, or all of them where none does
     while low < high:
         middle = (low + high) // 2
@@ -389,4 +390,4 @@ def drop_oldest_exchanges(history: list, prompt_of: Callable[[list], list[int]],
             high = middle
         else:
             low = middle + 1
-    return prompt(low), True
+    return prompt(low)
