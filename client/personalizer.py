@@ -425,7 +425,11 @@ class Personalizer:
         store = as_store(store, existing=True)  # loading never creates a store
         if not store.exists(user_id) and not store.exists(shared_store_id(user_id)):  # validates the id
             store.load(user_id, key)  # raises the store's "unknown user" error
-        self = cls(base_model=base_model, user_id=user_id, store=store, key=key, init="zero", **settings)
+        key = check_key(user_id, key)
+        # the key is set after: restore() below opens every part with it, which the constructor's
+        # check (a key that opens the stored prefix) would do first, a second time
+        self = cls(base_model=base_model, user_id=user_id, store=store, init="zero", **settings)
+        self.key = key
         self.personal = None
         self.restore()
         return self
