@@ -15,8 +15,7 @@ fingerprint -> rollback record check -> parts check (every part from one write).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from math import inf
 from pathlib import Path
 
@@ -52,11 +51,12 @@ from .format import (
 from .info import StoredPrefixInfo, info_of_header, list_infos
 from .key_changes import KeyChanges
 from .keys import DEFAULT_SCRYPT_N, MIN_SCRYPT_N, KekCache, Key, check_key, new_dek, new_key_id, unwrap_dek, wrap_dek
-from .locking import READ_ONLY, file_lock, journal_path, recover, remove_earlier_temp_files, write_all
+from .locking import journal_path, remove_earlier_temp_files, write_all
 from .payload import check_load_dtype, decode_payload, encode_payload, storage_dtype_name
 from .reseal import Opened, resealed, retired
-from .rollback import RECORD_DIR, check_parts, check_record, make_record, read_record, record_path, user_files
+from .rollback import RECORD_DIR, check_parts, check_record, make_record, read_record, record_path
 from .seal import check_header_mac, open_payload, seal
+from .user_locks import UserLocks
 
 __all__ = ["PrefixStore", "StoredPrefixInfo", "existing_store_folder"]
 
@@ -76,7 +76,7 @@ def existing_store_folder(path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-class PrefixStore(KeyChanges):
+class PrefixStore(KeyChanges, UserLocks):
     """Encrypted prefixes, one file per user, in folder `path`.
 
     Example:
@@ -197,33 +197,47 @@ class PrefixStore(KeyChanges):
     def load_parts(
         self, user_id: str, key: Key, base_fingerprint: str | None = None, dtype: torch.dtype | None = torch.float32
     ) -> dict[str, Prefix]:
-        """Every stored part of `user_id` ({'personal': ..., 'shared': ...}), read together under the
-        user's lock (where the store can be written at all).
+        """Every stored part of `user_id` ({'personal': ..., 'shared': ...}), read together: under the
+        user's lock, or from one write where the store cannot be written here (user_locks.py).
 
         UnknownUserError if none is stored.
         """
+        check_load_dtype(dtype)
         names = {part: store_name(user_id, part) for part in PARTS}
-        with self._reader_lock(user_id):
+
+        def read() -> dict[str, Opened]:
             found = {
-                part: self._load(name, key, base_fingerprint, dtype, locked=True)
+                part: self._decrypt(name, key, base_fingerprint, locked=True)
                 for part, name in names.items()
                 if self.exists(name)
             }
+            self._check_one_write(user_id, {part: opened.header for part, opened in found.items()})
+            return found
+
+        found = self._read_together(user_id, read)
         if not found:
             raise UnknownUserError.of(user_id)
-        return found
+        return {
+            part: decode_payload(names[part], o.plaintext, o.header.prefix_config, o.header.dtype, dtype)
+            for part, o in found.items()
+        }
 
     @naming_io_errors
     def verify(self, user_id: str, key: Key) -> StoredPrefixInfo:
         """Decrypt and check the prefix of store name `user_id` completely; returns its info or raises StoreError."""
-        return self._verify(user_id, key, locked=False)
+        return self._verify(user_id, key, locked=False)[0]
 
     @naming_io_errors
     def verify_user(self, user_id: str, key: Key) -> list[StoredPrefixInfo]:
-        """verify() of every stored part of `user_id`, read together under the user's lock."""
+        """verify() of every stored part of `user_id`, read together (as load_parts reads them)."""
         validate_user_id(user_id)
-        with self._reader_lock(user_id):
-            return [self._verify(name, key, locked=True) for name in self._stored_names(user_id)]
+
+        def read() -> list[tuple[StoredPrefixInfo, FileHeader]]:
+            verified = [self._verify(name, key, locked=True) for name in self._stored_names(user_id)]
+            self._check_one_write(user_id, {info.path: header for info, header in verified})
+            return verified
+
+        return [info for info, _ in self._read_together(user_id, read)]
 
     @naming_io_errors
     def info(self, user_id: str) -> StoredPrefixInfo:
@@ -324,8 +338,7 @@ class PrefixStore(KeyChanges):
                 raise
         # Without the lock, a write between its renames looks like a rollback for a moment; under
         # it none is midway (_user_lock completes a killed one's): a refusal is about the files.
-        with self._reader_lock(name):
-            return self._read_checked(name, key, base_fingerprint, one_write)
+        return self._read_together(name, lambda: self._read_checked(name, key, base_fingerprint, one_write))
 
     def _read_checked(self, name: str, key: Key, base_fingerprint: str | None, one_write: bool = True) -> Opened:
         record = read_record(self.root, name)  # before the file: see rollback.py
@@ -342,11 +355,12 @@ class PrefixStore(KeyChanges):
         check_parts(name, header, ids if one_write else dict.fromkeys(ids, header.write_id))
         return opened
 
-    def _verify(self, name: str, key: Key, locked: bool) -> StoredPrefixInfo:
+    def _verify(self, name: str, key: Key, locked: bool) -> tuple[StoredPrefixInfo, FileHeader]:
+        """(the info, the header) of `name` decrypted and decoded completely."""
         opened = self._decrypt(name, key, None, locked)
         header = opened.header
         decode_payload(name, opened.plaintext, header.prefix_config, header.dtype, None)
-        return info_of_header(self.path_for(name), header, opened.stat)
+        return info_of_header(self.path_for(name), header, opened.stat), header
 
     def _load(
         self, name: str, key: Key, base_fingerprint: str | None, dtype: torch.dtype | None, locked: bool
@@ -398,48 +412,3 @@ class PrefixStore(KeyChanges):
     def _info_of(self, name: str, header: FileHeader) -> StoredPrefixInfo:
         path = self.path_for(name)
         return info_of_header(path, header, path.stat())
-
-    @contextmanager
-    def _reader_lock(self, name: str) -> Iterator[None]:
-        """The user's lock for a reader; none where the store cannot be written at all (a
-        read-only mount, a folder of someone else's): no writer can be midway there either, and
-        every file read is authenticated anyway. Either way no write is midway inside.
-
-        UnknownUserError, and no lock file made, where no part of the user is stored: a reader
-        of made-up user ids (a server's requests) would otherwise leave a lock file for each."""
-        self._require_stored(name)
-        lock = self._user_lock(name)
-        try:
-            lock.__enter__()
-        except OSError as exc:
-            if exc.errno not in READ_ONLY:
-                raise
-            lock = None
-        try:
-            yield
-        finally:
-            if lock is not None:
-                lock.__exit__(None, None, None)
-
-    @contextmanager
-    def _stored_user_lock(self, user_id: str) -> Iterator[None]:
-        """_user_lock for a change to a stored user (a delete, a key change): UnknownUserError,
-        and no lock file made, for a user of whom nothing is stored."""
-        self._require_stored(user_id)
-        with self._user_lock(user_id):
-            yield
-
-    def _require_stored(self, name: str) -> None:
-        """UnknownUserError unless a part of `name`'s user is stored, or a write of one is decided."""
-        owner, _ = split_store_name(name)
-        if not self.stored_parts(owner) and not os.path.lexists(self._journal(owner)):
-            raise UnknownUserError.of(owner)
-
-    @contextmanager
-    def _user_lock(self, name: str) -> Iterator[None]:
-        """Serialize writers of one user (all its parts) across processes and threads; first
-        complete a write of the user that its writer left decided but not made (locking.py)."""
-        owner, _ = split_store_name(name)
-        with file_lock(self.root / f"{owner}.lock", self.lock_timeout, owner):
-            recover(self._journal(owner), user_files(owner), self.durable)
-            yield

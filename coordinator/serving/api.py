@@ -23,7 +23,14 @@ import reprlib
 from typing import Annotated, Any, Literal
 
 from fedprefix.common.chat import ChatMessage, Text
-from fedprefix.common.store import BadUserIdError, StoreError, StoreIOError, UnknownUserError, WrongKeyError
+from fedprefix.common.store import (
+    BadUserIdError,
+    StoreBusyError,
+    StoreError,
+    StoreIOError,
+    UnknownUserError,
+    WrongKeyError,
+)
 from fedprefix.common.store.errors import about
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, create_model, field_validator
 
@@ -244,6 +251,8 @@ def store_error(exc: StoreError) -> ApiError:
         return ApiError(404, str(exc), "unknown_user")
     if isinstance(exc, BadUserIdError):
         return ApiError(400, str(exc), "bad_user_id", field="user")
+    if isinstance(exc, StoreBusyError):  # a writer holds the user, or has a write of theirs to complete
+        return ApiError(503, str(exc), exc.reason, {"Retry-After": "1"})
     if isinstance(exc, StoreIOError):  # the server's disk failed, not the request: its paths stay in its log
         log.error("%s", exc)
         problem = "the server could not read its prefix store" if exc.user_id else "the server could not read it"

@@ -12,7 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 from fedprefix.common.base_model import load_base
 from fedprefix.common.generation import SamplingParams, generate_tokens
-from fedprefix.common.store import PrefixStore, StoreIOError, WrongKeyError
+from fedprefix.common.store import PrefixStore, StoreBusyError, StoreIOError, WrongKeyError
 from fedprefix.common.store import keys as store_keys
 from fedprefix.coordinator.serving import Engine, GenerationRequest
 from fedprefix.coordinator.serving.api import ApiError, parse_key, store_error
@@ -252,17 +252,17 @@ def test_a_save_during_a_load_never_pairs_parts_of_two_saves(tmp_path, monkeypat
     pair = lambda seed: {"shared": random_prefix(base, 2, seed=seed), "personal": random_prefix(base, 3, seed=seed + 1)}  # noqa: E731
     first, second = pair(10), pair(20)
     store.save_parts("finn", first, PASSPHRASE)
-    real_load, saver = store._load, []
+    real_decrypt, saver = store._decrypt, []
 
     def load_then_save(name, *args, **kwargs):  # the first part read, then another save starts
-        loaded = real_load(name, *args, **kwargs)
+        loaded = real_decrypt(name, *args, **kwargs)
         if not saver:
             saver.append(threading.Thread(target=store.save_parts, args=("finn", second, PASSPHRASE)))
             saver[0].start()
             time.sleep(0.3)  # the save would be done by now, were it not waiting for the reader
         return loaded
 
-    monkeypatch.setattr(store, "_load", load_then_save)
+    monkeypatch.setattr(store, "_decrypt", load_then_save)
     kv = PrefixCache(store, base.fingerprint).get("finn", PASSPHRASE)
     saver[0].join()
     expected = {
@@ -278,3 +278,10 @@ def test_the_http_reply_to_a_failing_store_keeps_its_paths_in_the_log(caplog):
     assert reply.status == 500 and reply.code == "io_error"
     assert "/srv/secret" not in str(reply.message) and "'alice'" in str(reply.message)
     assert "/srv/secret/alice.fpx" in caplog.text
+
+
+def test_a_user_busy_in_the_store_is_a_503_to_try_again():
+    """A writer holding the user past the lock's timeout, or a write left for a writer to complete
+    (a read-only store): the request may succeed later, so 503 with Retry-After, not a 500."""
+    reply = store_error(StoreBusyError("prefix of user 'alice': alice.lock stayed locked for 60 s", "alice"))
+    assert (reply.status, reply.code, reply.headers) == (503, "busy", {"Retry-After": "1"})
