@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.metadata
 import io
 import logging
@@ -181,6 +182,7 @@ def fetch(name: str) -> Path:
             if problem is not None:
                 if folder.exists():
                     log.warning("the cached %s is damaged (%s): converting it again", folder, problem)
+                _remove_left_conversions(folder)
                 _CONVERTERS[name](folder)
     except PermissionError as exc:
         raise ConfigError(
@@ -188,6 +190,14 @@ def fetch(name: str) -> Path:
             f"folder you may write, or ask its owner to run fedprefix base fetch {name}"
         ) from None
     return folder
+
+
+def _remove_left_conversions(folder: Path) -> None:
+    """Remove the temp folders of conversions into `folder` that were killed (a full conversion's
+    size each: 540 MB for the built-in base); the caller holds the fetch lock, so none is running."""
+    for left in folder.parent.glob(f".{glob.escape(folder.name)}-????????"):  # mkdtemp's 8 characters
+        if left.is_dir() and not left.is_symlink():
+            shutil.rmtree(left, ignore_errors=True)
 
 
 def fetch_problem(folder: Path) -> str | None:

@@ -34,6 +34,7 @@ PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose format this writes and 
 
 
 STAGING_MARK = "fedprefix-export-"  # in the name of an export's staging folder, beside the target
+PREVIOUS = ".previous"  # the earlier export set aside while the new one is renamed in: staging name + this
 
 
 def export_peft(prefix: Prefix, folder: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
@@ -90,9 +91,13 @@ def export_peft(prefix: Prefix, folder: str | os.PathLike, base_model_name_or_pa
         atomic_write_bytes(staging / FEDPREFIX_META, json.dumps(meta, indent=2).encode())
         atomic_write_bytes(staging / ADAPTER_CONFIG, json.dumps(config, indent=2).encode())
         if target.exists():  # empty, or a previous export: moved aside, then removed
-            previous = staging.with_name(staging.name + ".previous")
+            previous = staging.with_name(staging.name + PREVIOUS)
             os.replace(target, previous)
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(previous, target)  # the earlier export stays where it was
+                raise
             shutil.rmtree(previous, ignore_errors=True)
         else:
             os.replace(staging, target)
@@ -115,10 +120,18 @@ def _remove_left_copies(target: Path) -> None:
     has) and a previous export set aside (the same + ``.previous``); each holds a prefix in plain
     text, which no later export had removed."""
     mark = f".{target.name}.{STAGING_MARK}"
-    for left in target.parent.glob(f"{glob.escape(mark)}????????*"):
-        ours = left.name.removeprefix(mark)[8:] in ("", ".previous")
-        if ours and left.is_dir() and not left.is_symlink():
-            shutil.rmtree(left, ignore_errors=True)
+    left = [
+        path
+        for path in target.parent.glob(f"{glob.escape(mark)}????????*")
+        if path.name.removeprefix(mark)[8:] in ("", PREVIOUS) and path.is_dir() and not path.is_symlink()
+    ]
+    set_aside = [path for path in left if path.name.endswith(PREVIOUS)]
+    if set_aside and not os.path.lexists(target):  # killed between its two renames: the earlier export
+        newest = max(set_aside, key=lambda path: path.stat().st_mtime_ns)
+        os.replace(newest, target)
+        left.remove(newest)
+    for path in left:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def import_peft(folder: str | os.PathLike, base: BaseModelHandle) -> Prefix:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from contextlib import suppress
 from pathlib import Path
 
-from fedprefix.common.files import open_regular
+from fedprefix.common.files import fsync_dir, open_regular, sync
 
 from .errors import BadKeyError
 from .format import KEY_BYTES
@@ -31,8 +32,9 @@ def write_key_file(path: str | os.PathLike, key: bytes | None = None) -> bytes:
     if not isinstance(key, bytes) or len(key) != KEY_BYTES:
         what = f"{len(key)} bytes" if isinstance(key, bytes) else type(key).__name__  # never the key itself
         raise BadKeyError(f"a key file holds {KEY_BYTES} raw bytes, got {what}")
+    path = Path(path).expanduser()
     try:
-        fd = os.open(Path(path).expanduser(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise BadKeyError(
             f"key file {path} exists already: not replaced (the prefixes stored under it would be lost); "
@@ -40,8 +42,19 @@ def write_key_file(path: str | os.PathLike, key: bytes | None = None) -> bytes:
         ) from None
     except OSError as exc:
         raise BadKeyError(f"cannot create key file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key)
+    # On the drive before anything is stored under it (stores are fsynced): after a power loss
+    # the prefixes must not outlive their key. A write that fails leaves no empty key file,
+    # which a second try would take for an existing key.
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key)
+            fh.flush()
+            sync(fh.fileno())
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise BadKeyError(f"cannot write key file {path}: {exc.strerror}") from None
+    with suppress(OSError):  # the file is whole; a filesystem that refuses a folder's fsync keeps it too
+        fsync_dir(path.parent)
     return key
 
 

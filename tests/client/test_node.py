@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,6 +108,27 @@ def test_key_files(tmp_path, caplog):
         assert read_key_file(grouped) == bytes(range(32)) and not caplog.text
     with pytest.raises(BadKeyError, match="32 raw bytes or 64 hex digits"):
         read_key_file(str(short))
+
+
+def test_a_new_key_file_is_on_the_drive_before_it_returns_and_a_failed_write_leaves_none(tmp_path, monkeypatch):
+    """The key was written without an fsync while the prefixes stored under it are fsynced: after
+    a power loss the store could outlive its key. A write that failed left an empty file, which a
+    second try refused as an existing key."""
+    from fedprefix.common.store import key_files
+
+    synced = []
+    monkeypatch.setattr(key_files, "sync", lambda fd: synced.append(os.fstat(fd).st_size))
+    monkeypatch.setattr(key_files, "fsync_dir", lambda folder: synced.append(Path(folder)))
+    write_key_file(tmp_path / "a.key")
+    assert synced == [32, tmp_path]  # the key's bytes, then its name in the folder
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(key_files, "sync", disk_full)
+    with pytest.raises(BadKeyError, match=r"cannot write key file .*b\.key: No space left on device"):
+        write_key_file(tmp_path / "b.key")
+    assert not (tmp_path / "b.key").exists()
 
 
 def test_a_device_that_names_its_own_files_must_bring_a_key_file(tmp_path):

@@ -106,3 +106,15 @@ def test_a_cache_that_cannot_be_written_is_named_with_the_way_out(converter, mon
     monkeypatch.setattr(base_registry, "FileLock", refused)
     with pytest.raises(base_registry.ConfigError, match=r"the model cache .*models cannot be written \(Permission"):
         base_registry.fetch(DEFAULT_BASE)
+
+
+def test_a_killed_conversions_temp_folder_is_removed_by_the_next_fetch(converter):
+    """A fetch killed while converting left its temp folder (up to 540 MB) in the cache for good."""
+    folder = base_registry.registry_folder(DEFAULT_BASE)
+    folder.parent.mkdir(parents=True)
+    left = folder.parent / f".{folder.name}-t4k7uatu"  # as mkdtemp names it
+    (left / "part").mkdir(parents=True)
+    mine = folder.parent / f".{folder.name}-backup"  # no name a conversion gives: left alone
+    mine.mkdir()
+    base_registry.fetch(DEFAULT_BASE)
+    assert not left.exists() and mine.is_dir() and len(converter) == 1

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +97,50 @@ def test_an_export_killed_midway_leaves_no_plaintext_copy_after_the_next_one(tin
         (tmp_path / mine).mkdir()
     export_peft(random_prefix(tiny_base, 3, seed=2), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.20240101", ".adapter.mine", "adapter"]
+
+
+def test_an_export_killed_between_its_renames_puts_the_earlier_export_back(tiny_base, tmp_path, monkeypatch):
+    """Killed after setting the earlier export aside and before renaming the new one in: no
+    adapter folder at all, and the next export, failing on a full disk, left none either."""
+    from fedprefix.common import peft_format
+
+    out = tmp_path / "adapter"
+    export_peft(random_prefix(tiny_base, 5, seed=1), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    out.rename(tmp_path / ".adapter.fedprefix-export-k1llxd0n.previous")  # as the kill left it
+    staging = tmp_path / ".adapter.fedprefix-export-k1llxd0n"
+    shutil.copytree(tmp_path / ".adapter.fedprefix-export-k1llxd0n.previous", staging)
+
+    def disk_full(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(peft_format, "atomic_write_bytes", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        export_peft(random_prefix(tiny_base, 3, seed=2), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_an_export_whose_last_rename_fails_keeps_the_earlier_export(tiny_base, tmp_path, monkeypatch):
+    from fedprefix.common import peft_format
+
+    out = tmp_path / "adapter"
+    export_peft(random_prefix(tiny_base, 5, seed=1), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, failed = os.replace, []
+
+    def into_place_fails(src, dst):
+        if Path(dst) == out and not failed:  # the new export's rename into place (not the way back)
+            failed.append(src)
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(peft_format.os, "replace", into_place_fails)
+    with pytest.raises(OSError, match="Input/output error"):
+        export_peft(random_prefix(tiny_base, 3, seed=2), out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
 def test_an_export_is_all_or_nothing_and_writes_only_an_adapter_folder(tiny_base, tmp_path, monkeypatch):
