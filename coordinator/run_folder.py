@@ -13,6 +13,7 @@ from fedprefix.common.errors import FedPrefixError
 from filelock import FileLock, Timeout
 
 from .records import RunFolderError, read_info
+from .runs import is_run_id
 
 SIMULATION_MARK = ".fedprefix-simulation"  # in RUN_DIR/stores: a simulation made it, a rerun may empty it
 RUN_LOCK = ".fedprefix-run.lock"  # in RUN_DIR: held by the run using it
@@ -28,6 +29,11 @@ def check_run_folder(config: FederationConfig) -> None:
     that no simulation made (which a run would empty), or a folder holding files that no run made
     (a run writes data/ and run.json into it). The CLI asks before it writes any data."""
     run_dir = Path(config.run_dir)
+    if not is_run_id(name := run_dir.resolve().name):  # `show ID`, the dashboard's links and `runs` take ids only
+        raise SimulationError(
+            f"run folder {run_dir}: its name {name!r} is no run id (letters, digits, '.', '_', '-'; "
+            "up to 128), which `fedprefix runs`, `show` and the dashboard name runs by: choose another --out"
+        )
     for folder in (run_dir, *run_dir.parents):
         if folder.exists():
             if not folder.is_dir():
@@ -50,7 +56,7 @@ def claim_run_folder(config: FederationConfig) -> None:
     written into it (a run's data, say): a rerun then knows a run made what it finds there."""
     check_run_folder(config)
     run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # its files are its owner's: also under umask 0
     (run_dir / RUN_MARK).write_text("a fedprefix run's folder: a later run into it replaces what runs wrote\n")
 
 
@@ -72,8 +78,8 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
         finally:
             _held[key] -= 1
         return
-    key.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(key / RUN_LOCK, timeout=0)
+    key.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = FileLock(key / RUN_LOCK, timeout=0, mode=0o600)
     try:
         lock.acquire()
     except Timeout:

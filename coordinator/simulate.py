@@ -33,9 +33,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 from fedprefix.common.config import FederationConfig
 from fedprefix.common.files import open_private_append
-from fedprefix.common.http_guards import LOOPBACK_NAMES
 from fedprefix.common.resources import available_memory, usable_cores
 
 from .node_sizing import NodePlan, plan_for_machine, plan_nodes
@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 SUPERLINK_NAME = "fedprefix-sim"
 CLIENT_APP = "fedprefix.client.app:app"  # the ClientApp every simulated node runs
 STARTUP_TIMEOUT_S = 60.0
+RAY_TMPDIR_MAX = 36  # + /ray/session_<time>_<pid>/sockets/plasma_store: within AF_UNIX's 107
+PORT_TRIES = 3  # a SuperLink whose free port another program took meanwhile starts again on another
 POLL_S = 0.5  # how often a running simulation reads its round records
 
 
@@ -134,34 +136,62 @@ def local_superlink(flwr_home: Path, log_file: Path, simulation: bool = True, ow
         with owned_processes() as mine, local_superlink(flwr_home, log_file, simulation, mine) as port:
             yield port
         return
-    port = free_port()
     flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{SUPERLINK_NAME}"\n\n'
-        f'[superlink.{SUPERLINK_NAME}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    command = [
-        flower_bin("flower-superlink"),
-        "--insecure",
-        "--isolation",
-        "subprocess",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ] + (["--simulation"] if simulation else [])
-    with open_private_append(log_file) as log:
-        process = owned.popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=flower_env(flwr_home)
+    for _ in range(PORT_TRIES):
+        port = free_port()
+        (flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{SUPERLINK_NAME}"\n\n'
+            f'[superlink.{SUPERLINK_NAME}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
         )
+        command = [
+            flower_bin("flower-superlink"),
+            "--insecure",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ] + (["--simulation"] if simulation else [])
+        with open_private_append(log_file) as log:
+            process = owned.popen(
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=flower_env(flwr_home)
+            )
+        if _serving(process, port, log_file):
+            yield port
+            return
+    raise SimulationError(f"flower-superlink found its port taken {PORT_TRIES} times; see {log_file}")
+
+
+def _serving(process: subprocess.Popen, port: int, log_file: Path) -> bool:
+    """Wait until the SuperLink `process` serves on `port`: True; False where another program
+    took the port between free_port() and the SuperLink's bind (a run of another user's: its
+    SuperLink answered the health check, and this run's app ran there, as that user)."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not _healthy(port):
+    while True:
         if process.poll() is not None:
+            if _healthy(port):
+                return False
             raise SimulationError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
+        if _healthy(port) and _listens(process, port):
+            return True
         if time.monotonic() > deadline:
             raise SimulationError(f"flower-superlink did not start within {STARTUP_TIMEOUT_S:.0f} s; see {log_file}")
         time.sleep(0.2)
-    yield port
+
+
+def _listens(process: subprocess.Popen, port: int) -> bool:
+    """Whether `process` or a descendant listens on loopback `port` (True where the OS does not tell)."""
+    try:
+        root = psutil.Process(process.pid)
+        for each in (root, *root.children(recursive=True)):
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in each.net_connections("tcp")):
+                return True
+    except psutil.AccessDenied:
+        return True
+    except psutil.Error:  # ended meanwhile: the caller's poll() tells
+        pass
+    return False
 
 
 def _healthy(port: int) -> bool:
@@ -186,7 +216,8 @@ def stop_process_group(process: subprocess.Popen) -> None:
 
 def flower_env(flwr_home: Path) -> dict:
     """The environment of the Flower processes simulate() starts, and through them of Ray's,
-    whose cluster requires a token of its own (ray_token_env)."""
+    whose cluster requires a token of its own (ray_token_env); `flwr_home`'s folder is the run's
+    temp folder."""
     env = dict(os.environ)
     env.update(
         FLWR_HOME=str(flwr_home),
@@ -194,10 +225,20 @@ def flower_env(flwr_home: Path) -> dict:
         FLWR_DISABLE_UPDATE_CHECK="1",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
-    # behind a proxy (HTTP_PROXY), Flower's own loopback gRPC went to it; both spellings get the
-    # union, so that a tool reading either keeps the user's own exclusions
-    excluded = [n for name in ("NO_PROXY", "no_proxy") for n in env.get(name, "").split(",") if n.strip()]
-    env["NO_PROXY"] = env["no_proxy"] = ",".join(dict.fromkeys([*excluded, *LOOPBACK_NAMES]))
+    # Every connection of these processes is on loopback (SuperLink, Ray, nodes), while a proxy
+    # setting took Flower's own gRPC to the proxy (HTTP_PROXY), or failed it before any request
+    # (ALL_PROXY=socks5://...: httpx wants a package for SOCKS even for hosts NO_PROXY excludes).
+    for name in [name for name in env if name.lower().endswith("_proxy") and name.lower() != "no_proxy"]:
+        del env[name]
+    # Their output goes to flower.log, in UTF-8 whatever the user's terminal takes: Flower prints
+    # box-drawing characters, which failed `flwr run` under PYTHONIOENCODING=ascii or a Latin-1 locale.
+    env["PYTHONIOENCODING"] = "utf-8"
+    # Ray's session folder (logs that quote nodes' warnings, 0644 by default) in the run's own temp
+    # folder, removed with it: in /tmp/ray every run left one for good. Not where Ray's socket paths
+    # (the folder + 68 characters) would pass the OS's 107, nor where the owner chose another.
+    ray_tmp = str(flwr_home.parent)
+    if "RAY_TMPDIR" not in env and len(ray_tmp) <= RAY_TMPDIR_MAX:
+        env["RAY_TMPDIR"] = ray_tmp
     return env | ray_token_env(env)
 
 

@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 @contextmanager
 def file_lock(path: Path, timeout: float, user_id: str | None) -> Iterator[None]:
     """Hold the lock file `path` (across processes and threads); StoreBusyError after `timeout` s."""
-    lock = FileLock(path, timeout=timeout)
+    lock = FileLock(path, timeout=timeout, mode=0o600)  # whatever the umask: the store is its owner's
     try:
         lock.acquire()
     except Timeout:

@@ -128,3 +128,13 @@ def test_root_hands_the_lock_file_it_makes_to_the_stores_owner(store):
     store.verify_user("alice", RAW)
     lock = (store.root / "alice.lock").stat()
     assert (lock.st_uid, lock.st_gid) == (owner, owner)
+
+
+def test_a_lock_file_is_the_owners_under_any_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        store = PrefixStore(tmp_path / "store", scrypt_n=2**10)
+        store.save("alice", make_prefix(1), RAW)
+    finally:
+        os.umask(old)
+    assert (store.root / "alice.lock").stat().st_mode & 0o777 == 0o600  # was 0666

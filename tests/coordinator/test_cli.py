@@ -387,6 +387,8 @@ def test_a_run_folder_that_cannot_be_used_is_refused_before_the_data_is_written(
         str(foreign): "exists and no simulation made it",
         str(a_file): f"run folder {a_file}: {a_file} is a file, not a folder",  # was a raw NotADirectoryError
         str(a_file / "run"): f"{a_file} is a file, not a folder",
+        # `show` and the dashboard refused the run's name afterwards
+        str(tmp_path / "ö1"): "its name 'ö1' is no run id (letters, digits, '.', '_', '-'; up to 128)",
     }
     for out, message in cases.items():
         with pytest.raises(SystemExit) as exit_:
@@ -394,6 +396,7 @@ def test_a_run_folder_that_cannot_be_used_is_refused_before_the_data_is_written(
         err = capsys.readouterr().err
         assert exit_.value.code == 1 and message in err and err.count("\n") == 1, err
     assert sorted(p.name for p in foreign.iterdir()) == ["stores"], "no persona data may be written into it"
+    assert not (tmp_path / "ö1").exists()
     assert (foreign / "stores" / "alice.fpx").read_bytes() == b"someone's prefix"
 
 

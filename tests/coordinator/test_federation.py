@@ -82,9 +82,20 @@ def test_personal_prefixes_never_leave_the_device(tmp_path, monkeypatch):
         assert values.tobytes()[:64] not in raw, "the store must hold ciphertext only"
 
 
-def test_personal_mode_sends_no_arrays(tmp_path):
+def test_personal_mode_sends_no_arrays(tmp_path, monkeypatch):
     config = federation_config(tmp_path, mode="personal", num_users=2, num_rounds=1)
-    (record,) = simulate(config)
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv(MARK, mark)
+    sessions = []
+
+    def ray_sessions(record):  # while the run's Ray lives: where its session folder is
+        folders = {p.environ().get("RAY_TMPDIR") for p in marked_processes(mark) if "raylet" in p.name()}
+        sessions.extend(session for folder in folders if folder for session in Path(folder, "ray").glob("session_2*"))
+
+    (record,) = simulate(config, on_round=ray_sessions)
+    # Ray's session folder (its logs quote nodes' warnings) was the run's own, and went with it:
+    # every run had left one in /tmp/ray
+    assert sessions and not any(session.exists() for session in sessions), sessions
     sent = _sent(config)
     assert len(sent) == 4 and all(not s["arrays"] for s in sent)
     assert record.shared_update_norm is None and record.replies_accepted == 2

@@ -321,6 +321,20 @@ def test_invalid_replica_count_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "'--replicas': 0 is not in the range x>=1" in result.output
 
 
+def test_replicas_from_a_python_whose_path_has_a_space_are_refused_at_once_by_name(tmp_path, monkeypatch):
+    """Ray starts the Router's worker through a shell with the interpreter's path unquoted: from
+    "~/My Projects" `serve --replicas 2` printed nothing and never answered (minutes, then SIGTERM)."""
+    import ray
+    from fedprefix.coordinator.cli import app
+    from typer.testing import CliRunner
+
+    monkeypatch.setattr(sys, "executable", "/home/me/My Projects/fedprefix/.venv/bin/python")
+    cli = ["serve", "--base", "tiny-llama", "--store", str(tmp_path), "--replicas", "2", "--port", str(free_port())]
+    result = CliRunner().invoke(app, cli)
+    assert result.exit_code == 1 and "holds ' ', which Ray's workers cannot start from" in result.output
+    assert not ray.is_initialized()
+
+
 def test_more_replicas_than_the_memory_holds_are_refused_before_ray_starts(tmp_path, monkeypatch):
     """Replicas whose bases do not fit are refused at once, naming how many would (the kernel
     killed one, Ray started it again, and the machine never answered); replicas whose caches,

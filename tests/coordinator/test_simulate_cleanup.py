@@ -535,8 +535,70 @@ def test_a_proxy_setting_does_not_take_the_runs_loopback_traffic(monkeypatch, tm
         assert simulate_module._healthy(server.server_address[1])
     finally:
         server.shutdown()
-    env = simulate_module.flower_env(tmp_path)
-    assert env["NO_PROXY"] == env["no_proxy"] == "intranet.example,lab.example,127.0.0.1,localhost,::1"
+
+
+def test_a_run_folder_and_its_lock_are_the_owners_under_any_umask(tmp_path):
+    """Under umask 0 the run folder was 0777 (and its data/ and stores/ in it): another local user
+    could swap a node's data or store folder before a rerun."""
+    config = FederationConfig(num_users=2, run_dir=str(tmp_path / "run"))
+    old = os.umask(0)
+    try:
+        run_folder.claim_run_folder(config)
+        with run_folder.run_folder_lock(Path(config.run_dir)):
+            lock = Path(config.run_dir) / run_folder.RUN_LOCK
+            assert lock.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+    assert Path(config.run_dir).stat().st_mode & 0o777 == 0o700
+
+
+def test_a_superlink_whose_port_another_program_took_starts_again_on_another(monkeypatch, tmp_path):
+    """free_port() closes its socket before the SuperLink binds: another user's SuperLink taking
+    that port meanwhile answered this run's health check, and this run's app ran there, as them."""
+    import http.server
+
+    from fedprefix.coordinator import simulate as simulate_module
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), Health)  # as another run's SuperLink answers
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    taken = other.server_address[1]
+    ports = iter([taken])
+    real_free_port = simulate_module.free_port
+    monkeypatch.setattr(simulate_module, "free_port", lambda: next(ports, None) or real_free_port())
+    try:
+        with simulate_module.local_superlink(tmp_path / "flwr-home", tmp_path / "flower.log") as port:
+            assert port != taken
+            assert f"127.0.0.1:{port}" in (tmp_path / "flwr-home" / "config.toml").read_text()  # where `flwr run` goes
+    finally:
+        other.shutdown()
+    assert "address already in use" in (tmp_path / "flower.log").read_text()
+
+
+def test_flower_processes_start_under_any_proxy_setting_and_output_encoding(monkeypatch, tmp_path):
+    """A SOCKS proxy (ALL_PROXY) failed `flwr run` before its first request (httpx wants a package
+    for SOCKS, also for loopback), and PYTHONIOENCODING=ascii (or a Latin-1 locale) failed it on
+    Flower's box-drawing characters: every simulate ended "the ServerApp ended without recording"."""
+    from fedprefix.coordinator import simulate as simulate_module
+
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
+    monkeypatch.setenv("https_proxy", "socks5h://127.0.0.1:1080")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "intranet.example")
+    monkeypatch.setenv("PYTHONIOENCODING", "ascii")
+    flower_like = "import httpx; httpx.Client(); print('\\u251c\\u2500\\u2500 Sampling')"
+    done = subprocess.run(
+        [sys.executable, "-c", flower_like], env=simulate_module.flower_env(tmp_path), capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr.decode()[-500:]
+    assert done.stdout.decode("utf-8") == "\u251c\u2500\u2500 Sampling\n"
 
 
 def test_a_python_whose_path_has_a_space_is_refused_at_once_by_name(monkeypatch, tmp_path):
