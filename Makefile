@@ -13,10 +13,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# torch first, pinned: this machine serves the CPU build of 2.13.0 from disk, while an
-# unpinned torch pulled in by another package would download a multi-GB CUDA build.
+# torch first, pinned: an unpinned torch pulled in by another package would download a
+# multi-GB CUDA build. Our hosts serve the CPU build of 2.13.0 from disk; elsewhere PyPI's Linux
+# torch is the CUDA build (~5 GB): TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the
+# CPU build from PyTorch's own index instead.
+TORCH_INDEX ?=
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 	$(PY) -m pip install -q -e .
 	touch $@
 
