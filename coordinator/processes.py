@@ -93,14 +93,27 @@ def send(processes: Iterable[psutil.Process], sig: int) -> None:
 
 
 def terminate_then_kill(processes: list[psutil.Process], grace: float = STOP_GRACE_S) -> list[psutil.Process]:
-    """SIGTERM, up to `grace` seconds to end, then SIGKILL; returns those still alive after that."""
-    send(processes, signal.SIGTERM)
-    _, remaining = psutil.wait_procs(processes, timeout=grace)
-    if remaining:
-        logger.debug("SIGKILL to %s, alive %.0f s after SIGTERM", _describe(remaining), grace)
+    """SIGTERM, up to `grace` seconds to end, then SIGKILL (grace 0: SIGKILL at once); returns
+    those still alive after that."""
+    remaining = processes
+    if grace > 0:
+        send(processes, signal.SIGTERM)
+        remaining = wait_gone(processes, grace)
+        if remaining:
+            logger.debug("SIGKILL to %s, alive %.0f s after SIGTERM", _describe(remaining), grace)
     send(remaining, signal.SIGKILL)
-    _, remaining = psutil.wait_procs(remaining, timeout=grace)
-    return alive(remaining)
+    return wait_gone(remaining, STOP_GRACE_S)
+
+
+def wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those of `processes` still alive after up to `timeout` s. A zombie counts as gone (psutil's
+    wait_procs waited, checking one process after another, for killed ones to be reaped too)."""
+    deadline = time.monotonic() + timeout
+    remaining = alive(processes)
+    while remaining and time.monotonic() < deadline:
+        time.sleep(0.02)
+        remaining = alive(remaining)
+    return remaining
 
 
 def _describe(processes: Iterable[psutil.Process]) -> str:
