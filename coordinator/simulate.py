@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -49,6 +50,7 @@ from .records import (
     read_run,
 )
 from .run_folder import SimulationError, claim_run_folder, fresh_node_stores, run_folder_lock
+from .views import printable
 
 logger = logging.getLogger(__name__)
 
@@ -342,13 +344,15 @@ def simulate(
             end_unfinished(run_dir, "failed", f"{type(exc).__name__}: {exc}")
             raise
         if not (run_dir / RUN_FILE).is_file():
-            raise SimulationError(f"the federation did not start (flwr run exit code {returncode}); see {log_file}")
+            problem = f"the federation did not start (flwr run exit code {returncode}){last_error(log_file)}"
+            raise SimulationError(f"{problem}; see {log_file}")
         died = died_node_note(log_file)
         if died:  # the run may still have finished: its other nodes went on
             logger.warning(died)
         info, rounds, problems = read_run(run_dir)
         if info.status == "running":  # the ServerApp's process ended without writing its end (killed)
             unrecorded = f"the ServerApp ended without recording its end (flwr exit code {returncode})"
+            unrecorded += last_error(log_file)
             end_unfinished(run_dir, "failed", unrecorded)
             info, rounds, problems = read_run(run_dir)
         # the ServerApp's end: also where no reply was accepted (records.nothing_accepted)
@@ -358,6 +362,25 @@ def simulate(
                 end_unfinished(run_dir, info.status, "; ".join(filter(None, (info.error, died))), ended=(info.status,))
             raise SimulationError("; ".join(filter(None, (reason, died))))
         return rounds
+
+
+_ERROR_LINE = re.compile(r"\b[A-Z]\w*(?:Error|Exception): \S.*")  # a Python traceback's last line
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def last_error(log_file: Path) -> str:
+    """', last error in flower.log: <ItsError: message>' naming the last exception a process of the
+    run logged (where Flower or Ray failed before the run could record why), or ''."""
+    try:
+        with open(log_file, "rb") as log:
+            log.seek(max(0, os.fstat(log.fileno()).st_size - 65536))
+            lines = log.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if found := _ERROR_LINE.search(_ANSI.sub("", line)):
+            return f", last error in flower.log: {printable(found.group().rstrip(' │|'))[:300]}"
+    return ""
 
 
 def died_node_note(log_file: Path) -> str:

@@ -17,6 +17,7 @@ from rich.table import Table
 from .records import RoundRecord
 
 SPARKS = "▁▂▃▄▅▆▇█"
+ASCII_SPARKS = "_.-~=+*#"  # where the output's encoding has no block characters (LC_ALL=C, Latin-1)
 
 
 def progress_bars_on_terminals_only() -> None:
@@ -41,8 +42,8 @@ def make_console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=width, soft_wrap=True)
 
 
-def sparkline(values: Sequence[float | None], width: int = 60) -> str:
-    """At most `width` characters, scaled between the smallest and largest value; gaps for None.
+def sparkline(values: Sequence[float | None], width: int = 60, levels: str = SPARKS) -> str:
+    """At most `width` characters of `levels`, scaled between the smallest and largest value; gaps for None.
 
     Past `width` values, each character is the mean of an equal run of them (a run's gap only
     where all of its values are missing)."""
@@ -56,7 +57,7 @@ def sparkline(values: Sequence[float | None], width: int = 60) -> str:
     # halves: high - low of two huge losses (1e308, -1e308) overflows to inf, and inf / inf is NaN
     low, high = min(present) / 2, max(present) / 2
     span = (high - low) or 1.0
-    return "".join(" " if v is None else SPARKS[int((v / 2 - low) / span * (len(SPARKS) - 1))] for v in values)
+    return "".join(" " if v is None else levels[int((v / 2 - low) / span * (len(levels) - 1))] for v in values)
 
 
 # C0 and C1 controls (not \t, \n), line and paragraph separators, and the invisible format

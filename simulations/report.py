@@ -174,7 +174,7 @@ def federated(base, datasets, settings: Settings, mode: str, out: Path) -> tuple
         shared_tokens=settings.shared_tokens if mode != "shared" else settings.personal_tokens + settings.shared_tokens,
         data=str(persona_data),
         max_length=settings.max_length,
-        run_dir=str(out / f"run-{mode}"),
+        run_dir=str(out / f"run-{mode.replace('+', '-')}"),  # a run id: shared-personal
         store_root=str(out / f"stores-{mode}"),
     )
     # Node i is persona user i: map the report's users onto partitions 0..n-1.

@@ -152,7 +152,7 @@ def federated(base, roles: list[Role], settings: Settings, mode: str, out: Path)
         shared_tokens=settings.shared_tokens,
         data=str(data),
         fraction_evaluate=0.0,  # the report scores every role itself, below
-        run_dir=str(out / f"run-{mode}"),
+        run_dir=str(out / f"run-{mode.replace('+', '-')}"),  # a run id: shared-personal
         store_root=str(out / f"stores-{mode}"),
         data_seed=settings.seed,
     )

@@ -296,7 +296,7 @@ def show_command(
     """
     from fedprefix.coordinator.records import read_run
     from fedprefix.coordinator.runs import load_run, with_writer_checked
-    from fedprefix.coordinator.views import rounds_table, sparkline
+    from fedprefix.coordinator.views import ASCII_SPARKS, SPARKS, rounds_table, sparkline
 
     try:
         # a run id under --runs first: a same-named folder in the current one must not stand in for it
@@ -324,10 +324,11 @@ def show_command(
         )
     )
     console.print(rounds_table(records, latest=last))
+    levels = ASCII_SPARKS if console.options.ascii_only else SPARKS  # as the table's borders do
     for name in ("eval_loss_base", "eval_loss_shared", "eval_loss_personal", "train_loss"):
         values = [getattr(r, name) for r in records]
         console.print(
-            f"{name:20s} {sparkline(values)}  {fmt_num(values[0] if values else None)} -> "
+            f"{name:20s} {sparkline(values, levels=levels)}  {fmt_num(values[0] if values else None)} -> "
             f"{fmt_num(values[-1] if values else None)}"
         )
     if records and (gain := records[-1].personalization_gain) is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -22,9 +23,10 @@ from fedprefix.coordinator.cli import app
 from fedprefix.coordinator.dashboard.app import create_dashboard
 from fedprefix.coordinator.records import read_run
 from fedprefix.coordinator.simulate import free_port, simulate
+from fedprefix.coordinator.views import ASCII_SPARKS
 from typer.testing import CliRunner
 
-from tests.conftest import federation_config, interruptible
+from tests.conftest import FEDPREFIX_CLI, federation_config, interruptible
 
 ROUNDS = 3
 
@@ -57,6 +59,18 @@ def test_cli_runs_and_show(runs):
     assert "mode shared+personal (text)" in " ".join(shown.output.split())  # the recipe that ran
     as_json = json.loads(runner.invoke(app, ["show", "tiny", "--runs", str(runs), "--json"]).output)
     assert [r["round"] for r in as_json["rounds"]] == [1, 2, 3]
+
+
+def test_show_draws_its_sparklines_in_what_the_output_can_encode(runs):
+    """Under an ASCII encoding the tables turned to ASCII and the sparklines printed \\u2581\\u2588."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    shown = subprocess.run(
+        [FEDPREFIX_CLI, "show", "tiny", "--runs", str(runs)], env=env, capture_output=True, timeout=120
+    )
+    out = shown.stdout.decode("ascii")
+    assert shown.returncode == 0 and "\\u25" not in out, out
+    line = next(line for line in out.splitlines() if line.startswith("train_loss"))
+    assert set(line.split()[1]) <= set(ASCII_SPARKS) and len(line.split()[1]) == ROUNDS, line
 
 
 def test_cli_prints_run_names_as_written(runs, tmp_path):

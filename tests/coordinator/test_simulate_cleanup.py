@@ -654,3 +654,25 @@ def test_a_second_cli_run_into_a_folder_in_use_is_refused_before_it_writes_its_d
     assert exit_.value.code == 1 and not (out / "data").exists()
     assert sorted(p.name for p in out.iterdir()) == [run_folder.RUN_LOCK]
     run_folder.check_run_folder(FederationConfig(run_dir=str(out)))  # the lock file alone: a folder a run may use
+
+
+def test_a_run_that_ends_unrecorded_names_the_last_error_flowers_log_holds(tmp_path):
+    """Flower's or Ray's processes failing before the run could record why (a SOCKS proxy, an
+    unwritable TMPDIR) left only "the ServerApp ended without recording its end; see flower.log"."""
+    from fedprefix.coordinator.simulate import last_error
+
+    log = tmp_path / "flower.log"
+    assert last_error(log) == ""  # no log
+    log.write_bytes(
+        b"\x1b[92mINFO \x1b[0m:      Starting Flower SuperLink\n"
+        b"Traceback (most recent call last):\n"
+        b'  File "httpx/_transports/default.py", line 156, in __init__\n'
+        b"ImportError: Using SOCKS proxy, but the 'socksio' package is not installed.\n"
+        b"\x1b[92mINFO \x1b[0m:      SuperExec terminated gracefully.\n"
+    )
+    assert last_error(log) == (
+        ", last error in flower.log: ImportError: Using SOCKS proxy, but the 'socksio' package is not installed."
+    )
+    log.write_bytes(b"\xe2\x94\x82 PermissionError: [Errno 13] Permission denied: '/x/ray' \x1b]0;t\x07 \xe2\x94\x82\n")
+    expected = ", last error in flower.log: PermissionError: [Errno 13] Permission denied: '/x/ray' \\x1b]0;t\\x07"
+    assert last_error(log) == expected  # no escape code reaches the terminal
