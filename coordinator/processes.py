@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,9 +185,10 @@ class OwnedProcesses:
 WATCH_S = 1.0  # how often the watchdog looks for its parent
 
 
-def watch(parent: psutil.Process, tag: str) -> None:
-    """Wait for `parent` to end, then stop every process of `tag` (the watchdog's own work)."""
-    while True:
+def watch(parent: psutil.Process | None, tag: str, temp_folder: str | None = None) -> None:
+    """Wait for `parent` to end, then stop every process of `tag` and remove their `temp_folder`
+    (the watchdog's own work)."""
+    while parent is not None:
         try:
             if not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE:
                 break
@@ -194,14 +196,18 @@ def watch(parent: psutil.Process, tag: str) -> None:
             break
         time.sleep(WATCH_S)
     OwnedProcesses(tag).stop()
+    if temp_folder:
+        shutil.rmtree(temp_folder, ignore_errors=True)
 
 
 @contextmanager
-def owned_processes():
+def owned_processes(temp_folder: str | os.PathLike | None = None):
     """An OwnedProcesses whose processes are all stopped on leaving, however it is left (a
-    watchdog stops them where this process is killed outright)."""
+    watchdog stops them where this process is killed outright, and removes `temp_folder`, theirs,
+    which the caller removes otherwise: Ray's session logs are in a simulation's)."""
     owned = OwnedProcesses()
     command = [sys.executable, "-m", __name__, str(os.getpid()), owned.tag]
+    command += [str(temp_folder)] if temp_folder else []
     streams = {name: subprocess.DEVNULL for name in ("stdin", "stdout", "stderr")}
     owned.popen(command, env=dict(os.environ), start_new_session=True, **streams)
     with stop_signals_as_interrupt():
@@ -216,12 +222,9 @@ def owned_processes():
                 raise KeyboardInterrupt(f"signal {received[0]} during cleanup")
 
 
-if __name__ == "__main__":  # the watchdog: PID TAG
+if __name__ == "__main__":  # the watchdog: PID TAG [TEMP_FOLDER]
     try:
         watched = psutil.Process(int(sys.argv[1]))
     except psutil.NoSuchProcess:
         watched = None
-    if watched is not None:
-        watch(watched, sys.argv[2])
-    else:
-        OwnedProcesses(sys.argv[2]).stop()
+    watch(watched, sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)

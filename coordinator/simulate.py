@@ -403,7 +403,7 @@ def died_node_note(log_file: Path) -> str:
 def _run_federation(config, clientapp, verbose, plan: NodePlan, log_file, on_round) -> int | None:
     """flwr run on a SuperLink of our own until the run ends; its exit code (processes all stopped)."""
     run_dir = Path(config.run_dir)
-    with tempfile.TemporaryDirectory(prefix="fedprefix-sim-") as tmp, owned_processes() as owned:
+    with tempfile.TemporaryDirectory(prefix="fedprefix-sim-") as tmp, owned_processes(temp_folder=tmp) as owned:
         tmp = Path(tmp)
         app = write_app(tmp / "app", config, clientapp)
         flwr_home = tmp / "flwr-home"

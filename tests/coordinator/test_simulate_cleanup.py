@@ -250,7 +250,7 @@ def test_owned_processes_stops_daemonized_descendants(tmp_path):
 OWNER = """
 import os, sys, time
 from fedprefix.coordinator.processes import owned_processes
-with owned_processes() as owned:
+with owned_processes(temp_folder=sys.argv[3]) as owned:
     owned.popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], env=dict(os.environ))
     time.sleep(600)
 """
@@ -258,9 +258,11 @@ with owned_processes() as owned:
 
 def test_a_process_killed_outright_has_its_processes_stopped_by_its_watchdog(tmp_path):
     """SIGKILL (or the OOM killer) runs no cleanup: `fedprefix simulate` killed so left the
-    SuperLink and the SuperExec running for good. Its watchdog stops them."""
-    pid_file = tmp_path / "daemon.pid"
-    owner = subprocess.Popen([sys.executable, "-c", OWNER, DAEMON, str(pid_file)])
+    SuperLink and the SuperExec running for good, and its temp folder (Ray's logs in it). Its
+    watchdog stops them and removes the folder."""
+    pid_file, temp_folder = tmp_path / "daemon.pid", tmp_path / "fedprefix-sim-x"
+    (temp_folder / "ray" / "session_1").mkdir(parents=True)
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, DAEMON, str(pid_file), str(temp_folder)])
     try:
         deadline = time.monotonic() + 60
         while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
@@ -270,6 +272,10 @@ def test_a_process_killed_outright_has_its_processes_stopped_by_its_watchdog(tmp
         owner.wait()
         _, left = psutil.wait_procs([daemon], timeout=20)  # the watchdog looks each second; SIGKILL after 3 s
         assert not alive(left), "the daemon of a killed owner is stopped"
+        deadline = time.monotonic() + 10
+        while temp_folder.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not temp_folder.exists()
     finally:
         owner.kill()
         if pid_file.is_file() and pid_file.read_text():
