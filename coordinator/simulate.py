@@ -19,6 +19,7 @@ The same apps run unchanged under the Deployment Engine (README).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -59,6 +60,7 @@ CLIENT_APP = "fedprefix.client.app:app"  # the ClientApp every simulated node ru
 STARTUP_TIMEOUT_S = 60.0
 RAY_TMPDIR_MAX = 36  # + /ray/session_<time>_<pid>/sockets/plasma_store: within AF_UNIX's 107
 PORT_TRIES = 3  # a SuperLink whose free port another program took meanwhile starts again on another
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # a write failing for want of room
 POLL_S = 0.5  # how often a running simulation reads its round records
 
 
@@ -341,7 +343,14 @@ def simulate(
             end_unfinished(run_dir, "interrupted", "stopped (Ctrl-C, SIGTERM or a hangup)")
             raise
         except BaseException as exc:
-            end_unfinished(run_dir, "failed", f"{type(exc).__name__}: {exc}")
+            try:
+                end_unfinished(run_dir, "failed", f"{type(exc).__name__}: {exc}")
+            except OSError as unrecorded:  # a full disk: the run's own error is the one to tell
+                logger.warning("could not record the run's end in %s: %s", run_dir, unrecorded)
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL and exc.filename is None:
+                # a write that names no file (a log line, a round record): say where it was writing
+                where = f"its run folder {run_dir} or the temp folder {tempfile.gettempdir()}"
+                raise SimulationError(f"the run failed writing to {where}: {exc.strerror or exc}") from exc
             raise
         if not (run_dir / RUN_FILE).is_file():
             problem = f"the federation did not start (flwr run exit code {returncode}){last_error(log_file)}"

@@ -682,3 +682,22 @@ def test_a_run_that_ends_unrecorded_names_the_last_error_flowers_log_holds(tmp_p
     log.write_bytes(b"\xe2\x94\x82 PermissionError: [Errno 13] Permission denied: '/x/ray' \x1b]0;t\x07 \xe2\x94\x82\n")
     expected = ", last error in flower.log: PermissionError: [Errno 13] Permission denied: '/x/ray' \\x1b]0;t\\x07"
     assert last_error(log) == expected  # no escape code reaches the terminal
+
+
+def test_a_full_disk_during_a_run_names_where_the_run_was_writing(tmp_path, monkeypatch):
+    """A round record or log line that could not be written (no file named), then run.json that
+    could not say so either: the CLI said only "OSError: [Errno 28] No space left on device"."""
+    import errno
+
+    from fedprefix.coordinator import simulate as simulate_module
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(simulate_module, "_run_federation", disk_full)
+    monkeypatch.setattr(simulate_module, "end_unfinished", disk_full)
+    run_dir = tmp_path / "run"
+    with pytest.raises(run_folder.SimulationError) as caught:
+        simulate_module.simulate(FederationConfig(num_users=2, base="tiny-llama", run_dir=str(run_dir)))
+    assert f"the run failed writing to its run folder {run_dir.resolve()} or the temp folder" in str(caught.value)
+    assert str(caught.value).endswith(": No space left on device")
