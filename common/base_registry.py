@@ -100,7 +100,7 @@ def _convert_smollm2(folder: Path) -> None:
     gguf = _smollm2_gguf()
     folder.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    tmp = tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-")
+    tmp = tempfile.mkdtemp(dir=folder.parent, prefix=_converting(folder))
     # off a terminal (make demo into a log file), the converter's progress bars are \r-joined walls
     terminal = sys.stderr is not None and sys.stderr.isatty()
     bars = contextlib.nullcontext() if terminal else contextlib.redirect_stderr(io.StringIO())
@@ -192,10 +192,15 @@ def fetch(name: str) -> Path:
     return folder
 
 
+def _converting(folder: Path) -> str:
+    """The name of a conversion's temp folder before mkdtemp's 8 characters: none a person gives."""
+    return f".{folder.name}.converting-"
+
+
 def _remove_left_conversions(folder: Path) -> None:
     """Remove the temp folders of conversions into `folder` that were killed (a full conversion's
     size each: 540 MB for the built-in base); the caller holds the fetch lock, so none is running."""
-    for left in folder.parent.glob(f".{glob.escape(folder.name)}-????????"):  # mkdtemp's 8 characters
+    for left in folder.parent.glob(f"{glob.escape(_converting(folder))}????????"):  # mkdtemp's 8 characters
         if left.is_dir() and not left.is_symlink():
             shutil.rmtree(left, ignore_errors=True)
 

@@ -11,6 +11,7 @@ with ``PeftModel.from_pretrained`` whatever the parameterization was. We add
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -96,7 +97,8 @@ def export_peft(prefix: Prefix, folder: str | os.PathLike, base_model_name_or_pa
             try:
                 os.replace(staging, target)
             except BaseException:
-                os.replace(previous, target)  # the earlier export stays where it was
+                with contextlib.suppress(OSError):  # the earlier export stays where it was (else: set aside)
+                    os.replace(previous, target)
                 raise
             shutil.rmtree(previous, ignore_errors=True)
         else:

@@ -3,6 +3,7 @@ stores a simulation keeps there (simulate.py runs the federation)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,8 @@ def check_run_folder(config: FederationConfig) -> None:
     that no simulation made (which a run would empty), or a folder holding files that no run made
     (a run writes data/ and run.json into it). The CLI asks before it writes any data."""
     run_dir = Path(config.run_dir)
-    if not is_run_id(name := run_dir.resolve().name):  # `show ID`, the dashboard's links and `runs` take ids only
+    # the name `runs` lists (a link's own, not its target's): `show ID` and the dashboard take ids only
+    if not is_run_id(name := Path(os.path.abspath(run_dir)).name):
         raise SimulationError(
             f"run folder {run_dir}: its name {name!r} is no run id (letters, digits, '.', '_', '-'; "
             "up to 128), which `fedprefix runs`, `show` and the dashboard name runs by: choose another --out"

@@ -169,12 +169,12 @@ def local_superlink(flwr_home: Path, log_file: Path, simulation: bool = True, ow
 
 def _serving(process: subprocess.Popen, port: int, log_file: Path) -> bool:
     """Wait until the SuperLink `process` serves on `port`: True; False where another program
-    took the port between free_port() and the SuperLink's bind (a run of another user's: its
-    SuperLink answered the health check, and this run's app ran there, as that user)."""
+    took the port between free_port() and the SuperLink's bind (a run of another user's, whose
+    SuperLink answered the health check: this run's app ran there, as that user)."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
         if process.poll() is not None:
-            if _healthy(port):
+            if _port_taken(port):
                 return False
             raise SimulationError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
         if _healthy(port) and _listens(process, port):
@@ -182,6 +182,16 @@ def _serving(process: subprocess.Popen, port: int, log_file: Path) -> bool:
         if time.monotonic() > deadline:
             raise SimulationError(f"flower-superlink did not start within {STARTUP_TIMEOUT_S:.0f} s; see {log_file}")
         time.sleep(0.2)
+
+
+def _port_taken(port: int) -> bool:
+    """Whether another program holds loopback `port` now (the SuperLink that exited could not bind it)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 def _listens(process: subprocess.Popen, port: int) -> bool:
@@ -237,6 +247,9 @@ def flower_env(flwr_home: Path) -> dict:
     # Their output goes to flower.log, in UTF-8 whatever the user's terminal takes: Flower prints
     # box-drawing characters, which failed `flwr run` under PYTHONIOENCODING=ascii or a Latin-1 locale.
     env["PYTHONIOENCODING"] = "utf-8"
+    # a hub id's base was downloaded before the run (check_base): nodes read it from the cache,
+    # without the network (which, with no proxy, each node would wait on before using the cache)
+    env.setdefault("HF_HUB_OFFLINE", "1")
     # Ray's session folder (logs that quote nodes' warnings, 0644 by default) in the run's own temp
     # folder, removed with it: in /tmp/ray every run left one for good. Not where Ray's socket paths
     # (the folder + 68 characters) would pass the OS's 107, nor where the owner chose another.

@@ -14,6 +14,7 @@ fingerprint -> rollback record check -> parts check (every part from one write).
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Mapping, Sequence
 from math import inf
@@ -322,8 +323,9 @@ class PrefixStore(KeyChanges, UserLocks):
     def _decrypt(
         self, name: str, key: Key, base_fingerprint: str | None, locked: bool = False, one_write: bool = True
     ) -> Opened:
-        """Read, check (owner, base, rollback, parts) and decrypt one file; `locked`: the caller holds
-        the user's lock; not `one_write`: the parts' lists checked, not their write ids."""
+        """Read, check (owner, base, rollback, parts) and decrypt one file; `locked`: a refusal is
+        final here (the caller holds the user's lock, or reads again itself: _read_together); not
+        `one_write`: the parts' lists checked, not their write ids."""
         validate_store_name(name)
         key = check_key(name, key)
         if base_fingerprint is not None and not isinstance(base_fingerprint, str):
@@ -335,6 +337,9 @@ class PrefixStore(KeyChanges, UserLocks):
                 raise
         except UnknownUserError:  # a first save decided, its writer killed before its renames
             if locked or not os.path.lexists(self._journal(name)):
+                raise
+        except OSError as exc:  # NFS: a file renamed over by a writer on another client
+            if locked or exc.errno != errno.ESTALE:
                 raise
         # Without the lock, a write between its renames looks like a rollback for a moment; under
         # it none is midway (_user_lock completes a killed one's): a refusal is about the files.

@@ -76,7 +76,7 @@ def file_lock(path: Path, timeout: float, user_id: str | None) -> Iterator[None]
         ) from None
     except OSError as exc:
         if exc.errno in READ_ONLY:  # a store that cannot be written: readers go on without the lock
-            if (owner := _foreign_owner(path)) is not None:  # still an OSError with its errno
+            if exc.errno != errno.EROFS and (owner := _foreign_owner(path)) is not None:  # still an OSError
                 problem = (
                     f"its lock file {path.name} belongs to another user (uid {owner}) and cannot be opened: "
                     "remove it (it holds no data), or run as that user"
@@ -86,7 +86,6 @@ def file_lock(path: Path, timeout: float, user_id: str | None) -> Iterator[None]
         # a link (loop) or a folder put where the lock file goes: every refusal is a StoreError
         message = f"its lock file {path.name} cannot be used ({exc.strerror})"
         raise StoreError(about(user_id, message), user_id) from None
-    _give_to_folder_owner(path)
     try:
         yield
     finally:
@@ -100,18 +99,6 @@ def _foreign_owner(path: Path) -> int | None:
     except OSError:
         return None
     return uid if uid != os.geteuid() else None
-
-
-def _give_to_folder_owner(path: Path) -> None:
-    """Root running a store command in another user's store (a verify, a backup job) makes the
-    lock file as root, and its 0644 then kept the store's owner from locking (saving) for good:
-    root hands the file to the folder's owner."""
-    if os.geteuid() != 0:
-        return
-    with suppress(OSError):
-        folder, lock = path.parent.stat(), path.stat()
-        if (lock.st_uid, lock.st_gid) != (folder.st_uid, folder.st_gid):
-            os.chown(path, folder.st_uid, folder.st_gid)
 
 
 def journal_path(root: Path, user_id: str) -> Path:

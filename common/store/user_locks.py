@@ -13,6 +13,7 @@ answered with a mix of two saves' parts.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -35,20 +36,47 @@ class UserLocks:
 
     def _read_together(self, name: str, read: Callable[[], Result]) -> Result:
         """`read()` of `name`'s user's files under the user's lock, or, where the store cannot be
-        written here, until a read finds them from one write (LOCKLESS_RETRY_S): a refusal that a
-        write midway explains (rollback, parts, a first save) is read again; StoreBusyError where
-        a write that a writer left unfinished stays (only a process that can write completes it)."""
+        written here, read again while a writer elsewhere changes them: a refusal that a write
+        midway explains (rollback, parts, a first save, NFS's stale handle) stands once a read
+        finds the files as they were when it began (a genuine one is not read again), and a
+        write that a writer left unfinished is StoreBusyError (only a process that can write
+        completes it), as are files still changing after LOCKLESS_RETRY_S."""
         deadline = time.monotonic() + LOCKLESS_RETRY_S
         while True:
             with self._reader_lock(name) as locked:
+                before = None if locked else self._files_now(name)
                 try:
                     return read()
-                except (RollbackError, UnknownUserError):
-                    if locked or time.monotonic() >= deadline:
-                        if not locked and os.path.lexists(self._journal(name)):
-                            raise self._unfinished(name) from None
+                except (RollbackError, UnknownUserError, OSError) as exc:
+                    midway = isinstance(exc, (RollbackError, UnknownUserError)) or exc.errno == errno.ESTALE
+                    if locked or not midway:
                         raise
+                    if os.path.lexists(self._journal(name)):
+                        raise self._unfinished(name) from None
+                    changed = self._files_now(name) != before
+                    if not changed:
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise self._busy(name) from None
             time.sleep(0.01)
+
+    def _files_now(self, name: str) -> list[tuple[int, int, int] | None]:
+        """What identifies the user's files now: (inode, size, mtime) of each of its parts and
+        records, None for one not there (a write renames new files in)."""
+        owner, _ = split_store_name(name)
+        stamps = []
+        for relative in sorted(user_files(owner)):
+            try:
+                stat = os.lstat(self.root / relative)
+                stamps.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
+            except OSError:
+                stamps.append(None)
+        return stamps
+
+    def _busy(self, name: str) -> StoreBusyError:
+        owner, _ = split_store_name(name)
+        problem = f"its files kept changing for {LOCKLESS_RETRY_S:g} s while read (a writer elsewhere): try again"
+        return StoreBusyError(about(owner, problem), owner)
 
     def _unfinished(self, name: str) -> StoreBusyError:
         owner, _ = split_store_name(name)

@@ -112,9 +112,10 @@ def test_a_killed_conversions_temp_folder_is_removed_by_the_next_fetch(converter
     """A fetch killed while converting left its temp folder (up to 540 MB) in the cache for good."""
     folder = base_registry.registry_folder(DEFAULT_BASE)
     folder.parent.mkdir(parents=True)
-    left = folder.parent / f".{folder.name}-t4k7uatu"  # as mkdtemp names it
+    left = folder.parent / f".{folder.name}.converting-t4k7uatu"  # as mkdtemp names it
     (left / "part").mkdir(parents=True)
-    mine = folder.parent / f".{folder.name}-backup"  # no name a conversion gives: left alone
-    mine.mkdir()
+    mine = [folder.parent / f".{folder.name}-{name}" for name in ("backup", "20240101")]  # no conversion's: kept
+    for path in mine:
+        path.mkdir()
     base_registry.fetch(DEFAULT_BASE)
-    assert not left.exists() and mine.is_dir() and len(converter) == 1
+    assert not left.exists() and all(path.is_dir() for path in mine) and len(converter) == 1

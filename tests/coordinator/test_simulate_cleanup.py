@@ -558,10 +558,13 @@ def test_a_run_folder_and_its_lock_are_the_owners_under_any_umask(tmp_path):
     assert Path(config.run_dir).stat().st_mode & 0o777 == 0o700
 
 
-def test_a_superlink_whose_port_another_program_took_starts_again_on_another(monkeypatch, tmp_path):
+@pytest.mark.parametrize("other", ["superlink", "silent"])
+def test_a_superlink_whose_port_another_program_took_starts_again_on_another(monkeypatch, tmp_path, other):
     """free_port() closes its socket before the SuperLink binds: another user's SuperLink taking
-    that port meanwhile answered this run's health check, and this run's app ran there, as them."""
+    that port meanwhile answered this run's health check, and this run's app ran there, as them;
+    a program that answers nothing there failed the run ("flower-superlink exited with code 1")."""
     import http.server
+    import socket
 
     from fedprefix.coordinator import simulate as simulate_module
 
@@ -573,9 +576,15 @@ def test_a_superlink_whose_port_another_program_took_starts_again_on_another(mon
         def log_message(self, *args):
             pass
 
-    other = http.server.HTTPServer(("127.0.0.1", 0), Health)  # as another run's SuperLink answers
-    threading.Thread(target=other.serve_forever, daemon=True).start()
-    taken = other.server_address[1]
+    if other == "superlink":  # answers /health as a SuperLink does
+        server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        taken, stop = server.server_address[1], server.shutdown
+    else:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        taken, stop = listener.getsockname()[1], listener.close
     ports = iter([taken])
     real_free_port = simulate_module.free_port
     monkeypatch.setattr(simulate_module, "free_port", lambda: next(ports, None) or real_free_port())
@@ -584,8 +593,29 @@ def test_a_superlink_whose_port_another_program_took_starts_again_on_another(mon
             assert port != taken
             assert f"127.0.0.1:{port}" in (tmp_path / "flwr-home" / "config.toml").read_text()  # where `flwr run` goes
     finally:
-        other.shutdown()
+        stop()
     assert "address already in use" in (tmp_path / "flower.log").read_text()
+
+
+def test_a_killed_process_counts_as_stopped_once_it_is_a_zombie():
+    """Killed processes whose parents were killed too wait to be reaped: stopping a finished run
+    waited for that, seconds per run (psutil's wait_procs)."""
+    from fedprefix.coordinator.processes import wait_gone
+
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import os, time\nif os.fork() == 0: os._exit(0)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (children := psutil.Process(parent.pid).children()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (zombie,) = children  # exited, never reaped: its parent sleeps
+        started = time.monotonic()
+        assert wait_gone([zombie], timeout=20) == [] and time.monotonic() - started < 5
+    finally:
+        parent.kill()
+        parent.wait()
 
 
 def test_flower_processes_start_under_any_proxy_setting_and_output_encoding(monkeypatch, tmp_path):
@@ -605,6 +635,7 @@ def test_flower_processes_start_under_any_proxy_setting_and_output_encoding(monk
     )
     assert done.returncode == 0, done.stderr.decode()[-500:]
     assert done.stdout.decode("utf-8") == "\u251c\u2500\u2500 Sampling\n"
+    assert simulate_module.flower_env(tmp_path)["HF_HUB_OFFLINE"] == "1"  # a hub base was fetched before the run
 
 
 def test_a_python_whose_path_has_a_space_is_refused_at_once_by_name(monkeypatch, tmp_path):
