@@ -40,7 +40,10 @@ def is_run_id(name: str) -> bool:
 def run_folder(runs_dir: str | os.PathLike, run_id: str) -> Path:
     """The folder of `run_id` under `runs_dir`; refuses ids that could leave the folder."""
     if not is_run_id(run_id):
-        raise RunFolderError(f"invalid run id {run_id!r}")
+        raise RunFolderError(
+            f"invalid run id {run_id!r} (letters, digits, '.', '_', '-'): open the folder by its path "
+            "(fedprefix show PATH), or rename it"
+        )
     folder = Path(runs_dir) / run_id
     if folder.is_symlink():  # it may lead anywhere: the runs folder holds the runs it serves
         raise RunFolderError(f"run {run_id!r} in {runs_dir} is a symbolic link (not followed)")

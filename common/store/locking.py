@@ -255,6 +255,11 @@ def _parsed(raw: bytes, own_files: Collection[str], journal: Path) -> dict | Non
             f"reads format {JOURNAL_VERSION}): use that version"
         )
         raise UnknownVersionError(about(user_id, message), user_id)
+    if version == 2 and set(plan) == {"format_version", "remove", "sha256", "write"}:
+        # two development versions (c0a99a1, ac5dd2a) wrote the names and their digests apart:
+        # completed as format 1 is (names only), not taken for another program's and dropped
+        plan = {"format_version": 1, "remove": plan["remove"], "write": plan["write"]}
+        version = 1
     if set(plan) != {"format_version", "remove", "write"} or type(version) is not int or version < 1:
         return None
     write, remove = plan["write"], plan["remove"]

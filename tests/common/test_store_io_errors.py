@@ -100,6 +100,43 @@ def test_a_writer_killed_during_a_save_that_drops_a_part_leaves_the_new_state(st
     assert not (store.root / ".alice.journal").exists() and not list(store.root.rglob("*.tmp"))
 
 
+def test_a_journal_in_the_layout_of_two_development_versions_is_completed(store):
+    """c0a99a1 and ac5dd2a wrote a format-2 journal as names plus a list of digests: taken for
+    another program's, it was removed with the write's staged files, and the decided save lost."""
+    import json
+
+    writer = textwrap.dedent(
+        f"""
+        import os
+        from fedprefix.common.store import PrefixStore, locking
+        from tests.common.test_store_hardening import RAW, make_prefix
+        real = os.replace
+        def killed_at_first_part(src, dst):
+            if str(dst).endswith(".fpx"):
+                os._exit(9)  # the journal is in: the write is decided
+            real(src, dst)
+        locking.os.replace = killed_at_first_part
+        PrefixStore({str(store.root)!r}, scrypt_n=2**10).save_parts(
+            "alice", {{"personal": make_prefix(3), "shared": make_prefix(4)}}, RAW
+        )
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", writer], cwd=Path(__file__).parents[2], check=False)
+    journal = store.root / ".alice.journal"
+    assert done.returncode == 9 and journal.exists()
+    plan = json.loads(journal.read_text())
+    old_layout = {
+        "format_version": 2,
+        "write": [entry[0] for entry in plan["write"]],
+        "remove": [entry[0] for entry in plan["remove"]],
+        "sha256": [entry[1] for entry in plan["write"]],
+    }
+    journal.write_text(json.dumps(old_layout))
+    parts = store.load_parts("alice", RAW)
+    assert same(parts["personal"], make_prefix(3)) and same(parts["shared"], make_prefix(4))
+    assert not journal.exists()
+
+
 def test_a_read_only_store_fails_a_save_naming_the_file_and_still_loads(store, monkeypatch):
     def read_only(self, *args, **kwargs):
         raise os_error(errno.EROFS, self.lock_file)
