@@ -6,9 +6,9 @@ a reader holds it too, so that it finds no write midway. A store that cannot be 
 read-only mount, as a server may read it) has no lock to take, while a writer with another view
 of the same folder (the mount's source, another machine's NFS client) may still be midway: then
 a user's parts read one after the other can come from two writes, or look rolled back for a
-moment. `_read_together` reads such a user again until one read holds (every part from one
-write), and says so where a write stays unfinished: before it, a server on a read-only mount
-answered with a mix of two saves' parts.
+moment. `_read_together` reads such a user again while its files change, until one read holds
+(every part from one write), and says so where a write stays unfinished: before it, a server on
+a read-only mount answered with a mix of two saves' parts.
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ class UserLocks:
 
     def _read_together(self, name: str, read: Callable[[], Result]) -> Result:
         """`read()` of `name`'s user's files under the user's lock, or, where the store cannot be
-        written here, read again while a writer elsewhere changes them: a refusal that a write
-        midway explains (rollback, parts, a first save, NFS's stale handle) stands once a read
-        finds the files as they were when it began (a genuine one is not read again), and a
-        write that a writer left unfinished is StoreBusyError (only a process that can write
-        completes it), as are files still changing after LOCKLESS_RETRY_S."""
+        written here, read again while a writer elsewhere is at work (the files changed during
+        the read, or its journal is there): a refusal that a write midway explains (rollback,
+        parts, a first save, NFS's stale handle) stands at once where neither is so (a genuine
+        one is not read again), and after LOCKLESS_RETRY_S it is StoreBusyError: files still
+        changing, or a write whose writer stopped midway (only a process that can write
+        completes it)."""
         deadline = time.monotonic() + LOCKLESS_RETRY_S
         while True:
             with self._reader_lock(name) as locked:
@@ -51,13 +52,11 @@ class UserLocks:
                     midway = isinstance(exc, (RollbackError, UnknownUserError)) or exc.errno == errno.ESTALE
                     if locked or not midway:
                         raise
-                    if os.path.lexists(self._journal(name)):
-                        raise self._unfinished(name) from None
-                    changed = self._files_now(name) != before
-                    if not changed:
+                    changed, journal = self._files_now(name) != before, os.path.lexists(self._journal(name))
+                    if not (changed or journal):  # no writer at work: about the files as they are
                         raise
-                    if time.monotonic() >= deadline:
-                        raise self._busy(name) from None
+                    if time.monotonic() >= deadline:  # a journal and files that stay: its writer is gone
+                        raise (self._busy(name) if changed else self._unfinished(name)) from None
             time.sleep(0.01)
 
     def _files_now(self, name: str) -> list[tuple[int, int, int] | None]:
