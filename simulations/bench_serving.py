@@ -245,7 +245,7 @@ def open_loop(
     import multiprocessing
 
     import uvicorn
-    from fedprefix.coordinator.simulate import free_port
+    from fedprefix.coordinator.superlink import free_port
 
     engine = Engine(
         base,

@@ -242,7 +242,7 @@ def _serve_replicas(options: dict) -> None:
     cores, count, local = usable_cores(), options["replicas"], options["ray_address"] is None
     if local:  # read when ray is imported: before the import below
         from fedprefix.coordinator.processes import ray_token_env
-        from fedprefix.coordinator.simulate import check_python_path
+        from fedprefix.coordinator.superlink import check_python_path
 
         try:  # else the Router's worker never starts, and nothing says why
             check_python_path(sys.executable)

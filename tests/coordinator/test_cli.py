@@ -202,7 +202,7 @@ def test_serve_refuses_a_device_or_dtype_it_cannot_use_before_loading(monkeypatc
     """Values an option cannot take are usage errors (exit 2, naming --help); a device that
     exists but does not fit the other options, an error (exit 1)."""
     import torch
-    from fedprefix.coordinator.simulate import free_port
+    from fedprefix.coordinator.superlink import free_port
 
     cases = {
         ("--device", "banana"): (2, "unknown device 'banana'"),

@@ -22,7 +22,8 @@ from fedprefix.coordinator import runs as runs_module
 from fedprefix.coordinator.cli import app
 from fedprefix.coordinator.dashboard.app import create_dashboard
 from fedprefix.coordinator.records import read_run
-from fedprefix.coordinator.simulate import free_port, simulate
+from fedprefix.coordinator.simulate import simulate
+from fedprefix.coordinator.superlink import free_port
 from fedprefix.coordinator.views import ASCII_SPARKS
 from typer.testing import CliRunner
 

@@ -7,14 +7,14 @@ import sys
 
 from fedprefix.common.store.key_files import write_key_file
 from fedprefix.coordinator.records import read_run
-from fedprefix.coordinator.simulate import (
+from fedprefix.coordinator.simulate import write_app
+from fedprefix.coordinator.superlink import (
     SUPERLINK_NAME,
     flower_bin,
     flower_env,
     free_port,
     local_superlink,
     stop_process_group,
-    write_app,
 )
 
 from tests.conftest import federation_config

@@ -22,7 +22,7 @@ from fedprefix.common.generation import SamplingParams
 from fedprefix.coordinator.serving import Engine
 from fedprefix.coordinator.serving.replica_router import merge_metrics
 from fedprefix.coordinator.serving.server import create_app
-from fedprefix.coordinator.simulate import free_port
+from fedprefix.coordinator.superlink import free_port
 
 from tests.conftest import MARK, interruptible, marked_processes, random_prefix
 from tests.coordinator.test_engine import key_of, reference, served  # noqa: F401  (fixture)

@@ -25,7 +25,7 @@ from fedprefix.common.http_guards import allowed_hosts
 from fedprefix.coordinator.serving import Engine
 from fedprefix.coordinator.serving.handoff import LoopHandoff
 from fedprefix.coordinator.serving.server import KEY_HEADER, create_app, parse_key
-from fedprefix.coordinator.simulate import free_port
+from fedprefix.coordinator.superlink import free_port
 
 from tests.conftest import interruptible
 from tests.coordinator.test_engine import key_of, reference, served  # noqa: F401  (fixture)

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from fedprefix.common.config import FederationConfig
-from fedprefix.coordinator import run_folder
+from fedprefix.coordinator import run_folder, superlink
 from fedprefix.coordinator.processes import TAG_VAR, alive, owned_processes, ray_token_env
 from fedprefix.coordinator.records import ROUNDS_FILE, RUN_FILE, RoundRecord, RunInfo
 from fedprefix.coordinator.simulate import RoundWatcher, wait_for_run
@@ -522,8 +522,6 @@ def test_a_proxy_setting_does_not_take_the_runs_loopback_traffic(monkeypatch, tm
     gRPC went to the proxy: every simulation failed with "flower-superlink did not start"."""
     import http.server
 
-    from fedprefix.coordinator import simulate as simulate_module
-
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200)
@@ -538,7 +536,7 @@ def test_a_proxy_setting_does_not_take_the_runs_loopback_traffic(monkeypatch, tm
         monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
         monkeypatch.setenv("NO_PROXY", "intranet.example")
         monkeypatch.setenv("no_proxy", "lab.example")
-        assert simulate_module._healthy(server.server_address[1])
+        assert superlink._healthy(server.server_address[1])
     finally:
         server.shutdown()
 
@@ -566,8 +564,6 @@ def test_a_superlink_whose_port_another_program_took_starts_again_on_another(mon
     import http.server
     import socket
 
-    from fedprefix.coordinator import simulate as simulate_module
-
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200)
@@ -586,10 +582,10 @@ def test_a_superlink_whose_port_another_program_took_starts_again_on_another(mon
         listener.listen()
         taken, stop = listener.getsockname()[1], listener.close
     ports = iter([taken])
-    real_free_port = simulate_module.free_port
-    monkeypatch.setattr(simulate_module, "free_port", lambda: next(ports, None) or real_free_port())
+    real_free_port = superlink.free_port
+    monkeypatch.setattr(superlink, "free_port", lambda: next(ports, None) or real_free_port())
     try:
-        with simulate_module.local_superlink(tmp_path / "flwr-home", tmp_path / "flower.log") as port:
+        with superlink.local_superlink(tmp_path / "flwr-home", tmp_path / "flower.log") as port:
             assert port != taken
             assert f"127.0.0.1:{port}" in (tmp_path / "flwr-home" / "config.toml").read_text()  # where `flwr run` goes
     finally:
@@ -622,7 +618,6 @@ def test_flower_processes_start_under_any_proxy_setting_and_output_encoding(monk
     """A SOCKS proxy (ALL_PROXY) failed `flwr run` before its first request (httpx wants a package
     for SOCKS, also for loopback), and PYTHONIOENCODING=ascii (or a Latin-1 locale) failed it on
     Flower's box-drawing characters: every simulate ended "the ServerApp ended without recording"."""
-    from fedprefix.coordinator import simulate as simulate_module
 
     monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
     monkeypatch.setenv("https_proxy", "socks5h://127.0.0.1:1080")
@@ -631,11 +626,11 @@ def test_flower_processes_start_under_any_proxy_setting_and_output_encoding(monk
     monkeypatch.setenv("PYTHONIOENCODING", "ascii")
     flower_like = "import httpx; httpx.Client(); print('\\u251c\\u2500\\u2500 Sampling')"
     done = subprocess.run(
-        [sys.executable, "-c", flower_like], env=simulate_module.flower_env(tmp_path), capture_output=True, timeout=60
+        [sys.executable, "-c", flower_like], env=superlink.flower_env(tmp_path), capture_output=True, timeout=60
     )
     assert done.returncode == 0, done.stderr.decode()[-500:]
     assert done.stdout.decode("utf-8") == "\u251c\u2500\u2500 Sampling\n"
-    assert simulate_module.flower_env(tmp_path)["HF_HUB_OFFLINE"] == "1"  # a hub base was fetched before the run
+    assert superlink.flower_env(tmp_path)["HF_HUB_OFFLINE"] == "1"  # a hub base was fetched before the run
 
 
 def test_a_python_whose_path_has_a_space_is_refused_at_once_by_name(monkeypatch, tmp_path):
@@ -647,7 +642,7 @@ def test_a_python_whose_path_has_a_space_is_refused_at_once_by_name(monkeypatch,
     with pytest.raises(simulate_module.SimulationError, match="holds ' ', which Ray's workers cannot start from"):
         simulate_module.simulate(FederationConfig(num_users=2, run_dir=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
-    simulate_module.check_python_path("/home/me/projets/é/.venv/bin/python")  # what a shell takes as it is
+    superlink.check_python_path("/home/me/projets/é/.venv/bin/python")  # what a shell takes as it is
 
 
 def test_a_round_that_could_not_be_written_leaves_no_part_line_to_glue_the_next_one_to(tmp_path, monkeypatch):
