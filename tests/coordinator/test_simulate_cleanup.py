@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -520,6 +521,18 @@ def test_a_ray_of_ours_gets_a_fresh_token_and_an_owners_or_a_clusters_setting_is
 def test_a_proxy_setting_does_not_take_the_runs_loopback_traffic(monkeypatch, tmp_path):
     """Behind a proxy (HTTP_PROXY set), the SuperLink's health check and Flower's own loopback
     gRPC went to the proxy: every simulation failed with "flower-superlink did not start"."""
+    port, stop = _answering_health()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+        monkeypatch.setenv("NO_PROXY", "intranet.example")
+        monkeypatch.setenv("no_proxy", "lab.example")
+        assert superlink._healthy(port)
+    finally:
+        stop()
+
+
+def _answering_health() -> tuple[int, Callable[[], None]]:
+    """A loopback HTTP server answering GET /health with 200, as a SuperLink does: (its port, its stop)."""
     import http.server
 
     class Health(http.server.BaseHTTPRequestHandler):
@@ -532,13 +545,7 @@ def test_a_proxy_setting_does_not_take_the_runs_loopback_traffic(monkeypatch, tm
 
     server = http.server.HTTPServer(("127.0.0.1", 0), Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
-        monkeypatch.setenv("NO_PROXY", "intranet.example")
-        monkeypatch.setenv("no_proxy", "lab.example")
-        assert superlink._healthy(server.server_address[1])
-    finally:
-        server.shutdown()
+    return server.server_address[1], server.shutdown
 
 
 def test_a_run_folder_and_its_lock_are_the_owners_under_any_umask(tmp_path):
@@ -561,21 +568,10 @@ def test_a_superlink_whose_port_another_program_took_starts_again_on_another(mon
     """free_port() closes its socket before the SuperLink binds: another user's SuperLink taking
     that port meanwhile answered this run's health check, and this run's app ran there, as them;
     a program that answers nothing there failed the run ("flower-superlink exited with code 1")."""
-    import http.server
     import socket
 
-    class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
     if other == "superlink":  # answers /health as a SuperLink does
-        server = http.server.HTTPServer(("127.0.0.1", 0), Health)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        taken, stop = server.server_address[1], server.shutdown
+        taken, stop = _answering_health()
     else:
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
