@@ -14,7 +14,6 @@ fingerprint -> rollback record check -> parts check (every part from one write).
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Mapping, Sequence
 from math import inf
@@ -332,14 +331,8 @@ class PrefixStore(KeyChanges, UserLocks):
             raise ConfigError(f"base_fingerprint must be a base's fingerprint (str) or None, got {base_fingerprint!r}")
         try:
             return self._read_checked(name, key, base_fingerprint, one_write)
-        except RollbackError:
-            if locked:
-                raise
-        except UnknownUserError:  # a first save decided, its writer killed before its renames
-            if locked or not os.path.lexists(self._journal(name)):
-                raise
-        except OSError as exc:  # NFS: a file renamed over by a writer on another client
-            if locked or exc.errno != errno.ESTALE:
+        except (RollbackError, UnknownUserError, OSError) as exc:
+            if locked or not self._midway(exc, name):
                 raise
         # Without the lock, a write between its renames looks like a rollback for a moment; under
         # it none is midway (_user_lock completes a killed one's): a refusal is about the files.

@@ -49,8 +49,7 @@ class UserLocks:
                 try:
                     return read()
                 except (RollbackError, UnknownUserError, OSError) as exc:
-                    midway = isinstance(exc, (RollbackError, UnknownUserError)) or exc.errno == errno.ESTALE
-                    if locked or not midway:
+                    if locked or not self._midway(exc, name):
                         raise
                     changed, journal = self._files_now(name) != before, os.path.lexists(self._journal(name))
                     if not (changed or journal):  # no writer at work: about the files as they are
@@ -58,6 +57,16 @@ class UserLocks:
                     if time.monotonic() >= deadline:  # a journal and files that stay: its writer is gone
                         raise (self._busy(name) if changed else self._unfinished(name)) from None
             time.sleep(0.01)
+
+    def _midway(self, exc: BaseException, name: str) -> bool:
+        """Whether refusing `name`'s files with `exc` may be a write seen midway, to read again: a
+        rollback or a parts mismatch, NFS's stale handle of a file renamed over, the user unknown
+        while a first save's journal is there (its writer between deciding and renaming)."""
+        if isinstance(exc, RollbackError):
+            return True
+        if isinstance(exc, UnknownUserError):
+            return os.path.lexists(self._journal(name))
+        return isinstance(exc, OSError) and exc.errno == errno.ESTALE
 
     def _files_now(self, name: str) -> list[tuple[int, int, int] | None]:
         """What identifies the user's files now: (inode, size, mtime) of each of its parts and
