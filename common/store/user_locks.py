@@ -55,7 +55,7 @@ class UserLocks:
                     if not (changed or journal):  # no writer at work: about the files as they are
                         raise
                     if time.monotonic() >= deadline:  # a journal and files that stay: its writer is gone
-                        raise (self._busy(name) if changed else self._unfinished(name)) from None
+                        raise self._busy(name, changed) from None
             time.sleep(0.01)
 
     def _midway(self, exc: BaseException, name: str) -> bool:
@@ -81,22 +81,19 @@ class UserLocks:
                 stamps.append(None)
         return stamps
 
-    def _busy(self, name: str) -> StoreBusyError:
+    def _busy(self, name: str, changed: bool) -> StoreBusyError:
+        """What a lockless reader says after LOCKLESS_RETRY_S: files still `changed` by a writer
+        elsewhere, or a write whose writer stopped midway (its journal stays)."""
         owner, _ = split_store_name(name)
-        problem = f"its files kept changing for {LOCKLESS_RETRY_S:g} s while read (a writer elsewhere): try again"
-        return StoreBusyError(about(owner, problem), owner)
-
-    def _unfinished(self, name: str) -> StoreBusyError:
-        owner, _ = split_store_name(name)
-        return StoreBusyError(
-            about(
-                owner,
+        if changed:
+            problem = f"its files kept changing for {LOCKLESS_RETRY_S:g} s while read (a writer elsewhere): try again"
+        else:
+            problem = (
                 f"a write of it is unfinished (its writer stopped midway: {self._journal(name).name}) and this "
                 "store cannot be written here: the next save or load of the user where the store can be "
-                "written completes it",
-            ),
-            owner,
-        )
+                "written completes it"
+            )
+        return StoreBusyError(about(owner, problem), owner)
 
     @staticmethod
     def _check_one_write(user_id: str, headers: Mapping[str, FileHeader]) -> None:
