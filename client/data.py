@@ -22,7 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from fedprefix.common.chat import ChatMessage, Text, chat_prompt, format_prompt, leading_bos, prompt_ids, unicode_text
+from fedprefix.common.chat import (
+    ChatMessage,
+    Text,
+    chat_prompt,
+    format_prompt,
+    framed,
+    leading_bos,
+    prompt_ids,
+    unicode_text,
+)
 from fedprefix.common.errors import DataError, first_error
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -279,8 +288,7 @@ def tokenize_rows(rows: Sequence[Row], tokenizer, max_length: int, use_chat_temp
     prompts = token_ids(tokenizer, [piece[1] for piece in pieces])
     replies = token_ids(tokenizer, [piece[2] for piece in pieces])
     for (index, _, _, history, is_templated), prompt, completion in zip(pieces, prompts, replies, strict=True):
-        if not is_templated and bos is not None:  # as prompt_ids() frames plain text
-            prompt = [bos, *prompt]
+        prompt = framed(prompt, None if is_templated else bos)
         completion = completion + eos
         if len(prompt) + len(completion) > max_length:
             cut_total += 1

@@ -62,7 +62,12 @@ def prompt_ids(tokenizer, text: str, bos: int | None) -> list[int]:
     model wants one): it is tokenized as it is (`bos` None). Plain text gets the tokenizer's
     BOS in front (`bos`: leading_bos(tokenizer)), as transformers, PEFT and vLLM's completions
     give it, and nothing else (no EOS after a prompt)."""
-    ids = tokenizer(text, add_special_tokens=False).input_ids if text else []
+    return framed(tokenizer(text, add_special_tokens=False).input_ids if text else [], bos)
+
+
+def framed(ids: list[int], bos: int | None) -> list[int]:
+    """A prompt's token ids framed as prompt_ids frames them: `bos` in front of plain text's,
+    nothing (None) before templated text's."""
     return ids if bos is None else [bos, *ids]
 
 
