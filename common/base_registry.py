@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import importlib.metadata
 import io
 import logging
@@ -30,6 +29,7 @@ from filelock import FileLock
 
 from .config import DEFAULT_BASE
 from .errors import ConfigError
+from .files import left_temp_folders
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +200,8 @@ def _converting(folder: Path) -> str:
 def _remove_left_conversions(folder: Path) -> None:
     """Remove the temp folders of conversions into `folder` that were killed (a full conversion's
     size each: 540 MB for the built-in base); the caller holds the fetch lock, so none is running."""
-    for left in folder.parent.glob(f"{glob.escape(_converting(folder))}????????"):  # mkdtemp's 8 characters
-        if left.is_dir() and not left.is_symlink():
-            shutil.rmtree(left, ignore_errors=True)
+    for left in left_temp_folders(folder.parent, _converting(folder)):
+        shutil.rmtree(left, ignore_errors=True)
 
 
 def fetch_problem(folder: Path) -> str | None:

@@ -4,9 +4,11 @@ reads that take only a regular file."""
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import stat
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 try:
@@ -111,3 +113,13 @@ def read_regular(path: str | os.PathLike, follow_links: bool = True) -> bytes:
     """The bytes of `path`, if it is a regular file (see open_regular)."""
     with open_regular(path, follow_links) as fh:
         return fh.read()
+
+
+def left_temp_folders(parent: Path, prefix: str, suffixes: Sequence[str] = ("",)) -> list[Path]:
+    """The folders (not links) in `parent` named `prefix`, mkdtemp's 8 characters and one of
+    `suffixes`: what writers that go through a temp folder left where they were killed."""
+    return [
+        path
+        for path in parent.glob(f"{glob.escape(prefix)}????????*")
+        if path.name[len(prefix) + 8 :] in suffixes and path.is_dir() and not path.is_symlink()
+    ]

@@ -12,7 +12,6 @@ with ``PeftModel.from_pretrained`` whatever the parameterization was. We add
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from safetensors.torch import load_file, save
 
 from .base_model import BaseModelHandle
 from .errors import ConfigError, ShapeError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, left_temp_folders
 from .prefix import Prefix
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -122,11 +121,7 @@ def _remove_left_copies(target: Path) -> None:
     has) and a previous export set aside (the same + ``.previous``); each holds a prefix in plain
     text, which no later export had removed."""
     mark = f".{target.name}.{STAGING_MARK}"
-    left = [
-        path
-        for path in target.parent.glob(f"{glob.escape(mark)}????????*")
-        if path.name.removeprefix(mark)[8:] in ("", PREVIOUS) and path.is_dir() and not path.is_symlink()
-    ]
+    left = left_temp_folders(target.parent, mark, ("", PREVIOUS))
     set_aside = [path for path in left if path.name.endswith(PREVIOUS)]
     if set_aside and not os.path.lexists(target):  # killed between its two renames: the earlier export
         newest = max(set_aside, key=lambda path: path.stat().st_mtime_ns)
